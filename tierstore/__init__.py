@@ -1,0 +1,42 @@
+"""tierstore: a tiered LangGraph checkpointer (hot cache, warm record, cold archive).
+
+    from tierstore import TieredSaver
+    async with TieredSaver.from_urls() as saver:          # embedded stack under ./.tierstore/
+        app = builder.compile(checkpointer=saver)
+"""
+
+from tierstore.errors import (
+    CheckpointArchived,
+    ConfigurationError,
+    CorruptPayload,
+    InvalidInput,
+    LifecycleError,
+    PayloadTooLarge,
+    ResidencyError,
+    StorageError,
+    TierstoreError,
+    TierUnavailable,
+    UsageError,
+    VersionConflict,
+)
+from tierstore.saver import TieredSaver
+from tierstore.settings import SaverOptions
+
+__all__ = [
+    "CheckpointArchived",
+    "ConfigurationError",
+    "CorruptPayload",
+    "InvalidInput",
+    "LifecycleError",
+    "PayloadTooLarge",
+    "ResidencyError",
+    "SaverOptions",
+    "StorageError",
+    "TierUnavailable",
+    "TieredSaver",
+    "TierstoreError",
+    "UsageError",
+    "VersionConflict",
+]
+
+__version__ = "0.1.0"

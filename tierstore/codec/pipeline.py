@@ -1,0 +1,87 @@
+"""The payload pipeline and its type tags.
+
+::
+
+    encode:  obj ──serde.dumps_typed──► (type, bytes) ──zstd──► Payload("msgpack+zstd", …)
+    decode:  Payload("msgpack+zstd", …) ──strip "+zstd"──► ("msgpack", bytes) ──serde.loads_typed──► obj
+
+A tag is the serde's type followed by one ``+stage`` per transformation, applied
+left to right. Decoding strips known stages from the right, so every tag ever
+written stays readable: an untagged ``msgpack`` payload from an earlier version
+decodes as is, and a serde whose own type carries a ``+`` (LangGraph's
+``EncryptedSerializer`` writes ``msgpack+aes``) composes by wrapping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zstandard
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from tierstore.errors import ConfigurationError, CorruptPayload
+from tierstore.records import Payload
+
+__all__ = ["EMPTY", "Codec"]
+
+ZSTD = "zstd"
+EMPTY = Payload("empty", b"")
+"""Marks a channel that has a version but no value (LangGraph's empty channel)."""
+
+_MAX_DECOMPRESSED = 1 << 31
+
+
+class Codec:
+    """Encodes Python values into tagged payloads and back, through a LangGraph serde."""
+
+    def __init__(
+        self, serde: SerializerProtocol, *, level: int = 3, compress_min: int = 256
+    ) -> None:
+        self.serde = serde
+        self.level = level
+        self.compress_min = compress_min
+
+    def encode(self, value: Any) -> Payload:
+        type_, data = self.serde.dumps_typed(value)
+        if type_ == EMPTY.tag or type_.endswith("+" + ZSTD):
+            raise ConfigurationError(f"serde produced a reserved type tag {type_!r}")
+        return self.compress(Payload(type_, bytes(data)))
+
+    def compress(self, payload: Payload) -> Payload:
+        """Add the zstd stage when it makes the payload smaller."""
+        if len(payload.data) < self.compress_min:
+            return payload
+        packed = zstandard.ZstdCompressor(level=self.level).compress(payload.data)
+        if len(packed) >= len(payload.data):
+            return payload
+        return Payload(f"{payload.tag}+{ZSTD}", packed)
+
+    def decode(self, payload: Payload, *, where: str = "payload") -> Any:
+        if payload.tag == EMPTY.tag:
+            raise CorruptPayload(f"{where}: an empty-channel marker has no value", where=where)
+        inner = self.decompress(payload, where=where)
+        try:
+            return self.serde.loads_typed((inner.tag, inner.data))
+        except Exception as exc:
+            raise CorruptPayload(
+                f"{where}: stored bytes do not decode as {inner.tag!r} "
+                f"({type(exc).__name__}: {exc})",
+                where=where,
+            ) from exc
+
+    def decompress(self, payload: Payload, *, where: str = "payload") -> Payload:
+        tag, data = payload.tag, payload.data
+        while tag.endswith("+" + ZSTD):
+            try:
+                data = zstandard.ZstdDecompressor().decompress(
+                    data, max_output_size=_MAX_DECOMPRESSED
+                )
+            except zstandard.ZstdError as exc:
+                raise CorruptPayload(
+                    f"{where}: zstd stage failed ({exc}); the stored bytes are damaged",
+                    where=where,
+                ) from exc
+            tag = tag[: -len(ZSTD) - 1]
+        if not tag:
+            raise CorruptPayload(f"{where}: payload has no type tag", where=where)
+        return Payload(tag, data)

@@ -1,0 +1,143 @@
+"""The tierstore exception tree.
+
+Every error tierstore raises on purpose is a ``TierstoreError``. The tree splits
+into *misuse* (the caller must change something: fix a URL, pass a thread id, stop
+calling a sync method on the saver's own loop) and *refusals* (the request was
+well formed, but a store said no or could not answer; retrying or operating on the
+store may help)::
+
+    TierstoreError
+    ├── UsageError                    misuse: fix the call or the configuration
+    │   ├── ConfigurationError        bad URL, unknown scheme, contradictory options
+    │   ├── InvalidInput              missing/illegal thread id, checkpoint id, config
+    │   └── LifecycleError            saver not opened, already closed, wrong loop
+    └── StorageError                  refusals: the stores could not do what was asked
+        ├── TierUnavailable           a store is unreachable or timed out
+        ├── VersionConflict           a stale writer lost the compare-and-set
+        ├── CheckpointArchived        the bytes sit in a class that needs a restore
+        ├── CorruptPayload            stored bytes fail to decode or verify
+        ├── PayloadTooLarge           a payload exceeds what the stores accept
+        └── ResidencyError            a thread has no region, or a write would leave it
+
+Driver exceptions never escape raw: each backend maps its driver's errors to the
+most specific class above in one place and chains the original (``raise … from``).
+``InvalidInput`` and ``ConfigurationError`` also derive from ``ValueError`` so
+that code written against LangGraph's savers, which raise ``ValueError`` for a
+missing thread id, keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CheckpointArchived",
+    "ConfigurationError",
+    "CorruptPayload",
+    "InvalidInput",
+    "LifecycleError",
+    "PayloadTooLarge",
+    "ResidencyError",
+    "StorageError",
+    "TierUnavailable",
+    "TierstoreError",
+    "UsageError",
+    "VersionConflict",
+]
+
+
+class TierstoreError(Exception):
+    """Root of every error tierstore raises on purpose."""
+
+
+class UsageError(TierstoreError):
+    """The caller must change something; retrying the same call will fail again."""
+
+
+class ConfigurationError(UsageError, ValueError):
+    """A URL, option or environment variable is malformed or contradictory."""
+
+
+class InvalidInput(UsageError, ValueError):
+    """A request carries an illegal or missing value (thread id, checkpoint id, config)."""
+
+
+class LifecycleError(UsageError, RuntimeError):
+    """The saver was used outside its open state, or a sync method ran on its own loop."""
+
+
+class StorageError(TierstoreError):
+    """A well-formed request that a store refused or could not serve."""
+
+
+class TierUnavailable(StorageError):
+    """A store could not be reached, or did not answer in time."""
+
+    def __init__(self, message: str, *, tier: str = "", backend: str = "") -> None:
+        super().__init__(message)
+        self.tier = tier
+        self.backend = backend
+
+
+class VersionConflict(StorageError):
+    """A write's parent was not the current head of its (thread, namespace).
+
+    ``head_id`` and ``version`` describe what the store holds now, so a caller can
+    re-run its turn from there (see ``tierstore.retry_on_conflict``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        thread_id: str,
+        checkpoint_ns: str,
+        head_id: str | None,
+        version: int,
+    ) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+        self.checkpoint_ns = checkpoint_ns
+        self.head_id = head_id
+        self.version = version
+
+
+class CheckpointArchived(StorageError):
+    """The checkpoint lives in a cold storage class that must be restored first.
+
+    ``restore_state`` is one of ``"not-started"``, ``"in-progress"`` or ``"ready"``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        storage_class: str,
+        restore_state: str,
+        thread_id: str | None = None,
+        checkpoint_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.storage_class = storage_class
+        self.restore_state = restore_state
+        self.thread_id = thread_id
+        self.checkpoint_id = checkpoint_id
+
+
+class CorruptPayload(StorageError):
+    """Stored bytes could not be decoded, decrypted or verified."""
+
+    def __init__(self, message: str, *, where: str = "", detail: Any = None) -> None:
+        super().__init__(message)
+        self.where = where
+        self.detail = detail
+
+
+class PayloadTooLarge(StorageError):
+    """A payload exceeds what the configured stores can hold."""
+
+
+class ResidencyError(StorageError):
+    """A thread matched no region, or its bytes would be written outside its region."""

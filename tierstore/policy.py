@@ -1,0 +1,168 @@
+"""Pure decisions. No await, no driver, no clock: every input is an argument.
+
+Everything here is unit-tested directly (``tests/unit``); the router and the saver
+call these functions and do the I/O around them.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from langgraph.checkpoint.base import WRITES_IDX_MAP
+
+from tierstore.errors import InvalidInput
+from tierstore.records import Head, Scalar, StoredCheckpoint
+
+__all__ = [
+    "MAX_ID_BYTES",
+    "checkpoint_ids",
+    "filter_doc",
+    "is_hot_fresh",
+    "matches_filter",
+    "next_channel_version",
+    "should_replace_hot",
+    "split_filter",
+    "validate_id",
+    "write_index",
+]
+
+MAX_ID_BYTES = 64 * 1024
+"""Thread ids, namespaces and checkpoint ids longer than this (UTF-8) are refused."""
+
+
+def validate_id(value: Any, *, what: str = "thread_id") -> str:
+    """Normalise an id to ``str`` or refuse it with ``InvalidInput``.
+
+    Ids are data, never syntax: any Unicode text is accepted except NUL (which
+    PostgreSQL text cannot hold) and lone surrogates (which have no UTF-8 form).
+    ``int`` and ``UUID`` ids are accepted as their string form, as LangGraph does.
+    """
+    if isinstance(value, bool) or value is None:
+        raise InvalidInput(f"{what} must be a string, got {value!r}")
+    if isinstance(value, int | uuid.UUID):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if what == "thread_id" and not value:
+        raise InvalidInput("thread_id must not be empty")
+    if "\x00" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid Unicode text ({exc.reason})") from exc
+    if size > MAX_ID_BYTES:
+        raise InvalidInput(f"{what} is {size} bytes long; the limit is {MAX_ID_BYTES}")
+    return value
+
+
+def checkpoint_ids(config: Mapping[str, Any] | None) -> tuple[str, str, str | None]:
+    """``(thread_id, checkpoint_ns, checkpoint_id)`` from a RunnableConfig, validated."""
+    if not isinstance(config, Mapping):
+        raise InvalidInput(f"config must be a mapping, got {type(config).__name__}")
+    configurable = config.get("configurable")
+    if not isinstance(configurable, Mapping) or configurable.get("thread_id") is None:
+        raise InvalidInput(
+            "config has no configurable.thread_id; pass "
+            '{"configurable": {"thread_id": "..."}} to identify the conversation'
+        )
+    thread_id = validate_id(configurable["thread_id"], what="thread_id")
+    ns = validate_id(configurable.get("checkpoint_ns") or "", what="checkpoint_ns")
+    raw_id = configurable.get("checkpoint_id")
+    checkpoint_id = validate_id(raw_id, what="checkpoint_id") if raw_id else None
+    return thread_id, ns, checkpoint_id
+
+
+def write_index(channel: str, idx: int) -> int:
+    """LangGraph's special channels (error, interrupt, …) take fixed negative indices."""
+    return WRITES_IDX_MAP.get(channel, idx)
+
+
+def next_channel_version(current: str | int | float | None) -> str:
+    """A monotonically increasing, lexicographically sortable channel version.
+
+    The integer part orders versions; the random fraction makes two writers that
+    raced from the same parent produce distinct versions, so neither blob shadows
+    the other (the same scheme LangGraph's own savers use).
+    """
+    if current is None:
+        current_v = 0
+    elif isinstance(current, int | float):
+        current_v = int(current)
+    else:
+        current_v = int(str(current).split(".")[0])
+    return f"{current_v + 1:032}.{random.random():016}"
+
+
+def is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def filter_doc(metadata: Mapping[str, Any]) -> dict[str, Scalar]:
+    """The metadata values a store can filter on natively: top-level scalars."""
+    return {str(k): v for k, v in metadata.items() if is_scalar(v)}
+
+
+def split_filter(
+    flt: Mapping[str, Any] | None,
+) -> tuple[dict[str, Scalar], dict[str, Any]]:
+    """Split a list filter into the part a store evaluates and the part checked in Python."""
+    pushdown: dict[str, Scalar] = {}
+    residual: dict[str, Any] = {}
+    for key, value in (flt or {}).items():
+        if is_scalar(value):
+            pushdown[key] = value
+        else:
+            residual[key] = value
+    return pushdown, residual
+
+
+def scalar_equal(stored: Any, wanted: Scalar) -> bool:
+    """Equality as a JSON document store sees it: ``True`` is not ``1``."""
+    if isinstance(wanted, bool) or isinstance(stored, bool):
+        return type(stored) is type(wanted) and stored == wanted
+    if wanted is None:
+        return stored is None
+    if isinstance(wanted, str):
+        return isinstance(stored, str) and stored == wanted
+    return isinstance(stored, int | float) and stored == wanted
+
+
+def matches_filter(metadata: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
+    """Every key of ``flt`` is present in ``metadata`` with an equal value."""
+    for key, wanted in flt.items():
+        if key not in metadata:
+            return False
+        stored = metadata[key]
+        if is_scalar(wanted):
+            if not scalar_equal(stored, wanted):
+                return False
+        elif stored != wanted:
+            return False
+    return True
+
+
+def is_hot_fresh(cached: StoredCheckpoint, head: Head | None) -> bool:
+    """A cached latest checkpoint may be served only if warm agrees it is complete.
+
+    It must be the warm head and hold every pending write warm holds for it; a
+    cache that missed a write (a hot write failed, another process was cut off)
+    therefore never serves stale state.
+    """
+    return (
+        head is not None
+        and cached.checkpoint_id == head.checkpoint_id
+        and len(cached.writes) == head.n_writes
+    )
+
+
+def should_replace_hot(cached: StoredCheckpoint | None, candidate: StoredCheckpoint) -> bool:
+    """A cached entry is replaced only by a newer checkpoint, or the same one with more writes."""
+    if cached is None:
+        return True
+    if candidate.checkpoint_id != cached.checkpoint_id:
+        return candidate.checkpoint_id > cached.checkpoint_id
+    return len(candidate.writes) >= len(cached.writes)

@@ -1,0 +1,128 @@
+"""The plain records that travel between the router and the tiers.
+
+Tiers never see LangGraph objects or serde: they store and return these records,
+whose payloads are already encoded (``Payload.tag`` names the codec pipeline).
+That keeps every backend a dumb, testable byte store and keeps the codec in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Scalar = str | int | float | bool | None
+Location = Literal["warm", "archived"]
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """Encoded bytes plus the tag of the pipeline that produced them (e.g. ``msgpack+zstd``)."""
+
+    tag: str
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRecord:
+    """One channel value, stored once per (thread, ns, channel, version)."""
+
+    channel: str
+    version: str
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord:
+    """One pending write of a task against a checkpoint; unique per (task_id, idx)."""
+
+    task_id: str
+    idx: int
+    channel: str
+    payload: Payload
+    task_path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """A checkpoint as the warm tier stores it.
+
+    ``checkpoint`` is the encoded checkpoint without its channel values (those are
+    blobs); ``channel_versions`` is kept in clear so that a store can join blobs in
+    the same query; ``filter_doc`` holds the scalar metadata used for list filters.
+    """
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    parent_id: str | None
+    checkpoint: Payload
+    metadata: Payload
+    channel_versions: Mapping[str, str]
+    filter_doc: Mapping[str, Scalar]
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """A checkpoint read back from a tier, fully assembled."""
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    parent_id: str | None
+    checkpoint: Payload
+    metadata: Payload
+    blobs: Mapping[str, Payload]
+    writes: tuple[WriteRecord, ...]
+    location: Location = "warm"
+    archive_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The head of one (thread, ns): newest checkpoint id, its version, its write count.
+
+    ``version`` increases with every checkpoint stored on the (thread, ns); it is what
+    strict concurrency compares. ``n_writes`` counts the pending writes stored against
+    the head checkpoint, so a cached copy can prove it holds all of them.
+    """
+
+    checkpoint_id: str
+    version: int
+    n_writes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """What ``alist`` asks of the warm tier. ``thread_id=None`` lists every thread."""
+
+    thread_id: str | None = None
+    checkpoint_ns: str | None = None
+    checkpoint_id: str | None = None
+    before_id: str | None = None
+    filter: Mapping[str, Scalar] = field(default_factory=dict)
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a warm ``put_checkpoint`` decided: the new head and whether the parent was stale."""
+
+    head: Head
+    conflict: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What an object store knows about one key without reading it."""
+
+    key: str
+    size: int
+    storage_class: str
+    readable: bool
+    restore_state: str  # "not-needed" | "not-started" | "in-progress" | "ready"

@@ -1,0 +1,338 @@
+"""The router: which stores serve a thread, and in what order they are read and written.
+
+Read of the latest checkpoint (``hot_check="verify"``)::
+
+    hot.get(t, ns) ─┐ in parallel
+    warm.head(t, ns)┴─► hot hit and is_hot_fresh(hit, head)? ── yes ─► serve hit
+                                        │ no
+                                        ▼
+                         warm.get(t, ns) ─► refill hot (best effort) ─► serve
+
+Write::
+
+    offload payloads > threshold ─► warm.put_checkpoint (durable, head CAS)
+                                  ─► hot.put (best effort; never fails the write)
+
+The hot tier is an accelerator: any error from it is logged, counted and turned
+into a miss. Warm errors propagate, because warm is the system of record.
+A thread's stores are chosen by ``Regions`` (a table), so every byte of a thread is
+written only to its own region's stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from tierstore.errors import ConfigurationError, ResidencyError
+from tierstore.offload import Offloader
+from tierstore.policy import is_hot_fresh, matches_filter
+from tierstore.records import (
+    BlobRecord,
+    CheckpointRecord,
+    ListQuery,
+    Payload,
+    PutResult,
+    StoredCheckpoint,
+    WriteRecord,
+)
+from tierstore.tiers.base import HotStore, ObjectStore, WarmStore
+
+__all__ = ["Regions", "Router", "Stats", "TierStack"]
+
+log = logging.getLogger("tierstore")
+T = TypeVar("T")
+
+DEFAULT_REGION = "default"
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of one saver; cheap enough to bump on every call."""
+
+    hot_hits: int = 0
+    hot_misses: int = 0
+    hot_stale: int = 0
+    hot_errors: int = 0
+    warm_reads: int = 0
+    conflicts: int = 0
+    offloaded: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class TierStack:
+    """The stores of one region. ``warm`` is required; the others are optional."""
+
+    warm: WarmStore
+    hot: HotStore | None = None
+    cold: ObjectStore | None = None
+    offloader: Offloader | None = None
+
+    def stores(self) -> list[Any]:
+        return [s for s in (self.warm, self.hot, self.cold) if s is not None]
+
+
+@dataclass(slots=True)
+class Regions:
+    """Region name → stack, and the rule that picks a thread's region.
+
+    One region named ``default`` is the common case. ``resolve`` maps a thread id
+    to a region name, or None when no rule matches.
+    """
+
+    stacks: Mapping[str, TierStack]
+    resolve: Callable[[str], str | None] = field(default=lambda _thread_id: DEFAULT_REGION)
+
+    def __post_init__(self) -> None:
+        if not self.stacks:
+            raise ConfigurationError("at least one region is required")
+
+    def stack_for(self, thread_id: str) -> TierStack:
+        name = self.resolve(thread_id)
+        if name is None:
+            raise ResidencyError(f"thread {thread_id!r} matches no region and no default is set")
+        try:
+            return self.stacks[name]
+        except KeyError:
+            raise ResidencyError(
+                f"thread {thread_id!r} resolves to unknown region {name!r}"
+            ) from None
+
+
+class Router:
+    """Reads and writes checkpoints through the tier stack of each thread's region."""
+
+    def __init__(self, regions: Regions, *, verify_hot: bool = True) -> None:
+        self.regions = regions
+        self.verify_hot = verify_hot
+        self.stats = Stats()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        done: list[Any] = []
+        try:
+            for stack in self.regions.stacks.values():
+                for store in stack.stores():
+                    if any(store is d for d in done):
+                        continue
+                    await store.setup()
+                    done.append(store)
+        except BaseException:
+            await self._close(done)
+            raise
+
+    async def aclose(self) -> None:
+        seen: list[Any] = []
+        for stack in self.regions.stacks.values():
+            seen.extend(s for s in stack.stores() if not any(s is x for x in seen))
+        await self._close(seen)
+
+    @staticmethod
+    async def _close(stores: Sequence[Any]) -> None:
+        errors: list[BaseException] = []
+        for store in reversed(stores):
+            try:
+                await store.aclose()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            log.warning("errors while closing stores: %s", errors)
+
+    # -- hot tier helpers: never raise --------------------------------------------------
+
+    async def _hot(self, op: str, call: Awaitable[T], default: T) -> T:
+        try:
+            return await call
+        except Exception as exc:
+            self.stats.hot_errors += 1
+            log.warning("hot tier %s failed (%s: %s); serving from warm", op,
+                        type(exc).__name__, exc)
+            return default
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+    ) -> StoredCheckpoint | None:
+        stack = self.regions.stack_for(thread_id)
+        record: StoredCheckpoint | None = None
+        if checkpoint_id is None and stack.hot is not None:
+            record = await self._hot_latest(stack, stack.hot, thread_id, checkpoint_ns)
+        if record is None:
+            self.stats.warm_reads += 1
+            record = await stack.warm.get(thread_id, checkpoint_ns, checkpoint_id)
+            if record is not None and stack.hot is not None and checkpoint_id is None:
+                await self._hot("fill", stack.hot.put(record), False)
+        if record is None:
+            return None
+        return await self._expand(stack, record)
+
+    async def _hot_latest(
+        self, stack: TierStack, hot: HotStore, thread_id: str, checkpoint_ns: str
+    ) -> StoredCheckpoint | None:
+        if not self.verify_hot:
+            hit = await self._hot("get", hot.get(thread_id, checkpoint_ns), None)
+            self._count_hit(hit is not None)
+            return hit
+        hit, head = await asyncio.gather(
+            self._hot("get", hot.get(thread_id, checkpoint_ns), None),
+            stack.warm.head(thread_id, checkpoint_ns),
+        )
+        if hit is None:
+            self._count_hit(False)
+            return None
+        if not is_hot_fresh(hit, head):
+            self.stats.hot_stale += 1
+            return None
+        self._count_hit(True)
+        return hit
+
+    def _count_hit(self, hit: bool) -> None:
+        if hit:
+            self.stats.hot_hits += 1
+        else:
+            self.stats.hot_misses += 1
+
+    async def _expand(self, stack: TierStack, record: StoredCheckpoint) -> StoredCheckpoint:
+        if stack.offloader is None:
+            return record
+        return await stack.offloader.expand_record(record)
+
+    async def list(
+        self, query: ListQuery, residual: Mapping[str, Any], decode_metadata: Callable[
+            [StoredCheckpoint], Mapping[str, Any]]
+    ) -> AsyncIterator[StoredCheckpoint]:
+        """Newest first. Filters the store cannot evaluate are checked here, before ``limit``."""
+        if query.thread_id is not None:
+            stacks = [self.regions.stack_for(query.thread_id)]
+        else:
+            stacks = list({id(s): s for s in self.regions.stacks.values()}.values())
+        if len(stacks) > 1:
+            raise ConfigurationError("listing across regions is not supported yet")
+        stack = stacks[0]
+        limit = query.limit
+        store_query = replace(query, limit=None) if residual else query
+        count = 0
+        async for record in stack.warm.list(store_query):
+            if residual and not matches_filter(decode_metadata(record), residual):
+                continue
+            yield await self._expand(stack, record)
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def put(
+        self,
+        record: CheckpointRecord,
+        new_blobs: Sequence[BlobRecord],
+        values: Mapping[str, Payload],
+        *,
+        strict: bool,
+    ) -> PutResult:
+        stack = self.regions.stack_for(record.thread_id)
+        if stack.offloader is not None:
+            record, new_blobs, values = await self._shrink(stack.offloader, record, new_blobs,
+                                                           values)
+        result = await stack.warm.put_checkpoint(record, new_blobs, strict=strict)
+        if result.conflict:
+            self.stats.conflicts += 1
+            log.info(
+                "concurrent write on thread %r ns %r: parent %r was not the head",
+                record.thread_id, record.checkpoint_ns, record.parent_id,
+            )
+        if stack.hot is not None and result.head.checkpoint_id == record.checkpoint_id:
+            cached = StoredCheckpoint(
+                thread_id=record.thread_id,
+                checkpoint_ns=record.checkpoint_ns,
+                checkpoint_id=record.checkpoint_id,
+                parent_id=record.parent_id,
+                checkpoint=record.checkpoint,
+                metadata=record.metadata,
+                blobs=values,
+                writes=(),
+            )
+            await self._hot("put", stack.hot.put(cached), False)
+        return result
+
+    async def _shrink(
+        self,
+        offloader: Offloader,
+        record: CheckpointRecord,
+        new_blobs: Sequence[BlobRecord],
+        values: Mapping[str, Payload],
+    ) -> tuple[CheckpointRecord, list[BlobRecord], dict[str, Payload]]:
+        payloads: dict[int, Payload] = {id(record.checkpoint): record.checkpoint}
+        payloads.update({id(b.payload): b.payload for b in new_blobs})
+        payloads.update({id(p): p for p in values.values()})
+        small = await offloader.shrink(payloads)
+        self.stats.offloaded += sum(1 for k, p in small.items() if p is not payloads[k])
+        return (
+            replace(record, checkpoint=small[id(record.checkpoint)]),
+            [replace(b, payload=small[id(b.payload)]) for b in new_blobs],
+            {ch: small[id(p)] for ch, p in values.items()},
+        )
+
+    async def put_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[WriteRecord],
+    ) -> None:
+        stack = self.regions.stack_for(thread_id)
+        if stack.offloader is not None:
+            small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
+            writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
+        await stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes)
+        if stack.hot is not None:
+            await self._hot(
+                "add_writes",
+                stack.hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes),
+                False,
+            )
+
+    # -- whole-thread operations --------------------------------------------------------
+
+    async def _invalidate(self, stack: TierStack, thread_ids: Sequence[str]) -> None:
+        if stack.hot is not None:
+            hot = stack.hot
+            for thread_id in thread_ids:
+                await self._hot("invalidate", hot.invalidate(thread_id), None)
+
+    async def delete_thread(self, thread_id: str) -> None:
+        stack = self.regions.stack_for(thread_id)
+        await self._invalidate(stack, [thread_id])
+        await stack.warm.delete_thread(thread_id)
+        await self._invalidate(stack, [thread_id])
+
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        for stack in {id(s): s for s in self.regions.stacks.values()}.values():
+            touched = await stack.warm.delete_for_runs(run_ids)
+            await self._invalidate(stack, touched)
+
+    async def copy_thread(self, source: str, target: str) -> None:
+        src, dst = self.regions.stack_for(source), self.regions.stack_for(target)
+        if src is not dst:
+            raise ResidencyError(
+                f"cannot copy thread {source!r} into {target!r}: they live in different regions"
+            )
+        await dst.warm.copy_thread(source, target)
+        await self._invalidate(dst, [target])
+
+    async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
+        by_stack: dict[int, tuple[TierStack, list[str]]] = {}
+        for thread_id in thread_ids:
+            stack = self.regions.stack_for(thread_id)
+            by_stack.setdefault(id(stack), (stack, []))[1].append(thread_id)
+        for stack, threads in by_stack.values():
+            await stack.warm.prune(threads, keep_latest=keep_latest)
+            await self._invalidate(stack, threads)

@@ -1,0 +1,444 @@
+"""``TieredSaver``: LangGraph's checkpointer API, translated into router calls.
+
+This module imports no driver. It validates ids, encodes values through the codec,
+builds records, and turns records back into ``CheckpointTuple``; where bytes go is
+the router's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from types import TracebackType
+from typing import Any, Self
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from tierstore.bridge import LoopBridge
+from tierstore.codec import Codec
+from tierstore.codec.pipeline import EMPTY
+from tierstore.errors import InvalidInput, LifecycleError
+from tierstore.offload import Offloader
+from tierstore.policy import (
+    checkpoint_ids,
+    filter_doc,
+    next_channel_version,
+    split_filter,
+    validate_id,
+    write_index,
+)
+from tierstore.records import (
+    BlobRecord,
+    CheckpointRecord,
+    ListQuery,
+    Payload,
+    StoredCheckpoint,
+    WriteRecord,
+)
+from tierstore.router import DEFAULT_REGION, Regions, Router, Stats, TierStack
+from tierstore.settings import (
+    DEFAULT_COLD_URL,
+    DEFAULT_HOT_URL,
+    DEFAULT_WARM_URL,
+    SaverOptions,
+    options_from_env,
+    urls_from_env,
+)
+from tierstore.tiers import open_store
+
+__all__ = ["TieredSaver"]
+
+PRUNE_STRATEGIES = ("keep_latest", "delete")
+
+
+class TieredSaver(
+    BaseCheckpointSaver[str],
+    AbstractContextManager["TieredSaver"],
+    AbstractAsyncContextManager["TieredSaver"],
+):
+    """A LangGraph checkpointer over a hot cache, a warm store and a cold archive.
+
+    Build it with ``from_urls`` / ``from_env``, then open it with ``async with``
+    (async apps) or ``with`` (sync apps). Setup of every store runs on enter and is
+    idempotent.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        options: SaverOptions | None = None,
+        serde: SerializerProtocol | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        self.options = options or SaverOptions()
+        self._router = router
+        self._bridge = LoopBridge()
+        self._codec_cache: tuple[SerializerProtocol, Codec] | None = None
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_urls(
+        cls,
+        hot: str | None = DEFAULT_HOT_URL,
+        warm: str = DEFAULT_WARM_URL,
+        cold: str | None = DEFAULT_COLD_URL,
+        *,
+        serde: SerializerProtocol | None = None,
+        **options: Any,
+    ) -> TieredSaver:
+        """A saver over one stack of stores. With no arguments: the embedded stack.
+
+        ``hot`` and ``cold`` may be None. Unknown schemes and malformed URLs raise
+        ``ConfigurationError`` naming the bad part; nothing connects until the saver
+        is entered.
+        """
+        opts = SaverOptions().with_(**options)
+        stack = build_stack(hot=hot, warm=warm, cold=cold, options=opts)
+        router = Router(Regions({DEFAULT_REGION: stack}), verify_hot=opts.hot_check == "verify")
+        return cls(router, options=opts, serde=serde)
+
+    @classmethod
+    def from_env(
+        cls, *, serde: SerializerProtocol | None = None, **options: Any
+    ) -> TieredSaver:
+        """``TIERSTORE_HOT_URL`` / ``_WARM_URL`` / ``_COLD_URL`` and ``TIERSTORE_*`` options."""
+        urls = urls_from_env()
+        merged = {**options_from_env(), **options}
+        warm = urls["warm"]
+        assert warm is not None
+        return cls.from_urls(hot=urls["hot"], warm=warm, cold=urls["cold"], serde=serde,
+                             **merged)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._bridge.state
+
+    @property
+    def stats(self) -> Stats:
+        return self._router.stats
+
+    async def open(self) -> Self:
+        self._bridge.bind_running_loop()
+        if self._bridge.state == "opened":
+            return self
+        self._bridge.state = "opening"
+        try:
+            await self._router.setup()
+        except BaseException:
+            self._bridge.state = "closed"
+            raise
+        self._bridge.state = "opened"
+        return self
+
+    async def aclose(self) -> None:
+        if self._bridge.state in ("closed", "unopened"):
+            self._bridge.state = "closed"
+            return
+        self._bridge.state = "closed"
+        await self._router.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Self:
+        self._bridge.start_private_loop()
+        try:
+            self._bridge.run(self.open())
+        except BaseException:
+            self._bridge.stop_private_loop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._bridge.state == "opened":
+            self._bridge.run(self.aclose())
+        self._bridge.state = "closed"
+        self._bridge.stop_private_loop()
+
+    # -- codec ------------------------------------------------------------------------
+
+    @property
+    def codec(self) -> Codec:
+        """The codec over the current serde (LangGraph may swap ``serde`` on a clone)."""
+        cached = self._codec_cache
+        if cached is None or cached[0] is not self.serde:
+            codec = Codec(self.serde, level=self.options.compression_level,
+                          compress_min=self.options.compress_min)
+            self._codec_cache = (self.serde, codec)
+            return codec
+        return cached[1]
+
+    def _to_tuple(self, record: StoredCheckpoint) -> CheckpointTuple:
+        codec = self.codec
+        where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
+        checkpoint: Checkpoint = codec.decode(record.checkpoint, where=where)
+        checkpoint["channel_values"] = {
+            channel: codec.decode(payload, where=f"{where} channel {channel!r}")
+            for channel, payload in record.blobs.items()
+            if payload.tag != EMPTY.tag
+        }
+        metadata: CheckpointMetadata = codec.decode(record.metadata, where=f"{where} metadata")
+        writes = sorted(record.writes, key=lambda w: (w.task_path, w.task_id, w.idx))
+        configurable = {
+            "thread_id": record.thread_id,
+            "checkpoint_ns": record.checkpoint_ns,
+        }
+        return CheckpointTuple(
+            config={"configurable": {**configurable, "checkpoint_id": record.checkpoint_id}},
+            checkpoint=checkpoint,
+            metadata=metadata,
+            parent_config=(
+                {"configurable": {**configurable, "checkpoint_id": record.parent_id}}
+                if record.parent_id
+                else None
+            ),
+            pending_writes=[
+                (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
+                for w in writes
+            ],
+        )
+
+    def _decode_metadata(self, record: StoredCheckpoint) -> Mapping[str, Any]:
+        value = self.codec.decode(record.metadata, where="metadata")
+        return value if isinstance(value, Mapping) else {}
+
+    # -- async API --------------------------------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        self._bridge.require_open()
+        thread_id, ns, checkpoint_id = checkpoint_ids(config)
+        record = await self._router.get(thread_id, ns, checkpoint_id)
+        return self._to_tuple(record) if record is not None else None
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        self._bridge.require_open()
+        thread_id: str | None = None
+        ns: str | None = None
+        checkpoint_id: str | None = None
+        if config is not None:
+            configurable = config.get("configurable") or {}
+            if configurable.get("thread_id") is not None:
+                thread_id = validate_id(configurable["thread_id"])
+            if configurable.get("checkpoint_ns") is not None:
+                ns = validate_id(configurable["checkpoint_ns"], what="checkpoint_ns")
+            if raw := get_checkpoint_id(config) if "configurable" in config else None:
+                checkpoint_id = validate_id(raw, what="checkpoint_id")
+        before_id = None
+        if before is not None and (raw_before := get_checkpoint_id(before)):
+            before_id = validate_id(raw_before, what="before checkpoint_id")
+        if filter is not None and not isinstance(filter, Mapping):
+            raise InvalidInput(f"filter must be a mapping, got {type(filter).__name__}")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise InvalidInput(f"limit must be an integer, got {limit!r}")
+        pushdown, residual = split_filter(filter)
+        query = ListQuery(
+            thread_id=thread_id,
+            checkpoint_ns=ns,
+            checkpoint_id=checkpoint_id,
+            before_id=before_id,
+            filter=pushdown,
+            limit=max(limit, 0) if limit is not None else None,
+        )
+        async for record in self._router.list(query, residual, self._decode_metadata):
+            yield self._to_tuple(record)
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        self._bridge.require_open()
+        thread_id, ns, parent_id = checkpoint_ids(config)
+        checkpoint_id = validate_id(checkpoint.get("id"), what="checkpoint id")
+        codec = self.codec
+        body: dict[str, Any] = dict(checkpoint)
+        values: dict[str, Any] = body.pop("channel_values", None) or {}
+        versions = {str(ch): str(v) for ch, v in body.get("channel_versions", {}).items()}
+        encoded: dict[str, Payload] = {
+            ch: codec.encode(value) for ch, value in values.items() if ch in versions
+        }
+        new_blobs = [
+            BlobRecord(str(ch), str(version), encoded.get(ch, EMPTY))
+            for ch, version in new_versions.items()
+        ]
+        md = get_serializable_checkpoint_metadata(config, metadata)
+        run_id = md.get("run_id")
+        record = CheckpointRecord(
+            thread_id=thread_id,
+            checkpoint_ns=ns,
+            checkpoint_id=checkpoint_id,
+            parent_id=parent_id,
+            checkpoint=codec.encode(body),
+            metadata=codec.encode(md),
+            channel_versions=versions,
+            filter_doc=filter_doc(md),
+            run_id=run_id if isinstance(run_id, str) else None,
+        )
+        await self._router.put(
+            record, new_blobs, encoded, strict=self.options.concurrency == "strict"
+        )
+        return {
+            "configurable": {
+                "thread_id": thread_id,
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint_id,
+            }
+        }
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self._bridge.require_open()
+        thread_id, ns, checkpoint_id = checkpoint_ids(config)
+        if checkpoint_id is None:
+            raise InvalidInput("put_writes needs configurable.checkpoint_id")
+        task_id = validate_id(task_id, what="task_id")
+        codec = self.codec
+        records = [
+            WriteRecord(task_id, write_index(channel, idx), channel, codec.encode(value),
+                        task_path or "")
+            for idx, (channel, value) in enumerate(writes)
+        ]
+        await self._router.put_writes(thread_id, ns, checkpoint_id, records)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        self._bridge.require_open()
+        await self._router.delete_thread(validate_id(thread_id))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._bridge.require_open()
+        if isinstance(run_ids, str):
+            raise InvalidInput("run_ids must be a sequence of run ids, not one string")
+        ids = [validate_id(r, what="run_id") for r in run_ids]
+        if ids:
+            await self._router.delete_for_runs(ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._bridge.require_open()
+        source = validate_id(source_thread_id)
+        target = validate_id(target_thread_id)
+        if source == target:
+            raise InvalidInput("copy_thread needs two different thread ids")
+        await self._router.copy_thread(source, target)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._bridge.require_open()
+        if strategy not in PRUNE_STRATEGIES:
+            raise InvalidInput(
+                f"unknown prune strategy {strategy!r}; use one of {', '.join(PRUNE_STRATEGIES)}"
+            )
+        if isinstance(thread_ids, str):
+            raise InvalidInput("thread_ids must be a sequence of thread ids, not one string")
+        ids = [validate_id(t) for t in thread_ids]
+        if ids:
+            await self._router.prune(ids, keep_latest=strategy == "keep_latest")
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        return next_channel_version(current)
+
+    # -- sync API: one bridge ---------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._bridge.run(self.aget_tuple(config))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        async def collect() -> list[CheckpointTuple]:
+            return [t async for t in self.alist(config, filter=filter, before=before,
+                                                limit=limit)]
+
+        return iter(self._bridge.run(collect()))
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self._bridge.run(self.aput(config, checkpoint, metadata, new_versions))
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self._bridge.run(self.aput_writes(config, writes, task_id, task_path))
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._bridge.run(self.adelete_thread(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._bridge.run(self.adelete_for_runs(run_ids))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._bridge.run(self.acopy_thread(source_thread_id, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._bridge.run(self.aprune(thread_ids, strategy=strategy))
+
+
+def build_stack(
+    *, hot: str | None, warm: str, cold: str | None, options: SaverOptions
+) -> TierStack:
+    """Parse the URLs of one region and build (not open) its stores."""
+    if warm is None:
+        raise LifecycleError("a warm tier is required: it is the system of record")
+    warm_store = open_store("warm", warm)
+    hot_store = open_store("hot", hot, ttl=options.hot_ttl) if hot is not None else None
+    cold_store = open_store("cold", cold) if cold is not None else None
+    offloader = None
+    if cold_store is not None and not getattr(warm_store, "offloads_internally", False):
+        offloader = Offloader(cold_store, threshold=options.offload_threshold)
+    return TierStack(warm=warm_store, hot=hot_store, cold=cold_store, offloader=offloader)

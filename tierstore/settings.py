@@ -1,0 +1,243 @@
+"""Typed, frozen settings. This is the only module that reads the environment.
+
+A store is named by a URL; ``StoreUrl`` parses it once, masks its password in
+``repr`` and names the bad part when it is malformed. ``SaverOptions`` carries the
+knobs of the saver; every default is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tierstore.errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_COLD_URL",
+    "DEFAULT_HOT_URL",
+    "DEFAULT_WARM_URL",
+    "SaverOptions",
+    "StoreUrl",
+]
+
+DEFAULT_HOT_URL = "memory://"
+DEFAULT_WARM_URL = "sqlite:///.tierstore/warm.db"
+DEFAULT_COLD_URL = "file://./.tierstore/cold"
+
+Concurrency = Literal["permissive", "strict"]
+HotCheck = Literal["verify", "trusted"]
+OnArchived = Literal["raise", "restore"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreUrl:
+    """A parsed store URL. ``repr`` never shows the password."""
+
+    raw: str = field(repr=False)
+    scheme: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    host: str | None = None
+    port: int | None = None
+    path: str = ""
+    query: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str) -> StoreUrl:
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigurationError(f"store URL must be a non-empty string, got {url!r}")
+        try:
+            parts = urlsplit(url.strip())
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed URL {mask(url)!r}: {exc}") from exc
+        if not parts.scheme:
+            raise ConfigurationError(
+                f"URL {mask(url)!r} has no scheme (expected e.g. sqlite:///path or redis://host)"
+            )
+        query: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in query:
+                raise ConfigurationError(f"URL {mask(url)!r} repeats query parameter {key!r}")
+            query[key] = value
+        return cls(
+            raw=url.strip(),
+            scheme=parts.scheme.lower(),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            host=parts.hostname,
+            port=port,
+            path=parts.path,
+            query=query,
+        )
+
+    @property
+    def masked(self) -> str:
+        return mask(self.raw)
+
+    def local_path(self) -> str:
+        """The filesystem path of a ``file://`` or ``sqlite:///`` URL.
+
+        ``file:///abs``, ``file://./rel``; ``sqlite:///rel.db``, ``sqlite:////abs.db``
+        (SQLAlchemy's convention: three slashes are relative, four absolute).
+        """
+        parts = urlsplit(self.raw)
+        if self.scheme == "sqlite":
+            if parts.netloc not in ("", "localhost"):
+                raise ConfigurationError(
+                    f"{self.masked!r}: a sqlite URL has no host; use sqlite:///relative.db "
+                    "or sqlite:////absolute/path.db"
+                )
+            path = unquote(parts.path)
+            path = path[1:] if path.startswith("/") else path
+        else:
+            netloc = parts.netloc
+            path = unquote(parts.path)
+            if netloc not in ("", "localhost"):
+                path = unquote(netloc) + path
+        if not path or path in (".", "/") and self.scheme == "sqlite":
+            raise ConfigurationError(f"{self.masked!r}: the URL names no path")
+        return path
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        return self.query.get(name, default)
+
+
+def mask(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``30d`` → seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale is not None else text
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError as exc:
+        raise ConfigurationError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 30d)") from exc
+    if value < 0:
+        raise ConfigurationError(f"a duration cannot be negative: {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaverOptions:
+    """Behaviour of a ``TieredSaver``.
+
+    concurrency: ``permissive`` keeps LangGraph's semantics (any parent accepted,
+        conflicts counted); ``strict`` refuses a write whose parent is not the head.
+    hot_ttl: seconds an idle thread's cached latest checkpoint lives in the hot tier.
+    hot_check: ``verify`` compares every hot hit with the warm head (one indexed
+        lookup, issued in parallel); ``trusted`` skips it and may serve a cached
+        entry up to ``hot_ttl`` old if a hot write failed.
+    offload_threshold: payloads larger than this many bytes go to the object store.
+    compression_level: zstd level for payloads.
+    compress_min: payloads smaller than this are stored uncompressed.
+    on_archived: ``raise`` CheckpointArchived for a checkpoint that needs a restore,
+        or ``restore`` to start the restore and then raise.
+    """
+
+    concurrency: Concurrency = "permissive"
+    hot_ttl: float = 3600.0
+    hot_check: HotCheck = "verify"
+    offload_threshold: int = 1 << 20
+    compression_level: int = 3
+    compress_min: int = 256
+    on_archived: OnArchived = "raise"
+
+    def __post_init__(self) -> None:
+        if self.concurrency not in ("permissive", "strict"):
+            raise ConfigurationError(
+                f"concurrency must be 'permissive' or 'strict', got {self.concurrency!r}"
+            )
+        if self.hot_check not in ("verify", "trusted"):
+            raise ConfigurationError(
+                f"hot_check must be 'verify' or 'trusted', got {self.hot_check!r}"
+            )
+        if self.on_archived not in ("raise", "restore"):
+            raise ConfigurationError(
+                f"on_archived must be 'raise' or 'restore', got {self.on_archived!r}"
+            )
+        if not self.hot_ttl > 0:
+            raise ConfigurationError(f"hot_ttl must be positive, got {self.hot_ttl!r}")
+        if self.offload_threshold < 1024:
+            raise ConfigurationError(
+                f"offload_threshold must be at least 1024 bytes, got {self.offload_threshold!r}"
+            )
+        if not 1 <= self.compression_level <= 22:
+            raise ConfigurationError(
+                f"compression_level must be within 1..22, got {self.compression_level!r}"
+            )
+        if self.compress_min < 0:
+            raise ConfigurationError(f"compress_min cannot be negative: {self.compress_min!r}")
+
+    def with_(self, **changes: Any) -> SaverOptions:
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigurationError(f"unknown saver option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
+
+
+_ENV_OPTIONS: dict[str, tuple[str, type]] = {
+    "TIERSTORE_CONCURRENCY": ("concurrency", str),
+    "TIERSTORE_HOT_TTL": ("hot_ttl", float),
+    "TIERSTORE_HOT_CHECK": ("hot_check", str),
+    "TIERSTORE_OFFLOAD_THRESHOLD": ("offload_threshold", int),
+    "TIERSTORE_COMPRESSION_LEVEL": ("compression_level", int),
+    "TIERSTORE_ON_ARCHIVED": ("on_archived", str),
+}
+
+
+def urls_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """``TIERSTORE_HOT_URL`` / ``TIERSTORE_WARM_URL`` / ``TIERSTORE_COLD_URL``.
+
+    A variable that is unset falls back to the embedded default; one set to the
+    empty string or ``none`` disables that tier (hot and cold only).
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, str | None] = {}
+    for tier, default in (
+        ("hot", DEFAULT_HOT_URL),
+        ("warm", DEFAULT_WARM_URL),
+        ("cold", DEFAULT_COLD_URL),
+    ):
+        value = env.get(f"TIERSTORE_{tier.upper()}_URL")
+        if value is None:
+            out[tier] = default
+        elif value.strip().lower() in ("", "none"):
+            if tier == "warm":
+                raise ConfigurationError("TIERSTORE_WARM_URL cannot be disabled: warm is required")
+            out[tier] = None
+        else:
+            out[tier] = value
+    return out
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for var, (name, kind) in _ENV_OPTIONS.items():
+        if var not in env:
+            continue
+        raw = env[var]
+        try:
+            if name == "hot_ttl":
+                out[name] = _parse_duration(raw)
+            else:
+                out[name] = kind(raw)
+        except ValueError as exc:
+            raise ConfigurationError(f"{var}={raw!r}: {exc}") from exc
+    return out

@@ -1,0 +1,159 @@
+"""The three tier Protocols. Every backend is one module implementing one of them.
+
+::
+
+    HotStore     latest assembled checkpoint per (thread, ns), with TTL   memory:// redis://
+    WarmStore    the system of record: checkpoints, blobs, writes, heads  sqlite:/// postgresql:// mongodb://
+    ObjectStore  immutable objects by key: cold archive and blob offload  file:// s3://
+
+The in-memory hot store, the SQLite warm store and the file object store are the
+reference implementations; ``tests/contract`` runs one suite over every backend.
+
+Rules every implementation keeps:
+
+- Payloads are opaque bytes; a store never decodes them.
+- Heads move by compare-and-set inside the store (SQL ``WHERE``, Mongo filter, Lua),
+  never by reading and then writing.
+- ``put_writes`` is idempotent per (task_id, idx) for ``idx >= 0``; special writes
+  (``idx < 0``: errors, interrupts, resumes) replace what was there.
+- Driver errors leave a store as ``TierUnavailable`` / ``CorruptPayload`` / …,
+  translated in one place per module.
+- ``aclose`` is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
+
+from tierstore.records import (
+    BlobRecord,
+    CheckpointRecord,
+    Head,
+    ListQuery,
+    ObjectInfo,
+    PutResult,
+    StoredCheckpoint,
+    WriteRecord,
+)
+
+__all__ = ["HotStore", "ObjectStore", "WarmStore"]
+
+
+@runtime_checkable
+class HotStore(Protocol):
+    """A cache of the latest checkpoint per (thread, ns). Losing it loses nothing."""
+
+    backend: str
+
+    async def setup(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def get(self, thread_id: str, checkpoint_ns: str) -> StoredCheckpoint | None:
+        """The cached latest checkpoint with its pending writes, or None."""
+        ...
+
+    async def put(self, record: StoredCheckpoint) -> bool:
+        """Cache ``record`` unless a newer checkpoint id is cached; True if stored."""
+        ...
+
+    async def add_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[WriteRecord],
+    ) -> bool:
+        """Merge writes into the cached entry if it is ``checkpoint_id``; True if merged."""
+        ...
+
+    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+        """Drop the cached entry of one namespace, or of every namespace of the thread."""
+        ...
+
+
+@runtime_checkable
+class WarmStore(Protocol):
+    """The durable system of record. Every write is durable before the call returns."""
+
+    backend: str
+
+    async def setup(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def head(self, thread_id: str, checkpoint_ns: str) -> Head | None:
+        """One indexed lookup: the head of a (thread, ns), used to validate hot hits."""
+        ...
+
+    async def get(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+    ) -> StoredCheckpoint | None:
+        """One checkpoint (the newest when ``checkpoint_id`` is None), blobs and writes joined."""
+        ...
+
+    def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
+        """Matching checkpoints, newest first per (thread, ns), without N+1 queries."""
+        ...
+
+    async def put_checkpoint(
+        self,
+        record: CheckpointRecord,
+        blobs: Sequence[BlobRecord],
+        *,
+        strict: bool,
+    ) -> PutResult:
+        """Store a checkpoint and its new blobs and advance the head atomically.
+
+        With ``strict`` the head must equal ``record.parent_id`` (no head when it is
+        None), else ``VersionConflict`` is raised and nothing is written.
+        """
+        ...
+
+    async def put_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[WriteRecord],
+    ) -> None: ...
+
+    async def delete_thread(self, thread_id: str) -> None: ...
+
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> Sequence[str]:
+        """Delete every checkpoint (and its writes) of these runs; returns the threads touched."""
+        ...
+
+    async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None: ...
+
+    async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
+        """Keep only the newest checkpoint per namespace, or delete everything."""
+        ...
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Immutable objects by key: the cold archive and the large-payload offload."""
+
+    backend: str
+
+    async def setup(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def put(self, key: str, data: bytes, *, storage_class: str | None = None) -> None: ...
+
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, None if absent; ``CheckpointArchived`` if it needs a restore."""
+        ...
+
+    async def info(self, key: str) -> ObjectInfo | None: ...
+
+    async def delete(self, keys: Sequence[str]) -> None: ...
+
+    def iter_keys(self, prefix: str) -> AsyncIterator[str]: ...
+
+    async def restore(self, key: str, *, days: int) -> str:
+        """Ask for a readable copy of an archived object; returns the restore state."""
+        ...

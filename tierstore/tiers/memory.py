@@ -1,0 +1,140 @@
+"""``memory://`` — the in-process hot tier, and the reference ``HotStore``.
+
+An LRU of the latest assembled checkpoint per (thread, ns) with a TTL. It is what
+the embedded stack uses and what every other hot backend must behave like:
+replace only with a newer checkpoint, merge writes only into the checkpoint they
+belong to, keep the first write per (task_id, idx >= 0), let special writes
+(idx < 0) replace.
+
+URL options: ``memory://?max_entries=10000&ttl=3600``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from tierstore.errors import ConfigurationError, LifecycleError
+from tierstore.policy import should_replace_hot
+from tierstore.records import StoredCheckpoint, WriteRecord
+from tierstore.settings import StoreUrl
+
+__all__ = ["MemoryHot", "merge_writes"]
+
+
+def merge_writes(
+    existing: Sequence[WriteRecord], new: Sequence[WriteRecord]
+) -> tuple[WriteRecord, ...]:
+    """Writes keyed by (task_id, idx): the first stays for idx >= 0, the last wins for idx < 0."""
+    merged = {(w.task_id, w.idx): w for w in existing}
+    for write in new:
+        key = (write.task_id, write.idx)
+        if write.idx >= 0 and key in merged:
+            continue
+        merged[key] = write
+    return tuple(merged.values())
+
+
+class MemoryHot:
+    """In-process LRU hot tier; safe within one event loop (no awaits inside a step)."""
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        ttl: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ConfigurationError(f"memory:// max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, StoredCheckpoint]] = (
+            OrderedDict()
+        )
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: StoreUrl, *, ttl: float) -> MemoryHot:
+        if url.host or url.path not in ("", "/"):
+            raise ConfigurationError(f"{url.masked!r}: memory:// takes no host or path")
+        try:
+            max_entries = int(url.option("max_entries", "10000") or 10000)
+            ttl = float(url.option("ttl", str(ttl)) or ttl)
+        except ValueError as exc:
+            raise ConfigurationError(f"{url.masked!r}: bad option value ({exc})") from exc
+        return cls(max_entries=max_entries, ttl=ttl)
+
+    async def setup(self) -> None:
+        self._closed = False
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._entries.clear()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise LifecycleError("memory hot tier is closed")
+
+    def _live(self, key: tuple[str, str]) -> StoredCheckpoint | None:
+        item = self._entries.get(key)
+        if item is None:
+            return None
+        expires, record = item
+        if expires <= self._clock():
+            del self._entries[key]
+            return None
+        return record
+
+    def _store(self, key: tuple[str, str], record: StoredCheckpoint) -> None:
+        self._entries[key] = (self._clock() + self.ttl, record)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    async def get(self, thread_id: str, checkpoint_ns: str) -> StoredCheckpoint | None:
+        self._check()
+        key = (thread_id, checkpoint_ns)
+        record = self._live(key)
+        if record is not None:
+            self._entries.move_to_end(key)
+        return record
+
+    async def put(self, record: StoredCheckpoint) -> bool:
+        self._check()
+        key = (record.thread_id, record.checkpoint_ns)
+        if not should_replace_hot(self._live(key), record):
+            return False
+        self._store(key, record)
+        return True
+
+    async def add_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[WriteRecord],
+    ) -> bool:
+        self._check()
+        key = (thread_id, checkpoint_ns)
+        cached = self._live(key)
+        if cached is None or cached.checkpoint_id != checkpoint_id:
+            return False
+        self._store(key, replace(cached, writes=merge_writes(cached.writes, writes)))
+        return True
+
+    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+        self._check()
+        if checkpoint_ns is not None:
+            self._entries.pop((thread_id, checkpoint_ns), None)
+            return
+        for key in [k for k in self._entries if k[0] == thread_id]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)

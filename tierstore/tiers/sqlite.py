@@ -1,0 +1,525 @@
+"""``sqlite:///path.db`` — the embedded warm tier, and the reference ``WarmStore``.
+
+::
+
+    event loop ──run_in_executor──► one worker thread ──► one sqlite3 connection (WAL)
+
+SQLite has one writer at a time, so the store owns a single connection on a single
+worker thread: every operation is one function, run there inside one transaction
+(``BEGIN IMMEDIATE`` for writes), which is what makes the head compare-and-set
+atomic without a lock in Python. Readers in other processes are not blocked (WAL).
+
+URL options: ``?synchronous=full`` (default: a commit survives power loss) or
+``normal`` (survives a process crash; faster), ``?timeout=30`` (seconds to wait
+for another process's write lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tierstore.errors import ConfigurationError, LifecycleError, TierUnavailable, VersionConflict
+from tierstore.migrate import migrations_for
+from tierstore.records import (
+    BlobRecord,
+    CheckpointRecord,
+    Head,
+    ListQuery,
+    Payload,
+    PutResult,
+    StoredCheckpoint,
+    WriteRecord,
+)
+from tierstore.settings import StoreUrl
+
+__all__ = ["SqliteWarm"]
+
+T = TypeVar("T")
+
+_PAGE = 200
+_COLUMNS = (
+    "thread_id, checkpoint_ns, checkpoint_id, parent_id, checkpoint_tag, checkpoint, "
+    "metadata_tag, metadata, channel_versions, location, archive_key"
+)
+_SQLITE_TYPES = {str: "text", int: "integer", float: "real"}
+
+
+def _json_type(value: Any) -> tuple[str, ...]:
+    """The ``json_each.type`` values that a scalar filter value may match."""
+    if value is None:
+        return ("null",)
+    if isinstance(value, bool):
+        return ("true",) if value else ("false",)
+    if isinstance(value, float):
+        return ("real", "integer")
+    if isinstance(value, int):
+        return ("integer", "real")
+    return ("text",)
+
+
+class SqliteWarm:
+    """Warm tier on one SQLite file."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: str, *, synchronous: str = "full", timeout: float = 30.0) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ConfigurationError(
+                f"sqlite synchronous must be 'full' or 'normal', got {synchronous!r}"
+            )
+        self.path = path
+        self.synchronous = synchronous
+        self.timeout = timeout
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: StoreUrl) -> SqliteWarm:
+        try:
+            timeout = float(url.option("timeout", "30") or 30)
+        except ValueError as exc:
+            raise ConfigurationError(f"{url.masked!r}: timeout must be a number") from exc
+        return cls(
+            url.local_path(),
+            synchronous=(url.option("synchronous", "full") or "full").lower(),
+            timeout=timeout,
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._executor is None or self._conn is None:
+            raise LifecycleError("sqlite warm tier is not open")
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, conn)
+        except sqlite3.OperationalError as exc:
+            raise TierUnavailable(f"sqlite {self.path}: {exc}", tier="warm",
+                                  backend="sqlite") from exc
+        except sqlite3.DatabaseError as exc:
+            raise TierUnavailable(f"sqlite {self.path} is damaged: {exc}", tier="warm",
+                                  backend="sqlite") from exc
+
+    @staticmethod
+    def _tx(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    async def setup(self) -> None:
+        if self._conn is not None:
+            return
+        if self.path != ":memory:":
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(f"cannot create directory for {self.path}: {exc}") from exc
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+            await self._run(self._migrate)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            conn.execute("PRAGMA foreign_keys=OFF")
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open sqlite database {self.path!r}: {exc}") from exc
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        def body(c: sqlite3.Connection) -> None:
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS tierstore_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            done = {row[0] for row in c.execute("SELECT version FROM tierstore_migrations")}
+            for migration in migrations_for("sqlite"):
+                if migration.version in done:
+                    continue
+                for statement in _statements(migration.text):
+                    c.execute(statement)
+                c.execute(
+                    "INSERT INTO tierstore_migrations VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()),
+                )
+
+        self._tx(conn, body)
+
+    async def aclose(self) -> None:
+        conn, executor = self._conn, self._executor
+        self._conn = None
+        self._executor = None
+        if executor is None:
+            return
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        executor.shutdown(wait=True)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def head(self, thread_id: str, checkpoint_ns: str) -> Head | None:
+        def fn(conn: sqlite3.Connection) -> Head | None:
+            row = conn.execute(
+                "SELECT head_id, version, n_writes FROM heads "
+                "WHERE thread_id = ? AND checkpoint_ns = ?",
+                (thread_id, checkpoint_ns),
+            ).fetchone()
+            return Head(row[0], row[1], row[2]) if row else None
+
+        return await self._run(fn)
+
+    async def get(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+    ) -> StoredCheckpoint | None:
+        def fn(conn: sqlite3.Connection) -> StoredCheckpoint | None:
+            if checkpoint_id is None:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM checkpoints WHERE thread_id = ? AND "
+                    "checkpoint_ns = ? ORDER BY checkpoint_id DESC LIMIT 1",
+                    (thread_id, checkpoint_ns),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM checkpoints WHERE thread_id = ? AND "
+                    "checkpoint_ns = ? AND checkpoint_id = ?",
+                    (thread_id, checkpoint_ns, checkpoint_id),
+                ).fetchone()
+            return self._assemble(conn, row) if row else None
+
+        return await self._run(fn)
+
+    @staticmethod
+    def _assemble(conn: sqlite3.Connection, row: Sequence[Any]) -> StoredCheckpoint:
+        (thread_id, ns, cid, parent_id, cp_tag, cp, md_tag, md, versions, location,
+         archive_key) = row
+        blobs = {
+            channel: Payload(tag, bytes(data))
+            for channel, tag, data in conn.execute(
+                "SELECT b.channel, b.tag, b.data FROM json_each(?) AS cv JOIN blobs AS b "
+                "ON b.thread_id = ? AND b.checkpoint_ns = ? AND b.channel = cv.key "
+                "AND b.version = cv.value",
+                (versions, thread_id, ns),
+            )
+        }
+        writes = tuple(
+            WriteRecord(task_id, idx, channel, Payload(tag, bytes(data)), task_path)
+            for task_id, idx, channel, tag, data, task_path in conn.execute(
+                "SELECT task_id, idx, channel, tag, data, task_path FROM writes "
+                "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ? "
+                "ORDER BY task_path, task_id, idx",
+                (thread_id, ns, cid),
+            )
+        )
+        return StoredCheckpoint(
+            thread_id=thread_id,
+            checkpoint_ns=ns,
+            checkpoint_id=cid,
+            parent_id=parent_id,
+            checkpoint=Payload(cp_tag or "", bytes(cp or b"")),
+            metadata=Payload(md_tag, bytes(md)),
+            blobs=blobs,
+            writes=writes,
+            location=location,
+            archive_key=archive_key,
+        )
+
+    async def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.thread_id is not None:
+            where.append("thread_id = ?")
+            params.append(query.thread_id)
+        if query.checkpoint_ns is not None:
+            where.append("checkpoint_ns = ?")
+            params.append(query.checkpoint_ns)
+        if query.checkpoint_id is not None:
+            where.append("checkpoint_id = ?")
+            params.append(query.checkpoint_id)
+        if query.before_id is not None:
+            where.append("checkpoint_id < ?")
+            params.append(query.before_id)
+        for key, value in query.filter.items():
+            types = _json_type(value)
+            clause = (
+                "EXISTS (SELECT 1 FROM json_each(filter_doc) AS f WHERE f.key = ? AND f.type IN "
+                f"({', '.join('?' for _ in types)})"
+            )
+            params.extend([key, *types])
+            if value is not None and not isinstance(value, bool):
+                clause += " AND f.atom = ?"
+                params.append(value)
+            where.append(clause + ")")
+        remaining = query.limit
+        cursor: tuple[str, str, str] | None = None
+        while remaining is None or remaining > 0:
+            page = _PAGE if remaining is None else min(_PAGE, remaining)
+            conds = list(where)
+            page_params = list(params)
+            if cursor is not None:
+                conds.append("(checkpoint_id, thread_id, checkpoint_ns) < (?, ?, ?)")
+                page_params.extend(cursor)
+            sql = (
+                f"SELECT {_COLUMNS} FROM checkpoints"
+                + (f" WHERE {' AND '.join(conds)}" if conds else "")
+                + " ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC LIMIT ?"
+            )
+
+            def fn(conn: sqlite3.Connection, sql: str = sql,
+                   p: list[Any] = page_params, n: int = page) -> list[StoredCheckpoint]:
+                rows = conn.execute(sql, [*p, n]).fetchall()
+                return [self._assemble(conn, row) for row in rows]
+
+            records = await self._run(fn)
+            for record in records:
+                yield record
+            if len(records) < page:
+                return
+            last = records[-1]
+            cursor = (last.checkpoint_id, last.thread_id, last.checkpoint_ns)
+            if remaining is not None:
+                remaining -= len(records)
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def put_checkpoint(
+        self, record: CheckpointRecord, blobs: Sequence[BlobRecord], *, strict: bool
+    ) -> PutResult:
+        now = time.time()
+        versions = json.dumps(dict(record.channel_versions), separators=(",", ":"))
+        doc = json.dumps(dict(record.filter_doc), separators=(",", ":"))
+        size = record.checkpoint.size + record.metadata.size
+
+        def body(conn: sqlite3.Connection) -> PutResult:
+            t, ns, cid = record.thread_id, record.checkpoint_ns, record.checkpoint_id
+            row = conn.execute(
+                "SELECT head_id, version, n_writes FROM heads "
+                "WHERE thread_id = ? AND checkpoint_ns = ?",
+                (t, ns),
+            ).fetchone()
+            head_id, version, n_writes = row if row else (None, 0, 0)
+            conflict = record.parent_id != head_id
+            if strict and conflict:
+                raise VersionConflict(
+                    f"thread {t!r} ns {ns!r}: parent {record.parent_id!r} is not the head "
+                    f"{head_id!r} (version {version})",
+                    thread_id=t, checkpoint_ns=ns, head_id=head_id, version=version,
+                )
+            conn.executemany(
+                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
+                [(t, ns, b.channel, b.version, b.payload.tag, b.payload.data) for b in blobs],
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'warm', NULL, ?, ?, ?)",
+                (t, ns, cid, record.parent_id, record.run_id, record.checkpoint.tag,
+                 record.checkpoint.data, record.metadata.tag, record.metadata.data, versions,
+                 doc, now, now, size),
+            )
+            if head_id is None or cid >= head_id:
+                head_id = cid
+                n_writes = conn.execute(
+                    "SELECT count(*) FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "AND checkpoint_id = ?",
+                    (t, ns, cid),
+                ).fetchone()[0]
+            version += 1
+            conn.execute(
+                "INSERT INTO heads VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
+                "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
+                "version = excluded.version, n_writes = excluded.n_writes, "
+                "conflicts = heads.conflicts + excluded.conflicts, updated_at = excluded.updated_at",
+                (t, ns, head_id, version, n_writes, int(conflict), now),
+            )
+            return PutResult(Head(head_id, version, n_writes), conflict)
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    async def put_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[WriteRecord],
+    ) -> None:
+        if not writes:
+            return
+        rows = [
+            (thread_id, checkpoint_ns, checkpoint_id, w.task_id, w.idx, w.channel,
+             w.payload.tag, w.payload.data, w.task_path)
+            for w in writes
+        ]
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [r for r in rows if r[4] >= 0],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [r for r in rows if r[4] < 0],
+            )
+            conn.execute(
+                "UPDATE heads SET n_writes = (SELECT count(*) FROM writes WHERE thread_id = ? "
+                "AND checkpoint_ns = ? AND checkpoint_id = ?) "
+                "WHERE thread_id = ? AND checkpoint_ns = ? AND head_id = ?",
+                (thread_id, checkpoint_ns, checkpoint_id) * 2,
+            )
+
+        await self._run(lambda conn: self._tx(conn, body))
+
+    # -- maintenance ------------------------------------------------------------------
+
+    @staticmethod
+    def _refresh_heads(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
+        """Recompute heads and drop orphaned blobs after checkpoints were removed/added."""
+        now = time.time()
+        for t, ns in set(keys):
+            row = conn.execute(
+                "SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? "
+                "AND checkpoint_ns = ?",
+                (t, ns),
+            ).fetchone()
+            conn.execute(
+                "DELETE FROM blobs AS b WHERE thread_id = ? AND checkpoint_ns = ? AND NOT EXISTS "
+                "(SELECT 1 FROM checkpoints AS c, json_each(c.channel_versions) AS cv WHERE "
+                "c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns AND "
+                "cv.key = b.channel AND cv.value = b.version)",
+                (t, ns),
+            )
+            if row[0] is None:
+                conn.execute("DELETE FROM heads WHERE thread_id = ? AND checkpoint_ns = ?",
+                             (t, ns))
+                continue
+            n_writes = conn.execute(
+                "SELECT count(*) FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                "AND checkpoint_id = ?",
+                (t, ns, row[0]),
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO heads VALUES (?, ?, ?, 1, ?, 0, ?) ON CONFLICT "
+                "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
+                "version = heads.version + 1, n_writes = excluded.n_writes, "
+                "updated_at = excluded.updated_at",
+                (t, ns, row[0], n_writes, now),
+            )
+
+    async def delete_thread(self, thread_id: str) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            for table in ("checkpoints", "blobs", "writes", "heads"):
+                conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
+
+        await self._run(lambda conn: self._tx(conn, body))
+
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> list[str]:
+        if not run_ids:
+            return []
+
+        def body(conn: sqlite3.Connection) -> list[str]:
+            marks = ", ".join("?" for _ in run_ids)
+            doomed = conn.execute(
+                f"SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints "
+                f"WHERE run_id IN ({marks})",
+                list(run_ids),
+            ).fetchall()
+            self._delete_checkpoints(conn, doomed)
+            return sorted({t for t, _, _ in doomed})
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    def _delete_checkpoints(
+        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, str]]
+    ) -> None:
+        conn.executemany(
+            "DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
+            "AND checkpoint_id = ?",
+            keys,
+        )
+        conn.executemany(
+            "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?",
+            keys,
+        )
+        self._refresh_heads(conn, ((t, ns) for t, ns, _ in keys))
+
+    async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            src, dst = source_thread_id, target_thread_id
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints SELECT ?, checkpoint_ns, checkpoint_id, "
+                "parent_id, run_id, checkpoint_tag, checkpoint, metadata_tag, metadata, "
+                "channel_versions, filter_doc, location, archive_key, created_at, accessed_at, "
+                "size_bytes FROM checkpoints WHERE thread_id = ?",
+                (dst, src),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO blobs SELECT ?, checkpoint_ns, channel, version, tag, data "
+                "FROM blobs WHERE thread_id = ?",
+                (dst, src),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO writes SELECT ?, checkpoint_ns, checkpoint_id, task_id, "
+                "idx, channel, tag, data, task_path FROM writes WHERE thread_id = ?",
+                (dst, src),
+            )
+            namespaces = conn.execute(
+                "SELECT DISTINCT checkpoint_ns FROM checkpoints WHERE thread_id = ?", (dst,)
+            ).fetchall()
+            self._refresh_heads(conn, ((dst, ns) for (ns,) in namespaces))
+
+        await self._run(lambda conn: self._tx(conn, body))
+
+    async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
+        if not keep_latest:
+            for thread_id in thread_ids:
+                await self.delete_thread(thread_id)
+            return
+
+        def body(conn: sqlite3.Connection) -> None:
+            for thread_id in thread_ids:
+                doomed = conn.execute(
+                    "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
+                    "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
+                    "checkpoints WHERE thread_id = c.thread_id AND checkpoint_ns = c.checkpoint_ns)",
+                    (thread_id,),
+                ).fetchall()
+                self._delete_checkpoints(conn, doomed)
+
+        await self._run(lambda conn: self._tx(conn, body))
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (our files keep one per ``;`` line end)."""
+    out: list[str] = []
+    buf: list[str] = []
+    for line in script.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        buf.append(line)
+        if line.rstrip().endswith(";"):
+            statement = "\n".join(buf).strip()
+            if statement.strip(";").strip():
+                out.append(statement)
+            buf = []
+    if "\n".join(buf).strip():
+        out.append("\n".join(buf).strip())
+    return out
