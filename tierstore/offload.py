@@ -2,7 +2,8 @@
 
 ::
 
-    put:  Payload(tag, 20 MB) ──► object "offload/<sha256>" ──► Payload(tag+"+ref", [key, sha256, size])
+    put:  Payload(tag, 20 MB) ──► object "offload/<sha256>"
+          ──► Payload(tag+"+ref", [key, sha256, size])
     get:  Payload(tag+"+ref", …) ──► fetch object ──► verify sha256 and size ──► Payload(tag, 20 MB)
 
 Objects are content-addressed, so the same large value written twice is stored

@@ -22,6 +22,7 @@ written only to its own region's stores.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,7 +63,7 @@ class Stats:
     offloaded: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(slots=True)
@@ -269,7 +270,7 @@ class Router:
         record: CheckpointRecord,
         new_blobs: Sequence[BlobRecord],
         values: Mapping[str, Payload],
-    ) -> tuple[CheckpointRecord, list[BlobRecord], dict[str, Payload]]:
+    ) -> tuple[CheckpointRecord, builtins.list[BlobRecord], dict[str, Payload]]:
         payloads: dict[int, Payload] = {id(record.checkpoint): record.checkpoint}
         payloads.update({id(b.payload): b.payload for b in new_blobs})
         payloads.update({id(p): p for p in values.values()})

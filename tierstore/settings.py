@@ -98,7 +98,7 @@ class StoreUrl:
             path = unquote(parts.path)
             if netloc not in ("", "localhost"):
                 path = unquote(netloc) + path
-        if not path or path in (".", "/") and self.scheme == "sqlite":
+        if not path or (path in (".", "/") and self.scheme == "sqlite"):
             raise ConfigurationError(f"{self.masked!r}: the URL names no path")
         return path
 
@@ -122,7 +122,7 @@ def _parse_duration(text: str) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``30d`` → seconds."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
     text = text.strip().lower()
-    scale = units.get(text[-1:], None)
+    scale = units.get(text[-1:])
     number = text[:-1] if scale is not None else text
     try:
         value = float(number) * (scale or 1.0)

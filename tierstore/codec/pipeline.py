@@ -3,7 +3,8 @@
 ::
 
     encode:  obj ──serde.dumps_typed──► (type, bytes) ──zstd──► Payload("msgpack+zstd", …)
-    decode:  Payload("msgpack+zstd", …) ──strip "+zstd"──► ("msgpack", bytes) ──serde.loads_typed──► obj
+    decode:  Payload("msgpack+zstd", …) ──strip "+zstd"──► ("msgpack", bytes)
+             ──serde.loads_typed──► obj
 
 A tag is the serde's type followed by one ``+stage`` per transformation, applied
 left to right. Decoding strips known stages from the right, so every tag ever

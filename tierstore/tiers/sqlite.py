@@ -17,6 +17,7 @@ for another process's write lock).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import sqlite3
 import time
@@ -48,7 +49,6 @@ _COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_id, checkpoint_tag, checkpoint, "
     "metadata_tag, metadata, channel_versions, location, archive_key"
 )
-_SQLITE_TYPES = {str: "text", int: "integer", float: "real"}
 
 
 def _json_type(value: Any) -> tuple[str, ...]:
@@ -286,7 +286,8 @@ class SqliteWarm:
             )
 
             def fn(conn: sqlite3.Connection, sql: str = sql,
-                   p: list[Any] = page_params, n: int = page) -> list[StoredCheckpoint]:
+                   p: builtins.list[Any] = page_params,
+                   n: int = page) -> builtins.list[StoredCheckpoint]:
                 rows = conn.execute(sql, [*p, n]).fetchall()
                 return [self._assemble(conn, row) for row in rows]
 
@@ -348,7 +349,8 @@ class SqliteWarm:
                 "INSERT INTO heads VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
                 "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
                 "version = excluded.version, n_writes = excluded.n_writes, "
-                "conflicts = heads.conflicts + excluded.conflicts, updated_at = excluded.updated_at",
+                "conflicts = heads.conflicts + excluded.conflicts, "
+                "updated_at = excluded.updated_at",
                 (t, ns, head_id, version, n_writes, int(conflict), now),
             )
             return PutResult(Head(head_id, version, n_writes), conflict)
@@ -431,11 +433,11 @@ class SqliteWarm:
 
         await self._run(lambda conn: self._tx(conn, body))
 
-    async def delete_for_runs(self, run_ids: Sequence[str]) -> list[str]:
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> builtins.list[str]:
         if not run_ids:
             return []
 
-        def body(conn: sqlite3.Connection) -> list[str]:
+        def body(conn: sqlite3.Connection) -> builtins.list[str]:
             marks = ", ".join("?" for _ in run_ids)
             doomed = conn.execute(
                 f"SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints "
@@ -499,7 +501,8 @@ class SqliteWarm:
                 doomed = conn.execute(
                     "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
                     "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
-                    "checkpoints WHERE thread_id = c.thread_id AND checkpoint_ns = c.checkpoint_ns)",
+                    "checkpoints WHERE thread_id = c.thread_id "
+                    "AND checkpoint_ns = c.checkpoint_ns)",
                     (thread_id,),
                 ).fetchall()
                 self._delete_checkpoints(conn, doomed)

@@ -1,0 +1,152 @@
+"""The HotStore and ObjectStore contracts, run on every backend (see ``backends.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from tierstore.records import Payload, StoredCheckpoint, WriteRecord
+
+from .test_warm import HOSTILE_IDS
+
+
+def entry(thread: str, checkpoint_id: str, *, ns: str = "", body: bytes = b"cp",
+          writes: tuple[WriteRecord, ...] = ()) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        thread_id=thread,
+        checkpoint_ns=ns,
+        checkpoint_id=checkpoint_id,
+        parent_id="parent",
+        checkpoint=Payload("msgpack+zstd", body),
+        metadata=Payload("msgpack", b"md"),
+        blobs={"messages": Payload("msgpack", b"hello"), "empty": Payload("empty", b"")},
+        writes=writes,
+    )
+
+
+def w(task: str, idx: int, value: bytes) -> WriteRecord:
+    return WriteRecord(task, idx, "ch", Payload("msgpack", value), "path")
+
+
+# -- hot ------------------------------------------------------------------------------
+
+
+async def test_hot_roundtrip_preserves_the_record(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    original = entry(t, "0002", writes=(w("a", 0, b"x"),))
+    assert await hot.put(original) is True
+    got = await hot.get(t, "")
+    assert got == original
+    assert await hot.get(t, "other-ns") is None
+    assert await hot.get(f"other-{t}", "") is None
+
+
+async def test_hot_is_replaced_only_by_newer_checkpoints(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    assert await hot.put(entry(t, "0005", body=b"five"))
+    assert await hot.put(entry(t, "0004", body=b"four")) is False
+    got = await hot.get(t, "")
+    assert got is not None and got.checkpoint.data == b"five"
+    assert await hot.put(entry(t, "0006", body=b"six"))
+    got = await hot.get(t, "")
+    assert got is not None and got.checkpoint.data == b"six"
+
+
+async def test_hot_merges_writes_only_into_their_checkpoint(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "0002"))
+    assert await hot.add_writes(t, "", "0001", [w("a", 0, b"stale")]) is False
+    assert await hot.add_writes(t, "", "0002", [w("a", 0, b"first"), w("a", 1, b"y")])
+    assert await hot.add_writes(t, "", "0002", [w("a", 0, b"second")])
+    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"int-1")])
+    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"int-2")])
+    got = await hot.get(t, "")
+    assert got is not None
+    assert {(x.task_id, x.idx): x.payload.data for x in got.writes} == {
+        ("a", 0): b"first", ("a", 1): b"y", ("a", -3): b"int-2"}
+    assert await hot.add_writes(f"none-{t}", "", "0002", [w("a", 0, b"x")]) is False
+
+
+async def test_hot_concurrent_write_merges_lose_nothing(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "0002"))
+    await asyncio.gather(*(hot.add_writes(t, "", "0002", [w(f"task-{i}", 0, b"v")])
+                           for i in range(25)))
+    got = await hot.get(t, "")
+    assert got is not None and len(got.writes) == 25
+
+
+async def test_hot_same_checkpoint_with_more_writes_replaces(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "0002"))
+    assert await hot.put(entry(t, "0002", writes=(w("a", 0, b"x"),)))
+    got = await hot.get(t, "")
+    assert got is not None and len(got.writes) == 1
+
+
+async def test_hot_invalidate_one_namespace_or_all(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "0001", ns=""))
+    await hot.put(entry(t, "0001", ns="child:1"))
+    await hot.invalidate(t, "child:1")
+    assert await hot.get(t, "child:1") is None
+    assert await hot.get(t, "") is not None
+    await hot.put(entry(t, "0001", ns="child:1"))
+    await hot.invalidate(t)
+    assert await hot.get(t, "") is None
+    assert await hot.get(t, "child:1") is None
+
+
+@pytest.mark.parametrize("thread", HOSTILE_IDS)
+async def test_hot_hostile_ids_are_data(hot: Any, thread: str) -> None:
+    await hot.put(entry(thread, "0001"))
+    await hot.put(entry(f"{thread}-neighbour", "0001", body=b"other"))
+    got = await hot.get(thread, "")
+    assert got is not None and got.thread_id == thread and got.checkpoint.data == b"cp"
+    await hot.invalidate(thread)
+    assert await hot.get(thread, "") is None
+    assert await hot.get(f"{thread}-neighbour", "") is not None
+
+
+# -- objects ----------------------------------------------------------------------------
+
+
+async def test_objects_roundtrip_info_delete(objects: Any) -> None:
+    key = f"segments/{uuid.uuid4()}/part-0001.tsz"
+    data = bytes(range(256)) * 100
+    assert await objects.get(key) is None
+    assert await objects.info(key) is None
+    await objects.put(key, data)
+    assert await objects.get(key) == data
+    info = await objects.info(key)
+    assert info is not None and info.size == len(data) and info.readable
+    await objects.delete([key])
+    assert await objects.get(key) is None
+    await objects.delete([key])  # deleting twice is fine
+
+
+async def test_objects_overwrite_is_atomic_replace(objects: Any) -> None:
+    key = f"k/{uuid.uuid4()}"
+    await objects.put(key, b"one")
+    await objects.put(key, b"two")
+    assert await objects.get(key) == b"two"
+
+
+async def test_objects_iter_keys_by_prefix(objects: Any) -> None:
+    base = f"p-{uuid.uuid4()}"
+    keys = [f"{base}/a/1", f"{base}/a/2", f"{base}/b/1"]
+    for key in keys:
+        await objects.put(key, b"x")
+    assert sorted([k async for k in objects.iter_keys(f"{base}/a/")]) == keys[:2]
+    assert sorted([k async for k in objects.iter_keys(f"{base}/")]) == keys
+
+
+@pytest.mark.parametrize("segment", ["..", ".", "a b", "%2e%2e", "线程", "'; DROP", "*"])
+async def test_objects_keys_cannot_escape(objects: Any, segment: str) -> None:
+    key = f"safe-{uuid.uuid4()}/{segment}/{segment}"
+    await objects.put(key, b"payload")
+    assert await objects.get(key) == b"payload"
+    assert key in [k async for k in objects.iter_keys(key.split("/", maxsplit=1)[0] + "/")]

@@ -1,0 +1,3 @@
+from tierstore.cli import main
+
+raise SystemExit(main())
