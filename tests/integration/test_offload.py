@@ -1,0 +1,105 @@
+"""Large states: offloaded to the object store behind checksummed references."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from tierstore import CorruptPayload, TieredSaver
+from tierstore.demo import build_agent
+from tierstore.offload import OFFLOAD_PREFIX, collectable_orphans
+from tierstore.tiers.file import FileStore
+
+
+def saver_for(tmp_path: Path, cold: bool = True) -> TieredSaver:
+    return TieredSaver.from_urls(
+        hot="memory://", warm=f"sqlite:///{tmp_path}/warm.db",
+        cold=f"file://{tmp_path}/cold" if cold else None, offload_threshold=64 * 1024,
+    )
+
+
+async def test_a_20mb_state_round_trips_through_the_object_store(tmp_path: Path) -> None:
+    big = os.urandom(10 * 1024 * 1024).hex()  # 20 MB of text that does not compress
+    cfg = {"configurable": {"thread_id": "big"}}
+    async with saver_for(tmp_path) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage(big)]}, cfg)
+        assert saver.stats.offloaded > 0
+    db_size = (tmp_path / "warm.db").stat().st_size
+    assert db_size < 2 * 1024 * 1024  # warm holds references, not the 20 MB
+    objects = FileStore(tmp_path / "cold")
+    keys = [k async for k in objects.iter_keys(OFFLOAD_PREFIX)]
+    assert keys
+    async with saver_for(tmp_path) as saver:  # cold start: no hot copy
+        app = build_agent().compile(checkpointer=saver)
+        state = await app.aget_state(cfg)
+        assert state.values["messages"][0].content == big
+        history = [s async for s in app.aget_state_history(cfg)]
+        with_messages = [s for s in history if s.values.get("messages")]
+        assert len(with_messages) >= 3
+        assert all(s.values["messages"][0].content == big for s in with_messages)
+
+
+async def test_same_large_value_is_stored_once(tmp_path: Path) -> None:
+    from langgraph.checkpoint.conformance.test_utils import (
+        generate_checkpoint,
+        generate_config,
+        generate_metadata,
+    )
+
+    big = os.urandom(200 * 1024).hex()
+    async with saver_for(tmp_path) as saver:
+        for thread in ("a", "b", "c"):
+            cp = generate_checkpoint(channel_values={"doc": big})
+            cp["channel_versions"] = {"doc": 1}
+            await saver.aput(generate_config(thread), cp, generate_metadata(), {"doc": 1})
+        got = await saver.aget_tuple(generate_config("b"))
+        assert got is not None and got.checkpoint["channel_values"]["doc"] == big
+    objects = FileStore(tmp_path / "cold")
+    keys = [k async for k in objects.iter_keys(OFFLOAD_PREFIX)]
+    conn = sqlite3.connect(tmp_path / "warm.db")
+    refs = conn.execute("SELECT count(*) FROM blobs WHERE tag LIKE '%+ref'").fetchone()[0]
+    conn.close()
+    assert (refs, len(keys)) == (3, 1)  # three references, one content-addressed object
+
+
+async def test_damaged_offloaded_object_is_a_typed_error(tmp_path: Path) -> None:
+    big = os.urandom(100 * 1024).hex()
+    cfg = {"configurable": {"thread_id": "victim"}}
+    async with saver_for(tmp_path) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage(big)]}, cfg)
+    objects = FileStore(tmp_path / "cold")
+    keys = [k async for k in objects.iter_keys(OFFLOAD_PREFIX)]
+    for key in keys:
+        data = await objects.get(key)
+        assert data is not None
+        await objects.put(key, data[:-1] + bytes([data[-1] ^ 1]))
+    async with saver_for(tmp_path) as saver:
+        with pytest.raises(CorruptPayload, match="checksum"):
+            await saver.aget_tuple(cfg)
+    for key in keys:
+        await objects.delete([key])
+    async with saver_for(tmp_path) as saver:
+        with pytest.raises(CorruptPayload, match="missing"):
+            await saver.aget_tuple(cfg)
+
+
+async def test_without_an_object_store_large_payloads_stay_inline(tmp_path: Path) -> None:
+    big = os.urandom(100 * 1024).hex()
+    cfg = {"configurable": {"thread_id": "inline"}}
+    async with saver_for(tmp_path, cold=False) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage(big)]}, cfg)
+        assert saver.stats.offloaded == 0
+        state = await app.aget_state(cfg)
+        assert state.values["messages"][0].content == big
+
+
+def test_orphans_are_the_unreferenced_offload_objects() -> None:
+    stored = ["offload/aa/1", "offload/bb/2", "segments/x", "offload/cc/3"]
+    assert collectable_orphans(stored, ["offload/bb/2"]) == ["offload/aa/1", "offload/cc/3"]
