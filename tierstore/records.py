@@ -126,3 +126,39 @@ class ObjectInfo:
     storage_class: str
     readable: bool
     restore_state: str  # "not-needed" | "not-started" | "in-progress" | "ready"
+    modified: float = 0.0  # epoch seconds of the last write; 0.0 when the store cannot tell
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMeta:
+    """What tiering decisions need to know about one checkpoint, without its payload."""
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    parent_id: str | None
+    created_at: float
+    location: Location
+    archive_key: str | None
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A (thread, ns) leased to one worker until ``until`` (epoch seconds)."""
+
+    thread_id: str
+    checkpoint_ns: str
+    head_id: str
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    """Counts and bytes held by one store (``status``)."""
+
+    threads: int = 0
+    checkpoints: int = 0
+    archived: int = 0
+    bytes: int = 0
+    objects: int = 0

@@ -8,6 +8,12 @@ Read of the latest checkpoint (``hot_check="verify"``)::
                                         ▼
                          warm.get(t, ns) ─► refill hot (best effort) ─► serve
 
+A warm row may be a stub (``location="archived"``): its payload sits in a cold
+segment, which is fetched (and cached), verified and unpacked; reading the latest
+checkpoint of an archived idle thread also rehydrates it into warm, so the next turn
+writes onto live data. A segment in a class that needs a restore raises
+``CheckpointArchived`` (after starting the restore when ``on_archived="restore"``).
+
 Write::
 
     offload payloads > threshold ─► warm.put_checkpoint (durable, head CAS)
@@ -24,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from tierstore.errors import ConfigurationError, ResidencyError
+from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
+from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.offload import Offloader
 from tierstore.policy import is_hot_fresh, matches_filter
 from tierstore.records import (
@@ -61,6 +69,8 @@ class Stats:
     warm_reads: int = 0
     conflicts: int = 0
     offloaded: int = 0
+    cold_reads: int = 0
+    rehydrated: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -109,10 +119,22 @@ class Regions:
 class Router:
     """Reads and writes checkpoints through the tier stack of each thread's region."""
 
-    def __init__(self, regions: Regions, *, verify_hot: bool = True) -> None:
+    SEGMENT_CACHE = 16
+
+    def __init__(
+        self,
+        regions: Regions,
+        *,
+        verify_hot: bool = True,
+        on_archived: str = "raise",
+        restore_days: int = 7,
+    ) -> None:
         self.regions = regions
         self.verify_hot = verify_hot
+        self.on_archived = on_archived
+        self.restore_days = restore_days
         self.stats = Stats()
+        self._segments: OrderedDict[tuple[int, str], Segment] = OrderedDict()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -169,11 +191,79 @@ class Router:
         if record is None:
             self.stats.warm_reads += 1
             record = await stack.warm.get(thread_id, checkpoint_ns, checkpoint_id)
+            if record is not None and record.location == "archived":
+                record = await self.materialize(stack, record)
+                if checkpoint_id is None:
+                    # an archived idle thread is being resumed: make its head live again
+                    self.stats.rehydrated += await stack.warm.rehydrate([record])
             if record is not None and stack.hot is not None and checkpoint_id is None:
                 await self._hot("fill", stack.hot.put(record), False)
         if record is None:
             return None
         return await self._expand(stack, record)
+
+    # -- cold -------------------------------------------------------------------------
+
+    async def load_segment(self, stack: TierStack, key: str) -> Segment:
+        """Fetch, verify and unpack a segment; a small LRU keeps recent ones."""
+        cache_key = (id(stack), key)
+        cached = self._segments.get(cache_key)
+        if cached is not None:
+            self._segments.move_to_end(cache_key)
+            return cached
+        if stack.cold is None:
+            raise CorruptPayload(f"checkpoint archived in {key!r} but no cold tier is configured",
+                                 where=key)
+        try:
+            data = await stack.cold.get(key)
+        except CheckpointArchived as exc:
+            if self.on_archived == "restore" and exc.restore_state == "not-started":
+                state = await stack.cold.restore(key, days=self.restore_days)
+                raise CheckpointArchived(
+                    f"{exc} (restore requested: {state})", key=exc.key,
+                    storage_class=exc.storage_class, restore_state=state,
+                    thread_id=exc.thread_id, checkpoint_id=exc.checkpoint_id,
+                ) from exc
+            raise
+        if data is None:
+            raise CorruptPayload(f"archive segment {key!r} is missing from the cold tier",
+                                 where=key)
+        self.stats.cold_reads += 1
+        segment = unpack_segment(data, key=key)
+        self._segments[cache_key] = segment
+        while len(self._segments) > self.SEGMENT_CACHE:
+            self._segments.popitem(last=False)
+        return segment
+
+    async def materialize(self, stack: TierStack, stub: StoredCheckpoint) -> StoredCheckpoint:
+        """The full checkpoint behind an archived stub."""
+        if stub.archive_key is None:
+            raise CorruptPayload(f"checkpoint {stub.checkpoint_id!r} is archived without a key")
+        try:
+            segment = await self.load_segment(stack, stub.archive_key)
+        except CheckpointArchived as exc:
+            exc.thread_id, exc.checkpoint_id = stub.thread_id, stub.checkpoint_id
+            raise
+        found = segment.records.get(stub.checkpoint_id)
+        if found is None:
+            raise CorruptPayload(
+                f"segment {stub.archive_key!r} does not hold checkpoint {stub.checkpoint_id!r}",
+                where=stub.archive_key,
+            )
+        # a copied thread shares its source's segments: the stub names the thread
+        return replace(found, thread_id=stub.thread_id, checkpoint_ns=stub.checkpoint_ns)
+
+    async def drop_unreferenced_segments(self, stack: TierStack, keys: Sequence[str]) -> int:
+        """Delete the given segments that no stub refers to any more."""
+        if stack.cold is None or not keys:
+            return 0
+        live = await stack.warm.archive_refs()
+        dead = [k for k in keys if k not in live]
+        if dead:
+            await stack.cold.delete(dead)
+            for key in dead:
+                self._segments.pop((id(stack), key), None)
+        return len(dead)
 
     async def _hot_latest(
         self, stack: TierStack, hot: HotStore, thread_id: str, checkpoint_ns: str
@@ -224,6 +314,8 @@ class Router:
         async for record in stack.warm.list(store_query):
             if residual and not matches_filter(decode_metadata(record), residual):
                 continue
+            if record.location == "archived":
+                record = await self.materialize(stack, record)
             yield await self._expand(stack, record)
             count += 1
             if limit is not None and count >= limit:
@@ -312,13 +404,19 @@ class Router:
     async def delete_thread(self, thread_id: str) -> None:
         stack = self.regions.stack_for(thread_id)
         await self._invalidate(stack, [thread_id])
+        archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
         await stack.warm.delete_thread(thread_id)
         await self._invalidate(stack, [thread_id])
+        if stack.cold is not None:
+            own = [k async for k in stack.cold.iter_keys(thread_prefix(thread_id))]
+            await self.drop_unreferenced_segments(stack, sorted({*archived, *own}))
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
+            before = list(await stack.warm.archive_refs()) if stack.cold else []
             touched = await stack.warm.delete_for_runs(run_ids)
             await self._invalidate(stack, touched)
+            await self.drop_unreferenced_segments(stack, before)
 
     async def copy_thread(self, source: str, target: str) -> None:
         src, dst = self.regions.stack_for(source), self.regions.stack_for(target)
@@ -335,5 +433,10 @@ class Router:
             stack = self.regions.stack_for(thread_id)
             by_stack.setdefault(id(stack), (stack, []))[1].append(thread_id)
         for stack, threads in by_stack.values():
+            before: builtins.list[str] = []
+            if stack.cold is not None:
+                for thread_id in threads:
+                    before.extend(await stack.warm.archive_refs(thread_id))
             await stack.warm.prune(threads, keep_latest=keep_latest)
             await self._invalidate(stack, threads)
+            await self.drop_unreferenced_segments(stack, before)

@@ -106,7 +106,8 @@ class TieredSaver(
         """
         opts = SaverOptions().with_(**options)
         stack = build_stack(hot=hot, warm=warm, cold=cold, options=opts)
-        router = Router(Regions({DEFAULT_REGION: stack}), verify_hot=opts.hot_check == "verify")
+        router = Router(Regions({DEFAULT_REGION: stack}), verify_hot=opts.hot_check == "verify",
+                        on_archived=opts.on_archived)
         return cls(router, options=opts, serde=serde)
 
     @classmethod
@@ -130,6 +131,11 @@ class TieredSaver(
     @property
     def stats(self) -> Stats:
         return self._router.stats
+
+    @property
+    def router(self) -> Router:
+        """The router behind this saver (used by the tiering jobs and the CLI)."""
+        return self._router
 
     async def open(self) -> Self:
         self._bridge.bind_running_loop()

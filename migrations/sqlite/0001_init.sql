@@ -9,8 +9,12 @@ CREATE TABLE IF NOT EXISTS heads (
     n_writes      INTEGER NOT NULL DEFAULT 0,
     conflicts     INTEGER NOT NULL DEFAULT 0,
     updated_at    REAL    NOT NULL,
+    lease_owner   TEXT,
+    lease_until   REAL,
     PRIMARY KEY (thread_id, checkpoint_ns)
 ) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS heads_updated_at ON heads (updated_at);
 
 -- location: 'warm' (payload here) or 'archived' (payload in cold, row is a stub).
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -36,6 +40,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS checkpoints_run_id ON checkpoints (run_id) WHERE run_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS checkpoints_by_id ON checkpoints (checkpoint_id);
 CREATE INDEX IF NOT EXISTS checkpoints_location ON checkpoints (location, created_at);
+CREATE INDEX IF NOT EXISTS checkpoints_archive_key ON checkpoints (archive_key)
+    WHERE archive_key IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS blobs (
     thread_id     TEXT NOT NULL,

@@ -28,12 +28,15 @@ from typing import Protocol, runtime_checkable
 
 from tierstore.records import (
     BlobRecord,
+    CheckpointMeta,
     CheckpointRecord,
+    Claim,
     Head,
     ListQuery,
     ObjectInfo,
     PutResult,
     StoredCheckpoint,
+    TierUsage,
     WriteRecord,
 )
 
@@ -130,6 +133,63 @@ class WarmStore(Protocol):
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
         """Keep only the newest checkpoint per namespace, or delete everything."""
         ...
+
+    # -- tiering: used by the jobs in tierstore.jobs, never on the request path --------
+
+    async def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        warm_before: float | None = None,
+        idle_before: float | None = None,
+        require_live: bool = True,
+    ) -> Sequence[Claim]:
+        """Lease up to ``limit`` (thread, ns) heads whose lease is free or expired.
+
+        ``warm_before``: heads with a live (``warm``) checkpoint other than the head
+        created before it. ``idle_before``: heads last written before it (that still
+        have live checkpoints, unless ``require_live`` is False). Oldest first.
+        Claiming uses the store's own primitives (a transaction / ``FOR UPDATE SKIP
+        LOCKED`` / a filtered update), so many workers never hold the same head.
+        """
+        ...
+
+    async def release(self, thread_id: str, checkpoint_ns: str, *, owner: str) -> None: ...
+
+    async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
+        """Every checkpoint of a (thread, ns), newest first, without payloads."""
+        ...
+
+    async def mark_archived(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_ids: Sequence[str],
+        *,
+        archive_key: str,
+        owner: str,
+        now: float,
+    ) -> int:
+        """Turn live checkpoints into stubs pointing at ``archive_key`` and drop their payloads.
+
+        One atomic step, and only while ``owner`` still holds the lease; returns how many
+        checkpoints became stubs (0 when the lease was lost). Metadata, parent and channel
+        versions stay on the stub so ``list`` and its filters never touch cold.
+        """
+        ...
+
+    async def rehydrate(self, records: Sequence[StoredCheckpoint]) -> int:
+        """Put archived checkpoints back as live rows (payload, blobs, writes)."""
+        ...
+
+    async def archive_refs(self, thread_id: str | None = None) -> dict[str, int]:
+        """Archive keys referenced by stubs (of one thread, or all) with their stub counts."""
+        ...
+
+    async def usage(self) -> TierUsage: ...
 
 
 @runtime_checkable

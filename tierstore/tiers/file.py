@@ -105,7 +105,7 @@ class FileStore:
         except FileNotFoundError:
             return None
         return ObjectInfo(key=key, size=stat.st_size, storage_class=self.storage_class,
-                          readable=True, restore_state="not-needed")
+                          readable=True, restore_state="not-needed", modified=stat.st_mtime)
 
     async def delete(self, keys: Sequence[str]) -> None:
         def _unlink_all() -> None:

@@ -136,5 +136,13 @@ class MemoryHot:
         for key in [k for k in self._entries if k[0] == thread_id]:
             del self._entries[key]
 
+    def purge_expired(self) -> int:
+        """Drop every expired entry now (reads drop them lazily otherwise)."""
+        now = self._clock()
+        doomed = [key for key, (expires, _) in self._entries.items() if expires <= now]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -30,12 +30,15 @@ from tierstore.errors import ConfigurationError, LifecycleError, TierUnavailable
 from tierstore.migrate import migrations_for
 from tierstore.records import (
     BlobRecord,
+    CheckpointMeta,
     CheckpointRecord,
+    Claim,
     Head,
     ListQuery,
     Payload,
     PutResult,
     StoredCheckpoint,
+    TierUsage,
     WriteRecord,
 )
 from tierstore.settings import StoreUrl
@@ -346,7 +349,8 @@ class SqliteWarm:
                 ).fetchone()[0]
             version += 1
             conn.execute(
-                "INSERT INTO heads VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
+                "INSERT INTO heads (thread_id, checkpoint_ns, head_id, version, n_writes, "
+                "conflicts, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
                 "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
                 "version = excluded.version, n_writes = excluded.n_writes, "
                 "conflicts = heads.conflicts + excluded.conflicts, "
@@ -406,7 +410,7 @@ class SqliteWarm:
                 "DELETE FROM blobs AS b WHERE thread_id = ? AND checkpoint_ns = ? AND NOT EXISTS "
                 "(SELECT 1 FROM checkpoints AS c, json_each(c.channel_versions) AS cv WHERE "
                 "c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns AND "
-                "cv.key = b.channel AND cv.value = b.version)",
+                "c.location = 'warm' AND cv.key = b.channel AND cv.value = b.version)",
                 (t, ns),
             )
             if row[0] is None:
@@ -419,7 +423,8 @@ class SqliteWarm:
                 (t, ns, row[0]),
             ).fetchone()[0]
             conn.execute(
-                "INSERT INTO heads VALUES (?, ?, ?, 1, ?, 0, ?) ON CONFLICT "
+                "INSERT INTO heads (thread_id, checkpoint_ns, head_id, version, n_writes, "
+                "conflicts, updated_at) VALUES (?, ?, ?, 1, ?, 0, ?) ON CONFLICT "
                 "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
                 "version = heads.version + 1, n_writes = excluded.n_writes, "
                 "updated_at = excluded.updated_at",
@@ -508,6 +513,192 @@ class SqliteWarm:
                 self._delete_checkpoints(conn, doomed)
 
         await self._run(lambda conn: self._tx(conn, body))
+
+    # -- tiering ----------------------------------------------------------------------
+
+    async def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        warm_before: float | None = None,
+        idle_before: float | None = None,
+        require_live: bool = True,
+    ) -> builtins.list[Claim]:
+        conds = ["(h.lease_until IS NULL OR h.lease_until < ?)"]
+        params: builtins.list[Any] = [now]
+        if warm_before is not None:
+            conds.append(
+                "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id AND "
+                "c.checkpoint_ns = h.checkpoint_ns AND c.location = 'warm' AND "
+                "c.checkpoint_id <> h.head_id AND c.created_at < ?)"
+            )
+            params.append(warm_before)
+        if idle_before is not None:
+            conds.append("h.updated_at < ?")
+            params.append(idle_before)
+            if require_live:
+                conds.append(
+                    "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id "
+                    "AND c.checkpoint_ns = h.checkpoint_ns AND c.location = 'warm')"
+                )
+
+        def body(conn: sqlite3.Connection) -> builtins.list[Claim]:
+            rows = conn.execute(
+                "SELECT h.thread_id, h.checkpoint_ns, h.head_id, h.updated_at FROM heads AS h "
+                f"WHERE {' AND '.join(conds)} ORDER BY h.updated_at LIMIT ?",
+                [*params, limit],
+            ).fetchall()
+            conn.executemany(
+                "UPDATE heads SET lease_owner = ?, lease_until = ? "
+                "WHERE thread_id = ? AND checkpoint_ns = ?",
+                [(owner, now + lease_seconds, t, ns) for t, ns, _, _ in rows],
+            )
+            return [Claim(t, ns, head, updated) for t, ns, head, updated in rows]
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    async def release(self, thread_id: str, checkpoint_ns: str, *, owner: str) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE heads SET lease_owner = NULL, lease_until = NULL WHERE thread_id = ? "
+                "AND checkpoint_ns = ? AND lease_owner = ?",
+                (thread_id, checkpoint_ns, owner),
+            )
+
+        await self._run(lambda conn: self._tx(conn, body))
+
+    async def index(self, thread_id: str, checkpoint_ns: str) -> builtins.list[CheckpointMeta]:
+        def fn(conn: sqlite3.Connection) -> builtins.list[CheckpointMeta]:
+            return [
+                CheckpointMeta(thread_id, checkpoint_ns, cid, parent, created, location, key,
+                               size)
+                for cid, parent, created, location, key, size in conn.execute(
+                    "SELECT checkpoint_id, parent_id, created_at, location, archive_key, "
+                    "size_bytes FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "ORDER BY checkpoint_id DESC",
+                    (thread_id, checkpoint_ns),
+                )
+            ]
+
+        return await self._run(fn)
+
+    async def mark_archived(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_ids: Sequence[str],
+        *,
+        archive_key: str,
+        owner: str,
+        now: float,
+    ) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            held = conn.execute(
+                "SELECT 1 FROM heads WHERE thread_id = ? AND checkpoint_ns = ? AND "
+                "lease_owner = ? AND lease_until >= ?",
+                (thread_id, checkpoint_ns, owner, now),
+            ).fetchone()
+            if held is None:
+                return 0
+            keys = [(thread_id, checkpoint_ns, cid) for cid in checkpoint_ids]
+            changed = 0
+            for key in keys:
+                changed += conn.execute(
+                    "UPDATE checkpoints SET location = 'archived', archive_key = ?, "
+                    "checkpoint = NULL, checkpoint_tag = NULL WHERE thread_id = ? AND "
+                    "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'warm'",
+                    (archive_key, *key),
+                ).rowcount
+            conn.executemany(
+                "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                "AND checkpoint_id = ?",
+                keys,
+            )
+            self._collect_blobs(conn, thread_id, checkpoint_ns)
+            return changed
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    @staticmethod
+    def _collect_blobs(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str) -> None:
+        """Drop blobs that no live checkpoint of the (thread, ns) names any more."""
+        conn.execute(
+            "DELETE FROM blobs AS b WHERE thread_id = ? AND checkpoint_ns = ? AND NOT EXISTS "
+            "(SELECT 1 FROM checkpoints AS c, json_each(c.channel_versions) AS cv WHERE "
+            "c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns AND "
+            "c.location = 'warm' AND cv.key = b.channel AND cv.value = b.version)",
+            (thread_id, checkpoint_ns),
+        )
+
+    async def rehydrate(self, records: Sequence[StoredCheckpoint]) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            restored = 0
+            for r in records:
+                key = (r.thread_id, r.checkpoint_ns, r.checkpoint_id)
+                restored += conn.execute(
+                    "UPDATE checkpoints SET location = 'warm', archive_key = NULL, "
+                    "checkpoint_tag = ?, checkpoint = ? WHERE thread_id = ? AND "
+                    "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'archived'",
+                    (r.checkpoint.tag, r.checkpoint.data, *key),
+                ).rowcount
+                versions = json.loads(conn.execute(
+                    "SELECT channel_versions FROM checkpoints WHERE thread_id = ? AND "
+                    "checkpoint_ns = ? AND checkpoint_id = ?", key,
+                ).fetchone()[0] or "{}") if restored else {}
+                conn.executemany(
+                    "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.thread_id, r.checkpoint_ns, ch, versions.get(ch, ""), p.tag, p.data)
+                     for ch, p in r.blobs.items() if ch in versions],
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*key, w.task_id, w.idx, w.channel, w.payload.tag, w.payload.data,
+                      w.task_path) for w in r.writes],
+                )
+            self._refresh_writes_count(conn, {(r.thread_id, r.checkpoint_ns) for r in records})
+            return restored
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    @staticmethod
+    def _refresh_writes_count(conn: sqlite3.Connection, keys: set[tuple[str, str]]) -> None:
+        for t, ns in keys:
+            conn.execute(
+                "UPDATE heads SET n_writes = (SELECT count(*) FROM writes AS w WHERE "
+                "w.thread_id = heads.thread_id AND w.checkpoint_ns = heads.checkpoint_ns AND "
+                "w.checkpoint_id = heads.head_id) WHERE thread_id = ? AND checkpoint_ns = ?",
+                (t, ns),
+            )
+
+    async def archive_refs(self, thread_id: str | None = None) -> dict[str, int]:
+        def fn(conn: sqlite3.Connection) -> dict[str, int]:
+            sql = ("SELECT archive_key, count(*) FROM checkpoints WHERE archive_key IS NOT NULL"
+                   + (" AND thread_id = ?" if thread_id is not None else "")
+                   + " GROUP BY archive_key")
+            args = (thread_id,) if thread_id is not None else ()
+            return {key: n for key, n in conn.execute(sql, args)}
+
+        return await self._run(fn)
+
+    async def usage(self) -> TierUsage:
+        def fn(conn: sqlite3.Connection) -> TierUsage:
+            threads, = conn.execute("SELECT count(DISTINCT thread_id) FROM heads").fetchone()
+            live, archived, size = conn.execute(
+                "SELECT count(*) FILTER (WHERE location = 'warm'), "
+                "count(*) FILTER (WHERE location = 'archived'), "
+                "coalesce(sum(size_bytes) FILTER (WHERE location = 'warm'), 0) FROM checkpoints"
+            ).fetchone()
+            blob_bytes, = conn.execute("SELECT coalesce(sum(length(data)), 0) FROM blobs"
+                                       ).fetchone()
+            write_bytes, = conn.execute("SELECT coalesce(sum(length(data)), 0) FROM writes"
+                                        ).fetchone()
+            return TierUsage(threads=threads, checkpoints=live, archived=archived,
+                             bytes=size + blob_bytes + write_bytes)
+
+        return await self._run(fn)
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,104 @@
+"""Archive segments: compressed, checksummed bundles of checkpoints of one (thread, ns).
+
+::
+
+    object = b"TSEG" | version (1 byte) | sha256(body) (32 bytes) | body
+    body   = zstd(msgpack({"v": 1, "thread_id", "checkpoint_ns", "created_at",
+                           "entries": [[checkpoint_id, sha256(frame), frame], …]}))
+    frame  = codec.frames.pack_stored(checkpoint with its blobs and pending writes)
+
+A segment verifies itself: the outer digest covers the whole body, and each entry
+carries the digest of its own frame, so ``tierstore verify`` can tell a damaged
+object from a damaged entry. Keys are derived from hashes, so any thread id (``..``,
+``/``, 10 KB of text) yields a safe, fixed-length key, and the same set of
+checkpoints always maps to the same key: a retried archive run rewrites identical
+bytes instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import msgpack
+import zstandard
+
+from tierstore.codec.frames import pack_stored, unpack_stored
+from tierstore.errors import CorruptPayload
+from tierstore.records import StoredCheckpoint
+
+__all__ = ["SEGMENT_PREFIX", "Segment", "pack_segment", "segment_key", "unpack_segment"]
+
+MAGIC = b"TSEG"
+VERSION = 1
+SEGMENT_PREFIX = "segments/"
+_HEADER = len(MAGIC) + 1 + 32
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def thread_prefix(thread_id: str) -> str:
+    """Every segment key of one thread starts with this."""
+    h = _digest(thread_id)
+    return f"{SEGMENT_PREFIX}{h[:2]}/{h}/"
+
+
+def segment_key(thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str]) -> str:
+    ids = sorted(checkpoint_ids)
+    return (f"{thread_prefix(thread_id)}{_digest(checkpoint_ns)[:16]}/"
+            f"{_digest(chr(0).join(ids))[:40]}.tseg")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    thread_id: str
+    checkpoint_ns: str
+    created_at: float
+    records: dict[str, StoredCheckpoint]
+
+
+def pack_segment(records: Sequence[StoredCheckpoint], *, created_at: float,
+                 level: int = 9) -> bytes:
+    if not records:
+        raise ValueError("a segment holds at least one checkpoint")
+    first = records[0]
+    entries = []
+    for record in records:
+        if (record.thread_id, record.checkpoint_ns) != (first.thread_id, first.checkpoint_ns):
+            raise ValueError("a segment holds checkpoints of one (thread, ns)")
+        frame = pack_stored(record)
+        entries.append([record.checkpoint_id, hashlib.sha256(frame).hexdigest(), frame])
+    body = zstandard.ZstdCompressor(level=level).compress(msgpack.packb({
+        "v": VERSION,
+        "thread_id": first.thread_id,
+        "checkpoint_ns": first.checkpoint_ns,
+        "created_at": created_at,
+        "entries": entries,
+    }, use_bin_type=True))
+    return MAGIC + bytes([VERSION]) + hashlib.sha256(body).digest() + body
+
+
+def unpack_segment(data: bytes, *, key: str = "segment") -> Segment:
+    if len(data) < _HEADER or data[:4] != MAGIC:
+        raise CorruptPayload(f"{key}: not a tierstore segment", where=key)
+    if data[4] != VERSION:
+        raise CorruptPayload(f"{key}: unknown segment version {data[4]}", where=key)
+    digest, body = data[5:_HEADER], data[_HEADER:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptPayload(f"{key}: segment fails its checksum", where=key)
+    try:
+        doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False)
+        thread_id, ns = doc["thread_id"], doc["checkpoint_ns"]
+        entries = doc["entries"]
+    except Exception as exc:
+        raise CorruptPayload(f"{key}: damaged segment body ({exc})", where=key) from exc
+    records: dict[str, StoredCheckpoint] = {}
+    for checkpoint_id, sha, frame in entries:
+        if hashlib.sha256(frame).hexdigest() != sha:
+            raise CorruptPayload(f"{key}: entry {checkpoint_id!r} fails its checksum", where=key)
+        record = unpack_stored(frame, where=f"{key}#{checkpoint_id}")
+        records[checkpoint_id] = replace(record, location="warm", archive_key=None)
+    return Segment(thread_id, ns, float(doc["created_at"]), records)

@@ -1,0 +1,385 @@
+"""The tiering jobs. Each is an object with ``run_once(now) -> JobReport``.
+
+Every job is idempotent and safe to run from many workers at once: work is claimed
+per (thread, ns) with a lease in the warm store, and a move is ordered so a crash
+at any step leaves every checkpoint readable and the next run finishes the job::
+
+    claim (lease) ─► plan (pure) ─► pack segment ─► put in cold ─► read back, verify
+        ─► mark stubs + drop warm payload (one atomic step, only while the lease holds)
+        ─► release
+
+    crash before "mark": the checkpoints are still live in warm; the object written
+    is identical on the retry (deterministic key and content) or an orphan that
+    ``ColdGC`` removes. Crash after "mark": the move is complete.
+
+Jobs: ``HistoryDemotion`` (old history → cold), ``IdleArchival`` (idle threads →
+cold), ``Retention`` (expired threads deleted or pruned), ``HotExpiry`` (purge the
+in-process hot tier; Redis expires keys itself), ``Rehydrate`` (restored Glacier
+segments back to warm) and ``ColdGC`` (segments no stub refers to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from tierstore.codec.segment import SEGMENT_PREFIX, pack_segment, segment_key
+from tierstore.errors import CheckpointArchived, CorruptPayload, TierstoreError
+from tierstore.jobs.plan import (
+    TieringPolicy,
+    chunks,
+    delta_depth,
+    plan_demotion,
+    protected_ancestors,
+)
+from tierstore.records import Claim, StoredCheckpoint
+from tierstore.router import TierStack
+
+if TYPE_CHECKING:
+    from tierstore.saver import TieredSaver
+
+__all__ = [
+    "RESTORE_PREFIX",
+    "ColdGC",
+    "HistoryDemotion",
+    "HotExpiry",
+    "IdleArchival",
+    "JobReport",
+    "Rehydrate",
+    "Retention",
+    "request_restore",
+]
+
+log = logging.getLogger("tierstore.jobs")
+RESTORE_PREFIX = "restores/"
+GC_GRACE_SECONDS = 3600.0
+
+
+@dataclass
+class JobReport:
+    """What one ``run_once`` did. ``errors`` holds one line per thread that failed."""
+
+    job: str
+    claimed: int = 0
+    threads: int = 0
+    checkpoints: int = 0
+    segments: int = 0
+    bytes: int = 0
+    deleted: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class _Job:
+    name = "job"
+
+    def __init__(
+        self,
+        saver: TieredSaver,
+        policy: TieringPolicy | None = None,
+        *,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+        on_step: Callable[[str], None] | None = None,
+    ) -> None:
+        self.saver = saver
+        self.policy = policy or TieringPolicy()
+        self.owner = owner or default_owner()
+        self.clock = clock
+        self.on_step = on_step
+
+    def _step(self, name: str) -> None:
+        """A named point in a move; tests inject crashes here."""
+        if self.on_step is not None:
+            self.on_step(name)
+
+    @property
+    def stacks(self) -> list[TierStack]:
+        return list({id(s): s for s in self.saver.router.regions.stacks.values()}.values())
+
+    async def run_once(self, now: float | None = None) -> JobReport:
+        started = time.perf_counter()
+        report = JobReport(self.name)
+        now = self.clock() if now is None else now
+        for stack in self.stacks:
+            await self._run_stack(stack, now, report)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+        raise NotImplementedError
+
+
+class _Archiver(_Job):
+    """Shared move logic for history demotion and idle archival."""
+
+    async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
+        raise NotImplementedError
+
+    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
+        raise NotImplementedError
+
+    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+        if stack.cold is None:
+            return
+        claims = await self._claims(stack, now)
+        report.claimed += len(claims)
+        for claim in claims:
+            try:
+                ids = await self._choose(stack, claim, now)
+                moved = 0
+                for group in chunks(ids, self.policy.segment_size):
+                    done = await self._move(stack, claim, group, now, report)
+                    if done == 0:
+                        break  # lease lost: another worker owns this head now
+                    moved += done
+                if moved:
+                    report.threads += 1
+                    report.checkpoints += moved
+            except TierstoreError as exc:
+                report.errors.append(f"{claim.thread_id!r}/{claim.checkpoint_ns!r}: {exc}")
+                log.warning("%s: %r ns %r failed: %s", self.name, claim.thread_id,
+                            claim.checkpoint_ns, exc)
+            finally:
+                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+
+    async def _move(
+        self, stack: TierStack, claim: Claim, ids: list[str], now: float, report: JobReport
+    ) -> int:
+        assert stack.cold is not None
+        records: list[StoredCheckpoint] = []
+        for checkpoint_id in ids:
+            record = await stack.warm.get(claim.thread_id, claim.checkpoint_ns, checkpoint_id)
+            if record is not None and record.location == "warm":
+                records.append(record)
+        if not records:
+            return 0
+        data = pack_segment(records, created_at=now)
+        key = segment_key(claim.thread_id, claim.checkpoint_ns, [r.checkpoint_id for r in records])
+        await stack.cold.put(key, data, storage_class=self.policy.storage_class)
+        self._step("written")
+        await verify_object(stack, key, data)
+        self._step("verified")
+        changed = await stack.warm.mark_archived(
+            claim.thread_id, claim.checkpoint_ns, [r.checkpoint_id for r in records],
+            archive_key=key, owner=self.owner, now=self.clock(),
+        )
+        self._step("marked")
+        if changed:
+            report.segments += 1
+            report.bytes += len(data)
+        if stack.hot is not None and any(r.checkpoint_id == claim.head_id for r in records):
+            await stack.hot.invalidate(claim.thread_id, claim.checkpoint_ns)
+        return changed
+
+
+async def verify_object(stack: TierStack, key: str, data: bytes) -> None:
+    """Bytes in cold are verified before the warm copy is dropped.
+
+    Instantly readable classes are read back and compared byte for byte; for
+    GLACIER / DEEP_ARCHIVE (not readable until restored) the stored size must match,
+    and the object store checks the upload's own checksum on receipt.
+    """
+    assert stack.cold is not None
+    info = await stack.cold.info(key)
+    if info is None or info.size != len(data):
+        raise CorruptPayload(f"segment {key!r} did not land intact in the cold tier", where=key)
+    if info.readable:
+        try:
+            back = await stack.cold.get(key)
+        except CheckpointArchived:
+            return
+        if back is None or hashlib.sha256(back).digest() != hashlib.sha256(data).digest():
+            raise CorruptPayload(f"segment {key!r} reads back different bytes", where=key)
+
+
+class HistoryDemotion(_Archiver):
+    """Checkpoints older than ``archive_after`` move to cold; the head and what it needs stay."""
+
+    name = "history-demotion"
+
+    async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
+        if self.policy.archive_after is None:
+            return []
+        return await stack.warm.claim(
+            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+            limit=self.policy.batch, warm_before=now - self.policy.archive_after,
+        )
+
+    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
+        index = await stack.warm.index(claim.thread_id, claim.checkpoint_ns)
+        head = await stack.warm.get(claim.thread_id, claim.checkpoint_ns, claim.head_id)
+        depth = 0
+        if head is not None:
+            metadata = self.saver.codec.decode(head.metadata, where="head metadata")
+            if isinstance(metadata, dict):
+                depth = delta_depth(metadata)
+        protect = protected_ancestors(index, claim.head_id, depth)
+        return plan_demotion(index, head_id=claim.head_id, policy=self.policy, now=now,
+                             protect=protect)
+
+
+class IdleArchival(_Archiver):
+    """Threads not written for ``archive_idle_after`` move to cold entirely."""
+
+    name = "idle-archival"
+
+    async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
+        if self.policy.archive_idle_after is None:
+            return []
+        return await stack.warm.claim(
+            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+            limit=self.policy.batch, idle_before=now - self.policy.archive_idle_after,
+        )
+
+    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
+        index = await stack.warm.index(claim.thread_id, claim.checkpoint_ns)
+        return sorted(m.checkpoint_id for m in index if m.location == "warm")
+
+
+class Retention(_Job):
+    """Threads not written for ``expire_after`` are deleted (or pruned to their latest)."""
+
+    name = "retention"
+
+    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+        if self.policy.expire_after is None:
+            return
+        claims = await stack.warm.claim(
+            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+            limit=self.policy.batch, idle_before=now - self.policy.expire_after,
+            require_live=False,
+        )
+        report.claimed += len(claims)
+        threads = sorted({c.thread_id for c in claims})
+        for claim in claims:
+            await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+        if not threads:
+            return
+        if self.policy.expire_strategy == "delete":
+            for thread_id in threads:
+                await self.saver.router.delete_thread(thread_id)
+        else:
+            await self.saver.router.prune(threads, keep_latest=True)
+        report.threads += len(threads)
+        report.deleted += len(threads)
+
+
+class HotExpiry(_Job):
+    """Purges expired entries from an in-process hot tier (Redis expires keys itself)."""
+
+    name = "hot-expiry"
+
+    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+        purge = getattr(stack.hot, "purge_expired", None)
+        if purge is not None:
+            report.deleted += int(purge())
+
+
+def _restore_marker(key: str) -> str:
+    return f"{RESTORE_PREFIX}{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+async def request_restore(saver: TieredSaver, thread_id: str, *, days: int = 7) -> dict[str, str]:
+    """Ask the cold tier for readable copies of a thread's segments; returns key → state.
+
+    A marker object per segment tells ``Rehydrate`` what to bring back to warm once
+    the object store says the copy is readable.
+    """
+    stack = saver.router.regions.stack_for(thread_id)
+    if stack.cold is None:
+        return {}
+    states: dict[str, str] = {}
+    for key in sorted(await stack.warm.archive_refs(thread_id)):
+        states[key] = await stack.cold.restore(key, days=days)
+        await stack.cold.put(_restore_marker(key), msgpack.packb([key, thread_id]),
+                             storage_class="STANDARD")
+    return states
+
+
+class Rehydrate(_Job):
+    """Brings segments whose restore finished back into warm, then drops the marker."""
+
+    name = "rehydrate"
+
+    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+        if stack.cold is None:
+            return
+        markers = [k async for k in stack.cold.iter_keys(RESTORE_PREFIX)]
+        for marker in markers:
+            raw = await stack.cold.get(marker)
+            if raw is None:
+                continue
+            key, thread_id = msgpack.unpackb(raw, raw=False)
+            info = await stack.cold.info(key)
+            if info is None:
+                await stack.cold.delete([marker])
+                continue
+            if not info.readable:
+                continue
+            report.claimed += 1
+            try:
+                segment = await self.saver.router.load_segment(stack, key)
+                restored = 0
+                for ns in {r.checkpoint_ns for r in segment.records.values()}:
+                    stubs = [m.checkpoint_id for m in await stack.warm.index(thread_id, ns)
+                             if m.archive_key == key]
+                    records = [segment.records[c] for c in stubs if c in segment.records]
+                    restored += await stack.warm.rehydrate(
+                        [_as(r, thread_id) for r in records])
+            except TierstoreError as exc:
+                report.errors.append(f"{key}: {exc}")
+                continue
+            report.checkpoints += restored
+            report.threads += 1
+            await stack.cold.delete([marker])
+
+
+def _as(record: StoredCheckpoint, thread_id: str) -> StoredCheckpoint:
+    from dataclasses import replace
+
+    return replace(record, thread_id=thread_id)
+
+
+class ColdGC(_Job):
+    """Deletes segments no stub refers to, once they are older than a grace period.
+
+    The grace period protects a move in flight (segment written, stubs not yet
+    marked); an object whose age the store cannot tell is never collected.
+    """
+
+    name = "cold-gc"
+
+    def __init__(self, *args: Any, grace_seconds: float = GC_GRACE_SECONDS, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.grace_seconds = grace_seconds
+
+    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+        if stack.cold is None:
+            return
+        live = await stack.warm.archive_refs()
+        doomed = []
+        async for key in stack.cold.iter_keys(SEGMENT_PREFIX):
+            if key in live:
+                continue
+            info = await stack.cold.info(key)
+            if info is not None and 0 < info.modified < now - self.grace_seconds:
+                doomed.append(key)
+        if doomed:
+            report.deleted += await self.saver.router.drop_unreferenced_segments(stack, doomed)
