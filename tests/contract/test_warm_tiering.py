@@ -1,0 +1,120 @@
+"""The tiering half of the WarmStore contract: leases, stubs, rehydration, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
+
+from .test_warm import chain, cid, record
+
+
+async def test_claim_leases_each_head_to_one_owner(warm: Any) -> None:
+    threads = [f"t-{uuid.uuid4()}" for _ in range(6)]
+    for t in threads:
+        await chain(warm, t, 3)
+    now = time.time() + 1000  # every checkpoint is "old"
+    results = await asyncio.gather(*(
+        warm.claim(owner=f"w{i}", now=now, lease_seconds=60, limit=100, warm_before=now)
+        for i in range(4)
+    ))
+    claimed = [(c.thread_id, c.checkpoint_ns) for batch in results for c in batch
+               if c.thread_id in threads]
+    assert sorted(claimed) == sorted((t, "") for t in threads)  # all claimed, none twice
+    again = await warm.claim(owner="late", now=now, lease_seconds=60, limit=100,
+                             warm_before=now)
+    assert not [c for c in again if c.thread_id in threads]
+    expired = await warm.claim(owner="later", now=now + 61, lease_seconds=60, limit=100,
+                               warm_before=now)
+    assert {c.thread_id for c in expired} >= set(threads)
+
+
+async def test_claim_filters_by_age_and_idleness(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await chain(warm, t, 1)  # only the head: nothing to demote
+    now = time.time() + 1000
+    mine = [c for c in await warm.claim(owner="a", now=now, lease_seconds=1, limit=1000,
+                                        warm_before=now) if c.thread_id == t]
+    assert mine == []
+    idle = [c for c in await warm.claim(owner="a", now=now, lease_seconds=1, limit=1000,
+                                        idle_before=now) if c.thread_id == t]
+    assert [c.head_id for c in idle] == [cid(0)]
+    fresh = [c for c in await warm.claim(owner="b", now=now + 5, lease_seconds=1, limit=1000,
+                                         idle_before=time.time() - 1000) if c.thread_id == t]
+    assert fresh == []
+
+
+async def test_mark_archived_needs_the_lease_and_keeps_stubs_listable(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    for i in range(3):
+        await warm.put_checkpoint(
+            record(t, i, parent=i - 1 if i else None, versions={"a": str(i), "keep": "0"},
+                   run_id=f"run-{i}"),
+            [BlobRecord("a", str(i), Payload("msgpack", f"a{i}".encode())),
+             *([BlobRecord("keep", "0", Payload("msgpack", b"shared"))] if i == 0 else [])],
+            strict=False,
+        )
+        await warm.put_writes(t, "", cid(i), [WriteRecord("task", 0, "ch", Payload("m", b"w"))])
+    now = time.time()
+    assert await warm.mark_archived(t, "", [cid(0)], archive_key="k0", owner="nobody",
+                                    now=now) == 0
+    [claim] = [c for c in await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000,
+                                           warm_before=now + 1) if c.thread_id == t]
+    assert claim.head_id == cid(2)
+    assert await warm.mark_archived(t, "", [cid(0), cid(1)], archive_key="seg-1", owner="me",
+                                    now=now) == 2
+    assert await warm.mark_archived(t, "", [cid(0)], archive_key="seg-x", owner="me",
+                                    now=now) == 0  # already a stub
+    stub = await warm.get(t, "", cid(0))
+    assert stub is not None and stub.location == "archived" and stub.archive_key == "seg-1"
+    assert stub.writes == ()
+    live = await warm.get(t, "", cid(2))
+    assert live is not None and live.location == "warm"
+    assert live.blobs["keep"].data == b"shared"  # still needed by the live head
+    listed = [r async for r in warm.list(ListQuery(thread_id=t))]
+    assert [(r.checkpoint_id, r.location) for r in listed] == [
+        (cid(2), "warm"), (cid(1), "archived"), (cid(0), "archived")]
+    filtered = [r async for r in warm.list(ListQuery(thread_id=t, filter={"step": 1}))]
+    assert [r.checkpoint_id for r in filtered] == [cid(1)]
+    index = await warm.index(t, "")
+    assert [(m.checkpoint_id, m.location, m.archive_key) for m in index] == [
+        (cid(2), "warm", None), (cid(1), "archived", "seg-1"), (cid(0), "archived", "seg-1")]
+    assert (await warm.archive_refs(t)) == {"seg-1": 2}
+    await warm.release(t, "", owner="me")
+
+
+async def test_rehydrate_restores_payload_blobs_and_writes(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    blob = BlobRecord("a", "1", Payload("msgpack", b"value"))
+    await warm.put_checkpoint(record(t, 1, versions={"a": "1"}), [blob], strict=False)
+    await warm.put_writes(t, "", cid(1), [WriteRecord("task", 0, "ch", Payload("m", b"w"))])
+    full = await warm.get(t, "", cid(1))
+    assert full is not None
+    now = time.time()
+    await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000, idle_before=now + 1)
+    assert await warm.mark_archived(t, "", [cid(1)], archive_key="seg", owner="me",
+                                    now=now) == 1
+    stub = await warm.get(t, "", None)
+    assert stub is not None and stub.location == "archived" and stub.blobs == {}
+    assert await warm.rehydrate([full]) == 1
+    back = await warm.get(t, "", None)
+    assert back is not None and back.location == "warm" and back.archive_key is None
+    assert back.checkpoint == full.checkpoint and back.blobs == full.blobs
+    assert back.writes == full.writes
+    head = await warm.head(t, "")
+    assert head is not None and head.n_writes == 1
+    assert await warm.rehydrate([full]) == 0  # already live
+    assert await warm.archive_refs(t) == {}
+
+
+async def test_usage_counts_threads_live_and_archived(warm: Any) -> None:
+    before = await warm.usage()
+    t = f"t-{uuid.uuid4()}"
+    await chain(warm, t, 3)
+    after = await warm.usage()
+    assert after.threads == before.threads + 1
+    assert after.checkpoints == before.checkpoints + 3
+    assert after.bytes > before.bytes
