@@ -311,11 +311,10 @@ class Router:
         limit = query.limit
         store_query = replace(query, limit=None) if residual else query
         count = 0
-        async for record in stack.warm.list(store_query):
-            if residual and not matches_filter(decode_metadata(record), residual):
+        async for row in stack.warm.list(store_query):
+            if residual and not matches_filter(decode_metadata(row), residual):
                 continue
-            if record.location == "archived":
-                record = await self.materialize(stack, record)
+            record = await self.materialize(stack, row) if row.location == "archived" else row
             yield await self._expand(stack, record)
             count += 1
             if limit is not None and count >= limit:

@@ -83,7 +83,7 @@ def test_idle_and_expiry_use_the_last_write() -> None:
 def test_chunks_are_oldest_first_and_stable() -> None:
     ids = [f"c{i:02d}" for i in range(7)]
     assert chunks(list(reversed(ids)), 3) == [ids[0:3], ids[3:6], ids[6:7]]
-    assert chunks(ids + ["c07", "c08"], 3)[:2] == chunks(ids, 3)[:2]  # history grows at the end
+    assert chunks([*ids, "c07", "c08"], 3)[:2] == chunks(ids, 3)[:2]  # history grows at the end
 
 
 def test_backoff_grows_and_caps() -> None:
