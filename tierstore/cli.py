@@ -1,16 +1,24 @@
 """The ``tierstore`` command line.
 
-Exit codes: 0 success, 1 a check failed (e.g. ``verify`` found a mismatch),
-2 misuse (bad flags, bad URL), 3 a store refused or could not be reached.
-Errors are one clear line on stderr, never a traceback.
+Stores come from ``--hot/--warm/--cold`` or ``TIERSTORE_HOT_URL`` /
+``TIERSTORE_WARM_URL`` / ``TIERSTORE_COLD_URL`` (``none`` disables hot or cold).
+Every command that reports has ``--json``. Long work shows a progress bar on a
+terminal. Errors are one clear line on stderr, never a traceback.
+
+Exit codes: 0 success, 1 a check failed (``verify`` found a mismatch, ``worker
+--once`` had failing jobs, ``restore --wait`` timed out), 2 misuse (bad flag, bad
+URL, unknown thread), 3 a store refused or could not be reached.
 """
 
-from __future__ import annotations
-
 import asyncio
+import json
+import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from tierstore.errors import StorageError, TierstoreError
 
@@ -19,64 +27,371 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - exercised when the cli extra is absent
     typer = None  # type: ignore[assignment]
 
+if TYPE_CHECKING:
+
+
+    from tierstore.saver import TieredSaver
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
+T = TypeVar("T")
 
 
 def _fail(exc: TierstoreError) -> int:
     kind = "error" if isinstance(exc, StorageError) else "usage error"
-    print(f"tierstore: {kind}: {exc}", file=sys.stderr)
+    message = str(exc).replace("\n", " ")
+    print(f"tierstore: {kind}: {message}", file=sys.stderr)
     return EXIT_STORAGE if isinstance(exc, StorageError) else EXIT_USAGE
 
 
-def _demo(directory: Path | None) -> int:
-    from tierstore.demo import run_demo
+def _duration(text: str) -> float:
+    from tierstore.settings import parse_duration
 
-    run_demo(directory)
-    return EXIT_OK
+    return parse_duration(text)
 
 
-def _migrate(hot: str | None, warm: str | None, cold: str | None) -> int:
+def _saver(hot: str | None, warm: str | None, cold: str | None) -> "TieredSaver":
     from tierstore.saver import TieredSaver
     from tierstore.settings import urls_from_env
 
     env = urls_from_env()
-    saver = TieredSaver.from_urls(
-        hot=hot if hot is not None else env["hot"],
-        warm=warm or env["warm"] or "",
-        cold=cold if cold is not None else env["cold"],
-    )
 
-    async def run() -> None:
+    def pick(flag: str | None, fallback: str | None) -> str | None:
+        if flag is None:
+            return fallback
+        return None if flag.strip().lower() in ("", "none") else flag
+
+    return TieredSaver.from_urls(hot=pick(hot, env["hot"]), warm=pick(warm, env["warm"]) or "",
+                                 cold=pick(cold, env["cold"]))
+
+
+def _run(hot: str | None, warm: str | None, cold: str | None,
+         body: Callable[["TieredSaver"], Awaitable[T]]) -> T:
+    saver = _saver(hot, warm, cold)
+
+    async def go() -> T:
         async with saver:
-            pass
+            return await body(saver)
 
-    asyncio.run(run())
-    print("schema and stores are up to date")
-    return EXIT_OK
+    return asyncio.run(go())
+
+
+def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        render(data)
+
+
+@contextmanager
+def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int | None], None]]:
+    """A rich progress bar on a terminal; silent when piped or with --json."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _table(title: str, rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _kv(data: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in data.items() if k != "backend")
 
 
 def _build_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Tiered checkpoint storage for LangGraph.")
+    Hot = Annotated[str | None, typer.Option("--hot", help="hot tier URL [env TIERSTORE_HOT_URL]")]
+    Warm = Annotated[str | None, typer.Option("--warm",
+                                              help="warm tier URL [env TIERSTORE_WARM_URL]")]
+    Cold = Annotated[str | None, typer.Option("--cold",
+                                              help="cold tier URL [env TIERSTORE_COLD_URL]")]
+    Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
     @app.command()
-    def demo(
-        directory: Annotated[Path | None, typer.Option(
-            "--dir", help="keep the demo's stores in this directory")] = None,
-    ) -> None:
+    def demo(directory: Annotated[Path | None, typer.Option(
+            "--dir", help="keep the demo's stores in this directory")] = None) -> None:
         """Run a deterministic agent on the embedded stack and show the tiers at work."""
-        raise typer.Exit(_demo(directory))
+        from tierstore.demo import run_demo
+
+        run_demo(directory)
 
     @app.command()
-    def migrate(
-        hot: Annotated[str | None, typer.Option(help="hot tier URL")] = None,
-        warm: Annotated[str | None, typer.Option(help="warm tier URL")] = None,
-        cold: Annotated[str | None, typer.Option(help="cold tier URL")] = None,
+    def migrate(hot: Hot = None, warm: Warm = None, cold: Cold = None) -> None:
+        """Create or upgrade schema, indexes, directories and buckets (idempotent)."""
+
+        async def body(saver: "TieredSaver") -> None:
+            return None
+
+        _run(hot, warm, cold, body)
+        print("schema and stores are up to date")
+
+    @app.command()
+    def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
+               as_json: Json = False) -> None:
+        """Threads, checkpoints and bytes per tier (and per region)."""
+        from tierstore.ops import status as run_status
+
+        data = _run(hot, warm, cold, run_status)
+
+        def render(d: dict[str, Any]) -> None:
+            rows: list[tuple[str, ...]] = []
+            for region, tiers in d["regions"].items():
+                for tier in ("hot", "warm", "cold"):
+                    info = tiers[tier]
+                    rows.append((region, tier, info["backend"] if info else "-",
+                                 (_kv(info) or "cache local to each process") if info
+                                 else "disabled"))
+            _table("tierstore status", rows, ("region", "tier", "backend", "holds"))
+
+        _emit(data, as_json, render)
+
+    @app.command()
+    def archive(
+        hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        older_than: Annotated[str, typer.Option(help="archive history older than this")] = "30d",
+        idle_after: Annotated[str | None, typer.Option(
+            help="also archive whole threads idle longer than this")] = None,
+        thread: Annotated[str | None, typer.Option(help="only this thread")] = None,
+        storage_class: Annotated[str | None, typer.Option(help="cold storage class")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="only report")] = False,
+        as_json: Json = False,
     ) -> None:
-        """Create or upgrade the schema, indexes, directories and buckets (idempotent)."""
-        raise typer.Exit(_migrate(hot, warm, cold))
+        """Move old history (and idle threads) to the cold tier now."""
+        from tierstore.jobs.plan import TieringPolicy
+        from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
+
+        policy = TieringPolicy(
+            archive_after=_duration(older_than),
+            archive_idle_after=_duration(idle_after) if idle_after else None,
+            storage_class=storage_class,
+        )
+
+        async def body(saver: "TieredSaver") -> list[dict[str, Any]]:
+            jobs: list[Any] = [HistoryDemotion(saver, policy, thread_id=thread, dry_run=dry_run)]
+            if idle_after:
+                jobs.append(IdleArchival(saver, policy, thread_id=thread, dry_run=dry_run))
+            reports = []
+            for job in jobs:
+                while True:
+                    report = await job.run_once()
+                    reports.append(report.as_dict())
+                    if dry_run or report.claimed < policy.batch or report.errors:
+                        break
+            return reports
+
+        reports = _run(hot, warm, cold, body)
+
+        def render(rs: list[dict[str, Any]]) -> None:
+            verb = "would move" if dry_run else "moved"
+            for r in rs:
+                print(f"{r['job']}: {verb} {r['checkpoints']} checkpoints of {r['threads']} "
+                      f"threads in {r['segments']} segments ({r['bytes']} bytes)")
+                for err in r["errors"]:
+                    print(f"  error: {err}", file=sys.stderr)
+
+        _emit(reports, as_json, render)
+        if any(r["errors"] for r in reports):
+            raise typer.Exit(EXIT_CHECK_FAILED)
+
+    @app.command()
+    def restore(
+        thread: Annotated[str, typer.Option(help="thread whose archive to restore")],
+        hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        wait: Annotated[bool, typer.Option("--wait", help="wait until rehydrated")] = False,
+        timeout: Annotated[str, typer.Option(help="how long --wait waits")] = "12h",
+        days: Annotated[int, typer.Option(help="days the restored copy stays")] = 7,
+        as_json: Json = False,
+    ) -> None:
+        """Request a restore of a thread's archive; with --wait, bring it back to warm."""
+        from tierstore.jobs.tiering import Rehydrate, request_restore
+
+        limit = _duration(timeout)
+
+        async def body(saver: "TieredSaver") -> dict[str, Any]:
+            states = await request_restore(saver, thread, days=days)
+            result: dict[str, Any] = {"thread_id": thread, "segments": states,
+                                      "rehydrated": 0, "done": False}
+            deadline = time.monotonic() + limit
+            while True:
+                report = await Rehydrate(saver).run_once()
+                result["rehydrated"] += report.checkpoints
+                pending = await saver.router.regions.stack_for(thread).warm.archive_refs(thread)
+                result["done"] = not pending
+                if result["done"] or not wait or time.monotonic() > deadline:
+                    return result
+                await asyncio.sleep(min(30.0, max(1.0, limit / 100)))
+
+        result = _run(hot, warm, cold, body)
+        _emit(result, as_json, lambda r: print(
+            f"thread {r['thread_id']!r}: {len(r['segments'])} segments, "
+            f"{r['rehydrated']} checkpoints back in warm"
+            + ("" if r["done"] else " (restore in progress; run `tierstore worker`)")))
+        if wait and not result["done"]:
+            raise typer.Exit(EXIT_CHECK_FAILED)
+
+    @app.command()
+    def inspect(thread: str, hot: Hot = None, warm: Warm = None, cold: Cold = None,
+                as_json: Json = False) -> None:
+        """The history tree of a thread, with the tier of each checkpoint."""
+        from tierstore.ops import inspect_thread
+
+        data = _run(hot, warm, cold, lambda s: inspect_thread(s, thread))
+
+        def render(d: dict[str, Any]) -> None:
+            from rich.console import Console
+            from rich.markup import escape
+            from rich.tree import Tree
+
+            root = Tree(f"thread {d['thread_id']!r}")
+            for ns, rows in d["namespaces"].items():
+                branch = root.add(f"namespace {ns!r} ({len(rows)} checkpoints)")
+                for row in rows:
+                    branch.add(escape(
+                        f"{row['checkpoint_id']}  [{row['tier']}]  step={row['step']} "
+                        f"source={row['source']} writes={row['writes']} "
+                        f"parent={row['parent_id']}"))
+            Console().print(root)
+
+        _emit(data, as_json, render)
+
+    @app.command()
+    def verify(hot: Hot = None, warm: Warm = None, cold: Cold = None,
+               as_json: Json = False) -> None:
+        """Re-check every checksum across tiers; exit 1 on any mismatch."""
+        from tierstore.ops import verify as run_verify
+
+        with _progress("verifying", not as_json) as progress:
+            data = _run(hot, warm, cold, lambda s: run_verify(s, progress))
+
+        def render(d: dict[str, Any]) -> None:
+            print(f"checked {d['checked']} checkpoints: "
+                  + ("all verified" if d["ok"] else f"{len(d['problems'])} problems"))
+            for problem in d["problems"]:
+                print(f"  {problem}")
+            if d["skipped_need_restore"]:
+                print(f"  {len(d['skipped_need_restore'])} segments need a restore to be read")
+
+        _emit(data, as_json, render)
+        if not data["ok"]:
+            raise typer.Exit(EXIT_CHECK_FAILED)
+
+    @app.command()
+    def worker(
+        hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        interval: Annotated[str, typer.Option(help="time between runs of each job")] = "5m",
+        archive_after: Annotated[str, typer.Option()] = "30d",
+        archive_idle_after: Annotated[str, typer.Option()] = "90d",
+        expire_after: Annotated[str | None, typer.Option()] = None,
+        once: Annotated[bool, typer.Option("--once", help="run every job once and exit")] = False,
+        health_file: Annotated[Path | None, typer.Option(help="write health JSON here")] = None,
+    ) -> None:
+        """Run the tiering jobs on a schedule until SIGINT/SIGTERM."""
+        from tierstore.jobs.plan import TieringPolicy
+        from tierstore.jobs.scheduler import Scheduler
+        from tierstore.jobs.tiering import (
+            ColdGC,
+            HistoryDemotion,
+            HotExpiry,
+            IdleArchival,
+            Rehydrate,
+            Retention,
+        )
+
+        policy = TieringPolicy(
+            archive_after=_duration(archive_after),
+            archive_idle_after=_duration(archive_idle_after),
+            expire_after=_duration(expire_after) if expire_after else None,
+        )
+        every = _duration(interval)
+
+        async def body(saver: "TieredSaver") -> dict[str, Any]:
+            jobs = [HotExpiry(saver, policy), HistoryDemotion(saver, policy),
+                    IdleArchival(saver, policy), Retention(saver, policy),
+                    Rehydrate(saver, policy), ColdGC(saver, policy)]
+            scheduler = Scheduler([(job, every) for job in jobs])
+
+            def write_health() -> None:
+                if health_file is not None:
+                    health_file.write_text(json.dumps(scheduler.health(), default=str))
+
+            if once:
+                await scheduler.tick()
+                write_health()
+                return scheduler.health()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            scheduler.on_report = lambda report: write_health()
+            print(f"tierstore worker: {len(jobs)} jobs every {interval}", file=sys.stderr)
+            await scheduler.run(stop)
+            write_health()
+            return scheduler.health()
+
+        health = _run(hot, warm, cold, body)
+        if once:
+            print(json.dumps(health, indent=2, default=str))
+        if not health["healthy"]:
+            raise typer.Exit(EXIT_CHECK_FAILED)
+
+    @app.command("export")
+    def export_(thread: str, file: Path, hot: Hot = None, warm: Warm = None, cold: Cold = None,
+                as_json: Json = False) -> None:
+        """Write one thread, with its archived history, to a portable file."""
+        from tierstore.ops import export_thread
+
+        with _progress("exporting", not as_json) as progress:
+            data = _run(hot, warm, cold, lambda s: export_thread(s, thread, file, progress))
+        _emit(data, as_json, lambda d: print(
+            f"exported {d['checkpoints']} checkpoints of {d['thread_id']!r} to {d['path']}"))
+
+    @app.command("import")
+    def import_(
+        file: Annotated[Path | None, typer.Argument(help="a file written by export")] = None,
+        from_langgraph_postgres: Annotated[str | None, typer.Option(
+            help="migrate a LangGraph AsyncPostgresSaver database from this URL")] = None,
+        as_thread: Annotated[str | None, typer.Option(help="import under this thread id")] = None,
+        hot: Hot = None, warm: Warm = None, cold: Cold = None, as_json: Json = False,
+    ) -> None:
+        """Load an export file, or migrate a LangGraph Postgres checkpoint database."""
+        from tierstore.errors import InvalidInput
+        from tierstore.ops import import_file, import_langgraph_postgres
+
+        if (file is None) == (from_langgraph_postgres is None):
+            raise InvalidInput("give either FILE or --from-langgraph-postgres URL")
+        with _progress("importing", not as_json) as progress:
+            if file is not None:
+                data = _run(hot, warm, cold,
+                            lambda s: import_file(s, file, as_thread=as_thread, progress=progress))
+            else:
+                assert from_langgraph_postgres is not None
+                url = from_langgraph_postgres
+                data = _run(hot, warm, cold,
+                            lambda s: import_langgraph_postgres(s, url, progress))
+        _emit(data, as_json, lambda d: print(
+            f"imported {d['checkpoints']} checkpoints"
+            + (f" of {d.get('threads')} threads" if "threads" in d else
+               f" into thread {d['thread_id']!r}")))
 
     return app
 
@@ -85,25 +400,33 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if typer is None:
         if args[:1] == ["demo"]:
-            return _demo(None)
+            from tierstore.demo import run_demo
+
+            run_demo(None)
+            return EXIT_OK
         print("tierstore: the command line needs: pip install 'tierstore[cli]'", file=sys.stderr)
         return EXIT_USAGE
+    import click
+
     try:
-        _build_app()(args, standalone_mode=False)
+        code = _build_app()(args, standalone_mode=False)
     except TierstoreError as exc:
         return _fail(exc)
     except typer.Exit as exc:
         return int(exc.exit_code)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return EXIT_USAGE
-        if isinstance(exc, click.exceptions.Abort):
-            return EXIT_USAGE
-        raise
-    return EXIT_OK
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_USAGE
+    except Exception as exc:  # one line, never a traceback
+        print(f"tierstore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    return code if isinstance(code, int) else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

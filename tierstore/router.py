@@ -200,7 +200,14 @@ class Router:
                 await self._hot("fill", stack.hot.put(record), False)
         if record is None:
             return None
-        return await self._expand(stack, record)
+        return await self.expand(stack, record)
+
+    async def peek_hot(self, stack: TierStack, thread_id: str, checkpoint_ns: str) -> str | None:
+        """The checkpoint id the hot tier holds for a (thread, ns), if any (never raises)."""
+        if stack.hot is None:
+            return None
+        hit = await self._hot("peek", stack.hot.get(thread_id, checkpoint_ns), None)
+        return hit.checkpoint_id if hit is not None else None
 
     # -- cold -------------------------------------------------------------------------
 
@@ -291,7 +298,7 @@ class Router:
         else:
             self.stats.hot_misses += 1
 
-    async def _expand(self, stack: TierStack, record: StoredCheckpoint) -> StoredCheckpoint:
+    async def expand(self, stack: TierStack, record: StoredCheckpoint) -> StoredCheckpoint:
         if stack.offloader is None:
             return record
         return await stack.offloader.expand_record(record)
@@ -315,7 +322,7 @@ class Router:
             if residual and not matches_filter(decode_metadata(row), residual):
                 continue
             record = await self.materialize(stack, row) if row.location == "archived" else row
-            yield await self._expand(stack, record)
+            yield await self.expand(stack, record)
             count += 1
             if limit is not None and count >= limit:
                 return

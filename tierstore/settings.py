@@ -118,7 +118,7 @@ def mask(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def _parse_duration(text: str) -> float:
+def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``30d`` → seconds."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
     text = text.strip().lower()
@@ -235,7 +235,7 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         raw = env[var]
         try:
             if name == "hot_ttl":
-                out[name] = _parse_duration(raw)
+                out[name] = parse_duration(raw)
             else:
                 out[name] = kind(raw)
         except ValueError as exc:

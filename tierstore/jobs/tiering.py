@@ -97,12 +97,16 @@ class _Job:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         on_step: Callable[[str], None] | None = None,
+        thread_id: str | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.saver = saver
         self.policy = policy or TieringPolicy()
         self.owner = owner or default_owner()
         self.clock = clock
         self.on_step = on_step
+        self.thread_id = thread_id
+        self.dry_run = dry_run
 
     def _step(self, name: str) -> None:
         """A named point in a move; tests inject crashes here."""
@@ -143,6 +147,11 @@ class _Archiver(_Job):
         for claim in claims:
             try:
                 ids = await self._choose(stack, claim, now)
+                if self.dry_run:
+                    report.threads += 1 if ids else 0
+                    report.checkpoints += len(ids)
+                    report.segments += len(chunks(ids, self.policy.segment_size))
+                    continue
                 moved = 0
                 for group in chunks(ids, self.policy.segment_size):
                     done = await self._move(stack, claim, group, now, report)
@@ -220,6 +229,7 @@ class HistoryDemotion(_Archiver):
         return await stack.warm.claim(
             owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
             limit=self.policy.batch, warm_before=now - self.policy.archive_after,
+            thread_id=self.thread_id,
         )
 
     async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
@@ -246,6 +256,7 @@ class IdleArchival(_Archiver):
         return await stack.warm.claim(
             owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
             limit=self.policy.batch, idle_before=now - self.policy.archive_idle_after,
+            thread_id=self.thread_id,
         )
 
     async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:

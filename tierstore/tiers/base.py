@@ -146,12 +146,14 @@ class WarmStore(Protocol):
         warm_before: float | None = None,
         idle_before: float | None = None,
         require_live: bool = True,
+        thread_id: str | None = None,
     ) -> Sequence[Claim]:
         """Lease up to ``limit`` (thread, ns) heads whose lease is free or expired.
 
         ``warm_before``: heads with a live (``warm``) checkpoint other than the head
         created before it. ``idle_before``: heads last written before it (that still
-        have live checkpoints, unless ``require_live`` is False). Oldest first.
+        have live checkpoints, unless ``require_live`` is False); ``thread_id``: only
+        that thread's namespaces. Oldest first.
         Claiming uses the store's own primitives (a transaction / ``FOR UPDATE SKIP
         LOCKED`` / a filtered update), so many workers never hold the same head.
         """

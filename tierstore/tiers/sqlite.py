@@ -526,9 +526,13 @@ class SqliteWarm:
         warm_before: float | None = None,
         idle_before: float | None = None,
         require_live: bool = True,
+        thread_id: str | None = None,
     ) -> builtins.list[Claim]:
         conds = ["(h.lease_until IS NULL OR h.lease_until < ?)"]
         params: builtins.list[Any] = [now]
+        if thread_id is not None:
+            conds.append("h.thread_id = ?")
+            params.append(thread_id)
         if warm_before is not None:
             conds.append(
                 "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id AND "

@@ -1,0 +1,135 @@
+"""The ops CLI as a user runs it: a subprocess, exit codes, --json, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tierstore.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, env: dict[str, str], check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "tierstore", *args], capture_output=True,
+                            text=True, timeout=120, env=env, check=False, cwd=ROOT)
+    if check is not None:
+        assert result.returncode == check, result.stdout + result.stderr
+    return result
+
+
+def js(*args: str, env: dict[str, str]) -> Any:
+    return json.loads(cli(*args, "--json", env=env).stdout)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    run_demo(tmp_path, out=lambda line: None)
+    return {**os.environ, "TIERSTORE_HOT_URL": "none",
+            "TIERSTORE_WARM_URL": f"sqlite:///{tmp_path}/warm.db",
+            "TIERSTORE_COLD_URL": f"file://{tmp_path}/cold", "PYTHONPATH": str(ROOT)}
+
+
+def warm_counts(env: dict[str, str]) -> dict[str, int]:
+    data = js("status", env=env)["regions"]["default"]
+    return {"live": data["warm"]["checkpoints"], "archived": data["warm"]["archived"],
+            "segments": data["cold"]["segments_objects"]}
+
+
+def test_status_archive_verify_tell_the_truth(env: dict[str, str]) -> None:
+    before = warm_counts(env)
+    assert before["archived"] == 0 and before["segments"] == 0 and before["live"] > 3
+    dry = js("archive", "--older-than", "0s", "--dry-run", env=env)
+    assert dry[0]["checkpoints"] == before["live"] - 3  # every thread keeps its head
+    assert warm_counts(env) == before  # a dry run moves nothing
+    done = js("archive", "--older-than", "0s", env=env)
+    assert done[0]["checkpoints"] == dry[0]["checkpoints"]
+    after = warm_counts(env)
+    assert after == {"live": 3, "archived": before["live"] - 3, "segments": done[0]["segments"]}
+    assert js("verify", env=env)["ok"] is True
+    tree = js("inspect", "bob", env=env)
+    tiers = [row["tier"] for row in tree["namespaces"][""]]
+    assert tiers[0] == "warm" and set(tiers[1:]) == {"cold"}
+
+
+def test_idle_archive_then_restore_brings_a_thread_back(env: dict[str, str]) -> None:
+    js("archive", "--older-than", "0s", "--idle-after", "0s", "--thread", "carol", env=env)
+    tree = js("inspect", "carol", env=env)
+    assert {row["tier"] for row in tree["namespaces"][""]} == {"cold"}
+    restored = js("restore", "--thread", "carol", "--wait", env=env)
+    assert restored["done"] is True and restored["rehydrated"] == len(tree["namespaces"][""])
+    tree = js("inspect", "carol", env=env)
+    assert {row["tier"] for row in tree["namespaces"][""]} == {"warm"}
+
+
+def test_verify_finds_damage_and_exits_1(env: dict[str, str], tmp_path: Path) -> None:
+    js("archive", "--older-than", "0s", env=env)
+    segment = next((tmp_path / "cold").rglob("*.tseg"))
+    data = bytearray(segment.read_bytes())
+    data[-1] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    result = cli("verify", "--json", env=env, check=1)
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and "checksum" in report["problems"][0]
+    conn = sqlite3.connect(tmp_path / "warm.db")
+    with conn:
+        conn.execute("UPDATE blobs SET data = X'00112233' WHERE length(data) > 64")
+    conn.close()
+    report = json.loads(cli("verify", "--json", env=env, check=1).stdout)
+    assert len(report["problems"]) >= 2
+
+
+def test_export_import_round_trip(env: dict[str, str], tmp_path: Path) -> None:
+    js("archive", "--older-than", "0s", env=env)  # export includes archived history
+    out = tmp_path / "bob.tsexport"
+    exported = js("export", "bob", str(out), env=env)
+    imported = js("import", str(out), "--as-thread", "bob-copy", env=env)
+    assert imported["checkpoints"] == exported["checkpoints"] > 3
+    original = js("inspect", "bob", env=env)["namespaces"][""]
+    copy = js("inspect", "bob-copy", env=env)["namespaces"][""]
+    assert [r["checkpoint_id"] for r in copy] == [r["checkpoint_id"] for r in original]
+    again = js("import", str(out), "--as-thread", "bob-copy", env=env)  # idempotent
+    assert again["checkpoints"] == imported["checkpoints"]
+    assert len(js("inspect", "bob-copy", env=env)["namespaces"][""]) == len(copy)
+    out.write_bytes(out.read_bytes()[:-10])
+    result = cli("import", str(out), env=env, check=3)
+    assert "checksum" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_worker_once_runs_every_job_and_writes_health(env: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    health = tmp_path / "health.json"
+    result = cli("worker", "--once", "--archive-after", "0s", "--archive-idle-after", "3650d",
+                 "--health-file", str(health), env=env)
+    data = json.loads(health.read_text())
+    assert data["healthy"] is True
+    assert set(data["jobs"]) == {"hot-expiry", "history-demotion", "idle-archival",
+                                 "retention", "rehydrate", "cold-gc"}
+    assert data["jobs"]["history-demotion"]["last_report"]["checkpoints"] > 0
+    assert json.loads(result.stdout)["healthy"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["status", "--warm", "nosuch://x"], 2, "unknown warm tier scheme"),
+        (["inspect", "no-such-thread"], 2, "has no checkpoints"),
+        (["archive", "--older-than", "soon"], 2, "not a duration"),
+        (["import"], 2, "either FILE or --from-langgraph-postgres"),
+        (["import", "/nonexistent/file"], 2, "cannot read"),
+        (["status", "--warm", "sqlite:////proc/forbidden/x.db"], 2, "cannot create"),
+    ],
+)
+def test_errors_are_one_line_with_meaningful_exit_codes(env: dict[str, str], args: list[str],
+                                                        code: int, fragment: str) -> None:
+    result = cli(*args, env=env, check=code)
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0

@@ -1,0 +1,279 @@
+"""Operator actions behind the CLI: status, inspect, verify, export, import, migration.
+
+Each is an async function over an opened ``TieredSaver`` that returns plain data
+(the CLI renders it as a table or as JSON) and reports progress through an optional
+callback, so long work can show a progress bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zstandard
+
+from tierstore.codec.frames import pack_stored, unpack_stored
+from tierstore.codec.pipeline import EMPTY
+from tierstore.codec.segment import SEGMENT_PREFIX
+from tierstore.errors import (
+    CheckpointArchived,
+    ConfigurationError,
+    CorruptPayload,
+    InvalidInput,
+    TierstoreError,
+)
+from tierstore.offload import OFFLOAD_PREFIX
+from tierstore.policy import filter_doc, validate_id
+from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, StoredCheckpoint
+from tierstore.router import TierStack
+from tierstore.saver import TieredSaver
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "export_thread",
+    "import_file",
+    "import_langgraph_postgres",
+    "inspect_thread",
+    "status",
+    "verify",
+]
+
+Progress = Callable[[int, int | None], None]
+EXPORT_MAGIC = b"TSEXPORT"
+EXPORT_FORMAT = 1
+
+
+def _stacks(saver: TieredSaver) -> dict[str, TierStack]:
+    return dict(saver.router.regions.stacks)
+
+
+def _noop(done: int, total: int | None) -> None:
+    return None
+
+
+async def status(saver: TieredSaver) -> dict[str, Any]:
+    """Threads, checkpoints and bytes per tier (per region when there are several)."""
+    out: dict[str, Any] = {"regions": {}}
+    for name, stack in _stacks(saver).items():
+        warm = await stack.warm.usage()
+        region: dict[str, Any] = {
+            "hot": {"backend": stack.hot.backend} if stack.hot is not None else None,
+            "warm": {"backend": stack.warm.backend, **asdict(warm)},
+            "cold": None,
+        }
+        if stack.cold is not None:
+            counts: dict[str, list[int]] = {"segments": [0, 0], "offload": [0, 0],
+                                             "restores": [0, 0]}
+            async for key in stack.cold.iter_keys(""):
+                kind = ("segments" if key.startswith(SEGMENT_PREFIX) else
+                        "offload" if key.startswith(OFFLOAD_PREFIX) else "restores")
+                info = await stack.cold.info(key)
+                counts[kind][0] += 1
+                counts[kind][1] += info.size if info is not None else 0
+            region["cold"] = {
+                "backend": stack.cold.backend,
+                "archived_checkpoints": warm.archived,
+                **{f"{kind}_objects": n for kind, (n, _) in counts.items()},
+                **{f"{kind}_bytes": b for kind, (_, b) in counts.items()},
+            }
+        out["regions"][name] = region
+    return out
+
+
+async def inspect_thread(saver: TieredSaver, thread_id: str) -> dict[str, Any]:
+    """The checkpoint tree of one thread with the tier of every checkpoint."""
+    thread_id = validate_id(thread_id)
+    stack = saver.router.regions.stack_for(thread_id)
+    namespaces: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    cached: dict[str, str | None] = {}
+    async for row in stack.warm.list(ListQuery(thread_id=thread_id)):
+        ns = row.checkpoint_ns
+        if ns not in cached:
+            cached[ns] = await saver.router.peek_hot(stack, thread_id, ns)
+        metadata = saver.codec.decode(row.metadata, where="metadata")
+        tier = "warm" if row.location == "warm" else "cold"
+        if cached.get(ns) == row.checkpoint_id:
+            tier = "hot+warm" if tier == "warm" else "hot+cold"
+        namespaces[ns].append({
+            "checkpoint_id": row.checkpoint_id,
+            "parent_id": row.parent_id,
+            "tier": tier,
+            "segment": row.archive_key,
+            "source": metadata.get("source") if isinstance(metadata, dict) else None,
+            "step": metadata.get("step") if isinstance(metadata, dict) else None,
+            "writes": len(row.writes),
+        })
+    if not namespaces:
+        raise InvalidInput(f"thread {thread_id!r} has no checkpoints")
+    return {"thread_id": thread_id, "namespaces": dict(namespaces)}
+
+
+async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, Any]:
+    """Re-check every stored payload: segment checksums, offload checksums, decodability."""
+    checked = 0
+    problems: list[str] = []
+    skipped: list[str] = []
+    for stack in {id(s): s for s in _stacks(saver).values()}.values():
+        by_segment: dict[str, list[StoredCheckpoint]] = defaultdict(list)
+        async for row in stack.warm.list(ListQuery()):
+            checked += 1
+            progress(checked, None)
+            where = f"{row.thread_id!r}/{row.checkpoint_ns!r}/{row.checkpoint_id}"
+            if row.location == "archived" and row.archive_key is not None:
+                by_segment[row.archive_key].append(row)
+                continue
+            try:
+                full = await saver.router.expand(stack, row)
+                saver.codec.decode(full.checkpoint, where=where)
+                saver.codec.decode(full.metadata, where=where)
+                for payload in full.blobs.values():
+                    if payload.tag != EMPTY.tag:
+                        saver.codec.decompress(payload, where=where)
+            except TierstoreError as exc:
+                problems.append(f"{where}: {exc}")
+        for key, stubs in by_segment.items():
+            try:
+                segment = await saver.router.load_segment(stack, key)
+            except CheckpointArchived:
+                skipped.append(key)
+                continue
+            except TierstoreError as exc:
+                problems.append(f"segment {key}: {exc}")
+                continue
+            for stub in stubs:
+                if stub.checkpoint_id not in segment.records:
+                    problems.append(f"segment {key}: missing checkpoint {stub.checkpoint_id}")
+    return {"checked": checked, "problems": problems, "skipped_need_restore": skipped,
+            "ok": not problems}
+
+
+# -- export / import ----------------------------------------------------------------------
+
+
+async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
+                        progress: Progress = _noop) -> dict[str, Any]:
+    """Write one thread (every namespace, archived history included) to a portable file."""
+    thread_id = validate_id(thread_id)
+    frames: list[bytes] = []
+    query = ListQuery(thread_id=thread_id)
+    async for record in saver.router.list(query, {}, lambda r: {}):
+        frames.append(pack_stored(record))
+        progress(len(frames), None)
+    if not frames:
+        raise InvalidInput(f"thread {thread_id!r} has no checkpoints to export")
+    frames.reverse()  # oldest first
+    body = zstandard.ZstdCompressor(level=9).compress(msgpack.packb({
+        "format": EXPORT_FORMAT, "thread_id": thread_id, "exported_at": time.time(),
+        "checkpoints": frames,
+    }, use_bin_type=True))
+    data = EXPORT_MAGIC + bytes([EXPORT_FORMAT]) + hashlib.sha256(body).digest() + body
+    await asyncio.to_thread(Path(path).write_bytes, data)
+    return {"thread_id": thread_id, "checkpoints": len(frames), "bytes": len(data),
+            "path": str(path)}
+
+
+def read_export(data: bytes, *, where: str = "export") -> tuple[str, list[StoredCheckpoint]]:
+    head = len(EXPORT_MAGIC)
+    if data[:head] != EXPORT_MAGIC or len(data) < head + 33:
+        raise CorruptPayload(f"{where}: not a tierstore export file", where=where)
+    if data[head] != EXPORT_FORMAT:
+        raise CorruptPayload(f"{where}: unsupported export format {data[head]}", where=where)
+    digest, body = data[head + 1:head + 33], data[head + 33:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptPayload(f"{where}: export file fails its checksum", where=where)
+    try:
+        doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False)
+        frames = doc["checkpoints"]
+        thread_id = str(doc["thread_id"])
+    except Exception as exc:
+        raise CorruptPayload(f"{where}: damaged export body ({exc})", where=where) from exc
+    return thread_id, [unpack_stored(f, where=f"{where}#{i}") for i, f in enumerate(frames)]
+
+
+async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | None = None,
+                      progress: Progress = _noop) -> dict[str, Any]:
+    """Load an export into the saver's stores (idempotent: re-importing changes nothing)."""
+    try:
+        data = await asyncio.to_thread(Path(path).read_bytes)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    source, records = read_export(data, where=str(path))
+    thread_id = validate_id(as_thread) if as_thread is not None else source
+    await _load_records(saver, thread_id, records, progress)
+    return {"thread_id": thread_id, "source_thread_id": source, "checkpoints": len(records)}
+
+
+async def _load_records(saver: TieredSaver, thread_id: str, records: Iterable[StoredCheckpoint],
+                        progress: Progress) -> None:
+    codec = saver.codec
+    items = list(records)
+    for done, rec in enumerate(items, start=1):
+        where = f"checkpoint {rec.checkpoint_id!r}"
+        body = codec.decode(rec.checkpoint, where=where)
+        metadata = codec.decode(rec.metadata, where=where)
+        if not isinstance(body, dict) or not isinstance(metadata, dict):
+            raise CorruptPayload(f"{where}: not a checkpoint", where=where)
+        versions = {str(k): str(v) for k, v in body.get("channel_versions", {}).items()}
+        run_id = metadata.get("run_id")
+        record = CheckpointRecord(
+            thread_id=thread_id, checkpoint_ns=rec.checkpoint_ns,
+            checkpoint_id=rec.checkpoint_id, parent_id=rec.parent_id,
+            checkpoint=rec.checkpoint, metadata=rec.metadata, channel_versions=versions,
+            filter_doc=filter_doc(metadata), run_id=run_id if isinstance(run_id, str) else None,
+        )
+        blobs = [BlobRecord(ch, versions[ch], p) for ch, p in rec.blobs.items() if ch in versions]
+        await saver.router.put(record, blobs, {b.channel: b.payload for b in blobs},
+                               strict=False)
+        if rec.writes:
+            await saver.router.put_writes(thread_id, rec.checkpoint_ns, rec.checkpoint_id,
+                                          list(rec.writes))
+        progress(done, len(items))
+
+
+async def import_langgraph_postgres(saver: TieredSaver, url: str,
+                                    progress: Progress = _noop) -> dict[str, Any]:
+    """Copy every checkpoint and pending write of a LangGraph AsyncPostgresSaver database.
+
+    Reads through LangGraph's own saver, so whatever it can read is migrated with
+    its metadata, parents and pending writes; re-running is idempotent.
+    """
+    try:
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            "importing from LangGraph's Postgres saver needs: pip install 'tierstore[migrate]'"
+        ) from exc
+    threads: set[str] = set()
+    count = 0
+    try:
+        async with AsyncPostgresSaver.from_conn_string(url) as source:
+            async for tup in source.alist(None):
+                configurable = tup.config["configurable"]
+                thread_id = str(configurable["thread_id"])
+                ns = configurable.get("checkpoint_ns", "")
+                parent = tup.parent_config or {
+                    "configurable": {"thread_id": thread_id, "checkpoint_ns": ns}}
+                stored = await saver.aput(parent, tup.checkpoint, tup.metadata,
+                                          dict(tup.checkpoint["channel_versions"]))
+                by_task: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+                for task_id, channel, value in tup.pending_writes or []:
+                    by_task[task_id].append((channel, value))
+                for task_id, writes in by_task.items():
+                    await saver.aput_writes(stored, writes, task_id)
+                threads.add(thread_id)
+                count += 1
+                progress(count, None)
+    except TierstoreError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot read the LangGraph Postgres database: {type(exc).__name__}: {exc}"
+        ) from exc
+    return {"threads": len(threads), "checkpoints": count}
