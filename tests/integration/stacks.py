@@ -21,3 +21,5 @@ def embedded(request: pytest.FixtureRequest, tmp: Path) -> Urls:
 
 
 STACKS: dict[str, StackBuilder] = {"embedded": embedded}
+TIERED_STACKS = {"embedded"}
+"""Stacks with a cold tier, where the tiering jobs run."""

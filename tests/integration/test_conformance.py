@@ -1,33 +1,60 @@
 """LangGraph's own conformance suite (langgraph-checkpoint-conformance), on every stack.
 
 Each stack must detect all 8 capabilities and pass every test (81 in the pinned
-version); the per-stack tally is printed at the end of the pytest run.
+version); the per-stack tally is printed at the end of the pytest run. Stacks with
+a cold tier run the suite a second time with history archived after every write.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import ALL_CAPABILITIES
 
-from tests.integration.stacks import STACKS
+from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import HistoryDemotion
 
 CONFORMANCE_TESTS = 81
 REPORTS: dict[str, tuple[int, int]] = {}
 
 
-@pytest.mark.parametrize("stack", sorted(STACKS))
-async def test_conformance(stack: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    urls = STACKS[stack](request, tmp_path)
+class TieringEverywhere(TieredSaver):
+    """A saver that archives everything it can after every write.
 
+    Running the conformance suite through it shows that tiering is invisible to
+    LangGraph: history lives in cold segments and every read still agrees.
+    """
+
+    moved = 0
+
+    async def _tier(self) -> None:
+        policy = TieringPolicy(archive_after=0, archive_idle_after=None, segment_size=2)
+        report = await HistoryDemotion(self, policy).run_once(now=time.time() + 1)
+        assert report.errors == []
+        TieringEverywhere.moved += report.checkpoints
+
+    async def aput(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().aput(*args, **kwargs)
+        await self._tier()
+        return result
+
+    async def aput_writes(self, *args: Any, **kwargs: Any) -> None:
+        await super().aput_writes(*args, **kwargs)
+        await self._tier()
+
+
+async def run_conformance(stack: str, urls: Urls, saver_class: type[TieredSaver]) -> None:
     @checkpointer_test(name=f"tierstore-{stack}-{uuid.uuid4().hex[:6]}")
     async def factory() -> AsyncIterator[TieredSaver]:
-        async with TieredSaver.from_urls(
+        async with saver_class.from_urls(
             hot=urls["hot"], warm=urls["warm"] or "", cold=urls["cold"]
         ) as saver:
             yield saver
@@ -41,3 +68,18 @@ async def test_conformance(stack: str, request: pytest.FixtureRequest, tmp_path:
     failures = [f for r in report.results.values() for f in r.failures]
     assert failures == []
     assert (passed, failed) == (CONFORMANCE_TESTS, 0)
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+async def test_conformance(stack: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    await run_conformance(stack, STACKS[stack](request, tmp_path), TieredSaver)
+
+
+@pytest.mark.parametrize("stack", sorted(s for s in STACKS if s in TIERED_STACKS))
+async def test_conformance_with_tiering_after_every_write(
+    stack: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    before = TieringEverywhere.moved
+    await run_conformance(f"{stack}+archiving", STACKS[stack](request, tmp_path),
+                          TieringEverywhere)
+    assert TieringEverywhere.moved - before > 50  # history really went to cold

@@ -18,8 +18,12 @@ def test_demo_facts(tmp_path: Path) -> None:
     assert facts["hot_hits"] == len(CONVERSATIONS)
     assert facts["checkpoints"] > 3 * len(CONVERSATIONS)
     assert (tmp_path / "demo" / "warm.db").exists()
+    assert facts["archived_checkpoints"] > facts["checkpoints"] // 2
+    assert facts["history_intact"] is True
+    assert facts["archived_resume_answer"] == "I remember: tea not coffee."
+    assert facts["verify_ok"] is True
     text = "\n".join(lines)
-    for heading in ("where the data sits", "time travel", "reopen"):
+    for heading in ("where the data sits", "time travel", "reopen", "tiering"):
         assert heading in text
 
 
