@@ -20,9 +20,11 @@ __all__ = [
     "MAX_ID_BYTES",
     "checkpoint_ids",
     "filter_doc",
+    "is_explicit_fork",
     "is_hot_fresh",
     "matches_filter",
     "next_channel_version",
+    "retry_delay",
     "should_replace_hot",
     "split_filter",
     "validate_id",
@@ -143,6 +145,24 @@ def matches_filter(metadata: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
         elif stored != wanted:
             return False
     return True
+
+
+FORK_SOURCES = frozenset({"fork", "update"})
+
+
+def is_explicit_fork(metadata: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint starts a branch on purpose, so strict mode lets it through.
+
+    LangGraph marks the checkpoint that starts a time-travel branch with
+    ``source="fork"`` and a manual ``update_state`` with ``source="update"``; any
+    other write (``input``, ``loop``) must continue from the current head.
+    """
+    return metadata.get("source") in FORK_SOURCES
+
+
+def retry_delay(attempt: int, *, base: float = 0.01, cap: float = 1.0, jitter: float) -> float:
+    """Exponential backoff for conflict retries; ``jitter`` in [0, 1) is passed in."""
+    return float(min(cap, base * (2 ** min(attempt, 16))) * (0.5 + jitter))
 
 
 def is_hot_fresh(cached: StoredCheckpoint, head: Head | None) -> bool:

@@ -7,6 +7,7 @@ the router's business.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
@@ -32,6 +33,7 @@ from tierstore.offload import Offloader
 from tierstore.policy import (
     checkpoint_ids,
     filter_doc,
+    is_explicit_fork,
     next_channel_version,
     split_filter,
     validate_id,
@@ -59,6 +61,9 @@ from tierstore.tiers import open_store
 __all__ = ["TieredSaver"]
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
+RUN_KEY = "__pregel_runtime"
+MAX_FORK_GRANTS = 1024
+"""The per-run object LangGraph puts in ``configurable`` of every call of one run."""
 
 
 class TieredSaver(
@@ -85,6 +90,13 @@ class TieredSaver(
         self._router = router
         self._bridge = LoopBridge()
         self._codec_cache: tuple[SerializerProtocol, Codec] | None = None
+        # Explicit forks, per LangGraph run: a run that starts by reading an explicit
+        # checkpoint_id (time travel) may write a child of it in strict mode. Keyed by
+        # the identity of the run's runtime object, which LangGraph passes to the read
+        # and to the writes of one run; the object is held so its id cannot be reused.
+        self._fork_grants: OrderedDict[int, tuple[Any, set[tuple[str, str, str]]]] = (
+            OrderedDict()
+        )
 
     # -- construction -----------------------------------------------------------------
 
@@ -243,8 +255,25 @@ class TieredSaver(
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         self._bridge.require_open()
         thread_id, ns, checkpoint_id = checkpoint_ids(config)
+        if checkpoint_id is not None:
+            self._grant_fork(config, (thread_id, ns, checkpoint_id))
         record = await self._router.get(thread_id, ns, checkpoint_id)
         return self._to_tuple(record) if record is not None else None
+
+    def _grant_fork(self, config: RunnableConfig, key: tuple[str, str, str]) -> None:
+        run = config.get("configurable", {}).get(RUN_KEY)
+        if run is None:
+            return
+        _, keys = self._fork_grants.setdefault(id(run), (run, set()))
+        keys.add(key)
+        self._fork_grants.move_to_end(id(run))
+        while len(self._fork_grants) > MAX_FORK_GRANTS:
+            self._fork_grants.popitem(last=False)
+
+    def _is_granted_fork(self, config: RunnableConfig, key: tuple[str, str, str]) -> bool:
+        run = config.get("configurable", {}).get(RUN_KEY)
+        entry = self._fork_grants.get(id(run)) if run is not None else None
+        return entry is not None and entry[0] is run and key in entry[1]
 
     async def alist(
         self,
@@ -319,9 +348,12 @@ class TieredSaver(
             filter_doc=filter_doc(md),
             run_id=run_id if isinstance(run_id, str) else None,
         )
-        await self._router.put(
-            record, new_blobs, encoded, strict=self.options.concurrency == "strict"
+        strict = (
+            self.options.concurrency == "strict"
+            and not is_explicit_fork(md)
+            and not (parent_id and self._is_granted_fork(config, (thread_id, ns, parent_id)))
         )
+        await self._router.put(record, new_blobs, encoded, strict=strict)
         return {
             "configurable": {
                 "thread_id": thread_id,
