@@ -1,0 +1,377 @@
+"""The S3 store when the endpoint misbehaves: every failure leaves as a tierstore error.
+
+Three kinds of bad endpoint, all on 127.0.0.1:
+- a port nobody listens on, and one that accepts and never answers;
+- a stub speaking S3's error dialect (AccessDenied, SlowDown, …) or no S3 at all;
+- a TCP proxy in front of moto that cuts or stalls one connection mid-upload, to
+  prove that a failed or cancelled multipart upload is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tests.servers.s3 import s3_url
+from tierstore.errors import (
+    ConfigurationError,
+    CorruptPayload,
+    TierstoreError,
+    TierUnavailable,
+)
+from tierstore.settings import StoreUrl
+from tierstore.tiers.s3 import S3Store
+
+# A guard against hanging, not a speed claim: every case fails within a few seconds.
+HANG_GUARD = 60.0
+FAST = {"connect_timeout": "0.5", "read_timeout": "0.5", "max_attempts": "1"}
+
+
+def store_at(endpoint: str, **options: str) -> S3Store:
+    url = f"s3://tierstore-faults/p?endpoint_url={endpoint}&region=us-east-1"
+    for name, value in {**FAST, **options}.items():
+        url += f"&{name}={value}"
+    return S3Store.from_url(StoreUrl.parse(url))
+
+
+async def refused(action: Awaitable[Any], kind: type[TierstoreError]) -> TierstoreError:
+    """Await ``action``; it must raise ``kind`` chained to a driver error."""
+    with pytest.raises(kind) as caught:
+        await asyncio.wait_for(action, HANG_GUARD)
+    error = caught.value
+    assert isinstance(error.__cause__, BotoCoreError | ClientError | aiohttp.ClientError | OSError
+                                        | TimeoutError), (
+        f"{error!r} is not chained to the driver error"
+    )
+    return error
+
+
+# -- no answer ---------------------------------------------------------------------------
+
+
+async def test_a_port_nobody_listens_on_is_unavailable() -> None:
+    with socket.socket() as held:  # bound but not listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        store = store_at(f"http://127.0.0.1:{port}")
+        error = await refused(store.setup(), TierUnavailable)
+    assert f"127.0.0.1:{port}" in str(error)
+    assert store.state == "unopened"
+    await store.aclose()
+
+
+async def test_an_endpoint_that_drops_connection_attempts_times_out() -> None:
+    # A listener whose accept queue is full: Linux drops further SYNs, so the
+    # connection attempt hangs as it would against a firewalled host.
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        store = store_at(f"http://127.0.0.1:{port}")
+        error = await refused(store.setup(), TierUnavailable)
+    assert "timeout" in str(error).lower()
+    await store.aclose()
+
+
+async def test_an_endpoint_that_never_answers_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        store = store_at(f"http://127.0.0.1:{port}")
+        error = await refused(store.setup(), TierUnavailable)
+        assert "Timeout" in str(error) or "timed out" in str(error)
+        await store.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# -- a stub that speaks S3's error dialect -----------------------------------------------
+
+Rule = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def s3_error(status: int, code: str, message: str = "stub") -> Rule:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.method == "HEAD":  # HEAD answers carry no body: the code is the status
+            return web.Response(status=status)
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                f"<Message>{message}</Message><RequestId>1</RequestId></Error>")
+        return web.Response(status=status, body=body.encode(), content_type="application/xml")
+    return answer
+
+
+async def ok(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    return web.Response(status=200)
+
+
+class Stub:
+    """An HTTP server whose answers a test picks per method; it counts requests."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, Rule] = {}
+        self.seen: list[str] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(f"{request.method} {request.path}")
+        rule = self.rules.get(request.method) or self.rules.get("*") or ok
+        return await rule(request)
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Stub]:
+    stub = Stub()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stub.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    stub.url = f"http://127.0.0.1:{port}"
+    yield stub
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def stub_store(stub: Stub) -> AsyncIterator[S3Store]:
+    """A store set up against the stub (HeadBucket answered 200)."""
+    store = store_at(stub.url)
+    await store.setup()
+    yield store
+    await store.aclose()
+
+
+async def test_access_denied_at_setup_is_unavailable_with_a_clear_message(stub: Stub) -> None:
+    stub.rules["*"] = s3_error(403, "AccessDenied")
+    store = store_at(stub.url)
+    error = await refused(store.setup(), TierUnavailable)
+    assert "access denied" in str(error) and "policies" in str(error)
+    await store.aclose()
+
+
+async def test_access_denied_on_read_is_unavailable(stub: Stub, stub_store: S3Store) -> None:
+    stub.rules["GET"] = s3_error(403, "AccessDenied", "no s3:GetObject")
+    error = await refused(stub_store.get("k"), TierUnavailable)
+    assert "AccessDenied" in str(error) and "no s3:GetObject" in str(error)
+
+
+@pytest.mark.parametrize("code", ["InvalidAccessKeyId", "SignatureDoesNotMatch"])
+async def test_rejected_credentials_are_a_configuration_error(
+        stub: Stub, stub_store: S3Store, code: str) -> None:
+    stub.rules["PUT"] = s3_error(403, code)
+    error = await refused(stub_store.put("k", b"v"), ConfigurationError)
+    assert code in str(error) and "credentials" in str(error)
+
+
+async def test_a_throttled_request_is_retried_then_unavailable(stub: Stub) -> None:
+    store = store_at(stub.url, max_attempts="3")
+    await store.setup()
+    try:
+        stub.rules["GET"] = s3_error(503, "SlowDown", "reduce your request rate")
+        before = len(stub.seen)
+        error = await refused(store.get("k"), TierUnavailable)
+        assert "SlowDown" in str(error)
+        assert len(stub.seen) - before == 3  # max_attempts is honoured
+    finally:
+        await store.aclose()
+
+
+async def test_a_server_error_is_unavailable(stub: Stub, stub_store: S3Store) -> None:
+    stub.rules["DELETE"] = s3_error(500, "InternalError")
+    stub.rules["POST"] = s3_error(500, "InternalError")
+    await refused(stub_store.delete(["a", "b"]), TierUnavailable)
+
+
+async def test_a_damaged_upload_is_a_corrupt_payload(stub: Stub, stub_store: S3Store) -> None:
+    stub.rules["PUT"] = s3_error(400, "BadDigest")
+    await refused(stub_store.put("k", b"v"), CorruptPayload)
+
+
+async def test_a_truncated_read_is_unavailable(stub: Stub, stub_store: S3Store) -> None:
+    async def short(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"only a part")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    stub.rules["GET"] = short
+    await refused(stub_store.get("k"), TierUnavailable)
+
+
+async def test_partial_delete_failures_are_reported(stub: Stub, stub_store: S3Store) -> None:
+    async def partial(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        body = ('<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error><Key>p/a</Key>'
+                "<Code>AccessDenied</Code><Message>denied</Message></Error></DeleteResult>")
+        return web.Response(status=200, body=body.encode(), content_type="application/xml")
+
+    stub.rules["POST"] = partial
+    with pytest.raises(TierUnavailable, match=r"1 of 2 keys not deleted.*p/a"):
+        await stub_store.delete(["a", "b"])
+
+
+async def test_an_endpoint_that_is_not_s3_is_refused(stub: Stub) -> None:
+    async def html(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=404, text="<html>nothing here</html>",
+                            content_type="text/html")
+
+    stub.rules["*"] = html
+    store = store_at(stub.url)
+    with pytest.raises(TierstoreError) as caught:
+        await asyncio.wait_for(store.setup(), HANG_GUARD)
+    assert isinstance(caught.value, TierUnavailable | ConfigurationError)
+    assert "404" in str(caught.value)
+    await store.aclose()
+
+
+# -- multipart uploads that fail half-way --------------------------------------------------
+
+
+class Proxy:
+    """A TCP proxy to ``upstream`` that breaks connections carrying ``after`` bytes upstream.
+
+    ``mode="cut"`` resets every such connection (aiohttp retries an idempotent request
+    once on a fresh connection, so cutting only one would go unnoticed); ``mode="stall"``
+    freezes the first one. Small requests (the abort) always pass.
+    """
+
+    def __init__(self, upstream: tuple[str, int], *, after: int, mode: str) -> None:
+        self.upstream = upstream
+        self.after = after
+        self.mode = mode
+        self.tripped = asyncio.Event()
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader,
+                     client_w: asyncio.StreamWriter) -> None:
+        upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
+        up = asyncio.create_task(self._pump(client_r, upstream_w, client_w, count=True))
+        down = asyncio.create_task(self._pump(upstream_r, client_w, upstream_w, count=False))
+        self._tasks |= {up, down}
+        await asyncio.gather(up, down, return_exceptions=True)
+        for writer in (client_w, upstream_w):
+            writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    other: asyncio.StreamWriter, *, count: bool) -> None:
+        sent = 0
+        try:
+            while chunk := await reader.read(65536):
+                sent += len(chunk)
+                if count and sent >= self.after and (self.mode == "cut"
+                                                     or not self.tripped.is_set()):
+                    self.tripped.set()
+                    if self.mode == "stall":
+                        await asyncio.Event().wait()  # until the proxy is stopped
+                    writer.transport.abort()
+                    other.transport.abort()
+                    return
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            other.transport.abort()
+        else:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write_eof()
+
+
+@pytest.fixture
+async def proxy_factory(moto_endpoint: str) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    proxies: list[Proxy] = []
+
+    async def make(*, after: int, mode: str) -> Proxy:
+        proxy = Proxy((host, int(port)), after=after, mode=mode)
+        await proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.stop()
+
+
+async def no_uploads_left(client: Any, bucket: str, key: str) -> None:
+    uploads = await client.list_multipart_uploads(Bucket=bucket)
+    assert not uploads.get("Uploads"), f"multipart uploads left behind: {uploads['Uploads']}"
+    listed = await client.list_objects_v2(Bucket=bucket, Prefix=key)
+    assert not listed.get("Contents"), "a failed upload left an object"
+
+
+def store_via(proxy: Proxy, moto_endpoint: str) -> S3Store:
+    url = s3_url(moto_endpoint, prefix="mp/", read_timeout="5", max_attempts="1",
+                 multipart_threshold="5MiB", part_size="5MiB")
+    return S3Store.from_url(StoreUrl.parse(url.replace(moto_endpoint, proxy.url)))
+
+
+async def test_a_cut_multipart_upload_is_aborted(proxy_factory: Any, moto_endpoint: str,
+                                                 s3_client: Any) -> None:
+    proxy = await proxy_factory(after=2 * 1024 * 1024, mode="cut")
+    store = store_via(proxy, moto_endpoint)
+    await store.setup()
+    try:
+        await refused(store.put("segment", os.urandom(12 * 1024 * 1024)), TierUnavailable)
+        assert proxy.tripped.is_set()
+        await no_uploads_left(s3_client, store.bucket, "mp/segment")
+        # Requests the proxy lets through still work.
+        await store.put("segment", b"small")
+        assert await store.get("segment") == b"small"
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_multipart_upload_is_aborted(proxy_factory: Any, moto_endpoint: str,
+                                                       s3_client: Any) -> None:
+    proxy = await proxy_factory(after=2 * 1024 * 1024, mode="stall")
+    store = store_via(proxy, moto_endpoint)
+    await store.setup()
+    try:
+        upload = asyncio.create_task(store.put(f"k-{uuid.uuid4().hex}", os.urandom(11 << 20)))
+        await asyncio.wait_for(proxy.tripped.wait(), HANG_GUARD)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        await no_uploads_left(s3_client, store.bucket, "mp/k-")
+    finally:
+        await store.aclose()
