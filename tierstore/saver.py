@@ -28,7 +28,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.pipeline import EMPTY
-from tierstore.errors import InvalidInput, LifecycleError
+from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.offload import Offloader
 from tierstore.policy import (
     checkpoint_ids,
@@ -56,7 +56,7 @@ from tierstore.settings import (
     options_from_env,
     urls_from_env,
 )
-from tierstore.tiers import open_store
+from tierstore.tiers import HotStore, ObjectStore, WarmStore, open_store
 
 __all__ = ["TieredSaver"]
 
@@ -117,7 +117,36 @@ class TieredSaver(
         is entered.
         """
         opts = SaverOptions().with_(**options)
-        stack = build_stack(hot=hot, warm=warm, cold=cold, options=opts)
+        if warm is None:
+            raise ConfigurationError("a warm tier is required: it is the system of record")
+        return cls.from_stores(
+            warm=open_store("warm", warm),
+            hot=open_store("hot", hot, ttl=opts.hot_ttl) if hot is not None else None,
+            cold=open_store("cold", cold) if cold is not None else None,
+            serde=serde,
+            **options,
+        )
+
+    @classmethod
+    def from_stores(
+        cls,
+        *,
+        warm: WarmStore,
+        hot: HotStore | None = None,
+        cold: ObjectStore | None = None,
+        serde: SerializerProtocol | None = None,
+        **options: Any,
+    ) -> TieredSaver:
+        """A saver over store objects built by hand (say, around a client you already have).
+
+        The saver sets the stores up on enter and closes them on exit; a store that was
+        given a client it did not create leaves that client open.
+        """
+        opts = SaverOptions().with_(**options)
+        offloader = None
+        if cold is not None and not getattr(warm, "offloads_internally", False):
+            offloader = Offloader(cold, threshold=opts.offload_threshold)
+        stack = TierStack(warm=warm, hot=hot, cold=cold, offloader=offloader)
         router = Router(Regions({DEFAULT_REGION: stack}), verify_hot=opts.hot_check == "verify",
                         on_archived=opts.on_archived)
         return cls(router, options=opts, serde=serde)
@@ -466,17 +495,3 @@ class TieredSaver(
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._bridge.run(self.aprune(thread_ids, strategy=strategy))
 
-
-def build_stack(
-    *, hot: str | None, warm: str, cold: str | None, options: SaverOptions
-) -> TierStack:
-    """Parse the URLs of one region and build (not open) its stores."""
-    if warm is None:
-        raise LifecycleError("a warm tier is required: it is the system of record")
-    warm_store = open_store("warm", warm)
-    hot_store = open_store("hot", hot, ttl=options.hot_ttl) if hot is not None else None
-    cold_store = open_store("cold", cold) if cold is not None else None
-    offloader = None
-    if cold_store is not None and not getattr(warm_store, "offloads_internally", False):
-        offloader = Offloader(cold_store, threshold=options.offload_threshold)
-    return TierStack(warm=warm_store, hot=hot_store, cold=cold_store, offloader=offloader)

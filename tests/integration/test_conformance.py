@@ -54,9 +54,7 @@ class TieringEverywhere(TieredSaver):
 async def run_conformance(stack: str, urls: Urls, saver_class: type[TieredSaver]) -> None:
     @checkpointer_test(name=f"tierstore-{stack}-{uuid.uuid4().hex[:6]}")
     async def factory() -> AsyncIterator[TieredSaver]:
-        async with saver_class.from_urls(
-            hot=urls["hot"], warm=urls["warm"] or "", cold=urls["cold"]
-        ) as saver:
+        async with urls.open(saver_class) as saver:
             yield saver
 
     report = await validate(factory)

@@ -31,8 +31,7 @@ def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
 
 
 def open_saver(urls: Urls, **options: Any) -> TieredSaver:
-    return TieredSaver.from_urls(hot=urls["hot"], warm=urls["warm"] or "", cold=urls["cold"],
-                                 **options)
+    return urls.open(**options)
 
 
 @pytest.fixture
