@@ -51,7 +51,8 @@ class StoreUrl:
             raise ConfigurationError(f"store URL must be a non-empty string, got {url!r}")
         try:
             parts = urlsplit(url.strip())
-            port = parts.port
+            multi_host = parts.scheme.lower().startswith("mongodb") and "," in parts.netloc
+            port = None if multi_host else parts.port
         except ValueError as exc:
             raise ConfigurationError(f"malformed URL {mask(url)!r}: {exc}") from exc
         if not parts.scheme:
@@ -59,8 +60,9 @@ class StoreUrl:
                 f"URL {mask(url)!r} has no scheme (expected e.g. sqlite:///path or redis://host)"
             )
         query: dict[str, str] = {}
+        repeatable = parts.scheme.lower().startswith("mongodb")  # e.g. readPreferenceTags
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key in query:
+            if key in query and not repeatable:
                 raise ConfigurationError(f"URL {mask(url)!r} repeats query parameter {key!r}")
             query[key] = value
         return cls(
@@ -68,7 +70,7 @@ class StoreUrl:
             scheme=parts.scheme.lower(),
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
-            host=parts.hostname,
+            host=None if multi_host else parts.hostname,
             port=port,
             path=parts.path,
             query=query,

@@ -125,3 +125,11 @@ def test_options_validate_and_read_the_environment() -> None:
         urls_from_env({"TIERSTORE_WARM_URL": ""})
     with pytest.raises(ConfigurationError, match="duration"):
         options_from_env({"TIERSTORE_HOT_TTL": "soon"})
+
+
+def test_mongo_urls_may_name_several_hosts_and_repeat_options() -> None:
+    url = StoreUrl.parse("mongodb://u:pw@h1:27017,h2/db?readPreferenceTags=a:1&readPreferenceTags=b:2")
+    assert (url.scheme, url.path, url.host) == ("mongodb", "/db", None)
+    assert "pw" not in repr(url)
+    with pytest.raises(ConfigurationError, match="repeats"):
+        StoreUrl.parse("postgresql://h/db?sslmode=a&sslmode=b")
