@@ -1,0 +1,293 @@
+"""The Redis hot tier under faults, with real LangGraph graphs over a TieredSaver.
+
+1. Redis is killed in the middle of a conversation and restarted: every turn still
+   succeeds with complete state, and the saver serves hot hits again by itself.
+2. One saver reaches Redis through a TCP proxy that is cut and healed while a second
+   saver talks to Redis directly, both on one warm SQLite file: with the default
+   ``hot_check="verify"`` neither ever returns a latest state other than warm's;
+   with ``hot_check="trusted"`` the stale entry left behind by a failed hot write is
+   served until its TTL runs out, which is the documented staleness bound.
+
+Waits poll a condition under a generous deadline; nothing asserts on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import operator
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langgraph.graph import END, START, StateGraph
+from redis.asyncio import Redis
+
+from tests.servers.redis import RedisServer, unique_prefix, with_query
+from tierstore import TieredSaver
+from tierstore.tiers.redis import entry_key
+
+DEADLINE = 20.0
+# fast recovery, and timeouts a loaded machine cannot hit: the faults below are dead
+# servers and reset connections, which fail at once (silent servers and timeouts are
+# tested in tests/integration/test_redis_hot.py)
+FAST_BACKOFF = {"backoff": "0.05", "backoff_max": "0.2", "timeout": "5",
+                "socket_timeout": "2", "connect_timeout": "2"}
+
+
+async def past_backoff() -> None:
+    """Let a breaker that opened during a cut admit its next call (``backoff_max`` is 0.2 s).
+
+    Without this, the first call to reach Redis after a heal may be a refill rather
+    than a read, repairing the stale entry before anyone looks at it.
+    """
+    await asyncio.sleep(0.3)
+
+
+class State(TypedDict):
+    items: Annotated[list[str], operator.add]
+
+
+def step(state: State) -> dict[str, list[str]]:
+    return {"items": [f"out-{len(state['items'])}"]}
+
+
+def graph(saver: TieredSaver) -> Any:
+    builder = StateGraph(State)
+    builder.add_node("step", step)
+    builder.add_edge(START, "step")
+    builder.add_edge("step", END)
+    return builder.compile(checkpointer=saver)
+
+
+def config(thread: str) -> Any:
+    return {"configurable": {"thread_id": thread}}
+
+
+async def turn(app: Any, thread: str, n: int, expected: list[str]) -> None:
+    """One conversation turn; ``expected`` is the state every turn so far must leave."""
+    result = await app.ainvoke({"items": [f"in-{n}"]}, config(thread))
+    expected += [f"in-{n}", f"out-{len(expected) + 1}"]
+    assert result["items"] == expected
+    state = await app.aget_state(config(thread))
+    assert state.values["items"] == expected
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not await condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting: {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- 1. kill and restart ------------------------------------------------------------------
+
+
+async def test_turns_survive_redis_dying_and_hot_hits_come_back(
+    redis_servers: Callable[[], RedisServer], tmp_path: Path,
+) -> None:
+    server = redis_servers()
+    hot = with_query(server.url, prefix=unique_prefix(), **FAST_BACKOFF)
+    thread, expected = f"conv-{uuid.uuid4()}", list[str]()
+    async with TieredSaver.from_urls(hot=hot, warm=f"sqlite:///{tmp_path}/w.db",
+                                     cold=None) as saver:
+        app = graph(saver)
+        for n in range(3):
+            await turn(app, thread, n, expected)
+        assert saver.stats.hot_hits > 0 and saver.stats.hot_errors == 0
+
+        server.kill()
+        for n in range(3, 8):
+            await turn(app, thread, n, expected)
+        assert saver.stats.hot_errors > 0  # every failure was logged, counted and survived
+
+        server.start()  # same port, empty, scripts forgotten
+        hits = saver.stats.hot_hits
+        n = 8
+
+        async def hits_again() -> bool:
+            nonlocal n
+            await turn(app, thread, n, expected)
+            n += 1
+            return saver.stats.hot_hits > hits
+
+        await until(hits_again, "the saver serving hot hits after Redis came back")
+        assert len(expected) == 2 * n
+
+
+# -- 2. a partition between one saver and Redis ----------------------------------------------
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1. ``cut()`` resets every connection and every new one
+    until ``heal()``: the saver behind it loses Redis while everyone else keeps it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.is_cut = False
+        self._server: asyncio.Server | None = None
+        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._links.append((writer, up_writer))
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for client, upstream in self._links:
+            client.transport.abort()
+            upstream.transport.abort()
+        self._links.clear()
+
+    def heal(self) -> None:
+        self.is_cut = False
+
+    async def aclose(self) -> None:
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def proxied_redis(
+    redis_servers: Callable[[], RedisServer],
+) -> AsyncIterator[tuple[RedisServer, Proxy]]:
+    server = redis_servers()
+    proxy = await Proxy(server.port).start()
+    try:
+        yield server, proxy
+    finally:
+        await proxy.aclose()
+
+
+async def latest(saver: TieredSaver, thread: str) -> Any:
+    found = await saver.aget_tuple(config(thread))
+    if found is None:
+        return None
+    return (found.config["configurable"]["checkpoint_id"], found.checkpoint["channel_values"],
+            sorted(map(repr, found.pending_writes or [])))
+
+
+async def test_a_partitioned_saver_never_serves_stale_latest_state(
+    proxied_redis: tuple[RedisServer, Proxy], tmp_path: Path,
+) -> None:
+    server, proxy = proxied_redis
+    prefix = unique_prefix()
+    warm = f"sqlite:///{tmp_path}/shared.db"
+    via_proxy = with_query(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, **FAST_BACKOFF)
+    direct = with_query(server.url, prefix=prefix, **FAST_BACKOFF)
+    thread, gone, expected = f"conv-{uuid.uuid4()}", f"gone-{uuid.uuid4()}", list[str]()
+    async with (
+        TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None) as a,
+        TieredSaver.from_urls(hot=direct, warm=warm, cold=None) as b,
+        TieredSaver.from_urls(hot=None, warm=warm, cold=None) as truth,
+    ):
+        app_a, app_b = graph(a), graph(b)
+
+        async def fresh(saver: TieredSaver, t: str = thread) -> bool:
+            return bool(await latest(saver, t) == await latest(truth, t))
+
+        for n in range(2):
+            await turn(app_a, thread, n, expected)
+        await turn(app_a, gone, 0, [])
+        assert await fresh(a) and await fresh(b)
+
+        proxy.cut()
+        for n in range(2, 4):  # b moves the thread on; Redis follows b
+            await turn(app_b, thread, n, expected)
+        await turn(app_a, thread, 4, expected)  # a's hot write fails: Redis lags warm
+        await a.adelete_thread(gone)  # a's invalidation fails: Redis keeps a dead thread
+        assert await fresh(a)
+        assert await latest(a, gone) is None
+
+        proxy.heal()
+        await past_backoff()
+        stale = a.stats.hot_stale
+        assert await fresh(a)
+        assert a.stats.hot_stale == stale + 1  # a read Redis, saw the lagging entry, refused it
+        assert await fresh(b)
+        assert await latest(a, gone) is None and await latest(b, gone) is None
+
+        # a pending write that reaches warm but not Redis
+        head = await a.aget_tuple(config(thread))
+        assert head is not None and await fresh(b)  # both now cache the head
+        proxy.cut()
+        await a.aput_writes(head.config, [("items", ["pending"])], task_id="task-1")
+        proxy.heal()
+        await past_backoff()
+        stale = a.stats.hot_stale
+        assert (await latest(a, thread))[2] == [repr(("task-1", "items", ["pending"]))]
+        assert a.stats.hot_stale == stale + 1  # the cached head lacked the write
+        assert await fresh(a)
+        assert await fresh(b)
+
+
+async def test_trusted_reads_are_stale_at_most_until_the_ttl(
+    proxied_redis: tuple[RedisServer, Proxy], tmp_path: Path,
+) -> None:
+    server, proxy = proxied_redis
+    prefix = unique_prefix()
+    warm = f"sqlite:///{tmp_path}/shared.db"
+    # a short TTL, so that the test can watch it run out
+    via_proxy = with_query(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, ttl="2",
+                           **FAST_BACKOFF)
+    thread, expected = f"conv-{uuid.uuid4()}", list[str]()
+    async with (
+        TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None,
+                              hot_check="trusted") as trusting,
+        TieredSaver.from_urls(hot=None, warm=warm, cold=None) as truth,
+    ):
+        app = graph(trusting)
+        await turn(app, thread, 0, expected)
+        cached = await latest(trusting, thread)
+
+        proxy.cut()
+        await turn(app, thread, 1, expected)  # warm moves on, the hot write fails
+        proxy.heal()
+        await past_backoff()
+        hits = trusting.stats.hot_hits
+        # the bound, observed: the stale entry is served, and it dies with its TTL
+        assert await latest(trusting, thread) == cached != await latest(truth, thread)
+        assert trusting.stats.hot_hits == hits + 1
+        redis = Redis(port=server.port)
+        try:
+            key = entry_key(prefix, thread, "")
+            assert 0 < await redis.pttl(key) <= 2000
+
+            async def expired() -> bool:
+                return bool(await redis.pttl(key) == -2)
+
+            await until(expired, "the stale entry's TTL running out")
+        finally:
+            await redis.aclose()
+        assert await latest(trusting, thread) == await latest(truth, thread)
