@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,7 @@ log = logging.getLogger("tierstore")
 T = TypeVar("T")
 
 DEFAULT_REGION = "default"
+HOT_WARNING_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -135,6 +137,7 @@ class Router:
         self.restore_days = restore_days
         self.stats = Stats()
         self._segments: OrderedDict[tuple[int, str], Segment] = OrderedDict()
+        self._last_hot_warning = float("-inf")
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -175,8 +178,15 @@ class Router:
             return await call
         except Exception as exc:
             self.stats.hot_errors += 1
-            log.warning("hot tier %s failed (%s: %s); serving from warm", op,
-                        type(exc).__name__, exc)
+            now = time.monotonic()
+            if now - self._last_hot_warning >= HOT_WARNING_INTERVAL:
+                self._last_hot_warning = now
+                log.warning("hot tier %s failed (%s: %s); serving from warm "
+                            "(%d hot errors so far; repeats are logged at most every %.0fs)",
+                            op, type(exc).__name__, exc, self.stats.hot_errors,
+                            HOT_WARNING_INTERVAL)
+            else:
+                log.debug("hot tier %s failed: %s", op, exc)
             return default
 
     # -- reads ------------------------------------------------------------------------
