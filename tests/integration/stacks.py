@@ -8,6 +8,7 @@ emulation unless TIERSTORE_TEST_MONGO_URL names a real server.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,49 @@ def embedded(request: pytest.FixtureRequest, tmp: Path) -> Stack:
     return Stack("embedded", "memory://", f"sqlite:///{tmp}/warm.db", f"file://{tmp}/cold")
 
 
-STACKS: dict[str, StackBuilder] = {"embedded": embedded}
-TIERED_STACKS = {"embedded"}
+def redis_hot(request: pytest.FixtureRequest) -> str:
+    """The test Redis with a key prefix of this test's own, purged when the test ends."""
+    from tests.servers.redis import unique_prefix, with_query
+
+    base: str = request.getfixturevalue("redis_url")
+    prefix = unique_prefix()
+
+    def purge() -> None:
+        import redis
+
+        client = redis.Redis.from_url(base.split("?")[0])
+        try:
+            for key in client.scan_iter(match=f"{prefix}*", count=500):
+                client.delete(key)
+        finally:
+            client.close()
+
+    request.addfinalizer(purge)
+    return with_query(base, prefix=prefix, timeout="5", socket_timeout="2",
+                      connect_timeout="2")
+
+
+def s3_cold(request: pytest.FixtureRequest, storage_class: str = "STANDARD_IA") -> str:
+    from tests.servers.s3 import s3_url
+
+    return s3_url(request.getfixturevalue("moto_endpoint"), storage_class=storage_class)
+
+
+def redis_mongo_s3(request: pytest.FixtureRequest, tmp: Path) -> Stack:
+    target = request.getfixturevalue("mongo_db")
+    return Stack("redis+mongo+s3", redis_hot(request), target.store, s3_cold(request),
+                 shared_across_processes=target.real)
+
+
+STACKS: dict[str, StackBuilder] = {
+    "embedded": embedded,
+    "redis+mongo+s3": redis_mongo_s3,
+}
+TIERED_STACKS = {"embedded", "redis+mongo+s3"}
 """Stacks with a cold tier, where the tiering jobs run."""
+MULTIPROCESS_STACKS = {"embedded"} | (
+    {"redis+mongo+s3"} if os.environ.get("TIERSTORE_TEST_MONGO_URL") else set())
+"""Stacks several OS processes can share (the in-memory Mongo emulation cannot)."""
 
 
 def stack_params() -> list[Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
-from tests.integration.stacks import STACKS, Urls
+from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.segment import SEGMENT_PREFIX, unpack_segment
 from tierstore.demo import build_agent
@@ -173,7 +173,13 @@ def _worker(urls: Urls, seed: int, results: Any) -> None:
     results.put(asyncio.run(run()))
 
 
-async def test_four_workers_never_archive_twice_and_lose_nothing(urls: Urls) -> None:
+@pytest.fixture(params=sorted(MULTIPROCESS_STACKS))
+def shared_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+async def test_four_workers_never_archive_twice_and_lose_nothing(shared_urls: Urls) -> None:
+    urls = shared_urls
     threads = [f"mw-{i}" for i in range(8)]
     async with open_saver(urls) as saver:
         app = build_agent().compile(checkpointer=saver)
