@@ -58,7 +58,7 @@ def redis_hot(request: pytest.FixtureRequest) -> str:
     def purge() -> None:
         import redis
 
-        client = redis.Redis.from_url(base.split("?")[0])
+        client = redis.Redis.from_url(base.split("?", maxsplit=1)[0])
         try:
             for key in client.scan_iter(match=f"{prefix}*", count=500):
                 client.delete(key)
