@@ -136,9 +136,12 @@ def _open(urls: dict[str, str]) -> TieredSaver:
     return TieredSaver.from_urls(hot=urls["hot"], warm=urls["warm"], cold=urls["cold"])
 
 
-def run_demo(directory: str | Path | None = None, *, out: Callable[[str], None] = print) -> dict[
-        str, Any]:
-    """Run the demo; returns the facts it printed (tests check them)."""
+def run_demo(directory: str | Path | None = None, *, out: Callable[[str], None] = print,
+             tiering: bool = True) -> dict[str, Any]:
+    """Run the demo; returns the facts it printed (tests check them).
+
+    ``tiering=False`` stops before step 5 and leaves every checkpoint warm.
+    """
     keep = directory is not None
     root = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="tierstore-"))
     if keep and root.exists():
@@ -151,7 +154,7 @@ def run_demo(directory: str | Path | None = None, *, out: Callable[[str], None] 
     out(f"tierstore demo: embedded stack under {root}")
     out(f"   hot={urls['hot']}  warm={urls['warm']}  cold={urls['cold']}")
     try:
-        facts.update(_run(urls, p))
+        facts.update(_run(urls, p, tiering=tiering))
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -160,7 +163,7 @@ def run_demo(directory: str | Path | None = None, *, out: Callable[[str], None] 
     return facts
 
 
-def _run(urls: dict[str, str], p: _Printer) -> dict[str, Any]:
+def _run(urls: dict[str, str], p: _Printer, *, tiering: bool) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     agent = build_agent()
 
@@ -213,7 +216,8 @@ def _run(urls: dict[str, str], p: _Printer) -> dict[str, Any]:
         facts["stats"] = saver.stats.as_dict()
         p.line("saver stats: " + ", ".join(f"{k}={v}" for k, v in facts["stats"].items() if v))
 
-    facts.update(asyncio.run(_tiering(urls, p)))
+    if tiering:
+        facts.update(asyncio.run(_tiering(urls, p)))
     return facts
 
 

@@ -31,7 +31,7 @@ def js(*args: str, env: dict[str, str]) -> Any:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    run_demo(tmp_path, out=lambda line: None)
+    run_demo(tmp_path, out=lambda line: None, tiering=False)
     return {**os.environ, "TIERSTORE_HOT_URL": "none",
             "TIERSTORE_WARM_URL": f"sqlite:///{tmp_path}/warm.db",
             "TIERSTORE_COLD_URL": f"file://{tmp_path}/cold", "PYTHONPATH": str(ROOT)}
