@@ -9,6 +9,7 @@ emulation unless TIERSTORE_TEST_MONGO_URL names a real server.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,26 @@ def s3_cold(request: pytest.FixtureRequest, storage_class: str = "STANDARD_IA") 
     return s3_url(request.getfixturevalue("moto_endpoint"), storage_class=storage_class)
 
 
+def postgres_warm(request: pytest.FixtureRequest) -> str:
+    """The session's test database, with a schema of this test's own."""
+    base: str = request.getfixturevalue("postgres_url")
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}schema=t_{uuid.uuid4().hex[:16]}&max_size=5"
+
+
+def postgres_only(request: pytest.FixtureRequest, tmp: Path) -> Stack:
+    return Stack("postgres", None, postgres_warm(request), None)
+
+
+def redis_postgres(request: pytest.FixtureRequest, tmp: Path) -> Stack:
+    return Stack("redis+postgres", redis_hot(request), postgres_warm(request), None)
+
+
+def redis_postgres_s3(request: pytest.FixtureRequest, tmp: Path) -> Stack:
+    return Stack("redis+postgres+s3", redis_hot(request), postgres_warm(request),
+                 s3_cold(request))
+
+
 def redis_mongo_s3(request: pytest.FixtureRequest, tmp: Path) -> Stack:
     target = request.getfixturevalue("mongo_db")
     return Stack("redis+mongo+s3", redis_hot(request), target.store, s3_cold(request),
@@ -84,11 +105,14 @@ def redis_mongo_s3(request: pytest.FixtureRequest, tmp: Path) -> Stack:
 
 STACKS: dict[str, StackBuilder] = {
     "embedded": embedded,
+    "postgres": postgres_only,
+    "redis+postgres": redis_postgres,
+    "redis+postgres+s3": redis_postgres_s3,
     "redis+mongo+s3": redis_mongo_s3,
 }
-TIERED_STACKS = {"embedded", "redis+mongo+s3"}
+TIERED_STACKS = {"embedded", "redis+postgres+s3", "redis+mongo+s3"}
 """Stacks with a cold tier, where the tiering jobs run."""
-MULTIPROCESS_STACKS = {"embedded"} | (
+MULTIPROCESS_STACKS = {"embedded", "redis+postgres+s3"} | (
     {"redis+mongo+s3"} if os.environ.get("TIERSTORE_TEST_MONGO_URL") else set())
 """Stacks several OS processes can share (the in-memory Mongo emulation cannot)."""
 

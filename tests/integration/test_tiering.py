@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
+from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.segment import SEGMENT_PREFIX, unpack_segment
 from tierstore.demo import build_agent
@@ -25,7 +25,7 @@ HISTORY = TieringPolicy(archive_after=60, archive_idle_after=None, segment_size=
 IDLE = TieringPolicy(archive_after=None, archive_idle_after=60, segment_size=50)
 
 
-@pytest.fixture(params=sorted(STACKS))
+@pytest.fixture(params=sorted(TIERED_STACKS))
 def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
     return STACKS[request.param](request, tmp_path)
 
