@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -75,12 +76,14 @@ async def test_import_as_a_command(langgraph_db: str, tmp_path: Path) -> None:
     env = {**os.environ, "TIERSTORE_HOT_URL": "none",
            "TIERSTORE_WARM_URL": f"sqlite:///{tmp_path}/w.db", "TIERSTORE_COLD_URL": "none",
            "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "tierstore", "import", "--from-langgraph-postgres", langgraph_db,
          "--json"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["checkpoints"] == sum(len(h) for h in expected.values())
-    bad = subprocess.run(
+    bad = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "tierstore", "import", "--from-langgraph-postgres",
          "postgresql://postgres@127.0.0.1:1/nothing"], capture_output=True, text=True, env=env,
         timeout=120, check=False)
