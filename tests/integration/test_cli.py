@@ -133,3 +133,28 @@ def test_errors_are_one_line_with_meaningful_exit_codes(env: dict[str, str], arg
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_worker_stops_cleanly_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    health = tmp_path / "worker-health.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tierstore", "worker", "--interval", "0.2s",
+         "--health-file", str(health)], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not health.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert health.exists()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    data = json.loads(health.read_text())
+    assert data["healthy"] is True
+    assert data["jobs"]["history-demotion"]["runs"] >= 1
