@@ -9,9 +9,9 @@ Read of the latest checkpoint (``hot_check="verify"``)::
                          warm.get(t, ns) ─► refill hot (best effort) ─► serve
 
 A warm row may be a stub (``location="archived"``): its payload sits in a cold
-segment, which is fetched (and cached), verified and unpacked; reading the latest
-checkpoint of an archived idle thread also rehydrates it into warm, so the next turn
-writes onto live data. A segment in a class that needs a restore raises
+segment, which is fetched (and cached), verified and unpacked. Reading one archived
+checkpoint by itself (``get``: resuming an idle thread, time travel) also rehydrates
+it into warm, so a child written next finds every channel value it points to. A segment in a class that needs a restore raises
 ``CheckpointArchived`` (after starting the restore when ``on_archived="restore"``).
 
 Write::
@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
+from tierstore.hotwriter import HotWriter
 from tierstore.offload import Offloader
 from tierstore.policy import is_hot_fresh, matches_filter
 from tierstore.records import (
@@ -130,9 +131,11 @@ class Router:
         verify_hot: bool = True,
         on_archived: str = "raise",
         restore_days: int = 7,
+        hot_write_delay: float = 0.0,
     ) -> None:
         self.regions = regions
         self.verify_hot = verify_hot
+        self.hot_writer = HotWriter(delay=hot_write_delay, guard=self._guard_bool)
         self.on_archived = on_archived
         self.restore_days = restore_days
         self.stats = Stats()
@@ -155,6 +158,7 @@ class Router:
             raise
 
     async def aclose(self) -> None:
+        await self.hot_writer.drain()
         seen: list[Any] = []
         for stack in self.regions.stacks.values():
             seen.extend(s for s in stack.stores() if not any(s is x for x in seen))
@@ -203,9 +207,11 @@ class Router:
             record = await stack.warm.get(thread_id, checkpoint_ns, checkpoint_id)
             if record is not None and record.location == "archived":
                 record = await self.materialize(stack, record)
-                if checkpoint_id is None:
-                    # an archived idle thread is being resumed: make its head live again
-                    self.stats.rehydrated += await stack.warm.rehydrate([record])
+                # Restore on demand: a checkpoint read on its own is about to be resumed
+                # (the latest of an idle thread) or forked (time travel). Its child will
+                # name the channel versions it did not change, so they must be live in
+                # warm again. ``list`` reads history without rehydrating.
+                self.stats.rehydrated += await stack.warm.rehydrate([record])
             if record is not None and stack.hot is not None and checkpoint_id is None:
                 await self._hot("fill", stack.hot.put(record), False)
         if record is None:
@@ -282,9 +288,18 @@ class Router:
                 self._segments.pop((id(stack), key), None)
         return len(dead)
 
+    async def _guard_bool(self, op: str, call: Awaitable[bool], default: bool) -> bool:
+        return await self._hot(op, call, default)
+
     async def _hot_latest(
         self, stack: TierStack, hot: HotStore, thread_id: str, checkpoint_ns: str
     ) -> StoredCheckpoint | None:
+        local = self.hot_writer.peek(hot, thread_id, checkpoint_ns)
+        # this process wrote the newest state it knows of: no need to ask the hot tier
+        if local is not None and (not self.verify_hot or is_hot_fresh(
+                local, await stack.warm.head(thread_id, checkpoint_ns))):
+            self._count_hit(True)
+            return local
         if not self.verify_hot:
             hit = await self._hot("get", hot.get(thread_id, checkpoint_ns), None)
             self._count_hit(hit is not None)
@@ -369,7 +384,7 @@ class Router:
                 blobs=values,
                 writes=(),
             )
-            await self._hot("put", stack.hot.put(cached), False)
+            await self.hot_writer.put(stack.hot, cached)
         return result
 
     async def _shrink(
@@ -403,18 +418,20 @@ class Router:
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
         await stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes)
         if stack.hot is not None:
-            await self._hot(
-                "add_writes",
-                stack.hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes),
-                False,
-            )
+            await self.hot_writer.add_writes(stack.hot, thread_id, checkpoint_ns, checkpoint_id,
+                                             writes)
 
     # -- whole-thread operations --------------------------------------------------------
+
+    async def invalidate_hot(self, stack: TierStack, thread_id: str) -> None:
+        """Forget a thread in the hot tier, including updates this process has queued."""
+        await self._invalidate(stack, [thread_id])
 
     async def _invalidate(self, stack: TierStack, thread_ids: Sequence[str]) -> None:
         if stack.hot is not None:
             hot = stack.hot
             for thread_id in thread_ids:
+                self.hot_writer.forget(hot, thread_id)
                 await self._hot("invalidate", hot.invalidate(thread_id), None)
 
     async def delete_thread(self, thread_id: str) -> None:

@@ -150,6 +150,8 @@ class SaverOptions:
     compress_min: payloads smaller than this are stored uncompressed.
     on_archived: ``raise`` CheckpointArchived for a checkpoint that needs a restore,
         or ``restore`` to start the restore and then raise.
+    hot_write_delay: seconds the hot tier's update of a (thread, ns) waits so that a
+        burst of writes (one LangGraph turn) costs one hot round trip; 0 writes through.
     """
 
     concurrency: Concurrency = "permissive"
@@ -159,8 +161,13 @@ class SaverOptions:
     compression_level: int = 3
     compress_min: int = 256
     on_archived: OnArchived = "raise"
+    hot_write_delay: float = 0.05
 
     def __post_init__(self) -> None:
+        if not 0 <= self.hot_write_delay <= 60:
+            raise ConfigurationError(
+                f"hot_write_delay must be within 0..60 seconds, got {self.hot_write_delay!r}"
+            )
         if self.concurrency not in ("permissive", "strict"):
             raise ConfigurationError(
                 f"concurrency must be 'permissive' or 'strict', got {self.concurrency!r}"
@@ -200,6 +207,7 @@ _ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "TIERSTORE_OFFLOAD_THRESHOLD": ("offload_threshold", int),
     "TIERSTORE_COMPRESSION_LEVEL": ("compression_level", int),
     "TIERSTORE_ON_ARCHIVED": ("on_archived", str),
+    "TIERSTORE_HOT_WRITE_DELAY": ("hot_write_delay", float),
 }
 
 

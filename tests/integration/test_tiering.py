@@ -59,7 +59,7 @@ def now() -> float:
     return time.time() + FUTURE
 
 
-async def test_history_demotion_keeps_every_read_correct(saver: TieredSaver) -> None:
+async def test_history_demotion_keeps_every_read_correct(saver: TieredSaver, urls: Urls) -> None:
     app = build_agent().compile(checkpointer=saver)
     await converse(app, "hist", 5)
     await converse(app, "other", 2)
@@ -80,6 +80,10 @@ async def test_history_demotion_keeps_every_read_correct(saver: TieredSaver) -> 
     assert state.values == old_values
     forked = await app.ainvoke({"messages": [HumanMessage("what do you remember")]}, state.config)
     assert forked["messages"][-1].content == "I remember: nothing yet."
+    # the fork is durable and complete: read it back through a saver with nothing cached
+    async with open_saver(urls, hot_write_delay=0) as fresh:
+        fresh_app = build_agent().compile(checkpointer=fresh)
+        assert (await fresh_app.aget_state(cfg("hist"))).values == forked
     # filters and limits are served from the stubs
     inputs = [t async for t in saver.alist(cfg("hist"), filter={"source": "input"}, limit=2)]
     assert len(inputs) == 2 and all(t.metadata["source"] == "input" for t in inputs)
@@ -212,3 +216,21 @@ async def test_four_workers_never_archive_twice_and_lose_nothing(shared_urls: Ur
         assert sorted(refs) == sorted(keys)
         assert len(in_segments) == len(set(in_segments)) == expected
 
+
+
+async def test_a_fork_of_archived_history_keeps_unchanged_channels(saver: TieredSaver,
+                                                                  urls: Urls) -> None:
+    app = build_agent().compile(checkpointer=saver)
+    for text in ("remember blue", "what is 1 + 1", "remember red", "what is 2 + 2"):
+        await app.ainvoke({"messages": [HumanMessage(text)]}, cfg("branchy"))
+    history = [s async for s in app.aget_state_history(cfg("branchy"))]
+    await HistoryDemotion(saver, HISTORY).run_once(now=now())
+    # the end of turn 2: notes == ["blue"], a value no live checkpoint refers to any more
+    target = next(s for s in history if s.values.get("turns") == 2 and not s.next)
+    assert target.values["notes"] == ["blue"]
+    fork = await app.ainvoke({"messages": [HumanMessage("what is 3 + 3")]}, target.config)
+    assert fork["notes"] == ["blue"]
+    async with open_saver(urls, hot_write_delay=0) as fresh:  # nothing cached
+        state = await build_agent().compile(checkpointer=fresh).aget_state(cfg("branchy"))
+        assert state.values["notes"] == ["blue"]
+        assert state.values == fork

@@ -193,8 +193,8 @@ class _Archiver(_Job):
         if changed:
             report.segments += 1
             report.bytes += len(data)
-        if stack.hot is not None and any(r.checkpoint_id == claim.head_id for r in records):
-            await stack.hot.invalidate(claim.thread_id, claim.checkpoint_ns)
+        if any(r.checkpoint_id == claim.head_id for r in records):
+            await self.saver.router.invalidate_hot(stack, claim.thread_id)
         return changed
 
 
