@@ -11,7 +11,8 @@ Read of the latest checkpoint (``hot_check="verify"``)::
 A warm row may be a stub (``location="archived"``): its payload sits in a cold
 segment, which is fetched (and cached), verified and unpacked. Reading one archived
 checkpoint by itself (``get``: resuming an idle thread, time travel) also rehydrates
-it into warm, so a child written next finds every channel value it points to. A segment in a class that needs a restore raises
+it into warm, so a child written next finds every channel value it points to; ``list``
+reads history without rehydrating. A segment in a class that needs a restore raises
 ``CheckpointArchived`` (after starting the restore when ``on_archived="restore"``).
 
 Write::
