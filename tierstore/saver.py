@@ -63,6 +63,7 @@ __all__ = ["TieredSaver"]
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 RUN_KEY = "__pregel_runtime"
 MAX_FORK_GRANTS = 1024
+PAYLOAD_CACHE_ENTRIES = 4096
 """The per-run object LangGraph puts in ``configurable`` of every call of one run."""
 
 
@@ -97,6 +98,7 @@ class TieredSaver(
         self._fork_grants: OrderedDict[int, tuple[Any, set[tuple[str, str, str]]]] = (
             OrderedDict()
         )
+        self._payload_cache: OrderedDict[tuple[str, str, str, str], Payload] = OrderedDict()
 
     # -- construction -----------------------------------------------------------------
 
@@ -357,9 +359,7 @@ class TieredSaver(
         body: dict[str, Any] = dict(checkpoint)
         values: dict[str, Any] = body.pop("channel_values", None) or {}
         versions = {str(ch): str(v) for ch, v in body.get("channel_versions", {}).items()}
-        encoded: dict[str, Payload] = {
-            ch: codec.encode(value) for ch, value in values.items() if ch in versions
-        }
+        encoded = self._encode_values(thread_id, ns, values, versions, new_versions)
         new_blobs = [
             BlobRecord(str(ch), str(version), encoded.get(ch, EMPTY))
             for ch, version in new_versions.items()
@@ -390,6 +390,39 @@ class TieredSaver(
                 "checkpoint_id": checkpoint_id,
             }
         }
+
+    def _encode_values(
+        self,
+        thread_id: str,
+        ns: str,
+        values: Mapping[str, Any],
+        versions: Mapping[str, str],
+        new_versions: ChannelVersions,
+    ) -> dict[str, Payload]:
+        """Encoded channel values; unchanged channels reuse the payload encoded earlier.
+
+        A channel's value at a version never changes, so the payload of a channel that
+        ``new_versions`` does not name is the one this saver encoded when that version
+        was new (a small LRU); only a miss pays for serde and compression again.
+        """
+        codec = self.codec
+        cache = self._payload_cache
+        encoded: dict[str, Payload] = {}
+        for ch, value in values.items():
+            version = versions.get(ch)
+            if version is None:
+                continue
+            key = (thread_id, ns, ch, version)
+            payload = None if ch in new_versions else cache.get(key)
+            if payload is None:
+                payload = codec.encode(value)
+                cache[key] = payload
+                if len(cache) > PAYLOAD_CACHE_ENTRIES:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(key)
+            encoded[ch] = payload
+        return encoded
 
     async def aput_writes(
         self,
