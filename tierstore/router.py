@@ -133,6 +133,7 @@ class Router:
         on_archived: str = "raise",
         restore_days: int = 7,
         hot_write_delay: float = 0.0,
+        local_entries: int = 0,
     ) -> None:
         self.regions = regions
         self.verify_hot = verify_hot
@@ -142,6 +143,8 @@ class Router:
         self.stats = Stats()
         self._segments: OrderedDict[tuple[int, str], Segment] = OrderedDict()
         self._last_hot_warning = float("-inf")
+        self._near: OrderedDict[tuple[int, str, str], StoredCheckpoint] = OrderedDict()
+        self.local_entries = local_entries
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -215,6 +218,7 @@ class Router:
                 self.stats.rehydrated += await stack.warm.rehydrate([record])
             if record is not None and stack.hot is not None and checkpoint_id is None:
                 await self._hot("fill", stack.hot.put(record), False)
+                self._remember(stack, record)
         if record is None:
             return None
         return await self.expand(stack, record)
@@ -295,20 +299,34 @@ class Router:
     async def _hot_latest(
         self, stack: TierStack, hot: HotStore, thread_id: str, checkpoint_ns: str
     ) -> StoredCheckpoint | None:
+        """The hot copy of the latest checkpoint, if it can be trusted; None otherwise.
+
+        The newest copy this process holds (queued by the write-behind, or read
+        recently) is tried first: with ``verify`` it costs only the warm head lookup.
+        """
         local = self.hot_writer.peek(hot, thread_id, checkpoint_ns)
-        # this process wrote the newest state it knows of: no need to ask the hot tier
-        if local is not None and (not self.verify_hot or is_hot_fresh(
-                local, await stack.warm.head(thread_id, checkpoint_ns))):
-            self._count_hit(True)
-            return local
         if not self.verify_hot:
+            if local is None:
+                local = await self._hot("get", hot.get(thread_id, checkpoint_ns), None)
+            self._count_hit(local is not None)
+            return local
+        near_key = (id(stack), thread_id, checkpoint_ns)
+        if local is None:
+            local = self._near.get(near_key)
+        if local is not None:
+            head = await stack.warm.head(thread_id, checkpoint_ns)
+            if is_hot_fresh(local, head):
+                self._count_hit(True)
+                if near_key in self._near:
+                    self._near.move_to_end(near_key)
+                return local
+            self._near.pop(near_key, None)
             hit = await self._hot("get", hot.get(thread_id, checkpoint_ns), None)
-            self._count_hit(hit is not None)
-            return hit
-        hit, head = await asyncio.gather(
-            self._hot("get", hot.get(thread_id, checkpoint_ns), None),
-            stack.warm.head(thread_id, checkpoint_ns),
-        )
+        else:
+            hit, head = await asyncio.gather(
+                self._hot("get", hot.get(thread_id, checkpoint_ns), None),
+                stack.warm.head(thread_id, checkpoint_ns),
+            )
         if hit is None:
             self._count_hit(False)
             return None
@@ -316,7 +334,18 @@ class Router:
             self.stats.hot_stale += 1
             return None
         self._count_hit(True)
+        self._remember(stack, hit)
         return hit
+
+    def _remember(self, stack: TierStack, record: StoredCheckpoint) -> None:
+        """Keep a process-local copy of a latest checkpoint (used with ``verify`` only)."""
+        if not self.verify_hot or self.local_entries <= 0:
+            return
+        key = (id(stack), record.thread_id, record.checkpoint_ns)
+        self._near[key] = record
+        self._near.move_to_end(key)
+        while len(self._near) > self.local_entries:
+            self._near.popitem(last=False)
 
     def _count_hit(self, hit: bool) -> None:
         if hit:
@@ -433,6 +462,8 @@ class Router:
             hot = stack.hot
             for thread_id in thread_ids:
                 self.hot_writer.forget(hot, thread_id)
+                for key in [k for k in self._near if k[0] == id(stack) and k[1] == thread_id]:
+                    del self._near[key]
                 await self._hot("invalidate", hot.invalidate(thread_id), None)
 
     async def delete_thread(self, thread_id: str) -> None:

@@ -150,7 +150,8 @@ class TieredSaver(
             offloader = Offloader(cold, threshold=opts.offload_threshold)
         stack = TierStack(warm=warm, hot=hot, cold=cold, offloader=offloader)
         router = Router(Regions({DEFAULT_REGION: stack}), verify_hot=opts.hot_check == "verify",
-                        on_archived=opts.on_archived, hot_write_delay=opts.hot_write_delay)
+                        on_archived=opts.on_archived, hot_write_delay=opts.hot_write_delay,
+                        local_entries=opts.hot_local_entries)
         return cls(router, options=opts, serde=serde)
 
     @classmethod

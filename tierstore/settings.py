@@ -152,6 +152,9 @@ class SaverOptions:
         or ``restore`` to start the restore and then raise.
     hot_write_delay: seconds the hot tier's update of a (thread, ns) waits so that a
         burst of writes (one LangGraph turn) costs one hot round trip; 0 writes through.
+    hot_local_entries: latest checkpoints this process keeps a copy of in front of the
+        hot tier (with ``hot_check="verify"`` only: each use is still checked against
+        the warm head); 0 turns the local copy off.
     """
 
     concurrency: Concurrency = "permissive"
@@ -161,9 +164,13 @@ class SaverOptions:
     compression_level: int = 3
     compress_min: int = 256
     on_archived: OnArchived = "raise"
-    hot_write_delay: float = 0.05
+    hot_write_delay: float = 0.2
+    hot_local_entries: int = 1024
 
     def __post_init__(self) -> None:
+        if self.hot_local_entries < 0:
+            raise ConfigurationError(
+                f"hot_local_entries cannot be negative: {self.hot_local_entries!r}")
         if not 0 <= self.hot_write_delay <= 60:
             raise ConfigurationError(
                 f"hot_write_delay must be within 0..60 seconds, got {self.hot_write_delay!r}"
@@ -208,6 +215,7 @@ _ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "TIERSTORE_COMPRESSION_LEVEL": ("compression_level", int),
     "TIERSTORE_ON_ARCHIVED": ("on_archived", str),
     "TIERSTORE_HOT_WRITE_DELAY": ("hot_write_delay", float),
+    "TIERSTORE_HOT_LOCAL_ENTRIES": ("hot_local_entries", int),
 }
 
 

@@ -208,9 +208,12 @@ async def test_a_partitioned_saver_never_serves_stale_latest_state(
     direct = with_query(server.url, prefix=prefix, **FAST_BACKOFF)
     thread, gone, expected = f"conv-{uuid.uuid4()}", f"gone-{uuid.uuid4()}", list[str]()
     async with (
-        # write-through (no write-behind), so every hot write of `a` meets the partition
-        TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None, hot_write_delay=0) as a,
-        TieredSaver.from_urls(hot=direct, warm=warm, cold=None, hot_write_delay=0) as b,
+        # write-through and no process-local copy: every hot write and read of `a` meets
+        # the partition
+        TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None, hot_write_delay=0,
+                              hot_local_entries=0) as a,
+        TieredSaver.from_urls(hot=direct, warm=warm, cold=None, hot_write_delay=0,
+                              hot_local_entries=0) as b,
         TieredSaver.from_urls(hot=None, warm=warm, cold=None) as truth,
     ):
         app_a, app_b = graph(a), graph(b)

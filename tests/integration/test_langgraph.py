@@ -250,3 +250,18 @@ async def test_messages_round_trip_exactly(saver: TieredSaver) -> None:
     assert state.values["messages"] == out["messages"]
     assert isinstance(state.values["messages"][1], AIMessage)
     assert state.values["messages"][1].tool_calls[0]["args"] == {"expr": "7 - 9"}
+
+
+async def test_two_savers_on_one_thread_never_read_stale_state(urls: Urls) -> None:
+    # two processes' worth of savers on the same stores; each keeps local copies and
+    # write-behind hot updates, and must still see the other's newest turn
+    async with open_saver(urls) as one, open_saver(urls) as two:
+        app_one = build_agent().compile(checkpointer=one)
+        app_two = build_agent().compile(checkpointer=two)
+        for i in range(3):
+            await app_one.ainvoke({"messages": [HumanMessage(f"remember one-{i}")]}, cfg("shared"))
+            await app_two.ainvoke({"messages": [HumanMessage(f"remember two-{i}")]},
+                                  cfg("shared"))
+        expected = [f"{who}-{i}" for i in range(3) for who in ("one", "two")]
+        for app in (app_one, app_two):
+            assert (await app.aget_state(cfg("shared"))).values["notes"] == expected

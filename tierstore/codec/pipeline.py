@@ -15,6 +15,7 @@ decodes as is, and a serde whose own type carries a ``+`` (LangGraph's
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import zstandard
@@ -33,7 +34,11 @@ _MAX_DECOMPRESSED = 1 << 31
 
 
 class Codec:
-    """Encodes Python values into tagged payloads and back, through a LangGraph serde."""
+    """Encodes Python values into tagged payloads and back, through a LangGraph serde.
+
+    zstd contexts are costly to create, so each thread keeps one compressor and one
+    decompressor (they are not safe to share between threads).
+    """
 
     def __init__(
         self, serde: SerializerProtocol, *, level: int = 3, compress_min: int = 256
@@ -41,6 +46,19 @@ class Codec:
         self.serde = serde
         self.level = level
         self.compress_min = compress_min
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
+        return compressor
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        decompressor = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
 
     def encode(self, value: Any) -> Payload:
         type_, data = self.serde.dumps_typed(value)
@@ -52,7 +70,7 @@ class Codec:
         """Add the zstd stage when it makes the payload smaller."""
         if len(payload.data) < self.compress_min:
             return payload
-        packed = zstandard.ZstdCompressor(level=self.level).compress(payload.data)
+        packed = self._compressor().compress(payload.data)
         if len(packed) >= len(payload.data):
             return payload
         return Payload(f"{payload.tag}+{ZSTD}", packed)
@@ -74,9 +92,7 @@ class Codec:
         tag, data = payload.tag, payload.data
         while tag.endswith("+" + ZSTD):
             try:
-                data = zstandard.ZstdDecompressor().decompress(
-                    data, max_output_size=_MAX_DECOMPRESSED
-                )
+                data = self._decompressor().decompress(data, max_output_size=_MAX_DECOMPRESSED)
             except zstandard.ZstdError as exc:
                 raise CorruptPayload(
                     f"{where}: zstd stage failed ({exc}); the stored bytes are damaged",
