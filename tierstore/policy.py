@@ -6,9 +6,10 @@ call these functions and do the I/O around them.
 
 from __future__ import annotations
 
+import fnmatch
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
@@ -24,6 +25,7 @@ __all__ = [
     "is_hot_fresh",
     "matches_filter",
     "next_channel_version",
+    "resolve_region",
     "retry_delay",
     "should_replace_hot",
     "split_filter",
@@ -163,6 +165,20 @@ def is_explicit_fork(metadata: Mapping[str, Any]) -> bool:
 def retry_delay(attempt: int, *, base: float = 0.01, cap: float = 1.0, jitter: float) -> float:
     """Exponential backoff for conflict retries; ``jitter`` in [0, 1) is passed in."""
     return float(min(cap, base * (2 ** min(attempt, 16))) * (0.5 + jitter))
+
+
+def resolve_region(
+    thread_id: str, rules: Sequence[tuple[str, str]], default: str | None
+) -> str | None:
+    """The region of a thread: the first rule whose glob pattern matches, else the default.
+
+    Patterns are ``fnmatch`` globs matched case-sensitively against the whole id
+    (``"eu-*"``, ``"tenant:acme:*"``); routing is this table, never an ``if`` chain.
+    """
+    for pattern, region in rules:
+        if fnmatch.fnmatchcase(thread_id, pattern):
+            return region
+    return default
 
 
 def is_hot_fresh(cached: StoredCheckpoint, head: Head | None) -> bool:

@@ -362,25 +362,35 @@ class Router:
         self, query: ListQuery, residual: Mapping[str, Any], decode_metadata: Callable[
             [StoredCheckpoint], Mapping[str, Any]]
     ) -> AsyncIterator[StoredCheckpoint]:
-        """Newest first. Filters the store cannot evaluate are checked here, before ``limit``."""
+        """Newest first. Filters the store cannot evaluate are checked here, before ``limit``.
+
+        Without a thread id every region is listed and the streams are merged newest
+        first, so one saver over several regions lists like one store.
+        """
         if query.thread_id is not None:
             stacks = [self.regions.stack_for(query.thread_id)]
         else:
             stacks = list({id(s): s for s in self.regions.stacks.values()}.values())
-        if len(stacks) > 1:
-            raise ConfigurationError("listing across regions is not supported yet")
-        stack = stacks[0]
         limit = query.limit
         store_query = replace(query, limit=None) if residual else query
+        streams = [self._stack_rows(stack, store_query, residual, decode_metadata)
+                   for stack in stacks]
         count = 0
-        async for row in stack.warm.list(store_query):
+        async for record in _merge_newest_first(streams):
+            yield record
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    async def _stack_rows(
+        self, stack: TierStack, query: ListQuery, residual: Mapping[str, Any],
+        decode_metadata: Callable[[StoredCheckpoint], Mapping[str, Any]],
+    ) -> AsyncIterator[StoredCheckpoint]:
+        async for row in stack.warm.list(query):
             if residual and not matches_filter(decode_metadata(row), residual):
                 continue
             record = await self.materialize(stack, row) if row.location == "archived" else row
             yield await self.expand(stack, record)
-            count += 1
-            if limit is not None and count >= limit:
-                return
 
     # -- writes -----------------------------------------------------------------------
 
@@ -505,3 +515,30 @@ class Router:
             await stack.warm.prune(threads, keep_latest=keep_latest)
             await self._invalidate(stack, threads)
             await self.drop_unreferenced_segments(stack, before)
+
+
+def _order(record: StoredCheckpoint) -> tuple[str, str, str]:
+    return (record.checkpoint_id, record.thread_id, record.checkpoint_ns)
+
+
+async def _merge_newest_first(
+    streams: Sequence[AsyncIterator[StoredCheckpoint]],
+) -> AsyncIterator[StoredCheckpoint]:
+    """Merge streams that are each newest first into one newest-first stream."""
+    if len(streams) == 1:
+        async for record in streams[0]:
+            yield record
+        return
+    heads: dict[int, StoredCheckpoint] = {}
+    for i, stream in enumerate(streams):
+        first = await anext(stream, None)
+        if first is not None:
+            heads[i] = first
+    while heads:
+        i = max(heads, key=lambda k: _order(heads[k]))
+        yield heads[i]
+        following = await anext(streams[i], None)
+        if following is None:
+            del heads[i]
+        else:
+            heads[i] = following

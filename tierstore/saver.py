@@ -8,7 +8,7 @@ the router's business.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -35,6 +35,7 @@ from tierstore.policy import (
     filter_doc,
     is_explicit_fork,
     next_channel_version,
+    resolve_region,
     split_filter,
     validate_id,
     write_index,
@@ -130,6 +131,59 @@ class TieredSaver(
         )
 
     @classmethod
+    def from_regions(
+        cls,
+        regions: Mapping[str, Mapping[str, str | None]],
+        *,
+        rules: Sequence[tuple[str, str]] = (),
+        resolver: Callable[[str], str | None] | None = None,
+        default_region: str | None = None,
+        serde: SerializerProtocol | None = None,
+        **options: Any,
+    ) -> TieredSaver:
+        """One saver over several regions, each with its own hot/warm/cold URLs.
+
+        A thread's region is ``resolver(thread_id)`` when a resolver is given, else the
+        first of ``rules`` (``(glob, region)`` pairs, e.g. ``("eu-*", "eu")``) that
+        matches, else ``default_region``; a thread with no region is refused with
+        ``ResidencyError`` before anything is read or written. Every byte of a thread
+        (checkpoints, offloaded payloads, archive segments, cache entries) goes only to
+        its region's stores.
+        """
+        opts = SaverOptions().with_(**options)
+        if not regions:
+            raise ConfigurationError("from_regions needs at least one region")
+        known = set(regions)
+        for _, region in rules:
+            if region not in known:
+                raise ConfigurationError(f"a rule names unknown region {region!r}")
+        if default_region is not None and default_region not in known:
+            raise ConfigurationError(f"default_region {default_region!r} is not a region")
+        stacks: dict[str, TierStack] = {}
+        for name, urls in regions.items():
+            unknown = set(urls) - {"hot", "warm", "cold"}
+            if unknown or not urls.get("warm"):
+                raise ConfigurationError(
+                    f"region {name!r} needs a warm URL and takes only hot/warm/cold"
+                )
+            hot, warm, cold = urls.get("hot"), urls.get("warm"), urls.get("cold")
+            assert warm is not None
+            stacks[name] = _stack(
+                warm=open_store("warm", warm),
+                hot=open_store("hot", hot, ttl=opts.hot_ttl) if hot else None,
+                cold=open_store("cold", cold) if cold else None,
+                options=opts,
+            )
+        table = tuple(rules)
+
+        def resolve(thread_id: str) -> str | None:
+            if resolver is not None:
+                return resolver(thread_id)
+            return resolve_region(thread_id, table, default_region)
+
+        return cls(_router(Regions(stacks, resolve), opts), options=opts, serde=serde)
+
+    @classmethod
     def from_stores(
         cls,
         *,
@@ -145,14 +199,8 @@ class TieredSaver(
         given a client it did not create leaves that client open.
         """
         opts = SaverOptions().with_(**options)
-        offloader = None
-        if cold is not None and not getattr(warm, "offloads_internally", False):
-            offloader = Offloader(cold, threshold=opts.offload_threshold)
-        stack = TierStack(warm=warm, hot=hot, cold=cold, offloader=offloader)
-        router = Router(Regions({DEFAULT_REGION: stack}), verify_hot=opts.hot_check == "verify",
-                        on_archived=opts.on_archived, hot_write_delay=opts.hot_write_delay,
-                        local_entries=opts.hot_local_entries)
-        return cls(router, options=opts, serde=serde)
+        stack = _stack(warm=warm, hot=hot, cold=cold, options=opts)
+        return cls(_router(Regions({DEFAULT_REGION: stack}), opts), options=opts, serde=serde)
 
     @classmethod
     def from_env(
@@ -529,3 +577,16 @@ class TieredSaver(
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._bridge.run(self.aprune(thread_ids, strategy=strategy))
 
+
+def _stack(*, warm: WarmStore, hot: HotStore | None, cold: ObjectStore | None,
+           options: SaverOptions) -> TierStack:
+    offloader = None
+    if cold is not None and not getattr(warm, "offloads_internally", False):
+        offloader = Offloader(cold, threshold=options.offload_threshold)
+    return TierStack(warm=warm, hot=hot, cold=cold, offloader=offloader)
+
+
+def _router(regions: Regions, options: SaverOptions) -> Router:
+    return Router(regions, verify_hot=options.hot_check == "verify",
+                  on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
+                  local_entries=options.hot_local_entries)
