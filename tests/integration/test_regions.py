@@ -52,7 +52,7 @@ async def test_mixed_workload_leaves_no_byte_in_the_other_region(tmp_path: Path)
     )
     async with saver:
         app = build_agent().compile(checkpointer=saver)
-        for region, threads in THREADS.items():
+        for threads in THREADS.values():
             for thread in threads:
                 big = f"canary-of-{thread} " + os.urandom(60 * 1024).hex()  # offloaded
                 await app.ainvoke({"messages": [HumanMessage(big)]}, cfg(thread))
