@@ -33,8 +33,10 @@ def test_ruff() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(tierstore.__all__) == sorted([
         "CheckpointArchived", "ConfigurationError", "CorruptPayload", "InvalidInput",
-        "LifecycleError", "PayloadTooLarge", "ResidencyError", "SaverOptions", "StorageError",
+        "Keyring", "LifecycleError", "PayloadTooLarge", "ResidencyError", "SaverOptions",
+        "StorageError",
         "TierUnavailable", "TieredSaver", "TierstoreError", "UsageError", "VersionConflict",
+        "retry_on_conflict",
     ])
     for name in tierstore.__all__:
         assert getattr(tierstore, name) is not None

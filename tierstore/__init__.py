@@ -5,6 +5,8 @@
         app = builder.compile(checkpointer=saver)
 """
 
+from tierstore.codec.crypto import Keyring
+from tierstore.concurrency import retry_on_conflict
 from tierstore.errors import (
     CheckpointArchived,
     ConfigurationError,
@@ -27,6 +29,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptPayload",
     "InvalidInput",
+    "Keyring",
     "LifecycleError",
     "PayloadTooLarge",
     "ResidencyError",
@@ -37,6 +40,7 @@ __all__ = [
     "TierstoreError",
     "UsageError",
     "VersionConflict",
+    "retry_on_conflict",
 ]
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ from tierstore.errors import (
     TierstoreError,
 )
 from tierstore.offload import OFFLOAD_PREFIX
-from tierstore.policy import filter_doc, validate_id
+from tierstore.policy import validate_id
 from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, StoredCheckpoint
 from tierstore.router import TierStack
 from tierstore.saver import TieredSaver
@@ -226,7 +226,8 @@ async def _load_records(saver: TieredSaver, thread_id: str, records: Iterable[St
             thread_id=thread_id, checkpoint_ns=rec.checkpoint_ns,
             checkpoint_id=rec.checkpoint_id, parent_id=rec.parent_id,
             checkpoint=rec.checkpoint, metadata=rec.metadata, channel_versions=versions,
-            filter_doc=filter_doc(metadata), run_id=run_id if isinstance(run_id, str) else None,
+            filter_doc=saver.filter_doc(metadata),
+            run_id=run_id if isinstance(run_id, str) else None,
         )
         blobs = [BlobRecord(ch, versions[ch], p) for ch, p in rec.blobs.items() if ch in versions]
         await saver.router.put(record, blobs, {b.channel: b.payload for b in blobs},

@@ -291,7 +291,8 @@ class TieredSaver(
         cached = self._codec_cache
         if cached is None or cached[0] is not self.serde:
             codec = Codec(self.serde, level=self.options.compression_level,
-                          compress_min=self.options.compress_min)
+                          compress_min=self.options.compress_min,
+                          keyring=self.options.encryption)
             self._codec_cache = (self.serde, codec)
             return codec
         return cached[1]
@@ -383,6 +384,10 @@ class TieredSaver(
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
             raise InvalidInput(f"limit must be an integer, got {limit!r}")
         pushdown, residual = split_filter(filter)
+        if self.options.encryption is not None:
+            clear = set(self.options.filterable_metadata)
+            residual.update({k: v for k, v in pushdown.items() if k not in clear})
+            pushdown = {k: v for k, v in pushdown.items() if k in clear}
         query = ListQuery(
             thread_id=thread_id,
             checkpoint_ns=ns,
@@ -423,7 +428,7 @@ class TieredSaver(
             checkpoint=codec.encode(body),
             metadata=codec.encode(md),
             channel_versions=versions,
-            filter_doc=filter_doc(md),
+            filter_doc=self.filter_doc(md),
             run_id=run_id if isinstance(run_id, str) else None,
         )
         strict = (
@@ -439,6 +444,14 @@ class TieredSaver(
                 "checkpoint_id": checkpoint_id,
             }
         }
+
+    def filter_doc(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """Metadata a store may filter on; with encryption only the keys marked filterable."""
+        doc = filter_doc(metadata)
+        if self.options.encryption is None:
+            return doc
+        keep = set(self.options.filterable_metadata)
+        return {k: v for k, v in doc.items() if k in keep}
 
     def _encode_values(
         self,

@@ -155,6 +155,10 @@ class SaverOptions:
     hot_local_entries: latest checkpoints this process keeps a copy of in front of the
         hot tier (with ``hot_check="verify"`` only: each use is still checked against
         the warm head); 0 turns the local copy off.
+    encryption: a ``tierstore.Keyring``; every payload in every tier is then encrypted
+        (AES-256-GCM), metadata included.
+    filterable_metadata: with encryption, the metadata keys kept in clear so that list
+        filters can use them (their values are visible to whoever reads the store).
     """
 
     concurrency: Concurrency = "permissive"
@@ -166,6 +170,8 @@ class SaverOptions:
     on_archived: OnArchived = "raise"
     hot_write_delay: float = 0.2
     hot_local_entries: int = 1024
+    encryption: Any = field(default=None, repr=False)
+    filterable_metadata: tuple[str, ...] = ("source", "step")
 
     def __post_init__(self) -> None:
         if self.hot_local_entries < 0:

@@ -21,6 +21,7 @@ from typing import Any
 import zstandard
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from tierstore.codec.crypto import Keyring, is_encrypted
 from tierstore.errors import ConfigurationError, CorruptPayload
 from tierstore.records import Payload
 
@@ -41,11 +42,17 @@ class Codec:
     """
 
     def __init__(
-        self, serde: SerializerProtocol, *, level: int = 3, compress_min: int = 256
+        self,
+        serde: SerializerProtocol,
+        *,
+        level: int = 3,
+        compress_min: int = 256,
+        keyring: Keyring | None = None,
     ) -> None:
         self.serde = serde
         self.level = level
         self.compress_min = compress_min
+        self.keyring = keyring
         self._local = threading.local()
 
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -62,9 +69,12 @@ class Codec:
 
     def encode(self, value: Any) -> Payload:
         type_, data = self.serde.dumps_typed(value)
-        if type_ == EMPTY.tag or type_.endswith("+" + ZSTD):
+        if type_ == EMPTY.tag or type_.endswith("+" + ZSTD) or is_encrypted(type_):
             raise ConfigurationError(f"serde produced a reserved type tag {type_!r}")
-        return self.compress(Payload(type_, bytes(data)))
+        payload = self.compress(Payload(type_, bytes(data)))
+        if self.keyring is not None:
+            return Payload(*self.keyring.encrypt(payload.tag, payload.data))
+        return payload
 
     def compress(self, payload: Payload) -> Payload:
         """Add the zstd stage when it makes the payload smaller."""
@@ -90,6 +100,12 @@ class Codec:
 
     def decompress(self, payload: Payload, *, where: str = "payload") -> Payload:
         tag, data = payload.tag, payload.data
+        if is_encrypted(tag):
+            if self.keyring is None:
+                raise ConfigurationError(
+                    f"{where}: the payload is encrypted ({tag!r}) and no keyring is configured"
+                )
+            tag, data = self.keyring.decrypt(tag, data, where=where)
         while tag.endswith("+" + ZSTD):
             try:
                 data = self._decompressor().decompress(data, max_output_size=_MAX_DECOMPRESSED)
