@@ -37,7 +37,7 @@ def disk_bytes(directory: Path) -> bytes:
 async def redis_bytes(url: str, prefix: str) -> bytes:
     from redis.asyncio import Redis
 
-    client = Redis.from_url(url.split("?")[0])
+    client = Redis.from_url(url.split("?", maxsplit=1)[0])
     try:
         out = []
         async for key in client.scan_iter(match=f"{prefix}*"):
