@@ -52,6 +52,7 @@ from tierstore.records import (
     WriteRecord,
 )
 from tierstore.tiers.base import HotStore, ObjectStore, WarmStore
+from tierstore.tiers.memory import merge_writes
 
 __all__ = ["Regions", "Router", "Stats", "TierStack"]
 
@@ -425,6 +426,7 @@ class Router:
                 writes=(),
             )
             await self.hot_writer.put(stack.hot, cached)
+            self._remember(stack, cached)
         return result
 
     async def _shrink(
@@ -460,6 +462,9 @@ class Router:
         if stack.hot is not None:
             await self.hot_writer.add_writes(stack.hot, thread_id, checkpoint_ns, checkpoint_id,
                                              writes)
+            near = self._near.get((id(stack), thread_id, checkpoint_ns))
+            if near is not None and near.checkpoint_id == checkpoint_id:
+                self._remember(stack, replace(near, writes=merge_writes(near.writes, writes)))
 
     # -- whole-thread operations --------------------------------------------------------
 
