@@ -112,3 +112,112 @@ def test_region_configuration_is_checked() -> None:
         TieredSaver.from_regions({"eu": {"hot": "memory://"}})
     with pytest.raises(ConfigurationError):
         TieredSaver.from_regions({})
+
+
+async def _postgres_bytes(url: str, schema: str) -> bytes:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.split("?", maxsplit=1)[0])
+    try:
+        tables = [r["tablename"] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)]
+        out: list[bytes] = []
+        for table in tables:
+            for row in await conn.fetch(f'SELECT * FROM "{schema}"."{table}"'):
+                for value in row.values():
+                    out.append(value if isinstance(value, bytes) else str(value).encode())
+        return b"".join(out)
+    finally:
+        await conn.close()
+
+
+async def _redis_bytes(url: str, prefix: str) -> bytes:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url.split("?", maxsplit=1)[0])
+    try:
+        out: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}*"):
+            out.append(key)
+            if await client.type(key) == b"hash":
+                for field, value in (await client.hgetall(key)).items():
+                    out.extend([field, value])
+            await client.delete(key)
+        return b"".join(out)
+    finally:
+        await client.aclose()
+
+
+async def _s3_bytes(endpoint: str, bucket: str) -> bytes:
+    import aioboto3
+
+    session = aioboto3.Session()
+    out: list[bytes] = []
+    async with session.client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        async for page in pages:
+            for item in page.get("Contents", []):
+                body = await s3.get_object(Bucket=bucket, Key=item["Key"])
+                out.append(item["Key"].encode())
+                out.append(await body["Body"].read())
+    return b"".join(out)
+
+
+async def test_residency_on_redis_postgres_and_s3(postgres_url: str, redis_url: str,
+                                                  moto_endpoint: str) -> None:
+    import uuid
+
+    from tests.servers.redis import with_query
+
+    run = uuid.uuid4().hex[:10]
+    stores: dict[str, dict[str, str]] = {}
+    urls: dict[str, dict[str, str | None]] = {}
+    for region in THREADS:
+        schema, prefix, bucket = f"r_{region}_{run}", f"res-{region}-{run}:", f"res-{region}-{run}"
+        stores[region] = {"schema": schema, "prefix": prefix, "bucket": bucket}
+        sep = "&" if "?" in postgres_url else "?"
+        urls[region] = {
+            "hot": with_query(redis_url, prefix=prefix),
+            "warm": f"{postgres_url}{sep}schema={schema}",
+            "cold": f"s3://{bucket}/cold?endpoint_url={moto_endpoint}&region=us-east-1",
+        }
+    saver = TieredSaver.from_regions(urls, rules=[("eu-*", "eu"), ("us-*", "us")],
+                                     offload_threshold=16 * 1024, hot_write_delay=0)
+    async with saver:
+        app = build_agent().compile(checkpointer=saver)
+        for threads in THREADS.values():
+            for thread in threads:
+                big = f"canary-of-{thread} " + os.urandom(16 * 1024).hex()  # offloaded to S3
+                await app.ainvoke({"messages": [HumanMessage(big)]}, cfg(thread))
+                await app.ainvoke({"messages": [HumanMessage(f"remember {thread}")]},
+                                  cfg(thread))
+        report = await HistoryDemotion(
+            saver, TieringPolicy(archive_after=60, archive_idle_after=None)
+        ).run_once(now=time.time() + 10 * 86400)
+        assert report.checkpoints > 0 and report.errors == []
+    for region, threads in THREADS.items():
+        where = stores[region]
+        scanned = {
+            "postgres": await _postgres_bytes(postgres_url, where["schema"]),
+            "redis": await _redis_bytes(redis_url, where["prefix"]),
+            "s3": await _s3_bytes(moto_endpoint, where["bucket"]),
+        }
+        for name, stored in scanned.items():
+            assert stored, f"{region}/{name} holds nothing: the scan would prove nothing"
+            if name != "s3":  # object keys are digests; segments are compressed
+                assert any(t.encode() in stored for t in threads), f"{region}/{name}"
+            for other, foreign in THREADS.items():
+                if other == region:
+                    continue
+                for thread in foreign:
+                    assert thread.encode() not in stored, f"{thread} found in {region}/{name}"
+                    assert f"canary-of-{thread}".encode() not in stored
+        # S3 bodies are compressed, but segment keys name their thread by digest
+        from tierstore.codec.segment import thread_prefix
+
+        for thread in threads:
+            assert thread_prefix(thread).encode() in scanned["s3"]
+        for other, foreign in THREADS.items():
+            for thread in foreign if other != region else ():
+                assert thread_prefix(thread).encode() not in scanned["s3"]
+        assert b"offload/" in scanned["s3"]  # the large states landed in this region too
