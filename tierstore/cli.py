@@ -406,25 +406,24 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         print("tierstore: the command line needs: pip install 'tierstore[cli]'", file=sys.stderr)
         return EXIT_USAGE
-    import click
-
     try:
         code = _build_app()(args, standalone_mode=False)
     except TierstoreError as exc:
         return _fail(exc)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE
-    except click.exceptions.Abort:
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_USAGE
-    except Exception as exc:  # one line, never a traceback
-        print(f"tierstore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # typer's own exceptions, without importing click (newer typer releases vendor it)
+        kind = type(exc).__name__
+        if kind == "Exit":
+            return int(getattr(exc, "exit_code", EXIT_OK))
+        if kind == "Abort":
+            return EXIT_USAGE
+        show = getattr(exc, "show", None)
+        if callable(show) and hasattr(exc, "exit_code"):  # usage errors: bad flag or value
+            show()
+            return EXIT_USAGE
+        print(f"tierstore: error: {kind}: {exc}", file=sys.stderr)  # one line, no traceback
         return EXIT_STORAGE
     return code if isinstance(code, int) else EXIT_OK
 

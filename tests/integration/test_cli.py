@@ -158,3 +158,20 @@ def test_worker_stops_cleanly_on_sigterm(env: dict[str, str], tmp_path: Path) ->
     data = json.loads(health.read_text())
     assert data["healthy"] is True
     assert data["jobs"]["history-demotion"]["runs"] >= 1
+
+
+def test_the_cli_needs_no_click(env: dict[str, str], tmp_path: Path) -> None:
+    # `pip install tierstore[cli]` brings typer and rich only; click must not be required
+    code = ("import sys, runpy; sys.modules['click'] = None; "
+            "sys.argv = ['tierstore', 'migrate', '--warm', 'nosuch://x']; "
+            "runpy.run_module('tierstore', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=ROOT, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "unknown warm tier scheme 'nosuch'" in result.stderr
+    bad_flag = subprocess.run(
+        [sys.executable, "-c", code.replace("'migrate', '--warm', 'nosuch://x'",
+                                            "'status', '--no-such-flag'")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
+    assert bad_flag.returncode == 2
+    assert "Traceback" not in bad_flag.stderr
