@@ -22,10 +22,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tierstore.policy import should_replace_hot
+from tierstore.policy import merge_writes, should_replace_hot
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.tiers.base import HotStore
-from tierstore.tiers.memory import merge_writes
 
 __all__ = ["HotWriter"]
 

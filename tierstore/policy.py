@@ -15,7 +15,7 @@ from typing import Any
 from langgraph.checkpoint.base import WRITES_IDX_MAP
 
 from tierstore.errors import InvalidInput
-from tierstore.records import Head, Scalar, StoredCheckpoint
+from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 
 __all__ = [
     "MAX_ID_BYTES",
@@ -24,6 +24,7 @@ __all__ = [
     "is_explicit_fork",
     "is_hot_fresh",
     "matches_filter",
+    "merge_writes",
     "next_channel_version",
     "resolve_region",
     "retry_delay",
@@ -202,3 +203,16 @@ def should_replace_hot(cached: StoredCheckpoint | None, candidate: StoredCheckpo
     if candidate.checkpoint_id != cached.checkpoint_id:
         return candidate.checkpoint_id > cached.checkpoint_id
     return len(candidate.writes) >= len(cached.writes)
+
+
+def merge_writes(
+    existing: Sequence[WriteRecord], new: Sequence[WriteRecord]
+) -> tuple[WriteRecord, ...]:
+    """Writes keyed by (task_id, idx): the first stays for idx >= 0, the last wins for idx < 0."""
+    merged = {(w.task_id, w.idx): w for w in existing}
+    for write in new:
+        key = (write.task_id, write.idx)
+        if write.idx >= 0 and key in merged:
+            continue
+        merged[key] = write
+    return tuple(merged.values())

@@ -41,7 +41,7 @@ from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.hotwriter import HotWriter
 from tierstore.offload import Offloader
-from tierstore.policy import is_hot_fresh, matches_filter
+from tierstore.policy import is_hot_fresh, matches_filter, merge_writes
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
@@ -52,7 +52,6 @@ from tierstore.records import (
     WriteRecord,
 )
 from tierstore.tiers.base import HotStore, ObjectStore, WarmStore
-from tierstore.tiers.memory import merge_writes
 
 __all__ = ["Regions", "Router", "Stats", "TierStack"]
 

@@ -20,6 +20,7 @@ segments back to warm) and ``ColdGC`` (segments no stub refers to).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -86,7 +87,7 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class _Job:
+class _Job(abc.ABC):
     name = "job"
 
     def __init__(
@@ -126,18 +127,21 @@ class _Job:
         report.seconds = time.perf_counter() - started
         return report
 
+    @abc.abstractmethod
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
-        raise NotImplementedError
+        """Do this job's work on one region's stores, adding to ``report``."""
 
 
 class _Archiver(_Job):
     """Shared move logic for history demotion and idle archival."""
 
+    @abc.abstractmethod
     async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
-        raise NotImplementedError
+        """Lease the (thread, ns) heads this job has work for."""
 
+    @abc.abstractmethod
     async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
-        raise NotImplementedError
+        """The live checkpoints of a claimed head to move to cold."""
 
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
         if stack.cold is None:
@@ -353,19 +357,13 @@ class Rehydrate(_Job):
                              if m.archive_key == key]
                     records = [segment.records[c] for c in stubs if c in segment.records]
                     restored += await stack.warm.rehydrate(
-                        [_as(r, thread_id) for r in records])
+                        [replace(r, thread_id=thread_id) for r in records])
             except TierstoreError as exc:
                 report.errors.append(f"{key}: {exc}")
                 continue
             report.checkpoints += restored
             report.threads += 1
             await stack.cold.delete([marker])
-
-
-def _as(record: StoredCheckpoint, thread_id: str) -> StoredCheckpoint:
-    from dataclasses import replace
-
-    return replace(record, thread_id=thread_id)
 
 
 class ColdGC(_Job):

@@ -17,24 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from tierstore.errors import ConfigurationError, LifecycleError
-from tierstore.policy import should_replace_hot
+from tierstore.policy import merge_writes, should_replace_hot
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
 
-__all__ = ["MemoryHot", "merge_writes"]
-
-
-def merge_writes(
-    existing: Sequence[WriteRecord], new: Sequence[WriteRecord]
-) -> tuple[WriteRecord, ...]:
-    """Writes keyed by (task_id, idx): the first stays for idx >= 0, the last wins for idx < 0."""
-    merged = {(w.task_id, w.idx): w for w in existing}
-    for write in new:
-        key = (write.task_id, write.idx)
-        if write.idx >= 0 and key in merged:
-            continue
-        merged[key] = write
-    return tuple(merged.values())
+__all__ = ["MemoryHot"]
 
 
 class MemoryHot:

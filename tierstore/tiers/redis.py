@@ -85,7 +85,7 @@ import ssl
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from string import Template
 from typing import Any, TypeVar, cast
 
@@ -119,9 +119,9 @@ from tierstore.errors import (
     TierstoreError,
     TierUnavailable,
 )
+from tierstore.policy import merge_writes
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
-from tierstore.tiers.memory import merge_writes
 
 __all__ = [
     "Breaker",
@@ -745,15 +745,4 @@ def _decode_entry(
         raise CorruptPayload(f"{where}: frame and id field disagree", where=where)
     if location not in ("warm", "archived"):
         raise CorruptPayload(f"{where}: unknown location {location!r}", where=where)
-    return StoredCheckpoint(
-        thread_id=record.thread_id,
-        checkpoint_ns=record.checkpoint_ns,
-        checkpoint_id=record.checkpoint_id,
-        parent_id=record.parent_id,
-        checkpoint=record.checkpoint,
-        metadata=record.metadata,
-        blobs=record.blobs,
-        writes=record.writes,
-        location=location,
-        archive_key=archive_key,
-    )
+    return replace(record, location=location, archive_key=archive_key)

@@ -642,19 +642,20 @@ class SqliteWarm:
             restored = 0
             for r in records:
                 key = (r.thread_id, r.checkpoint_ns, r.checkpoint_id)
-                restored += conn.execute(
+                row = conn.execute(
                     "UPDATE checkpoints SET location = 'warm', archive_key = NULL, "
                     "checkpoint_tag = ?, checkpoint = ? WHERE thread_id = ? AND "
-                    "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'archived'",
+                    "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'archived' "
+                    "RETURNING channel_versions",
                     (r.checkpoint.tag, r.checkpoint.data, *key),
-                ).rowcount
-                versions = json.loads(conn.execute(
-                    "SELECT channel_versions FROM checkpoints WHERE thread_id = ? AND "
-                    "checkpoint_ns = ? AND checkpoint_id = ?", key,
-                ).fetchone()[0] or "{}") if restored else {}
+                ).fetchone()
+                if row is None:
+                    continue  # not a stub (already live, or gone)
+                restored += 1
+                versions = json.loads(row[0] or "{}")
                 conn.executemany(
                     "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.thread_id, r.checkpoint_ns, ch, versions.get(ch, ""), p.tag, p.data)
+                    [(r.thread_id, r.checkpoint_ns, ch, versions[ch], p.tag, p.data)
                      for ch, p in r.blobs.items() if ch in versions],
                 )
                 conn.executemany(
