@@ -33,8 +33,8 @@ def test_ruff() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(tierstore.__all__) == sorted([
         "CheckpointArchived", "ConfigurationError", "CorruptPayload", "InvalidInput",
-        "Keyring", "LifecycleError", "PayloadTooLarge", "ResidencyError", "SaverOptions",
-        "StorageError",
+        "Keyring", "LeaseBusy", "LeaseLost", "LifecycleError", "PayloadTooLarge",
+        "ResidencyError", "SaverOptions", "StorageError",
         "TierUnavailable", "TieredSaver", "TierstoreError", "UsageError", "VersionConflict",
         "retry_on_conflict",
     ])

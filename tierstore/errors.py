@@ -17,7 +17,9 @@ store may help)::
         ├── CheckpointArchived        the bytes sit in a class that needs a restore
         ├── CorruptPayload            stored bytes fail to decode or verify
         ├── PayloadTooLarge           a payload exceeds what the stores accept
-        └── ResidencyError            a thread has no region, or a write would leave it
+        ├── ResidencyError            a thread has no region, or a write would leave it
+        ├── LeaseBusy                 another holder kept a thread's lease for the whole wait
+        └── LeaseLost                 a newer lease holder fenced this writer out
 
 Driver exceptions never escape raw: each backend maps its driver's errors to the
 most specific class above in one place and chains the original (``raise … from``).
@@ -35,6 +37,8 @@ __all__ = [
     "ConfigurationError",
     "CorruptPayload",
     "InvalidInput",
+    "LeaseBusy",
+    "LeaseLost",
     "LifecycleError",
     "PayloadTooLarge",
     "ResidencyError",
@@ -141,3 +145,25 @@ class PayloadTooLarge(StorageError):
 
 class ResidencyError(StorageError):
     """A thread matched no region, or its bytes would be written outside its region."""
+
+
+class LeaseBusy(StorageError):
+    """A thread's lease stayed with another holder for the whole ``wait``."""
+
+    def __init__(self, message: str, *, thread_id: str) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+
+
+class LeaseLost(StorageError):
+    """A write carried a fencing token older than the thread's newest lease.
+
+    The lease expired (a long pause, a lost network) and another holder took the
+    thread; the warm tier refused the write, so nothing of it was stored.
+    """
+
+    def __init__(self, message: str, *, thread_id: str, token: int, fence: int) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+        self.token = token
+        self.fence = fence

@@ -7,6 +7,7 @@ call these functions and do the I/O around them.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import random
 import uuid
 from collections.abc import Mapping, Sequence
@@ -20,9 +21,12 @@ from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 __all__ = [
     "MAX_ID_BYTES",
     "checkpoint_ids",
+    "fence_key",
+    "fenced_out",
     "filter_doc",
     "is_explicit_fork",
     "is_hot_fresh",
+    "lease_renew_every",
     "matches_filter",
     "merge_writes",
     "next_channel_version",
@@ -216,3 +220,22 @@ def merge_writes(
             continue
         merged[key] = write
     return tuple(merged.values())
+
+
+# -- leases and fencing -----------------------------------------------------------------
+
+
+def fence_key(thread_id: str) -> str:
+    """What a warm store keys a thread's fence by: a digest, so a deleted thread's
+    fence outlives it without keeping its id."""
+    return hashlib.sha256(thread_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def fenced_out(fence: int | None, token: int) -> bool:
+    """Is a write carrying ``token`` stale? Only when a newer lease raised the fence past it."""
+    return fence is not None and fence > token
+
+
+def lease_renew_every(ttl: float) -> float:
+    """Renew a lease three times per TTL, so that two missed renewals still keep it."""
+    return max(ttl / 3.0, 0.01)

@@ -401,12 +401,13 @@ class Router:
         values: Mapping[str, Payload],
         *,
         strict: bool,
+        fence: int | None = None,
     ) -> PutResult:
         stack = self.regions.stack_for(record.thread_id)
         if stack.offloader is not None:
             record, new_blobs, values = await self._shrink(stack.offloader, record, new_blobs,
                                                            values)
-        result = await stack.warm.put_checkpoint(record, new_blobs, strict=strict)
+        result = await stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence)
         if result.conflict:
             self.stats.conflicts += 1
             log.info(
@@ -452,12 +453,14 @@ class Router:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        fence: int | None = None,
     ) -> None:
         stack = self.regions.stack_for(thread_id)
         if stack.offloader is not None:
             small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
-        await stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes)
+        await stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes, fence=fence)
         if stack.hot is not None:
             await self.hot_writer.add_writes(stack.hot, thread_id, checkpoint_ns, checkpoint_id,
                                              writes)

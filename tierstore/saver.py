@@ -29,6 +29,7 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
+from tierstore.lease import ThreadLease, current_fence
 from tierstore.offload import Offloader
 from tierstore.policy import (
     checkpoint_ids,
@@ -228,6 +229,20 @@ class TieredSaver(
     def router(self) -> Router:
         """The router behind this saver (used by the tiering jobs and the CLI)."""
         return self._router
+
+    def lease(self, thread_id: str, *, ttl: float = 30.0, wait: float = 10.0) -> ThreadLease:
+        """A per-thread lease: ``async with saver.lease(tid): await app.ainvoke(…)``.
+
+        Runs of the thread in other processes wait up to ``wait`` seconds for it
+        (then ``LeaseBusy``); it is renewed while held and expires ``ttl`` seconds
+        after its holder stops renewing. Checkpoint writes inside the block carry a
+        fencing token that the warm tier checks, so a holder whose lease expired and
+        was taken over gets ``LeaseLost`` instead of forking the thread. Needs a hot
+        tier (``redis://`` across processes, ``memory://`` within one saver).
+        """
+        thread_id = validate_id(thread_id)
+        return ThreadLease(stack=self._router.regions.stack_for(thread_id), bridge=self._bridge,
+                           thread_id=thread_id, ttl=ttl, wait=wait)
 
     async def open(self) -> Self:
         self._bridge.bind_running_loop()
@@ -436,7 +451,8 @@ class TieredSaver(
             and not is_explicit_fork(md)
             and not (parent_id and self._is_granted_fork(config, (thread_id, ns, parent_id)))
         )
-        await self._router.put(record, new_blobs, encoded, strict=strict)
+        await self._router.put(record, new_blobs, encoded, strict=strict,
+                               fence=current_fence(thread_id))
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -504,7 +520,8 @@ class TieredSaver(
                         task_path or "")
             for idx, (channel, value) in enumerate(writes)
         ]
-        await self._router.put_writes(thread_id, ns, checkpoint_id, records)
+        await self._router.put_writes(thread_id, ns, checkpoint_id, records,
+                                      fence=current_fence(thread_id))
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()

@@ -3,6 +3,7 @@
 ::
 
     HotStore     latest assembled checkpoint per (thread, ns), with TTL   memory:// redis://
+    LeaseStore   per-thread leases with a TTL (the hot backends)         memory:// redis://
     WarmStore    the system of record: checkpoints, blobs, writes, heads  sqlite:/// postgresql:// mongodb://
     ObjectStore  immutable objects by key: cold archive and blob offload  file:// s3://
 
@@ -18,6 +19,9 @@ Rules every implementation keeps:
   (``idx < 0``: errors, interrupts, resumes) replace what was there.
 - Driver errors leave a store as ``TierUnavailable`` / ``CorruptPayload`` / …,
   translated in one place per module.
+- A write that carries a fencing token (``fence=``) is refused with ``LeaseLost``
+  when the thread's fence (raised by ``next_fence``) is above it; the check and the
+  write are one atomic step of the store.
 - ``aclose`` is idempotent.
 """
 
@@ -40,7 +44,7 @@ from tierstore.records import (
     WriteRecord,
 )
 
-__all__ = ["HotStore", "ObjectStore", "WarmStore"]
+__all__ = ["HotStore", "LeaseStore", "ObjectStore", "WarmStore"]
 
 
 @runtime_checkable
@@ -77,6 +81,24 @@ class HotStore(Protocol):
 
 
 @runtime_checkable
+class LeaseStore(Protocol):
+    """Mutual exclusion per thread with a TTL. It only keeps honest holders apart:
+    safety against an expired holder comes from the warm tier's fencing token."""
+
+    async def acquire_lease(self, thread_id: str, owner: str, ttl: float) -> bool:
+        """Take the thread's lease for ``ttl`` seconds if nobody holds it; True if taken."""
+        ...
+
+    async def renew_lease(self, thread_id: str, owner: str, ttl: float) -> bool:
+        """Extend the lease if ``owner`` still holds it; False once it was lost."""
+        ...
+
+    async def release_lease(self, thread_id: str, owner: str) -> bool:
+        """Give the lease back if ``owner`` holds it; True if it did."""
+        ...
+
+
+@runtime_checkable
 class WarmStore(Protocol):
     """The durable system of record. Every write is durable before the call returns."""
 
@@ -106,11 +128,13 @@ class WarmStore(Protocol):
         blobs: Sequence[BlobRecord],
         *,
         strict: bool,
+        fence: int | None = None,
     ) -> PutResult:
         """Store a checkpoint and its new blobs and advance the head atomically.
 
         With ``strict`` the head must equal ``record.parent_id`` (no head when it is
-        None), else ``VersionConflict`` is raised and nothing is written.
+        None), else ``VersionConflict`` is raised and nothing is written. With
+        ``fence``, a thread fence above it raises ``LeaseLost`` and nothing is written.
         """
         ...
 
@@ -120,7 +144,17 @@ class WarmStore(Protocol):
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        fence: int | None = None,
     ) -> None: ...
+
+    async def next_fence(self, thread_id: str) -> int:
+        """Issue the thread's next fencing token (1, 2, 3…); lower tokens are refused from now on.
+
+        Stores keep only a digest of the thread id with the fence, and keep the fence
+        when the thread is deleted, so a stale holder stays fenced out.
+        """
+        ...
 
     async def delete_thread(self, thread_id: str) -> None: ...
 

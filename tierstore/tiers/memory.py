@@ -6,6 +6,9 @@ replace only with a newer checkpoint, merge writes only into the checkpoint they
 belong to, keep the first write per (task_id, idx >= 0), let special writes
 (idx < 0) replace.
 
+It is also the reference ``LeaseStore``: leases live in this object, so they keep
+apart the runs that share one saver; across processes use ``redis://``.
+
 URL options: ``memory://?max_entries=10000&ttl=3600``.
 """
 
@@ -44,6 +47,7 @@ class MemoryHot:
         self._entries: OrderedDict[tuple[str, str], tuple[float, StoredCheckpoint]] = (
             OrderedDict()
         )
+        self._leases: dict[str, tuple[str, float]] = {}
         self._closed = False
 
     @classmethod
@@ -122,6 +126,35 @@ class MemoryHot:
             return
         for key in [k for k in self._entries if k[0] == thread_id]:
             del self._entries[key]
+
+    # -- LeaseStore -------------------------------------------------------------------
+
+    def _holder(self, thread_id: str) -> str | None:
+        held = self._leases.get(thread_id)
+        if held is None or held[1] <= self._clock():
+            return None
+        return held[0]
+
+    async def acquire_lease(self, thread_id: str, owner: str, ttl: float) -> bool:
+        self._check()
+        if self._holder(thread_id) is not None:
+            return False
+        self._leases[thread_id] = (owner, self._clock() + ttl)
+        return True
+
+    async def renew_lease(self, thread_id: str, owner: str, ttl: float) -> bool:
+        self._check()
+        if self._holder(thread_id) != owner:
+            return False
+        self._leases[thread_id] = (owner, self._clock() + ttl)
+        return True
+
+    async def release_lease(self, thread_id: str, owner: str) -> bool:
+        self._check()
+        if self._holder(thread_id) != owner:
+            return False
+        del self._leases[thread_id]
+        return True
 
     def purge_expired(self) -> int:
         """Drop every expired entry now (reads drop them lazily otherwise)."""

@@ -8,7 +8,7 @@ where noted), so the same module runs against the in-process mock the tests use.
 Documents (collection names live in ``COLLECTIONS``, indexes in ``migrations/mongo/``)::
 
     tierstore_heads        {thread_id, checkpoint_ns, head_id, version, n_writes, conflicts,
-                            updated_at, lease_owner, lease_until}
+                            updated_at, lease_owner, lease_until, fence}
                                               unique (thread_id, checkpoint_ns)
     tierstore_checkpoints  {thread_id, checkpoint_ns, checkpoint_id, parent_id, run_id,
                             checkpoint: PAYLOAD, metadata: PAYLOAD,
@@ -21,6 +21,7 @@ Documents (collection names live in ``COLLECTIONS``, indexes in ``migrations/mon
     tierstore_writes       {thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel,
                             task_path, payload: PAYLOAD}
                                               unique (thread_id, …, checkpoint_id, task_id, idx)
+    tierstore_fences       {_id: SHA-256 of thread_id, fence}   newest lease token per thread
     tierstore_fs.files / .chunks   GridFS: one file per offloaded payload, owned by one document
     tierstore_migrations   {_id: version, name, applied_at}
 
@@ -56,6 +57,15 @@ guarantee)::
         update_one({thread, ns, version: v, head_id: h}, {$set: …})  retried on a miss
         [strict] the head moved off the parent ──► undo 3 and 2, VersionConflict
     5 count the head's writes and $max them into n_writes
+
+With a lease token (``fence``) the fence document is read before step 1 (a token
+already superseded writes nothing), step 4 also requires the head's ``fence`` to be
+at most the token and ``$max``-es it in, and ``next_fence`` raises the fence document
+and then every head of the thread. A head created in step 4 is checked against the
+fence document once more and taken back (with the checkpoint) if a newer lease was
+issued meanwhile, which covers a namespace that had no head yet. Pending writes
+are checked against the fence document before they are inserted: without
+transactions, a lease taken over during that one insert does not undo it.
 
 A crash after 1 or 2 leaves files and blobs that no checkpoint names (collected
 later, see below); a crash after 3 leaves a complete, readable checkpoint whose head
@@ -127,6 +137,7 @@ from tierstore.errors import (
     ConfigurationError,
     CorruptPayload,
     InvalidInput,
+    LeaseLost,
     LifecycleError,
     PayloadTooLarge,
     StorageError,
@@ -135,6 +146,7 @@ from tierstore.errors import (
     VersionConflict,
 )
 from tierstore.migrate import Migration, migrations_for
+from tierstore.policy import fence_key, fenced_out
 from tierstore.records import (
     BlobRecord,
     CheckpointMeta,
@@ -166,6 +178,7 @@ COLLECTIONS: Final[Mapping[str, str]] = {
     "checkpoints": "tierstore_checkpoints",
     "blobs": "tierstore_blobs",
     "writes": "tierstore_writes",
+    "fences": "tierstore_fences",
     "migrations": "tierstore_migrations",
     "gridfs_files": "tierstore_fs.files",
 }
@@ -699,7 +712,7 @@ class MongoWarm:
     async def _head_doc(self, thread_id: str, checkpoint_ns: str) -> Doc | None:
         doc: Doc | None = await self._c("heads").find_one(
             {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns},
-            {"_id": 0, "head_id": 1, "version": 1, "n_writes": 1},
+            {"_id": 0, "head_id": 1, "version": 1, "n_writes": 1, "fence": 1},
         )
         return doc
 
@@ -850,14 +863,45 @@ class MongoWarm:
 
     # -- writes -----------------------------------------------------------------------
 
+    async def next_fence(self, thread_id: str) -> int:
+        t = _text(thread_id, "thread_id")
+        with self._errors("next_fence"):
+            doc = await self._c("fences").find_one_and_update(
+                {"_id": fence_key(t)}, {"$inc": {"fence": 1}}, upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+            token = int(doc["fence"])
+            await self._c("heads").update_many({"thread_id": t}, {"$max": {"fence": token}})
+            return token
+
+    async def _check_fence(self, t: str, token: int | None, fence: Any = None) -> None:
+        """Raise ``LeaseLost`` if ``token`` is older than the thread's fence (or ``fence``)."""
+        if token is None:
+            return
+        if fence is None:
+            doc = await self._c("fences").find_one({"_id": fence_key(t)}, {"fence": 1})
+            fence = doc["fence"] if doc is not None else None
+        if fenced_out(None if fence is None else int(fence), token):
+            raise LeaseLost(
+                f"thread {t!r}: lease token {token} was superseded by {fence}; "
+                "a newer holder owns the thread",
+                thread_id=t, token=token, fence=int(fence),
+            )
+
     async def put_checkpoint(
-        self, record: CheckpointRecord, blobs: Sequence[BlobRecord], *, strict: bool
+        self,
+        record: CheckpointRecord,
+        blobs: Sequence[BlobRecord],
+        *,
+        strict: bool,
+        fence: int | None = None,
     ) -> PutResult:
         t = _text(record.thread_id, "thread_id")
         ns = _text(record.checkpoint_ns, "checkpoint_ns")
         cid = _text(record.checkpoint_id, "checkpoint_id")
         parent = None if record.parent_id is None else _text(record.parent_id, "parent_id")
         with self._errors("put_checkpoint"):
+            await self._check_fence(t, fence)
             current = await self._head_doc(t, ns) if strict else None
             if strict:
                 current = await self._settle_conflict(t, ns, parent, current)
@@ -889,8 +933,8 @@ class MongoWarm:
             previous = await self._replace("checkpoints", key, doc)
             try:
                 result = await self._move_head(t, ns, cid, parent, strict=strict,
-                                               current=current, now=now)
-            except VersionConflict:
+                                               current=current, now=now, fence=fence)
+            except (VersionConflict, LeaseLost):
                 await self._undo_put(key, token, previous, doc, new_blobs)
                 raise
             if previous is not None:
@@ -954,7 +998,7 @@ class MongoWarm:
 
     async def _move_head(
         self, t: str, ns: str, cid: str, parent: str | None, *, strict: bool,
-        current: Doc | None, now: float,
+        current: Doc | None, now: float, fence: int | None = None,
     ) -> PutResult:
         """The head compare-and-set: retried on a miss, never a blind write."""
         heads = self._c("heads")
@@ -965,6 +1009,8 @@ class MongoWarm:
                 await asyncio.sleep(_backoff_delay(attempt, random.random()))
                 current = await self._head_doc(t, ns)
             fresh = False
+            if current is not None:
+                await self._check_fence(t, fence, current.get("fence"))
             head_id = current["head_id"] if current is not None else None
             if strict and head_id != parent:
                 if head_id == cid and current is not None:
@@ -978,12 +1024,22 @@ class MongoWarm:
             version = int(current["version"]) if current is not None else 0
             step = _advance_head(head_id, version, cid, parent)
             if current is None:
+                created = {**key, "head_id": step.head_id, "version": step.version,
+                           "n_writes": 0, "conflicts": int(step.conflict), "updated_at": now}
+                if fence is not None:
+                    created["fence"] = fence
                 try:
-                    await heads.insert_one({**key, "head_id": step.head_id, "version": step.version,
-                                            "n_writes": 0, "conflicts": int(step.conflict),
-                                            "updated_at": now})
+                    await heads.insert_one(created)
                 except DuplicateKeyError:
                     continue
+                if fence is not None:
+                    try:
+                        await self._check_fence(t, fence)
+                    except LeaseLost:
+                        # a newer lease was issued while this namespace got its first head
+                        await heads.delete_one({**key, "head_id": step.head_id,
+                                                "version": step.version, "fence": fence})
+                        raise
             else:
                 changes: Doc = {"head_id": step.head_id, "version": step.version,
                                 "updated_at": now}
@@ -992,9 +1048,11 @@ class MongoWarm:
                 update: Doc = {"$set": changes}
                 if step.conflict:
                     update["$inc"] = {"conflicts": 1}
-                result = await heads.update_one(
-                    {**key, "version": version, "head_id": head_id}, update
-                )
+                expected: Doc = {**key, "version": version, "head_id": head_id}
+                if fence is not None:
+                    update["$max"] = {"fence": fence}
+                    expected["$or"] = [{"fence": {"$exists": False}}, {"fence": {"$lte": fence}}]
+                result = await heads.update_one(expected, update)
                 if result.matched_count == 0:
                     continue
             n_writes = (await self._settle_writes(t, ns, cid) if step.moved
@@ -1071,6 +1129,8 @@ class MongoWarm:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        fence: int | None = None,
     ) -> None:
         if not writes:
             return
@@ -1078,6 +1138,7 @@ class MongoWarm:
         ns = _text(checkpoint_ns, "checkpoint_ns")
         cid = _text(checkpoint_id, "checkpoint_id")
         with self._errors("put_writes"):
+            await self._check_fence(t, fence)
             await self._insert_writes(t, ns, cid, writes, replace_special=True)
             await self._settle_writes(t, ns, cid)
 

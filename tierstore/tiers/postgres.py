@@ -12,6 +12,8 @@
                   ├─ put_checkpoint  1 statement  tierstore_put_checkpoint(): lock the head row,
                   │                                compare parent, insert, advance head
                   ├─ put_writes      1 statement  tierstore_put_writes(): insert, count new rows
+                  │   (with a lease token: the *_fenced variants, the fence row FOR SHARE first)
+                  ├─ next_fence      1 statement  tierstore_next_fence(): bump the thread's fence
                   ├─ delete / copy / prune        one transaction: lock heads, change, recompute
                   └─ claim           1 statement  FOR NO KEY UPDATE SKIP LOCKED; mark_archived
                                                   and rehydrate: one transaction under the lease
@@ -24,6 +26,7 @@ Tables (``migrations/postgres``)::
                                  │                  archive_key set = a stub
     tierstore_blobs        (sid, channel, version) ─ one channel value, stored once
     tierstore_writes       (sid, checkpoint_id, task_id, idx) ─ pending writes
+    tierstore_fences       (thread_key) ─ newest lease token per thread, by SHA-224 digest
 
 Bytes on disk per checkpoint are part of the design: the surrogate ``sid`` keeps
 thread ids (any text up to 64 KiB) out of every other row and index entry;
@@ -65,6 +68,7 @@ from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import (
     ConfigurationError,
     InvalidInput,
+    LeaseLost,
     LifecycleError,
     PayloadTooLarge,
     TierstoreError,
@@ -178,6 +182,13 @@ _PUT_CHECKPOINT = (
     + ")"
 )
 _PUT_WRITES = "SELECT tierstore_put_writes($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_PUT_CHECKPOINT_FENCED = (
+    "SELECT o_ok, o_head, o_version, o_n_writes, o_conflict FROM "
+    "tierstore_put_checkpoint_fenced(" + ", ".join(f"${i}" for i in range(1, 19)) + ")"
+)
+_PUT_WRITES_FENCED = "SELECT tierstore_put_writes_fenced($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_NEXT_FENCE = "SELECT tierstore_next_fence($1)"
+_FENCED_OUT = "TS409"  # SQLSTATE raised by tierstore_check_fence
 
 _LOCK_STREAMS = (
     "SELECT sid FROM tierstore_heads WHERE sid = ANY($1::bigint[]) ORDER BY sid "
@@ -666,8 +677,34 @@ class PostgresWarm:
 
     # -- writes -------------------------------------------------------------------------
 
+    async def next_fence(self, thread_id: str) -> int:
+        async def body(conn: Conn) -> int:
+            return int(await conn.fetchval(_NEXT_FENCE, thread_id))
+
+        return await self._run("next_fence", body)
+
+    @staticmethod
+    async def _fenced(thread_id: str, token: int, call: Awaitable[T]) -> T:
+        """Await a fenced statement; the server's refusal becomes ``LeaseLost``."""
+        try:
+            return await call
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != _FENCED_OUT:
+                raise
+            detail = getattr(exc, "detail", None) or "0"
+            raise LeaseLost(
+                f"thread {thread_id!r}: lease token {token} was superseded by {detail}; "
+                "a newer holder owns the thread",
+                thread_id=thread_id, token=token, fence=int(detail),
+            ) from exc
+
     async def put_checkpoint(
-        self, record: CheckpointRecord, blobs: Sequence[BlobRecord], *, strict: bool
+        self,
+        record: CheckpointRecord,
+        blobs: Sequence[BlobRecord],
+        *,
+        strict: bool,
+        fence: int | None = None,
     ) -> PutResult:
         versions = {ch: _version_key(v) for ch, v in record.channel_versions.items()}
         # A channel with a version but no value reads back the same with no row.
@@ -684,7 +721,11 @@ class PostgresWarm:
         )
 
         async def body(conn: Conn) -> asyncpg.Record:
-            row = await conn.fetchrow(_PUT_CHECKPOINT, *args)
+            if fence is None:
+                row = await conn.fetchrow(_PUT_CHECKPOINT, *args)
+            else:
+                row = await self._fenced(record.thread_id, fence,
+                                         conn.fetchrow(_PUT_CHECKPOINT_FENCED, fence, *args))
             assert row is not None
             return row
 
@@ -704,6 +745,8 @@ class PostgresWarm:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        fence: int | None = None,
     ) -> None:
         if not writes:
             return
@@ -723,7 +766,11 @@ class PostgresWarm:
         )
 
         async def body(conn: Conn) -> None:
-            await conn.execute(_PUT_WRITES, *args)
+            if fence is None:
+                await conn.execute(_PUT_WRITES, *args)
+            else:
+                await self._fenced(thread_id, fence,
+                                   conn.execute(_PUT_WRITES_FENCED, fence, *args))
 
         await self._run("put_writes", body)
 

@@ -20,6 +20,7 @@ Key layout (``T`` = BLAKE2b-128 hex of the thread id, ``N`` = the same of the na
                       ├─ m:seq     last write sequence number
                       └─ w<idx>:<task_id>  8 hex digits of sequence + one packed write
     <prefix>{T}:ns    SET   N of every namespace cached for the thread
+    <prefix>{T}:lease STRING owner of the thread's lease, with the lease's TTL
 
 ``{T}`` is a hash tag: all keys of a thread hash to one cluster slot, so every
 script below runs on one node. It is a digest because thread ids are data and may
@@ -40,6 +41,7 @@ Flows, one round trip each::
                                     PEXPIRE both                             ─► 1
     invalidate  EVALSHA drop_ns     DEL entry, SREM N
                 EVALSHA drop_thread DEL <prefix>{T}:e:<each member>, DEL ns set
+    lease       SET lease owner NX PX ttl; renew / release: EVALSHA, only if GET = owner
 
 Ids are compared byte by byte in Lua (Lua's ``<`` follows the server's locale),
 which is how Python orders ``str``. Scripts are sent once with SCRIPT LOAD at setup;
@@ -132,6 +134,7 @@ __all__ = [
     "breaker_failure",
     "breaker_success",
     "entry_key",
+    "lease_key",
     "namespaces_key",
 ]
 
@@ -143,6 +146,7 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "ts:"
 ENTRY = ":e:"  # <prefix>{T}:e:N
 NAMESPACES = ":ns"  # <prefix>{T}:ns
+LEASE = ":lease"  # <prefix>{T}:lease
 F_ID = "m:id"
 F_FRAME = "m:frame"
 F_LOC = "m:loc"
@@ -173,6 +177,11 @@ def entry_key(prefix: str, thread_id: str, checkpoint_ns: str) -> str:
 def namespaces_key(prefix: str, thread_id: str) -> str:
     """The SET of namespace digests cached for a thread (what ``invalidate`` drops)."""
     return f"{_thread_base(prefix, thread_id)}{NAMESPACES}"
+
+
+def lease_key(prefix: str, thread_id: str) -> str:
+    """The STRING naming the holder of a thread's lease."""
+    return f"{_thread_base(prefix, thread_id)}{LEASE}"
 
 
 def _write_field(write: WriteRecord) -> bytes:
@@ -254,6 +263,21 @@ return 1
 """
 
 
+# KEYS: lease. ARGV: owner, ttl ms.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: owner.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
 def _lua(source: str) -> str:
     return Template(source).substitute(
         ID=F_ID, FRAME=F_FRAME, LOC=F_LOC, SEQ=F_SEQ, META=META_FIELDS, WIDTH=SEQ_WIDTH
@@ -265,6 +289,8 @@ SCRIPTS: Mapping[str, str] = {
     "add_writes": _lua(_ADD_WRITES),
     "drop_ns": _lua(_DROP_NS),
     "drop_thread": _lua(_DROP_THREAD),
+    "renew_lease": _RENEW_LEASE,
+    "release_lease": _RELEASE_LEASE,
 }
 
 
@@ -718,6 +744,33 @@ class RedisHot:
             return await script(keys=keys, args=args, client=client)
 
         await self._run("invalidate", call)
+
+    # -- LeaseStore --------------------------------------------------------------------------
+
+    async def acquire_lease(self, thread_id: str, owner: str, ttl: float) -> bool:
+        key = lease_key(self.settings.prefix, thread_id)
+        ttl_ms = max(1, int(ttl * 1000))
+
+        async def call(client: Client) -> Any:
+            return await client.set(key, owner, nx=True, px=ttl_ms)
+
+        return bool(await self._run("acquire_lease", call))
+
+    async def _lease_script(self, name: str, thread_id: str, args: list[str | int]) -> bool:
+        script = self._script(name)
+        keys = [lease_key(self.settings.prefix, thread_id)]
+
+        async def call(client: Client) -> Any:
+            return await script(keys=keys, args=args, client=client)
+
+        return bool(await self._run(name, call))
+
+    async def renew_lease(self, thread_id: str, owner: str, ttl: float) -> bool:
+        return await self._lease_script("renew_lease", thread_id,
+                                        [owner, max(1, int(ttl * 1000))])
+
+    async def release_lease(self, thread_id: str, owner: str) -> bool:
+        return await self._lease_script("release_lease", thread_id, [owner])
 
 
 def _decode_entry(

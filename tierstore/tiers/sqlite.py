@@ -7,7 +7,8 @@
 SQLite has one writer at a time, so the store owns a single connection on a single
 worker thread: every operation is one function, run there inside one transaction
 (``BEGIN IMMEDIATE`` for writes), which is what makes the head compare-and-set
-atomic without a lock in Python. Readers in other processes are not blocked (WAL).
+and the lease fence check atomic without a lock in Python. Readers in other
+processes are not blocked (WAL).
 
 URL options: ``?synchronous=full`` (default: a commit survives power loss) or
 ``normal`` (survives a process crash; faster), ``?timeout=30`` (seconds to wait
@@ -26,8 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tierstore.errors import ConfigurationError, LifecycleError, TierUnavailable, VersionConflict
+from tierstore.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LifecycleError,
+    TierUnavailable,
+    VersionConflict,
+)
 from tierstore.migrate import migrations_for
+from tierstore.policy import fence_key, fenced_out
 from tierstore.records import (
     BlobRecord,
     CheckpointMeta,
@@ -306,8 +314,40 @@ class SqliteWarm:
 
     # -- writes -----------------------------------------------------------------------
 
+    @staticmethod
+    def _check_fence(conn: sqlite3.Connection, thread_id: str, token: int | None) -> None:
+        """Inside the write's transaction: refuse a token older than the thread's fence."""
+        if token is None:
+            return
+        row = conn.execute("SELECT fence FROM fences WHERE thread_key = ?",
+                           (fence_key(thread_id),)).fetchone()
+        if fenced_out(row[0] if row else None, token):
+            raise LeaseLost(
+                f"thread {thread_id!r}: lease token {token} was superseded by {row[0]}; "
+                "a newer holder owns the thread",
+                thread_id=thread_id, token=token, fence=row[0],
+            )
+
+    async def next_fence(self, thread_id: str) -> int:
+        key = fence_key(thread_id)
+
+        def body(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "INSERT INTO fences VALUES (?, 1) ON CONFLICT (thread_key) DO UPDATE SET "
+                "fence = fence + 1 RETURNING fence",
+                (key,),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
     async def put_checkpoint(
-        self, record: CheckpointRecord, blobs: Sequence[BlobRecord], *, strict: bool
+        self,
+        record: CheckpointRecord,
+        blobs: Sequence[BlobRecord],
+        *,
+        strict: bool,
+        fence: int | None = None,
     ) -> PutResult:
         now = time.time()
         versions = json.dumps(dict(record.channel_versions), separators=(",", ":"))
@@ -316,6 +356,7 @@ class SqliteWarm:
 
         def body(conn: sqlite3.Connection) -> PutResult:
             t, ns, cid = record.thread_id, record.checkpoint_ns, record.checkpoint_id
+            self._check_fence(conn, t, fence)
             row = conn.execute(
                 "SELECT head_id, version, n_writes FROM heads "
                 "WHERE thread_id = ? AND checkpoint_ns = ?",
@@ -367,6 +408,8 @@ class SqliteWarm:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        fence: int | None = None,
     ) -> None:
         if not writes:
             return
@@ -377,6 +420,7 @@ class SqliteWarm:
         ]
 
         def body(conn: sqlite3.Connection) -> None:
+            self._check_fence(conn, thread_id, fence)
             conn.executemany(
                 "INSERT OR IGNORE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [r for r in rows if r[4] >= 0],

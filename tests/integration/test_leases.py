@@ -1,0 +1,170 @@
+"""Per-thread leases through LangGraph: runs serialised, an expired holder fenced out."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
+from tests.integration.test_concurrency import ask, cfg, single_chain
+from tierstore import ConfigurationError, LeaseBusy, LeaseLost, LifecycleError, TieredSaver
+from tierstore.demo import build_agent
+from tierstore.lease import ThreadLease, current_fence
+
+LEASE_STACKS = sorted(name for name in STACKS if name != "postgres")  # those with a hot tier
+
+
+@pytest.fixture(params=LEASE_STACKS)
+def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+async def notes_of(app: Any, thread: str) -> list[str]:
+    return list((await app.aget_state(cfg(thread))).values["notes"])
+
+
+async def test_leased_runs_are_serialised(urls: Urls) -> None:
+    async with urls.open() as saver:
+        app = build_agent().compile(checkpointer=saver)
+
+        async def turn(i: int) -> None:
+            async with saver.lease("leased", wait=60):
+                await app.ainvoke(ask(f"remember item {i}"), cfg("leased"))
+
+        await asyncio.gather(*(turn(i) for i in range(20)))
+        notes = await notes_of(app, "leased")
+        assert sorted(notes) == sorted(f"item {i}" for i in range(20))  # each exactly once
+        assert saver.stats.conflicts == 0
+        assert await single_chain(saver, "leased")
+
+
+async def test_an_expired_holder_is_fenced_out(urls: Urls) -> None:
+    async with urls.open() as saver:
+        app = build_agent().compile(checkpointer=saver)
+        stack = saver.router.regions.stack_for("fenced")
+        held: list[ThreadLease] = []
+        first_turn_done, taken_over = asyncio.Event(), asyncio.Event()
+
+        async def first_holder() -> None:
+            async with saver.lease("fenced", ttl=5) as lease:
+                held.append(lease)
+                await app.ainvoke(ask("remember alpha"), cfg("fenced"))
+                first_turn_done.set()
+                await taken_over.wait()  # paused past its lease, e.g. a long GC pause
+                with pytest.raises(LeaseLost) as info:
+                    await app.ainvoke(ask("remember stale"), cfg("fenced"))
+                assert info.value.token == lease.token
+                assert info.value.fence > info.value.token
+
+        task = asyncio.create_task(first_holder())
+        await first_turn_done.wait()
+        assert current_fence("fenced") is None  # the lease token lives in its holder's context
+        # the lock vanishes (it expired, or a Redis failover lost it) and a second holder comes
+        assert stack.hot is not None
+        await stack.hot.release_lease("fenced", held[0].owner)  # type: ignore[attr-defined]
+        async with saver.lease("fenced", wait=5) as second:
+            assert second.token is not None and held[0].token is not None
+            assert second.token > held[0].token
+            await app.ainvoke(ask("remember beta"), cfg("fenced"))
+        taken_over.set()
+        await task
+        assert await notes_of(app, "fenced") == ["alpha", "beta"]
+        assert await single_chain(saver, "fenced")
+
+
+async def test_a_held_lease_makes_others_wait_then_give_up(urls: Urls) -> None:
+    async with urls.open() as saver:
+        async with saver.lease("busy", ttl=5):
+            with pytest.raises(LeaseBusy) as info:
+                async with saver.lease("busy", wait=0.2):
+                    pass
+            assert info.value.thread_id == "busy"
+            async with saver.lease("other-thread", wait=0):
+                pass
+        async with saver.lease("busy", wait=0):  # released on exit
+            pass
+
+
+async def test_a_lease_is_entered_once_and_only_on_an_open_saver(urls: Urls) -> None:
+    async with urls.open() as saver:
+        lease = saver.lease("once")
+        async with lease:
+            assert current_fence("once") == lease.token
+        assert current_fence("once") is None
+        with pytest.raises(LifecycleError):
+            async with lease:
+                pass
+        with pytest.raises(ConfigurationError):
+            saver.lease("x", ttl=0)
+    with pytest.raises(LifecycleError):
+        async with saver.lease("closed"):
+            pass
+
+
+async def test_leases_need_a_hot_tier(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    async with STACKS["postgres"](request, tmp_path).open() as saver:
+        with pytest.raises(ConfigurationError, match="hot tier"):
+            saver.lease("t")
+
+
+def test_sync_leases_from_many_threads(urls: Urls) -> None:
+    with urls.open() as saver:
+        app = build_agent().compile(checkpointer=saver)
+        errors: list[BaseException] = []
+
+        def worker(k: int) -> None:
+            try:
+                for i in range(4):
+                    with saver.lease("sync-leased", wait=60) as lease:
+                        assert current_fence("sync-leased") == lease.token
+                        app.invoke(ask(f"remember item k{k} i{i}"), cfg("sync-leased"))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        notes = app.get_state(cfg("sync-leased")).values["notes"]
+        assert sorted(notes) == sorted(f"item k{k} i{i}" for k in range(3) for i in range(4))
+        assert saver.stats.conflicts == 0
+
+
+def _leased_turns(urls: Urls, worker: int, turns: int) -> None:
+    async def run() -> None:
+        async with urls.open() as saver:
+            app = build_agent().compile(checkpointer=saver)
+            for i in range(turns):
+                async with saver.lease("across-processes", wait=120):
+                    await app.ainvoke(ask(f"remember item k{worker} i{i}"),
+                                      cfg("across-processes"))
+
+    asyncio.run(run())
+
+
+@pytest.fixture(params=sorted(s for s in MULTIPROCESS_STACKS if s != "embedded"))
+def shared_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+async def test_leases_serialise_runs_across_processes(shared_urls: Urls) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_leased_turns, args=(shared_urls, k, 5)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        await asyncio.to_thread(p.join, 180)
+        assert p.exitcode == 0
+    saver: TieredSaver
+    async with shared_urls.open() as saver:
+        app = build_agent().compile(checkpointer=saver)
+        notes = await notes_of(app, "across-processes")
+        assert sorted(notes) == sorted(f"item k{k} i{i}" for k in range(4) for i in range(5))
+        assert await single_chain(saver, "across-processes")

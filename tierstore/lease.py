@@ -1,0 +1,209 @@
+"""Per-thread leases: one run at a time per thread, across processes, fenced by the warm tier.
+
+::
+
+    async with saver.lease(thread_id, ttl=30, wait=10):      # ``with`` in sync code
+        await app.ainvoke(inputs, config)
+
+    enter ─► hot   acquire_lease(thread, owner, ttl)   held by another? wait with backoff,
+           │                                           up to ``wait`` ─► LeaseBusy
+           ├► warm  next_fence(thread) ─► token         every older token is refused from now on
+           └► renew every ttl/3 in the background       (a lost lease is logged, see below)
+    inside  aput / aput_writes of that thread carry the token (a context variable, so
+            the tasks LangGraph starts for the run inherit it); the warm tier checks it
+            in the same atomic step as the write ─► LeaseLost, nothing written
+    exit  ─► stop renewing; hot release_lease (only if the lease is still ours)
+
+Why two stores. The hot tier's lock keeps honest holders apart cheaply, but a
+holder paused past its TTL (a long GC pause, a frozen VM, a partition) wakes up
+believing it still holds the lock, and Redis itself may lose a lock on failover.
+Safety therefore rests on the token: the durable warm tier issues it and refuses
+any write carrying an older one, so an expired holder cannot write once another
+holder has the thread. A holder whose lease expired while nobody else took the
+thread keeps writing: its token is still the newest.
+
+Leases are cooperative: writes made outside a lease are not checked. Use them
+in every process that writes the thread, or use ``concurrency="strict"``, which
+needs no lease and refuses any stale parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from contextvars import ContextVar, Token
+from types import MappingProxyType, TracebackType
+from typing import Literal, Self
+
+from tierstore.bridge import LoopBridge
+from tierstore.errors import ConfigurationError, LeaseBusy, LifecycleError, TierUnavailable
+from tierstore.policy import lease_renew_every, retry_delay
+from tierstore.router import TierStack
+from tierstore.tiers.base import LeaseStore
+
+__all__ = ["ThreadLease", "current_fence"]
+
+log = logging.getLogger("tierstore")
+
+_TOKENS: ContextVar[Mapping[str, int]] = ContextVar(
+    "tierstore_lease_tokens", default=MappingProxyType({})
+)
+
+
+def current_fence(thread_id: str) -> int | None:
+    """The token of the lease this context holds on ``thread_id``, if any."""
+    return _TOKENS.get().get(thread_id)
+
+
+class ThreadLease:
+    """A lease on one thread; enter it with ``async with`` (or ``with``) once."""
+
+    thread_id: str
+    ttl: float
+    wait: float
+    owner: str
+    token: int | None
+    lost: bool
+
+    def __init__(
+        self,
+        *,
+        stack: TierStack,
+        bridge: LoopBridge,
+        thread_id: str,
+        ttl: float,
+        wait: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl > 0:
+            raise ConfigurationError(f"lease ttl must be > 0 seconds, got {ttl!r}")
+        if not wait >= 0:
+            raise ConfigurationError(f"lease wait must be >= 0 seconds, got {wait!r}")
+        if not isinstance(stack.hot, LeaseStore):
+            raise ConfigurationError(
+                "leases need a hot tier that keeps them (memory:// in one process, "
+                "redis:// across processes); this stack has none"
+            )
+        self.thread_id = thread_id
+        self.ttl = ttl
+        self.wait = wait
+        self.owner = uuid.uuid4().hex
+        self.token = None
+        self.lost = False
+        self._locks: LeaseStore = stack.hot
+        self._stack: TierStack = stack
+        self._bridge: LoopBridge = bridge
+        self._clock: Callable[[], float] = clock
+        self._renewer: asyncio.Task[None] | None = None
+        self._reset: Token[Mapping[str, int]] | None = None
+        self._state: Literal["new", "held", "done"] = "new"
+
+    def __repr__(self) -> str:
+        return (f"ThreadLease(thread_id={self.thread_id!r}, token={self.token}, "
+                f"state={self._state!r}, lost={self.lost})")
+
+    # -- the async core ---------------------------------------------------------------
+
+    async def _acquire(self) -> int:
+        deadline = self._clock() + self.wait
+        attempt = 0
+        while not await self._locks.acquire_lease(self.thread_id, self.owner, self.ttl):
+            left = deadline - self._clock()
+            if left <= 0:
+                raise LeaseBusy(
+                    f"thread {self.thread_id!r}: its lease stayed with another holder for "
+                    f"{self.wait:g}s", thread_id=self.thread_id,
+                )
+            await asyncio.sleep(min(left, retry_delay(attempt, base=0.01, cap=0.5,
+                                                      jitter=random.random())))
+            attempt += 1
+        try:
+            token = await self._stack.warm.next_fence(self.thread_id)
+        except BaseException:
+            with suppress(TierUnavailable):
+                await self._locks.release_lease(self.thread_id, self.owner)
+            raise
+        self._renewer = asyncio.get_running_loop().create_task(
+            self._renew(), name=f"tierstore-lease-renew:{self.thread_id[:32]}"
+        )
+        return token
+
+    async def _renew(self) -> None:
+        every = lease_renew_every(self.ttl)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await self._locks.renew_lease(self.thread_id, self.owner, self.ttl)
+            except TierUnavailable as exc:
+                log.warning("cannot renew the lease on thread %r (%s); retrying",
+                            self.thread_id, exc)
+                continue
+            if not held:
+                self.lost = True
+                log.warning("the lease on thread %r (token %s) expired; once another holder "
+                            "takes the thread, this holder's writes are refused",
+                            self.thread_id, self.token)
+                return
+
+    async def _release(self) -> None:
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewer
+        try:
+            await self._locks.release_lease(self.thread_id, self.owner)
+        except TierUnavailable as exc:
+            log.warning("cannot release the lease on thread %r (%s); it expires in %gs",
+                        self.thread_id, exc, self.ttl)
+
+    # -- entering and leaving -----------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._bridge.require_open()
+        if self._state != "new":
+            raise LifecycleError(f"{self!r} was already entered; take a new lease")
+
+    def _hold(self, token: int) -> None:
+        self.token = token
+        self._state = "held"
+        self._reset = _TOKENS.set(MappingProxyType({**_TOKENS.get(), self.thread_id: token}))
+
+    def _drop(self) -> None:
+        self._state = "done"
+        if self._reset is not None:
+            _TOKENS.reset(self._reset)
+            self._reset = None
+
+    async def __aenter__(self) -> Self:
+        self._begin()
+        self._hold(await self._acquire())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._drop()
+        await self._release()
+
+    def __enter__(self) -> Self:
+        self._begin()
+        self._hold(self._bridge.run(self._acquire()))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._drop()
+        self._bridge.run(self._release())
