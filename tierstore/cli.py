@@ -1,7 +1,10 @@
 """The ``tierstore`` command line.
 
 Stores come from ``--hot/--warm/--cold`` or ``TIERSTORE_HOT_URL`` /
-``TIERSTORE_WARM_URL`` / ``TIERSTORE_COLD_URL`` (``none`` disables hot or cold).
+``TIERSTORE_WARM_URL`` / ``TIERSTORE_COLD_URL`` (``none`` disables hot or cold), or
+from a region table (``--regions FILE`` or ``TIERSTORE_REGIONS_FILE``), of which
+``--region NAME`` opens one region's stores only: a worker or an operator in one
+region never needs another region's credentials.
 Every command that reports has ``--json``. Long work shows a progress bar on a
 terminal. Errors are one clear line on stderr, never a traceback.
 
@@ -17,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -51,10 +55,34 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
-def _saver(hot: str | None, warm: str | None, cold: str | None) -> "TieredSaver":
-    from tierstore.saver import TieredSaver
-    from tierstore.settings import urls_from_env
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Which stores a command opens: three URLs, or a region table (maybe one region)."""
 
+    hot: str | None = None
+    warm: str | None = None
+    cold: str | None = None
+    regions: Path | None = None
+    region: str | None = None
+
+
+def _saver(where: _Where) -> "TieredSaver":
+    from tierstore.errors import ConfigurationError
+    from tierstore.saver import TieredSaver
+    from tierstore.settings import RegionTable, regions_file_from_env, urls_from_env
+
+    regions_file = where.regions or regions_file_from_env()
+    if regions_file is not None:
+        if any(url is not None for url in (where.hot, where.warm, where.cold)):
+            raise ConfigurationError("give either --hot/--warm/--cold or a region table, not both")
+        table = RegionTable.from_file(regions_file)
+        if where.region is not None:
+            table = table.only(where.region)
+        return TieredSaver.from_region_table(table)
+    if where.region is not None:
+        raise ConfigurationError("--region needs a region table (--regions FILE or "
+                                 "TIERSTORE_REGIONS_FILE)")
+    hot, warm, cold = where.hot, where.warm, where.cold
     env = urls_from_env()
 
     def pick(flag: str | None, fallback: str | None) -> str | None:
@@ -66,9 +94,8 @@ def _saver(hot: str | None, warm: str | None, cold: str | None) -> "TieredSaver"
                                  cold=pick(cold, env["cold"]))
 
 
-def _run(hot: str | None, warm: str | None, cold: str | None,
-         body: Callable[["TieredSaver"], Awaitable[T]]) -> T:
-    saver = _saver(hot, warm, cold)
+def _run(where: _Where, body: Callable[["TieredSaver"], Awaitable[T]]) -> T:
+    saver = _saver(where)
 
     async def go() -> T:
         async with saver:
@@ -126,6 +153,10 @@ def _build_app() -> typer.Typer:
     Cold = Annotated[str | None, typer.Option("--cold",
                                               help="cold tier URL [env TIERSTORE_COLD_URL]")]
     Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+    RegionsFile = Annotated[Path | None, typer.Option(
+        "--regions", help="region table (TOML) [env TIERSTORE_REGIONS_FILE]")]
+    RegionName = Annotated[str | None, typer.Option(
+        "--region", help="open only this region of the table")]
 
     @app.command()
     def demo(directory: Annotated[Path | None, typer.Option(
@@ -136,29 +167,31 @@ def _build_app() -> typer.Typer:
         run_demo(directory)
 
     @app.command()
-    def migrate(hot: Hot = None, warm: Warm = None, cold: Cold = None) -> None:
+    def migrate(hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None) -> None:
         """Create or upgrade schema, indexes, directories and buckets (idempotent)."""
 
         async def body(saver: "TieredSaver") -> None:
             return None
 
-        _run(hot, warm, cold, body)
+        _run(_Where(hot, warm, cold, regions, region), body)
         print("schema and stores are up to date")
 
     @app.command()
     def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
                as_json: Json = False) -> None:
         """Threads, checkpoints and bytes per tier (and per region)."""
         from tierstore.ops import status as run_status
 
-        data = _run(hot, warm, cold, run_status)
+        data = _run(_Where(hot, warm, cold, regions, region), run_status)
 
         def render(d: dict[str, Any]) -> None:
             rows: list[tuple[str, ...]] = []
-            for region, tiers in d["regions"].items():
+            for name, tiers in d["regions"].items():
                 for tier in ("hot", "warm", "cold"):
                     info = tiers[tier]
-                    rows.append((region, tier, info["backend"] if info else "-",
+                    rows.append((name, tier, info["backend"] if info else "-",
                                  (_kv(info) or "cache local to each process") if info
                                  else "disabled"))
             _table("tierstore status", rows, ("region", "tier", "backend", "holds"))
@@ -168,6 +201,7 @@ def _build_app() -> typer.Typer:
     @app.command()
     def archive(
         hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
         older_than: Annotated[str, typer.Option(help="archive history older than this")] = "30d",
         idle_after: Annotated[str | None, typer.Option(
             help="also archive whole threads idle longer than this")] = None,
@@ -199,7 +233,7 @@ def _build_app() -> typer.Typer:
                         break
             return reports
 
-        reports = _run(hot, warm, cold, body)
+        reports = _run(_Where(hot, warm, cold, regions, region), body)
 
         def render(rs: list[dict[str, Any]]) -> None:
             verb = "would move" if dry_run else "moved"
@@ -217,6 +251,7 @@ def _build_app() -> typer.Typer:
     def restore(
         thread: Annotated[str, typer.Option(help="thread whose archive to restore")],
         hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
         wait: Annotated[bool, typer.Option("--wait", help="wait until rehydrated")] = False,
         timeout: Annotated[str, typer.Option(help="how long --wait waits")] = "12h",
         days: Annotated[int, typer.Option(help="days the restored copy stays")] = 7,
@@ -241,7 +276,7 @@ def _build_app() -> typer.Typer:
                     return result
                 await asyncio.sleep(min(30.0, max(1.0, limit / 100)))
 
-        result = _run(hot, warm, cold, body)
+        result = _run(_Where(hot, warm, cold, regions, region), body)
         _emit(result, as_json, lambda r: print(
             f"thread {r['thread_id']!r}: {len(r['segments'])} segments, "
             f"{r['rehydrated']} checkpoints back in warm"
@@ -251,11 +286,13 @@ def _build_app() -> typer.Typer:
 
     @app.command()
     def inspect(thread: str, hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
                 as_json: Json = False) -> None:
         """The history tree of a thread, with the tier of each checkpoint."""
         from tierstore.ops import inspect_thread
 
-        data = _run(hot, warm, cold, lambda s: inspect_thread(s, thread))
+        data = _run(_Where(hot, warm, cold, regions, region),
+                    lambda s: inspect_thread(s, thread))
 
         def render(d: dict[str, Any]) -> None:
             from rich.console import Console
@@ -276,12 +313,14 @@ def _build_app() -> typer.Typer:
 
     @app.command()
     def verify(hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
                as_json: Json = False) -> None:
         """Re-check every checksum across tiers; exit 1 on any mismatch."""
         from tierstore.ops import verify as run_verify
 
         with _progress("verifying", not as_json) as progress:
-            data = _run(hot, warm, cold, lambda s: run_verify(s, progress))
+            data = _run(_Where(hot, warm, cold, regions, region),
+                        lambda s: run_verify(s, progress))
 
         def render(d: dict[str, Any]) -> None:
             print(f"checked {d['checked']} checkpoints: "
@@ -298,6 +337,7 @@ def _build_app() -> typer.Typer:
     @app.command()
     def worker(
         hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
         interval: Annotated[str, typer.Option(help="time between runs of each job")] = "5m",
         archive_after: Annotated[str, typer.Option()] = "30d",
         archive_idle_after: Annotated[str, typer.Option()] = "90d",
@@ -348,7 +388,7 @@ def _build_app() -> typer.Typer:
             write_health()
             return scheduler.health()
 
-        health = _run(hot, warm, cold, body)
+        health = _run(_Where(hot, warm, cold, regions, region), body)
         if once:
             print(json.dumps(health, indent=2, default=str))
         if not health["healthy"]:
@@ -356,12 +396,14 @@ def _build_app() -> typer.Typer:
 
     @app.command("export")
     def export_(thread: str, file: Path, hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None,
                 as_json: Json = False) -> None:
         """Write one thread, with its archived history, to a portable file."""
         from tierstore.ops import export_thread
 
         with _progress("exporting", not as_json) as progress:
-            data = _run(hot, warm, cold, lambda s: export_thread(s, thread, file, progress))
+            data = _run(_Where(hot, warm, cold, regions, region),
+                        lambda s: export_thread(s, thread, file, progress))
         _emit(data, as_json, lambda d: print(
             f"exported {d['checkpoints']} checkpoints of {d['thread_id']!r} to {d['path']}"))
 
@@ -371,7 +413,8 @@ def _build_app() -> typer.Typer:
         from_langgraph_postgres: Annotated[str | None, typer.Option(
             help="migrate a LangGraph AsyncPostgresSaver database from this URL")] = None,
         as_thread: Annotated[str | None, typer.Option(help="import under this thread id")] = None,
-        hot: Hot = None, warm: Warm = None, cold: Cold = None, as_json: Json = False,
+        hot: Hot = None, warm: Warm = None, cold: Cold = None,
+        regions: RegionsFile = None, region: RegionName = None, as_json: Json = False,
     ) -> None:
         """Load an export file, or migrate a LangGraph Postgres checkpoint database."""
         from tierstore.errors import InvalidInput
@@ -381,12 +424,12 @@ def _build_app() -> typer.Typer:
             raise InvalidInput("give either FILE or --from-langgraph-postgres URL")
         with _progress("importing", not as_json) as progress:
             if file is not None:
-                data = _run(hot, warm, cold,
+                data = _run(_Where(hot, warm, cold, regions, region),
                             lambda s: import_file(s, file, as_thread=as_thread, progress=progress))
             else:
                 assert from_langgraph_postgres is not None
                 url = from_langgraph_postgres
-                data = _run(hot, warm, cold,
+                data = _run(_Where(hot, warm, cold, regions, region),
                             lambda s: import_langgraph_postgres(s, url, progress))
         _emit(data, as_json, lambda d: print(
             f"imported {d['checkpoints']} checkpoints"

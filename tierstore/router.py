@@ -116,7 +116,8 @@ class Regions:
             return self.stacks[name]
         except KeyError:
             raise ResidencyError(
-                f"thread {thread_id!r} resolves to unknown region {name!r}"
+                f"thread {thread_id!r} belongs to region {name!r}, which this saver does not "
+                f"serve (it serves {', '.join(sorted(self.stacks))})"
             ) from None
 
 

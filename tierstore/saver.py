@@ -54,8 +54,10 @@ from tierstore.settings import (
     DEFAULT_COLD_URL,
     DEFAULT_HOT_URL,
     DEFAULT_WARM_URL,
+    RegionTable,
     SaverOptions,
     options_from_env,
+    regions_file_from_env,
     urls_from_env,
 )
 from tierstore.tiers import HotStore, ObjectStore, WarmStore, open_store
@@ -185,6 +187,26 @@ class TieredSaver(
         return cls(_router(Regions(stacks, resolve), opts), options=opts, serde=serde)
 
     @classmethod
+    def from_region_table(
+        cls, table: RegionTable, *, serde: SerializerProtocol | None = None, **options: Any
+    ) -> TieredSaver:
+        """``from_regions`` over a ``RegionTable`` (``RegionTable.from_file("regions.toml")``).
+
+        A table narrowed with ``only(name)`` opens that region's stores alone and still
+        places every thread by the whole table, so another region's thread is refused
+        with ``ResidencyError`` naming its region.
+        """
+        table.check()
+        if table.serves is None:
+            return cls.from_regions(table.regions, rules=table.rules,
+                                    default_region=table.default_region, serde=serde,
+                                    **options)
+        rules, default = table.rules, table.default_region
+        served = {n: urls for n, urls in table.regions.items() if n in table.serves}
+        return cls.from_regions(served, resolver=lambda t: resolve_region(t, rules, default),
+                                serde=serde, **options)
+
+    @classmethod
     def from_stores(
         cls,
         *,
@@ -207,9 +229,16 @@ class TieredSaver(
     def from_env(
         cls, *, serde: SerializerProtocol | None = None, **options: Any
     ) -> TieredSaver:
-        """``TIERSTORE_HOT_URL`` / ``_WARM_URL`` / ``_COLD_URL`` and ``TIERSTORE_*`` options."""
-        urls = urls_from_env()
+        """``TIERSTORE_HOT_URL`` / ``_WARM_URL`` / ``_COLD_URL`` and ``TIERSTORE_*`` options.
+
+        With ``TIERSTORE_REGIONS_FILE`` set, the region table in that file instead.
+        """
         merged = {**options_from_env(), **options}
+        regions_file = regions_file_from_env()
+        if regions_file is not None:
+            return cls.from_region_table(RegionTable.from_file(regions_file), serde=serde,
+                                         **merged)
+        urls = urls_from_env()
         warm = urls["warm"]
         assert warm is not None
         return cls.from_urls(hot=urls["hot"], warm=warm, cold=urls["cold"], serde=serde,

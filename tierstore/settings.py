@@ -8,8 +8,11 @@ knobs of the saver; every default is documented in README.md.
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -19,6 +22,7 @@ __all__ = [
     "DEFAULT_COLD_URL",
     "DEFAULT_HOT_URL",
     "DEFAULT_WARM_URL",
+    "RegionTable",
     "SaverOptions",
     "StoreUrl",
 ]
@@ -265,3 +269,105 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         except ValueError as exc:
             raise ConfigurationError(f"{var}={raw!r}: {exc}") from exc
     return out
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(text: str, env: Mapping[str, str], where: str) -> str:
+    """``${NAME}`` from the environment, so secrets stay out of the file; unset is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigurationError(f"{where}: ${{{name}}} is not set in the environment")
+        return env[name]
+
+    return _ENV_REF.sub(sub, text)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegionTable:
+    """Regions, their store URLs and the rules that place threads, as a file holds them.
+
+    ::
+
+        default_region = "eu"                    # optional
+        [[rules]]                                # first match wins
+        match = "eu-*"                           # a glob over the thread id
+        region = "eu"
+        [regions.eu]
+        hot = "redis://redis-eu:6379/0"
+        warm = "postgresql://app:${PG_EU_PASSWORD}@pg-eu/tierstore"
+        cold = "s3://archive-eu/tierstore?region=eu-central-1"
+
+    ``${NAME}`` is read from the environment. ``only(name)`` keeps one region's stores
+    but every rule, so a thread of another region is refused by name rather than
+    placed wrongly (a worker deployed in one region opens only that region's stores).
+    """
+
+    regions: Mapping[str, Mapping[str, str | None]]
+    rules: tuple[tuple[str, str], ...] = ()
+    default_region: str | None = None
+    serves: frozenset[str] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path, environ: Mapping[str, str] | None = None
+                  ) -> RegionTable:
+        env = os.environ if environ is None else environ
+        where = f"regions file {str(path)!r}"
+        try:
+            doc = tomllib.loads(Path(path).read_text("utf-8"))
+        except OSError as exc:
+            raise ConfigurationError(f"{where}: cannot read it ({exc.strerror})") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{where}: not valid TOML ({exc})") from exc
+        unknown = set(doc) - {"regions", "rules", "default_region"}
+        if unknown:
+            raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
+        raw_regions = doc.get("regions")
+        if not isinstance(raw_regions, dict) or not raw_regions:
+            raise ConfigurationError(f"{where}: needs a [regions.<name>] table per region")
+        regions: dict[str, dict[str, str | None]] = {}
+        for name, urls in raw_regions.items():
+            if not isinstance(urls, dict) or set(urls) - {"hot", "warm", "cold"} or not all(
+                    isinstance(v, str) for v in urls.values()):
+                raise ConfigurationError(
+                    f"{where}: [regions.{name}] takes hot, warm and cold URL strings")
+            regions[name] = {tier: _expand(urls[tier], env, where) if tier in urls else None
+                             for tier in ("hot", "warm", "cold")}
+        rules: list[tuple[str, str]] = []
+        for i, rule in enumerate(doc.get("rules", [])):
+            if (not isinstance(rule, dict) or set(rule) != {"match", "region"}
+                    or not all(isinstance(v, str) for v in rule.values())):
+                raise ConfigurationError(
+                    f"{where}: rule {i + 1} must be {{match = \"glob\", region = \"name\"}}")
+            rules.append((rule["match"], rule["region"]))
+        default = doc.get("default_region")
+        if default is not None and not isinstance(default, str):
+            raise ConfigurationError(f"{where}: default_region must be a region name")
+        table = cls(regions=regions, rules=tuple(rules), default_region=default)
+        table.check()
+        return table
+
+    def check(self) -> None:
+        known = set(self.regions)
+        for pattern, region in self.rules:
+            if region not in known:
+                raise ConfigurationError(f"rule {pattern!r} names unknown region {region!r}")
+        if self.default_region is not None and self.default_region not in known:
+            raise ConfigurationError(f"default_region {self.default_region!r} is not a region")
+
+    def only(self, name: str) -> RegionTable:
+        """The same placement, serving one region only."""
+        if name not in self.regions:
+            raise ConfigurationError(
+                f"unknown region {name!r}; the table has {', '.join(sorted(self.regions))}")
+        return replace(self, serves=frozenset({name}))
+
+
+def regions_file_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """``TIERSTORE_REGIONS_FILE``: a region table to use instead of the three URLs."""
+    env = os.environ if environ is None else environ
+    value = env.get("TIERSTORE_REGIONS_FILE", "").strip()
+    return value or None

@@ -175,3 +175,101 @@ def test_the_cli_needs_no_click(env: dict[str, str], tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
     assert bad_flag.returncode == 2
     assert "Traceback" not in bad_flag.stderr
+
+
+REGIONS_TOML = """
+default_region = "eu"
+
+[[rules]]
+match = "us-*"
+region = "us"
+
+[regions.eu]
+warm = "sqlite:///{root}/eu/warm.db"
+cold = "file://{root}/eu/cold"
+
+[regions.us]
+warm = "sqlite:///{root}/us/warm.db"
+cold = "file://{root}/us/cold"
+"""
+
+
+@pytest.fixture
+def regions_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    import asyncio
+
+    from langchain_core.messages import HumanMessage
+
+    from tierstore import TieredSaver
+    from tierstore.demo import build_agent
+    from tierstore.settings import RegionTable
+
+    table_file = tmp_path / "regions.toml"
+    table_file.write_text(REGIONS_TOML.format(root=tmp_path))
+
+    async def converse() -> None:
+        saver = TieredSaver.from_region_table(RegionTable.from_file(table_file))
+        async with saver:
+            app = build_agent().compile(checkpointer=saver)
+            for thread in ("eu-alice", "us-carol", "anyone"):
+                for text in ("hello", "remember tea", "what is 2 + 2"):
+                    await app.ainvoke({"messages": [HumanMessage(text)]},
+                                      {"configurable": {"thread_id": thread}})
+
+    asyncio.run(converse())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERSTORE_")}
+    return {**env, "PYTHONPATH": str(ROOT)}, table_file
+
+
+def test_the_cli_works_per_region(regions_env: tuple[dict[str, str], Path],
+                                  tmp_path: Path) -> None:
+    env, table = regions_env
+    both = js("status", "--regions", str(table), env=env)["regions"]
+    assert set(both) == {"eu", "us"}
+    assert both["eu"]["warm"]["threads"] == 2 and both["us"]["warm"]["threads"] == 1
+    only_us = js("status", "--regions", str(table), "--region", "us", env=env)["regions"]
+    assert set(only_us) == {"us"}
+    # archive the EU region only: US history stays where it was, untouched
+    done = js("archive", "--regions", str(table), "--region", "eu", "--older-than", "0s",
+              env=env)
+    assert done[0]["checkpoints"] > 0
+    after = js("status", "--regions", str(table), env=env)["regions"]
+    assert after["eu"]["warm"]["archived"] == done[0]["checkpoints"]
+    assert after["us"]["warm"]["archived"] == 0
+    def cold_files(region: str) -> list[Path]:
+        return [p for p in (tmp_path / region / "cold").rglob("*") if p.is_file()]
+
+    assert cold_files("eu") and not cold_files("us")
+    # another region's thread is refused by name, not looked up in the wrong stores
+    refused = cli("inspect", "us-carol", "--regions", str(table), "--region", "eu", env=env,
+                  check=3)
+    assert "region 'us'" in refused.stderr and refused.stderr.count("\n") == 1
+    tree = js("inspect", "us-carol", "--regions", str(table), "--region", "us", env=env)
+    assert tree["thread_id"] == "us-carol"
+    # the table can come from the environment, and a worker can serve one region
+    env_file = {**env, "TIERSTORE_REGIONS_FILE": str(table)}
+    health = tmp_path / "health.json"
+    cli("worker", "--once", "--region", "us", "--archive-after", "0s",
+        "--health-file", str(health), env=env_file)
+    report = json.loads(health.read_text())["jobs"]["history-demotion"]["last_report"]
+    assert report["checkpoints"] == after["us"]["warm"]["checkpoints"] - 1
+    final = js("status", env=env_file)["regions"]
+    assert final["us"]["warm"]["archived"] == report["checkpoints"]
+    assert final["eu"]["warm"]["archived"] == after["eu"]["warm"]["archived"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["status", "--region", "eu"], "--region needs a region table"),
+        (["status", "--regions", "{table}", "--region", "mars"], "unknown region 'mars'"),
+        (["status", "--regions", "{table}", "--warm", "sqlite:///x.db"], "not both"),
+        (["status", "--regions", "{missing}"], "cannot read it"),
+    ],
+)
+def test_region_flags_are_checked(regions_env: tuple[dict[str, str], Path], tmp_path: Path,
+                                  args: list[str], fragment: str) -> None:
+    env, table = regions_env
+    argv = [a.format(table=table, missing=tmp_path / "nope.toml") for a in args]
+    result = cli(*argv, env=env, check=2)
+    assert fragment in result.stderr and result.stderr.count("\n") == 1

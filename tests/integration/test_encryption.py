@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
 
+from tests.integration.rawbytes import disk_bytes, postgres_bytes, redis_bytes, s3_bytes
 from tests.servers.redis import unique_prefix, with_query
 from tierstore import ConfigurationError, CorruptPayload, Keyring, TieredSaver
 from tierstore.demo import build_agent
@@ -23,35 +25,11 @@ def saver_for(tmp_path: Path, keyring: Keyring | None, hot: str = "memory://",
               **options: Any) -> TieredSaver:
     return TieredSaver.from_urls(hot=hot, warm=f"sqlite:///{tmp_path}/warm.db",
                                  cold=f"file://{tmp_path}/cold", encryption=keyring,
-                                 offload_threshold=32 * 1024, hot_write_delay=0, **options)
+                                 offload_threshold=8 * 1024, hot_write_delay=0, **options)
 
 
 def cfg(thread: str, **extra: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread, **extra}}
-
-
-def disk_bytes(directory: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
-
-
-async def redis_bytes(url: str, prefix: str) -> bytes:
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(url.split("?", maxsplit=1)[0])
-    try:
-        out = []
-        async for key in client.scan_iter(match=f"{prefix}*"):
-            out.append(key)
-            kind = await client.type(key)
-            if kind == b"hash":
-                for field, value in (await client.hgetall(key)).items():
-                    out.extend([field, value])
-            elif kind == b"set":
-                out.extend(await client.smembers(key))
-            await client.delete(key)
-        return b"".join(out)
-    finally:
-        await client.aclose()
 
 
 async def run_workload(saver: TieredSaver) -> None:
@@ -86,6 +64,95 @@ async def test_canary_is_in_no_tier_when_encrypted(tmp_path: Path, redis_url: st
     assert b"vault" in stored  # thread ids are keys, not secrets
     for raw in (stored, cached):
         assert CANARY.encode() not in raw
+
+
+def server_stack(postgres_url: str, redis_url: str, moto_endpoint: str
+                 ) -> tuple[dict[str, str], dict[str, str]]:
+    """URLs of a Redis + PostgreSQL + S3 stack in a schema, prefix and bucket of its own."""
+    run = uuid.uuid4().hex[:10]
+    where = {"schema": f"enc_{run}", "prefix": f"enc-{run}:", "bucket": f"enc-{run}"}
+    sep = "&" if "?" in postgres_url else "?"
+    urls = {
+        "hot": with_query(redis_url, prefix=where["prefix"]),
+        "warm": f"{postgres_url}{sep}schema={where['schema']}",
+        "cold": f"s3://{where['bucket']}/cold?endpoint_url={moto_endpoint}&region=us-east-1",
+    }
+    return urls, where
+
+
+async def scan_servers(postgres_url: str, redis_url: str, moto_endpoint: str,
+                       where: dict[str, str]) -> dict[str, bytes]:
+    return {
+        "postgres": await postgres_bytes(postgres_url, where["schema"]),
+        "redis": await redis_bytes(redis_url, where["prefix"]),
+        "s3": await s3_bytes(moto_endpoint, where["bucket"]),
+    }
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "control"])
+async def test_canary_on_redis_postgres_and_s3(postgres_url: str, redis_url: str,
+                                               moto_endpoint: str, encrypted: bool) -> None:
+    urls, where = server_stack(postgres_url, redis_url, moto_endpoint)
+    keyring = Keyring(current="k1", keys={"k1": Keyring.generate_key()}) if encrypted else None
+    saver = TieredSaver.from_urls(**urls, encryption=keyring, offload_threshold=8 * 1024,
+                                  hot_write_delay=0)
+    async with saver:
+        await run_workload(saver)
+        state = await build_agent().compile(checkpointer=saver).aget_state(cfg("vault"))
+        assert state.values["notes"] == [CANARY]
+        stack = saver.router.regions.stacks["default"]
+        assert stack.cold is not None
+        kinds = {key.split("/", 1)[0] async for key in stack.cold.iter_keys("")}
+        assert {"segments", "offload"} <= kinds, kinds  # archives and offloaded states
+        scanned = await scan_servers(postgres_url, redis_url, moto_endpoint, where)
+    for tier, raw in scanned.items():
+        assert raw, f"{tier} holds nothing: the scan would prove nothing"
+        if encrypted:
+            assert CANARY.encode() not in raw, f"the canary is readable in {tier}"
+    if not encrypted:  # the same scans do find it in clear: the test can fail
+        assert CANARY.encode() in scanned["postgres"]
+        assert CANARY.encode() in scanned["redis"]
+
+
+async def mongo_bytes(target: Any) -> bytes:
+    import bson
+
+    out: list[bytes] = []
+    async with target.inspect() as db:
+        for name in await db.list_collection_names():
+            async for doc in db[name].find({}):
+                out.append(bson.encode(doc))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "control"])
+async def test_canary_on_mongodb_with_gridfs(mongo_db: Any, redis_url: str, moto_endpoint: str,
+                                             encrypted: bool) -> None:
+    from tierstore.tiers import open_store
+
+    urls, where = server_stack("postgresql://unused", redis_url, moto_endpoint)
+    keyring = Keyring(current="k1", keys={"k1": Keyring.generate_key()}) if encrypted else None
+    # GridFS takes the large states here: the object store only holds archives
+    saver = TieredSaver.from_stores(
+        warm=mongo_db.store(offload_threshold=8 * 1024), hot=open_store("hot", urls["hot"],
+                                                                     ttl=3600.0),
+        cold=open_store("cold", urls["cold"]), encryption=keyring, hot_write_delay=0)
+    async with saver:
+        await run_workload(saver)
+        state = await build_agent().compile(checkpointer=saver).aget_state(cfg("vault"))
+        assert state.values["notes"] == [CANARY]
+        scanned = {
+            "mongodb": await mongo_bytes(mongo_db),
+            "redis": await redis_bytes(redis_url, where["prefix"]),
+            "s3": await s3_bytes(moto_endpoint, where["bucket"]),
+        }
+    assert b"gridfs" in scanned["mongodb"]  # a large state went to GridFS
+    for tier, raw in scanned.items():
+        assert raw, f"{tier} holds nothing: the scan would prove nothing"
+        if encrypted:
+            assert CANARY.encode() not in raw, f"the canary is readable in {tier}"
+    if not encrypted:
+        assert CANARY.encode() in scanned["mongodb"]
 
 
 async def test_without_encryption_the_canary_is_visible(tmp_path: Path) -> None:

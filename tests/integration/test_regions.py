@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
+from tests.integration.rawbytes import disk_bytes, postgres_bytes, redis_bytes, s3_bytes
 from tierstore import ConfigurationError, ResidencyError, TieredSaver
 from tierstore.demo import build_agent
 from tierstore.jobs.plan import TieringPolicy
@@ -29,10 +30,6 @@ def region_urls(root: Path) -> dict[str, dict[str, str | None]]:
                  "cold": f"file://{root / region}/cold"}
         for region in THREADS
     }
-
-
-def all_bytes(directory: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
 
 
 def test_rules_are_a_table() -> None:
@@ -74,7 +71,7 @@ async def test_mixed_workload_leaves_no_byte_in_the_other_region(tmp_path: Path)
             t for threads in THREADS.values() for t in threads}
         assert len([t async for t in saver.alist(None, limit=3)]) == 3
     for region, threads in THREADS.items():
-        stored = all_bytes(tmp_path / region)
+        stored = disk_bytes(tmp_path / region)
         for thread in threads:
             assert thread.encode() in stored  # sanity: the scan sees this region's data
         for other, foreign in THREADS.items():
@@ -98,8 +95,8 @@ async def test_a_thread_without_a_region_is_refused_before_any_write(tmp_path: P
                                         default_region="us") as saver:
         app = build_agent().compile(checkpointer=saver)
         await app.ainvoke({"messages": [HumanMessage("remember home")]}, cfg("asia-1"))
-    assert b"asia-1" in all_bytes(tmp_path / "us")
-    assert b"asia-1" not in all_bytes(tmp_path / "eu")
+    assert b"asia-1" in disk_bytes(tmp_path / "us")
+    assert b"asia-1" not in disk_bytes(tmp_path / "eu")
 
 
 def test_region_configuration_is_checked() -> None:
@@ -112,55 +109,6 @@ def test_region_configuration_is_checked() -> None:
         TieredSaver.from_regions({"eu": {"hot": "memory://"}})
     with pytest.raises(ConfigurationError):
         TieredSaver.from_regions({})
-
-
-async def _postgres_bytes(url: str, schema: str) -> bytes:
-    import asyncpg
-
-    conn = await asyncpg.connect(url.split("?", maxsplit=1)[0])
-    try:
-        tables = [r["tablename"] for r in await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)]
-        out: list[bytes] = []
-        for table in tables:
-            for row in await conn.fetch(f'SELECT * FROM "{schema}"."{table}"'):
-                for value in row.values():
-                    out.append(value if isinstance(value, bytes) else str(value).encode())
-        return b"".join(out)
-    finally:
-        await conn.close()
-
-
-async def _redis_bytes(url: str, prefix: str) -> bytes:
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(url.split("?", maxsplit=1)[0])
-    try:
-        out: list[bytes] = []
-        async for key in client.scan_iter(match=f"{prefix}*"):
-            out.append(key)
-            if await client.type(key) == b"hash":
-                for field, value in (await client.hgetall(key)).items():
-                    out.extend([field, value])
-            await client.delete(key)
-        return b"".join(out)
-    finally:
-        await client.aclose()
-
-
-async def _s3_bytes(endpoint: str, bucket: str) -> bytes:
-    import aioboto3
-
-    session = aioboto3.Session()
-    out: list[bytes] = []
-    async with session.client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        async for page in pages:
-            for item in page.get("Contents", []):
-                body = await s3.get_object(Bucket=bucket, Key=item["Key"])
-                out.append(item["Key"].encode())
-                out.append(await body["Body"].read())
-    return b"".join(out)
 
 
 async def test_residency_on_redis_postgres_and_s3(postgres_url: str, redis_url: str,
@@ -198,9 +146,9 @@ async def test_residency_on_redis_postgres_and_s3(postgres_url: str, redis_url: 
     for region, threads in THREADS.items():
         where = stores[region]
         scanned = {
-            "postgres": await _postgres_bytes(postgres_url, where["schema"]),
-            "redis": await _redis_bytes(redis_url, where["prefix"]),
-            "s3": await _s3_bytes(moto_endpoint, where["bucket"]),
+            "postgres": await postgres_bytes(postgres_url, where["schema"]),
+            "redis": await redis_bytes(redis_url, where["prefix"]),
+            "s3": await s3_bytes(moto_endpoint, where["bucket"]),
         }
         for name, stored in scanned.items():
             assert stored, f"{region}/{name} holds nothing: the scan would prove nothing"
