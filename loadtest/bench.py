@@ -21,8 +21,11 @@ inputs at the same concurrency. Savers:
     postgres             AsyncPostgresSaver.from_conn_string            (own database)
     memory               InMemorySaver
 
-and, on request (``--savers``), two variants that locate costs: tierstore-redis-pg-trusted
-(``hot_check="trusted"``) and tierstore-pg (no hot tier).
+and, on request (``--savers``), variants that locate costs: tierstore-redis-pg-trusted
+(``hot_check="trusted"``), tierstore-pg (no hot tier), and the price of each guarantee:
+tierstore-redis-pg-strict (``concurrency="strict"``), tierstore-redis-pg-encrypted
+(AES-256-GCM on every payload) and tierstore-redis-pg-leased (every turn inside
+``saver.lease(thread)``).
 
 ``--profile`` adds three passes that are never mixed with the measured one: saver
 calls and their latency per turn (every saver), network round trips per turn through
@@ -78,7 +81,16 @@ from tierstore import TieredSaver
 SAVERS = ("tierstore-redis-pg", "tierstore-embedded", "postgres", "memory")
 # opt-in with --savers, to locate costs: tierstore-redis-pg with hot_check="trusted" (no
 # warm head check on a hot hit), and tierstore on postgres alone (no hot tier at all)
-EXTRA_SAVERS = ("tierstore-redis-pg-trusted", "tierstore-pg")
+EXTRA_SAVERS = ("tierstore-redis-pg-trusted", "tierstore-pg", "tierstore-redis-pg-strict",
+                "tierstore-redis-pg-encrypted", "tierstore-redis-pg-leased")
+REDIS_PG_VARIANTS: dict[str, dict[str, Any]] = {
+    "tierstore-redis-pg": {},
+    "tierstore-redis-pg-trusted": {"hot_check": "trusted"},
+    "tierstore-redis-pg-strict": {"concurrency": "strict"},
+    "tierstore-redis-pg-encrypted": {
+        "encryption": tierstore.Keyring(current="bench", keys={"bench": bytes(range(32))})},
+    "tierstore-redis-pg-leased": {},
+}
 ALL_SAVERS = SAVERS + EXTRA_SAVERS
 NETWORKED = ("tierstore-redis-pg", "postgres", *EXTRA_SAVERS)
 BASELINE = "postgres"
@@ -386,10 +398,10 @@ def sqlite_size(path: Path) -> WarmSize:
 @contextlib.asynccontextmanager
 async def open_saver(name: str, servers: Servers, admin: Admin) -> AsyncIterator[Opened]:
     """Open one saver on fresh, private storage; remove that storage on the way out."""
-    if name in ("tierstore-redis-pg", "tierstore-redis-pg-trusted", "tierstore-pg"):
+    if name in REDIS_PG_VARIANTS or name == "tierstore-pg":
         database = await admin.create_database("ts")
         prefix = f"bench-{admin.token}-{secrets.token_hex(3)}:"
-        options: dict[str, Any] = {"hot_check": "trusted"} if name.endswith("-trusted") else {}
+        options = REDIS_PG_VARIANTS.get(name, {})
         hot = None if name == "tierstore-pg" else servers.redis_url(prefix)
         try:
             saver = TieredSaver.from_urls(hot=hot, warm=servers.pg_url(database), cold=None,
@@ -450,8 +462,12 @@ class Phase:
 
 
 async def write_phase(app: Any, thread_ids: Sequence[str], turns: int, concurrency: int,
-                      message_bytes: int) -> Phase:
-    """Every thread runs its turns in order; at most ``concurrency`` threads at a time."""
+                      message_bytes: int, *, lease: Callable[[str], Any] | None = None
+                      ) -> Phase:
+    """Every thread runs its turns in order; at most ``concurrency`` threads at a time.
+
+    With ``lease``, each turn runs inside ``async with lease(thread_id)``.
+    """
     inputs = {t: [turn_input(t, k, message_bytes) for k in range(turns)] for t in thread_ids}
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -461,7 +477,11 @@ async def write_phase(app: Any, thread_ids: Sequence[str], turns: int, concurren
         async with gate:
             for message in inputs[thread_id]:
                 started = time.perf_counter()
-                await app.ainvoke(message, config)
+                if lease is None:
+                    await app.ainvoke(message, config)
+                else:
+                    async with lease(thread_id):
+                        await app.ainvoke(message, config)
                 latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -527,8 +547,9 @@ async def run_saver(name: str, settings: Settings, servers: Servers, admin: Admi
         log(f"[{name}] write {settings.threads} threads x {settings.turns} turns, "
             f"{settings.concurrency} at a time")
         cpu0, srv0 = time.process_time(), server_cpu_ticks()
+        lease = saver.lease if name.endswith("-leased") else None
         write = await write_phase(app, ids, settings.turns, settings.concurrency,
-                                  settings.message_bytes)
+                                  settings.message_bytes, lease=lease)
         cpu1, srv1 = time.process_time(), server_cpu_ticks()
         log(f"[{name}] read latest x{settings.read_samples}, list x{settings.list_samples}")
         reads = await read_phase(saver, ids, settings.read_samples, rng)

@@ -158,7 +158,7 @@ class ThreadLease:
                 await renewer
         try:
             await self._locks.release_lease(self.thread_id, self.owner)
-        except TierUnavailable as exc:
+        except (TierUnavailable, LifecycleError) as exc:
             log.warning("cannot release the lease on thread %r (%s); it expires in %gs",
                         self.thread_id, exc, self.ttl)
 
@@ -206,4 +206,8 @@ class ThreadLease:
         tb: TracebackType | None,
     ) -> None:
         self._drop()
-        self._bridge.run(self._release())
+        if self._bridge.state == "opened":
+            self._bridge.run(self._release())
+        else:  # the saver was closed inside the block; the lock expires by itself
+            log.warning("the saver closed while holding the lease on thread %r; it expires "
+                        "in %gs", self.thread_id, self.ttl)

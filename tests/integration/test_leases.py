@@ -168,3 +168,18 @@ async def test_leases_serialise_runs_across_processes(shared_urls: Urls) -> None
         notes = await notes_of(app, "across-processes")
         assert sorted(notes) == sorted(f"item k{k} i{i}" for k in range(4) for i in range(5))
         assert await single_chain(saver, "across-processes")
+
+
+async def test_a_holder_learns_when_its_lock_is_gone(urls: Urls) -> None:
+    async with urls.open() as saver:
+        stack = saver.router.regions.stack_for("renewed")
+        hot: Any = stack.hot
+        async with saver.lease("renewed", ttl=0.6) as lease:
+            await asyncio.sleep(1.0)  # longer than the TTL: renewals keep it
+            assert not lease.lost
+            assert not await hot.acquire_lease("renewed", "intruder", 5)
+            assert await hot.release_lease("renewed", lease.owner)  # the lock vanishes
+            assert await hot.acquire_lease("renewed", "intruder", 5)
+            await asyncio.sleep(0.5)
+            assert lease.lost
+        assert await hot.release_lease("renewed", "intruder")  # exit left the intruder's lock

@@ -27,7 +27,7 @@ from tierstore.errors import (
     LifecycleError,
     VersionConflict,
 )
-from tierstore.migrate import Migration
+from tierstore.migrate import Migration, migrations_for
 from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload, WriteRecord
 from tierstore.settings import StoreUrl
 from tierstore.tiers.postgres import PostgresWarm, _statements
@@ -333,8 +333,9 @@ def test_scripts_split_at_statement_ends_but_not_inside_dollar_quotes() -> None:
 
 
 async def test_a_migration_marked_no_transaction_runs_outside_one(warm: PostgresWarm) -> None:
+    next_version = len(migrations_for("postgres")) + 1
     migration = Migration(
-        2, "writes_by_channel",
+        next_version, "writes_by_channel",
         "-- tierstore:no-transaction\n"
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS tierstore_test_concurrently\n"
         "    ON tierstore_writes (channel);\n",
@@ -346,7 +347,7 @@ async def test_a_migration_marked_no_transaction_runs_outside_one(warm: Postgres
                            "'tierstore_test_concurrently'::regclass")
     assert [r[0] for r in rows] == [True]
     versions = await sql(warm, "SELECT version FROM tierstore_migrations ORDER BY 1")
-    assert [v[0] for v in versions] == [1, 2]
+    assert [v[0] for v in versions] == list(range(1, next_version + 1))
 
 
 # -- a LangGraph graph on top ---------------------------------------------------------------
@@ -416,7 +417,7 @@ async def test_default_schema_and_postgres_scheme(other_database: str) -> None:
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
         assert [t[0] for t in tables] == [
-            "tierstore_blobs", "tierstore_checkpoints", "tierstore_heads",
-            "tierstore_migrations", "tierstore_writes"]
+            "tierstore_blobs", "tierstore_checkpoints", "tierstore_fences",
+            "tierstore_heads", "tierstore_migrations", "tierstore_writes"]
     finally:
         await conn.close()
