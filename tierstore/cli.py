@@ -71,10 +71,12 @@ def _saver(where: _Where) -> "TieredSaver":
     from tierstore.saver import TieredSaver
     from tierstore.settings import RegionTable, regions_file_from_env, urls_from_env
 
-    regions_file = where.regions or regions_file_from_env()
+    urls_given = any(url is not None for url in (where.hot, where.warm, where.cold))
+    if where.regions is not None and urls_given:
+        raise ConfigurationError("give either --hot/--warm/--cold or --regions, not both")
+    # flags win over the environment: --warm overrides TIERSTORE_REGIONS_FILE
+    regions_file = where.regions or (None if urls_given else regions_file_from_env())
     if regions_file is not None:
-        if any(url is not None for url in (where.hot, where.warm, where.cold)):
-            raise ConfigurationError("give either --hot/--warm/--cold or a region table, not both")
         table = RegionTable.from_file(regions_file)
         if where.region is not None:
             table = table.only(where.region)

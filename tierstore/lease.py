@@ -24,7 +24,10 @@ thread keeps writing: its token is still the newest.
 
 Leases are cooperative: writes made outside a lease are not checked. Use them
 in every process that writes the thread, or use ``concurrency="strict"``, which
-needs no lease and refuses any stale parent.
+needs no lease and refuses any stale parent. They are not re-entrant: a second
+lease on a thread inside the first waits for the first and ends in ``LeaseBusy``.
+A token belongs to one warm store: the context variable is keyed by the store and
+the thread, so another saver writing the same thread id is not affected.
 """
 
 from __future__ import annotations
@@ -38,26 +41,29 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from contextvars import ContextVar, Token
 from types import MappingProxyType, TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 from tierstore.bridge import LoopBridge
 from tierstore.errors import ConfigurationError, LeaseBusy, LifecycleError, TierUnavailable
 from tierstore.policy import lease_renew_every, retry_delay
-from tierstore.router import TierStack
 from tierstore.tiers.base import LeaseStore
+
+if TYPE_CHECKING:
+    from tierstore.router import TierStack
 
 __all__ = ["ThreadLease", "current_fence"]
 
 log = logging.getLogger("tierstore")
 
-_TOKENS: ContextVar[Mapping[str, int]] = ContextVar(
+_Key = tuple[int, str]  # (id of the warm store, thread id)
+_TOKENS: ContextVar[Mapping[_Key, int]] = ContextVar(
     "tierstore_lease_tokens", default=MappingProxyType({})
 )
 
 
-def current_fence(thread_id: str) -> int | None:
-    """The token of the lease this context holds on ``thread_id``, if any."""
-    return _TOKENS.get().get(thread_id)
+def current_fence(warm: object, thread_id: str) -> int | None:
+    """The token of the lease this context holds on ``thread_id`` in ``warm``, if any."""
+    return _TOKENS.get().get((id(warm), thread_id))
 
 
 class ThreadLease:
@@ -69,6 +75,7 @@ class ThreadLease:
     owner: str
     token: int | None
     lost: bool
+    _stack: TierStack
 
     def __init__(
         self,
@@ -96,11 +103,11 @@ class ThreadLease:
         self.token = None
         self.lost = False
         self._locks: LeaseStore = stack.hot
-        self._stack: TierStack = stack
+        self._stack = stack
         self._bridge: LoopBridge = bridge
         self._clock: Callable[[], float] = clock
         self._renewer: asyncio.Task[None] | None = None
-        self._reset: Token[Mapping[str, int]] | None = None
+        self._reset: Token[Mapping[_Key, int]] | None = None
         self._state: Literal["new", "held", "done"] = "new"
 
     def __repr__(self) -> str:
@@ -109,10 +116,19 @@ class ThreadLease:
 
     # -- the async core ---------------------------------------------------------------
 
+    async def _take(self) -> bool:
+        try:
+            return await self._locks.acquire_lease(self.thread_id, self.owner, self.ttl)
+        except TierUnavailable:
+            # the server may have applied SET NX and lost only the reply: give it back
+            with suppress(TierUnavailable, LifecycleError):
+                await self._locks.release_lease(self.thread_id, self.owner)
+            raise
+
     async def _acquire(self) -> int:
         deadline = self._clock() + self.wait
         attempt = 0
-        while not await self._locks.acquire_lease(self.thread_id, self.owner, self.ttl):
+        while not await self._take():
             left = deadline - self._clock()
             if left <= 0:
                 raise LeaseBusy(
@@ -125,7 +141,7 @@ class ThreadLease:
         try:
             token = await self._stack.warm.next_fence(self.thread_id)
         except BaseException:
-            with suppress(TierUnavailable):
+            with suppress(TierUnavailable, LifecycleError):
                 await self._locks.release_lease(self.thread_id, self.owner)
             raise
         self._renewer = asyncio.get_running_loop().create_task(
@@ -143,6 +159,10 @@ class ThreadLease:
                 log.warning("cannot renew the lease on thread %r (%s); retrying",
                             self.thread_id, exc)
                 continue
+            except Exception as exc:  # the store closed under us: stop, never raise later
+                self.lost = True
+                log.warning("stopped renewing the lease on thread %r (%s)", self.thread_id, exc)
+                return
             if not held:
                 self.lost = True
                 log.warning("the lease on thread %r (token %s) expired; once another holder "
@@ -154,8 +174,8 @@ class ThreadLease:
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
             renewer.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewer
+            # wait() never raises the task's outcome, yet lets our own cancellation through
+            await asyncio.wait({renewer})
         try:
             await self._locks.release_lease(self.thread_id, self.owner)
         except (TierUnavailable, LifecycleError) as exc:
@@ -169,16 +189,24 @@ class ThreadLease:
         if self._state != "new":
             raise LifecycleError(f"{self!r} was already entered; take a new lease")
 
+    @property
+    def _key(self) -> _Key:
+        return (id(self._stack.warm), self.thread_id)
+
     def _hold(self, token: int) -> None:
         self.token = token
         self._state = "held"
-        self._reset = _TOKENS.set(MappingProxyType({**_TOKENS.get(), self.thread_id: token}))
+        self._reset = _TOKENS.set(MappingProxyType({**_TOKENS.get(), self._key: token}))
 
     def _drop(self) -> None:
         self._state = "done"
-        if self._reset is not None:
-            _TOKENS.reset(self._reset)
-            self._reset = None
+        reset, self._reset = self._reset, None
+        if reset is not None:
+            try:
+                _TOKENS.reset(reset)
+            except ValueError:  # left in another context than it was entered in
+                _TOKENS.set(MappingProxyType({k: v for k, v in _TOKENS.get().items()
+                                              if k != self._key}))
 
     async def __aenter__(self) -> Self:
         self._begin()
@@ -191,8 +219,10 @@ class ThreadLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._drop()
-        await self._release()
+        try:
+            self._drop()
+        finally:
+            await self._release()
 
     def __enter__(self) -> Self:
         self._begin()
@@ -205,7 +235,12 @@ class ThreadLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._drop()
+        try:
+            self._drop()
+        finally:
+            self._release_sync()
+
+    def _release_sync(self) -> None:
         if self._bridge.state == "opened":
             self._bridge.run(self._release())
         else:  # the saver was closed inside the block; the lock expires by itself

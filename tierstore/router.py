@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.hotwriter import HotWriter
+from tierstore.lease import current_fence
 from tierstore.offload import Offloader
 from tierstore.policy import is_hot_fresh, matches_filter, merge_writes
 from tierstore.records import (
@@ -402,12 +403,13 @@ class Router:
         values: Mapping[str, Payload],
         *,
         strict: bool,
-        fence: int | None = None,
     ) -> PutResult:
         stack = self.regions.stack_for(record.thread_id)
         if stack.offloader is not None:
             record, new_blobs, values = await self._shrink(stack.offloader, record, new_blobs,
                                                            values)
+        # a lease held in this context on the thread fences the write (see tierstore.lease)
+        fence = current_fence(stack.warm, record.thread_id)
         result = await stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence)
         if result.conflict:
             self.stats.conflicts += 1
@@ -454,10 +456,9 @@ class Router:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
-        *,
-        fence: int | None = None,
     ) -> None:
         stack = self.regions.stack_for(thread_id)
+        fence = current_fence(stack.warm, thread_id)
         if stack.offloader is not None:
             small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]

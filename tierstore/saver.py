@@ -29,7 +29,7 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
-from tierstore.lease import ThreadLease, current_fence
+from tierstore.lease import ThreadLease
 from tierstore.offload import Offloader
 from tierstore.policy import (
     checkpoint_ids,
@@ -197,12 +197,12 @@ class TieredSaver(
         with ``ResidencyError`` naming its region.
         """
         table.check()
+        served = table.served_urls()
         if table.serves is None:
-            return cls.from_regions(table.regions, rules=table.rules,
+            return cls.from_regions(served, rules=table.rules,
                                     default_region=table.default_region, serde=serde,
                                     **options)
         rules, default = table.rules, table.default_region
-        served = {n: urls for n, urls in table.regions.items() if n in table.serves}
         return cls.from_regions(served, resolver=lambda t: resolve_region(t, rules, default),
                                 serde=serde, **options)
 
@@ -480,8 +480,7 @@ class TieredSaver(
             and not is_explicit_fork(md)
             and not (parent_id and self._is_granted_fork(config, (thread_id, ns, parent_id)))
         )
-        await self._router.put(record, new_blobs, encoded, strict=strict,
-                               fence=current_fence(thread_id))
+        await self._router.put(record, new_blobs, encoded, strict=strict)
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -549,8 +548,7 @@ class TieredSaver(
                         task_path or "")
             for idx, (channel, value) in enumerate(writes)
         ]
-        await self._router.put_writes(thread_id, ns, checkpoint_id, records,
-                                      fence=current_fence(thread_id))
+        await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()

@@ -301,9 +301,12 @@ class RegionTable:
         warm = "postgresql://app:${PG_EU_PASSWORD}@pg-eu/tierstore"
         cold = "s3://archive-eu/tierstore?region=eu-central-1"
 
-    ``${NAME}`` is read from the environment. ``only(name)`` keeps one region's stores
-    but every rule, so a thread of another region is refused by name rather than
-    placed wrongly (a worker deployed in one region opens only that region's stores).
+    ``${NAME}`` is read from the environment when the URLs are used (``served_urls``),
+    and only for the regions served, inserted verbatim (percent-encode what a URL needs
+    encoded). A tier set to ``""`` or ``"none"`` is disabled. ``only(name)`` keeps one
+    region's stores but every rule, so a thread of another region is refused by name
+    rather than placed wrongly: a worker deployed in one region opens only that
+    region's stores and needs only that region's secrets.
     """
 
     regions: Mapping[str, Mapping[str, str | None]]
@@ -312,9 +315,7 @@ class RegionTable:
     serves: frozenset[str] | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path, environ: Mapping[str, str] | None = None
-                  ) -> RegionTable:
-        env = os.environ if environ is None else environ
+    def from_file(cls, path: str | Path) -> RegionTable:
         where = f"regions file {str(path)!r}"
         try:
             doc = tomllib.loads(Path(path).read_text("utf-8"))
@@ -334,8 +335,9 @@ class RegionTable:
                     isinstance(v, str) for v in urls.values()):
                 raise ConfigurationError(
                     f"{where}: [regions.{name}] takes hot, warm and cold URL strings")
-            regions[name] = {tier: _expand(urls[tier], env, where) if tier in urls else None
-                             for tier in ("hot", "warm", "cold")}
+            regions[name] = {tier: _tier_url(urls.get(tier)) for tier in ("hot", "warm", "cold")}
+            if regions[name]["warm"] is None:
+                raise ConfigurationError(f"{where}: [regions.{name}] needs a warm URL")
         rules: list[tuple[str, str]] = []
         for i, rule in enumerate(doc.get("rules", [])):
             if (not isinstance(rule, dict) or set(rule) != {"match", "region"}
@@ -358,12 +360,28 @@ class RegionTable:
         if self.default_region is not None and self.default_region not in known:
             raise ConfigurationError(f"default_region {self.default_region!r} is not a region")
 
+    def served_urls(self, environ: Mapping[str, str] | None = None
+                    ) -> dict[str, dict[str, str | None]]:
+        """The URLs of the regions served, with ``${NAME}`` taken from the environment."""
+        env = os.environ if environ is None else environ
+        return {
+            name: {tier: None if url is None else
+                   _expand(url, env, f"region {name!r} {tier} URL")
+                   for tier, url in urls.items()}
+            for name, urls in self.regions.items()
+            if self.serves is None or name in self.serves
+        }
+
     def only(self, name: str) -> RegionTable:
         """The same placement, serving one region only."""
         if name not in self.regions:
             raise ConfigurationError(
                 f"unknown region {name!r}; the table has {', '.join(sorted(self.regions))}")
         return replace(self, serves=frozenset({name}))
+
+
+def _tier_url(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() in ("", "none") else value
 
 
 def regions_file_from_env(environ: Mapping[str, str] | None = None) -> str | None:

@@ -96,6 +96,9 @@ async def test_fencing_races_with_a_new_lease(warm: Any) -> None:
     stored = {r.checkpoint_id async for r in warm.list(ListQuery(thread_id=t))}
     assert cid(99) not in stored and cid(100) in stored
     assert len(stored) == 2 + outcomes.count("stored")
+    for ns in ("", "ns0", "ns1", "ns2", "ns-new"):  # no head names a refused checkpoint
+        head = await warm.head(t, ns)
+        assert head is None or await warm.get(t, ns, head.checkpoint_id) is not None, ns
 
 
 @pytest.mark.parametrize("thread", HOSTILE_IDS[:5], ids=range(5))

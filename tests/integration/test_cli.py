@@ -273,3 +273,22 @@ def test_region_flags_are_checked(regions_env: tuple[dict[str, str], Path], tmp_
     argv = [a.format(table=table, missing=tmp_path / "nope.toml") for a in args]
     result = cli(*argv, env=env, check=2)
     assert fragment in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_one_region_needs_only_its_own_secrets(regions_env: tuple[dict[str, str], Path],
+                                               tmp_path: Path) -> None:
+    env, table = regions_env
+    secret = table.read_text().replace(f"sqlite:///{tmp_path}/us/", "sqlite:///${US_DIR}/")
+    guarded = tmp_path / "guarded.toml"
+    guarded.write_text(secret)
+    eu = js("status", "--regions", str(guarded), "--region", "eu", env=env)["regions"]
+    assert eu["eu"]["warm"]["threads"] == 2
+    refused = cli("status", "--regions", str(guarded), env=env, check=2)
+    assert "${US_DIR} is not set" in refused.stderr
+    both = js("status", "--regions", str(guarded), env={**env, "US_DIR": str(tmp_path / "us")})
+    assert both["regions"]["us"]["warm"]["threads"] == 1
+    # a URL flag wins over a region table named only in the environment
+    flagged = js("status", "--warm", f"sqlite:///{tmp_path}/us/warm.db", "--hot", "none",
+                 "--cold", "none", env={**env, "TIERSTORE_REGIONS_FILE": str(guarded)})
+    assert set(flagged["regions"]) == {"default"}
+    assert flagged["regions"]["default"]["warm"]["threads"] == 1

@@ -24,6 +24,11 @@ def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
     return STACKS[request.param](request, tmp_path)
 
 
+def token_here(saver: TieredSaver, thread: str) -> int | None:
+    """The lease token the current context carries for ``thread`` in this saver's store."""
+    return current_fence(saver.router.regions.stack_for(thread).warm, thread)
+
+
 async def notes_of(app: Any, thread: str) -> list[str]:
     return list((await app.aget_state(cfg(thread))).values["notes"])
 
@@ -63,7 +68,7 @@ async def test_an_expired_holder_is_fenced_out(urls: Urls) -> None:
 
         task = asyncio.create_task(first_holder())
         await first_turn_done.wait()
-        assert current_fence("fenced") is None  # the lease token lives in its holder's context
+        assert token_here(saver, "fenced") is None  # the lease token lives in its holder's context
         # the lock vanishes (it expired, or a Redis failover lost it) and a second holder comes
         assert stack.hot is not None
         await stack.hot.release_lease("fenced", held[0].owner)  # type: ignore[attr-defined]
@@ -94,8 +99,8 @@ async def test_a_lease_is_entered_once_and_only_on_an_open_saver(urls: Urls) -> 
     async with urls.open() as saver:
         lease = saver.lease("once")
         async with lease:
-            assert current_fence("once") == lease.token
-        assert current_fence("once") is None
+            assert token_here(saver, "once") == lease.token
+        assert token_here(saver, "once") is None
         with pytest.raises(LifecycleError):
             async with lease:
                 pass
@@ -121,7 +126,7 @@ def test_sync_leases_from_many_threads(urls: Urls) -> None:
             try:
                 for i in range(4):
                     with saver.lease("sync-leased", wait=60) as lease:
-                        assert current_fence("sync-leased") == lease.token
+                        assert token_here(saver, "sync-leased") == lease.token
                         app.invoke(ask(f"remember item k{k} i{i}"), cfg("sync-leased"))
             except BaseException as exc:  # reported below
                 errors.append(exc)
@@ -183,3 +188,40 @@ async def test_a_holder_learns_when_its_lock_is_gone(urls: Urls) -> None:
             await asyncio.sleep(0.5)
             assert lease.lost
         assert await hot.release_lease("renewed", "intruder")  # exit left the intruder's lock
+
+
+async def test_leaving_a_lease_never_hides_the_blocks_own_error(urls: Urls) -> None:
+    saver = urls.open()
+    await saver.__aenter__()
+
+    async def close_the_saver_then_fail() -> None:
+        async with saver.lease("closing", ttl=0.3):
+            await saver.__aexit__(None, None, None)
+            await asyncio.sleep(0.3)  # a renewal meets the closed store
+            raise KeyError("the block's own error")
+
+    with pytest.raises(KeyError, match="the block's own error"):
+        await close_the_saver_then_fail()
+
+
+async def test_a_lease_left_in_another_task_is_still_released(urls: Urls) -> None:
+    async with urls.open() as saver:
+        lease = saver.lease("handover", ttl=30)
+        await lease.__aenter__()  # e.g. an async fixture or a shared exit stack
+        await asyncio.create_task(lease.__aexit__(None, None, None))
+        async with saver.lease("handover", wait=0):
+            pass
+
+
+async def test_a_token_fences_only_its_own_store(tmp_path: Path) -> None:
+    a = TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{tmp_path}/a.db", cold=None)
+    b = TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{tmp_path}/b.db", cold=None)
+    async with a, b:
+        for _ in range(5):  # b's fence for the thread is now 5
+            async with b.lease("same"):
+                pass
+        app_b = build_agent().compile(checkpointer=b)
+        async with a.lease("same") as lease:  # token 1 in a's store
+            assert lease.token == 1
+            await app_b.ainvoke(ask("remember copied"), cfg("same"))  # b is not fenced by it
+        assert await notes_of(app_b, "same") == ["copied"]

@@ -34,6 +34,7 @@ from tierstore.errors import (
     ConfigurationError,
     CorruptPayload,
     InvalidInput,
+    LeaseLost,
     LifecycleError,
     PayloadTooLarge,
     StorageError,
@@ -742,3 +743,30 @@ async def test_archiving_drops_payload_files_and_rehydrating_restores_them(
     await store.release(t, "", owner="me")
     usage = await store.usage()
     assert usage.checkpoints >= 2 and usage.objects >= 3
+
+
+async def test_a_takeover_during_a_first_head_leaves_no_dangling_head(
+        store: MongoWarm, mongo_db: MongoTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stale writer's head insert lands, then the takeover raises every head's fence,
+    then the writer's re-check refuses it: the head it created must go with its checkpoint."""
+    t = f"t-{uuid.uuid4()}"
+    old = await store.next_fence(t)
+    check = store._check_fence
+    calls = 0
+
+    async def takeover_before_the_recheck(thread: str, token: int | None,
+                                          fence: Any = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the re-check after the namespace's first head was inserted
+            await store.next_fence(thread)
+        await check(thread, token, fence)
+
+    monkeypatch.setattr(store, "_check_fence", takeover_before_the_recheck)
+    record = CheckpointRecord(t, "child", "1ef-1", None, Payload("msgpack", b"cp"),
+                              Payload("msgpack", b"md"), {}, {})
+    with pytest.raises(LeaseLost):
+        await store.put_checkpoint(record, [], strict=False, fence=old)
+    assert calls == 2
+    assert await store.head(t, "child") is None
+    assert await docs_of(mongo_db, "checkpoints", t) == []

@@ -162,6 +162,8 @@ class MemoryHot:
         doomed = [key for key, (expires, _) in self._entries.items() if expires <= now]
         for key in doomed:
             del self._entries[key]
+        for thread_id in [t for t, (_, until) in self._leases.items() if until <= now]:
+            del self._leases[thread_id]
         return len(doomed)
 
     def __len__(self) -> int:

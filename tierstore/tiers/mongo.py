@@ -866,10 +866,16 @@ class MongoWarm:
     async def next_fence(self, thread_id: str) -> int:
         t = _text(thread_id, "thread_id")
         with self._errors("next_fence"):
-            doc = await self._c("fences").find_one_and_update(
-                {"_id": fence_key(t)}, {"$inc": {"fence": 1}}, upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
+            for attempt in range(2):
+                try:
+                    doc = await self._c("fences").find_one_and_update(
+                        {"_id": fence_key(t)}, {"$inc": {"fence": 1}}, upsert=True,
+                        return_document=ReturnDocument.AFTER,
+                    )
+                    break
+                except DuplicateKeyError:  # two first upserts raced; the retry increments
+                    if attempt:
+                        raise
             token = int(doc["fence"])
             await self._c("heads").update_many({"thread_id": t}, {"$max": {"fence": token}})
             return token
@@ -1036,9 +1042,11 @@ class MongoWarm:
                     try:
                         await self._check_fence(t, fence)
                     except LeaseLost:
-                        # a newer lease was issued while this namespace got its first head
+                        # A newer lease was issued while this namespace got its first head.
+                        # Its next_fence may already have raised this head's fence, so the
+                        # head is matched by what this call wrote, not by its token.
                         await heads.delete_one({**key, "head_id": step.head_id,
-                                                "version": step.version, "fence": fence})
+                                                "version": step.version})
                         raise
             else:
                 changes: Doc = {"head_id": step.head_id, "version": step.version,
