@@ -29,7 +29,7 @@ from tierstore.tiers.base import HotStore
 __all__ = ["HotWriter"]
 
 Key = tuple[int, str, str]
-Guard = Callable[[str, Awaitable[bool], bool], Awaitable[bool]]
+Guard = Callable[[HotStore, str, Awaitable[bool], bool], Awaitable[bool]]
 
 
 class HotWriter:
@@ -49,7 +49,7 @@ class HotWriter:
 
     async def put(self, hot: HotStore, record: StoredCheckpoint) -> None:
         if self.delay <= 0:
-            await self._guard("put", hot.put(record), False)
+            await self._guard(hot, "put", hot.put(record), False)
             return
         key = self.key(hot, record.thread_id, record.checkpoint_ns)
         current = self._pending.get(key)
@@ -74,7 +74,8 @@ class HotWriter:
                 self._arm(key)
                 return
         await self._guard(
-            "add_writes", hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes), False
+            hot, "add_writes", hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes),
+            False,
         )
 
     def peek(self, hot: HotStore, thread_id: str, checkpoint_ns: str) -> StoredCheckpoint | None:
@@ -112,7 +113,7 @@ class HotWriter:
         hot, record = item
         self._inflight[key] = record
         try:
-            await self._guard("put", hot.put(record), False)
+            await self._guard(hot, "put", hot.put(record), False)
         finally:
             if self._inflight.get(key) is record:
                 del self._inflight[key]

@@ -41,11 +41,13 @@ from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.hotwriter import HotWriter
 from tierstore.lease import current_fence
+from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
 from tierstore.policy import is_hot_fresh, matches_filter, merge_writes
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
+    Head,
     ListQuery,
     Payload,
     PutResult,
@@ -143,6 +145,7 @@ class Router:
         self.on_archived = on_archived
         self.restore_days = restore_days
         self.stats = Stats()
+        self.metrics = Metrics()
         self._segments: OrderedDict[tuple[int, str], Segment] = OrderedDict()
         self._last_hot_warning = float("-inf")
         self._near: OrderedDict[tuple[int, str, str], StoredCheckpoint] = OrderedDict()
@@ -183,9 +186,9 @@ class Router:
 
     # -- hot tier helpers: never raise --------------------------------------------------
 
-    async def _hot(self, op: str, call: Awaitable[T], default: T) -> T:
+    async def _hot(self, store: HotStore, op: str, call: Awaitable[T], default: T) -> T:
         try:
-            return await call
+            return await self.metrics.timed("hot", store, op, call)
         except Exception as exc:
             self.stats.hot_errors += 1
             now = time.monotonic()
@@ -210,7 +213,8 @@ class Router:
             record = await self._hot_latest(stack, stack.hot, thread_id, checkpoint_ns)
         if record is None:
             self.stats.warm_reads += 1
-            record = await stack.warm.get(thread_id, checkpoint_ns, checkpoint_id)
+            record = await self.metrics.timed(
+                "warm", stack.warm, "get", stack.warm.get(thread_id, checkpoint_ns, checkpoint_id))
             if record is not None and record.location == "archived":
                 record = await self.materialize(stack, record)
                 # Restore on demand: a checkpoint read on its own is about to be resumed
@@ -219,7 +223,7 @@ class Router:
                 # warm again. ``list`` reads history without rehydrating.
                 self.stats.rehydrated += await stack.warm.rehydrate([record])
             if record is not None and stack.hot is not None and checkpoint_id is None:
-                await self._hot("fill", stack.hot.put(record), False)
+                await self._hot(stack.hot, "fill", stack.hot.put(record), False)
                 self._remember(stack, record)
         if record is None:
             return None
@@ -229,7 +233,7 @@ class Router:
         """The checkpoint id the hot tier holds for a (thread, ns), if any (never raises)."""
         if stack.hot is None:
             return None
-        hit = await self._hot("peek", stack.hot.get(thread_id, checkpoint_ns), None)
+        hit = await self._hot(stack.hot, "peek", stack.hot.get(thread_id, checkpoint_ns), None)
         return hit.checkpoint_id if hit is not None else None
 
     # -- cold -------------------------------------------------------------------------
@@ -245,7 +249,7 @@ class Router:
             raise CorruptPayload(f"checkpoint archived in {key!r} but no cold tier is configured",
                                  where=key)
         try:
-            data = await stack.cold.get(key)
+            data = await self.metrics.timed("cold", stack.cold, "get_segment", stack.cold.get(key))
         except CheckpointArchived as exc:
             if self.on_archived == "restore" and exc.restore_state == "not-started":
                 state = await stack.cold.restore(key, days=self.restore_days)
@@ -295,8 +299,9 @@ class Router:
                 self._segments.pop((id(stack), key), None)
         return len(dead)
 
-    async def _guard_bool(self, op: str, call: Awaitable[bool], default: bool) -> bool:
-        return await self._hot(op, call, default)
+    async def _guard_bool(self, store: HotStore, op: str, call: Awaitable[bool],
+                          default: bool) -> bool:
+        return await self._hot(store, op, call, default)
 
     async def _hot_latest(
         self, stack: TierStack, hot: HotStore, thread_id: str, checkpoint_ns: str
@@ -309,25 +314,25 @@ class Router:
         local = self.hot_writer.peek(hot, thread_id, checkpoint_ns)
         if not self.verify_hot:
             if local is None:
-                local = await self._hot("get", hot.get(thread_id, checkpoint_ns), None)
+                local = await self._hot(hot, "get", hot.get(thread_id, checkpoint_ns), None)
             self._count_hit(local is not None)
             return local
         near_key = (id(stack), thread_id, checkpoint_ns)
         if local is None:
             local = self._near.get(near_key)
         if local is not None:
-            head = await stack.warm.head(thread_id, checkpoint_ns)
+            head = await self._head(stack, thread_id, checkpoint_ns)
             if is_hot_fresh(local, head):
                 self._count_hit(True)
                 if near_key in self._near:
                     self._near.move_to_end(near_key)
                 return local
             self._near.pop(near_key, None)
-            hit = await self._hot("get", hot.get(thread_id, checkpoint_ns), None)
+            hit = await self._hot(hot, "get", hot.get(thread_id, checkpoint_ns), None)
         else:
             hit, head = await asyncio.gather(
-                self._hot("get", hot.get(thread_id, checkpoint_ns), None),
-                stack.warm.head(thread_id, checkpoint_ns),
+                self._hot(hot, "get", hot.get(thread_id, checkpoint_ns), None),
+                self._head(stack, thread_id, checkpoint_ns),
             )
         if hit is None:
             self._count_hit(False)
@@ -384,7 +389,23 @@ class Router:
             if limit is not None and count >= limit:
                 return
 
+    async def _head(self, stack: TierStack, thread_id: str, checkpoint_ns: str) -> Head | None:
+        return await self.metrics.timed("warm", stack.warm, "head",
+                                        stack.warm.head(thread_id, checkpoint_ns))
+
     async def _stack_rows(
+        self, stack: TierStack, query: ListQuery, residual: Mapping[str, Any],
+        decode_metadata: Callable[[StoredCheckpoint], Mapping[str, Any]],
+    ) -> AsyncIterator[StoredCheckpoint]:
+        started = time.perf_counter()
+        try:
+            async for row in self._filtered_rows(stack, query, residual, decode_metadata):
+                yield row
+        finally:  # the whole listing of one region, however far the caller read
+            self.metrics.observe("warm", stack.warm.backend, "list",
+                                 time.perf_counter() - started)
+
+    async def _filtered_rows(
         self, stack: TierStack, query: ListQuery, residual: Mapping[str, Any],
         decode_metadata: Callable[[StoredCheckpoint], Mapping[str, Any]],
     ) -> AsyncIterator[StoredCheckpoint]:
@@ -410,7 +431,9 @@ class Router:
                                                            values)
         # a lease held in this context on the thread fences the write (see tierstore.lease)
         fence = current_fence(stack.warm, record.thread_id)
-        result = await stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence)
+        result = await self.metrics.timed(
+            "warm", stack.warm, "put_checkpoint",
+            stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence))
         if result.conflict:
             self.stats.conflicts += 1
             log.info(
@@ -462,7 +485,9 @@ class Router:
         if stack.offloader is not None:
             small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
-        await stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes, fence=fence)
+        await self.metrics.timed(
+            "warm", stack.warm, "put_writes",
+            stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes, fence=fence))
         if stack.hot is not None:
             await self.hot_writer.add_writes(stack.hot, thread_id, checkpoint_ns, checkpoint_id,
                                              writes)
@@ -483,7 +508,7 @@ class Router:
                 self.hot_writer.forget(hot, thread_id)
                 for key in [k for k in self._near if k[0] == id(stack) and k[1] == thread_id]:
                     del self._near[key]
-                await self._hot("invalidate", hot.invalidate(thread_id), None)
+                await self._hot(hot, "invalidate", hot.invalidate(thread_id), None)
 
     async def delete_thread(self, thread_id: str) -> None:
         stack = self.regions.stack_for(thread_id)

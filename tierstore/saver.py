@@ -30,6 +30,7 @@ from tierstore.codec import Codec
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.lease import ThreadLease
+from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
 from tierstore.policy import (
     checkpoint_ids,
@@ -253,6 +254,15 @@ class TieredSaver(
     @property
     def stats(self) -> Stats:
         return self._router.stats
+
+    @property
+    def metrics(self) -> Metrics:
+        """Store calls per tier, backend and operation: outcomes and latency."""
+        return self._router.metrics
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of ``metrics`` and the ``stats`` counters."""
+        return self._router.metrics.render(self._router.stats.as_dict())
 
     @property
     def router(self) -> Router:
