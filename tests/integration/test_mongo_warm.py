@@ -770,3 +770,44 @@ async def test_a_takeover_during_a_first_head_leaves_no_dangling_head(
     assert calls == 2
     assert await store.head(t, "child") is None
     assert await docs_of(mongo_db, "checkpoints", t) == []
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh-parent", "stale-parent"])
+async def test_a_cancelled_put_still_finishes_its_head_step_or_undo(
+        store: MongoWarm, monkeypatch: pytest.MonkeyPatch, stale: bool) -> None:
+    """LangGraph cancels a run's pending writes when one of them fails. A put cancelled
+    after its checkpoint was stored must still move the head or take the checkpoint back:
+    a stored checkpoint with neither would be a fork nobody decided."""
+    t = f"t-{uuid.uuid4()}"
+
+    def rec(n: int, parent: int | None) -> CheckpointRecord:
+        return CheckpointRecord(t, "", f"1ef-{n}", None if parent is None else f"1ef-{parent}",
+                                Payload("msgpack", b"cp"), Payload("msgpack", b"md"), {}, {})
+
+    await store.put_checkpoint(rec(1, None), [], strict=True)
+    move = store._move_head
+    stored = asyncio.Event()
+
+    async def slow_move(*args: Any, **kwargs: Any) -> Any:
+        stored.set()  # the checkpoint document is in; the head step is next
+        await asyncio.sleep(0.2)
+        if stale:  # meanwhile another writer took the head
+            await move(t, "", "1ef-9", "1ef-1", strict=True, current=None, now=time.time())
+            await store._c("checkpoints").insert_one({**(await store._c("checkpoints").find_one(
+                {"thread_id": t, "checkpoint_id": "1ef-1"}, {"_id": 0})),
+                "checkpoint_id": "1ef-9", "parent_id": "1ef-1", "token": "other"})
+        return await move(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_move_head", slow_move)
+    task = asyncio.create_task(store.put_checkpoint(rec(2, 1), [], strict=True))
+    await stored.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # the shielded step finishes on its own
+    head = await store.head(t, "")
+    assert head is not None
+    if stale:
+        assert head.checkpoint_id == "1ef-9" and await store.get(t, "", "1ef-2") is None
+    else:
+        assert head.checkpoint_id == "1ef-2" and await store.get(t, "", "1ef-2") is not None

@@ -104,15 +104,24 @@ import builtins
 import hashlib
 import inspect
 import json
+import logging
 import random
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import bson
@@ -172,6 +181,9 @@ __all__ = [
     "filter_entry",
     "fit_document",
 ]
+
+log = logging.getLogger("tierstore.mongo")
+T = TypeVar("T")
 
 COLLECTIONS: Final[Mapping[str, str]] = {
     "heads": "tierstore_heads",
@@ -367,6 +379,23 @@ class _HeadStep:
     version: int
     moved: bool
     conflict: bool
+
+
+async def _shielded(step: Awaitable[T]) -> T:
+    """Await ``step`` in a task of its own that a cancellation of the caller does not stop.
+
+    The caller still sees ``CancelledError`` at once; the step finishes in the
+    background and its outcome is retrieved (and logged if it failed), never lost.
+    """
+    task = asyncio.ensure_future(step)
+
+    def retrieve(done: asyncio.Future[T]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.debug("a shielded store step failed after its caller left: %r",
+                      done.exception())
+
+    task.add_done_callback(retrieve)
+    return await asyncio.shield(task)
 
 
 def _advance_head(
@@ -934,18 +963,26 @@ class MongoWarm:
                 {"checkpoint": ("checkpoint", record.checkpoint),
                  "metadata": ("metadata", record.metadata)},
             )
-            new_blobs = await self._insert_blobs(blob_docs, now)
+            # From the first insert on, the steps run to the end even if the caller is
+            # cancelled (LangGraph cancels a run's pending writes when one fails): a
+            # checkpoint stored without its head step or its undo would be a silent fork.
             key = {"thread_id": t, "checkpoint_ns": ns, "checkpoint_id": cid}
-            previous = await self._replace("checkpoints", key, doc)
-            try:
-                result = await self._move_head(t, ns, cid, parent, strict=strict,
-                                               current=current, now=now, fence=fence)
-            except (VersionConflict, LeaseLost):
-                await self._undo_put(key, token, previous, doc, new_blobs)
-                raise
-            if previous is not None:
-                await self._delete_files(_file_ids(previous, ("checkpoint", "metadata")))
-            return result
+
+            async def store_and_move() -> PutResult:
+                with self._errors("put_checkpoint"):
+                    new_blobs = await self._insert_blobs(blob_docs, now)
+                    previous = await self._replace("checkpoints", key, doc)
+                    try:
+                        result = await self._move_head(t, ns, cid, parent, strict=strict,
+                                                       current=current, now=now, fence=fence)
+                    except (VersionConflict, LeaseLost):
+                        await self._undo_put(key, token, previous, doc, new_blobs)
+                        raise
+                    if previous is not None:
+                        await self._delete_files(_file_ids(previous, ("checkpoint", "metadata")))
+                    return result
+
+            return await _shielded(store_and_move())
 
     async def _blob_doc(self, t: str, ns: str, blob: BlobRecord, now: float) -> Doc:
         return await self._pack(
