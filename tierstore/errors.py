@@ -167,3 +167,12 @@ class LeaseLost(StorageError):
         self.thread_id = thread_id
         self.token = token
         self.fence = fence
+
+    @classmethod
+    def superseded(cls, thread_id: str, token: int, fence: int) -> LeaseLost:
+        """The refusal every warm store raises, worded once."""
+        return cls(
+            f"thread {thread_id!r}: lease token {token} was superseded by {fence}; "
+            "a newer holder owns the thread",
+            thread_id=thread_id, token=token, fence=fence,
+        )

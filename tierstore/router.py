@@ -399,21 +399,14 @@ class Router:
     ) -> AsyncIterator[StoredCheckpoint]:
         started = time.perf_counter()
         try:
-            async for row in self._filtered_rows(stack, query, residual, decode_metadata):
-                yield row
+            async for row in stack.warm.list(query):
+                if residual and not matches_filter(decode_metadata(row), residual):
+                    continue
+                record = await self.materialize(stack, row) if row.location == "archived" else row
+                yield await self.expand(stack, record)
         finally:  # the whole listing of one region, however far the caller read
             self.metrics.observe("warm", stack.warm.backend, "list",
                                  time.perf_counter() - started)
-
-    async def _filtered_rows(
-        self, stack: TierStack, query: ListQuery, residual: Mapping[str, Any],
-        decode_metadata: Callable[[StoredCheckpoint], Mapping[str, Any]],
-    ) -> AsyncIterator[StoredCheckpoint]:
-        async for row in stack.warm.list(query):
-            if residual and not matches_filter(decode_metadata(row), residual):
-                continue
-            record = await self.materialize(stack, row) if row.location == "archived" else row
-            yield await self.expand(stack, record)
 
     # -- writes -----------------------------------------------------------------------
 

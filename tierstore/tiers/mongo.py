@@ -917,11 +917,7 @@ class MongoWarm:
             doc = await self._c("fences").find_one({"_id": fence_key(t)}, {"fence": 1})
             fence = doc["fence"] if doc is not None else None
         if fenced_out(None if fence is None else int(fence), token):
-            raise LeaseLost(
-                f"thread {t!r}: lease token {token} was superseded by {fence}; "
-                "a newer holder owns the thread",
-                thread_id=t, token=token, fence=int(fence),
-            )
+            raise LeaseLost.superseded(t, token, int(fence))
 
     async def put_checkpoint(
         self,
@@ -1052,8 +1048,10 @@ class MongoWarm:
                 await asyncio.sleep(_backoff_delay(attempt, random.random()))
                 current = await self._head_doc(t, ns)
             fresh = False
-            if current is not None:
-                await self._check_fence(t, fence, current.get("fence"))
+            if current is not None and "fence" in current:
+                # the put read the fence document already; a takeover since then raised
+                # this head's fence (next_fence), so the head's own value is enough here
+                await self._check_fence(t, fence, current["fence"])
             head_id = current["head_id"] if current is not None else None
             if strict and head_id != parent:
                 if head_id == cid and current is not None:

@@ -692,11 +692,7 @@ class PostgresWarm:
             if exc.sqlstate != _FENCED_OUT:
                 raise
             detail = getattr(exc, "detail", None) or "0"
-            raise LeaseLost(
-                f"thread {thread_id!r}: lease token {token} was superseded by {detail}; "
-                "a newer holder owns the thread",
-                thread_id=thread_id, token=token, fence=int(detail),
-            ) from exc
+            raise LeaseLost.superseded(thread_id, token, int(detail)) from exc
 
     async def put_checkpoint(
         self,

@@ -322,11 +322,7 @@ class SqliteWarm:
         row = conn.execute("SELECT fence FROM fences WHERE thread_key = ?",
                            (fence_key(thread_id),)).fetchone()
         if fenced_out(row[0] if row else None, token):
-            raise LeaseLost(
-                f"thread {thread_id!r}: lease token {token} was superseded by {row[0]}; "
-                "a newer holder owns the thread",
-                thread_id=thread_id, token=token, fence=row[0],
-            )
+            raise LeaseLost.superseded(thread_id, token, int(row[0]))
 
     async def next_fence(self, thread_id: str) -> int:
         key = fence_key(thread_id)
