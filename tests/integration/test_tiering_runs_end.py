@@ -17,7 +17,7 @@ from langgraph.checkpoint.base import empty_checkpoint
 from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.jobs.plan import TieringPolicy
-from tierstore.jobs.tiering import HistoryDemotion
+from tierstore.jobs.tiering import HistoryDemotion, Retention
 
 ROOT = Path(__file__).resolve().parents[2]
 FUTURE = 10 * 365 * 86400.0
@@ -112,6 +112,24 @@ class FailingCold:
 
         self.puts += 1
         raise TierUnavailable("cold store refused the write", tier="cold", backend="test")
+
+
+@pytest.mark.parametrize("strategy", ["delete", "keep_latest"])
+async def test_retention_visits_every_expired_thread_once(urls: Urls, strategy: str) -> None:
+    policy = TieringPolicy(archive_after=None, archive_idle_after=None, expire_after=60,
+                           expire_strategy=strategy, batch=3)  # type: ignore[arg-type]
+    async with urls.open() as saver:
+        names = [f"expired-{strategy}-{i}" for i in range(8)]
+        for t in names:
+            await thread(saver, t, 3, protected=False)
+        now = time.time() + FUTURE
+        report = await Retention(saver, policy).run_once(now)
+        assert report.failed == 0
+        assert (report.claimed, report.threads) == (8, 8)
+        left = {t: len(await live_ids(saver, t)) for t in names}
+        assert left == {t: 0 if strategy == "delete" else 1 for t in names}
+        stack = saver.router.regions.stack_for(names[0])
+        assert (await stack.warm.held_claims(now=now)).count == 0
 
 
 # -- the command line -------------------------------------------------------------------

@@ -351,31 +351,59 @@ class IdleArchival(_Archiver):
 
 
 class Retention(_Job):
-    """Threads not written for ``expire_after`` are deleted (or pruned to their latest)."""
+    """Threads not written for ``expire_after`` are deleted (or pruned to their latest).
+
+    Like the archivers, one run claims batch after batch and keeps every claim until
+    it ends, so each expired thread is handled once per run and none is starved by
+    the ones claimed before it (a pruned thread stays claimable).
+    """
 
     name = "retention"
 
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
         if self.policy.expire_after is None:
             return
-        claims = await stack.warm.claim(
-            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
-            limit=self.policy.batch, idle_before=now - self.policy.expire_after,
-            require_live=False,
-        )
-        report.claimed += len(claims)
-        threads = sorted({c.thread_id for c in claims})
-        for claim in claims:
-            await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+        visited: set[str] = set()
+        kept: list[Claim] = []
+        try:
+            while True:
+                claims = await stack.warm.claim(
+                    owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+                    limit=self.policy.batch, idle_before=now - self.policy.expire_after,
+                    require_live=False,
+                )
+                kept.extend(claims)
+                threads = sorted({c.thread_id for c in claims} - visited)
+                visited.update(threads)
+                report.claimed += sum(1 for c in claims if c.thread_id in threads)
+                await self._expire(threads, report)
+                if not threads or len(claims) < self.policy.batch:
+                    break
+        finally:
+            for claim in kept:
+                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+
+    async def _expire(self, threads: list[str], report: JobReport) -> None:
         if not threads:
             return
-        if self.policy.expire_strategy == "delete":
-            for thread_id in threads:
+        if self.policy.expire_strategy == "keep_latest":
+            try:
+                await self.saver.router.prune(threads, keep_latest=True)
+            except TierstoreError as exc:
+                for thread_id in threads:
+                    report.fail(repr(thread_id), exc)
+                return
+            report.threads += len(threads)
+            report.deleted += len(threads)
+            return
+        for thread_id in threads:
+            try:
                 await self.saver.router.delete_thread(thread_id)
-        else:
-            await self.saver.router.prune(threads, keep_latest=True)
-        report.threads += len(threads)
-        report.deleted += len(threads)
+            except TierstoreError as exc:
+                report.fail(repr(thread_id), exc)
+                continue
+            report.threads += 1
+            report.deleted += 1
 
 
 class HotExpiry(_Job):
