@@ -9,7 +9,8 @@ Every command that reports has ``--json``. Long work shows a progress bar on a
 terminal. Errors are one clear line on stderr, never a traceback.
 
 Exit codes: 0 success, 1 a check failed (``verify`` found a mismatch, ``worker
---once`` had failing jobs, ``restore --wait`` timed out), 2 misuse (bad flag, bad
+--once`` had failing jobs or failed moves, ``archive`` failed to move a thread,
+``restore --wait`` timed out), 2 misuse (bad flag, bad
 URL, unknown thread), 3 a store refused or could not be reached.
 """
 
@@ -143,7 +144,13 @@ def _table(title: str, rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]
 
 
 def _kv(data: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in data.items() if k != "backend")
+    return ", ".join(f"{k}={v}" for k, v in data.items() if k not in ("backend", "claims"))
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 def _build_app() -> typer.Typer:
@@ -183,7 +190,7 @@ def _build_app() -> typer.Typer:
     def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
         regions: RegionsFile = None, region: RegionName = None,
                as_json: Json = False) -> None:
-        """Threads, checkpoints and bytes per tier (and per region)."""
+        """Threads, checkpoints and bytes per tier (and per region); claims workers hold."""
         from tierstore.ops import status as run_status
 
         data = _run(_Where(hot, warm, cold, regions, region), run_status)
@@ -197,6 +204,13 @@ def _build_app() -> typer.Typer:
                                  (_kv(info) or "cache local to each process") if info
                                  else "disabled"))
             _table("tierstore status", rows, ("region", "tier", "backend", "holds"))
+            for name, tiers in d["regions"].items():
+                claims = tiers["warm"]["claims"]
+                if claims["count"]:
+                    print(f"region {name}: {claims['count']} threads claimed by tiering "
+                          f"workers, the first until {_when(claims['earliest_until'])}, "
+                          f"the last until {_when(claims['latest_until'])} (a worker that "
+                          "died keeps its claims until then)")
 
         _emit(data, as_json, render)
 
@@ -226,14 +240,8 @@ def _build_app() -> typer.Typer:
             jobs: list[Any] = [HistoryDemotion(saver, policy, thread_id=thread, dry_run=dry_run)]
             if idle_after:
                 jobs.append(IdleArchival(saver, policy, thread_id=thread, dry_run=dry_run))
-            reports = []
-            for job in jobs:
-                while True:
-                    report = await job.run_once()
-                    reports.append(report.as_dict())
-                    if dry_run or report.claimed < policy.batch or report.errors:
-                        break
-            return reports
+            # one run visits every eligible head once and ends (see tierstore.jobs.tiering)
+            return [(await job.run_once()).as_dict() for job in jobs]
 
         reports = _run(_Where(hot, warm, cold, regions, region), body)
 
@@ -246,7 +254,12 @@ def _build_app() -> typer.Typer:
                     print(f"  error: {err}", file=sys.stderr)
 
         _emit(reports, as_json, render)
-        if any(r["errors"] for r in reports):
+        busy = max(reports, key=lambda r: r["busy"], default=None)
+        if busy is not None and busy["busy"]:
+            print(f"tierstore: {busy['busy']} threads are claimed by another worker until "
+                  f"{_when(busy['busy_until'])}; skipped (a worker that died keeps its "
+                  "claims until then)", file=sys.stderr)
+        if any(r["failed"] or r["errors"] for r in reports):
             raise typer.Exit(EXIT_CHECK_FAILED)
 
     @app.command()

@@ -59,13 +59,16 @@ def _noop(done: int, total: int | None) -> None:
 
 
 async def status(saver: TieredSaver) -> dict[str, Any]:
-    """Threads, checkpoints and bytes per tier (per region when there are several)."""
+    """Threads, checkpoints and bytes per tier (per region when there are several), and
+    the heads tiering workers hold claimed (a worker killed mid-run leaves its claims)."""
     out: dict[str, Any] = {"regions": {}}
     for name, stack in _stacks(saver).items():
         warm = await stack.warm.usage()
+        # claims past now: live workers' or those of a worker that died mid-run
+        claims = await stack.warm.held_claims(now=time.time())
         region: dict[str, Any] = {
             "hot": {"backend": stack.hot.backend} if stack.hot is not None else None,
-            "warm": {"backend": stack.warm.backend, **asdict(warm)},
+            "warm": {"backend": stack.warm.backend, **asdict(warm), "claims": asdict(claims)},
             "cold": None,
         }
         if stack.cold is not None:

@@ -162,3 +162,16 @@ class TierUsage:
     archived: int = 0
     bytes: int = 0
     objects: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsHeld:
+    """Heads leased to a worker right now (``status``, ``archive``).
+
+    A worker killed mid-run leaves its claims behind: they block tiering of those
+    heads until ``latest_until``, and this is how an operator gets to see them.
+    """
+
+    count: int = 0
+    earliest_until: float | None = None
+    latest_until: float | None = None

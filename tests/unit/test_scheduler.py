@@ -67,3 +67,28 @@ async def test_run_returns_when_stopped() -> None:
     stop.set()
     await asyncio.wait_for(task, timeout=5)
     assert task.done() and task.exception() is None
+
+
+class PartlyFailing:
+    """Finishes its run but reports threads it could not move."""
+
+    name = "mover"
+
+    async def run_once(self, now: float | None = None) -> JobReport:
+        report = JobReport(self.name, claimed=3, threads=1)
+        report.fail("'t1'/''", OSError("cold is read-only"))
+        report.fail("'t2'/''", OSError("cold is read-only"))
+        return report
+
+
+async def test_a_run_with_failed_threads_makes_the_worker_unhealthy() -> None:
+    clock = FakeClock()
+    scheduler = Scheduler([(PartlyFailing(), 10.0)], clock=clock)
+    await scheduler.tick()
+    health = scheduler.health()
+    assert health["healthy"] is False
+    job = health["jobs"]["mover"]
+    assert job["failures"] == 1
+    assert "OSError" in job["last_error"] and "read-only" in job["last_error"]
+    assert job["last_report"]["failed"] == 2
+    assert job["last_report"]["error_types"] == {"OSError": 2}

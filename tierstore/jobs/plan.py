@@ -20,6 +20,7 @@ __all__ = [
     "delta_depth",
     "is_expired",
     "is_idle",
+    "next_demotion",
     "plan_demotion",
     "protected_ancestors",
 ]
@@ -132,6 +133,36 @@ def plan_demotion(
         and m.checkpoint_id not in protect
     ]
     return sorted(chosen)
+
+
+def next_demotion(
+    index: Sequence[CheckpointMeta],
+    *,
+    head_id: str,
+    policy: TieringPolicy,
+    protect: set[str] | frozenset[str] = frozenset(),
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> float | None:
+    """The creation time of the live checkpoint this head will next be able to demote.
+
+    A head whose old history is all protected (``keep_latest``, DeltaChannel ancestry)
+    has nothing to move, and claiming it again on every run would never end. The job
+    marks it settled instead; the marker holds for claims whose age cutoff is at or
+    below the returned time (None: for any cutoff) and dies with the head, since a new
+    checkpoint changes what is protected. ``exclude``: ids just moved or being moved.
+    """
+    newest = {m.checkpoint_id for m in sorted(index, key=lambda m: m.checkpoint_id,
+                                               reverse=True)[: policy.keep_latest]}
+    waiting = [
+        m.created_at
+        for m in index
+        if m.location == "warm"
+        and m.checkpoint_id != head_id
+        and m.checkpoint_id not in newest
+        and m.checkpoint_id not in protect
+        and m.checkpoint_id not in exclude
+    ]
+    return min(waiting, default=None)
 
 
 def is_idle(updated_at: float, *, policy: TieringPolicy, now: float) -> bool:

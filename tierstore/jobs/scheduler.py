@@ -3,7 +3,9 @@
 ::
 
     loop: for each job whose time has come ─► run_once() ─► record health
-          a failed run is logged and retried after backoff(interval, failures)
+          a failed run (one that raised, or whose report counts failed threads)
+          is logged, makes the worker unhealthy and is retried after
+          backoff(interval, failures)
           stop event set (SIGINT/SIGTERM) ─► finish the running job, return
 
 Nothing starts in ``__init__``; ``run`` returns when ``stop`` is set. Health is a
@@ -46,6 +48,13 @@ class Scheduled:
     last_report: dict[str, Any] = field(default_factory=dict)
 
 
+def _summary(report: JobReport) -> str:
+    """One line for the health file: how many failed, of which kinds, and the first."""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(report.error_types.items()))
+    first = report.errors[0] if report.errors else ""
+    return f"{report.failed} failed ({kinds}); first: {first}"
+
+
 class Scheduler:
     def __init__(
         self,
@@ -72,10 +81,15 @@ class Scheduler:
                 entry.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("job %s failed (%d in a row)", entry.job.name, entry.failures)
             else:
-                entry.failures = 0
-                entry.last_ok = self.clock()
-                entry.last_error = "; ".join(report.errors) or None
                 entry.last_report = report.as_dict()
+                if report.failed:  # the run ended, but some of its work did not get done
+                    entry.failures += 1
+                    entry.last_error = _summary(report)
+                    log.warning("job %s: %s", entry.job.name, entry.last_error)
+                else:
+                    entry.failures = 0
+                    entry.last_ok = self.clock()
+                    entry.last_error = None
                 if self.on_report is not None:
                     self.on_report(report)
             entry.next_at = self.clock() + backoff(entry.interval, entry.failures)

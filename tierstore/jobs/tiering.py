@@ -39,6 +39,7 @@ from tierstore.jobs.plan import (
     TieringPolicy,
     chunks,
     delta_depth,
+    next_demotion,
     plan_demotion,
     protected_ancestors,
 )
@@ -67,7 +68,14 @@ GC_GRACE_SECONDS = 3600.0
 
 @dataclass
 class JobReport:
-    """What one ``run_once`` did. ``errors`` holds one line per thread that failed."""
+    """What one ``run_once`` did.
+
+    ``failed`` counts the threads (or segments) whose work failed, ``error_types`` the
+    failures by error class and ``errors`` has one line each: a run that moved nothing
+    because every move failed must not read as a quiet success. ``busy`` counts heads
+    another worker held a claim on when the run ended (a live one, or a dead one whose
+    lease runs until ``busy_until``): they were skipped.
+    """
 
     job: str
     claimed: int = 0
@@ -76,11 +84,39 @@ class JobReport:
     segments: int = 0
     bytes: int = 0
     deleted: int = 0
+    failed: int = 0
+    error_types: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    busy: int = 0
+    busy_until: float | None = None
     seconds: float = 0.0
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        """Count one failed unit of work."""
+        kind = type(exc).__name__
+        self.failed += 1
+        self.error_types[kind] = self.error_types.get(kind, 0) + 1
+        self.errors.append(f"{where}: {kind}: {exc}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Nothing (more) to move in a head until a claim's age cutoff passes ``until``
+    (None: until the head changes)."""
+
+    until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What to move from one claimed head, and how the head is settled once moved
+    (None: not settled, the job has work there whenever it is claimed)."""
+
+    ids: list[str]
+    settled: Settled | None = None
 
 
 def default_owner() -> str:
@@ -133,44 +169,87 @@ class _Job(abc.ABC):
 
 
 class _Archiver(_Job):
-    """Shared move logic for history demotion and idle archival."""
+    """Shared move logic for history demotion and idle archival.
+
+    One run claims batch after batch until no head it has not visited is left::
+
+        claim batch ─► for each new head: plan ─► move ─► release (settled, if the job
+            │                                              says when it has work again)
+            │          failed / dry run / not settled ─► keep the claim until the run ends
+            └── repeat while the batch held a head not visited yet
+
+    Keeping the claim is what makes a run end: a head the run already visited can
+    not be claimed again by it, and a failed head is retried by the next run, not
+    in a loop by this one. A head is claimed again by a later run only when the
+    job has work there again (see ``WarmStore.claim``).
+    """
 
     @abc.abstractmethod
     async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
         """Lease the (thread, ns) heads this job has work for."""
 
     @abc.abstractmethod
-    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
+    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> Choice:
         """The live checkpoints of a claimed head to move to cold."""
 
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
         if stack.cold is None:
             return
-        claims = await self._claims(stack, now)
-        report.claimed += len(claims)
-        for claim in claims:
-            try:
-                ids = await self._choose(stack, claim, now)
-                if self.dry_run:
-                    report.threads += 1 if ids else 0
-                    report.checkpoints += len(ids)
-                    report.segments += len(chunks(ids, self.policy.segment_size))
-                    continue
-                moved = 0
-                for group in chunks(ids, self.policy.segment_size):
-                    done = await self._move(stack, claim, group, now, report)
-                    if done == 0:
-                        break  # lease lost: another worker owns this head now
-                    moved += done
-                if moved:
-                    report.threads += 1
-                    report.checkpoints += moved
-            except TierstoreError as exc:
-                report.errors.append(f"{claim.thread_id!r}/{claim.checkpoint_ns!r}: {exc}")
-                log.warning("%s: %r ns %r failed: %s", self.name, claim.thread_id,
-                            claim.checkpoint_ns, exc)
-            finally:
+        visited: set[tuple[str, str]] = set()
+        kept: list[Claim] = []
+        try:
+            while True:
+                claims = await self._claims(stack, now)
+                fresh = [c for c in claims if (c.thread_id, c.checkpoint_ns) not in visited]
+                kept.extend(c for c in claims if (c.thread_id, c.checkpoint_ns) in visited)
+                report.claimed += len(fresh)
+                for claim in fresh:
+                    visited.add((claim.thread_id, claim.checkpoint_ns))
+                    kept.append(claim)
+                    settled = await self._visit(stack, claim, now, report)
+                    if settled is not None:
+                        kept.pop()
+                        await stack.warm.release(
+                            claim.thread_id, claim.checkpoint_ns, owner=self.owner,
+                            settled_head=claim.head_id, settled_until=settled.until)
+                if not fresh or len(claims) < self.policy.batch:
+                    break
+        finally:
+            for claim in kept:
                 await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+        held = await stack.warm.held_claims(now=self.clock(), thread_id=self.thread_id,
+                                            exclude_owner=self.owner)
+        report.busy += held.count
+        if held.latest_until is not None:
+            report.busy_until = max(report.busy_until or 0.0, held.latest_until)
+
+    async def _visit(
+        self, stack: TierStack, claim: Claim, now: float, report: JobReport
+    ) -> Settled | None:
+        """Do one head's work; returns how it is settled, None to keep it claimed."""
+        try:
+            choice = await self._choose(stack, claim, now)
+            ids = choice.ids
+            if self.dry_run:
+                report.threads += 1 if ids else 0
+                report.checkpoints += len(ids)
+                report.segments += len(chunks(ids, self.policy.segment_size))
+                return None
+            moved = 0
+            for group in chunks(ids, self.policy.segment_size):
+                done = await self._move(stack, claim, group, now, report)
+                if done == 0:
+                    return None  # lease lost: another worker owns this head now
+                moved += done
+            if moved:
+                report.threads += 1
+                report.checkpoints += moved
+            return choice.settled
+        except TierstoreError as exc:
+            report.fail(f"{claim.thread_id!r}/{claim.checkpoint_ns!r}", exc)
+            log.warning("%s: %r ns %r failed: %s", self.name, claim.thread_id,
+                        claim.checkpoint_ns, exc)
+            return None
 
     async def _move(
         self, stack: TierStack, claim: Claim, ids: list[str], now: float, report: JobReport
@@ -236,7 +315,7 @@ class HistoryDemotion(_Archiver):
             thread_id=self.thread_id,
         )
 
-    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
+    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> Choice:
         index = await stack.warm.index(claim.thread_id, claim.checkpoint_ns)
         head = await stack.warm.get(claim.thread_id, claim.checkpoint_ns, claim.head_id)
         depth = 0
@@ -245,8 +324,11 @@ class HistoryDemotion(_Archiver):
             if isinstance(metadata, dict):
                 depth = delta_depth(metadata)
         protect = protected_ancestors(index, claim.head_id, depth)
-        return plan_demotion(index, head_id=claim.head_id, policy=self.policy, now=now,
-                             protect=protect)
+        ids = plan_demotion(index, head_id=claim.head_id, policy=self.policy, now=now,
+                            protect=protect)
+        until = next_demotion(index, head_id=claim.head_id, policy=self.policy,
+                              protect=protect, exclude=set(ids))
+        return Choice(ids, Settled(until))
 
 
 class IdleArchival(_Archiver):
@@ -263,37 +345,65 @@ class IdleArchival(_Archiver):
             thread_id=self.thread_id,
         )
 
-    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> list[str]:
+    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> Choice:
         index = await stack.warm.index(claim.thread_id, claim.checkpoint_ns)
-        return sorted(m.checkpoint_id for m in index if m.location == "warm")
+        return Choice(sorted(m.checkpoint_id for m in index if m.location == "warm"))
 
 
 class Retention(_Job):
-    """Threads not written for ``expire_after`` are deleted (or pruned to their latest)."""
+    """Threads not written for ``expire_after`` are deleted (or pruned to their latest).
+
+    Like the archivers, one run claims batch after batch and keeps every claim until
+    it ends, so each expired thread is handled once per run and none is starved by
+    the ones claimed before it (a pruned thread stays claimable).
+    """
 
     name = "retention"
 
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
         if self.policy.expire_after is None:
             return
-        claims = await stack.warm.claim(
-            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
-            limit=self.policy.batch, idle_before=now - self.policy.expire_after,
-            require_live=False,
-        )
-        report.claimed += len(claims)
-        threads = sorted({c.thread_id for c in claims})
-        for claim in claims:
-            await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+        visited: set[str] = set()
+        kept: list[Claim] = []
+        try:
+            while True:
+                claims = await stack.warm.claim(
+                    owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+                    limit=self.policy.batch, idle_before=now - self.policy.expire_after,
+                    require_live=False,
+                )
+                kept.extend(claims)
+                threads = sorted({c.thread_id for c in claims} - visited)
+                visited.update(threads)
+                report.claimed += sum(1 for c in claims if c.thread_id in threads)
+                await self._expire(threads, report)
+                if not threads or len(claims) < self.policy.batch:
+                    break
+        finally:
+            for claim in kept:
+                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+
+    async def _expire(self, threads: list[str], report: JobReport) -> None:
         if not threads:
             return
-        if self.policy.expire_strategy == "delete":
-            for thread_id in threads:
+        if self.policy.expire_strategy == "keep_latest":
+            try:
+                await self.saver.router.prune(threads, keep_latest=True)
+            except TierstoreError as exc:
+                for thread_id in threads:
+                    report.fail(repr(thread_id), exc)
+                return
+            report.threads += len(threads)
+            report.deleted += len(threads)
+            return
+        for thread_id in threads:
+            try:
                 await self.saver.router.delete_thread(thread_id)
-        else:
-            await self.saver.router.prune(threads, keep_latest=True)
-        report.threads += len(threads)
-        report.deleted += len(threads)
+            except TierstoreError as exc:
+                report.fail(repr(thread_id), exc)
+                continue
+            report.threads += 1
+            report.deleted += 1
 
 
 class HotExpiry(_Job):
@@ -359,7 +469,7 @@ class Rehydrate(_Job):
                     restored += await stack.warm.rehydrate(
                         [replace(r, thread_id=thread_id) for r in records])
             except TierstoreError as exc:
-                report.errors.append(f"{key}: {exc}")
+                report.fail(key, exc)
                 continue
             report.checkpoints += restored
             report.threads += 1

@@ -35,6 +35,7 @@ from tierstore.records import (
     CheckpointMeta,
     CheckpointRecord,
     Claim,
+    ClaimsHeld,
     Head,
     ListQuery,
     ObjectInfo,
@@ -188,12 +189,36 @@ class WarmStore(Protocol):
         created before it. ``idle_before``: heads last written before it (that still
         have live checkpoints, unless ``require_live`` is False); ``thread_id``: only
         that thread's namespaces. Oldest first.
+        With ``warm_before``, a head released as settled at its current head id is
+        skipped while ``warm_before`` is at or below its ``settled_until`` (always when
+        that is None): a run never claims again what it found nothing to move in.
         Claiming uses the store's own primitives (a transaction / ``FOR UPDATE SKIP
         LOCKED`` / a filtered update), so many workers never hold the same head.
         """
         ...
 
-    async def release(self, thread_id: str, checkpoint_ns: str, *, owner: str) -> None: ...
+    async def release(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        *,
+        owner: str,
+        settled_head: str | None = None,
+        settled_until: float | None = None,
+    ) -> None:
+        """Give a claim back if ``owner`` holds it.
+
+        ``settled_head``: history demotion has nothing (more) to move while the head is
+        this id and claims cut off at or below ``settled_until`` (see ``claim``); the
+        marker is replaced by the next release and dies when the head moves on.
+        """
+        ...
+
+    async def held_claims(
+        self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
+    ) -> ClaimsHeld:
+        """Heads leased to a worker (other than ``exclude_owner``) past ``now``."""
+        ...
 
     async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
         """Every checkpoint of a (thread, ns), newest first, without payloads."""

@@ -161,6 +161,7 @@ from tierstore.records import (
     CheckpointMeta,
     CheckpointRecord,
     Claim,
+    ClaimsHeld,
     Head,
     ListQuery,
     Payload,
@@ -437,6 +438,15 @@ def _list_plan(query: ListQuery) -> tuple[Doc, list[tuple[str, int]]]:
     else:
         sort = [("checkpoint_id", -1), ("thread_id", -1), ("checkpoint_ns", -1)]
     return flt, sort
+
+
+def _settled(head: Doc, warm_before: float) -> bool:
+    """History demotion found nothing to move in this head for cutoffs up to
+    ``settled_until`` (None: any), and the head has not moved on since."""
+    if head.get("settled_head") is None or head.get("settled_head") != head.get("head_id"):
+        return False
+    until = head.get("settled_until")
+    return until is None or warm_before <= float(until)
 
 
 def _after(last: Doc, sort: Sequence[tuple[str, int]]) -> Doc:
@@ -1412,7 +1422,7 @@ class MongoWarm:
             flt["updated_at"] = {"$lt": idle_before}
         sort = [("updated_at", 1), ("thread_id", 1), ("checkpoint_ns", 1)]
         projection = {"_id": 1, "thread_id": 1, "checkpoint_ns": 1, "head_id": 1,
-                      "updated_at": 1}
+                      "updated_at": 1, "settled_head": 1, "settled_until": 1}
         claimed: builtins.list[Claim] = []
         last: Doc | None = None
         with self._errors("claim"):
@@ -1445,6 +1455,8 @@ class MongoWarm:
         key = {"thread_id": head["thread_id"], "checkpoint_ns": head["checkpoint_ns"],
                "location": "warm"}
         checkpoints = self._c("checkpoints")
+        if warm_before is not None and _settled(head, warm_before):
+            return False
         if warm_before is not None and not await checkpoints.count_documents(
             {**key, "checkpoint_id": {"$ne": head["head_id"]},
              "created_at": {"$lt": warm_before}}, limit=1,
@@ -1453,14 +1465,37 @@ class MongoWarm:
         return not (idle_before is not None and require_live
                     and not await checkpoints.count_documents(key, limit=1))
 
-    async def release(self, thread_id: str, checkpoint_ns: str, *, owner: str) -> None:
+    async def release(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        *,
+        owner: str,
+        settled_head: str | None = None,
+        settled_until: float | None = None,
+    ) -> None:
         with self._errors("release"):
             await self._c("heads").update_one(
                 {"thread_id": _text(thread_id, "thread_id"),
                  "checkpoint_ns": _text(checkpoint_ns, "checkpoint_ns"),
                  "lease_owner": _text(owner, "owner")},
-                {"$set": {"lease_owner": None, "lease_until": None}},
+                {"$set": {"lease_owner": None, "lease_until": None,
+                          "settled_head": settled_head, "settled_until": settled_until}},
             )
+
+    async def held_claims(
+        self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
+    ) -> ClaimsHeld:
+        owner: Doc = {"$ne": None}
+        if exclude_owner is not None:
+            owner = {"$nin": [None, _text(exclude_owner, "owner")]}
+        flt: Doc = {"lease_owner": owner, "lease_until": {"$gte": now}}
+        if thread_id is not None:
+            flt["thread_id"] = _text(thread_id, "thread_id")
+        with self._errors("held_claims"):
+            docs = await self._c("heads").find(flt, {"_id": 0, "lease_until": 1}).to_list(None)
+        until = [float(d["lease_until"]) for d in docs]
+        return ClaimsHeld(len(until), min(until, default=None), max(until, default=None))
 
     async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
         t, ns = _text(thread_id, "thread_id"), _text(checkpoint_ns, "checkpoint_ns")

@@ -81,6 +81,7 @@ from tierstore.records import (
     CheckpointMeta,
     CheckpointRecord,
     Claim,
+    ClaimsHeld,
     Head,
     ListQuery,
     Payload,
@@ -282,8 +283,15 @@ UPDATE tierstore_heads AS h SET lease_owner = {owner}, lease_until = {until}
 RETURNING h.thread_id, h.checkpoint_ns, h.head_id, extract(epoch FROM h.updated_at)::float8
 """
 _RELEASE = (
-    "UPDATE tierstore_heads AS h SET lease_owner = NULL, lease_until = NULL "
+    "UPDATE tierstore_heads AS h SET lease_owner = NULL, lease_until = NULL, "
+    "settled_head = $4, settled_until = $5 "
     f"WHERE {_stream('h')} AND h.lease_owner = $3"
+)
+_HELD_CLAIMS = (
+    "SELECT count(*), min(h.lease_until), max(h.lease_until) FROM tierstore_heads AS h "
+    "WHERE h.lease_owner IS NOT NULL AND h.lease_until >= $1 "
+    "AND ($2::text IS NULL OR (tierstore_key(h.thread_id) = sha224(convert_to($2, 'UTF8')) "
+    "AND h.thread_id = $2)) AND ($3::text IS NULL OR h.lease_owner <> $3)"
 )
 _INDEX = (
     "SELECT c.checkpoint_id, c.parent_id, extract(epoch FROM c.created_at)::float8, "
@@ -919,6 +927,8 @@ class PostgresWarm:
                 f"AND c.archive_key IS NULL AND c.created_at < to_timestamp({arg(warm_before)}) "
                 "AND c.checkpoint_id <> h.head_id)"
             )
+            conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
+                         f"h.settled_until < {arg(warm_before)})")
         if idle_before is not None:
             conds.append(f"h.updated_at < to_timestamp({arg(idle_before)})")
             if require_live:
@@ -934,11 +944,31 @@ class PostgresWarm:
         claims = [Claim(r[0], r[1], r[2], r[3]) for r in rows]
         return sorted(claims, key=lambda c: c.updated_at)
 
-    async def release(self, thread_id: str, checkpoint_ns: str, *, owner: str) -> None:
+    async def release(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        *,
+        owner: str,
+        settled_head: str | None = None,
+        settled_until: float | None = None,
+    ) -> None:
         async def body(conn: Conn) -> None:
-            await conn.execute(_RELEASE, thread_id, checkpoint_ns, owner)
+            await conn.execute(_RELEASE, thread_id, checkpoint_ns, owner, settled_head,
+                               settled_until)
 
         await self._run("release", body)
+
+    async def held_claims(
+        self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
+    ) -> ClaimsHeld:
+        async def body(conn: Conn) -> asyncpg.Record:
+            row = await conn.fetchrow(_HELD_CLAIMS, now, thread_id, exclude_owner)
+            assert row is not None
+            return row
+
+        count, first, last = await self._run("held_claims", body, read=True)
+        return ClaimsHeld(count, first, last)
 
     async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
         async def body(conn: Conn) -> list[asyncpg.Record]:

@@ -41,6 +41,7 @@ from tierstore.records import (
     CheckpointMeta,
     CheckpointRecord,
     Claim,
+    ClaimsHeld,
     Head,
     ListQuery,
     Payload,
@@ -580,6 +581,9 @@ class SqliteWarm:
                 "c.checkpoint_id <> h.head_id AND c.created_at < ?)"
             )
             params.append(warm_before)
+            conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
+                         "h.settled_until < ?)")
+            params.append(warm_before)
         if idle_before is not None:
             conds.append("h.updated_at < ?")
             params.append(idle_before)
@@ -604,15 +608,44 @@ class SqliteWarm:
 
         return await self._run(lambda conn: self._tx(conn, body))
 
-    async def release(self, thread_id: str, checkpoint_ns: str, *, owner: str) -> None:
+    async def release(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        *,
+        owner: str,
+        settled_head: str | None = None,
+        settled_until: float | None = None,
+    ) -> None:
         def body(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE heads SET lease_owner = NULL, lease_until = NULL WHERE thread_id = ? "
-                "AND checkpoint_ns = ? AND lease_owner = ?",
-                (thread_id, checkpoint_ns, owner),
+                "UPDATE heads SET lease_owner = NULL, lease_until = NULL, settled_head = ?, "
+                "settled_until = ? WHERE thread_id = ? AND checkpoint_ns = ? AND lease_owner = ?",
+                (settled_head, settled_until, thread_id, checkpoint_ns, owner),
             )
 
         await self._run(lambda conn: self._tx(conn, body))
+
+    async def held_claims(
+        self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
+    ) -> ClaimsHeld:
+        conds = ["lease_owner IS NOT NULL", "lease_until >= ?"]
+        params: builtins.list[Any] = [now]
+        if thread_id is not None:
+            conds.append("thread_id = ?")
+            params.append(thread_id)
+        if exclude_owner is not None:
+            conds.append("lease_owner <> ?")
+            params.append(exclude_owner)
+
+        def fn(conn: sqlite3.Connection) -> ClaimsHeld:
+            count, first, last = conn.execute(
+                "SELECT count(*), min(lease_until), max(lease_until) FROM heads "
+                f"WHERE {' AND '.join(conds)}", params,
+            ).fetchone()
+            return ClaimsHeld(count, first, last)
+
+        return await self._run(fn)
 
     async def index(self, thread_id: str, checkpoint_ns: str) -> builtins.list[CheckpointMeta]:
         def fn(conn: sqlite3.Connection) -> builtins.list[CheckpointMeta]:
