@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
+from dataclasses import replace as replace_record
 from pathlib import Path
 from typing import Any
 
@@ -314,21 +316,54 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
             f"thread {thread_id!r} already exists; import it under another id (--as-thread) "
             "or replace it (--replace)"
         )
-    if exists:
+    staging = _staging_thread(saver, thread_id, stack)
+    target = staging or thread_id
+    if exists and staging is None:
         await saver.router.delete_thread(thread_id)
+    old_deleted = copying = False
     try:
         for done, (record, blobs, writes) in enumerate(prepared, start=1):
-            await saver.router.put(record, blobs, {b.channel: b.payload for b in blobs},
-                                   strict=False)
+            await saver.router.put(replace_record(record, thread_id=target), blobs,
+                                   {b.channel: b.payload for b in blobs}, strict=False)
             if writes:
-                await saver.router.put_writes(thread_id, record.checkpoint_ns,
+                await saver.router.put_writes(target, record.checkpoint_ns,
                                               record.checkpoint_id, writes)
             progress(done, len(prepared))
-    except BaseException:
-        await asyncio.shield(saver.router.delete_thread(thread_id))
+        if staging is not None:
+            if exists:
+                await saver.router.delete_thread(thread_id)
+                old_deleted = True
+            copying = True
+            await saver.router.copy_thread(staging, thread_id)
+    except BaseException as exc:
+        if old_deleted:  # the replaced thread is gone: keep the whole import where it is
+            exc.add_note(f"the imported checkpoints are kept in thread {staging!r}")
+            raise
+        await asyncio.shield(saver.router.delete_thread(target))
+        if copying:  # a store that copies row by row (MongoDB) may have published some
+            await asyncio.shield(saver.router.delete_thread(thread_id))
         raise
+    if staging is not None:
+        await asyncio.shield(saver.router.delete_thread(staging))
     return {"thread_id": thread_id, "source_thread_id": source, "checkpoints": len(prepared),
             "replaced": exists}
+
+
+def _staging_thread(saver: TieredSaver, thread_id: str, stack: TierStack) -> str | None:
+    """A fresh thread id in the target's stores to load an import into before it shows.
+
+    The warm store's ``copy_thread`` then publishes the whole thread in one transaction
+    (SQLite, PostgreSQL), so a crash mid-import leaves at worst a staging thread, never
+    half of the target. None when the region rules would place that id elsewhere: the
+    import then writes to the target directly and deletes it again on failure.
+    """
+    staging = f"{thread_id}.tierstore-import-{uuid.uuid4().hex}"
+    try:
+        validate_id(staging)
+        placed = saver.router.regions.stack_for(staging)
+    except TierstoreError:
+        return None
+    return staging if placed is stack else None
 
 
 async def import_langgraph_postgres(saver: TieredSaver, url: str,

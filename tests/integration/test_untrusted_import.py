@@ -193,6 +193,8 @@ async def test_a_bad_fourth_checkpoint_writes_nothing(request: pytest.FixtureReq
         result = await import_file(saver, write(tmp_path, bundle(thread, records), "ok"))
         assert result["checkpoints"] == 4
         assert await history(saver, thread) == [r.checkpoint_id for r in reversed(records)]
+        threads = {t.config["configurable"]["thread_id"] async for t in saver.alist(None)}
+        assert threads == {thread}  # the staging copy is gone
 
 
 @pytest.mark.parametrize("bad_id", ["not-a-uuid", "ffffffff-ffff-6fff-8fff-ffffffffffff",
@@ -245,6 +247,26 @@ async def test_a_write_that_fails_midway_leaves_no_part_of_the_thread(
         with pytest.raises(TierUnavailable):
             await import_file(saver, write(tmp_path, bundle("t", records)))
         assert calls == 3 and await history(saver, "t") == []
+        assert [t async for t in saver.alist(None)] == []  # no staging thread left either
+
+
+async def test_a_replace_that_fails_to_publish_keeps_the_import(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierstore import TierUnavailable
+
+    async with embedded(tmp_path) as saver:
+        await import_file(saver, write(tmp_path, bundle("t", chain(saver.codec, "t", 1))))
+        records = chain(saver.codec, "t", 3)
+
+        async def broken_copy(source: str, target: str) -> None:
+            raise TierUnavailable("warm went away", tier="warm")
+
+        monkeypatch.setattr(saver.router, "copy_thread", broken_copy)
+        with pytest.raises(TierUnavailable) as info:
+            await import_file(saver, write(tmp_path, bundle("t", records), "new"), replace=True)
+        kept = {t.config["configurable"]["thread_id"] async for t in saver.alist(None)}
+        assert len(kept) == 1 and any(next(iter(kept)) in note for note in info.value.__notes__)
+        assert len(await history(saver, next(iter(kept)))) == 3
 
 
 async def test_export_import_round_trip_keeps_everything(tmp_path: Path) -> None:
