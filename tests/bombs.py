@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
+import uuid
 from typing import Any
 
 import msgpack
@@ -49,6 +50,13 @@ def ext_call(module: str, name: str, *args: Any) -> bytes:
 
 def shell_payload(marker: str) -> bytes:
     return ext_call("os", "system", f"touch {marker}")
+
+
+def v6_at(seconds: float) -> str:
+    """A version 6 UUID stamped at ``seconds`` (Unix time), as LangGraph's uuid6 lays it out."""
+    stamp = int(seconds * 1e7) + 0x01B21DD213814000
+    value = ((stamp >> 12) << 80) | ((stamp & 0xFFF) << 64) | (0x8000 << 48) | 0x1234
+    return str(uuid.UUID(int=value | (6 << 76)))
 
 
 def checkpoint_body(checkpoint_id: str, channels: dict[str, str]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from tierstore.errors import (
     TierstoreError,
 )
 from tierstore.offload import OFFLOAD_PREFIX
-from tierstore.policy import validate_checkpoint_id, validate_id
+from tierstore.policy import CHECKPOINT_ID_SKEW, validate_checkpoint_id, validate_id
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
@@ -224,7 +224,7 @@ Prepared = tuple[CheckpointRecord, list[BlobRecord], list[WriteRecord]]
 
 def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[StoredCheckpoint],
                  *, now: float, filter_doc: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 max_bytes: int) -> list[Prepared]:
+                 max_bytes: int, skew: float = CHECKPOINT_ID_SKEW) -> list[Prepared]:
     """Validate every checkpoint of an import and build what will be written.
 
     Nothing is written until all of it passed: ids are what LangGraph generates, every
@@ -241,8 +241,8 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
             raise CorruptPayload(f"{where}: belongs to thread {str(rec.thread_id)[:80]!r}, "
                                  f"not to the bundle's thread", where=where)
         ns = validate_id(rec.checkpoint_ns, what="checkpoint_ns")
-        checkpoint_id = validate_checkpoint_id(rec.checkpoint_id, now)
-        parent_id = (validate_checkpoint_id(rec.parent_id, now)
+        checkpoint_id = validate_checkpoint_id(rec.checkpoint_id, now, skew=skew)
+        parent_id = (validate_checkpoint_id(rec.parent_id, now, skew=skew)
                      if rec.parent_id is not None else None)
         if (ns, checkpoint_id) in seen:
             raise CorruptPayload(f"{where}: appears twice in the bundle", where=where)
@@ -304,7 +304,8 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
     del data
     thread_id = validate_id(as_thread) if as_thread is not None else source
     prepared = check_bundle(codec, source, thread_id, records, now=time.time(),
-                            filter_doc=saver.filter_doc, max_bytes=limit)
+                            filter_doc=saver.filter_doc, max_bytes=limit,
+                            skew=saver.options.checkpoint_id_skew)
     if not prepared:
         raise InvalidInput(f"{path}: the file holds no checkpoints")
     stack = saver.router.regions.stack_for(thread_id)

@@ -19,6 +19,7 @@ from tierstore.errors import InvalidInput
 from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 
 __all__ = [
+    "CHECKPOINT_ID_SKEW",
     "MAX_ID_BYTES",
     "checkpoint_ids",
     "fence_key",

@@ -484,7 +484,8 @@ class TieredSaver(
     ) -> RunnableConfig:
         self._bridge.require_open()
         thread_id, ns, parent_id = checkpoint_ids(config)
-        checkpoint_id = validate_checkpoint_id(checkpoint.get("id"), time.time())
+        checkpoint_id = validate_checkpoint_id(checkpoint.get("id"), time.time(),
+                                               skew=self.options.checkpoint_id_skew)
         codec = self.codec
         body: dict[str, Any] = dict(checkpoint)
         values: dict[str, Any] = body.pop("channel_values", None) or {}

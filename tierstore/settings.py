@@ -172,6 +172,8 @@ class SaverOptions:
         Import files are always decoded this way.
     allowed_msgpack_modules: ``(module, name)`` pairs trusted on top of LangGraph's
         safe types wherever untrusted bytes are decoded.
+    checkpoint_id_skew: seconds a written checkpoint id's timestamp may lie ahead of this
+        machine's clock (clock differences between writers, a clock stepped back).
     """
 
     concurrency: Concurrency = "permissive"
@@ -190,8 +192,13 @@ class SaverOptions:
     max_bundle_bytes: int = 2048 << 20
     safe_decode: bool = False
     allowed_msgpack_modules: tuple[tuple[str, ...], ...] = ()
+    checkpoint_id_skew: float = 60.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.checkpoint_id_skew <= 86400:
+            raise ConfigurationError(
+                f"checkpoint_id_skew must be within 0..86400 seconds, got "
+                f"{self.checkpoint_id_skew!r}")
         for name in ("max_payload_bytes", "max_record_bytes", "max_bundle_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

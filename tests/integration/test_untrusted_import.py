@@ -298,3 +298,18 @@ async def test_aput_refuses_ids_that_would_stay_latest(tmp_path: Path, bad_id: s
         latest = await saver.aget_tuple(generate_config("t"))
         assert latest is not None and latest.config == later
         assert await saver.aget_tuple(cfg("t", str(uuid.uuid4()))) is None  # reads: any id
+
+
+async def test_the_clock_skew_allowed_for_new_ids_is_a_setting(tmp_path: Path) -> None:
+    import time
+
+    from tests.bombs import v6_at
+
+    ahead = generate_checkpoint()
+    ahead["id"] = v6_at(time.time() + 600)
+    async with embedded(tmp_path) as saver:
+        with pytest.raises(InvalidInput, match="future"):
+            await saver.aput(generate_config("t"), ahead, generate_metadata(), {})
+    async with embedded(tmp_path, checkpoint_id_skew=3600) as saver:
+        stored = await saver.aput(generate_config("t"), ahead, generate_metadata(), {})
+        assert stored["configurable"]["checkpoint_id"] == ahead["id"]

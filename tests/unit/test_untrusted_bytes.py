@@ -14,7 +14,7 @@ import pytest
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
-from tests.bombs import GiB, rle_frame, shell_payload
+from tests.bombs import GiB, rle_frame, shell_payload, v6_at
 from tests.unit.golden_values import Ticket
 from tierstore.codec import Codec
 from tierstore.codec.limits import DecodeLimits, bounded_decompress
@@ -184,25 +184,19 @@ def test_decoders_stay_within_a_memory_cap(tmp_path: Path) -> None:
 NOW = 1_800_000_000.0
 
 
-def _v6_at(seconds: float) -> str:
-    stamp = int(seconds * 1e7) + 0x01B21DD213814000
-    value = ((stamp >> 12) << 80) | ((stamp & 0xFFF) << 64) | (0x8000 << 48) | 0x1234
-    return str(uuid.UUID(int=value | (6 << 76)))
-
-
 def test_langgraph_ids_are_accepted() -> None:
     real = str(uuid6(clock_seq=-1))
     import time
 
     assert validate_checkpoint_id(real, time.time()) == real
-    assert validate_checkpoint_id(_v6_at(NOW - 86400 * 365), NOW)
-    assert validate_checkpoint_id(_v6_at(NOW + 30), NOW)  # within the skew
+    assert validate_checkpoint_id(v6_at(NOW - 86400 * 365), NOW)
+    assert validate_checkpoint_id(v6_at(NOW + 30), NOW)  # within the skew
 
 
 @pytest.mark.parametrize("bad", [
     "not-a-uuid", "", "ffffffff-ffff-6fff-8fff-ffffffffffff", str(uuid.uuid4()),
-    str(uuid.uuid1()), _v6_at(NOW).upper(), _v6_at(NOW + 3600), "\x00", 7,
-    "{" + _v6_at(NOW) + "}",
+    str(uuid.uuid1()), v6_at(NOW).upper(), v6_at(NOW + 3600), "\x00", 7,
+    "{" + v6_at(NOW) + "}",
 ])
 def test_other_ids_are_invalid_input(bad: object) -> None:
     with pytest.raises(InvalidInput):
