@@ -288,8 +288,9 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
     checked (``check_bundle``) before the first write, under the saver's bounds (or
     ``limits``) and its safe allowlist plus ``allowed_msgpack_modules``. The target
     thread (the file's own, or ``as_thread``) must not exist unless ``replace`` is
-    given, which deletes it first; if a write fails, what this import wrote is
-    deleted again.
+    given. The checkpoints are written under a staging id and published with one
+    ``copy_thread`` (see ``_staging_thread``); if a write fails, what this import
+    wrote is deleted again.
     """
     try:
         data = await asyncio.to_thread(Path(path).read_bytes)
