@@ -36,7 +36,7 @@ def test_public_api_is_pinned() -> None:
         "Keyring", "LeaseBusy", "LeaseLost", "LifecycleError", "PayloadTooLarge",
         "ResidencyError", "SaverOptions", "StorageError",
         "TierUnavailable", "TieredSaver", "TierstoreError", "UsageError", "VersionConflict",
-        "retry_on_conflict",
+        "retry_on_conflict", "DecompressionLimit", "UnsafePayload",
     ])
     for name in tierstore.__all__:
         assert getattr(tierstore, name) is not None

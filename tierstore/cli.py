@@ -428,19 +428,48 @@ def _build_app() -> typer.Typer:
         from_langgraph_postgres: Annotated[str | None, typer.Option(
             help="migrate a LangGraph AsyncPostgresSaver database from this URL")] = None,
         as_thread: Annotated[str | None, typer.Option(help="import under this thread id")] = None,
+        replace: Annotated[bool, typer.Option(
+            help="delete the thread first if it exists (else an existing thread is refused)")
+        ] = False,
+        allow_type: Annotated[list[str] | None, typer.Option(
+            help="MODULE:NAME of a type the file may hold beyond LangGraph's safe types "
+                 "(repeatable)")] = None,
+        max_payload_bytes: Annotated[int | None, typer.Option(
+            help="bound on one decompressed value (default 256 MiB)")] = None,
+        max_record_bytes: Annotated[int | None, typer.Option(
+            help="bound on one checkpoint's values together (default 1 GiB)")] = None,
+        max_bundle_bytes: Annotated[int | None, typer.Option(
+            help="bound on the decompressed file (default 2 GiB)")] = None,
         hot: Hot = None, warm: Warm = None, cold: Cold = None,
         regions: RegionsFile = None, region: RegionName = None, as_json: Json = False,
     ) -> None:
-        """Load an export file, or migrate a LangGraph Postgres checkpoint database."""
+        """Load an export file, or migrate a LangGraph Postgres checkpoint database.
+
+        The file is checked whole (ids, sizes, types, checksums) before anything is
+        written; an existing thread is refused unless --replace or --as-thread.
+        """
+        from tierstore.codec.limits import DecodeLimits
         from tierstore.errors import InvalidInput
         from tierstore.ops import import_file, import_langgraph_postgres
 
         if (file is None) == (from_langgraph_postgres is None):
             raise InvalidInput("give either FILE or --from-langgraph-postgres URL")
+        allowed: list[tuple[str, ...]] = []
+        for entry in allow_type or []:
+            module, _, name = entry.partition(":")
+            if not module or not name:
+                raise InvalidInput(f"--allow-type takes MODULE:NAME, got {entry!r}")
+            allowed.append((module, name))
+        bounds = {k: v for k, v in (("max_payload_bytes", max_payload_bytes),
+                                    ("max_record_bytes", max_record_bytes),
+                                    ("max_bundle_bytes", max_bundle_bytes)) if v is not None}
+        limits = DecodeLimits(**bounds) if bounds else None
         with _progress("importing", not as_json) as progress:
             if file is not None:
                 data = _run(_Where(hot, warm, cold, regions, region),
-                            lambda s: import_file(s, file, as_thread=as_thread, progress=progress))
+                            lambda s: import_file(s, file, as_thread=as_thread, replace=replace,
+                                                  limits=limits, allowed_msgpack_modules=allowed,
+                                                  progress=progress))
             else:
                 assert from_langgraph_postgres is not None
                 url = from_langgraph_postgres

@@ -16,6 +16,8 @@ store may help)::
         ├── VersionConflict           a stale writer lost the compare-and-set
         ├── CheckpointArchived        the bytes sit in a class that needs a restore
         ├── CorruptPayload            stored bytes fail to decode or verify
+        │   ├── UnsafePayload         bytes from outside name a type the allowlist refuses
+        │   └── DecompressionLimit    a payload, record or bundle decodes past its bound
         ├── PayloadTooLarge           a payload exceeds what the stores accept
         ├── ResidencyError            a thread has no region, or a write would leave it
         ├── LeaseBusy                 another holder kept a thread's lease for the whole wait
@@ -36,6 +38,7 @@ __all__ = [
     "CheckpointArchived",
     "ConfigurationError",
     "CorruptPayload",
+    "DecompressionLimit",
     "InvalidInput",
     "LeaseBusy",
     "LeaseLost",
@@ -45,6 +48,7 @@ __all__ = [
     "StorageError",
     "TierUnavailable",
     "TierstoreError",
+    "UnsafePayload",
     "UsageError",
     "VersionConflict",
 ]
@@ -137,6 +141,32 @@ class CorruptPayload(StorageError):
         super().__init__(message)
         self.where = where
         self.detail = detail
+
+
+class UnsafePayload(CorruptPayload):
+    """Bytes decoded under the safe allowlist name a type outside it.
+
+    Raised instead of constructing the type: importing a class named by bytes that
+    did not come from this saver's own writes can run code (a msgpack ext payload
+    can name ``os.system``). ``type_name`` is the dotted name that was refused.
+    """
+
+    def __init__(self, message: str, *, where: str = "", type_name: str = "") -> None:
+        super().__init__(message, where=where, detail=type_name)
+        self.type_name = type_name
+
+
+class DecompressionLimit(CorruptPayload):
+    """Decoding would produce more bytes than the configured bound allows.
+
+    A few hundred compressed bytes can declare gigabytes of output; every zstd stage
+    is bounded per frame and per record or bundle in total, and this is raised
+    before the memory is spent. ``limit`` is the bound that was hit.
+    """
+
+    def __init__(self, message: str, *, where: str = "", limit: int = 0) -> None:
+        super().__init__(message, where=where, detail=limit)
+        self.limit = limit
 
 
 class PayloadTooLarge(StorageError):

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
+from dataclasses import replace as replace_record
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import zstandard
 
+from tierstore.codec import Codec
 from tierstore.codec.frames import pack_stored, unpack_stored
+from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress
 from tierstore.codec.pipeline import EMPTY
 from tierstore.codec.segment import SEGMENT_PREFIX
 from tierstore.errors import (
@@ -30,13 +34,20 @@ from tierstore.errors import (
     TierstoreError,
 )
 from tierstore.offload import OFFLOAD_PREFIX
-from tierstore.policy import validate_id
-from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, StoredCheckpoint
+from tierstore.policy import CHECKPOINT_ID_SKEW, validate_checkpoint_id, validate_id
+from tierstore.records import (
+    BlobRecord,
+    CheckpointRecord,
+    ListQuery,
+    StoredCheckpoint,
+    WriteRecord,
+)
 from tierstore.router import TierStack
 from tierstore.saver import TieredSaver
 
 __all__ = [
     "EXPORT_FORMAT",
+    "check_bundle",
     "export_thread",
     "import_file",
     "import_langgraph_postgres",
@@ -182,7 +193,14 @@ async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
             "path": str(path)}
 
 
-def read_export(data: bytes, *, where: str = "export") -> tuple[str, list[StoredCheckpoint]]:
+def read_export(data: bytes, *, where: str = "export",
+                max_bytes: int = DecodeLimits().max_bundle_bytes
+                ) -> tuple[str, list[StoredCheckpoint]]:
+    """Check an export file's framing and checksum and unpack its frames (no payload decoded).
+
+    The checksum only proves the file is intact, not who wrote it: anyone can recompute
+    it, so what comes out is still untrusted (see ``check_bundle``).
+    """
     head = len(EXPORT_MAGIC)
     if data[:head] != EXPORT_MAGIC or len(data) < head + 33:
         raise CorruptPayload(f"{where}: not a tierstore export file", where=where)
@@ -191,54 +209,166 @@ def read_export(data: bytes, *, where: str = "export") -> tuple[str, list[Stored
     digest, body = data[head + 1:head + 33], data[head + 33:]
     if hashlib.sha256(body).digest() != digest:
         raise CorruptPayload(f"{where}: export file fails its checksum", where=where)
+    plain = bounded_decompress(body, limit=max_bytes, where=where, what="bundle")
     try:
-        doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False)
+        doc = msgpack.unpackb(plain, raw=False)
         frames = doc["checkpoints"]
-        thread_id = str(doc["thread_id"])
+        raw_thread = doc["thread_id"]
+        if not isinstance(frames, list):
+            raise TypeError("checkpoints is not a list")
     except Exception as exc:
         raise CorruptPayload(f"{where}: damaged export body ({exc})", where=where) from exc
+    thread_id = validate_id(raw_thread)
     return thread_id, [unpack_stored(f, where=f"{where}#{i}") for i, f in enumerate(frames)]
 
 
+Prepared = tuple[CheckpointRecord, list[BlobRecord], list[WriteRecord]]
+
+
+def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[StoredCheckpoint],
+                 *, now: float, filter_doc: Callable[[Mapping[str, Any]], dict[str, Any]],
+                 max_bytes: int, skew: float = CHECKPOINT_ID_SKEW) -> list[Prepared]:
+    """Validate every checkpoint of an import and build what will be written.
+
+    Nothing is written until all of it passed: ids are what LangGraph generates, every
+    frame belongs to the bundle's thread, and every payload (checkpoint, metadata,
+    channel values, pending writes) decodes under ``codec`` (the untrusted codec: safe
+    allowlist, bounded per payload, per checkpoint and for the whole file).
+    """
+    total = Budget(max_bytes, "bundle")
+    seen: set[tuple[str, str]] = set()
+    out: list[Prepared] = []
+    for rec in records:
+        where = f"checkpoint {str(rec.checkpoint_id)[:80]!r}"
+        if rec.thread_id != source:
+            raise CorruptPayload(f"{where}: belongs to thread {str(rec.thread_id)[:80]!r}, "
+                                 f"not to the bundle's thread", where=where)
+        ns = validate_id(rec.checkpoint_ns, what="checkpoint_ns")
+        checkpoint_id = validate_checkpoint_id(rec.checkpoint_id, now, skew=skew)
+        parent_id = (validate_checkpoint_id(rec.parent_id, now, skew=skew)
+                     if rec.parent_id is not None else None)
+        if (ns, checkpoint_id) in seen:
+            raise CorruptPayload(f"{where}: appears twice in the bundle", where=where)
+        seen.add((ns, checkpoint_id))
+        budget = codec.budget()
+        body = codec.decode(rec.checkpoint, where=where, budget=budget)
+        metadata = codec.decode(rec.metadata, where=f"{where} metadata", budget=budget)
+        if (not isinstance(body, dict) or not isinstance(metadata, dict)
+                or not isinstance(body.get("channel_versions", {}), dict)
+                or body.get("id", checkpoint_id) != checkpoint_id):
+            raise CorruptPayload(f"{where}: not a checkpoint", where=where)
+        versions = {str(k): str(v) for k, v in body.get("channel_versions", {}).items()}
+        blobs: list[BlobRecord] = []
+        for channel, payload in rec.blobs.items():
+            if channel not in versions:
+                continue
+            if payload.tag != EMPTY.tag:
+                codec.decode(payload, where=f"{where} channel {channel!r}", budget=budget)
+            blobs.append(BlobRecord(channel, versions[channel], payload))
+        for write in rec.writes:
+            validate_id(write.task_id, what="task_id")
+            validate_id(write.channel, what="channel")
+            codec.decode(write.payload, where=f"{where} write", budget=budget)
+        total.spend(budget.used, where=where)
+        run_id = metadata.get("run_id")
+        record = CheckpointRecord(
+            thread_id=thread_id, checkpoint_ns=ns, checkpoint_id=checkpoint_id,
+            parent_id=parent_id, checkpoint=rec.checkpoint, metadata=rec.metadata,
+            channel_versions=versions, filter_doc=filter_doc(metadata),
+            run_id=run_id if isinstance(run_id, str) else None,
+        )
+        out.append((record, blobs, list(rec.writes)))
+    return out
+
+
 async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | None = None,
+                      replace: bool = False, limits: DecodeLimits | None = None,
+                      allowed_msgpack_modules: Sequence[tuple[str, ...]] = (),
                       progress: Progress = _noop) -> dict[str, Any]:
-    """Load an export into the saver's stores (idempotent: re-importing changes nothing)."""
+    """Load an export into the saver's stores: all of it, or nothing.
+
+    The file is untrusted whatever its checksum says: every id and every payload is
+    checked (``check_bundle``) before the first write, under the saver's bounds (or
+    ``limits``) and its safe allowlist plus ``allowed_msgpack_modules``. The target
+    thread (the file's own, or ``as_thread``) must not exist unless ``replace`` is
+    given. The checkpoints are written under a staging id and published with one
+    ``copy_thread`` (see ``_staging_thread``); if a write fails, what this import
+    wrote is deleted again.
+    """
     try:
         data = await asyncio.to_thread(Path(path).read_bytes)
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc}") from exc
-    source, records = read_export(data, where=str(path))
+    codec = saver.untrusted_codec
+    if limits is not None or allowed_msgpack_modules:
+        codec = Codec(codec.serde, limits=limits or codec.limits, keyring=codec.keyring).untrusted(
+            [*saver.options.allowed_msgpack_modules, *allowed_msgpack_modules])
+    limit = codec.limits.max_bundle_bytes
+    source, records = read_export(data, where=str(path), max_bytes=limit)
+    del data
     thread_id = validate_id(as_thread) if as_thread is not None else source
-    await _load_records(saver, thread_id, records, progress)
-    return {"thread_id": thread_id, "source_thread_id": source, "checkpoints": len(records)}
-
-
-async def _load_records(saver: TieredSaver, thread_id: str, records: Iterable[StoredCheckpoint],
-                        progress: Progress) -> None:
-    codec = saver.codec
-    items = list(records)
-    for done, rec in enumerate(items, start=1):
-        where = f"checkpoint {rec.checkpoint_id!r}"
-        body = codec.decode(rec.checkpoint, where=where)
-        metadata = codec.decode(rec.metadata, where=where)
-        if not isinstance(body, dict) or not isinstance(metadata, dict):
-            raise CorruptPayload(f"{where}: not a checkpoint", where=where)
-        versions = {str(k): str(v) for k, v in body.get("channel_versions", {}).items()}
-        run_id = metadata.get("run_id")
-        record = CheckpointRecord(
-            thread_id=thread_id, checkpoint_ns=rec.checkpoint_ns,
-            checkpoint_id=rec.checkpoint_id, parent_id=rec.parent_id,
-            checkpoint=rec.checkpoint, metadata=rec.metadata, channel_versions=versions,
-            filter_doc=saver.filter_doc(metadata),
-            run_id=run_id if isinstance(run_id, str) else None,
+    prepared = check_bundle(codec, source, thread_id, records, now=time.time(),
+                            filter_doc=saver.filter_doc, max_bytes=limit,
+                            skew=saver.options.checkpoint_id_skew)
+    if not prepared:
+        raise InvalidInput(f"{path}: the file holds no checkpoints")
+    stack = saver.router.regions.stack_for(thread_id)
+    exists = False
+    async for _ in stack.warm.list(ListQuery(thread_id=thread_id, limit=1)):
+        exists = True
+    if exists and not replace:
+        raise InvalidInput(
+            f"thread {thread_id!r} already exists; import it under another id (--as-thread) "
+            "or replace it (--replace)"
         )
-        blobs = [BlobRecord(ch, versions[ch], p) for ch, p in rec.blobs.items() if ch in versions]
-        await saver.router.put(record, blobs, {b.channel: b.payload for b in blobs},
-                               strict=False)
-        if rec.writes:
-            await saver.router.put_writes(thread_id, rec.checkpoint_ns, rec.checkpoint_id,
-                                          list(rec.writes))
-        progress(done, len(items))
+    staging = _staging_thread(saver, thread_id, stack)
+    target = staging or thread_id
+    if exists and staging is None:
+        await saver.router.delete_thread(thread_id)
+    old_deleted = copying = False
+    try:
+        for done, (record, blobs, writes) in enumerate(prepared, start=1):
+            await saver.router.put(replace_record(record, thread_id=target), blobs,
+                                   {b.channel: b.payload for b in blobs}, strict=False)
+            if writes:
+                await saver.router.put_writes(target, record.checkpoint_ns,
+                                              record.checkpoint_id, writes)
+            progress(done, len(prepared))
+        if staging is not None:
+            if exists:
+                await saver.router.delete_thread(thread_id)
+                old_deleted = True
+            copying = True
+            await saver.router.copy_thread(staging, thread_id)
+    except BaseException as exc:
+        if old_deleted:  # the replaced thread is gone: keep the whole import where it is
+            exc.add_note(f"the imported checkpoints are kept in thread {staging!r}")
+            raise
+        await asyncio.shield(saver.router.delete_thread(target))
+        if copying:  # a store that copies row by row (MongoDB) may have published some
+            await asyncio.shield(saver.router.delete_thread(thread_id))
+        raise
+    if staging is not None:
+        await asyncio.shield(saver.router.delete_thread(staging))
+    return {"thread_id": thread_id, "source_thread_id": source, "checkpoints": len(prepared),
+            "replaced": exists}
+
+
+def _staging_thread(saver: TieredSaver, thread_id: str, stack: TierStack) -> str | None:
+    """A fresh thread id in the target's stores to load an import into before it shows.
+
+    The warm store's ``copy_thread`` then publishes the whole thread in one transaction
+    (SQLite, PostgreSQL), so a crash mid-import leaves at worst a staging thread, never
+    half of the target. None when the region rules would place that id elsewhere: the
+    import then writes to the target directly and deletes it again on failure.
+    """
+    staging = f"{thread_id}.tierstore-import-{uuid.uuid4().hex}"
+    try:
+        validate_id(staging)
+        placed = saver.router.regions.stack_for(staging)
+    except TierstoreError:
+        return None
+    return staging if placed is stack else None
 
 
 async def import_langgraph_postgres(saver: TieredSaver, url: str,

@@ -19,6 +19,7 @@ from tierstore.errors import InvalidInput
 from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 
 __all__ = [
+    "CHECKPOINT_ID_SKEW",
     "MAX_ID_BYTES",
     "checkpoint_ids",
     "fence_key",
@@ -34,6 +35,7 @@ __all__ = [
     "retry_delay",
     "should_replace_hot",
     "split_filter",
+    "validate_checkpoint_id",
     "validate_id",
     "write_index",
 ]
@@ -66,6 +68,48 @@ def validate_id(value: Any, *, what: str = "thread_id") -> str:
     if size > MAX_ID_BYTES:
         raise InvalidInput(f"{what} is {size} bytes long; the limit is {MAX_ID_BYTES}")
     return value
+
+
+CHECKPOINT_ID_SKEW = 60.0
+"""Seconds a new checkpoint id's timestamp may lie ahead of this machine's clock."""
+
+_UUID_EPOCH_100NS = 0x01B21DD213814000  # 1582-10-15 → 1970-01-01 in 100 ns steps
+
+
+def validate_checkpoint_id(value: Any, now: float, *, skew: float = CHECKPOINT_ID_SKEW) -> str:
+    """A checkpoint id that is about to be written, or ``InvalidInput``.
+
+    "Latest" is the greatest id of a (thread, ns), so an id is only safe to store if it
+    orders by the time it was made: LangGraph's ids are time-ordered version 6 UUIDs
+    (``langgraph.checkpoint.base.id.uuid6``) in canonical lowercase form; another
+    version would not order against them (a v7 id sorts below every v6 id). Anything
+    else (``"not-a-uuid"``, ``""``, uppercase, a random v4) or an id stamped more than
+    ``skew`` seconds after ``now`` could stay the head for good and hide every later
+    turn. Reading accepts any id.
+    """
+    text = validate_id(value, what="checkpoint id")
+    try:
+        parsed = uuid.UUID(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != text or parsed.variant != uuid.RFC_4122:
+        raise InvalidInput(
+            f"checkpoint id {text[:80]!r} is not a time-ordered UUID in canonical form "
+            "(LangGraph generates them with langgraph.checkpoint.base.id.uuid6)"
+        )
+    if parsed.version != 6:
+        raise InvalidInput(
+            f"checkpoint id {text!r} is a version {parsed.version} UUID; checkpoint ids are "
+            "time-ordered version 6 UUIDs, as LangGraph generates them"
+        )
+    stamp = ((parsed.int >> 80) << 12 | (parsed.int >> 64) & 0x0FFF) - _UUID_EPOCH_100NS
+    seconds = stamp / 1e7
+    if seconds > now + skew:
+        raise InvalidInput(
+            f"checkpoint id {text!r} is stamped {seconds - now:.0f}s in the future; it would "
+            "shadow every later checkpoint of its thread"
+        )
+    return text
 
 
 def checkpoint_ids(config: Mapping[str, Any] | None) -> tuple[str, str, str | None]:

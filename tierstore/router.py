@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.hotwriter import HotWriter
@@ -138,8 +139,10 @@ class Router:
         restore_days: int = 7,
         hot_write_delay: float = 0.0,
         local_entries: int = 0,
+        max_bundle_bytes: int = DecodeLimits().max_bundle_bytes,
     ) -> None:
         self.regions = regions
+        self.max_bundle_bytes = max_bundle_bytes
         self.verify_hot = verify_hot
         self.hot_writer = HotWriter(delay=hot_write_delay, guard=self._guard_bool)
         self.on_archived = on_archived
@@ -263,7 +266,7 @@ class Router:
             raise CorruptPayload(f"archive segment {key!r} is missing from the cold tier",
                                  where=key)
         self.stats.cold_reads += 1
-        segment = unpack_segment(data, key=key)
+        segment = unpack_segment(data, key=key, max_bytes=self.max_bundle_bytes)
         self._segments[cache_key] = segment
         while len(self._segments) > self.SEGMENT_CACHE:
             self._segments.popitem(last=False)

@@ -7,6 +7,7 @@ the router's business.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
@@ -27,6 +28,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
+from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.lease import ThreadLease
@@ -39,6 +41,7 @@ from tierstore.policy import (
     next_channel_version,
     resolve_region,
     split_filter,
+    validate_checkpoint_id,
     validate_id,
     write_index,
 )
@@ -344,23 +347,41 @@ class TieredSaver(
         """The codec over the current serde (LangGraph may swap ``serde`` on a clone)."""
         cached = self._codec_cache
         if cached is None or cached[0] is not self.serde:
-            codec = Codec(self.serde, level=self.options.compression_level,
-                          compress_min=self.options.compress_min,
-                          keyring=self.options.encryption)
+            opts = self.options
+            codec = Codec(self.serde, level=opts.compression_level,
+                          compress_min=opts.compress_min, keyring=opts.encryption,
+                          limits=DecodeLimits(max_payload_bytes=opts.max_payload_bytes,
+                                              max_record_bytes=opts.max_record_bytes,
+                                              max_bundle_bytes=opts.max_bundle_bytes))
+            if opts.safe_decode:
+                codec = codec.untrusted(opts.allowed_msgpack_modules)
             self._codec_cache = (self.serde, codec)
             return codec
         return cached[1]
 
+    @property
+    def untrusted_codec(self) -> Codec:
+        """The codec for bytes of outside origin (import files): safe allowlist, bounds.
+
+        It follows ``serde``, so an allowlist given through ``with_allowlist`` or a
+        strict ``serde=`` is part of it.
+        """
+        codec = self.codec
+        return codec if codec.safe is not None else codec.untrusted(
+            self.options.allowed_msgpack_modules)
+
     def _to_tuple(self, record: StoredCheckpoint) -> CheckpointTuple:
         codec = self.codec
         where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
-        checkpoint: Checkpoint = codec.decode(record.checkpoint, where=where)
+        budget = codec.budget()  # every payload of the record together: max_record_bytes
+        checkpoint: Checkpoint = codec.decode(record.checkpoint, where=where, budget=budget)
         checkpoint["channel_values"] = {
-            channel: codec.decode(payload, where=f"{where} channel {channel!r}")
+            channel: codec.decode(payload, where=f"{where} channel {channel!r}", budget=budget)
             for channel, payload in record.blobs.items()
             if payload.tag != EMPTY.tag
         }
-        metadata: CheckpointMetadata = codec.decode(record.metadata, where=f"{where} metadata")
+        metadata: CheckpointMetadata = codec.decode(record.metadata, where=f"{where} metadata",
+                                                    budget=budget)
         writes = sorted(record.writes, key=lambda w: (w.task_path, w.task_id, w.idx))
         configurable = {
             "thread_id": record.thread_id,
@@ -376,7 +397,8 @@ class TieredSaver(
                 else None
             ),
             pending_writes=[
-                (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
+                (w.task_id, w.channel,
+                 codec.decode(w.payload, where=f"{where} write", budget=budget))
                 for w in writes
             ],
         )
@@ -462,7 +484,8 @@ class TieredSaver(
     ) -> RunnableConfig:
         self._bridge.require_open()
         thread_id, ns, parent_id = checkpoint_ids(config)
-        checkpoint_id = validate_id(checkpoint.get("id"), what="checkpoint id")
+        checkpoint_id = validate_checkpoint_id(checkpoint.get("id"), time.time(),
+                                               skew=self.options.checkpoint_id_skew)
         codec = self.codec
         body: dict[str, Any] = dict(checkpoint)
         values: dict[str, Any] = body.pop("channel_values", None) or {}
@@ -656,4 +679,5 @@ def _stack(*, warm: WarmStore, hot: HotStore | None, cold: ObjectStore | None,
 def _router(regions: Regions, options: SaverOptions) -> Router:
     return Router(regions, verify_hot=options.hot_check == "verify",
                   on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
-                  local_entries=options.hot_local_entries)
+                  local_entries=options.hot_local_entries,
+                  max_bundle_bytes=options.max_bundle_bytes)

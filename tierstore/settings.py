@@ -163,6 +163,17 @@ class SaverOptions:
         (AES-256-GCM), metadata included.
     filterable_metadata: with encryption, the metadata keys kept in clear so that list
         filters can use them (their values are visible to whoever reads the store).
+    max_payload_bytes: the most one decompressed payload (one zstd frame) may hold.
+    max_record_bytes: the most all payloads of one checkpoint may decode to together.
+    max_bundle_bytes: the most one archive segment or export file body may decode to.
+    safe_decode: decode what every tier returns as untrusted bytes (LangGraph's safe
+        msgpack types plus ``allowed_msgpack_modules``; anything else is
+        ``UnsafePayload``), for stores that parties other than this saver can write.
+        Import files are always decoded this way.
+    allowed_msgpack_modules: ``(module, name)`` pairs trusted on top of LangGraph's
+        safe types wherever untrusted bytes are decoded.
+    checkpoint_id_skew: seconds a written checkpoint id's timestamp may lie ahead of this
+        machine's clock (clock differences between writers, a clock stepped back).
     """
 
     concurrency: Concurrency = "permissive"
@@ -176,8 +187,28 @@ class SaverOptions:
     hot_local_entries: int = 1024
     encryption: Any = field(default=None, repr=False)
     filterable_metadata: tuple[str, ...] = ("source", "step")
+    max_payload_bytes: int = 256 << 20
+    max_record_bytes: int = 1024 << 20
+    max_bundle_bytes: int = 2048 << 20
+    safe_decode: bool = False
+    allowed_msgpack_modules: tuple[tuple[str, ...], ...] = ()
+    checkpoint_id_skew: float = 60.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.checkpoint_id_skew <= 86400:
+            raise ConfigurationError(
+                f"checkpoint_id_skew must be within 0..86400 seconds, got "
+                f"{self.checkpoint_id_skew!r}")
+        for name in ("max_payload_bytes", "max_record_bytes", "max_bundle_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+        for entry in self.allowed_msgpack_modules:
+            if (not isinstance(entry, tuple) or len(entry) < 2
+                    or not all(isinstance(part, str) and part for part in entry)):
+                raise ConfigurationError(
+                    "allowed_msgpack_modules takes (module, name) tuples of strings, "
+                    f"got {entry!r}")
         if self.hot_local_entries < 0:
             raise ConfigurationError(
                 f"hot_local_entries cannot be negative: {self.hot_local_entries!r}")
@@ -226,6 +257,9 @@ _ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "TIERSTORE_ON_ARCHIVED": ("on_archived", str),
     "TIERSTORE_HOT_WRITE_DELAY": ("hot_write_delay", float),
     "TIERSTORE_HOT_LOCAL_ENTRIES": ("hot_local_entries", int),
+    "TIERSTORE_MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
+    "TIERSTORE_MAX_RECORD_BYTES": ("max_record_bytes", int),
+    "TIERSTORE_MAX_BUNDLE_BYTES": ("max_bundle_bytes", int),
 }
 
 

@@ -95,8 +95,10 @@ def test_export_import_round_trip(env: dict[str, str], tmp_path: Path) -> None:
     original = js("inspect", "bob", env=env)["namespaces"][""]
     copy = js("inspect", "bob-copy", env=env)["namespaces"][""]
     assert [r["checkpoint_id"] for r in copy] == [r["checkpoint_id"] for r in original]
-    again = js("import", str(out), "--as-thread", "bob-copy", env=env)  # idempotent
-    assert again["checkpoints"] == imported["checkpoints"]
+    taken = cli("import", str(out), "--as-thread", "bob-copy", env=env, check=2)
+    assert "already exists" in taken.stderr  # never written into an existing thread
+    again = js("import", str(out), "--as-thread", "bob-copy", "--replace", env=env)
+    assert again["checkpoints"] == imported["checkpoints"] and again["replaced"] is True
     assert len(js("inspect", "bob-copy", env=env)["namespaces"][""]) == len(copy)
     out.write_bytes(out.read_bytes()[:-10])
     result = cli("import", str(out), env=env, check=3)
@@ -292,3 +294,29 @@ def test_one_region_needs_only_its_own_secrets(regions_env: tuple[dict[str, str]
                  "--cold", "none", env={**env, "TIERSTORE_REGIONS_FILE": str(guarded)})
     assert set(flagged["regions"]) == {"default"}
     assert flagged["regions"]["default"]["warm"]["threads"] == 1
+
+
+def test_import_of_a_crafted_file_runs_nothing_and_writes_nothing(env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    from tests.bombs import bundle, chain, record, shell_payload
+    from tierstore.codec import Codec
+    from tierstore.records import Payload
+
+    marker = tmp_path / "pwned"
+    codec = Codec(JsonPlusSerializer())
+    good = chain(codec, "mallory", 2)
+    evil = record(codec, "mallory", parent_id=good[-1].checkpoint_id,
+                  values={"a": Payload("msgpack", shell_payload(str(marker)))})
+    path = tmp_path / "evil.tsexport"
+    path.write_bytes(bundle("mallory", [*good, evil]))
+    result = cli("import", str(path), env=env, check=3)
+    assert "os.system" in result.stderr and result.stderr.count("\n") == 1
+    assert not marker.exists()
+    cli("inspect", "mallory", env=env, check=2)  # no such thread: nothing was written
+    assert js("verify", env=env)["ok"] is True
+    assert not marker.exists()
+    # a type the operator vouches for goes through --allow-type; os.system never does here
+    result = cli("import", str(path), "--allow-type", "os:getcwd", env=env, check=3)
+    assert not marker.exists()

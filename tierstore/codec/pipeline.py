@@ -11,17 +11,24 @@ left to right. Decoding strips known stages from the right, so every tag ever
 written stays readable: an untagged ``msgpack`` payload from an earlier version
 decodes as is, and a serde whose own type carries a ``+`` (LangGraph's
 ``EncryptedSerializer`` writes ``msgpack+aes``) composes by wrapping.
+
+Every zstd stage is bounded (``tierstore.codec.limits``), and a codec built with
+``untrusted()`` decodes through ``SafeDecoder`` (``tierstore.codec.safe``): bytes of
+outside origin never import a type outside the msgpack allowlist.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import zstandard
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.codec.crypto import Keyring, is_encrypted
+from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress
+from tierstore.codec.safe import SafeDecoder
 from tierstore.errors import ConfigurationError, CorruptPayload
 from tierstore.records import Payload
 
@@ -30,8 +37,6 @@ __all__ = ["EMPTY", "Codec"]
 ZSTD = "zstd"
 EMPTY = Payload("empty", b"")
 """Marks a channel that has a version but no value (LangGraph's empty channel)."""
-
-_MAX_DECOMPRESSED = 1 << 31
 
 
 class Codec:
@@ -48,12 +53,26 @@ class Codec:
         level: int = 3,
         compress_min: int = 256,
         keyring: Keyring | None = None,
+        limits: DecodeLimits | None = None,
+        safe: SafeDecoder | None = None,
     ) -> None:
         self.serde = serde
         self.level = level
         self.compress_min = compress_min
         self.keyring = keyring
+        self.limits = limits or DecodeLimits()
+        self.safe = safe
         self._local = threading.local()
+
+    def untrusted(self, allowed: Iterable[tuple[str, ...]] = ()) -> Codec:
+        """The same pipeline, decoding under the safe msgpack allowlist plus ``allowed``."""
+        return Codec(self.serde, level=self.level, compress_min=self.compress_min,
+                     keyring=self.keyring, limits=self.limits,
+                     safe=SafeDecoder(self.serde, allowed))
+
+    def budget(self) -> Budget:
+        """What one record (a checkpoint with its blobs and writes) may decode to."""
+        return Budget(self.limits.max_record_bytes, "record")
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         compressor = getattr(self._local, "compressor", None)
@@ -85,10 +104,13 @@ class Codec:
             return payload
         return Payload(f"{payload.tag}+{ZSTD}", packed)
 
-    def decode(self, payload: Payload, *, where: str = "payload") -> Any:
+    def decode(self, payload: Payload, *, where: str = "payload",
+               budget: Budget | None = None) -> Any:
         if payload.tag == EMPTY.tag:
             raise CorruptPayload(f"{where}: an empty-channel marker has no value", where=where)
-        inner = self.decompress(payload, where=where)
+        inner = self.decompress(payload, where=where, budget=budget)
+        if self.safe is not None:
+            return self.safe.loads(inner.tag, inner.data, where=where)
         try:
             return self.serde.loads_typed((inner.tag, inner.data))
         except Exception as exc:
@@ -98,7 +120,8 @@ class Codec:
                 where=where,
             ) from exc
 
-    def decompress(self, payload: Payload, *, where: str = "payload") -> Payload:
+    def decompress(self, payload: Payload, *, where: str = "payload",
+                   budget: Budget | None = None) -> Payload:
         tag, data = payload.tag, payload.data
         if is_encrypted(tag):
             if self.keyring is None:
@@ -107,14 +130,11 @@ class Codec:
                 )
             tag, data = self.keyring.decrypt(tag, data, where=where)
         while tag.endswith("+" + ZSTD):
-            try:
-                data = self._decompressor().decompress(data, max_output_size=_MAX_DECOMPRESSED)
-            except zstandard.ZstdError as exc:
-                raise CorruptPayload(
-                    f"{where}: zstd stage failed ({exc}); the stored bytes are damaged",
-                    where=where,
-                ) from exc
+            data = bounded_decompress(data, limit=self.limits.max_payload_bytes, where=where,
+                                      dctx=self._decompressor())
             tag = tag[: -len(ZSTD) - 1]
         if not tag:
             raise CorruptPayload(f"{where}: payload has no type tag", where=where)
+        if budget is not None:
+            budget.spend(len(data), where=where)
         return Payload(tag, data)

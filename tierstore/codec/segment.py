@@ -25,6 +25,7 @@ import msgpack
 import zstandard
 
 from tierstore.codec.frames import pack_stored, unpack_stored
+from tierstore.codec.limits import DecodeLimits, bounded_decompress
 from tierstore.errors import CorruptPayload
 from tierstore.records import StoredCheckpoint
 
@@ -81,7 +82,9 @@ def pack_segment(records: Sequence[StoredCheckpoint], *, created_at: float,
     return MAGIC + bytes([VERSION]) + hashlib.sha256(body).digest() + body
 
 
-def unpack_segment(data: bytes, *, key: str = "segment") -> Segment:
+def unpack_segment(data: bytes, *, key: str = "segment",
+                   max_bytes: int = DecodeLimits().max_bundle_bytes) -> Segment:
+    """Verify and unpack a segment; its body may decode to at most ``max_bytes``."""
     if len(data) < _HEADER or data[:4] != MAGIC:
         raise CorruptPayload(f"{key}: not a tierstore segment", where=key)
     if data[4] != VERSION:
@@ -89,8 +92,9 @@ def unpack_segment(data: bytes, *, key: str = "segment") -> Segment:
     digest, body = data[5:_HEADER], data[_HEADER:]
     if hashlib.sha256(body).digest() != digest:
         raise CorruptPayload(f"{key}: segment fails its checksum", where=key)
+    plain = bounded_decompress(body, limit=max_bytes, where=key, what="bundle")
     try:
-        doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False)
+        doc = msgpack.unpackb(plain, raw=False)
         thread_id, ns = doc["thread_id"], doc["checkpoint_ns"]
         entries = doc["entries"]
     except Exception as exc:
