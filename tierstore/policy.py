@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import random
 import uuid
 from collections.abc import Mapping, Sequence
@@ -21,9 +22,15 @@ from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 __all__ = [
     "MAX_ID_BYTES",
     "checkpoint_ids",
+    "checked_checkpoint",
+    "checked_metadata",
+    "checked_text",
+    "checked_versions",
+    "checked_writes",
     "fence_key",
     "fenced_out",
     "filter_doc",
+    "is_storable_scalar",
     "is_explicit_fork",
     "is_hot_fresh",
     "lease_renew_every",
@@ -110,23 +117,138 @@ def is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` has a UTF-8 form without NUL (what every store's text holds)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_storable_scalar(value: Any) -> bool:
+    """A scalar every store can index as it is: a 64-bit integer, a finite float, text.
+
+    MongoDB (BSON) and SQLite hold no integer wider than 64 bits, JSON has no NaN or
+    infinity, and no store's text holds a lone surrogate or NUL.
+    """
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and _is_text(value)
+
+
 def filter_doc(metadata: Mapping[str, Any]) -> dict[str, Scalar]:
-    """The metadata values a store can filter on natively: top-level scalars."""
-    return {str(k): v for k, v in metadata.items() if is_scalar(v)}
+    """The metadata values a store can filter on natively: top-level storable scalars.
+
+    A value no store can hold (see ``is_storable_scalar``) is left out rather than
+    failing the write; a filter on such a value is refused by ``split_filter``.
+    """
+    return {k: v for k, v in metadata.items()
+            if isinstance(k, str) and _is_text(k) and is_scalar(v) and is_storable_scalar(v)}
 
 
 def split_filter(
     flt: Mapping[str, Any] | None,
 ) -> tuple[dict[str, Scalar], dict[str, Any]]:
-    """Split a list filter into the part a store evaluates and the part checked in Python."""
+    """Split a list filter into the part a store evaluates and the part checked in Python.
+
+    A scalar no store can hold (an integer over 64 bits, NaN, a lone surrogate) can
+    match no stored checkpoint and would make a driver fail mid-query; it is refused
+    with ``InvalidInput`` naming its key instead.
+    """
     pushdown: dict[str, Scalar] = {}
     residual: dict[str, Any] = {}
     for key, value in (flt or {}).items():
+        if not isinstance(key, str) or not _is_text(key):
+            raise InvalidInput(f"filter keys must be text, got {key!r}")
         if is_scalar(value):
+            if not is_storable_scalar(value):
+                raise InvalidInput(
+                    f"filter value for {key!r} cannot be stored or matched by any store "
+                    f"(integers must fit 64 bits, floats be finite, text be valid Unicode "
+                    f"without NUL): {value!r}"[:300])
             pushdown[key] = value
         else:
             residual[key] = value
     return pushdown, residual
+
+
+def checked_text(value: Any, what: str) -> str:
+    """A name that must already be text (a channel, a task path): ``validate_id``'s rules,
+    without its int-to-str courtesy (an int channel is a caller's bug, not an id)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    return validate_id(value, what=what)
+
+
+def checked_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """A checkpoint ``aput`` can store, as a fresh dict, or ``InvalidInput`` naming the part.
+
+    Checked before anything is encoded or written, so a malformed checkpoint never
+    reaches a store (and never half-writes one).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise InvalidInput(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    body = dict(checkpoint)
+    values = body.get("channel_values")
+    if values is not None and not isinstance(values, Mapping):
+        raise InvalidInput(
+            f"checkpoint channel_values must be a dict, got {type(values).__name__}")
+    versions = body.get("channel_versions")
+    if versions is not None and not isinstance(versions, Mapping):
+        raise InvalidInput(
+            f"checkpoint channel_versions must be a dict, got {type(versions).__name__}")
+    for channel in values or {}:
+        checked_text(channel, "channel name")
+    checked_versions(versions or {}, what="checkpoint channel_versions")
+    return body
+
+
+def checked_versions(versions: Any, *, what: str = "new_versions") -> dict[str, str]:
+    """Channel versions as ``{channel: str(version)}``; versions are str, int or float."""
+    if not isinstance(versions, Mapping):
+        raise InvalidInput(f"{what} must be a dict, got {type(versions).__name__}")
+    out: dict[str, str] = {}
+    for channel, version in versions.items():
+        name = checked_text(channel, "channel name")
+        if isinstance(version, bool) or not isinstance(version, str | int | float):
+            raise InvalidInput(f"{what}: version of channel {name!r} must be a string or a "
+                               f"number, got {type(version).__name__}")
+        out[name] = validate_id(str(version), what=f"version of channel {name!r}")
+    return out
+
+
+def checked_metadata(metadata: Any) -> Mapping[str, Any]:
+    """Checkpoint metadata must be a mapping (LangGraph passes a dict, maybe empty)."""
+    if not isinstance(metadata, Mapping):
+        raise InvalidInput(f"checkpoint metadata must be a dict, got {type(metadata).__name__}")
+    return metadata
+
+
+def checked_writes(writes: Any) -> list[tuple[str, Any]]:
+    """``put_writes``' writes as ``(channel, value)`` pairs, or ``InvalidInput`` naming one.
+
+    A string is refused as a whole and as an item: unpacking ``"ab"`` would silently
+    store the write ``("a", "b")``.
+    """
+    if isinstance(writes, str | bytes) or not isinstance(writes, Sequence):
+        raise InvalidInput(
+            f"writes must be a sequence of (channel, value) pairs, got {type(writes).__name__}")
+    out: list[tuple[str, Any]] = []
+    for i, item in enumerate(writes):
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InvalidInput(f"write {i} must be a (channel, value) pair, got {item!r}"[:200])
+        out.append((checked_text(item[0], f"write {i} channel"), item[1]))
+    return out
 
 
 def scalar_equal(stored: Any, wanted: Scalar) -> bool:

@@ -28,11 +28,16 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.pipeline import EMPTY
-from tierstore.errors import ConfigurationError, InvalidInput
+from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
 from tierstore.policy import (
+    checked_checkpoint,
+    checked_metadata,
+    checked_text,
+    checked_versions,
+    checked_writes,
     checkpoint_ids,
     filter_doc,
     is_explicit_fork,
@@ -462,15 +467,16 @@ class TieredSaver(
     ) -> RunnableConfig:
         self._bridge.require_open()
         thread_id, ns, parent_id = checkpoint_ids(config)
-        checkpoint_id = validate_id(checkpoint.get("id"), what="checkpoint id")
+        body: dict[str, Any] = checked_checkpoint(checkpoint)
+        checked_metadata(metadata)
+        fresh = checked_versions(new_versions)
+        checkpoint_id = validate_id(body.get("id"), what="checkpoint id")
         codec = self.codec
-        body: dict[str, Any] = dict(checkpoint)
         values: dict[str, Any] = body.pop("channel_values", None) or {}
-        versions = {str(ch): str(v) for ch, v in body.get("channel_versions", {}).items()}
+        versions = checked_versions(body.get("channel_versions") or {})
         encoded = self._encode_values(thread_id, ns, values, versions, new_versions)
         new_blobs = [
-            BlobRecord(str(ch), str(version), encoded.get(ch, EMPTY))
-            for ch, version in new_versions.items()
+            BlobRecord(ch, version, encoded.get(ch, EMPTY)) for ch, version in fresh.items()
         ]
         md = get_serializable_checkpoint_metadata(config, metadata)
         run_id = md.get("run_id")
@@ -479,8 +485,8 @@ class TieredSaver(
             checkpoint_ns=ns,
             checkpoint_id=checkpoint_id,
             parent_id=parent_id,
-            checkpoint=codec.encode(body),
-            metadata=codec.encode(md),
+            checkpoint=_encode(codec, body, "checkpoint"),
+            metadata=_encode(codec, md, "checkpoint metadata"),
             channel_versions=versions,
             filter_doc=self.filter_doc(md),
             run_id=run_id if isinstance(run_id, str) else None,
@@ -531,7 +537,7 @@ class TieredSaver(
             key = (thread_id, ns, ch, version)
             payload = None if ch in new_versions else cache.get(key)
             if payload is None:
-                payload = codec.encode(value)
+                payload = _encode(codec, value, f"value of channel {ch!r}")
                 cache[key] = payload
                 if len(cache) > PAYLOAD_CACHE_ENTRIES:
                     cache.popitem(last=False)
@@ -552,11 +558,13 @@ class TieredSaver(
         if checkpoint_id is None:
             raise InvalidInput("put_writes needs configurable.checkpoint_id")
         task_id = validate_id(task_id, what="task_id")
+        pairs = checked_writes(writes)
+        task_path = checked_text(task_path or "", "task_path")
         codec = self.codec
         records = [
-            WriteRecord(task_id, write_index(channel, idx), channel, codec.encode(value),
-                        task_path or "")
-            for idx, (channel, value) in enumerate(writes)
+            WriteRecord(task_id, write_index(channel, idx), channel,
+                        _encode(codec, value, f"write {idx} to channel {channel!r}"), task_path)
+            for idx, (channel, value) in enumerate(pairs)
         ]
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
@@ -643,6 +651,22 @@ class TieredSaver(
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._bridge.run(self.aprune(thread_ids, strategy=strategy))
+
+
+def _encode(codec: Codec, value: Any, where: str) -> Payload:
+    """``codec.encode``, with a value the serde cannot encode refused as ``InvalidInput``.
+
+    Serdes raise whatever their encoder raises (``TypeError`` for an unknown type,
+    ``OverflowError`` or ``TypeError`` for an integer over 64 bits, ``ValueError`` for
+    a lone surrogate); the caller learns which part of its input was at fault.
+    """
+    try:
+        return codec.encode(value)
+    except TierstoreError:
+        raise
+    except Exception as exc:
+        raise InvalidInput(
+            f"{where} cannot be encoded: {type(exc).__name__}: {exc}"[:500]) from exc
 
 
 def _stack(*, warm: WarmStore, hot: HotStore | None, cold: ObjectStore | None,

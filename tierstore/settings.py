@@ -7,6 +7,7 @@ knobs of the saver; every default is documented in README.md.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -178,6 +179,7 @@ class SaverOptions:
     filterable_metadata: tuple[str, ...] = ("source", "step")
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.hot_local_entries < 0:
             raise ConfigurationError(
                 f"hot_local_entries cannot be negative: {self.hot_local_entries!r}")
@@ -209,6 +211,39 @@ class SaverOptions:
             )
         if self.compress_min < 0:
             raise ConfigurationError(f"compress_min cannot be negative: {self.compress_min!r}")
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong type by the option's name, before any comparison.
+
+        ``bool`` is refused where a number is expected (``True`` is an ``int`` to Python,
+        but ``hot_ttl=True`` is a mistake), floats must be finite (an infinite TTL does
+        not fit a Redis expiry), and counts must be integers.
+        """
+        for name in ("hot_ttl", "hot_write_delay"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value)):
+                raise ConfigurationError(
+                    f"{name} must be a finite number of seconds, got {value!r}")
+        for name in ("offload_threshold", "compression_level", "compress_min",
+                     "hot_local_entries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigurationError(f"{name} must be an integer, got {value!r}")
+        keys = self.filterable_metadata
+        if isinstance(keys, str | bytes) or not isinstance(keys, tuple | list | frozenset | set):
+            raise ConfigurationError(
+                f"filterable_metadata must be a tuple of metadata keys, got {keys!r}")
+        if not all(isinstance(k, str) for k in keys):
+            raise ConfigurationError(f"filterable_metadata keys must be strings, got {keys!r}")
+        object.__setattr__(self, "filterable_metadata", tuple(keys))
+        if self.encryption is not None:
+            from tierstore.codec.crypto import Keyring
+
+            if not isinstance(self.encryption, Keyring):
+                raise ConfigurationError(
+                    f"encryption must be a tierstore.Keyring or None, got "
+                    f"{type(self.encryption).__name__}")
 
     def with_(self, **changes: Any) -> SaverOptions:
         unknown = set(changes) - {f.name for f in fields(self)}

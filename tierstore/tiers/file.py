@@ -48,6 +48,9 @@ class FileStore:
 
     @classmethod
     def from_url(cls, url: StoreUrl) -> FileStore:
+        if url.query:
+            raise ConfigurationError(
+                f"{url.masked!r}: file:// takes no options, got {', '.join(sorted(url.query))}")
         return cls(url.local_path())
 
     def _path(self, key: str) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -56,6 +57,7 @@ __all__ = ["SqliteWarm"]
 T = TypeVar("T")
 
 _PAGE = 200
+_OPTIONS = frozenset({"synchronous", "timeout"})
 _COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_id, checkpoint_tag, checkpoint, "
     "metadata_tag, metadata, channel_versions, location, archive_key"
@@ -107,10 +109,18 @@ class SqliteWarm:
 
     @classmethod
     def from_url(cls, url: StoreUrl) -> SqliteWarm:
+        unknown = sorted(set(url.query) - _OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"{url.masked!r}: unknown sqlite option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(_OPTIONS))}")
         try:
             timeout = float(url.option("timeout", "30") or 30)
         except ValueError as exc:
             raise ConfigurationError(f"{url.masked!r}: timeout must be a number") from exc
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise ConfigurationError(
+                f"{url.masked!r}: timeout must be a finite number of seconds >= 0")
         return cls(
             url.local_path(),
             synchronous=(url.option("synchronous", "full") or "full").lower(),
