@@ -177,9 +177,24 @@ async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
         "checkpoints": frames,
     }, use_bin_type=True))
     data = EXPORT_MAGIC + bytes([EXPORT_FORMAT]) + hashlib.sha256(body).digest() + body
-    await asyncio.to_thread(_write_atomically, Path(path), data)
+    await asyncio.to_thread(_write_atomically, _file_path(path), data)
     return {"thread_id": thread_id, "checkpoints": len(frames), "bytes": len(data),
             "path": str(path)}
+
+
+def _file_path(path: Any) -> Path:
+    """A filesystem path argument, refused by name when it is not one."""
+    if isinstance(path, bool) or not isinstance(path, str | os.PathLike):
+        raise InvalidInput(f"file path must be a string or a path, got {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise InvalidInput(f"not a usable file path: {text!r}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"file path {text!r} has no form in the filesystem's encoding"
+                           ) from exc
+    return Path(text)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -230,7 +245,7 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
                       progress: Progress = _noop) -> dict[str, Any]:
     """Load an export into the saver's stores (idempotent: re-importing changes nothing)."""
     try:
-        data = await asyncio.to_thread(Path(path).read_bytes)
+        data = await asyncio.to_thread(_file_path(path).read_bytes)
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc}") from exc
     source, records = read_export(data, where=str(path))

@@ -11,7 +11,7 @@ import hashlib
 import math
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
@@ -21,6 +21,8 @@ from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 
 __all__ = [
     "MAX_ID_BYTES",
+    "before_checkpoint_id",
+    "checked_ids",
     "checkpoint_ids",
     "checked_checkpoint",
     "checked_metadata",
@@ -34,6 +36,7 @@ __all__ = [
     "is_explicit_fork",
     "is_hot_fresh",
     "lease_renew_every",
+    "list_scope",
     "matches_filter",
     "merge_writes",
     "next_channel_version",
@@ -92,6 +95,52 @@ def checkpoint_ids(config: Mapping[str, Any] | None) -> tuple[str, str, str | No
     return thread_id, ns, checkpoint_id
 
 
+def list_scope(config: Any) -> tuple[str | None, str | None, str | None]:
+    """``(thread_id, checkpoint_ns, checkpoint_id)`` that a ``list`` config narrows to.
+
+    Unlike ``checkpoint_ids`` every part is optional (``None`` lists every thread), but
+    what is given must be well formed.
+    """
+    if config is None:
+        return None, None, None
+    if not isinstance(config, Mapping):
+        raise InvalidInput(f"config must be a mapping, got {type(config).__name__}")
+    configurable = config.get("configurable") or {}
+    if not isinstance(configurable, Mapping):
+        raise InvalidInput(
+            f"config configurable must be a mapping, got {type(configurable).__name__}")
+    thread, ns = configurable.get("thread_id"), configurable.get("checkpoint_ns")
+    raw = configurable.get("checkpoint_id", configurable.get("thread_ts"))
+    return (
+        validate_id(thread) if thread is not None else None,
+        validate_id(ns, what="checkpoint_ns") if ns is not None else None,
+        validate_id(raw, what="checkpoint_id") if raw else None,
+    )
+
+
+def before_checkpoint_id(before: Any) -> str | None:
+    """The ``checkpoint_id`` of a ``before`` config (``None``: no bound)."""
+    if before is None:
+        return None
+    configurable = before.get("configurable") if isinstance(before, Mapping) else None
+    if not isinstance(configurable, Mapping):
+        raise InvalidInput("before must be a config like "
+                           '{"configurable": {"checkpoint_id": "..."}}')
+    raw = configurable.get("checkpoint_id", configurable.get("thread_ts"))
+    return validate_id(raw, what="before checkpoint_id") if raw else None
+
+
+def checked_ids(values: Any, *, what: str) -> list[str]:
+    """A sequence of ids (``run_ids``, ``thread_ids``), each by ``validate_id``'s rules.
+
+    One string is refused rather than read as a sequence of one-letter ids.
+    """
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidInput(f"{what}s must be a sequence of {what}s, got "
+                           f"{'one string' if isinstance(values, str) else type(values).__name__}")
+    return [validate_id(v, what=what) for v in values]
+
+
 def write_index(channel: str, idx: int) -> int:
     """LangGraph's special channels (error, interrupt, …) take fixed negative indices."""
     return WRITES_IDX_MAP.get(channel, idx)
@@ -104,12 +153,17 @@ def next_channel_version(current: str | int | float | None) -> str:
     raced from the same parent produce distinct versions, so neither blob shadows
     the other (the same scheme LangGraph's own savers use).
     """
-    if current is None:
-        current_v = 0
-    elif isinstance(current, int | float):
-        current_v = int(current)
-    else:
-        current_v = int(str(current).split(".")[0])
+    try:
+        if current is None:
+            current_v = 0
+        elif isinstance(current, int | float) and not isinstance(current, bool):
+            current_v = int(current)
+        elif isinstance(current, str):
+            current_v = int(current.split(".")[0])
+        else:
+            raise TypeError(type(current).__name__)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(f"not a channel version: {current!r}"[:200]) from exc
     return f"{current_v + 1:032}.{random.random():016}"
 
 

@@ -20,7 +20,6 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
-    get_checkpoint_id,
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
@@ -33,7 +32,9 @@ from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
 from tierstore.policy import (
+    before_checkpoint_id,
     checked_checkpoint,
+    checked_ids,
     checked_metadata,
     checked_text,
     checked_versions,
@@ -41,6 +42,7 @@ from tierstore.policy import (
     checkpoint_ids,
     filter_doc,
     is_explicit_fork,
+    list_scope,
     next_channel_version,
     resolve_region,
     split_filter,
@@ -62,6 +64,7 @@ from tierstore.settings import (
     DEFAULT_WARM_URL,
     RegionTable,
     SaverOptions,
+    check_region_spec,
     options_from_env,
     regions_file_from_env,
     urls_from_env,
@@ -160,6 +163,7 @@ class TieredSaver(
         its region's stores.
         """
         opts = SaverOptions().with_(**options)
+        check_region_spec(regions, rules, default_region, resolver)
         if not regions:
             raise ConfigurationError("from_regions needs at least one region")
         known = set(regions)
@@ -424,20 +428,8 @@ class TieredSaver(
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
         self._bridge.require_open()
-        thread_id: str | None = None
-        ns: str | None = None
-        checkpoint_id: str | None = None
-        if config is not None:
-            configurable = config.get("configurable") or {}
-            if configurable.get("thread_id") is not None:
-                thread_id = validate_id(configurable["thread_id"])
-            if configurable.get("checkpoint_ns") is not None:
-                ns = validate_id(configurable["checkpoint_ns"], what="checkpoint_ns")
-            if raw := get_checkpoint_id(config) if "configurable" in config else None:
-                checkpoint_id = validate_id(raw, what="checkpoint_id")
-        before_id = None
-        if before is not None and (raw_before := get_checkpoint_id(before)):
-            before_id = validate_id(raw_before, what="before checkpoint_id")
+        thread_id, ns, checkpoint_id = list_scope(config)
+        before_id = before_checkpoint_id(before)
         if filter is not None and not isinstance(filter, Mapping):
             raise InvalidInput(f"filter must be a mapping, got {type(filter).__name__}")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
@@ -574,9 +566,7 @@ class TieredSaver(
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         self._bridge.require_open()
-        if isinstance(run_ids, str):
-            raise InvalidInput("run_ids must be a sequence of run ids, not one string")
-        ids = [validate_id(r, what="run_id") for r in run_ids]
+        ids = checked_ids(run_ids, what="run_id")
         if ids:
             await self._router.delete_for_runs(ids)
 
@@ -594,9 +584,7 @@ class TieredSaver(
             raise InvalidInput(
                 f"unknown prune strategy {strategy!r}; use one of {', '.join(PRUNE_STRATEGIES)}"
             )
-        if isinstance(thread_ids, str):
-            raise InvalidInput("thread_ids must be a sequence of thread ids, not one string")
-        ids = [validate_id(t) for t in thread_ids]
+        ids = checked_ids(thread_ids, what="thread_id")
         if ids:
             await self._router.prune(ids, keep_latest=strategy == "keep_latest")
 

@@ -11,7 +11,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -413,6 +413,37 @@ class RegionTable:
             raise ConfigurationError(
                 f"unknown region {name!r}; the table has {', '.join(sorted(self.regions))}")
         return replace(self, serves=frozenset({name}))
+
+
+def check_region_spec(regions: Any, rules: Any, default_region: Any, resolver: Any) -> None:
+    """The shapes ``TieredSaver.from_regions`` takes, refused by name before any use.
+
+    ``regions`` maps names to ``{"hot"|"warm"|"cold": url}``; ``rules`` is a sequence
+    (read twice, so not a one-shot iterator) of ``(glob, region)`` string pairs;
+    ``default_region`` is a name or None and ``resolver`` a callable or None. Whether
+    the names exist is checked after.
+    """
+    if not isinstance(regions, Mapping):
+        raise ConfigurationError(
+            f"regions must map region names to their URLs, got {type(regions).__name__}")
+    for name, urls in regions.items():
+        if not isinstance(name, str) or not isinstance(urls, Mapping):
+            raise ConfigurationError(
+                f"region {name!r} must be a name mapped to {{'hot'|'warm'|'cold': url}}")
+    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+        raise ConfigurationError(f"rules must be a sequence of (glob, region) pairs, "
+                                 f"got {type(rules).__name__}")
+    for i, rule in enumerate(rules):
+        if (not isinstance(rule, tuple | list) or len(rule) != 2
+                or not all(isinstance(part, str) for part in rule)):
+            raise ConfigurationError(f"rule {i} must be a (glob, region) pair of strings, "
+                                     f"got {rule!r}"[:200])
+    if default_region is not None and not isinstance(default_region, str):
+        raise ConfigurationError(
+            f"default_region must be a region name, got {type(default_region).__name__}")
+    if resolver is not None and not callable(resolver):
+        raise ConfigurationError(
+            f"resolver must be a callable, got {type(resolver).__name__}")
 
 
 def _tier_url(value: str | None) -> str | None:

@@ -25,7 +25,7 @@ from tierstore import (
     TierstoreError,
 )
 from tierstore.demo import build_agent
-from tierstore.ops import export_thread
+from tierstore.ops import export_thread, import_file
 
 ODD_THREAD_IDS = [
     "线程-スレッド-🧵",
@@ -302,6 +302,25 @@ BAD_CALLS: list[tuple[str, Call, type[TierstoreError], str]] = [
      lambda s, c: _drain(s.alist(c, filter={1: "x"})), InvalidInput, "filter"),
     ("filter-surrogate",
      lambda s, c: _drain(s.alist(c, filter={"source": "\ud800"})), InvalidInput, "'source'"),
+    ("list-config-a-string",
+     lambda s, c: _drain(s.alist("victim")), InvalidInput, "config"),
+    ("list-configurable-a-list",
+     lambda s, c: _drain(s.alist({"configurable": ["victim"]})), InvalidInput, "configurable"),
+    ("list-before-a-string",
+     lambda s, c: _drain(s.alist(c, before="x")), InvalidInput, "before"),
+    ("list-before-no-configurable",
+     lambda s, c: _drain(s.alist(c, before={})), InvalidInput, "before"),
+    ("delete-for-runs-none", lambda s, c: s.adelete_for_runs(None), InvalidInput, "run_id"),
+    ("prune-none", lambda s, c: s.aprune(None), InvalidInput, "thread_id"),
+    ("next-version-garbage",
+     lambda s, c: _sync(s.get_next_version, "garbage", None), InvalidInput, "version"),
+    ("next-version-nan",
+     lambda s, c: _sync(s.get_next_version, math.nan, None), InvalidInput, "version"),
+    ("export-path-none",
+     lambda s, c: export_thread(s, "victim", None), InvalidInput, "path"),
+    ("export-path-surrogate",
+     lambda s, c: export_thread(s, "victim", "\ud800.tsx"), InvalidInput, "path"),
+    ("import-path-none", lambda s, c: import_file(s, None), InvalidInput, "path"),
     ("lease-ttl-inf", lambda s, c: _lease(s, ttl=math.inf), ConfigurationError, "ttl"),
     ("lease-ttl-nan", lambda s, c: _lease(s, ttl=math.nan), ConfigurationError, "ttl"),
     ("lease-ttl-string", lambda s, c: _lease(s, ttl="10"), ConfigurationError, "ttl"),
@@ -309,6 +328,10 @@ BAD_CALLS: list[tuple[str, Call, type[TierstoreError], str]] = [
     ("lease-wait-inf", lambda s, c: _lease(s, wait=math.inf), ConfigurationError, "wait"),
     ("lease-wait-negative", lambda s, c: _lease(s, wait=-1), ConfigurationError, "wait"),
 ]
+
+
+async def _sync(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 async def _drain(items: AsyncIterator[Any]) -> list[Any]:
@@ -389,6 +412,30 @@ def test_unknown_url_options_are_refused_by_name(tmp_path: Path, kwargs: dict[st
     urls.update({k: v.format(tmp=tmp_path) for k, v in kwargs.items()})
     with pytest.raises(ConfigurationError) as info:
         TieredSaver.from_urls(**urls)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"regions": "eu"}, "regions"),
+        ({"regions": {"eu": "sqlite:///x.db"}}, "'eu'"),
+        ({"rules": "eu-*"}, "rules"),
+        ({"rules": [("eu-*",)]}, "rule 0"),
+        ({"rules": [("eu-*", 1)]}, "rule 0"),
+        ({"rules": (r for r in [("eu-*", "eu")])}, "rules"),
+        ({"default_region": ["eu"]}, "default_region"),
+        ({"resolver": "eu"}, "resolver"),
+    ],
+    ids=["regions-str", "region-str", "rules-str", "rule-1-tuple", "rule-int", "rules-generator",
+         "default-list", "resolver-str"],
+)
+def test_malformed_region_specs_are_refused_by_name(tmp_path: Path, kwargs: dict[str, Any],
+                                                    fragment: str) -> None:
+    spec: dict[str, Any] = {"regions": {"eu": {"warm": f"sqlite:///{tmp_path}/eu.db"}}}
+    spec.update(kwargs)
+    with pytest.raises(ConfigurationError) as info:
+        TieredSaver.from_regions(**spec)
     assert fragment in str(info.value)
 
 
