@@ -6,7 +6,8 @@
         for each length L (default 100, 500, 2000):
             one thread of L checkpoints, 5 channels, one channel bumped per checkpoint
                                                             ── written through aput, not timed
-            list:   the whole thread (alist, no limit)       ── median of --repeat runs
+            list:   the whole thread (alist, no limit)       ── median of --repeat runs,
+                                                                and SQLite VM steps
             get:    the latest and the oldest checkpoint     ── median of --repeat x 20 calls
         for each width W (default 1000, 5000, 20000):
             one checkpoint with W channels                   ── written once, not timed
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -87,6 +89,34 @@ async def write_thread(saver: TieredSaver, thread: str, length: int, channels: i
                                        {"source": "loop", "step": i}, new))
 
 
+class VmSteps:
+    """SQLite virtual-machine steps of the saver's warm connection (thousands).
+
+    Unlike milliseconds this does not move with the machine's load, so its growth
+    with the thread's length is exact: a linear read grows like the thread.
+    """
+
+    def __init__(self, saver: TieredSaver) -> None:
+        warm = saver.router.regions.stacks["default"].warm
+        self.conn: sqlite3.Connection | None = getattr(warm, "_conn", None)
+        self.count = 0
+
+    def _tick(self) -> int:
+        self.count += 1
+        return 0
+
+    async def measure(self, op: Callable[[], Awaitable[Any]]) -> float | None:
+        if self.conn is None:
+            return None
+        self.count = 0
+        self.conn.set_progress_handler(self._tick, 1000)
+        try:
+            await op()
+        finally:
+            self.conn.set_progress_handler(None, 0)
+        return float(self.count)
+
+
 async def median_ms(op: Callable[[], Awaitable[Any]], runs: int) -> float:
     samples = []
     for _ in range(runs):
@@ -108,8 +138,10 @@ async def measure(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str
             async def list_all(cfg: Any = cfg, length: int = length) -> None:
                 assert len([t async for t in saver.alist(cfg)]) == length
 
+            steps = VmSteps(saver)
             out["length"][length] = {
                 "list_ms": await median_ms(list_all, args.repeat),
+                "list_ksteps": await steps.measure(list_all),
                 "get_latest_ms": await median_ms(lambda cfg=cfg: saver.aget_tuple(cfg),
                                                  args.repeat * 20),
                 "get_oldest_ms": await median_ms(lambda o=oldest: saver.aget_tuple(o),
@@ -121,32 +153,43 @@ async def measure(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str
             await write_thread(saver, thread, 1, width)
             cfg = {"configurable": {"thread_id": thread}}
             out["width"][width] = {
-                "get_ms": await median_ms(lambda cfg=cfg: saver.aget_tuple(cfg), args.repeat)}
+                "get_ms": await median_ms(lambda cfg=cfg: saver.aget_tuple(cfg), args.repeat),
+                "get_ksteps": await VmSteps(saver).measure(lambda cfg=cfg: saver.aget_tuple(cfg)),
+            }
             print(f"  {backend} width {width}: {out['width'][width]}", file=sys.stderr)
     return out
 
 
-def growth(series: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+def growth(series: dict[int, dict[str, float | None]]) -> dict[int, dict[str, float | None]]:
     first = series[min(series)]
-    return {size: {k: v / first[k] for k, v in row.items()} for size, row in series.items()}
+    return {size: {k: None if v is None or not first[k] else v / first[k]  # type: ignore[operator]
+                   for k, v in row.items()} for size, row in series.items()}
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| backend | checkpoints | list ms | x | get latest ms | x | get oldest ms | x |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | checkpoints | list ms | x | list kSteps | x | get latest ms | x "
+             "| get oldest ms | x |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for backend, res in results.items():
         g = growth(res["length"])
         for size, row in res["length"].items():
             lines.append(
-                f"| {backend} | {size} | {row['list_ms']:.1f} | {g[size]['list_ms']:.1f} | "
-                f"{row['get_latest_ms']:.2f} | {g[size]['get_latest_ms']:.1f} | "
-                f"{row['get_oldest_ms']:.2f} | {g[size]['get_oldest_ms']:.1f} |")
-    lines += ["", "| backend | channels | get ms | x |", "|---|---:|---:|---:|"]
+                f"| {backend} | {size} | {_f(row['list_ms'], 1)} | {_f(g[size]['list_ms'], 1)} "
+                f"| {_f(row['list_ksteps'], 0)} | {_f(g[size]['list_ksteps'], 1)} "
+                f"| {_f(row['get_latest_ms'], 2)} | {_f(g[size]['get_latest_ms'], 1)} "
+                f"| {_f(row['get_oldest_ms'], 2)} | {_f(g[size]['get_oldest_ms'], 1)} |")
+    lines += ["", "| backend | channels | get ms | x | get kSteps | x |",
+              "|---|---:|---:|---:|---:|---:|"]
     for backend, res in results.items():
         g = growth(res["width"])
         for size, row in res["width"].items():
-            lines.append(f"| {backend} | {size} | {row['get_ms']:.1f} | "
-                         f"{g[size]['get_ms']:.1f} |")
+            lines.append(f"| {backend} | {size} | {_f(row['get_ms'], 1)} "
+                         f"| {_f(g[size]['get_ms'], 1)} | {_f(row['get_ksteps'], 0)} "
+                         f"| {_f(g[size]['get_ksteps'], 1)} |")
     return "\n".join(lines)
 
 
