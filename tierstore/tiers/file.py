@@ -5,6 +5,7 @@ per segment, so no key (``..``, ``/``, NUL, 10 KB of text) can escape the root;
 over-long segments are replaced by their SHA-256. Writes go to a temporary file,
 are fsynced and renamed into place, so a crash never leaves a half object under
 its final name. Every object is instantly readable (storage class ``FILE``).
+The URL takes no options; any given is refused by name.
 """
 
 from __future__ import annotations

@@ -12,7 +12,12 @@ processes are not blocked (WAL).
 
 URL options: ``?synchronous=full`` (default: a commit survives power loss) or
 ``normal`` (survives a process crash; faster), ``?timeout=30`` (seconds to wait
-for another process's write lock).
+for another process's write lock). Any other option is refused by name, so a typo
+(``?synchronus=normal``) cannot silently leave the default in force.
+
+Reads cost what they return: a checkpoint's blobs are found by primary key from its
+own ``channel_versions`` (never by scanning the thread's blobs), and a page of a
+listing is one index range, so listing a thread is linear in its length.
 """
 
 from __future__ import annotations
