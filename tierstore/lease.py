@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -66,6 +67,13 @@ def current_fence(warm: object, thread_id: str) -> int | None:
     return _TOKENS.get().get((id(warm), thread_id))
 
 
+def _finite_seconds(value: object) -> bool:
+    """A real, finite number: an infinite ttl would never expire (nor fit a Redis PX),
+    an infinite wait would block forever, and ``True`` is no duration."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 class ThreadLease:
     """A lease on one thread; enter it with ``async with`` (or ``with``) once."""
 
@@ -87,10 +95,12 @@ class ThreadLease:
         wait: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not ttl > 0:
-            raise ConfigurationError(f"lease ttl must be > 0 seconds, got {ttl!r}")
-        if not wait >= 0:
-            raise ConfigurationError(f"lease wait must be >= 0 seconds, got {wait!r}")
+        if not _finite_seconds(ttl) or not ttl > 0:
+            raise ConfigurationError(
+                f"lease ttl must be a finite number of seconds > 0, got {ttl!r}")
+        if not _finite_seconds(wait) or not wait >= 0:
+            raise ConfigurationError(
+                f"lease wait must be a finite number of seconds >= 0, got {wait!r}")
         if not isinstance(stack.hot, LeaseStore):
             raise ConfigurationError(
                 "leases need a hot tier that keeps them (memory:// in one process, "

@@ -8,7 +8,9 @@ callback, so long work can show a progress bar.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -188,9 +190,50 @@ async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
         "checkpoints": frames,
     }, use_bin_type=True))
     data = EXPORT_MAGIC + bytes([EXPORT_FORMAT]) + hashlib.sha256(body).digest() + body
-    await asyncio.to_thread(Path(path).write_bytes, data)
+    await asyncio.to_thread(_write_atomically, _file_path(path), data)
     return {"thread_id": thread_id, "checkpoints": len(frames), "bytes": len(data),
             "path": str(path)}
+
+
+def _file_path(path: Any) -> Path:
+    """A filesystem path argument, refused by name when it is not one."""
+    if isinstance(path, bool) or not isinstance(path, str | os.PathLike):
+        raise InvalidInput(f"file path must be a string or a path, got {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise InvalidInput(f"not a usable file path: {text!r}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"file path {text!r} has no form in the filesystem's encoding"
+                           ) from exc
+    return Path(text)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it holds the old bytes or the new, never a torn file.
+
+    A temporary file beside the target is written, fsynced and renamed over it; on any
+    failure the temporary is removed and the error names the path. A missing directory
+    is the caller's mistake (``InvalidInput``), not created on their behalf.
+    """
+    if not path.parent.is_dir():
+        raise InvalidInput(f"cannot write export to {str(path)!r}: directory "
+                           f"{str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise InvalidInput(f"cannot write export to {str(path)!r}: it is a directory")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise InvalidInput(
+            f"cannot write export to {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 def read_export(data: bytes, *, where: str = "export",
@@ -296,7 +339,7 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
     wrote is deleted again.
     """
     try:
-        data = await asyncio.to_thread(Path(path).read_bytes)
+        data = await asyncio.to_thread(_file_path(path).read_bytes)
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc}") from exc
     codec = saver.untrusted_codec

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
@@ -21,13 +22,22 @@ from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
 __all__ = [
     "CHECKPOINT_ID_SKEW",
     "MAX_ID_BYTES",
+    "before_checkpoint_id",
+    "checked_ids",
     "checkpoint_ids",
+    "checked_checkpoint",
+    "checked_metadata",
+    "checked_text",
+    "checked_versions",
+    "checked_writes",
     "fence_key",
     "fenced_out",
     "filter_doc",
+    "is_storable_scalar",
     "is_explicit_fork",
     "is_hot_fresh",
     "lease_renew_every",
+    "list_scope",
     "matches_filter",
     "merge_writes",
     "next_channel_version",
@@ -129,6 +139,52 @@ def checkpoint_ids(config: Mapping[str, Any] | None) -> tuple[str, str, str | No
     return thread_id, ns, checkpoint_id
 
 
+def list_scope(config: Any) -> tuple[str | None, str | None, str | None]:
+    """``(thread_id, checkpoint_ns, checkpoint_id)`` that a ``list`` config narrows to.
+
+    Unlike ``checkpoint_ids`` every part is optional (``None`` lists every thread), but
+    what is given must be well formed.
+    """
+    if config is None:
+        return None, None, None
+    if not isinstance(config, Mapping):
+        raise InvalidInput(f"config must be a mapping, got {type(config).__name__}")
+    configurable = config.get("configurable") or {}
+    if not isinstance(configurable, Mapping):
+        raise InvalidInput(
+            f"config configurable must be a mapping, got {type(configurable).__name__}")
+    thread, ns = configurable.get("thread_id"), configurable.get("checkpoint_ns")
+    raw = configurable.get("checkpoint_id", configurable.get("thread_ts"))
+    return (
+        validate_id(thread) if thread is not None else None,
+        validate_id(ns, what="checkpoint_ns") if ns is not None else None,
+        validate_id(raw, what="checkpoint_id") if raw else None,
+    )
+
+
+def before_checkpoint_id(before: Any) -> str | None:
+    """The ``checkpoint_id`` of a ``before`` config (``None``: no bound)."""
+    if before is None:
+        return None
+    configurable = before.get("configurable") if isinstance(before, Mapping) else None
+    if not isinstance(configurable, Mapping):
+        raise InvalidInput("before must be a config like "
+                           '{"configurable": {"checkpoint_id": "..."}}')
+    raw = configurable.get("checkpoint_id", configurable.get("thread_ts"))
+    return validate_id(raw, what="before checkpoint_id") if raw else None
+
+
+def checked_ids(values: Any, *, what: str) -> list[str]:
+    """A sequence of ids (``run_ids``, ``thread_ids``), each by ``validate_id``'s rules.
+
+    One string is refused rather than read as a sequence of one-letter ids.
+    """
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidInput(f"{what}s must be a sequence of {what}s, got "
+                           f"{'one string' if isinstance(values, str) else type(values).__name__}")
+    return [validate_id(v, what=what) for v in values]
+
+
 def write_index(channel: str, idx: int) -> int:
     """LangGraph's special channels (error, interrupt, …) take fixed negative indices."""
     return WRITES_IDX_MAP.get(channel, idx)
@@ -141,12 +197,17 @@ def next_channel_version(current: str | int | float | None) -> str:
     raced from the same parent produce distinct versions, so neither blob shadows
     the other (the same scheme LangGraph's own savers use).
     """
-    if current is None:
-        current_v = 0
-    elif isinstance(current, int | float):
-        current_v = int(current)
-    else:
-        current_v = int(str(current).split(".")[0])
+    try:
+        if current is None:
+            current_v = 0
+        elif isinstance(current, int | float) and not isinstance(current, bool):
+            current_v = int(current)
+        elif isinstance(current, str):
+            current_v = int(current.split(".")[0])
+        else:
+            raise TypeError(type(current).__name__)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(f"not a channel version: {current!r}"[:200]) from exc
     return f"{current_v + 1:032}.{random.random():016}"
 
 
@@ -154,23 +215,138 @@ def is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` has a UTF-8 form without NUL (what every store's text holds)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_storable_scalar(value: Any) -> bool:
+    """A scalar every store can index as it is: a 64-bit integer, a finite float, text.
+
+    MongoDB (BSON) and SQLite hold no integer wider than 64 bits, JSON has no NaN or
+    infinity, and no store's text holds a lone surrogate or NUL.
+    """
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and _is_text(value)
+
+
 def filter_doc(metadata: Mapping[str, Any]) -> dict[str, Scalar]:
-    """The metadata values a store can filter on natively: top-level scalars."""
-    return {str(k): v for k, v in metadata.items() if is_scalar(v)}
+    """The metadata values a store can filter on natively: top-level storable scalars.
+
+    A value no store can hold (see ``is_storable_scalar``) is left out rather than
+    failing the write; a filter on such a value is refused by ``split_filter``.
+    """
+    return {k: v for k, v in metadata.items()
+            if isinstance(k, str) and _is_text(k) and is_scalar(v) and is_storable_scalar(v)}
 
 
 def split_filter(
     flt: Mapping[str, Any] | None,
 ) -> tuple[dict[str, Scalar], dict[str, Any]]:
-    """Split a list filter into the part a store evaluates and the part checked in Python."""
+    """Split a list filter into the part a store evaluates and the part checked in Python.
+
+    A scalar no store can hold (an integer over 64 bits, NaN, a lone surrogate) can
+    match no stored checkpoint and would make a driver fail mid-query; it is refused
+    with ``InvalidInput`` naming its key instead.
+    """
     pushdown: dict[str, Scalar] = {}
     residual: dict[str, Any] = {}
     for key, value in (flt or {}).items():
+        if not isinstance(key, str) or not _is_text(key):
+            raise InvalidInput(f"filter keys must be text, got {key!r}")
         if is_scalar(value):
+            if not is_storable_scalar(value):
+                raise InvalidInput(
+                    f"filter value for {key!r} cannot be stored or matched by any store "
+                    f"(integers must fit 64 bits, floats be finite, text be valid Unicode "
+                    f"without NUL): {value!r}"[:300])
             pushdown[key] = value
         else:
             residual[key] = value
     return pushdown, residual
+
+
+def checked_text(value: Any, what: str) -> str:
+    """A name that must already be text (a channel, a task path): ``validate_id``'s rules,
+    without its int-to-str courtesy (an int channel is a caller's bug, not an id)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    return validate_id(value, what=what)
+
+
+def checked_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """A checkpoint ``aput`` can store, as a fresh dict, or ``InvalidInput`` naming the part.
+
+    Checked before anything is encoded or written, so a malformed checkpoint never
+    reaches a store (and never half-writes one).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise InvalidInput(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    body = dict(checkpoint)
+    values = body.get("channel_values")
+    if values is not None and not isinstance(values, Mapping):
+        raise InvalidInput(
+            f"checkpoint channel_values must be a dict, got {type(values).__name__}")
+    versions = body.get("channel_versions")
+    if versions is not None and not isinstance(versions, Mapping):
+        raise InvalidInput(
+            f"checkpoint channel_versions must be a dict, got {type(versions).__name__}")
+    for channel in values or {}:
+        checked_text(channel, "channel name")
+    checked_versions(versions or {}, what="checkpoint channel_versions")
+    return body
+
+
+def checked_versions(versions: Any, *, what: str = "new_versions") -> dict[str, str]:
+    """Channel versions as ``{channel: str(version)}``; versions are str, int or float."""
+    if not isinstance(versions, Mapping):
+        raise InvalidInput(f"{what} must be a dict, got {type(versions).__name__}")
+    out: dict[str, str] = {}
+    for channel, version in versions.items():
+        name = checked_text(channel, "channel name")
+        if isinstance(version, bool) or not isinstance(version, str | int | float):
+            raise InvalidInput(f"{what}: version of channel {name!r} must be a string or a "
+                               f"number, got {type(version).__name__}")
+        out[name] = validate_id(str(version), what=f"version of channel {name!r}")
+    return out
+
+
+def checked_metadata(metadata: Any) -> Mapping[str, Any]:
+    """Checkpoint metadata must be a mapping (LangGraph passes a dict, maybe empty)."""
+    if not isinstance(metadata, Mapping):
+        raise InvalidInput(f"checkpoint metadata must be a dict, got {type(metadata).__name__}")
+    return metadata
+
+
+def checked_writes(writes: Any) -> list[tuple[str, Any]]:
+    """``put_writes``' writes as ``(channel, value)`` pairs, or ``InvalidInput`` naming one.
+
+    A string is refused as a whole and as an item: unpacking ``"ab"`` would silently
+    store the write ``("a", "b")``.
+    """
+    if isinstance(writes, str | bytes) or not isinstance(writes, Sequence):
+        raise InvalidInput(
+            f"writes must be a sequence of (channel, value) pairs, got {type(writes).__name__}")
+    out: list[tuple[str, Any]] = []
+    for i, item in enumerate(writes):
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InvalidInput(f"write {i} must be a (channel, value) pair, got {item!r}"[:200])
+        out.append((checked_text(item[0], f"write {i} channel"), item[1]))
+    return out
 
 
 def scalar_equal(stored: Any, wanted: Scalar) -> bool:

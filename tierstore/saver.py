@@ -21,7 +21,6 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
-    get_checkpoint_id,
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
@@ -30,14 +29,22 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
-from tierstore.errors import ConfigurationError, InvalidInput
+from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
 from tierstore.policy import (
+    before_checkpoint_id,
+    checked_checkpoint,
+    checked_ids,
+    checked_metadata,
+    checked_text,
+    checked_versions,
+    checked_writes,
     checkpoint_ids,
     filter_doc,
     is_explicit_fork,
+    list_scope,
     next_channel_version,
     resolve_region,
     split_filter,
@@ -60,6 +67,7 @@ from tierstore.settings import (
     DEFAULT_WARM_URL,
     RegionTable,
     SaverOptions,
+    check_region_spec,
     options_from_env,
     regions_file_from_env,
     urls_from_env,
@@ -158,6 +166,7 @@ class TieredSaver(
         its region's stores.
         """
         opts = SaverOptions().with_(**options)
+        check_region_spec(regions, rules, default_region, resolver)
         if not regions:
             raise ConfigurationError("from_regions needs at least one region")
         known = set(regions)
@@ -441,20 +450,8 @@ class TieredSaver(
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
         self._bridge.require_open()
-        thread_id: str | None = None
-        ns: str | None = None
-        checkpoint_id: str | None = None
-        if config is not None:
-            configurable = config.get("configurable") or {}
-            if configurable.get("thread_id") is not None:
-                thread_id = validate_id(configurable["thread_id"])
-            if configurable.get("checkpoint_ns") is not None:
-                ns = validate_id(configurable["checkpoint_ns"], what="checkpoint_ns")
-            if raw := get_checkpoint_id(config) if "configurable" in config else None:
-                checkpoint_id = validate_id(raw, what="checkpoint_id")
-        before_id = None
-        if before is not None and (raw_before := get_checkpoint_id(before)):
-            before_id = validate_id(raw_before, what="before checkpoint_id")
+        thread_id, ns, checkpoint_id = list_scope(config)
+        before_id = before_checkpoint_id(before)
         if filter is not None and not isinstance(filter, Mapping):
             raise InvalidInput(f"filter must be a mapping, got {type(filter).__name__}")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
@@ -484,16 +481,17 @@ class TieredSaver(
     ) -> RunnableConfig:
         self._bridge.require_open()
         thread_id, ns, parent_id = checkpoint_ids(config)
-        checkpoint_id = validate_checkpoint_id(checkpoint.get("id"), time.time(),
+        body: dict[str, Any] = checked_checkpoint(checkpoint)
+        checked_metadata(metadata)
+        fresh = checked_versions(new_versions)
+        checkpoint_id = validate_checkpoint_id(body.get("id"), time.time(),
                                                skew=self.options.checkpoint_id_skew)
         codec = self.codec
-        body: dict[str, Any] = dict(checkpoint)
         values: dict[str, Any] = body.pop("channel_values", None) or {}
-        versions = {str(ch): str(v) for ch, v in body.get("channel_versions", {}).items()}
+        versions = checked_versions(body.get("channel_versions") or {})
         encoded = self._encode_values(thread_id, ns, values, versions, new_versions)
         new_blobs = [
-            BlobRecord(str(ch), str(version), encoded.get(ch, EMPTY))
-            for ch, version in new_versions.items()
+            BlobRecord(ch, version, encoded.get(ch, EMPTY)) for ch, version in fresh.items()
         ]
         md = get_serializable_checkpoint_metadata(config, metadata)
         run_id = md.get("run_id")
@@ -502,8 +500,8 @@ class TieredSaver(
             checkpoint_ns=ns,
             checkpoint_id=checkpoint_id,
             parent_id=parent_id,
-            checkpoint=codec.encode(body),
-            metadata=codec.encode(md),
+            checkpoint=_encode(codec, body, "checkpoint"),
+            metadata=_encode(codec, md, "checkpoint metadata"),
             channel_versions=versions,
             filter_doc=self.filter_doc(md),
             run_id=run_id if isinstance(run_id, str) else None,
@@ -554,7 +552,7 @@ class TieredSaver(
             key = (thread_id, ns, ch, version)
             payload = None if ch in new_versions else cache.get(key)
             if payload is None:
-                payload = codec.encode(value)
+                payload = _encode(codec, value, f"value of channel {ch!r}")
                 cache[key] = payload
                 if len(cache) > PAYLOAD_CACHE_ENTRIES:
                     cache.popitem(last=False)
@@ -575,11 +573,13 @@ class TieredSaver(
         if checkpoint_id is None:
             raise InvalidInput("put_writes needs configurable.checkpoint_id")
         task_id = validate_id(task_id, what="task_id")
+        pairs = checked_writes(writes)
+        task_path = checked_text(task_path or "", "task_path")
         codec = self.codec
         records = [
-            WriteRecord(task_id, write_index(channel, idx), channel, codec.encode(value),
-                        task_path or "")
-            for idx, (channel, value) in enumerate(writes)
+            WriteRecord(task_id, write_index(channel, idx), channel,
+                        _encode(codec, value, f"write {idx} to channel {channel!r}"), task_path)
+            for idx, (channel, value) in enumerate(pairs)
         ]
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
@@ -589,9 +589,7 @@ class TieredSaver(
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         self._bridge.require_open()
-        if isinstance(run_ids, str):
-            raise InvalidInput("run_ids must be a sequence of run ids, not one string")
-        ids = [validate_id(r, what="run_id") for r in run_ids]
+        ids = checked_ids(run_ids, what="run_id")
         if ids:
             await self._router.delete_for_runs(ids)
 
@@ -609,9 +607,7 @@ class TieredSaver(
             raise InvalidInput(
                 f"unknown prune strategy {strategy!r}; use one of {', '.join(PRUNE_STRATEGIES)}"
             )
-        if isinstance(thread_ids, str):
-            raise InvalidInput("thread_ids must be a sequence of thread ids, not one string")
-        ids = [validate_id(t) for t in thread_ids]
+        ids = checked_ids(thread_ids, what="thread_id")
         if ids:
             await self._router.prune(ids, keep_latest=strategy == "keep_latest")
 
@@ -666,6 +662,22 @@ class TieredSaver(
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._bridge.run(self.aprune(thread_ids, strategy=strategy))
+
+
+def _encode(codec: Codec, value: Any, where: str) -> Payload:
+    """``codec.encode``, with a value the serde cannot encode refused as ``InvalidInput``.
+
+    Serdes raise whatever their encoder raises (``TypeError`` for an unknown type,
+    ``OverflowError`` or ``TypeError`` for an integer over 64 bits, ``ValueError`` for
+    a lone surrogate); the caller learns which part of its input was at fault.
+    """
+    try:
+        return codec.encode(value)
+    except TierstoreError:
+        raise
+    except Exception as exc:
+        raise InvalidInput(
+            f"{where} cannot be encoded: {type(exc).__name__}: {exc}"[:500]) from exc
 
 
 def _stack(*, warm: WarmStore, hot: HotStore | None, cold: ObjectStore | None,

@@ -7,10 +7,11 @@ knobs of the saver; every default is documented in README.md.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -195,6 +196,7 @@ class SaverOptions:
     checkpoint_id_skew: float = 60.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not 0 <= self.checkpoint_id_skew <= 86400:
             raise ConfigurationError(
                 f"checkpoint_id_skew must be within 0..86400 seconds, got "
@@ -240,6 +242,41 @@ class SaverOptions:
             )
         if self.compress_min < 0:
             raise ConfigurationError(f"compress_min cannot be negative: {self.compress_min!r}")
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong type by the option's name, before any comparison.
+
+        ``bool`` is refused where a number is expected (``True`` is an ``int`` to Python,
+        but ``hot_ttl=True`` is a mistake), floats must be finite (an infinite TTL does
+        not fit a Redis expiry), and counts must be integers.
+        """
+        for name in ("hot_ttl", "hot_write_delay", "checkpoint_id_skew"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value)):
+                raise ConfigurationError(
+                    f"{name} must be a finite number of seconds, got {value!r}")
+        for name in ("offload_threshold", "compression_level", "compress_min",
+                     "hot_local_entries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigurationError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.safe_decode, bool):
+            raise ConfigurationError(f"safe_decode must be True or False, got {self.safe_decode!r}")
+        keys = self.filterable_metadata
+        if isinstance(keys, str | bytes) or not isinstance(keys, tuple | list | frozenset | set):
+            raise ConfigurationError(
+                f"filterable_metadata must be a tuple of metadata keys, got {keys!r}")
+        if not all(isinstance(k, str) for k in keys):
+            raise ConfigurationError(f"filterable_metadata keys must be strings, got {keys!r}")
+        object.__setattr__(self, "filterable_metadata", tuple(keys))
+        if self.encryption is not None:
+            from tierstore.codec.crypto import Keyring
+
+            if not isinstance(self.encryption, Keyring):
+                raise ConfigurationError(
+                    f"encryption must be a tierstore.Keyring or None, got "
+                    f"{type(self.encryption).__name__}")
 
     def with_(self, **changes: Any) -> SaverOptions:
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -412,6 +449,37 @@ class RegionTable:
             raise ConfigurationError(
                 f"unknown region {name!r}; the table has {', '.join(sorted(self.regions))}")
         return replace(self, serves=frozenset({name}))
+
+
+def check_region_spec(regions: Any, rules: Any, default_region: Any, resolver: Any) -> None:
+    """The shapes ``TieredSaver.from_regions`` takes, refused by name before any use.
+
+    ``regions`` maps names to ``{"hot"|"warm"|"cold": url}``; ``rules`` is a sequence
+    (read twice, so not a one-shot iterator) of ``(glob, region)`` string pairs;
+    ``default_region`` is a name or None and ``resolver`` a callable or None. Whether
+    the names exist is checked after.
+    """
+    if not isinstance(regions, Mapping):
+        raise ConfigurationError(
+            f"regions must map region names to their URLs, got {type(regions).__name__}")
+    for name, urls in regions.items():
+        if not isinstance(name, str) or not isinstance(urls, Mapping):
+            raise ConfigurationError(
+                f"region {name!r} must be a name mapped to {{'hot'|'warm'|'cold': url}}")
+    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+        raise ConfigurationError(f"rules must be a sequence of (glob, region) pairs, "
+                                 f"got {type(rules).__name__}")
+    for i, rule in enumerate(rules):
+        if (not isinstance(rule, tuple | list) or len(rule) != 2
+                or not all(isinstance(part, str) for part in rule)):
+            raise ConfigurationError(f"rule {i} must be a (glob, region) pair of strings, "
+                                     f"got {rule!r}"[:200])
+    if default_region is not None and not isinstance(default_region, str):
+        raise ConfigurationError(
+            f"default_region must be a region name, got {type(default_region).__name__}")
+    if resolver is not None and not callable(resolver):
+        raise ConfigurationError(
+            f"resolver must be a callable, got {type(resolver).__name__}")
 
 
 def _tier_url(value: str | None) -> str | None:

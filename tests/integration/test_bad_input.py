@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
 
+from tests.integration.stacks import STACKS, Stack, stack_params
 from tierstore import (
     ConfigurationError,
     CorruptPayload,
@@ -19,6 +25,7 @@ from tierstore import (
     TierstoreError,
 )
 from tierstore.demo import build_agent
+from tierstore.ops import export_thread, import_file
 
 ODD_THREAD_IDS = [
     "线程-スレッド-🧵",
@@ -218,3 +225,251 @@ def test_errors_form_one_tree() -> None:
     assert issubclass(InvalidInput, TierstoreError) and issubclass(InvalidInput, ValueError)
     assert issubclass(CorruptPayload, TierstoreError)
     assert issubclass(ConfigurationError, ValueError)
+
+
+# -- every bad argument, on every stack ------------------------------------------------------
+
+
+def _checkpoint(**values: Any) -> dict[str, Any]:
+    cp: dict[str, Any] = dict(empty_checkpoint())
+    cp["id"] = str(uuid6())
+    cp["channel_values"] = values
+    cp["channel_versions"] = {k: "1" for k in values}
+    return cp
+
+
+BIG = 1 << 70
+NS = {"thread_id": "victim", "checkpoint_ns": ""}
+
+# (what, call, the exact class, a fragment naming the bad part). ``call`` gets the saver
+# and the config of the thread's latest checkpoint.
+Call = Callable[[TieredSaver, dict[str, Any]], Awaitable[Any]]
+BAD_CALLS: list[tuple[str, Call, type[TierstoreError], str]] = [
+    ("checkpoint-not-a-dict",
+     lambda s, c: s.aput(c, "checkpoint", {}, {}), InvalidInput, "checkpoint"),
+    ("checkpoint-none", lambda s, c: s.aput(c, None, {}, {}), InvalidInput, "checkpoint"),
+    ("channel-versions-not-a-dict",
+     lambda s, c: s.aput(c, {**_checkpoint(), "channel_versions": ["a"]}, {}, {}),
+     InvalidInput, "channel_versions"),
+    ("channel-values-not-a-dict",
+     lambda s, c: s.aput(c, {**_checkpoint(), "channel_values": 3}, {}, {}),
+     InvalidInput, "channel_values"),
+    ("metadata-none", lambda s, c: s.aput(c, _checkpoint(), None, {}), InvalidInput, "metadata"),
+    ("metadata-not-a-dict",
+     lambda s, c: s.aput(c, _checkpoint(), "md", {}), InvalidInput, "metadata"),
+    ("new-versions-none",
+     lambda s, c: s.aput(c, _checkpoint(), {}, None), InvalidInput, "new_versions"),
+    ("value-serde-cannot-encode",
+     lambda s, c: s.aput(c, _checkpoint(a=object()), {}, {"a": "1"}), InvalidInput, "'a'"),
+    ("value-over-64-bits",
+     lambda s, c: s.aput(c, _checkpoint(a=BIG), {}, {"a": "1"}), InvalidInput, "'a'"),
+    ("metadata-serde-cannot-encode",
+     lambda s, c: s.aput(c, _checkpoint(), {"x": object()}, {}), InvalidInput, "metadata"),
+    ("metadata-over-64-bits",
+     lambda s, c: s.aput(c, _checkpoint(), {"step": BIG}, {}), InvalidInput, "metadata"),
+    ("channel-surrogate",
+     lambda s, c: s.aput(c, _checkpoint(**{"\ud800": 1}), {}, {"\ud800": "1"}),
+     InvalidInput, "channel"),
+    ("channel-nul",
+     lambda s, c: s.aput(c, _checkpoint(**{"a\x00": 1}), {}, {"a\x00": "1"}),
+     InvalidInput, "channel"),
+    ("version-surrogate",
+     lambda s, c: s.aput(c, {**_checkpoint(a=1), "channel_versions": {"a": "\udc00"}}, {},
+                         {"a": "\udc00"}), InvalidInput, "version"),
+    ("writes-none", lambda s, c: s.aput_writes(c, None, "task"), InvalidInput, "writes"),
+    ("writes-one-string", lambda s, c: s.aput_writes(c, "ab", "task"), InvalidInput, "writes"),
+    ("write-1-tuple", lambda s, c: s.aput_writes(c, [("a",)], "task"), InvalidInput, "write 0"),
+    ("write-3-tuple",
+     lambda s, c: s.aput_writes(c, [("a", 1), ("a", 1, 2)], "task"), InvalidInput, "write 1"),
+    ("write-a-string", lambda s, c: s.aput_writes(c, ["ab"], "task"), InvalidInput, "write 0"),
+    ("write-channel-int",
+     lambda s, c: s.aput_writes(c, [(1, "x")], "task"), InvalidInput, "channel"),
+    ("write-channel-surrogate",
+     lambda s, c: s.aput_writes(c, [("\ud800", "x")], "task"), InvalidInput, "channel"),
+    ("write-value-serde-cannot-encode",
+     lambda s, c: s.aput_writes(c, [("ok", 1), ("a", object())], "task"), InvalidInput, "'a'"),
+    ("write-value-over-64-bits",
+     lambda s, c: s.aput_writes(c, [("a", BIG)], "task"), InvalidInput, "'a'"),
+    ("task-path-int",
+     lambda s, c: s.aput_writes(c, [("a", 1)], "task", 5), InvalidInput, "task_path"),
+    ("task-path-surrogate",
+     lambda s, c: s.aput_writes(c, [("a", 1)], "task", "\ud800"), InvalidInput, "task_path"),
+    ("filter-over-64-bits",
+     lambda s, c: _drain(s.alist(c, filter={"step": BIG})), InvalidInput, "'step'"),
+    ("filter-nan",
+     lambda s, c: _drain(s.alist(c, filter={"score": math.nan})), InvalidInput, "'score'"),
+    ("filter-key-not-a-string",
+     lambda s, c: _drain(s.alist(c, filter={1: "x"})), InvalidInput, "filter"),
+    ("filter-surrogate",
+     lambda s, c: _drain(s.alist(c, filter={"source": "\ud800"})), InvalidInput, "'source'"),
+    ("list-config-a-string",
+     lambda s, c: _drain(s.alist("victim")), InvalidInput, "config"),
+    ("list-configurable-a-list",
+     lambda s, c: _drain(s.alist({"configurable": ["victim"]})), InvalidInput, "configurable"),
+    ("list-before-a-string",
+     lambda s, c: _drain(s.alist(c, before="x")), InvalidInput, "before"),
+    ("list-before-no-configurable",
+     lambda s, c: _drain(s.alist(c, before={})), InvalidInput, "before"),
+    ("delete-for-runs-none", lambda s, c: s.adelete_for_runs(None), InvalidInput, "run_id"),
+    ("prune-none", lambda s, c: s.aprune(None), InvalidInput, "thread_id"),
+    ("next-version-garbage",
+     lambda s, c: _sync(s.get_next_version, "garbage", None), InvalidInput, "version"),
+    ("next-version-nan",
+     lambda s, c: _sync(s.get_next_version, math.nan, None), InvalidInput, "version"),
+    ("export-path-none",
+     lambda s, c: export_thread(s, "victim", None), InvalidInput, "path"),
+    ("export-path-surrogate",
+     lambda s, c: export_thread(s, "victim", "\ud800.tsx"), InvalidInput, "path"),
+    ("import-path-none", lambda s, c: import_file(s, None), InvalidInput, "path"),
+    ("lease-ttl-inf", lambda s, c: _lease(s, ttl=math.inf), ConfigurationError, "ttl"),
+    ("lease-ttl-nan", lambda s, c: _lease(s, ttl=math.nan), ConfigurationError, "ttl"),
+    ("lease-ttl-string", lambda s, c: _lease(s, ttl="10"), ConfigurationError, "ttl"),
+    ("lease-ttl-bool", lambda s, c: _lease(s, ttl=True), ConfigurationError, "ttl"),
+    ("lease-wait-inf", lambda s, c: _lease(s, wait=math.inf), ConfigurationError, "wait"),
+    ("lease-wait-negative", lambda s, c: _lease(s, wait=-1), ConfigurationError, "wait"),
+]
+
+
+async def _sync(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+async def _drain(items: AsyncIterator[Any]) -> list[Any]:
+    return [x async for x in items]
+
+
+async def _lease(saver: TieredSaver, **kwargs: Any) -> None:
+    async with saver.lease("victim", **kwargs):
+        pass
+
+
+async def _state(saver: TieredSaver) -> list[Any]:
+    """Everything a reader can see of the victim thread."""
+    return [(t.checkpoint["id"], t.metadata, t.checkpoint["channel_values"], t.pending_writes)
+            async for t in saver.alist({"configurable": {"thread_id": "victim"}})]
+
+
+@pytest.fixture(params=stack_params())
+def any_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Stack:
+    return STACKS[request.param](request, tmp_path)
+
+
+@pytest.mark.parametrize(("what", "call", "error", "fragment"), BAD_CALLS,
+                         ids=[case[0] for case in BAD_CALLS])
+async def test_bad_arguments_get_a_typed_error_and_write_nothing(
+    any_stack: Stack, what: str, call: Call, error: type[TierstoreError], fragment: str,
+) -> None:
+    async with any_stack.open() as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember victim")]}, cfg("victim"))
+        latest = await saver.aget_tuple(cfg("victim"))
+        assert latest is not None
+        before = await _state(saver)
+        with pytest.raises(TierstoreError) as info:
+            await call(saver, dict(latest.config))
+        assert type(info.value) is error, repr(info.value)
+        assert fragment in str(info.value)
+        assert await _state(saver) == before
+        assert (await app.aget_state(cfg("victim"))).values["notes"] == ["victim"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("hot_ttl", "10"), ("hot_ttl", math.inf), ("hot_ttl", math.nan), ("hot_ttl", True),
+        ("hot_local_entries", None), ("hot_local_entries", 1.5), ("hot_local_entries", True),
+        ("hot_write_delay", "0.1"), ("offload_threshold", None), ("offload_threshold", 2.0**20),
+        ("compression_level", 3.5), ("compression_level", False), ("compress_min", "1"),
+        ("filterable_metadata", "source"), ("filterable_metadata", ("source", 1)),
+        ("encryption", "secret-key"), ("concurrency", ["strict"]),
+    ],
+    ids=lambda v: repr(v)[:24],
+)
+def test_option_values_of_the_wrong_type_name_the_option(tmp_path: Path, option: str,
+                                                         value: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        embedded(tmp_path, **{option: value})
+    assert type(info.value) is ConfigurationError
+    assert option in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"warm": "sqlite:///{tmp}/w.db?bogus=1"}, "bogus"),
+        ({"warm": "sqlite:///{tmp}/w.db?timeout=inf"}, "timeout"),
+        ({"warm": "sqlite:///{tmp}/w.db?timeout=-1"}, "timeout"),
+        ({"cold": "file://{tmp}/cold?storage_class=GLACIER"}, "storage_class"),
+        ({"hot": "memory://?bogus=1"}, "bogus"),
+    ],
+    ids=["sqlite-unknown", "sqlite-timeout-inf", "sqlite-timeout-negative", "file-unknown",
+         "memory-unknown"],
+)
+def test_unknown_url_options_are_refused_by_name(tmp_path: Path, kwargs: dict[str, str],
+                                                 fragment: str) -> None:
+    urls = {"hot": "memory://", "warm": f"sqlite:///{tmp_path}/w.db",
+            "cold": f"file://{tmp_path}/cold"}
+    urls.update({k: v.format(tmp=tmp_path) for k, v in kwargs.items()})
+    with pytest.raises(ConfigurationError) as info:
+        TieredSaver.from_urls(**urls)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"regions": "eu"}, "regions"),
+        ({"regions": {"eu": "sqlite:///x.db"}}, "'eu'"),
+        ({"rules": "eu-*"}, "rules"),
+        ({"rules": [("eu-*",)]}, "rule 0"),
+        ({"rules": [("eu-*", 1)]}, "rule 0"),
+        ({"rules": (r for r in [("eu-*", "eu")])}, "rules"),
+        ({"default_region": ["eu"]}, "default_region"),
+        ({"resolver": "eu"}, "resolver"),
+    ],
+    ids=["regions-str", "region-str", "rules-str", "rule-1-tuple", "rule-int", "rules-generator",
+         "default-list", "resolver-str"],
+)
+def test_malformed_region_specs_are_refused_by_name(tmp_path: Path, kwargs: dict[str, Any],
+                                                    fragment: str) -> None:
+    spec: dict[str, Any] = {"regions": {"eu": {"warm": f"sqlite:///{tmp_path}/eu.db"}}}
+    spec.update(kwargs)
+    with pytest.raises(ConfigurationError) as info:
+        TieredSaver.from_regions(**spec)
+    assert fragment in str(info.value)
+
+
+async def test_export_into_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember t")]}, cfg("t"))
+        with pytest.raises(InvalidInput, match="no/such"):
+            await export_thread(saver, "t", tmp_path / "no" / "such" / "t.tsx")
+        with pytest.raises(InvalidInput):
+            await export_thread(saver, "t", tmp_path)  # a directory, not a file
+        assert not (tmp_path / "no").exists()
+
+
+async def test_export_is_written_atomically(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed export leaves the previous file whole and no temporary behind."""
+    target = tmp_path / "out" / "t.tsx"
+    target.parent.mkdir()
+    async with embedded(tmp_path) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember t")]}, cfg("t"))
+        await export_thread(saver, "t", target)
+        good = target.read_bytes()
+        await app.ainvoke({"messages": [HumanMessage("remember more")]}, cfg("t"))
+
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", fail)
+        with pytest.raises(InvalidInput, match="space"):
+            await export_thread(saver, "t", target)
+        monkeypatch.undo()
+        assert target.read_bytes() == good
+        assert sorted(p.name for p in target.parent.iterdir()) == ["t.tsx"]
+        await export_thread(saver, "t", target)
+        assert target.read_bytes() != good

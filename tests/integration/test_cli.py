@@ -126,6 +126,8 @@ def test_worker_once_runs_every_job_and_writes_health(env: dict[str, str],
         (["archive", "--older-than", "soon"], 2, "not a duration"),
         (["import"], 2, "either FILE or --from-langgraph-postgres"),
         (["import", "/nonexistent/file"], 2, "cannot read"),
+        (["export", "bob", "/nonexistent/dir/bob.tsexport"], 2, "does not exist"),
+        (["status", "--warm", "sqlite:///x.db?synchronus=normal"], 2, "synchronus"),
         (["status", "--warm", "sqlite:////proc/forbidden/x.db"], 2, "cannot create"),
     ],
 )

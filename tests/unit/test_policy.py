@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from typing import Any
 
 import pytest
 
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
+    checked_checkpoint,
+    checked_metadata,
+    checked_versions,
+    checked_writes,
     checkpoint_ids,
     filter_doc,
     is_hot_fresh,
@@ -133,3 +139,41 @@ def test_mongo_urls_may_name_several_hosts_and_repeat_options() -> None:
     assert "pw" not in repr(url)
     with pytest.raises(ConfigurationError, match="repeats"):
         StoreUrl.parse("postgresql://h/db?sslmode=a&sslmode=b")
+
+
+def test_values_no_store_can_hold_stay_out_of_filter_docs_and_filters() -> None:
+    md = {"step": 1 << 70, "low": -(1 << 63), "nan": float("nan"), "inf": float("inf"),
+          "text": "\ud800", "nul": "a\x00b", "ok": 1.5, 3: "int key", "\udc00": 1}
+    assert filter_doc(md) == {"low": -(1 << 63), "ok": 1.5}
+    for bad in ({"step": 1 << 63}, {"x": float("nan")}, {"x": float("-inf")}, {"x": "\ud800"},
+                {1: "x"}, {"\ud800": 1}):
+        with pytest.raises(InvalidInput):
+            split_filter(bad)
+    assert split_filter({"step": (1 << 63) - 1}) == ({"step": (1 << 63) - 1}, {})
+
+
+def test_malformed_checkpoints_and_writes_name_the_bad_part() -> None:
+    good = {"id": "x", "channel_values": {"a": 1}, "channel_versions": {"a": 2}}
+    assert checked_checkpoint(good) == good and checked_checkpoint(good) is not good
+    assert checked_versions({"a": 2, "b": "3", "c": 1.5}) == {"a": "2", "b": "3", "c": "1.5"}
+    assert checked_writes([("a", 1), ["b", None]]) == [("a", 1), ("b", None)]
+    assert checked_writes(()) == []
+    cases: list[tuple[Any, Any, str]] = [
+        (checked_checkpoint, [], "checkpoint must be a dict"),
+        (checked_checkpoint, {"channel_values": []}, "channel_values"),
+        (checked_checkpoint, {"channel_versions": "a"}, "channel_versions"),
+        (checked_checkpoint, {"channel_values": {1: "x"}}, "channel name"),
+        (checked_versions, {"a": None}, "version of channel 'a'"),
+        (checked_versions, {"a": True}, "version of channel 'a'"),
+        (checked_versions, {"a\x00": "1"}, "channel name"),
+        (checked_metadata, None, "metadata"),
+        (checked_writes, "ab", "writes"),
+        (checked_writes, {"a": 1}, "writes"),
+        (checked_writes, [("a", 1), "ab"], "write 1"),
+        (checked_writes, [("a", 1, 2)], "write 0"),
+        (checked_writes, [(None, 1)], "write 0 channel"),
+        (checked_writes, [("\ud800", 1)], "write 0 channel"),
+    ]
+    for fn, value, fragment in cases:
+        with pytest.raises(InvalidInput, match=re.escape(fragment)):
+            fn(value)

@@ -5,6 +5,7 @@ per segment, so no key (``..``, ``/``, NUL, 10 KB of text) can escape the root;
 over-long segments are replaced by their SHA-256. Writes go to a temporary file,
 are fsynced and renamed into place, so a crash never leaves a half object under
 its final name. Every object is instantly readable (storage class ``FILE``).
+The URL takes no options; any given is refused by name.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class FileStore:
 
     @classmethod
     def from_url(cls, url: StoreUrl) -> FileStore:
+        if url.query:
+            raise ConfigurationError(
+                f"{url.masked!r}: file:// takes no options, got {', '.join(sorted(url.query))}")
         return cls(url.local_path())
 
     def _path(self, key: str) -> Path:

@@ -54,6 +54,11 @@ class MemoryHot:
     def from_url(cls, url: StoreUrl, *, ttl: float) -> MemoryHot:
         if url.host or url.path not in ("", "/"):
             raise ConfigurationError(f"{url.masked!r}: memory:// takes no host or path")
+        unknown = sorted(set(url.query) - {"max_entries", "ttl"})
+        if unknown:
+            raise ConfigurationError(
+                f"{url.masked!r}: unknown memory:// option(s) {', '.join(unknown)}; "
+                "known: max_entries, ttl")
         try:
             max_entries = int(url.option("max_entries", "10000") or 10000)
             ttl = float(url.option("ttl", str(ttl)) or ttl)

@@ -12,7 +12,12 @@ processes are not blocked (WAL).
 
 URL options: ``?synchronous=full`` (default: a commit survives power loss) or
 ``normal`` (survives a process crash; faster), ``?timeout=30`` (seconds to wait
-for another process's write lock).
+for another process's write lock). Any other option is refused by name, so a typo
+(``?synchronus=normal``) cannot silently leave the default in force.
+
+Reads cost what they return: a checkpoint's blobs are found by primary key from its
+own ``channel_versions`` (never by scanning the thread's blobs), and a page of a
+listing is one index range, so listing a thread is linear in its length.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -57,10 +63,25 @@ __all__ = ["SqliteWarm"]
 T = TypeVar("T")
 
 _PAGE = 200
+_OPTIONS = frozenset({"synchronous", "timeout"})
 _COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_id, checkpoint_tag, checkpoint, "
     "metadata_tag, metadata, channel_versions, location, archive_key"
 )
+
+_COLLECT_BLOBS = (
+    "DELETE FROM blobs WHERE thread_id = ? AND checkpoint_ns = ? AND (channel, version) "
+    "NOT IN (SELECT cv.key, cv.value FROM checkpoints AS c, json_each(c.channel_versions) "
+    "AS cv WHERE c.thread_id = ? AND c.checkpoint_ns = ? AND c.location = 'warm' "
+    "AND cv.value IS NOT NULL)"
+)
+"""Drop the blobs of a (thread, ns) that no live checkpoint names.
+
+The uncorrelated ``NOT IN`` list is built once per statement (one pass over the live
+checkpoints' versions) and probed once per blob, so collection is linear in the
+thread; the correlated ``NOT EXISTS`` it replaces re-scanned every live checkpoint
+for every blob.
+"""
 
 
 def _json_type(value: Any) -> tuple[str, ...]:
@@ -94,10 +115,18 @@ class SqliteWarm:
 
     @classmethod
     def from_url(cls, url: StoreUrl) -> SqliteWarm:
+        unknown = sorted(set(url.query) - _OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"{url.masked!r}: unknown sqlite option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(_OPTIONS))}")
         try:
             timeout = float(url.option("timeout", "30") or 30)
         except ValueError as exc:
             raise ConfigurationError(f"{url.masked!r}: timeout must be a number") from exc
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise ConfigurationError(
+                f"{url.masked!r}: timeout must be a finite number of seconds >= 0")
         return cls(
             url.local_path(),
             synchronous=(url.option("synchronous", "full") or "full").lower(),
@@ -225,10 +254,14 @@ class SqliteWarm:
     def _assemble(conn: sqlite3.Connection, row: Sequence[Any]) -> StoredCheckpoint:
         (thread_id, ns, cid, parent_id, cp_tag, cp, md_tag, md, versions, location,
          archive_key) = row
+        # CROSS JOIN fixes the loop order (SQLite never reorders it): one primary-key
+        # lookup per channel the checkpoint names. With a plain JOIN the planner put
+        # the thread's blobs outside and re-scanned json_each for each, so a read cost
+        # grew with the thread's whole history (quadratic over a listing).
         blobs = {
             channel: Payload(tag, bytes(data))
             for channel, tag, data in conn.execute(
-                "SELECT b.channel, b.tag, b.data FROM json_each(?) AS cv JOIN blobs AS b "
+                "SELECT b.channel, b.tag, b.data FROM json_each(?) AS cv CROSS JOIN blobs AS b "
                 "ON b.thread_id = ? AND b.checkpoint_ns = ? AND b.channel = cv.key "
                 "AND b.version = cv.value",
                 (versions, thread_id, ns),
@@ -288,7 +321,12 @@ class SqliteWarm:
             page = _PAGE if remaining is None else min(_PAGE, remaining)
             conds = list(where)
             page_params = list(params)
-            if cursor is not None:
+            if cursor is not None and query.thread_id is not None:
+                # Within one thread the order is (checkpoint_id, checkpoint_ns): a range
+                # of the checkpoints_thread_order index, so each page costs its own rows.
+                conds.append("(checkpoint_id, checkpoint_ns) < (?, ?)")
+                page_params.extend((cursor[0], cursor[2]))
+            elif cursor is not None:
                 conds.append("(checkpoint_id, thread_id, checkpoint_ns) < (?, ?, ?)")
                 page_params.extend(cursor)
             sql = (
@@ -447,13 +485,7 @@ class SqliteWarm:
                 "AND checkpoint_ns = ?",
                 (t, ns),
             ).fetchone()
-            conn.execute(
-                "DELETE FROM blobs AS b WHERE thread_id = ? AND checkpoint_ns = ? AND NOT EXISTS "
-                "(SELECT 1 FROM checkpoints AS c, json_each(c.channel_versions) AS cv WHERE "
-                "c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns AND "
-                "c.location = 'warm' AND cv.key = b.channel AND cv.value = b.version)",
-                (t, ns),
-            )
+            conn.execute(_COLLECT_BLOBS, (t, ns) * 2)
             if row[0] is None:
                 conn.execute("DELETE FROM heads WHERE thread_id = ? AND checkpoint_ns = ?",
                              (t, ns))
@@ -702,13 +734,7 @@ class SqliteWarm:
     @staticmethod
     def _collect_blobs(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str) -> None:
         """Drop blobs that no live checkpoint of the (thread, ns) names any more."""
-        conn.execute(
-            "DELETE FROM blobs AS b WHERE thread_id = ? AND checkpoint_ns = ? AND NOT EXISTS "
-            "(SELECT 1 FROM checkpoints AS c, json_each(c.channel_versions) AS cv WHERE "
-            "c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns AND "
-            "c.location = 'warm' AND cv.key = b.channel AND cv.value = b.version)",
-            (thread_id, checkpoint_ns),
-        )
+        conn.execute(_COLLECT_BLOBS, (thread_id, checkpoint_ns) * 2)
 
     async def rehydrate(self, records: Sequence[StoredCheckpoint]) -> int:
         def body(conn: sqlite3.Connection) -> int:
