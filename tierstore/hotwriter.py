@@ -92,6 +92,17 @@ class HotWriter:
         pending = self._pending.get(key)
         return pending[1] if pending is not None else self._inflight.get(key)
 
+    def discard(self, hot: HotStore, thread_id: str, checkpoint_ns: str) -> None:
+        """Drop the queued update of one (thread, ns): it is older than warm now and no
+        exact copy replaces it. An update already in flight is refused by the hot
+        store if a newer entry got there first, and fails the freshness check if not."""
+        key = self.key(hot, thread_id, checkpoint_ns)
+        self._pending.pop(key, None)
+        self._inflight.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
     def forget(self, hot: HotStore, thread_id: str) -> None:
         """Drop queued updates of a thread (it was deleted, pruned or copied over)."""
         for key in [k for k in self._pending if k[0] == id(hot) and k[1] == thread_id]:

@@ -441,8 +441,17 @@ class Router:
                 "concurrent write on thread %r ns %r: parent %r was not the head",
                 record.thread_id, record.checkpoint_ns, record.parent_id,
             )
-        if (stack.hot is not None and result.head.checkpoint_id == record.checkpoint_id
-                and result.head.n_writes == 0):
+        if stack.hot is None or result.head.checkpoint_id != record.checkpoint_id:
+            return result
+        if result.head.n_writes:
+            # LangGraph may store a step's writes before its checkpoint; this process
+            # cannot tell whether it saw all of them, so it caches nothing and drops
+            # the older entry. The next reader fills hot from warm, version and all.
+            key = (record.thread_id, record.checkpoint_ns)
+            self.hot_writer.discard(stack.hot, *key)
+            self._near.pop((id(stack), *key), None)
+            await self._hot(stack.hot, "invalidate", stack.hot.invalidate(*key), None)
+        else:
             # exactly warm at result.head.version: the new head, with no writes yet
             cached = StoredCheckpoint(
                 thread_id=record.thread_id,

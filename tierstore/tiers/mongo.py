@@ -753,10 +753,11 @@ class MongoWarm:
         if checkpoint_id is not None:
             flt["checkpoint_id"] = _text(checkpoint_id, "checkpoint_id")
         with self._errors("get"):
-            # Without transactions the latest checkpoint's version is read around it:
-            # every change stores its data before it moves the version, so when the
-            # version is the same before and after, what was read is at least that
-            # version's state (a copy cached under it is never stale).
+            # Without transactions the head's version is read before the checkpoint:
+            # every change stores its data first and moves the version after, so what
+            # is read next holds at least that version's state. A copy cached under it
+            # is served only while the head still has that version, i.e. before any
+            # later change has completed.
             before = await self._head_doc(flt["thread_id"], flt["checkpoint_ns"]) \
                 if checkpoint_id is None else None
             doc = await self._c("checkpoints").find_one(
@@ -766,10 +767,7 @@ class MongoWarm:
                 return None
             record = (await self._assemble([doc]))[0]
             if before is not None and before.get("head_id") == record.checkpoint_id:
-                after = await self._head_doc(flt["thread_id"], flt["checkpoint_ns"])
-                if after is not None and (after.get("head_id"), after.get("version")) == (
-                        before.get("head_id"), before.get("version")):
-                    record = replace(record, version=int(before["version"]))
+                record = replace(record, version=int(before["version"]))
         return record
 
     async def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
