@@ -12,17 +12,22 @@ import asyncio
 import multiprocessing
 import operator
 import random
+import time
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
+from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
+from tierstore.demo import build_agent
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import IdleArchival
 
 QUESTIONS = ("first?", "second?", "third?")
 
@@ -227,3 +232,30 @@ def _checkpoint() -> Any:
     checkpoint = empty_checkpoint()
     checkpoint["channel_values"] = {}
     return checkpoint
+
+
+@pytest.fixture(params=sorted(TIERED_STACKS))
+def tiered_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+async def test_archiving_a_head_makes_every_cached_copy_miss(tiered_urls: Urls) -> None:
+    """A replica's copy of a head whose data another process moved to cold fails the
+    freshness check: the next read goes to warm (and its stub), not to the copy."""
+    async with tiered_urls.open() as reader, tiered_urls.open() as worker:
+        app = build_agent().compile(checkpointer=reader)
+        config = cfg("archived-under-a-replica")
+        await app.ainvoke({"messages": [HumanMessage("remember the vault code")]}, config)
+        before = await reader.aget_tuple(config)
+        hits = reader.stats.hot_hits
+        assert await reader.aget_tuple(config) == before
+        assert reader.stats.hot_hits == hits + 1  # served from this replica's copy
+        policy = TieringPolicy(archive_after=None, archive_idle_after=60, segment_size=50)
+        report = await IdleArchival(worker, policy).run_once(now=time.time() + 10 * 365 * 86400)
+        assert report.checkpoints > 0
+        hits = reader.stats.hot_hits
+        after = await reader.aget_tuple(config)
+        assert reader.stats.hot_hits == hits  # the copy was not served
+        assert after is not None and before is not None
+        assert after.checkpoint == before.checkpoint
+        assert after.pending_writes == before.pending_writes

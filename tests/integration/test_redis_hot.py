@@ -478,3 +478,18 @@ async def test_cluster_and_plain_urls_must_match_the_server(
     cluster_as_plain = "redis://" + redis_cluster_url.split("://", 1)[1].split("?", 1)[0]
     with pytest.raises(ConfigurationError, match="cluster"):
         await make(cluster_as_plain).setup()
+
+
+async def test_an_entry_of_an_older_release_is_never_fresh_and_any_put_replaces_it(
+    hot: RedisHot, raw: Redis,
+) -> None:
+    """Entries written before versions existed have no version field: version 0."""
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "1", writes=(w("a", -3, b"old"),), version=9))
+    await raw.hdel(entry_key(hot.settings.prefix, t, ""), "m:ver")
+    old = await hot.get(t, "")
+    assert old is not None and old.version == 0
+    assert await hot.add_writes(t, "", "1", [w("a", -3, b"new")], version=1) is False
+    assert await hot.put(entry(t, "1", writes=(w("a", -3, b"new"),), version=1))
+    got = await hot.get(t, "")
+    assert got is not None and got.version == 1 and got.writes[0].payload.data == b"new"
