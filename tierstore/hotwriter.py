@@ -10,6 +10,11 @@ round trip (and its event-loop work) per call; coalescing them costs one::
     aget_tuple(latest) ──────────────────────► pending/in-flight record, checked against
                                                the warm head like any hot hit
 
+Every queued record carries the warm head version it was made from; writes are
+merged into a queued record only when they continue its version exactly
+(``policy.chain_writes``), and the hot store keeps whichever copy has the newer
+version, so a flush that lost a race can never overwrite a newer entry.
+
 Nothing is lost by waiting: warm already holds every write, and a reader that finds
 the hot entry behind warm (another process, or before the timer fires) sees the
 mismatch with the warm head and reads warm. ``delay=0`` writes through on every call.
@@ -19,10 +24,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
-from tierstore.policy import merge_writes, should_replace_hot
+from tierstore.policy import chain_writes, should_replace_hot
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.tiers.base import HotStore
 
@@ -53,7 +57,7 @@ class HotWriter:
             return
         key = self.key(hot, record.thread_id, record.checkpoint_ns)
         current = self._pending.get(key)
-        if current is None or should_replace_hot(current[1], record):
+        if should_replace_hot(current[1] if current is not None else None, record):
             self._pending[key] = (hot, record)
         self._arm(key)
 
@@ -64,17 +68,21 @@ class HotWriter:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        version: int,
     ) -> None:
+        """Writes stored in warm, which moved the head to ``version``."""
         if self.delay > 0:
             key = self.key(hot, thread_id, checkpoint_ns)
             base = self._pending.get(key, (hot, None))[1] or self._inflight.get(key)
-            if base is not None and base.checkpoint_id == checkpoint_id:
-                merged = replace(base, writes=merge_writes(base.writes, writes))
+            merged = chain_writes(base, checkpoint_id, writes, version)
+            if merged is not None:
                 self._pending[key] = (hot, merged)
                 self._arm(key)
                 return
         await self._guard(
-            hot, "add_writes", hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes),
+            hot, "add_writes",
+            hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes, version=version),
             False,
         )
 
@@ -83,6 +91,17 @@ class HotWriter:
         key = self.key(hot, thread_id, checkpoint_ns)
         pending = self._pending.get(key)
         return pending[1] if pending is not None else self._inflight.get(key)
+
+    def discard(self, hot: HotStore, thread_id: str, checkpoint_ns: str) -> None:
+        """Drop the queued update of one (thread, ns): it is older than warm now and no
+        exact copy replaces it. An update already in flight is refused by the hot
+        store if a newer entry got there first, and fails the freshness check if not."""
+        key = self.key(hot, thread_id, checkpoint_ns)
+        self._pending.pop(key, None)
+        self._inflight.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
 
     def forget(self, hot: HotStore, thread_id: str) -> None:
         """Drop queued updates of a thread (it was deleted, pruned or copied over)."""

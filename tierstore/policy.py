@@ -12,6 +12,7 @@ import math
 import random
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
@@ -23,6 +24,7 @@ __all__ = [
     "CHECKPOINT_ID_SKEW",
     "MAX_ID_BYTES",
     "before_checkpoint_id",
+    "chain_writes",
     "checked_ids",
     "checkpoint_ids",
     "checked_checkpoint",
@@ -407,26 +409,60 @@ def resolve_region(
 
 
 def is_hot_fresh(cached: StoredCheckpoint, head: Head | None) -> bool:
-    """A cached latest checkpoint may be served only if warm agrees it is complete.
+    """A cached latest checkpoint may be served only if it is what warm holds now.
 
-    It must be the warm head and hold every pending write warm holds for it; a
-    cache that missed a write (a hot write failed, another process was cut off)
-    therefore never serves stale state.
+    Warm advances the head's version with every change to the head (a checkpoint, any
+    pending write, an archive move, a delete), atomically with the change, and every
+    cached copy carries the version it was made from. Same checkpoint id and same
+    version therefore means same content; a count of writes cannot tell, because
+    negative-index writes (interrupt, resume, error) replace each other. The write
+    count is compared too, as a cheap extra guard. Version 0 means "unknown": such a
+    copy is never served.
     """
     return (
         head is not None
+        and cached.version > 0
         and cached.checkpoint_id == head.checkpoint_id
+        and cached.version == head.version
         and len(cached.writes) == head.n_writes
     )
 
 
 def should_replace_hot(cached: StoredCheckpoint | None, candidate: StoredCheckpoint) -> bool:
-    """A cached entry is replaced only by a newer checkpoint, or the same one with more writes."""
-    if cached is None:
-        return True
-    if candidate.checkpoint_id != cached.checkpoint_id:
-        return candidate.checkpoint_id > cached.checkpoint_id
-    return len(candidate.writes) >= len(cached.writes)
+    """A cached entry is replaced only by a copy made from a strictly newer head version.
+
+    Checkpoint ids and write counts cannot order two copies (an older write-behind
+    flush may hold the same id and count as a newer entry); the warm version can.
+    A copy of unknown version (0) never replaces anything.
+    """
+    if candidate.version <= 0:
+        return False
+    return cached is None or candidate.version > cached.version
+
+
+def chain_writes(
+    cached: StoredCheckpoint | None,
+    checkpoint_id: str,
+    writes: Sequence[WriteRecord],
+    version: int | None,
+) -> StoredCheckpoint | None:
+    """The cached copy with ``writes`` merged in, if that is exactly warm at ``version``.
+
+    ``version`` is what warm's ``put_writes`` returned (None: not the head). The merge
+    is exact only when the copy is of the same checkpoint and made from the version
+    right before: any other change in between (another process's write) would be
+    missing from it. Otherwise None: the caller leaves the copy as it is, and the
+    freshness check turns it into a miss.
+    """
+    if (
+        cached is None
+        or version is None
+        or cached.version <= 0
+        or cached.checkpoint_id != checkpoint_id
+        or cached.version != version - 1
+    ):
+        return None
+    return replace(cached, writes=merge_writes(cached.writes, writes), version=version)
 
 
 def merge_writes(

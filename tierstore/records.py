@@ -81,15 +81,24 @@ class StoredCheckpoint:
     writes: tuple[WriteRecord, ...]
     location: Location = "warm"
     archive_key: str | None = None
+    version: int = 0
+    """The warm head version this copy was made from; 0 when unknown (never fresh).
+
+    Caches (hot stores, the write-behind queue, the router's process-local copies)
+    carry it so that a copy is served only while warm's head still has this version.
+    """
 
 
 @dataclass(frozen=True, slots=True)
 class Head:
     """The head of one (thread, ns): newest checkpoint id, its version, its write count.
 
-    ``version`` increases with every checkpoint stored on the (thread, ns); it is what
-    strict concurrency compares. ``n_writes`` counts the pending writes stored against
-    the head checkpoint, so a cached copy can prove it holds all of them.
+    ``version`` advances, atomically with the change, on every change to what the
+    latest checkpoint of the (thread, ns) reads as: a checkpoint stored, any pending
+    write against the head (a negative-index write replaces another without changing
+    the count), its data moving to cold, a delete, prune or copy. A cached copy is
+    served only while its version equals this one. ``n_writes`` counts the pending
+    writes stored against the head checkpoint (a cheap extra check).
     """
 
     checkpoint_id: str

@@ -4,9 +4,15 @@ Read of the latest checkpoint (``hot_check="verify"``)::
 
     hot.get(t, ns) ─┐ in parallel
     warm.head(t, ns)┴─► hot hit and is_hot_fresh(hit, head)? ── yes ─► serve hit
-                                        │ no
+                                        │ no     (same checkpoint id, same head version)
                                         ▼
                          warm.get(t, ns) ─► refill hot (best effort) ─► serve
+                         (carries the head version of its own snapshot)
+
+Every copy of a latest checkpoint (hot entry, write-behind queue, the process-local
+``_near`` LRU) carries the warm head version it was made from. Warm advances that
+version with every change to the head, so a copy that missed any change (another
+replica's write, an archive move, a delete) is a miss, never a stale hit.
 
 A warm row may be a stub (``location="archived"``): its payload sits in a cold
 segment, which is fetched (and cached), verified and unpacked. Reading one archived
@@ -44,7 +50,7 @@ from tierstore.hotwriter import HotWriter
 from tierstore.lease import current_fence
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
-from tierstore.policy import is_hot_fresh, matches_filter, merge_writes
+from tierstore.policy import chain_writes, is_hot_fresh, matches_filter
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
@@ -219,13 +225,15 @@ class Router:
             record = await self.metrics.timed(
                 "warm", stack.warm, "get", stack.warm.get(thread_id, checkpoint_ns, checkpoint_id))
             if record is not None and record.location == "archived":
-                record = await self.materialize(stack, record)
+                # rehydrating moves the head version: this copy must not be cached as is
+                record = replace(await self.materialize(stack, record), version=0)
                 # Restore on demand: a checkpoint read on its own is about to be resumed
                 # (the latest of an idle thread) or forked (time travel). Its child will
                 # name the channel versions it did not change, so they must be live in
                 # warm again. ``list`` reads history without rehydrating.
                 self.stats.rehydrated += await stack.warm.rehydrate([record])
-            if record is not None and stack.hot is not None and checkpoint_id is None:
+            if (record is not None and stack.hot is not None and checkpoint_id is None
+                    and record.version > 0):
                 await self._hot(stack.hot, "fill", stack.hot.put(record), False)
                 self._remember(stack, record)
         if record is None:
@@ -436,7 +444,18 @@ class Router:
                 "concurrent write on thread %r ns %r: parent %r was not the head",
                 record.thread_id, record.checkpoint_ns, record.parent_id,
             )
-        if stack.hot is not None and result.head.checkpoint_id == record.checkpoint_id:
+        if stack.hot is None or result.head.checkpoint_id != record.checkpoint_id:
+            return result
+        if result.head.n_writes:
+            # LangGraph may store a step's writes before its checkpoint; this process
+            # cannot tell whether it saw all of them, so it caches nothing and drops
+            # the older entry. The next reader fills hot from warm, version and all.
+            key = (record.thread_id, record.checkpoint_ns)
+            self.hot_writer.discard(stack.hot, *key)
+            self._near.pop((id(stack), *key), None)
+            await self._hot(stack.hot, "invalidate", stack.hot.invalidate(*key), None)
+        else:
+            # exactly warm at result.head.version: the new head, with no writes yet
             cached = StoredCheckpoint(
                 thread_id=record.thread_id,
                 checkpoint_ns=record.checkpoint_ns,
@@ -446,6 +465,7 @@ class Router:
                 metadata=record.metadata,
                 blobs=values,
                 writes=(),
+                version=result.head.version,
             )
             await self.hot_writer.put(stack.hot, cached)
             self._remember(stack, cached)
@@ -481,15 +501,18 @@ class Router:
         if stack.offloader is not None:
             small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
-        await self.metrics.timed(
+        version = await self.metrics.timed(
             "warm", stack.warm, "put_writes",
             stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes, fence=fence))
-        if stack.hot is not None:
+        if stack.hot is not None and version is not None:
             await self.hot_writer.add_writes(stack.hot, thread_id, checkpoint_ns, checkpoint_id,
-                                             writes)
-            near = self._near.get((id(stack), thread_id, checkpoint_ns))
-            if near is not None and near.checkpoint_id == checkpoint_id:
-                self._remember(stack, replace(near, writes=merge_writes(near.writes, writes)))
+                                             writes, version=version)
+            near_key = (id(stack), thread_id, checkpoint_ns)
+            merged = chain_writes(self._near.get(near_key), checkpoint_id, writes, version)
+            if merged is not None:
+                self._remember(stack, merged)
+            else:  # it missed a change (or never was this checkpoint): it can only miss now
+                self._near.pop(near_key, None)
 
     # -- whole-thread operations --------------------------------------------------------
 

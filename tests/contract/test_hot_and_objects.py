@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from typing import Any
 
@@ -14,7 +15,7 @@ from .test_warm import HOSTILE_IDS
 
 
 def entry(thread: str, checkpoint_id: str, *, ns: str = "", body: bytes = b"cp",
-          writes: tuple[WriteRecord, ...] = ()) -> StoredCheckpoint:
+          writes: tuple[WriteRecord, ...] = (), version: int = 1) -> StoredCheckpoint:
     return StoredCheckpoint(
         thread_id=thread,
         checkpoint_ns=ns,
@@ -24,6 +25,7 @@ def entry(thread: str, checkpoint_id: str, *, ns: str = "", body: bytes = b"cp",
         metadata=Payload("msgpack", b"md"),
         blobs={"messages": Payload("msgpack", b"hello"), "empty": Payload("empty", b"")},
         writes=writes,
+        version=version,
     )
 
 
@@ -36,53 +38,90 @@ def w(task: str, idx: int, value: bytes) -> WriteRecord:
 
 async def test_hot_roundtrip_preserves_the_record(hot: Any) -> None:
     t = f"t-{uuid.uuid4()}"
-    original = entry(t, "0002", writes=(w("a", 0, b"x"),))
+    original = entry(t, "0002", writes=(w("a", 0, b"x"),), version=7)
     assert await hot.put(original) is True
     got = await hot.get(t, "")
     assert got == original
+    assert got is not None and got.version == 7
     assert await hot.get(t, "other-ns") is None
     assert await hot.get(f"other-{t}", "") is None
 
 
-async def test_hot_is_replaced_only_by_newer_checkpoints(hot: Any) -> None:
+async def test_hot_is_replaced_only_by_newer_versions(hot: Any) -> None:
     t = f"t-{uuid.uuid4()}"
-    assert await hot.put(entry(t, "0005", body=b"five"))
-    assert await hot.put(entry(t, "0004", body=b"four")) is False
+    assert await hot.put(entry(t, "0005", body=b"five", version=5))
+    assert await hot.put(entry(t, "0004", body=b"four", version=4)) is False
     got = await hot.get(t, "")
     assert got is not None and got.checkpoint.data == b"five"
-    assert await hot.put(entry(t, "0006", body=b"six"))
+    assert await hot.put(entry(t, "0006", body=b"six", version=6))
     got = await hot.get(t, "")
     assert got is not None and got.checkpoint.data == b"six"
-
-
-async def test_hot_merges_writes_only_into_their_checkpoint(hot: Any) -> None:
-    t = f"t-{uuid.uuid4()}"
-    await hot.put(entry(t, "0002"))
-    assert await hot.add_writes(t, "", "0001", [w("a", 0, b"stale")]) is False
-    assert await hot.add_writes(t, "", "0002", [w("a", 0, b"first"), w("a", 1, b"y")])
-    assert await hot.add_writes(t, "", "0002", [w("a", 0, b"second")])
-    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"int-1")])
-    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"int-2")])
+    # a head recomputed to an older checkpoint (delete_for_runs, prune) has a newer version
+    assert await hot.put(entry(t, "0003", body=b"three", version=7))
     got = await hot.get(t, "")
-    assert got is not None
+    assert got is not None and (got.checkpoint.data, got.version) == (b"three", 7)
+    # a copy of unknown version never replaces anything
+    assert await hot.put(entry(t, "0009", version=0)) is False
+
+
+async def test_hot_older_version_never_replaces_same_id_and_count(hot: Any) -> None:
+    """A late write-behind flush of an older state must not overwrite a newer entry,
+    even with the same checkpoint id and the same number of writes (negative-index
+    writes replace each other)."""
+    t = f"t-{uuid.uuid4()}"
+    newer = entry(t, "0002", writes=(w("node", -3, b"answer-2"),), version=8)
+    older = entry(t, "0002", writes=(w("node", -3, b"answer-1"),), version=7)
+    assert await hot.put(newer)
+    assert await hot.put(older) is False
+    got = await hot.get(t, "")
+    assert got is not None and got.version == 8
+    assert [x.payload.data for x in got.writes] == [b"answer-2"]
+    assert await hot.put(newer) is False  # the same version is not newer either
+
+
+async def test_hot_merges_writes_only_into_their_checkpoint_and_version(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "0002", version=2))
+    assert await hot.add_writes(t, "", "0001", [w("a", 0, b"stale")], version=3) is False
+    assert await hot.add_writes(t, "", "0002", [w("a", 0, b"first"), w("a", 1, b"y")],
+                                version=3)
+    assert await hot.add_writes(t, "", "0002", [w("a", 0, b"second")], version=4)
+    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"int-1")], version=5)
+    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"int-2")], version=6)
+    got = await hot.get(t, "")
+    assert got is not None and got.version == 6
     assert {(x.task_id, x.idx): x.payload.data for x in got.writes} == {
         ("a", 0): b"first", ("a", 1): b"y", ("a", -3): b"int-2"}
-    assert await hot.add_writes(f"none-{t}", "", "0002", [w("a", 0, b"x")]) is False
+    assert await hot.add_writes(f"none-{t}", "", "0002", [w("a", 0, b"x")], version=1) is False
 
 
-async def test_hot_concurrent_write_merges_lose_nothing(hot: Any) -> None:
+async def test_hot_writes_that_skip_a_version_are_not_merged(hot: Any) -> None:
+    """Version 4 after 2 means a change the entry never saw: merging would make a
+    copy that claims version 4 without it."""
     t = f"t-{uuid.uuid4()}"
-    await hot.put(entry(t, "0002"))
-    await asyncio.gather(*(hot.add_writes(t, "", "0002", [w(f"task-{i}", 0, b"v")])
-                           for i in range(25)))
+    await hot.put(entry(t, "0002", version=2))
+    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"x")], version=4) is False
+    assert await hot.add_writes(t, "", "0002", [w("a", -3, b"x")], version=2) is False
     got = await hot.get(t, "")
-    assert got is not None and len(got.writes) == 25
+    assert got is not None and (got.version, got.writes) == (2, ())
 
 
-async def test_hot_same_checkpoint_with_more_writes_replaces(hot: Any) -> None:
+async def test_hot_concurrent_puts_keep_the_newest_version(hot: Any) -> None:
     t = f"t-{uuid.uuid4()}"
-    await hot.put(entry(t, "0002"))
-    assert await hot.put(entry(t, "0002", writes=(w("a", 0, b"x"),)))
+    versions = list(range(1, 26))
+    random.Random(7).shuffle(versions)
+    await asyncio.gather(*(hot.put(entry(t, "0002", writes=(w("a", -3, f"{v}".encode()),),
+                                         version=v))
+                           for v in versions))
+    got = await hot.get(t, "")
+    assert got is not None and got.version == 25
+    assert [x.payload.data for x in got.writes] == [b"25"]
+
+
+async def test_hot_same_checkpoint_newer_version_replaces(hot: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await hot.put(entry(t, "0002", version=1))
+    assert await hot.put(entry(t, "0002", writes=(w("a", 0, b"x"),), version=2))
     got = await hot.get(t, "")
     assert got is not None and len(got.writes) == 1
 

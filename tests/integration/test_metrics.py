@@ -31,7 +31,10 @@ async def test_store_calls_are_counted_per_tier(urls: Urls) -> None:
         assert m.calls("warm", "put_writes", "ok") > 0
         assert m.calls("warm", "list") >= 1
         if stack.hot is not None:
-            assert m.calls("hot", "put", "ok") == len(history)  # write-behind off: one each
+            # write-behind off: one each (a put that found writes already stored for its
+            # checkpoint drops the older entry instead of caching a copy it cannot vouch for)
+            assert (m.calls("hot", "put", "ok") + m.calls("hot", "invalidate", "ok")
+                    == len(history))
         else:
             assert m.calls("hot") == 0
         samples = [s for family in text_string_to_metric_families(saver.metrics_text())

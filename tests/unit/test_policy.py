@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
+    chain_writes,
     checked_checkpoint,
     checked_metadata,
     checked_versions,
@@ -81,9 +83,15 @@ def test_filters_split_and_match_with_json_types() -> None:
     assert not matches_filter(md, {"missing": None})
 
 
-def _cached(cid: str, n_writes: int) -> StoredCheckpoint:
+def _cached(cid: str, n_writes: int, version: int = 5) -> StoredCheckpoint:
     writes = tuple(WriteRecord(f"t{i}", 0, "c", Payload("m", b""), "") for i in range(n_writes))
-    return StoredCheckpoint("t", "", cid, None, Payload("m", b""), Payload("m", b""), {}, writes)
+    return StoredCheckpoint("t", "", cid, None, Payload("m", b""), Payload("m", b""), {}, writes,
+                            version=version)
+
+
+def _interrupt(answer: bytes, version: int) -> StoredCheckpoint:
+    write = WriteRecord("node", -3, "__interrupt__", Payload("m", answer), "")
+    return replace(_cached("c2", 0, version), writes=(write,))
 
 
 def test_hot_is_fresh_only_when_warm_agrees() -> None:
@@ -93,12 +101,44 @@ def test_hot_is_fresh_only_when_warm_agrees() -> None:
     assert not is_hot_fresh(_cached("c2", 0), None)  # thread deleted
 
 
+def test_hot_is_not_fresh_when_a_write_replaced_another() -> None:
+    """Negative-index writes replace each other: the count stays, the version moves."""
+    assert not is_hot_fresh(_interrupt(b"answer-1", 5), Head("c2", 6, 1))
+    assert is_hot_fresh(_interrupt(b"answer-2", 6), Head("c2", 6, 1))
+
+
+def test_hot_copy_of_unknown_or_other_version_is_never_fresh() -> None:
+    assert not is_hot_fresh(_cached("c2", 0, version=0), Head("c2", 0, 0))
+    assert not is_hot_fresh(_cached("c2", 0, version=4), Head("c2", 5, 0))  # archived since
+    assert not is_hot_fresh(_cached("c2", 0, version=6), Head("c2", 5, 0))  # recreated
+
+
 def test_hot_replacement_rule() -> None:
-    assert should_replace_hot(None, _cached("c1", 0))
-    assert should_replace_hot(_cached("c1", 3), _cached("c2", 0))
-    assert not should_replace_hot(_cached("c2", 0), _cached("c1", 5))
-    assert should_replace_hot(_cached("c2", 1), _cached("c2", 1))
-    assert not should_replace_hot(_cached("c2", 2), _cached("c2", 1))
+    assert should_replace_hot(None, _cached("c1", 0, 1))
+    assert should_replace_hot(_cached("c1", 3, 1), _cached("c2", 0, 2))
+    assert not should_replace_hot(_cached("c2", 0, 2), _cached("c1", 5, 1))
+    assert should_replace_hot(_cached("c2", 1, 2), _cached("c1", 0, 3))  # head moved back
+    assert not should_replace_hot(_cached("c2", 1, 2), _cached("c2", 1, 2))
+    assert not should_replace_hot(_cached("c2", 2, 2), _cached("c2", 1, 1))
+
+
+def test_an_older_flush_never_replaces_a_newer_entry_with_the_same_count() -> None:
+    assert not should_replace_hot(_interrupt(b"answer-2", 7), _interrupt(b"answer-1", 6))
+    assert should_replace_hot(_interrupt(b"answer-1", 6), _interrupt(b"answer-2", 7))
+    assert not should_replace_hot(None, _cached("c1", 0, version=0))  # unknown version
+
+
+def test_chain_writes_merges_only_onto_the_previous_version() -> None:
+    write = WriteRecord("node", -3, "__interrupt__", Payload("m", b"answer-2"), "")
+    base = _interrupt(b"answer-1", 6)
+    merged = chain_writes(base, "c2", [write], 7)
+    assert merged is not None and merged.version == 7 and merged.writes == (write,)
+    assert chain_writes(base, "c2", [write], 8) is None  # a change in between is missing
+    assert chain_writes(base, "c2", [write], 6) is None
+    assert chain_writes(base, "c3", [write], 7) is None  # another checkpoint
+    assert chain_writes(base, "c2", [write], None) is None  # not the head in warm
+    assert chain_writes(None, "c2", [write], 7) is None
+    assert chain_writes(replace(base, version=0), "c2", [write], 1) is None
 
 
 def test_store_url_parsing_and_masking() -> None:

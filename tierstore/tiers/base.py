@@ -15,6 +15,10 @@ Rules every implementation keeps:
 - Payloads are opaque bytes; a store never decodes them.
 - Heads move by compare-and-set inside the store (SQL ``WHERE``, Mongo filter, Lua),
   never by reading and then writing.
+- Every change to a head (checkpoint, pending write, archive move, delete, prune,
+  copy) advances its ``version`` atomically with the change; the latest checkpoint
+  a warm ``get`` returns carries the head version read with it (same snapshot).
+  A hot store replaces an entry only with a strictly newer version.
 - ``put_writes`` is idempotent per (task_id, idx) for ``idx >= 0``; special writes
   (``idx < 0``: errors, interrupts, resumes) replace what was there.
 - Driver errors leave a store as ``TierUnavailable`` / ``CorruptPayload`` / …,
@@ -63,7 +67,8 @@ class HotStore(Protocol):
         ...
 
     async def put(self, record: StoredCheckpoint) -> bool:
-        """Cache ``record`` unless a newer checkpoint id is cached; True if stored."""
+        """Cache ``record`` only if its ``version`` is strictly newer than the cached
+        entry's (an entry of unknown version counts as 0); True if stored."""
         ...
 
     async def add_writes(
@@ -72,8 +77,12 @@ class HotStore(Protocol):
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        version: int,
     ) -> bool:
-        """Merge writes into the cached entry if it is ``checkpoint_id``; True if merged."""
+        """Merge writes into the cached entry and give it ``version``, only if the entry
+        is ``checkpoint_id`` at ``version - 1`` (see ``policy.chain_writes``); True if
+        merged. Otherwise the entry stays as it is and fails the freshness check."""
         ...
 
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
@@ -147,7 +156,11 @@ class WarmStore(Protocol):
         writes: Sequence[WriteRecord],
         *,
         fence: int | None = None,
-    ) -> None: ...
+    ) -> int | None:
+        """Store pending writes; the head's new version, or None if ``checkpoint_id`` is
+        not the head. Every call against the head advances the version (atomically with
+        the writes), even one that only replaces a negative-index write."""
+        ...
 
     async def next_fence(self, thread_id: str) -> int:
         """Issue the thread's next fencing token (1, 2, 3…); lower tokens are refused from now on.

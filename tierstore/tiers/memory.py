@@ -2,9 +2,10 @@
 
 An LRU of the latest assembled checkpoint per (thread, ns) with a TTL. It is what
 the embedded stack uses and what every other hot backend must behave like:
-replace only with a newer checkpoint, merge writes only into the checkpoint they
-belong to, keep the first write per (task_id, idx >= 0), let special writes
-(idx < 0) replace.
+replace only with a copy of a strictly newer warm head version, merge writes only
+into the checkpoint they belong to and only when they continue the cached version
+(``policy.chain_writes``), keep the first write per (task_id, idx >= 0), let special
+writes (idx < 0) replace.
 
 It is also the reference ``LeaseStore``: leases live in this object, so they keep
 apart the runs that share one saver; across processes use ``redis://``.
@@ -17,10 +18,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from tierstore.errors import ConfigurationError, LifecycleError
-from tierstore.policy import merge_writes, should_replace_hot
+from tierstore.policy import chain_writes, should_replace_hot
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
 
@@ -115,13 +115,15 @@ class MemoryHot:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        version: int,
     ) -> bool:
         self._check()
         key = (thread_id, checkpoint_ns)
-        cached = self._live(key)
-        if cached is None or cached.checkpoint_id != checkpoint_id:
+        merged = chain_writes(self._live(key), checkpoint_id, writes, version)
+        if merged is None:
             return False
-        self._store(key, replace(cached, writes=merge_writes(cached.writes, writes)))
+        self._store(key, merged)
         return True
 
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:

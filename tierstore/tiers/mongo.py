@@ -119,7 +119,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -763,13 +763,22 @@ class MongoWarm:
         if checkpoint_id is not None:
             flt["checkpoint_id"] = _text(checkpoint_id, "checkpoint_id")
         with self._errors("get"):
+            # Without transactions the head's version is read before the checkpoint:
+            # every change stores its data first and moves the version after, so what
+            # is read next holds at least that version's state. A copy cached under it
+            # is served only while the head still has that version, i.e. before any
+            # later change has completed.
+            before = await self._head_doc(flt["thread_id"], flt["checkpoint_ns"]) \
+                if checkpoint_id is None else None
             doc = await self._c("checkpoints").find_one(
                 flt, dict(_READ_FIELDS), sort=[("checkpoint_id", -1)]
             )
             if doc is None:
                 return None
-            records = await self._assemble([doc])
-        return records[0]
+            record = (await self._assemble([doc]))[0]
+            if before is not None and before.get("head_id") == record.checkpoint_id:
+                record = replace(record, version=int(before["version"]))
+        return record
 
     async def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
         flt, sort = _list_plan(query)
@@ -1184,16 +1193,27 @@ class MongoWarm:
         writes: Sequence[WriteRecord],
         *,
         fence: int | None = None,
-    ) -> None:
+    ) -> int | None:
         if not writes:
-            return
+            return None
         t = _text(thread_id, "thread_id")
         ns = _text(checkpoint_ns, "checkpoint_ns")
         cid = _text(checkpoint_id, "checkpoint_id")
         with self._errors("put_writes"):
             await self._check_fence(t, fence)
             await self._insert_writes(t, ns, cid, writes, replace_special=True)
-            await self._settle_writes(t, ns, cid)
+            # the writes are stored first, then the head's count and version move in one
+            # update; every call moves the version (a replaced write keeps the count)
+            n: int = await self._c("writes").count_documents(
+                {"thread_id": t, "checkpoint_ns": ns, "checkpoint_id": cid}
+            )
+            head = await self._c("heads").find_one_and_update(
+                {"thread_id": t, "checkpoint_ns": ns, "head_id": cid},
+                {"$max": {"n_writes": n}, "$inc": {"version": 1}},
+                projection={"_id": 0, "version": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+        return None if head is None else int(head["version"])
 
     async def _insert_writes(
         self, t: str, ns: str, cid: str, writes: Sequence[WriteRecord], *,
@@ -1560,6 +1580,9 @@ class MongoWarm:
                 if held["head_id"] in stubs:
                     await self._c("heads").update_one(
                         {**key, "head_id": held["head_id"]}, {"$set": {"n_writes": 0}})
+            if flipped.modified_count:
+                # after the data moved: every cached copy of the head fails the check now
+                await self._c("heads").update_one(key, {"$inc": {"version": 1}})
             await self._delete_files(files)
             await self._collect_blobs(t, ns)
         return int(flipped.modified_count)
@@ -1598,6 +1621,8 @@ class MongoWarm:
                 if flipped.modified_count:
                     restored += 1
                     await self._settle_writes(t, ns, cid)
+                    await self._c("heads").update_one(
+                        {"thread_id": t, "checkpoint_ns": ns}, {"$inc": {"version": 1}})
                 else:  # rehydrated by someone else meanwhile
                     await self._delete_files(_file_ids(packed, ("checkpoint",)))
         return restored

@@ -59,6 +59,7 @@ import math
 import re
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -173,8 +174,15 @@ _ROW = "SELECT c.*, h.thread_id, h.checkpoint_ns FROM tierstore_checkpoints AS c
        "JOIN tierstore_heads AS h ON h.sid = c.sid"
 _SID = f"(SELECT s.sid FROM tierstore_heads AS s WHERE {_stream('s')})"
 _GET_ONE = _ASSEMBLE.format(page=f"{_ROW} WHERE c.sid = {_SID} AND c.checkpoint_id = $3")
-_GET_LATEST = _ASSEMBLE.format(
-    page=f"{_ROW} WHERE c.sid = {_SID} ORDER BY c.checkpoint_id DESC LIMIT 1"
+# The latest checkpoint carries the head version read by the same statement (one
+# snapshot), so a hot fill can never put an old state under a new version.
+_GET_LATEST = (
+    "SELECT a.*, (SELECT h.version FROM tierstore_heads AS h WHERE h.sid = "
+    f"{_SID} AND h.head_id = a.checkpoint_id) AS head_version FROM ("
+    + _ASSEMBLE.format(
+        page=f"{_ROW} WHERE c.sid = {_SID} ORDER BY c.checkpoint_id DESC LIMIT 1"
+    )
+    + ") AS a"
 )
 
 _PUT_CHECKPOINT = (
@@ -315,9 +323,11 @@ SELECT h.sid, h.thread_id, h.checkpoint_ns
 _COUNT_HEAD_WRITES = """
 UPDATE tierstore_heads AS h
    SET n_writes = (SELECT count(*) FROM tierstore_writes AS w
-                    WHERE w.sid = h.sid AND w.checkpoint_id = h.head_id)
+                    WHERE w.sid = h.sid AND w.checkpoint_id = h.head_id),
+       version = h.version + 1
  WHERE h.sid = ANY($1::bigint[])
 """
+_BUMP_VERSION = "UPDATE tierstore_heads SET version = version + 1 WHERE sid = $1"
 _USAGE = """
 SELECT (SELECT count(DISTINCT thread_id) FROM tierstore_heads WHERE head_id IS NOT NULL),
        count(*) FILTER (WHERE archive_key IS NULL),
@@ -610,7 +620,12 @@ class PostgresWarm:
             return await conn.fetchrow(_GET_ONE, thread_id, checkpoint_ns, checkpoint_id)
 
         row = await self._run("get", body, read=True)
-        return _assemble(row) if row is not None else None
+        if row is None:
+            return None
+        record = _assemble(row)
+        if checkpoint_id is None and row["head_version"] is not None:
+            record = replace(record, version=int(row["head_version"]))
+        return record
 
     async def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
         params: list[Any] = []
@@ -751,9 +766,9 @@ class PostgresWarm:
         writes: Sequence[WriteRecord],
         *,
         fence: int | None = None,
-    ) -> None:
+    ) -> int | None:
         if not writes:
-            return
+            return None
         # One row per (task_id, idx) per statement: the first for idx >= 0, the last
         # for idx < 0, as if the writes had been stored one by one.
         unique: dict[tuple[str, int], WriteRecord] = {}
@@ -769,14 +784,15 @@ class PostgresWarm:
             [w.task_path for w in rows],
         )
 
-        async def body(conn: Conn) -> None:
+        async def body(conn: Conn) -> int | None:
             if fence is None:
-                await conn.execute(_PUT_WRITES, *args)
+                version = await conn.fetchval(_PUT_WRITES, *args)
             else:
-                await self._fenced(thread_id, fence,
-                                   conn.execute(_PUT_WRITES_FENCED, fence, *args))
+                version = await self._fenced(thread_id, fence,
+                                             conn.fetchval(_PUT_WRITES_FENCED, fence, *args))
+            return None if version is None else int(version)
 
-        await self._run("put_writes", body)
+        return await self._run("put_writes", body)
 
     # -- maintenance --------------------------------------------------------------------
 
@@ -1010,6 +1026,8 @@ class PostgresWarm:
                     "AND checkpoint_id = ANY($2::text[])", sid, ids,
                 )
                 await conn.execute(_DROP_ORPHAN_BLOBS, [sid])
+                if changed:  # every cached copy of the head must fail the freshness check
+                    await conn.execute(_BUMP_VERSION, sid)
                 return len(changed)
 
         return await self._run("mark_archived", body)

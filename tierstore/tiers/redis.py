@@ -18,6 +18,9 @@ Key layout (``T`` = BLAKE2b-128 hex of the thread id, ``N`` = the same of the na
                       │            carries the full thread id and ns, checked on read
                       ├─ m:loc     msgpack [location, archive_key]
                       ├─ m:seq     last write sequence number
+                      ├─ m:ver     the warm head version the entry was made from
+                      │            (absent in entries of older releases: version 0,
+                      │            never fresh, replaced by any put)
                       └─ w<idx>:<task_id>  8 hex digits of sequence + one packed write
     <prefix>{T}:ns    SET   N of every namespace cached for the thread
     <prefix>{T}:lease STRING owner of the thread's lease, with the lease's TTL
@@ -31,20 +34,20 @@ an entry get the TTL again on every write; a thread idle for the TTL disappears.
 Flows, one round trip each::
 
     get         HGETALL entry ─► frame's thread id, ns, id match? ─► record, writes by seq
-    put         EVALSHA put         cached id newer than ours?               ─► 0
-                                    same id, more writes cached than ours?   ─► 0
+    put         EVALSHA put         cached version >= ours?                  ─► 0
                                     DEL + HSET entry, SADD ns, PEXPIRE both  ─► 1
-    add_writes  EVALSHA add_writes  cached id is not ours                    ─► 0
+    add_writes  EVALSHA add_writes  cached id is not ours, or cached version
+                                    is not ours - 1 (a change is missing)    ─► 0
                                     each write: field absent   ─► HSET, next seq
                                                 idx < 0        ─► new value, same seq
                                                 else           ─► keep the first
-                                    PEXPIRE both                             ─► 1
+                                    m:ver = ours, PEXPIRE both               ─► 1
     invalidate  EVALSHA drop_ns     DEL entry, SREM N
                 EVALSHA drop_thread DEL <prefix>{T}:e:<each member>, DEL ns set
     lease       SET lease owner NX PX ttl; renew / release: EVALSHA, only if GET = owner
 
-Ids are compared byte by byte in Lua (Lua's ``<`` follows the server's locale),
-which is how Python orders ``str``. Scripts are sent once with SCRIPT LOAD at setup;
+Entries are ordered by the warm head version they carry (integers, compared in Lua),
+never by checkpoint id or write count. Scripts are sent once with SCRIPT LOAD at setup;
 a server that lost them (restart, failover) answers NOSCRIPT and redis-py reloads.
 
 Degraded mode. The hot tier is an accelerator, so a dead or slow Redis must cost a
@@ -64,10 +67,11 @@ from warm; the breaker closes again on the first probe that succeeds.
 Staleness bound. A hot write can fail after warm committed (Redis cut off for this
 process only, or a timeout after the server applied nothing), and another process
 may have written since. With ``hot_check="verify"`` (the default) the router checks
-every hit against the warm head, so such an entry is never served. With
-``hot_check="trusted"`` it is served until it is replaced by a newer checkpoint or
-expires: an entry is at most the TTL (``?ttl=``, else the saver's ``hot_ttl``) older
-than its last successful write, and that is the staleness a trusted reader accepts.
+every hit against the warm head (same checkpoint id and same head version), so
+such an entry is never served. With ``hot_check="trusted"`` it is served until it is
+replaced by a copy of a newer head version or expires: an entry is at most the TTL
+(``?ttl=``, else the saver's ``hot_ttl``) older than its last successful write, and
+that is the staleness a trusted reader accepts.
 
 URL options (defaults): ``prefix`` (``ts:``), ``ttl`` (saver's ``hot_ttl``, seconds),
 ``timeout`` (0.5: a whole call; setup gets ten times it), ``socket_timeout`` (0.25),
@@ -151,7 +155,7 @@ F_ID = "m:id"
 F_FRAME = "m:frame"
 F_LOC = "m:loc"
 F_SEQ = "m:seq"
-META_FIELDS = 4  # the m:* fields above; HLEN minus this is the number of writes
+F_VER = "m:ver"
 WRITE_FIELD = "w"  # w<idx>:<task_id>
 SEQ_WIDTH = 8  # hex digits of the sequence number in front of each write
 
@@ -195,32 +199,21 @@ def _pack_write_value(write: WriteRecord) -> bytes:
 
 # -- Lua: one script per mutation ---------------------------------------------------------
 
-_NEWER = """
-local function newer(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x > y end
-  end
-  return #a > #b
-end
-"""
-
-# KEYS: entry, ns set. ARGV: id, frame, loc, ttl ms, N, then field/value pairs.
-_PUT = _NEWER + """
-local cached = redis.call('HGET', KEYS[1], '$ID')
-local count = (#ARGV - 5) / 2
-if cached then
-  if cached == ARGV[1] then
-    if count < redis.call('HLEN', KEYS[1]) - $META then return 0 end
-  elseif not newer(ARGV[1], cached) then
-    return 0
-  end
+# KEYS: entry, ns set. ARGV: id, frame, loc, ttl ms, N, version, then field/value pairs.
+# Only a strictly newer warm head version replaces an entry: an older write-behind
+# flush never overwrites a newer entry, whatever its checkpoint id and write count.
+_PUT = """
+local version = tonumber(ARGV[6])
+if version <= 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if tonumber(redis.call('HGET', KEYS[1], '$VER') or '0') >= version then return 0 end
   redis.call('DEL', KEYS[1])
 end
-redis.call('HSET', KEYS[1], '$ID', ARGV[1], '$FRAME', ARGV[2], '$LOC', ARGV[3], '$SEQ', count)
-for i = 6, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], string.format('%0${WIDTH}x', (i - 4) / 2) .. ARGV[i + 1])
+local count = (#ARGV - 6) / 2
+redis.call('HSET', KEYS[1], '$ID', ARGV[1], '$FRAME', ARGV[2], '$LOC', ARGV[3], '$SEQ', count,
+           '$VER', ARGV[6])
+for i = 7, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%0${WIDTH}x', (i - 5) / 2) .. ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
@@ -228,10 +221,14 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-# KEYS: entry, ns set. ARGV: id, ttl ms, then field/value pairs. Byte 45 is '-': idx < 0.
+# KEYS: entry, ns set. ARGV: id, ttl ms, version, then field/value pairs. Byte 45 is
+# '-': idx < 0. The writes are merged only into the entry of the version right before
+# theirs: anything else would be missing a change and must stay behind warm.
 _ADD_WRITES = """
 if redis.call('HGET', KEYS[1], '$ID') ~= ARGV[1] then return 0 end
-for i = 3, #ARGV, 2 do
+local cached = tonumber(redis.call('HGET', KEYS[1], '$VER') or '0')
+if cached <= 0 or cached + 1 ~= tonumber(ARGV[3]) then return 0 end
+for i = 4, #ARGV, 2 do
   local old = redis.call('HGET', KEYS[1], ARGV[i])
   if not old then
     local seq = redis.call('HINCRBY', KEYS[1], '$SEQ', 1)
@@ -240,6 +237,7 @@ for i = 3, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], string.sub(old, 1, $WIDTH) .. ARGV[i + 1])
   end
 end
+redis.call('HSET', KEYS[1], '$VER', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
@@ -280,7 +278,7 @@ return 1
 
 def _lua(source: str) -> str:
     return Template(source).substitute(
-        ID=F_ID, FRAME=F_FRAME, LOC=F_LOC, SEQ=F_SEQ, META=META_FIELDS, WIDTH=SEQ_WIDTH
+        ID=F_ID, FRAME=F_FRAME, LOC=F_LOC, SEQ=F_SEQ, VER=F_VER, WIDTH=SEQ_WIDTH
     )
 
 
@@ -700,6 +698,7 @@ class RedisHot:
             msgpack.packb([record.location, record.archive_key], use_bin_type=True),
             self.settings.ttl_ms,
             _digest(record.checkpoint_ns),
+            record.version,
         ]
         for write in merge_writes((), record.writes):
             args += [_write_field(write), _pack_write_value(write)]
@@ -716,10 +715,12 @@ class RedisHot:
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[WriteRecord],
+        *,
+        version: int,
     ) -> bool:
         prefix = self.settings.prefix
         keys = [entry_key(prefix, thread_id, checkpoint_ns), namespaces_key(prefix, thread_id)]
-        args: list[bytes | str | int] = [checkpoint_id, self.settings.ttl_ms]
+        args: list[bytes | str | int] = [checkpoint_id, self.settings.ttl_ms, version]
         for write in writes:
             args += [_write_field(write), _pack_write_value(write)]
         script = self._script("add_writes")
@@ -780,6 +781,7 @@ def _decode_entry(
     frame = raw.get(F_FRAME.encode())
     cached_id = raw.get(F_ID.encode())
     loc = raw.get(F_LOC.encode())
+    ver = raw.get(F_VER.encode())
     if frame is None or cached_id is None or loc is None:
         raise CorruptPayload(f"{where}: entry lacks its meta fields", where=where)
     prefix = WRITE_FIELD.encode()
@@ -789,6 +791,7 @@ def _decode_entry(
             unpack_write(msgpack.unpackb(v[SEQ_WIDTH:], raw=False)) for v in values
         )
         location, archive_key = msgpack.unpackb(loc, raw=False)
+        version = int(ver) if ver is not None else 0  # older entries: unknown, never fresh
     except Exception as exc:
         raise CorruptPayload(f"{where}: damaged write or location ({exc})", where=where) from exc
     record = unpack_stored(frame, writes=writes, where=where)
@@ -798,4 +801,4 @@ def _decode_entry(
         raise CorruptPayload(f"{where}: frame and id field disagree", where=where)
     if location not in ("warm", "archived"):
         raise CorruptPayload(f"{where}: unknown location {location!r}", where=where)
-    return replace(record, location=location, archive_key=archive_key)
+    return replace(record, location=location, archive_key=archive_key, version=version)

@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -235,11 +236,7 @@ class SqliteWarm:
     ) -> StoredCheckpoint | None:
         def fn(conn: sqlite3.Connection) -> StoredCheckpoint | None:
             if checkpoint_id is None:
-                row = conn.execute(
-                    f"SELECT {_COLUMNS} FROM checkpoints WHERE thread_id = ? AND "
-                    "checkpoint_ns = ? ORDER BY checkpoint_id DESC LIMIT 1",
-                    (thread_id, checkpoint_ns),
-                ).fetchone()
+                return self._read_tx(conn, latest)
             else:
                 row = conn.execute(
                     f"SELECT {_COLUMNS} FROM checkpoints WHERE thread_id = ? AND "
@@ -248,7 +245,34 @@ class SqliteWarm:
                 ).fetchone()
             return self._assemble(conn, row) if row else None
 
+        def latest(conn: sqlite3.Connection) -> StoredCheckpoint | None:
+            # One read transaction: the head version comes from the same snapshot as
+            # the checkpoint, so a hot fill never puts an old state under a new version.
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM checkpoints WHERE thread_id = ? AND "
+                "checkpoint_ns = ? ORDER BY checkpoint_id DESC LIMIT 1",
+                (thread_id, checkpoint_ns),
+            ).fetchone()
+            if not row:
+                return None
+            record = self._assemble(conn, row)
+            head = conn.execute(
+                "SELECT version FROM heads WHERE thread_id = ? AND checkpoint_ns = ? "
+                "AND head_id = ?",
+                (thread_id, checkpoint_ns, record.checkpoint_id),
+            ).fetchone()
+            return replace(record, version=int(head[0])) if head else record
+
         return await self._run(fn)
+
+    @staticmethod
+    def _read_tx(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in one deferred (read) transaction: one snapshot of the file."""
+        conn.execute("BEGIN")
+        try:
+            return body(conn)
+        finally:
+            conn.execute("COMMIT")
 
     @staticmethod
     def _assemble(conn: sqlite3.Connection, row: Sequence[Any]) -> StoredCheckpoint:
@@ -445,16 +469,16 @@ class SqliteWarm:
         writes: Sequence[WriteRecord],
         *,
         fence: int | None = None,
-    ) -> None:
+    ) -> int | None:
         if not writes:
-            return
+            return None
         rows = [
             (thread_id, checkpoint_ns, checkpoint_id, w.task_id, w.idx, w.channel,
              w.payload.tag, w.payload.data, w.task_path)
             for w in writes
         ]
 
-        def body(conn: sqlite3.Connection) -> None:
+        def body(conn: sqlite3.Connection) -> int | None:
             self._check_fence(conn, thread_id, fence)
             conn.executemany(
                 "INSERT OR IGNORE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -464,14 +488,16 @@ class SqliteWarm:
                 "INSERT OR REPLACE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [r for r in rows if r[4] < 0],
             )
-            conn.execute(
+            # Every call moves the version, even one that only replaced a write.
+            row = conn.execute(
                 "UPDATE heads SET n_writes = (SELECT count(*) FROM writes WHERE thread_id = ? "
-                "AND checkpoint_ns = ? AND checkpoint_id = ?) "
-                "WHERE thread_id = ? AND checkpoint_ns = ? AND head_id = ?",
+                "AND checkpoint_ns = ? AND checkpoint_id = ?), version = version + 1 "
+                "WHERE thread_id = ? AND checkpoint_ns = ? AND head_id = ? RETURNING version",
                 (thread_id, checkpoint_ns, checkpoint_id) * 2,
-            )
+            ).fetchone()
+            return int(row[0]) if row else None
 
-        await self._run(lambda conn: self._tx(conn, body))
+        return await self._run(lambda conn: self._tx(conn, body))
 
     # -- maintenance ------------------------------------------------------------------
 
@@ -721,6 +747,12 @@ class SqliteWarm:
                     "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'warm'",
                     (archive_key, *key),
                 ).rowcount
+            if changed:  # every cached copy of the head must fail the freshness check
+                conn.execute(
+                    "UPDATE heads SET version = version + 1 WHERE thread_id = ? "
+                    "AND checkpoint_ns = ?",
+                    (thread_id, checkpoint_ns),
+                )
             conn.executemany(
                 "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
                 "AND checkpoint_id = ?",
@@ -773,7 +805,8 @@ class SqliteWarm:
             conn.execute(
                 "UPDATE heads SET n_writes = (SELECT count(*) FROM writes AS w WHERE "
                 "w.thread_id = heads.thread_id AND w.checkpoint_ns = heads.checkpoint_ns AND "
-                "w.checkpoint_id = heads.head_id) WHERE thread_id = ? AND checkpoint_ns = ?",
+                "w.checkpoint_id = heads.head_id), version = version + 1 "
+                "WHERE thread_id = ? AND checkpoint_ns = ?",
                 (t, ns),
             )
 

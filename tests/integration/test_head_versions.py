@@ -1,0 +1,261 @@
+"""A hot hit is never stale, however writes interleave across replicas.
+
+Two replicas of one app (two savers on the same stores) answer one node's three
+``interrupt()`` calls alternately; then savers in separate OS processes apply
+random interleavings of ``aput`` / ``aput_writes``, and after every step each of
+them must read exactly what a single reference saver reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import operator
+import random
+import time
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
+
+from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
+from tierstore import TieredSaver
+from tierstore.demo import build_agent
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import IdleArchival
+
+QUESTIONS = ("first?", "second?", "third?")
+
+
+class Answers(TypedDict):
+    answers: Annotated[list[str], operator.add]
+
+
+def ask_three(_: Answers) -> dict[str, list[str]]:
+    return {"answers": [str(interrupt(q)) for q in QUESTIONS]}
+
+
+def interview() -> StateGraph[Answers]:
+    builder = StateGraph(Answers)
+    builder.add_node("ask", ask_three)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    return builder
+
+
+@pytest.fixture(params=sorted(STACKS))
+def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+def cfg(thread: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread}}
+
+
+def pending_question(state: Any) -> Any:
+    return [i.value for task in state.tasks for i in task.interrupts]
+
+
+async def test_two_replicas_answering_interrupts_alternately(urls: Urls) -> None:
+    """Each resume replaces the interrupt/resume writes of one checkpoint: the number
+    of pending writes stays the same while their content changes. Every replica must
+    see every answer the other one stored, and the thread ends with the right ones."""
+    async with urls.open() as one, urls.open() as two:
+        replicas = [interview().compile(checkpointer=s) for s in (one, two)]
+        config = cfg("interview")
+        await replicas[0].ainvoke({"answers": []}, config)
+        answers = ["red", "green", "blue"]
+        for i, answer in enumerate(answers):
+            app = replicas[(i + 1) % 2]
+            for reader in replicas:  # both replicas agree on the open question
+                assert pending_question(await reader.aget_state(config)) == [QUESTIONS[i]]
+            await app.ainvoke(Command(resume=answer), config)
+        for reader in replicas:
+            state = await reader.aget_state(config)
+            assert state.values["answers"] == answers
+            assert state.next == ()
+
+
+# -- random interleavings across processes ------------------------------------------------
+
+STEPS = 40
+SAVERS = 3
+TASKS = ("node-a", "node-b")
+# channel -> index LangGraph gives it: plain channels keep the first write per
+# (task, idx); the special ones (negative index) replace each other
+WRITE_CHANNELS = ("x", "__interrupt__", "__resume__", "__error__")
+
+
+def _normal(tup: Any) -> Any:
+    """What a reader sees of the latest checkpoint, in a comparable form."""
+    if tup is None:
+        return None
+    parent = tup.parent_config["configurable"]["checkpoint_id"] if tup.parent_config else None
+    writes = sorted((t, c, repr(v)) for t, c, v in tup.pending_writes or ())
+    return (tup.checkpoint["id"], parent, dict(tup.checkpoint["channel_values"]), writes)
+
+
+async def _apply(saver: Any, op: tuple[Any, ...]) -> Any:
+    kind = op[0]
+    if kind == "put":
+        _, config, checkpoint, metadata, versions = op
+        return (await saver.aput(config, checkpoint, metadata, versions))["configurable"][
+            "checkpoint_id"]
+    if kind == "writes":
+        _, config, writes, task_id = op
+        await saver.aput_writes(config, writes, task_id)
+        return None
+    return _normal(await saver.aget_tuple(cfg(op[1])))
+
+
+def _replica(urls: Urls, inbox: Any, outbox: Any) -> None:
+    """One saver in its own process: apply each op sent, answer with its result."""
+
+    async def run() -> None:
+        async with urls.open() as saver:
+            outbox.put(("ready", None))
+            while True:
+                op = await asyncio.to_thread(inbox.get)
+                if op is None:
+                    return
+                try:
+                    outbox.put(("ok", await _apply(saver, op)))
+                except Exception as exc:  # reported to the test, which fails on it
+                    outbox.put(("error", f"{type(exc).__name__}: {exc}"))
+
+    asyncio.run(run())
+
+
+def _script(seed: int, thread: str) -> list[tuple[Any, ...]]:
+    """A random sequence of puts (on the latest, sometimes forking off an older one)
+    and pending writes (mostly on the latest; special channels replace each other)."""
+    rng = random.Random(seed)
+    ops: list[tuple[Any, ...]] = []
+    ids: list[str] = []
+    versions: dict[str, int] = {}
+    values: dict[str, Any] = {}
+    current: dict[str, Any] = {}
+    for step in range(STEPS):
+        if not ids or rng.random() < 0.3:
+            checkpoint = empty_checkpoint()
+            channel = rng.choice(["x", "y"])
+            versions[channel] = versions.get(channel, 0) + 1
+            version = f"{versions[channel]:032}.{step:016}"
+            values[channel], current[channel] = f"{channel}-{step}", version
+            checkpoint["channel_values"] = dict(values)
+            checkpoint["channel_versions"] = dict(current)
+            ids.append(checkpoint["id"])
+            parent = ids[-2] if len(ids) > 1 and rng.random() < 0.9 else None
+            config = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
+                                       **({"checkpoint_id": parent} if parent else {})}}
+            ops.append(("put", config, checkpoint, {"source": "loop", "step": step},
+                        {channel: version}))
+            continue
+        target = ids[-1] if rng.random() < 0.85 else rng.choice(ids)
+        writes = [(rng.choice(WRITE_CHANNELS), f"w{step}") for _ in range(rng.randint(1, 2))]
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
+                                   "checkpoint_id": target}}
+        ops.append(("writes", config, writes, rng.choice(TASKS)))
+    return ops
+
+
+@pytest.fixture(params=sorted(MULTIPROCESS_STACKS))
+def shared_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_random_interleavings_across_processes_match_one_saver(
+    shared_urls: Urls, seed: int,
+) -> None:
+    thread = f"interleaved-{seed}"
+    ops = _script(seed, thread)
+    ctx = multiprocessing.get_context("spawn")
+    channels = [(ctx.Queue(), ctx.Queue()) for _ in range(SAVERS)]
+    procs = [ctx.Process(target=_replica, args=(shared_urls, inbox, outbox), daemon=True)
+             for inbox, outbox in channels]
+    for p in procs:
+        p.start()
+
+    async def call(k: int, op: Any) -> Any:
+        inbox, outbox = channels[k]
+        inbox.put(op)
+        status, value = await asyncio.to_thread(outbox.get, True, 120)
+        assert status == "ok", value
+        return value
+
+    try:
+        for _, outbox in channels:
+            assert (await asyncio.to_thread(outbox.get, True, 120))[0] == "ready"
+        reference = InMemorySaver()
+        rng = random.Random(seed * 1000)
+        for step, op in enumerate(ops):
+            k = rng.randrange(SAVERS)
+            await call(k, op)
+            await _apply(reference, op)
+            expected = await _apply(reference, ("get", thread))
+            for reader in rng.sample(range(SAVERS), SAVERS):
+                got = await call(reader, ("get", thread))
+                assert got == expected, f"step {step} ({op[0]} through saver {k}), " \
+                                        f"read through saver {reader}"
+        assert any(op[0] == "writes" and op[2][0][0] != "x" for op in ops)
+    finally:
+        for inbox, _ in channels:
+            inbox.put(None)
+        for p in procs:
+            await asyncio.to_thread(p.join, 60)
+            if p.exitcode is None:
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+
+
+async def test_a_saver_serves_its_own_copy_only_while_warm_agrees(urls: Urls) -> None:
+    """The process-local copy and the write-behind queue are checked by version too."""
+    saver: TieredSaver
+    async with urls.open() as saver, urls.open() as other:
+        config = cfg("local-copies")
+        stored = await saver.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
+        await saver.aput_writes(stored, [("__interrupt__", "q-1")], "node")
+        first = await saver.aget_tuple(config)
+        assert first is not None and [w[2] for w in first.pending_writes or ()] == ["q-1"]
+        await other.aput_writes(stored, [("__interrupt__", "q-2")], "node")  # same count
+        again = await saver.aget_tuple(config)
+        assert again is not None and [w[2] for w in again.pending_writes or ()] == ["q-2"]
+
+
+def _checkpoint() -> Any:
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {}
+    return checkpoint
+
+
+@pytest.fixture(params=sorted(TIERED_STACKS))
+def tiered_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS[request.param](request, tmp_path)
+
+
+async def test_archiving_a_head_makes_every_cached_copy_miss(tiered_urls: Urls) -> None:
+    """A replica's copy of a head whose data another process moved to cold fails the
+    freshness check: the next read goes to warm (and its stub), not to the copy."""
+    async with tiered_urls.open() as reader, tiered_urls.open() as worker:
+        app = build_agent().compile(checkpointer=reader)
+        config = cfg("archived-under-a-replica")
+        await app.ainvoke({"messages": [HumanMessage("remember the vault code")]}, config)
+        before = await reader.aget_tuple(config)
+        hits = reader.stats.hot_hits
+        assert await reader.aget_tuple(config) == before
+        assert reader.stats.hot_hits == hits + 1  # served from this replica's copy
+        policy = TieringPolicy(archive_after=None, archive_idle_after=60, segment_size=50)
+        report = await IdleArchival(worker, policy).run_once(now=time.time() + 10 * 365 * 86400)
+        assert report.checkpoints > 0
+        hits = reader.stats.hot_hits
+        after = await reader.aget_tuple(config)
+        assert reader.stats.hot_hits == hits  # the copy was not served
+        assert after is not None and before is not None
+        assert after.checkpoint == before.checkpoint
+        assert after.pending_writes == before.pending_writes
