@@ -33,16 +33,35 @@ import builtins
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
+from tierstore.codec.segment import (
+    Segment,
+    pack_segment,
+    segment_key,
+    segment_rewrite,
+    thread_prefix,
+    unpack_segment,
+)
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.hotwriter import HotWriter
 from tierstore.lease import current_fence
 from tierstore.metrics import Metrics
-from tierstore.offload import Offloader
+from tierstore.offload import (
+    COPYING,
+    DELETING,
+    OFFLOAD_STORAGE_CLASS,
+    Offloader,
+    copy_space,
+    delete_space,
+    is_ref,
+    ref_key,
+    thread_space,
+    unreferenced_objects,
+    work_marker,
+)
 from tierstore.policy import is_hot_fresh, matches_filter, merge_writes
 from tierstore.records import (
     BlobRecord,
@@ -288,10 +307,14 @@ class Router:
         return replace(found, thread_id=stub.thread_id, checkpoint_ns=stub.checkpoint_ns)
 
     async def drop_unreferenced_segments(self, stack: TierStack, keys: Sequence[str]) -> int:
-        """Delete the given segments that no stub refers to any more."""
+        """Delete the given segments that no stub refers to any more.
+
+        Only the given keys are looked up (an indexed lookup each), so the cost follows
+        the segments concerned, not the size of the store.
+        """
         if stack.cold is None or not keys:
             return 0
-        live = await stack.warm.archive_refs()
+        live = await stack.warm.archive_refs(keys=keys)
         dead = [k for k in keys if k not in live]
         if dead:
             await stack.cold.delete(dead)
@@ -458,7 +481,7 @@ class Router:
         payloads: dict[int, Payload] = {id(record.checkpoint): record.checkpoint}
         payloads.update({id(b.payload): b.payload for b in new_blobs})
         payloads.update({id(p): p for p in values.values()})
-        small = await offloader.shrink(payloads)
+        small = await offloader.shrink(payloads, thread_id=record.thread_id)
         self.stats.offloaded += sum(1 for k, p in small.items() if p is not payloads[k])
         return (
             replace(record, checkpoint=small[id(record.checkpoint)]),
@@ -476,7 +499,8 @@ class Router:
         stack = self.regions.stack_for(thread_id)
         fence = current_fence(stack.warm, thread_id)
         if stack.offloader is not None:
-            small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
+            small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes},
+                                                 thread_id=thread_id)
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
         await self.metrics.timed(
             "warm", stack.warm, "put_writes",
@@ -504,21 +528,151 @@ class Router:
                 await self._hot(hot, "invalidate", hot.invalidate(thread_id), None)
 
     async def delete_thread(self, thread_id: str) -> None:
+        """Delete a thread from every tier: warm rows, hot entries, offloaded objects, segments.
+
+        ::
+
+            marker ─► warm delete ─► hot invalidate ─► segments no stub names
+                   ─► the thread's offloaded objects ─► marker removed
+
+        A crash after the warm delete leaves the marker, and ``ColdGC`` finishes the
+        job after its grace period. Segments a copy still names stay (they are the
+        copy's data too) and go with the copy's own delete.
+        """
         stack = self.regions.stack_for(thread_id)
         await self._invalidate(stack, [thread_id])
         archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
+        marker = await self._mark(stack, DELETING, thread_id)
         await stack.warm.delete_thread(thread_id)
         await self._invalidate(stack, [thread_id])
+        await self._purge_cold(stack, thread_id, archived)
+        await self._unmark(stack, marker)
+
+    async def _purge_cold(self, stack: TierStack, thread_id: str, archived: Sequence[str]
+                          ) -> None:
+        """The cold side of a thread delete: its unreferenced segments and its objects."""
         if stack.cold is not None:
             own = [k async for k in stack.cold.iter_keys(thread_prefix(thread_id))]
             await self.drop_unreferenced_segments(stack, sorted({*archived, *own}))
+        if stack.offloader is not None:
+            await delete_space(stack.offloader.store, thread_id)
+
+    @staticmethod
+    async def _mark(stack: TierStack, kind: str, thread_id: str) -> str | None:
+        """Leave a note that a thread's offloaded objects are being deleted or copied in."""
+        if stack.offloader is None:
+            return None
+        key, body = work_marker(kind, thread_id)
+        await stack.offloader.store.put(key, body, storage_class=OFFLOAD_STORAGE_CLASS)
+        return key
+
+    @staticmethod
+    async def _unmark(stack: TierStack, marker: str | None) -> None:
+        if marker is not None and stack.offloader is not None:
+            await stack.offloader.store.delete([marker])
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints of some runs from every tier.
+
+        The segments holding archived checkpoints of these runs are found first (one
+        indexed lookup by run), then rewritten without them (``rewrite_segment``):
+        a segment is shared by the checkpoints of one (thread, ns), whichever run
+        wrote them, and by every copy of the thread.
+        """
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
-            before = list(await stack.warm.archive_refs()) if stack.cold else []
+            started = time.time()
+            doomed = await stack.warm.archived_by_runs(run_ids) if stack.cold else {}
             touched = await stack.warm.delete_for_runs(run_ids)
             await self._invalidate(stack, touched)
-            await self.drop_unreferenced_segments(stack, before)
+            for key in sorted(doomed):
+                await self.rewrite_segment(stack, key, doomed[key])
+            await self._drop_unnamed_objects(stack, touched, started)
+
+    async def _drop_unnamed_objects(self, stack: TierStack, thread_ids: Sequence[str],
+                                    started: float) -> None:
+        """After some checkpoints of these threads were deleted, delete the offloaded
+        objects that none of their remaining rows (live, or archived in segments) name."""
+        if stack.offloader is None:
+            return
+        store = stack.offloader.store
+        for thread_id in thread_ids:
+            named = await self._named_objects(stack, thread_id)
+            if named is None:
+                continue
+            objects: dict[str, float] = {}
+            async for key in store.iter_keys(thread_space(thread_id)):
+                if key not in named:
+                    info = await store.info(key)
+                    objects[key] = info.modified if info is not None else 0.0
+            dead = unreferenced_objects(objects, named, started=started)
+            if dead:
+                await store.delete(dead)
+
+    async def _named_objects(self, stack: TierStack, thread_id: str) -> set[str] | None:
+        """Every offloaded object a thread's rows name; None when a segment of it cannot
+        be read now (then nothing of the thread may be deleted)."""
+        named: set[str] = set()
+        async for stored in stack.warm.list(ListQuery(thread_id=thread_id)):
+            row = stored
+            if stored.location == "archived":
+                try:
+                    row = await self.materialize(stack, stored)
+                except CheckpointArchived as exc:
+                    log.warning("thread %r: offloaded objects of deleted checkpoints stay until "
+                                "its archive is readable: %s", thread_id, exc)
+                    return None
+            payloads = (row.checkpoint, *row.blobs.values(), *(w.payload for w in row.writes))
+            named.update(ref_key(p, thread_id) for p in payloads if is_ref(p))
+        return named
+
+    async def rewrite_segment(self, stack: TierStack, key: str, removed: Set[str]) -> str | None:
+        """Rewrite a segment without the checkpoints ``removed``; returns the new key.
+
+        ::
+
+            still named? ─ no ─► drop it
+                 │ yes
+            read, verify ─► pack the rest ─► put new key ─► read back, verify
+                 ─► re-point the stubs of the kept checkpoints ─► drop the old one if unnamed
+
+        A crash at any step loses nothing: the old segment stays until no stub names
+        it, and a new segment nobody names yet is an orphan for ``ColdGC``. A stub of a
+        checkpoint that is not kept (none should remain) keeps the old segment alive.
+        A segment that must be restored first (Glacier) is left as it is, with a warning.
+        """
+        if stack.cold is None:
+            return None
+        new_key: str | None = None
+        if await stack.warm.archive_refs(keys=[key]):
+            try:
+                segment = await self.load_segment(stack, key)
+            except CheckpointArchived as exc:
+                log.warning("segment %r needs a restore before deleted checkpoints can be "
+                            "removed from it: %s", key, exc)
+                return None
+            plan = segment_rewrite(segment.records, removed)
+            if plan:
+                new_key = segment_key(segment.thread_id, segment.checkpoint_ns, plan)
+                data = pack_segment([segment.records[c] for c in plan],
+                                    created_at=segment.created_at)
+                info = await stack.cold.info(key)
+                await stack.cold.put(new_key, data,
+                                     storage_class=info.storage_class if info else None)
+                await self._verify_cold(stack, new_key, data)
+                await stack.warm.repoint_archive(key, new_key, plan)
+        await self.drop_unreferenced_segments(stack, [key])
+        return new_key
+
+    @staticmethod
+    async def _verify_cold(stack: TierStack, key: str, data: bytes) -> None:
+        """The rewritten segment is read back before any stub is moved to it."""
+        assert stack.cold is not None
+        info = await stack.cold.info(key)
+        if info is None or info.size != len(data):
+            raise CorruptPayload(f"segment {key!r} did not land intact in the cold tier",
+                                 where=key)
+        if info.readable and await stack.cold.get(key) != data:
+            raise CorruptPayload(f"segment {key!r} reads back different bytes", where=key)
 
     async def copy_thread(self, source: str, target: str) -> None:
         src, dst = self.regions.stack_for(source), self.regions.stack_for(target)
@@ -526,7 +680,12 @@ class Router:
             raise ResidencyError(
                 f"cannot copy thread {source!r} into {target!r}: they live in different regions"
             )
+        # the copy's references resolve in its own space: objects first, rows second
+        marker = await self._mark(dst, COPYING, target)
+        if dst.offloader is not None and source != target:
+            await copy_space(dst.offloader.store, source, target)
         await dst.warm.copy_thread(source, target)
+        await self._unmark(dst, marker)
         await self._invalidate(dst, [target])
 
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
@@ -535,13 +694,41 @@ class Router:
             stack = self.regions.stack_for(thread_id)
             by_stack.setdefault(id(stack), (stack, []))[1].append(thread_id)
         for stack, threads in by_stack.values():
+            if not keep_latest:  # the "delete" strategy deletes whole threads
+                for thread_id in threads:
+                    await self.delete_thread(thread_id)
+                continue
             before: builtins.list[str] = []
             if stack.cold is not None:
                 for thread_id in threads:
                     before.extend(await stack.warm.archive_refs(thread_id))
+            started = time.time()
             await stack.warm.prune(threads, keep_latest=keep_latest)
             await self._invalidate(stack, threads)
-            await self.drop_unreferenced_segments(stack, before)
+            for key in sorted(set(before)):
+                await self._prune_segment(stack, key)
+            await self._drop_unnamed_objects(stack, threads, started)
+
+    async def _prune_segment(self, stack: TierStack, key: str) -> None:
+        """Rewrite a segment to what the stubs of its own (thread, ns) still name.
+
+        Stubs of copies that name other checkpoints of it keep the old segment alive,
+        so a copy never loses what it reads.
+        """
+        if stack.cold is None:
+            return
+        removed: set[str] = set()
+        if await stack.warm.archive_refs(keys=[key]):
+            try:
+                segment = await self.load_segment(stack, key)
+            except CheckpointArchived as exc:
+                log.warning("segment %r needs a restore before pruned checkpoints can be "
+                            "removed from it: %s", key, exc)
+                return
+            index = await stack.warm.index(segment.thread_id, segment.checkpoint_ns)
+            named = {m.checkpoint_id for m in index if m.archive_key == key}
+            removed = set(segment.records) - named
+        await self.rewrite_segment(stack, key, removed)
 
 
 def _order(record: StoredCheckpoint) -> tuple[str, str, str]:

@@ -42,7 +42,8 @@ from tierstore.jobs.plan import (
     plan_demotion,
     protected_ancestors,
 )
-from tierstore.records import Claim, StoredCheckpoint
+from tierstore.offload import WORK_PREFIX, leftover_objects, read_marker, thread_space
+from tierstore.records import Claim, ListQuery, StoredCheckpoint
 from tierstore.router import TierStack
 
 if TYPE_CHECKING:
@@ -370,7 +371,9 @@ class ColdGC(_Job):
     """Deletes segments no stub refers to, once they are older than a grace period.
 
     The grace period protects a move in flight (segment written, stubs not yet
-    marked); an object whose age the store cannot tell is never collected.
+    marked); an object whose age the store cannot tell is never collected. It also
+    finishes thread deletes and copies a crash interrupted: the offloaded objects of
+    a thread that has no rows, named by a marker older than the grace.
     """
 
     name = "cold-gc"
@@ -382,6 +385,8 @@ class ColdGC(_Job):
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
         if stack.cold is None:
             return
+        if stack.offloader is not None:
+            await self._finish_offload_work(stack, now, report)
         live = await stack.warm.archive_refs()
         doomed = []
         async for key in stack.cold.iter_keys(SEGMENT_PREFIX):
@@ -392,3 +397,31 @@ class ColdGC(_Job):
                 doomed.append(key)
         if doomed:
             report.deleted += await self.saver.router.drop_unreferenced_segments(stack, doomed)
+
+    async def _finish_offload_work(self, stack: TierStack, now: float,
+                                   report: JobReport) -> None:
+        """Finish thread deletes and copies that a crash interrupted (their markers)."""
+        assert stack.offloader is not None
+        store = stack.offloader.store
+        async for marker in store.iter_keys(WORK_PREFIX):
+            info, raw = await store.info(marker), await store.get(marker)
+            if info is None or raw is None:
+                continue
+            try:
+                _kind, thread_id = read_marker(raw)
+            except CorruptPayload as exc:
+                report.errors.append(f"{marker}: {exc}")
+                continue
+            objects: dict[str, float] = {}
+            async for key in store.iter_keys(thread_space(thread_id)):
+                found = await store.info(key)
+                objects[key] = found.modified if found is not None else 0.0
+            rows = [r async for r in stack.warm.list(ListQuery(thread_id=thread_id, limit=1))]
+            doomed = leftover_objects(info.modified, bool(rows), objects, now=now,
+                                      grace=self.grace_seconds)
+            if doomed is None:
+                continue
+            if doomed:
+                await store.delete(doomed)
+            await store.delete([marker])
+            report.deleted += len(doomed)
