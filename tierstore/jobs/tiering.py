@@ -15,7 +15,8 @@ at any step leaves every checkpoint readable and the next run finishes the job::
 Jobs: ``HistoryDemotion`` (old history → cold), ``IdleArchival`` (idle threads →
 cold), ``Retention`` (expired threads deleted or pruned), ``HotExpiry`` (purge the
 in-process hot tier; Redis expires keys itself), ``Rehydrate`` (restored Glacier
-segments back to warm) and ``ColdGC`` (segments no stub refers to).
+segments back to warm) and ``ColdGC`` (segments no stub refers to, and the offloaded
+objects of thread deletes and copies a crash cut short).
 """
 
 from __future__ import annotations
