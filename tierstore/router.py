@@ -574,18 +574,29 @@ class Router:
     async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints of some runs from every tier.
 
-        The segments holding archived checkpoints of these runs are found first (one
-        indexed lookup by run), then rewritten without them (``rewrite_segment``):
-        a segment is shared by the checkpoints of one (thread, ns), whichever run
-        wrote them, and by every copy of the thread.
+        A segment is shared by the checkpoints of one (thread, ns), whichever run
+        wrote them, and by every copy of the thread. So the segments holding archived
+        checkpoints of these runs are found first (one indexed lookup by run) and
+        rewritten without them, the kept stubs moving to the new segment; only then
+        are the runs deleted from warm, and the old segments, named by nothing any
+        more, deleted::
+
+            stubs of the runs ─► rewrite their segments, move the kept stubs
+                ─► warm delete ─► hot invalidate ─► old segments ─► unnamed objects
+
+        A call cut short before the warm delete is finished by calling it again (the
+        runs' stubs still name the old segments); after it, what is left is named by
+        nothing: old segments go with ``ColdGC``, offloaded objects with the thread's
+        next delete or prune.
         """
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
             started = time.time()
             doomed = await stack.warm.archived_by_runs(run_ids) if stack.cold else {}
-            touched = await stack.warm.delete_for_runs(run_ids)
-            await self._invalidate(stack, touched)
             for key in sorted(doomed):
                 await self.rewrite_segment(stack, key, doomed[key])
+            touched = await stack.warm.delete_for_runs(run_ids)
+            await self._invalidate(stack, touched)
+            await self.drop_unreferenced_segments(stack, sorted(doomed))
             await self._drop_unnamed_objects(stack, touched, started)
 
     async def _drop_unnamed_objects(self, stack: TierStack, thread_ids: Sequence[str],
@@ -626,19 +637,20 @@ class Router:
         return named
 
     async def rewrite_segment(self, stack: TierStack, key: str, removed: Set[str]) -> str | None:
-        """Rewrite a segment without the checkpoints ``removed``; returns the new key.
+        """Write a segment again without the checkpoints ``removed``; returns the new key.
 
         ::
 
-            still named? ─ no ─► drop it
+            named by a stub? ─ no ─► nothing to do
                  │ yes
             read, verify ─► pack the rest ─► put new key ─► read back, verify
-                 ─► re-point the stubs of the kept checkpoints ─► drop the old one if unnamed
+                 ─► re-point the stubs of the kept checkpoints
 
-        A crash at any step loses nothing: the old segment stays until no stub names
-        it, and a new segment nobody names yet is an orphan for ``ColdGC``. A stub of a
-        checkpoint that is not kept (none should remain) keeps the old segment alive.
-        A segment that must be restored first (Glacier) is left as it is, with a warning.
+        The old segment is left for the caller to drop once the stubs of ``removed``
+        are gone (``drop_unreferenced_segments``). A crash at any step loses nothing:
+        the old segment stays while any stub names it, and a new segment nobody names
+        yet is an orphan for ``ColdGC``. A segment that must be restored first
+        (Glacier) is left as it is, with a warning.
         """
         if stack.cold is None:
             return None
@@ -660,7 +672,6 @@ class Router:
                                      storage_class=info.storage_class if info else None)
                 await self._verify_cold(stack, new_key, data)
                 await stack.warm.repoint_archive(key, new_key, plan)
-        await self.drop_unreferenced_segments(stack, [key])
         return new_key
 
     @staticmethod
@@ -717,7 +728,6 @@ class Router:
         """
         if stack.cold is None:
             return
-        removed: set[str] = set()
         if await stack.warm.archive_refs(keys=[key]):
             try:
                 segment = await self.load_segment(stack, key)
@@ -727,8 +737,8 @@ class Router:
                 return
             index = await stack.warm.index(segment.thread_id, segment.checkpoint_ns)
             named = {m.checkpoint_id for m in index if m.archive_key == key}
-            removed = set(segment.records) - named
-        await self.rewrite_segment(stack, key, removed)
+            await self.rewrite_segment(stack, key, set(segment.records) - named)
+        await self.drop_unreferenced_segments(stack, [key])
 
 
 def _order(record: StoredCheckpoint) -> tuple[str, str, str]:

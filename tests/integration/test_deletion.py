@@ -366,3 +366,67 @@ async def test_pruned_history_is_gone_from_its_segment(deployment: Deployment) -
         assert values["note"] == "latest" and values["doc"].startswith("latest-doc")
         got = await saver.aget_tuple(generate_config("p"))
         assert got is not None and got.checkpoint["channel_values"]["note"] == "latest"
+
+
+async def shared_segment_with_two_runs(saver: TieredSaver, secret: str) -> list[Any]:
+    kept = await write_chain(saver, "t", [{"note": "kept-1", "doc": large("kept-doc")},
+                                          {"note": "kept-2"}], run_id="keep")
+    await write_chain(saver, "t", [{"note": secret, "doc": large(secret)}], run_id="gone",
+                      parent=kept[-1], first_version=3)
+    await archive_everything(saver)
+    return [(c, v) for c, v in await values_of(saver, "t") if v["note"] != secret]
+
+
+@pytest.mark.parametrize("crash_in", ["repoint_archive", "delete_for_runs"])
+async def test_a_run_delete_cut_short_in_the_rewrite_is_finished_by_a_retry(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch, crash_in: str) -> None:
+    secret = canary()
+    async with deployment.open() as saver:
+        expected = await shared_segment_with_two_runs(saver, secret)
+        warm = saver.router.regions.stacks["default"].warm
+
+        async def crash(*_args: Any, **_kw: Any) -> None:
+            raise RuntimeError("power cut")
+
+        monkeypatch.setattr(warm, crash_in, crash)
+        with pytest.raises(RuntimeError):
+            await saver.adelete_for_runs(["gone"])
+        monkeypatch.undo()
+        # the segments are rewritten before the warm delete: the run is still whole,
+        # so the error tells the caller to retry, and the retry finds its stubs again
+        assert len(await values_of(saver, "t")) == 3
+
+        await saver.adelete_for_runs(["gone"])  # the caller saw the error and retries
+
+        assert await values_of(saver, "t") == expected
+        assert found_in(await deployment.scan(), secret) == []
+
+
+async def test_a_run_delete_cut_short_after_warm_is_finished_by_cold_gc(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierstore.jobs.tiering import ColdGC
+
+    secret = canary()
+    async with deployment.open() as saver:
+        expected = await shared_segment_with_two_runs(saver, secret)
+        [old] = [k for k in await cold_keys(saver) if k.startswith(SEGMENT_PREFIX)]
+        router = saver.router
+
+        async def crash(*_args: Any, **_kw: Any) -> int:
+            raise RuntimeError("power cut")
+
+        monkeypatch.setattr(router, "drop_unreferenced_segments", crash)
+        with pytest.raises(RuntimeError):
+            await saver.adelete_for_runs(["gone"])
+        monkeypatch.undo()
+        assert await values_of(saver, "t") == expected  # nothing kept was lost
+
+        await ColdGC(saver, grace_seconds=3600).run_once(now=time.time() + 7200)
+
+        assert await values_of(saver, "t") == expected
+        keys = await cold_keys(saver)
+        assert old not in keys and [k for k in keys if k.startswith(SEGMENT_PREFIX)]
+        assert "warm" not in found_in(await deployment.scan(), secret)
+        # an offloaded object of the run, if any, goes with the thread's next prune
+        await saver.aprune(["t"], strategy="keep_latest")
+        assert found_in(await deployment.scan(), secret) == []
