@@ -369,11 +369,8 @@ async def test_pruned_history_is_gone_from_its_segment(deployment: Deployment) -
 
 
 async def shared_segment_with_two_runs(saver: TieredSaver, secret: str) -> list[Any]:
-    kept = await write_chain(saver, "t", [{"note": "kept-1", "doc": large("kept-doc")},
-                                          {"note": "kept-2"}], run_id="keep")
-    await write_chain(saver, "t", [{"note": secret, "doc": large(secret)}], run_id="gone",
-                      parent=kept[-1], first_version=3)
-    await archive_everything(saver)
+    """Runs "keep" and "gone" of thread "t" in one segment; what "t" lists without "gone"."""
+    await shared_segment_with_two_runs_archived(saver, secret)
     return [(c, v) for c, v in await values_of(saver, "t") if v["note"] != secret]
 
 
@@ -430,3 +427,38 @@ async def test_a_run_delete_cut_short_after_warm_is_finished_by_cold_gc(
         # an offloaded object of the run, if any, goes with the thread's next prune
         await saver.aprune(["t"], strategy="keep_latest")
         assert found_in(await deployment.scan(), secret) == []
+
+
+async def test_a_run_in_a_glacier_segment_is_deleted_without_harm(
+        postgres_url: str, redis_url: str, moto_endpoint: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from tierstore import CheckpointArchived
+
+    urls, where = server_stack(postgres_url, redis_url, moto_endpoint)
+    urls["cold"] += "&storage_class=GLACIER"
+    try:
+        async with TieredSaver.from_urls(**urls, offload_threshold=THRESHOLD,
+                                         hot_write_delay=0) as saver:
+            secret = canary()
+            await shared_segment_with_two_runs_archived(saver, secret)
+            [old] = [k for k in await cold_keys(saver) if k.startswith(SEGMENT_PREFIX)]
+            warm = saver.router.regions.stacks["default"].warm
+
+            await saver.adelete_for_runs(["gone"])  # the segment cannot be read: kept as is
+
+            assert "needs a restore" in caplog.text
+            assert await warm.archive_refs("t") == {old: 2}  # the kept run still names it
+            assert "warm" not in found_in({"warm": await postgres_bytes(
+                postgres_url, where["schema"])}, secret)
+            with pytest.raises(CheckpointArchived):
+                await saver.aget_tuple(generate_config("t"))
+    finally:
+        await redis_bytes(redis_url, where["prefix"])
+
+
+async def shared_segment_with_two_runs_archived(saver: TieredSaver, secret: str) -> None:
+    kept = await write_chain(saver, "t", [{"note": "kept-1", "doc": large("kept-doc")},
+                                          {"note": "kept-2"}], run_id="keep")
+    await write_chain(saver, "t", [{"note": secret, "doc": large(secret)}], run_id="gone",
+                      parent=kept[-1], first_version=3)
+    await archive_everything(saver)
