@@ -462,3 +462,31 @@ async def shared_segment_with_two_runs_archived(saver: TieredSaver, secret: str)
     await write_chain(saver, "t", [{"note": secret, "doc": large(secret)}], run_id="gone",
                       parent=kept[-1], first_version=3)
     await archive_everything(saver)
+
+
+@pytest.mark.parametrize("pruned", ["source", "copy"])
+async def test_pruning_one_side_of_a_copy_keeps_the_other_whole(
+        deployment: Deployment, pruned: str) -> None:
+    async with deployment.open() as saver:
+        await write_chain(saver, "source", [
+            {"note": "one", "doc": large("doc-one")},
+            {"note": "two"},
+            {"note": "three", "doc": large("doc-three")},
+        ], run_id="r")
+        await archive_everything(saver)  # the copy's stubs share this segment
+        await saver.acopy_thread("source", "copy")
+        history = await values_of(saver, "source")
+        assert len(history) == 3
+
+        await saver.aprune([pruned], strategy="keep_latest")
+
+        other = "copy" if pruned == "source" else "source"
+        assert await values_of(saver, other) == history
+        assert await values_of(saver, pruned) == history[:1]
+        got = await saver.aget_tuple(generate_config(pruned))
+        assert got is not None and got.checkpoint["channel_values"]["doc"].startswith("doc-three")
+        await saver.adelete_thread(other)
+        assert await values_of(saver, pruned) == history[:1]
+        await saver.adelete_thread(pruned)
+        assert [k for k in await cold_keys(saver)
+                if k.startswith((OFFLOAD_PREFIX, SEGMENT_PREFIX))] == []
