@@ -536,8 +536,8 @@ class Router:
                    ─► the thread's offloaded objects ─► marker removed
 
         A crash after the warm delete leaves the marker, and ``ColdGC`` finishes the
-        job after its grace period. Segments a copy still names stay (they are the
-        copy's data too) and go with the copy's own delete.
+        job after its grace period. A segment a copy still names is compacted to the
+        checkpoints the copy names (the copy's own data), and goes with the copy.
         """
         stack = self.regions.stack_for(thread_id)
         await self._invalidate(stack, [thread_id])
@@ -550,10 +550,18 @@ class Router:
 
     async def _purge_cold(self, stack: TierStack, thread_id: str, archived: Sequence[str]
                           ) -> None:
-        """The cold side of a thread delete: its unreferenced segments and its objects."""
+        """The cold side of a thread delete: its segments and its objects.
+
+        A segment a copy still names is compacted to what the copy names.
+        """
         if stack.cold is not None:
             own = [k async for k in stack.cold.iter_keys(thread_prefix(thread_id))]
-            await self.drop_unreferenced_segments(stack, sorted({*archived, *own}))
+            keys = sorted({*archived, *own})
+            named = await stack.warm.archive_refs(keys=keys)
+            for key in keys:
+                if key in named:
+                    await self.compact_segment(stack, key)
+            await self.drop_unreferenced_segments(stack, [k for k in keys if k not in named])
         if stack.offloader is not None:
             await delete_space(stack.offloader.store, thread_id)
 
@@ -591,7 +599,7 @@ class Router:
         """
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
             started = time.time()
-            doomed = await stack.warm.archived_by_runs(run_ids) if stack.cold else {}
+            doomed = await stack.warm.archive_stubs(run_ids=run_ids) if stack.cold else {}
             for key in sorted(doomed):
                 await self.rewrite_segment(stack, key, doomed[key])
             touched = await stack.warm.delete_for_runs(run_ids)
@@ -717,26 +725,27 @@ class Router:
             await stack.warm.prune(threads, keep_latest=keep_latest)
             await self._invalidate(stack, threads)
             for key in sorted(set(before)):
-                await self._prune_segment(stack, key)
+                await self.compact_segment(stack, key)
             await self._drop_unnamed_objects(stack, threads, started)
 
-    async def _prune_segment(self, stack: TierStack, key: str) -> None:
-        """Rewrite a segment to what the stubs of its own (thread, ns) still name.
+    async def compact_segment(self, stack: TierStack, key: str) -> None:
+        """Rewrite a segment to the checkpoints stubs (of any thread) still name, or drop it.
 
-        Stubs of copies that name other checkpoints of it keep the old segment alive,
-        so a copy never loses what it reads.
+        Used after a prune or a thread delete, when the stubs gone are not known in
+        advance: what stays is derived from the stubs left, so running it again (a
+        later prune or delete of any thread naming the segment) finishes what a crash
+        cut short. Every stub moves to the new segment, so the old one is dropped.
         """
         if stack.cold is None:
             return
-        if await stack.warm.archive_refs(keys=[key]):
+        named = (await stack.warm.archive_stubs(keys=[key])).get(key, set())
+        if named:
             try:
                 segment = await self.load_segment(stack, key)
             except CheckpointArchived as exc:
-                log.warning("segment %r needs a restore before pruned checkpoints can be "
-                            "removed from it: %s", key, exc)
+                log.warning("segment %r needs a restore before checkpoints deleted from it "
+                            "can be removed: %s", key, exc)
                 return
-            index = await stack.warm.index(segment.thread_id, segment.checkpoint_ns)
-            named = {m.checkpoint_id for m in index if m.archive_key == key}
             await self.rewrite_segment(stack, key, set(segment.records) - named)
         await self.drop_unreferenced_segments(stack, [key])
 

@@ -7,6 +7,9 @@ import time
 import uuid
 from typing import Any
 
+import pytest
+
+from tierstore.errors import InvalidInput
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
 from .test_warm import chain, cid, record
@@ -137,10 +140,16 @@ async def test_stubs_are_found_by_key_and_run_and_repointed(warm: Any) -> None:
     assert await warm.archive_refs(keys=["seg-a", "nowhere"]) == {"seg-a": 3}
     assert await warm.archive_refs(other, keys=["seg-a", "seg-b"]) == {"seg-b": 3}
     assert await warm.archive_refs(keys=[]) == {}
-    by_run = await warm.archived_by_runs(["run-1"])
+    by_run = await warm.archive_stubs(run_ids=["run-1"])
     assert {k: v for k, v in by_run.items() if k in ("seg-a", "seg-b")} == {
         "seg-a": {cid(1)}, "seg-b": {cid(1)}}
-    assert await warm.archived_by_runs([]) == {}
+    assert await warm.archive_stubs(run_ids=[]) == {}
+    assert await warm.archive_stubs(keys=["seg-b", "nowhere"]) == {
+        "seg-b": {cid(0), cid(1), cid(2)}}
+    assert await warm.archive_stubs(keys=["seg-a", "seg-b"], run_ids=["run-0"]) == {
+        "seg-a": {cid(0), cid(2)}, "seg-b": {cid(0), cid(2)}}
+    with pytest.raises(InvalidInput):
+        await warm.archive_stubs()
     # only the listed checkpoints move; the others keep naming the old segment
     assert await warm.repoint_archive("seg-a", "seg-a2", [cid(0), cid(2)]) == 2
     assert await warm.archive_refs(t) == {"seg-a": 1, "seg-a2": 2}

@@ -490,3 +490,24 @@ async def test_pruning_one_side_of_a_copy_keeps_the_other_whole(
         await saver.adelete_thread(pruned)
         assert [k for k in await cold_keys(saver)
                 if k.startswith((OFFLOAD_PREFIX, SEGMENT_PREFIX))] == []
+
+
+async def test_history_a_pruned_copy_let_go_leaves_with_its_source(
+        deployment: Deployment) -> None:
+    secret = canary()
+    async with deployment.open() as saver:
+        await write_chain(saver, "source", [
+            {"note": secret, "doc": large(secret)},
+            {"note": secret + "-2"},
+            {"note": "latest", "doc": large("latest-doc")},
+        ], run_id="r")
+        await archive_everything(saver)  # one segment, named by the copy's stubs too
+        await saver.acopy_thread("source", "copy")
+        await saver.aprune(["copy"], strategy="keep_latest")  # the source still needs it all
+        assert "cold" in found_in(await deployment.scan(), secret)
+
+        await saver.adelete_thread("source")
+
+        assert found_in(await deployment.scan(), secret) == []
+        [(_id, values)] = await values_of(saver, "copy")
+        assert values["note"] == "latest" and values["doc"].startswith("latest-doc")

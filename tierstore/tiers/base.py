@@ -233,11 +233,14 @@ class WarmStore(Protocol):
         """
         ...
 
-    async def archived_by_runs(self, run_ids: Sequence[str]) -> dict[str, builtins.set[str]]:
-        """Archive key -> checkpoint ids of the stubs that belong to these runs.
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, builtins.set[str]]:
+        """Archive key -> checkpoint ids of the stubs (of any thread) naming it.
 
-        Read before ``delete_for_runs`` so the segments holding those checkpoints can
-        be rewritten without them afterwards.
+        Only stubs naming one of ``keys`` and/or belonging to one of ``run_ids`` (indexed
+        lookups; at least one filter is required). Tells which checkpoints a rewritten
+        segment must keep, and which segments hold the checkpoints of runs to delete.
         """
         ...
 

@@ -1600,15 +1600,22 @@ class MongoWarm:
             ])
         return {str(row["_id"]): int(row["n"]) for row in rows}
 
-    async def archived_by_runs(self, run_ids: Sequence[str]) -> dict[str, builtins.set[str]]:
-        ids = [_text(r, "run_id") for r in run_ids]
-        if not ids:
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, builtins.set[str]]:
+        if keys is None and run_ids is None:
+            raise InvalidInput("archive_stubs needs keys or run_ids")
+        flt: Doc = {"archive_key": {"$type": "string"}}
+        if keys is not None:
+            flt["archive_key"] = {"$in": [_text(k, "key") for k in keys]}
+        if run_ids is not None:
+            flt["run_id"] = {"$in": [_text(r, "run_id") for r in run_ids]}
+        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
             return {}
         out: dict[str, builtins.set[str]] = {}
-        with self._errors("archived_by_runs"):
+        with self._errors("archive_stubs"):
             async for doc in self._c("checkpoints").find(
-                {"run_id": {"$in": ids}, "archive_key": {"$type": "string"}},
-                {"_id": 0, "archive_key": 1, "checkpoint_id": 1},
+                flt, {"_id": 0, "archive_key": 1, "checkpoint_id": 1},
             ):
                 out.setdefault(str(doc["archive_key"]), set()).add(str(doc["checkpoint_id"]))
         return out

@@ -1067,19 +1067,26 @@ class PostgresWarm:
 
         return {key: int(n) for key, n in await self._run("archive_refs", body, read=True)}
 
-    async def archived_by_runs(self, run_ids: Sequence[str]) -> dict[str, set[str]]:
-        if not run_ids:
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, set[str]]:
+        if keys is None and run_ids is None:
+            raise InvalidInput("archive_stubs needs keys or run_ids")
+        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
             return {}
 
         async def body(conn: Conn) -> list[asyncpg.Record]:
             return await conn.fetch(
                 "SELECT archive_key, checkpoint_id FROM tierstore_checkpoints "
-                "WHERE run_id = ANY($1::text[]) AND archive_key IS NOT NULL",
-                list(run_ids),
+                "WHERE archive_key IS NOT NULL "
+                "AND ($1::text[] IS NULL OR archive_key = ANY($1::text[])) "
+                "AND ($2::text[] IS NULL OR run_id = ANY($2::text[]))",
+                list(keys) if keys is not None else None,
+                list(run_ids) if run_ids is not None else None,
             )
 
         out: dict[str, set[str]] = {}
-        for key, checkpoint_id in await self._run("archived_by_runs", body, read=True):
+        for key, checkpoint_id in await self._run("archive_stubs", body, read=True):
             out.setdefault(key, set()).add(checkpoint_id)
         return out
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from tierstore.errors import (
     ConfigurationError,
+    InvalidInput,
     LeaseLost,
     LifecycleError,
     TierUnavailable,
@@ -748,18 +749,27 @@ class SqliteWarm:
             return {}
         return await self._run(fn)
 
-    async def archived_by_runs(self, run_ids: Sequence[str]) -> dict[str, builtins.set[str]]:
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, builtins.set[str]]:
+        if keys is None and run_ids is None:
+            raise InvalidInput("archive_stubs needs keys or run_ids")
+        where, args = ["archive_key IS NOT NULL"], []
+        for column, values in (("archive_key", keys), ("run_id", run_ids)):
+            if values is not None:
+                where.append(f"{column} IN (SELECT value FROM json_each(?))")
+                args.append(json.dumps(builtins.list(values)))
+
         def fn(conn: sqlite3.Connection) -> dict[str, builtins.set[str]]:
             out: dict[str, builtins.set[str]] = {}
             for key, checkpoint_id in conn.execute(
-                "SELECT archive_key, checkpoint_id FROM checkpoints WHERE run_id IN "
-                "(SELECT value FROM json_each(?)) AND archive_key IS NOT NULL",
-                (json.dumps(builtins.list(run_ids)),),
+                f"SELECT archive_key, checkpoint_id FROM checkpoints WHERE {' AND '.join(where)}",
+                args,
             ):
                 out.setdefault(key, set()).add(checkpoint_id)
             return out
 
-        if not run_ids:
+        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
             return {}
         return await self._run(fn)
 
