@@ -3,17 +3,18 @@
 ::
 
     put:  Payload(tag, 20 MB) of thread T ──► object "offload/<h>/<sha256(T)>/<sha256>"
-          ──► Payload(tag+"+ref", ["", sha256, size])
-    get:  Payload(tag+"+ref", …) read for thread T ──► fetch T's object
+          ──► Payload(tag+"+ref", [key, sha256, size])
+    get:  Payload(tag+"+ref", …) read for thread R ──► fetch R's object of that sha256
           ──► verify sha256 and size ──► Payload(tag, 20 MB)
 
 Each thread owns the objects in its own key space (``thread_space``), so deleting a
-thread deletes exactly its objects and never one another thread reads. A reference
-names only the content (``""`` as its key means "in the reading thread's space"), so
-the rows ``copy_thread`` copies resolve to the copy's own objects, which the router
-copies first; a segment shared by a copy is read on behalf of the copy, too. Within
-a thread, objects are content-addressed: the same large value written twice is
-stored once and a retried write never duplicates it.
+thread deletes exactly its objects and never one another thread reads. A key in a
+thread space is read as "this content, in the reading thread's space", so the rows
+``copy_thread`` copies resolve to the copy's own objects, which the router copies
+first; a segment shared by a copy is read on behalf of the copy, too. The key stays
+absolute so a version that predates thread spaces still reads what this one writes.
+Within a thread, objects are content-addressed: the same large value written twice
+is stored once and a retried write never duplicates it.
 
 References written before thread spaces name a global key (``offload/<h>/<sha256>``)
 and stay readable; a thread delete leaves those alone (other threads may share them).
@@ -57,8 +58,6 @@ __all__ = [
 REF = "ref"
 OFFLOAD_PREFIX = "offload/"
 OFFLOAD_STORAGE_CLASS = "STANDARD"
-THREAD_RELATIVE = ""
-"""The key a reference carries when its object lives in the reading thread's space."""
 
 
 def is_ref(payload: Payload) -> bool:
@@ -74,14 +73,20 @@ def thread_space(thread_id: str) -> str:
 def make_ref(payload: Payload, thread_id: str) -> tuple[str, Payload]:
     digest = hashlib.sha256(payload.data).hexdigest()
     key = f"{thread_space(thread_id)}{digest}"
-    body = msgpack.packb([THREAD_RELATIVE, digest, len(payload.data)], use_bin_type=True)
+    body = msgpack.packb([key, digest, len(payload.data)], use_bin_type=True)
     return key, Payload(f"{payload.tag}+{REF}", body)
+
+
+def _resolve(key: str, digest: str, thread_id: str) -> str:
+    """A key in some thread's space means "this content in the reader's space"."""
+    in_a_space = key.startswith(OFFLOAD_PREFIX) and key.count("/") == 3
+    return f"{thread_space(thread_id)}{digest}" if in_a_space else key
 
 
 def ref_key(payload: Payload, thread_id: str) -> str:
     """The object a reference names when read on behalf of ``thread_id``."""
     key, digest, _size = _parse(payload)
-    return f"{thread_space(thread_id)}{digest}" if key == THREAD_RELATIVE else key
+    return _resolve(key, digest, thread_id)
 
 
 def _parse(payload: Payload) -> tuple[str, str, int]:
@@ -189,10 +194,13 @@ class Offloader:
         """The payload behind a reference read on behalf of ``thread_id``."""
         if not is_ref(payload):
             return payload
-        key, digest, size = _parse(payload)
-        if key == THREAD_RELATIVE:
-            key = f"{thread_space(thread_id)}{digest}"
+        stored, digest, size = _parse(payload)
+        key = _resolve(stored, digest, thread_id)
         data = await self.store.get(key)
+        if data is None and key != stored:
+            # a copy made by a version that did not copy objects reads its source's
+            key = stored
+            data = await self.store.get(key)
         if data is None:
             raise CorruptPayload(f"offloaded object {key!r} is missing", where="offload")
         if len(data) != size or hashlib.sha256(data).hexdigest() != digest:

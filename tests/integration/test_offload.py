@@ -146,3 +146,25 @@ def test_leftover_objects_of_an_interrupted_delete_or_copy() -> None:
 def test_unreferenced_objects_spare_named_new_and_ageless_ones() -> None:
     objects = {"a": 10.0, "b": 10.0, "c": 30.0, "d": 0.0}
     assert unreferenced_objects(objects, {"b"}, started=20.0) == ["a"]
+
+
+async def test_a_reference_resolves_in_the_reading_threads_space(tmp_path: Path) -> None:
+    import msgpack
+
+    from tierstore.records import Payload
+
+    objects = FileStore(tmp_path / "cold")
+    offloader = Offloader(objects, threshold=1024)
+    value = Payload("msgpack", os.urandom(4096))
+    [ref] = (await offloader.shrink({1: value}, thread_id="a")).values()
+    key_a = ref_key(ref, "a")
+    assert msgpack.unpackb(ref.data)[0] == key_a  # absolute: older versions read it too
+    assert key_a.startswith(thread_space("a"))
+    assert ref_key(ref, "b") == key_a.replace(thread_space("a"), thread_space("b"))
+    # a copy whose objects were never copied (made by an older version) reads the source's
+    assert await offloader.expand(ref, "b") == value
+    await objects.put(ref_key(ref, "b"), value.data)
+    await objects.delete([key_a])
+    assert await offloader.expand(ref, "b") == value  # its own object from now on
+    with pytest.raises(CorruptPayload, match="missing"):
+        await offloader.expand(ref, "a")
