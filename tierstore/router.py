@@ -636,7 +636,7 @@ class Router:
             if stored.location == "archived":
                 try:
                     row = await self.materialize(stack, stored)
-                except CheckpointArchived as exc:
+                except (CheckpointArchived, CorruptPayload) as exc:
                     log.warning("thread %r: offloaded objects of deleted checkpoints stay until "
                                 "its archive is readable: %s", thread_id, exc)
                     return None
@@ -658,7 +658,7 @@ class Router:
         are gone (``drop_unreferenced_segments``). A crash at any step loses nothing:
         the old segment stays while any stub names it, and a new segment nobody names
         yet is an orphan for ``ColdGC``. A segment that must be restored first
-        (Glacier) is left as it is, with a warning.
+        (Glacier), or that is damaged or missing, is left as it is, with a warning.
         """
         if stack.cold is None:
             return None
@@ -666,9 +666,11 @@ class Router:
         if await stack.warm.archive_refs(keys=[key]):
             try:
                 segment = await self.load_segment(stack, key)
-            except CheckpointArchived as exc:
-                log.warning("segment %r needs a restore before deleted checkpoints can be "
-                            "removed from it: %s", key, exc)
+            except (CheckpointArchived, CorruptPayload) as exc:
+                # a delete is never refused for the archive's sake: what it removes from
+                # warm goes; the segment stays as it is for the stubs that name it
+                log.warning("segment %r cannot be read (%s); deleted checkpoints stay in it "
+                            "until it can", key, exc)
                 return None
             plan = segment_rewrite(segment.records, removed)
             if plan:
@@ -742,9 +744,9 @@ class Router:
         if named:
             try:
                 segment = await self.load_segment(stack, key)
-            except CheckpointArchived as exc:
-                log.warning("segment %r needs a restore before checkpoints deleted from it "
-                            "can be removed: %s", key, exc)
+            except (CheckpointArchived, CorruptPayload) as exc:
+                log.warning("segment %r cannot be read (%s); deleted checkpoints stay in it "
+                            "until it can", key, exc)
                 return
             await self.rewrite_segment(stack, key, set(segment.records) - named)
         await self.drop_unreferenced_segments(stack, [key])

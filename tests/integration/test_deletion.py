@@ -446,7 +446,7 @@ async def test_a_run_in_a_glacier_segment_is_deleted_without_harm(
 
             await saver.adelete_for_runs(["gone"])  # the segment cannot be read: kept as is
 
-            assert "needs a restore" in caplog.text
+            assert "cannot be read" in caplog.text
             assert await warm.archive_refs("t") == {old: 2}  # the kept run still names it
             assert "warm" not in found_in({"warm": await postgres_bytes(
                 postgres_url, where["schema"])}, secret)
@@ -511,3 +511,22 @@ async def test_history_a_pruned_copy_let_go_leaves_with_its_source(
         assert found_in(await deployment.scan(), secret) == []
         [(_id, values)] = await values_of(saver, "copy")
         assert values["note"] == "latest" and values["doc"].startswith("latest-doc")
+
+
+async def test_a_damaged_segment_does_not_block_deleting_a_run(
+        deployment: Deployment, caplog: pytest.LogCaptureFixture) -> None:
+    secret = canary()
+    async with deployment.open() as saver:
+        await shared_segment_with_two_runs_archived(saver, secret)
+        [key] = [k for k in await cold_keys(saver) if k.startswith(SEGMENT_PREFIX)]
+        stack = saver.router.regions.stacks["default"]
+        assert stack.cold is not None
+        await stack.cold.put(key, b"TSEG damaged")
+        saver.router._segments.clear()
+
+        await saver.adelete_for_runs(["gone"])  # not refused: warm loses the run
+
+        assert "cannot be read" in caplog.text
+        assert await stack.warm.archive_stubs(keys=[key]) == {key: {
+            m.checkpoint_id for m in await stack.warm.index("t", "")}}
+        assert len(await stack.warm.index("t", "")) == 2
