@@ -42,12 +42,14 @@ __all__ = [
     "OFFLOAD_STORAGE_CLASS",
     "Offloader",
     "REF",
+    "SWEEPING",
     "WORK_PREFIX",
     "collectable_orphans",
     "copy_space",
     "delete_space",
     "is_ref",
     "leftover_objects",
+    "marker_due",
     "read_marker",
     "ref_key",
     "thread_space",
@@ -101,6 +103,8 @@ WORK_PREFIX = "offload-work/"
 """Markers of thread deletes and copies in progress (see ``work_marker``)."""
 DELETING = "delete"
 COPYING = "copy"
+SWEEPING = "sweep"
+"""Some checkpoints of the thread were deleted: objects only they named must go."""
 
 
 def work_marker(kind: str, thread_id: str) -> tuple[str, bytes]:
@@ -138,11 +142,16 @@ def leftover_objects(
     object; otherwise nothing names them, and all but those of a put in flight (newer
     than the grace) go.
     """
-    if not 0 < marker_modified < now - grace:
+    if not marker_due(marker_modified, now=now, grace=grace):
         return None
     if thread_has_rows:
         return []
     return sorted(k for k, modified in objects.items() if 0 < modified < now - grace)
+
+
+def marker_due(marker_modified: float, *, now: float, grace: float) -> bool:
+    """Is a work marker old enough to mean a crash (not work still running)?"""
+    return 0 < marker_modified < now - grace
 
 
 def unreferenced_objects(objects: Mapping[str, float], named: Set[str], *,

@@ -53,6 +53,7 @@ from tierstore.offload import (
     COPYING,
     DELETING,
     OFFLOAD_STORAGE_CLASS,
+    SWEEPING,
     Offloader,
     copy_space,
     delete_space,
@@ -567,7 +568,8 @@ class Router:
 
     @staticmethod
     async def _mark(stack: TierStack, kind: str, thread_id: str) -> str | None:
-        """Leave a note that a thread's offloaded objects are being deleted or copied in."""
+        """Leave a note that a thread's offloaded objects are being deleted, copied in or
+        swept (``ColdGC`` finishes the work if the note outlives its grace period)."""
         if stack.offloader is None:
             return None
         key, body = work_marker(kind, thread_id)
@@ -594,8 +596,8 @@ class Router:
 
         A call cut short before the warm delete is finished by calling it again (the
         runs' stubs still name the old segments); after it, what is left is named by
-        nothing: old segments go with ``ColdGC``, offloaded objects with the thread's
-        next delete or prune.
+        nothing: old segments go with ``ColdGC``, and so do the offloaded objects of
+        each touched thread (a marker names the thread until they are swept).
         """
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
             started = time.time()
@@ -603,17 +605,22 @@ class Router:
             for key in sorted(doomed):
                 await self.rewrite_segment(stack, key, doomed[key])
             touched = await stack.warm.delete_for_runs(run_ids)
+            markers = [await self._mark(stack, SWEEPING, t) for t in touched]
             await self._invalidate(stack, touched)
             await self.drop_unreferenced_segments(stack, sorted(doomed))
-            await self._drop_unnamed_objects(stack, touched, started)
+            await self.drop_unnamed_objects(stack, touched, started=started)
+            for marker in markers:
+                await self._unmark(stack, marker)
 
-    async def _drop_unnamed_objects(self, stack: TierStack, thread_ids: Sequence[str],
-                                    started: float) -> None:
+    async def drop_unnamed_objects(self, stack: TierStack, thread_ids: Sequence[str], *,
+                                   started: float) -> int:
         """After some checkpoints of these threads were deleted, delete the offloaded
-        objects that none of their remaining rows (live, or archived in segments) name."""
+        objects that none of their remaining rows (live, or archived in segments) name
+        and that were written no later than ``started``; returns how many."""
         if stack.offloader is None:
-            return
+            return 0
         store = stack.offloader.store
+        dropped = 0
         for thread_id in thread_ids:
             named = await self._named_objects(stack, thread_id)
             if named is None:
@@ -626,6 +633,8 @@ class Router:
             dead = unreferenced_objects(objects, named, started=started)
             if dead:
                 await store.delete(dead)
+                dropped += len(dead)
+        return dropped
 
     async def _named_objects(self, stack: TierStack, thread_id: str) -> set[str] | None:
         """Every offloaded object a thread's rows name; None when a segment of it cannot
@@ -724,11 +733,14 @@ class Router:
                 for thread_id in threads:
                     before.extend(await stack.warm.archive_refs(thread_id))
             started = time.time()
+            markers = [await self._mark(stack, SWEEPING, t) for t in threads]
             await stack.warm.prune(threads, keep_latest=keep_latest)
             await self._invalidate(stack, threads)
             for key in sorted(set(before)):
                 await self.compact_segment(stack, key)
-            await self._drop_unnamed_objects(stack, threads, started)
+            await self.drop_unnamed_objects(stack, threads, started=started)
+            for marker in markers:
+                await self._unmark(stack, marker)
 
     async def compact_segment(self, stack: TierStack, key: str) -> None:
         """Rewrite a segment to the checkpoints stubs (of any thread) still name, or drop it.

@@ -43,7 +43,14 @@ from tierstore.jobs.plan import (
     plan_demotion,
     protected_ancestors,
 )
-from tierstore.offload import WORK_PREFIX, leftover_objects, read_marker, thread_space
+from tierstore.offload import (
+    SWEEPING,
+    WORK_PREFIX,
+    leftover_objects,
+    marker_due,
+    read_marker,
+    thread_space,
+)
 from tierstore.records import Claim, ListQuery, StoredCheckpoint
 from tierstore.router import TierStack
 
@@ -401,7 +408,7 @@ class ColdGC(_Job):
 
     async def _finish_offload_work(self, stack: TierStack, now: float,
                                    report: JobReport) -> None:
-        """Finish thread deletes and copies that a crash interrupted (their markers)."""
+        """Finish thread deletes, copies and sweeps that a crash interrupted (their markers)."""
         assert stack.offloader is not None
         store = stack.offloader.store
         async for marker in store.iter_keys(WORK_PREFIX):
@@ -409,9 +416,15 @@ class ColdGC(_Job):
             if info is None or raw is None:
                 continue
             try:
-                _kind, thread_id = read_marker(raw)
+                kind, thread_id = read_marker(raw)
             except CorruptPayload as exc:
                 report.errors.append(f"{marker}: {exc}")
+                continue
+            if kind == SWEEPING:
+                if marker_due(info.modified, now=now, grace=self.grace_seconds):
+                    report.deleted += await self.saver.router.drop_unnamed_objects(
+                        stack, [thread_id], started=info.modified)
+                    await store.delete([marker])
                 continue
             objects: dict[str, float] = {}
             async for key in store.iter_keys(thread_space(thread_id)):
