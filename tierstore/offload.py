@@ -2,20 +2,31 @@
 
 ::
 
-    put:  Payload(tag, 20 MB) ──► object "offload/<sha256>"
+    put:  Payload(tag, 20 MB) of thread T ──► object "offload/<h>/<sha256(T)>/<sha256>"
           ──► Payload(tag+"+ref", [key, sha256, size])
-    get:  Payload(tag+"+ref", …) ──► fetch object ──► verify sha256 and size ──► Payload(tag, 20 MB)
+    get:  Payload(tag+"+ref", …) read for thread R ──► fetch R's object of that sha256
+          ──► verify sha256 and size ──► Payload(tag, 20 MB)
 
-Objects are content-addressed, so the same large value written twice is stored
-once and a retried write never duplicates it. An object that no warm row refers
-to any more is an orphan; ``collectable_orphans`` says which keys those are.
+Each thread owns the objects in its own key space (``thread_space``), so deleting a
+thread deletes exactly its objects and never one another thread reads. A key in a
+thread space is read as "this content, in the reading thread's space", so the rows
+``copy_thread`` copies resolve to the copy's own objects, which the router copies
+first; a segment shared by a copy is read on behalf of the copy, too. The key stays
+absolute so a version that predates thread spaces still reads what this one writes.
+Within a thread, objects are content-addressed: the same large value written twice
+is stored once and a retried write never duplicates it.
+
+References written before thread spaces name a global key (``offload/<h>/<sha256>``)
+and stay readable; a thread delete leaves those alone (other threads may share them).
+An object that no warm row refers to any more is an orphan; ``collectable_orphans``
+says which keys those are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
 
 import msgpack
@@ -24,7 +35,27 @@ from tierstore.errors import CorruptPayload
 from tierstore.records import Payload, StoredCheckpoint
 from tierstore.tiers.base import ObjectStore
 
-__all__ = ["OFFLOAD_PREFIX", "REF", "Offloader", "collectable_orphans", "ref_key"]
+__all__ = [
+    "COPYING",
+    "DELETING",
+    "OFFLOAD_PREFIX",
+    "OFFLOAD_STORAGE_CLASS",
+    "Offloader",
+    "REF",
+    "SWEEPING",
+    "WORK_PREFIX",
+    "collectable_orphans",
+    "copy_space",
+    "delete_space",
+    "is_ref",
+    "leftover_objects",
+    "marker_due",
+    "read_marker",
+    "ref_key",
+    "thread_space",
+    "unreferenced_objects",
+    "work_marker",
+]
 
 REF = "ref"
 OFFLOAD_PREFIX = "offload/"
@@ -35,16 +66,29 @@ def is_ref(payload: Payload) -> bool:
     return payload.tag.endswith("+" + REF)
 
 
-def make_ref(payload: Payload) -> tuple[str, Payload]:
+def thread_space(thread_id: str) -> str:
+    """Every offloaded object of one thread has a key that starts with this."""
+    h = hashlib.sha256(thread_id.encode("utf-8")).hexdigest()
+    return f"{OFFLOAD_PREFIX}{h[:2]}/{h}/"
+
+
+def make_ref(payload: Payload, thread_id: str) -> tuple[str, Payload]:
     digest = hashlib.sha256(payload.data).hexdigest()
-    key = f"{OFFLOAD_PREFIX}{digest[:2]}/{digest}"
+    key = f"{thread_space(thread_id)}{digest}"
     body = msgpack.packb([key, digest, len(payload.data)], use_bin_type=True)
     return key, Payload(f"{payload.tag}+{REF}", body)
 
 
-def ref_key(payload: Payload) -> str:
-    key, _digest, _size = _parse(payload)
-    return key
+def _resolve(key: str, digest: str, thread_id: str) -> str:
+    """A key in some thread's space means "this content in the reader's space"."""
+    in_a_space = key.startswith(OFFLOAD_PREFIX) and key.count("/") == 3
+    return f"{thread_space(thread_id)}{digest}" if in_a_space else key
+
+
+def ref_key(payload: Payload, thread_id: str) -> str:
+    """The object a reference names when read on behalf of ``thread_id``."""
+    key, digest, _size = _parse(payload)
+    return _resolve(key, digest, thread_id)
 
 
 def _parse(payload: Payload) -> tuple[str, str, int]:
@@ -53,6 +97,73 @@ def _parse(payload: Payload) -> tuple[str, str, int]:
         return str(key), str(digest), int(size)
     except Exception as exc:
         raise CorruptPayload(f"damaged offload reference ({exc})", where="offload") from exc
+
+
+WORK_PREFIX = "offload-work/"
+"""Markers of thread deletes and copies in progress (see ``work_marker``)."""
+DELETING = "delete"
+COPYING = "copy"
+SWEEPING = "sweep"
+"""Some checkpoints of the thread were deleted: objects only they named must go."""
+
+
+def work_marker(kind: str, thread_id: str) -> tuple[str, bytes]:
+    """Key and body of the marker left while a thread's objects are deleted or copied in.
+
+    Removed when the work is done; one left behind means a crash, and ``ColdGC``
+    decides with ``leftover_objects`` what to delete.
+    """
+    h = hashlib.sha256(thread_id.encode("utf-8")).hexdigest()
+    return f"{WORK_PREFIX}{kind}/{h}", msgpack.packb([kind, thread_id], use_bin_type=True)
+
+
+def read_marker(data: bytes) -> tuple[str, str]:
+    try:
+        kind, thread_id = msgpack.unpackb(data, raw=False)
+        return str(kind), str(thread_id)
+    except Exception as exc:
+        raise CorruptPayload(f"damaged offload work marker ({exc})", where="offload") from exc
+
+
+def leftover_objects(
+    marker_modified: float,
+    thread_has_rows: bool,
+    objects: Mapping[str, float],
+    *,
+    now: float,
+    grace: float,
+) -> list[str] | None:
+    """The objects to delete for a marker a crash left behind; None: not decided yet.
+
+    ``objects`` maps each key in the thread's space to its last write time (0.0 when
+    the store cannot tell, which never qualifies). A marker younger than ``grace``
+    may belong to work still running. A thread that has rows again (the delete never
+    reached warm, the copy finished, or the thread was written anew) keeps every
+    object; otherwise nothing names them, and all but those of a put in flight (newer
+    than the grace) go.
+    """
+    if not marker_due(marker_modified, now=now, grace=grace):
+        return None
+    if thread_has_rows:
+        return []
+    return sorted(k for k, modified in objects.items() if 0 < modified < now - grace)
+
+
+def marker_due(marker_modified: float, *, now: float, grace: float) -> bool:
+    """Is a work marker old enough to mean a crash (not work still running)?"""
+    return 0 < marker_modified < now - grace
+
+
+def unreferenced_objects(objects: Mapping[str, float], named: Set[str], *,
+                         started: float) -> list[str]:
+    """Objects of a thread's space that its rows no longer name, after some were deleted.
+
+    Only objects last written no later than ``started`` (when the delete began)
+    qualify: one written since may belong to a put still in flight. An object whose
+    age the store cannot tell (0.0) is kept.
+    """
+    return sorted(k for k, modified in objects.items()
+                  if k not in named and 0 < modified <= started)
 
 
 def collectable_orphans(stored_keys: Iterable[str], referenced: Iterable[str]) -> list[str]:
@@ -68,13 +179,17 @@ class Offloader:
         self.store = store
         self.threshold = threshold
 
-    async def shrink(self, payloads: Mapping[int, Payload]) -> dict[int, Payload]:
-        """Replace every payload over the threshold by a reference (keys are caller ids)."""
+    async def shrink(self, payloads: Mapping[int, Payload], *,
+                     thread_id: str) -> dict[int, Payload]:
+        """Replace every payload over the threshold by a reference (keys are caller ids).
+
+        The objects go into ``thread_id``'s space: the thread the payloads belong to.
+        """
         out: dict[int, Payload] = {}
         uploads: dict[str, bytes] = {}
         for ident, payload in payloads.items():
             if payload.size > self.threshold and not is_ref(payload):
-                key, ref = make_ref(payload)
+                key, ref = make_ref(payload, thread_id)
                 uploads[key] = payload.data
                 out[ident] = ref
             else:
@@ -84,11 +199,17 @@ class Offloader:
         )
         return out
 
-    async def expand(self, payload: Payload) -> Payload:
+    async def expand(self, payload: Payload, thread_id: str) -> Payload:
+        """The payload behind a reference read on behalf of ``thread_id``."""
         if not is_ref(payload):
             return payload
-        key, digest, size = _parse(payload)
+        stored, digest, size = _parse(payload)
+        key = _resolve(stored, digest, thread_id)
         data = await self.store.get(key)
+        if data is None and key != stored:
+            # a copy made by a version that did not copy objects reads its source's
+            key = stored
+            data = await self.store.get(key)
         if data is None:
             raise CorruptPayload(f"offloaded object {key!r} is missing", where="offload")
         if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
@@ -99,10 +220,11 @@ class Offloader:
         refs = [record.checkpoint, *record.blobs.values(), *(w.payload for w in record.writes)]
         if not any(is_ref(p) for p in refs):
             return record
-        checkpoint = await self.expand(record.checkpoint)
+        t = record.thread_id
+        checkpoint = await self.expand(record.checkpoint, t)
         names = list(record.blobs)
-        values = await asyncio.gather(*(self.expand(record.blobs[n]) for n in names))
-        payloads = await asyncio.gather(*(self.expand(w.payload) for w in record.writes))
+        values = await asyncio.gather(*(self.expand(record.blobs[n], t) for n in names))
+        payloads = await asyncio.gather(*(self.expand(w.payload, t) for w in record.writes))
         return replace(
             record,
             checkpoint=checkpoint,
@@ -110,3 +232,29 @@ class Offloader:
             writes=tuple(replace(w, payload=p) for w, p in zip(record.writes, payloads,
                                                               strict=True)),
         )
+
+
+async def copy_space(store: ObjectStore, source_thread_id: str, target_thread_id: str) -> int:
+    """Copy every offloaded object of one thread into another thread's space.
+
+    Runs before the warm rows are copied, so every reference the copy gets already
+    resolves; a crash in between leaves objects in the target's space that nothing
+    names yet (deleting the target, or ``ColdGC`` via a marker, removes them).
+    """
+    source, target = thread_space(source_thread_id), thread_space(target_thread_id)
+    copied = 0
+    async for key in store.iter_keys(source):
+        data = await store.get(key)
+        if data is None:  # deleted meanwhile: nothing left to copy
+            continue
+        await store.put(target + key[len(source):], data, storage_class=OFFLOAD_STORAGE_CLASS)
+        copied += 1
+    return copied
+
+
+async def delete_space(store: ObjectStore, thread_id: str) -> int:
+    """Delete every offloaded object of a thread (its warm rows are gone already)."""
+    keys = [k async for k in store.iter_keys(thread_space(thread_id))]
+    if keys:
+        await store.delete(keys)
+    return len(keys)

@@ -39,17 +39,37 @@ import builtins
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from tierstore.codec.limits import DecodeLimits
-from tierstore.codec.segment import Segment, thread_prefix, unpack_segment
+from tierstore.codec.segment import (
+    Segment,
+    pack_segment,
+    segment_key,
+    segment_rewrite,
+    thread_prefix,
+    unpack_segment,
+)
 from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
 from tierstore.hotwriter import HotWriter
 from tierstore.lease import current_fence
 from tierstore.metrics import Metrics
-from tierstore.offload import Offloader
+from tierstore.offload import (
+    COPYING,
+    DELETING,
+    OFFLOAD_STORAGE_CLASS,
+    SWEEPING,
+    Offloader,
+    copy_space,
+    delete_space,
+    is_ref,
+    ref_key,
+    thread_space,
+    unreferenced_objects,
+    work_marker,
+)
 from tierstore.policy import chain_writes, is_hot_fresh, matches_filter
 from tierstore.records import (
     BlobRecord,
@@ -299,10 +319,14 @@ class Router:
         return replace(found, thread_id=stub.thread_id, checkpoint_ns=stub.checkpoint_ns)
 
     async def drop_unreferenced_segments(self, stack: TierStack, keys: Sequence[str]) -> int:
-        """Delete the given segments that no stub refers to any more."""
+        """Delete the given segments that no stub refers to any more.
+
+        Only the given keys are looked up (an indexed lookup each), so the cost follows
+        the segments concerned, not the size of the store.
+        """
         if stack.cold is None or not keys:
             return 0
-        live = await stack.warm.archive_refs()
+        live = await stack.warm.archive_refs(keys=keys)
         dead = [k for k in keys if k not in live]
         if dead:
             await stack.cold.delete(dead)
@@ -481,7 +505,7 @@ class Router:
         payloads: dict[int, Payload] = {id(record.checkpoint): record.checkpoint}
         payloads.update({id(b.payload): b.payload for b in new_blobs})
         payloads.update({id(p): p for p in values.values()})
-        small = await offloader.shrink(payloads)
+        small = await offloader.shrink(payloads, thread_id=record.thread_id)
         self.stats.offloaded += sum(1 for k, p in small.items() if p is not payloads[k])
         return (
             replace(record, checkpoint=small[id(record.checkpoint)]),
@@ -499,7 +523,8 @@ class Router:
         stack = self.regions.stack_for(thread_id)
         fence = current_fence(stack.warm, thread_id)
         if stack.offloader is not None:
-            small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes})
+            small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes},
+                                                 thread_id=thread_id)
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
         version = await self.metrics.timed(
             "warm", stack.warm, "put_writes",
@@ -530,21 +555,180 @@ class Router:
                 await self._hot(hot, "invalidate", hot.invalidate(thread_id), None)
 
     async def delete_thread(self, thread_id: str) -> None:
+        """Delete a thread from every tier: warm rows, hot entries, offloaded objects, segments.
+
+        ::
+
+            marker ─► warm delete ─► hot invalidate ─► segments no stub names
+                   ─► the thread's offloaded objects ─► marker removed
+
+        A crash after the warm delete leaves the marker, and ``ColdGC`` finishes the
+        job after its grace period. A segment a copy still names is compacted to the
+        checkpoints the copy names (the copy's own data), and goes with the copy.
+        """
         stack = self.regions.stack_for(thread_id)
         await self._invalidate(stack, [thread_id])
         archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
+        marker = await self._mark(stack, DELETING, thread_id)
         await stack.warm.delete_thread(thread_id)
         await self._invalidate(stack, [thread_id])
+        await self._purge_cold(stack, thread_id, archived)
+        await self._unmark(stack, marker)
+
+    async def _purge_cold(self, stack: TierStack, thread_id: str, archived: Sequence[str]
+                          ) -> None:
+        """The cold side of a thread delete: its segments and its objects.
+
+        A segment a copy still names is compacted to what the copy names.
+        """
         if stack.cold is not None:
             own = [k async for k in stack.cold.iter_keys(thread_prefix(thread_id))]
-            await self.drop_unreferenced_segments(stack, sorted({*archived, *own}))
+            keys = sorted({*archived, *own})
+            named = await stack.warm.archive_refs(keys=keys)
+            for key in keys:
+                if key in named:
+                    await self.compact_segment(stack, key)
+            await self.drop_unreferenced_segments(stack, [k for k in keys if k not in named])
+        if stack.offloader is not None:
+            await delete_space(stack.offloader.store, thread_id)
+
+    @staticmethod
+    async def _mark(stack: TierStack, kind: str, thread_id: str) -> str | None:
+        """Leave a note that a thread's offloaded objects are being deleted, copied in or
+        swept (``ColdGC`` finishes the work if the note outlives its grace period)."""
+        if stack.offloader is None:
+            return None
+        key, body = work_marker(kind, thread_id)
+        await stack.offloader.store.put(key, body, storage_class=OFFLOAD_STORAGE_CLASS)
+        return key
+
+    @staticmethod
+    async def _unmark(stack: TierStack, marker: str | None) -> None:
+        if marker is not None and stack.offloader is not None:
+            await stack.offloader.store.delete([marker])
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints of some runs from every tier.
+
+        A segment is shared by the checkpoints of one (thread, ns), whichever run
+        wrote them, and by every copy of the thread. So the segments holding archived
+        checkpoints of these runs are found first (one indexed lookup by run) and
+        rewritten without them, the kept stubs moving to the new segment; only then
+        are the runs deleted from warm, and the old segments, named by nothing any
+        more, deleted::
+
+            stubs of the runs ─► rewrite their segments, move the kept stubs
+                ─► warm delete ─► hot invalidate ─► old segments ─► unnamed objects
+
+        A call cut short before the warm delete is finished by calling it again (the
+        runs' stubs still name the old segments); after it, what is left is named by
+        nothing: old segments go with ``ColdGC``, and so do the offloaded objects of
+        each touched thread (a marker names the thread until they are swept).
+        """
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
-            before = list(await stack.warm.archive_refs()) if stack.cold else []
+            started = time.time()
+            doomed = await stack.warm.archive_stubs(run_ids=run_ids) if stack.cold else {}
+            for key in sorted(doomed):
+                await self.rewrite_segment(stack, key, doomed[key])
             touched = await stack.warm.delete_for_runs(run_ids)
+            markers = [await self._mark(stack, SWEEPING, t) for t in touched]
             await self._invalidate(stack, touched)
-            await self.drop_unreferenced_segments(stack, before)
+            await self.drop_unreferenced_segments(stack, sorted(doomed))
+            await self.drop_unnamed_objects(stack, touched, started=started)
+            for marker in markers:
+                await self._unmark(stack, marker)
+
+    async def drop_unnamed_objects(self, stack: TierStack, thread_ids: Sequence[str], *,
+                                   started: float) -> int:
+        """After some checkpoints of these threads were deleted, delete the offloaded
+        objects that none of their remaining rows (live, or archived in segments) name
+        and that were written no later than ``started``; returns how many."""
+        if stack.offloader is None:
+            return 0
+        store = stack.offloader.store
+        dropped = 0
+        for thread_id in thread_ids:
+            named = await self._named_objects(stack, thread_id)
+            if named is None:
+                continue
+            objects: dict[str, float] = {}
+            async for key in store.iter_keys(thread_space(thread_id)):
+                if key not in named:
+                    info = await store.info(key)
+                    objects[key] = info.modified if info is not None else 0.0
+            dead = unreferenced_objects(objects, named, started=started)
+            if dead:
+                await store.delete(dead)
+                dropped += len(dead)
+        return dropped
+
+    async def _named_objects(self, stack: TierStack, thread_id: str) -> set[str] | None:
+        """Every offloaded object a thread's rows name; None when a segment of it cannot
+        be read now (then nothing of the thread may be deleted)."""
+        named: set[str] = set()
+        async for stored in stack.warm.list(ListQuery(thread_id=thread_id)):
+            row = stored
+            if stored.location == "archived":
+                try:
+                    row = await self.materialize(stack, stored)
+                except (CheckpointArchived, CorruptPayload) as exc:
+                    log.warning("thread %r: offloaded objects of deleted checkpoints stay until "
+                                "its archive is readable: %s", thread_id, exc)
+                    return None
+            payloads = (row.checkpoint, *row.blobs.values(), *(w.payload for w in row.writes))
+            named.update(ref_key(p, thread_id) for p in payloads if is_ref(p))
+        return named
+
+    async def rewrite_segment(self, stack: TierStack, key: str, removed: Set[str]) -> str | None:
+        """Write a segment again without the checkpoints ``removed``; returns the new key.
+
+        ::
+
+            named by a stub? ─ no ─► nothing to do
+                 │ yes
+            read, verify ─► pack the rest ─► put new key ─► read back, verify
+                 ─► re-point the stubs of the kept checkpoints
+
+        The old segment is left for the caller to drop once the stubs of ``removed``
+        are gone (``drop_unreferenced_segments``). A crash at any step loses nothing:
+        the old segment stays while any stub names it, and a new segment nobody names
+        yet is an orphan for ``ColdGC``. A segment that must be restored first
+        (Glacier), or that is damaged or missing, is left as it is, with a warning.
+        """
+        if stack.cold is None:
+            return None
+        new_key: str | None = None
+        if await stack.warm.archive_refs(keys=[key]):
+            try:
+                segment = await self.load_segment(stack, key)
+            except (CheckpointArchived, CorruptPayload) as exc:
+                # a delete is never refused for the archive's sake: what it removes from
+                # warm goes; the segment stays as it is for the stubs that name it
+                log.warning("segment %r cannot be read (%s); deleted checkpoints stay in it "
+                            "until it can", key, exc)
+                return None
+            plan = segment_rewrite(segment.records, removed)
+            if plan:
+                new_key = segment_key(segment.thread_id, segment.checkpoint_ns, plan)
+                data = pack_segment([segment.records[c] for c in plan],
+                                    created_at=segment.created_at)
+                info = await stack.cold.info(key)
+                await stack.cold.put(new_key, data,
+                                     storage_class=info.storage_class if info else None)
+                await self._verify_cold(stack, new_key, data)
+                await stack.warm.repoint_archive(key, new_key, plan)
+        return new_key
+
+    @staticmethod
+    async def _verify_cold(stack: TierStack, key: str, data: bytes) -> None:
+        """The rewritten segment is read back before any stub is moved to it."""
+        assert stack.cold is not None
+        info = await stack.cold.info(key)
+        if info is None or info.size != len(data):
+            raise CorruptPayload(f"segment {key!r} did not land intact in the cold tier",
+                                 where=key)
+        if info.readable and await stack.cold.get(key) != data:
+            raise CorruptPayload(f"segment {key!r} reads back different bytes", where=key)
 
     async def copy_thread(self, source: str, target: str) -> None:
         src, dst = self.regions.stack_for(source), self.regions.stack_for(target)
@@ -552,7 +736,12 @@ class Router:
             raise ResidencyError(
                 f"cannot copy thread {source!r} into {target!r}: they live in different regions"
             )
+        # the copy's references resolve in its own space: objects first, rows second
+        marker = await self._mark(dst, COPYING, target)
+        if dst.offloader is not None and source != target:
+            await copy_space(dst.offloader.store, source, target)
         await dst.warm.copy_thread(source, target)
+        await self._unmark(dst, marker)
         await self._invalidate(dst, [target])
 
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
@@ -561,13 +750,44 @@ class Router:
             stack = self.regions.stack_for(thread_id)
             by_stack.setdefault(id(stack), (stack, []))[1].append(thread_id)
         for stack, threads in by_stack.values():
+            if not keep_latest:  # the "delete" strategy deletes whole threads
+                for thread_id in threads:
+                    await self.delete_thread(thread_id)
+                continue
             before: builtins.list[str] = []
             if stack.cold is not None:
                 for thread_id in threads:
                     before.extend(await stack.warm.archive_refs(thread_id))
+            started = time.time()
+            markers = [await self._mark(stack, SWEEPING, t) for t in threads]
             await stack.warm.prune(threads, keep_latest=keep_latest)
             await self._invalidate(stack, threads)
-            await self.drop_unreferenced_segments(stack, before)
+            for key in sorted(set(before)):
+                await self.compact_segment(stack, key)
+            await self.drop_unnamed_objects(stack, threads, started=started)
+            for marker in markers:
+                await self._unmark(stack, marker)
+
+    async def compact_segment(self, stack: TierStack, key: str) -> None:
+        """Rewrite a segment to the checkpoints stubs (of any thread) still name, or drop it.
+
+        Used after a prune or a thread delete, when the stubs gone are not known in
+        advance: what stays is derived from the stubs left, so running it again (a
+        later prune or delete of any thread naming the segment) finishes what a crash
+        cut short. Every stub moves to the new segment, so the old one is dropped.
+        """
+        if stack.cold is None:
+            return
+        named = (await stack.warm.archive_stubs(keys=[key])).get(key, set())
+        if named:
+            try:
+                segment = await self.load_segment(stack, key)
+            except (CheckpointArchived, CorruptPayload) as exc:
+                log.warning("segment %r cannot be read (%s); deleted checkpoints stay in it "
+                            "until it can", key, exc)
+                return
+            await self.rewrite_segment(stack, key, set(segment.records) - named)
+        await self.drop_unreferenced_segments(stack, [key])
 
 
 def _order(record: StoredCheckpoint) -> tuple[str, str, str]:

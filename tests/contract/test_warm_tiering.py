@@ -7,6 +7,9 @@ import time
 import uuid
 from typing import Any
 
+import pytest
+
+from tierstore.errors import InvalidInput
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
 from .test_warm import chain, cid, record
@@ -118,3 +121,38 @@ async def test_usage_counts_threads_live_and_archived(warm: Any) -> None:
     assert after.threads == before.threads + 1
     assert after.checkpoints == before.checkpoints + 3
     assert after.bytes > before.bytes
+
+
+async def test_stubs_are_found_by_key_and_run_and_repointed(warm: Any) -> None:
+    t, other = f"t-{uuid.uuid4()}", f"t-{uuid.uuid4()}"
+    for thread, key in ((t, "seg-a"), (other, "seg-b")):
+        for i in range(3):
+            await warm.put_checkpoint(
+                record(thread, i, parent=i - 1 if i else None, run_id=f"run-{i % 2}"), [],
+                strict=False)
+        now = time.time()
+        await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000,
+                         idle_before=now + 1, thread_id=thread)
+        assert await warm.mark_archived(thread, "", [cid(0), cid(1), cid(2)], archive_key=key,
+                                        owner="me", now=now) == 3
+        await warm.release(thread, "", owner="me")
+    # scoped lookups: by key (of any thread), by thread and key, never more than asked
+    assert await warm.archive_refs(keys=["seg-a", "nowhere"]) == {"seg-a": 3}
+    assert await warm.archive_refs(other, keys=["seg-a", "seg-b"]) == {"seg-b": 3}
+    assert await warm.archive_refs(keys=[]) == {}
+    by_run = await warm.archive_stubs(run_ids=["run-1"])
+    assert {k: v for k, v in by_run.items() if k in ("seg-a", "seg-b")} == {
+        "seg-a": {cid(1)}, "seg-b": {cid(1)}}
+    assert await warm.archive_stubs(run_ids=[]) == {}
+    assert await warm.archive_stubs(keys=["seg-b", "nowhere"]) == {
+        "seg-b": {cid(0), cid(1), cid(2)}}
+    assert await warm.archive_stubs(keys=["seg-a", "seg-b"], run_ids=["run-0"]) == {
+        "seg-a": {cid(0), cid(2)}, "seg-b": {cid(0), cid(2)}}
+    with pytest.raises(InvalidInput):
+        await warm.archive_stubs()
+    # only the listed checkpoints move; the others keep naming the old segment
+    assert await warm.repoint_archive("seg-a", "seg-a2", [cid(0), cid(2)]) == 2
+    assert await warm.archive_refs(t) == {"seg-a": 1, "seg-a2": 2}
+    assert await warm.archive_refs(other) == {"seg-b": 3}
+    stub = await warm.get(t, "", cid(2))
+    assert stub is not None and stub.location == "archived" and stub.archive_key == "seg-a2"

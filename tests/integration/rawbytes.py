@@ -68,3 +68,30 @@ async def s3_bytes(endpoint: str, bucket: str) -> bytes:
                 out.append(item["Key"].encode())
                 out.append(await body["Body"].read())
     return b"".join(out)
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def unpacked(raw: bytes, *, depth: int = 4) -> bytes:
+    """``raw`` followed by the output of every zstd frame found in it, recursively.
+
+    Stored payloads and segments are compressed (nested: a segment holds compressed
+    payloads), so a plain scan would miss a canary that is still there. Anything that
+    merely looks like a frame and does not decompress is skipped.
+    """
+    import zstandard
+
+    out = [raw]
+    if depth <= 0:
+        return raw
+    start = raw.find(ZSTD_MAGIC)
+    while start != -1:
+        try:
+            inner = zstandard.ZstdDecompressor().decompressobj().decompress(raw[start:])
+        except zstandard.ZstdError:
+            inner = b""
+        if inner:
+            out.append(unpacked(inner, depth=depth - 1))
+        start = raw.find(ZSTD_MAGIC, start + 1)
+    return b"".join(out)

@@ -332,7 +332,7 @@ async def test_copy_thread_copies_gridfs_bytes_rather_than_sharing_files(
 # -- leftovers are collectable --------------------------------------------------------
 
 
-async def test_unreferenced_blobs_are_collected_after_the_grace(
+async def test_deleted_blobs_go_at_once_and_orphans_after_the_grace(
     mongo_db: MongoTarget,
 ) -> None:
     now = [1_000_000.0]
@@ -351,16 +351,21 @@ async def test_unreferenced_blobs_are_collected_after_the_grace(
         old_files = await file_ids_of(mongo_db, t)
         assert len(old_files) == 1
 
-        now[0] += 10  # within the grace: a put in flight could still name the blob
+        # an orphan no checkpoint names (a put in flight, or one that crashed)
+        await warm._insert_blobs([await warm._blob_doc(t, "", blob("c", "9", b"x"), now[0])],
+                                 now[0])
+        now[0] += 10  # within the grace
         await warm.delete_for_runs(["r1"])
+        # what only the deleted checkpoint named goes at once, its GridFS file too;
+        # the orphan waits for the grace, as a put in flight could still name it
         assert {(b["channel"], b["version"]) for b in await docs_of(mongo_db, "blobs", t)} == {
-            ("a", "1"), ("a", "2"), ("b", "1")}
+            ("a", "2"), ("b", "1"), ("c", "9")}
+        assert await existing_files(mongo_db, old_files) == set()
 
         now[0] += 1000
         await warm.delete_for_runs(["r3"])
         assert {(b["channel"], b["version"]) for b in await docs_of(mongo_db, "blobs", t)} == {
             ("a", "2"), ("b", "1")}
-        assert await existing_files(mongo_db, old_files) == set()
         latest = await warm.get(t, "", None)
         assert latest is not None and latest.checkpoint_id == cid(2)
         assert {c: p.data for c, p in latest.blobs.items()} == {"a": b"new", "b": b"kept"}

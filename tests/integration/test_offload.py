@@ -11,7 +11,15 @@ from langchain_core.messages import HumanMessage
 
 from tierstore import CorruptPayload, TieredSaver
 from tierstore.demo import build_agent
-from tierstore.offload import OFFLOAD_PREFIX, collectable_orphans
+from tierstore.offload import (
+    OFFLOAD_PREFIX,
+    Offloader,
+    collectable_orphans,
+    leftover_objects,
+    ref_key,
+    thread_space,
+    unreferenced_objects,
+)
 from tierstore.tiers.file import FileStore
 
 
@@ -44,7 +52,7 @@ async def test_a_20mb_state_round_trips_through_the_object_store(tmp_path: Path)
         assert all(s.values["messages"][0].content == big for s in with_messages)
 
 
-async def test_same_large_value_is_stored_once(tmp_path: Path) -> None:
+async def test_same_large_value_is_stored_once_per_thread(tmp_path: Path) -> None:
     from langgraph.checkpoint.conformance.test_utils import (
         generate_checkpoint,
         generate_config,
@@ -53,7 +61,7 @@ async def test_same_large_value_is_stored_once(tmp_path: Path) -> None:
 
     big = os.urandom(200 * 1024).hex()
     async with saver_for(tmp_path) as saver:
-        for thread in ("a", "b", "c"):
+        for thread in ("a", "b", "c", "a"):
             cp = generate_checkpoint(channel_values={"doc": big})
             cp["channel_versions"] = {"doc": 1}
             await saver.aput(generate_config(thread), cp, generate_metadata(), {"doc": 1})
@@ -64,7 +72,27 @@ async def test_same_large_value_is_stored_once(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "warm.db")
     refs = conn.execute("SELECT count(*) FROM blobs WHERE tag LIKE '%+ref'").fetchone()[0]
     conn.close()
-    assert (refs, len(keys)) == (3, 1)  # three references, one content-addressed object
+    # one content-addressed object per thread: a thread's delete removes exactly its own
+    assert (refs, len(keys)) == (3, 3)
+    assert {k for t in "abc" async for k in objects.iter_keys(thread_space(t))} == set(keys)
+
+
+async def test_references_written_before_thread_spaces_stay_readable(tmp_path: Path) -> None:
+    import hashlib
+
+    import msgpack
+
+    from tierstore.records import Payload
+
+    data = os.urandom(64)
+    digest = hashlib.sha256(data).hexdigest()
+    legacy = f"{OFFLOAD_PREFIX}{digest[:2]}/{digest}"
+    objects = FileStore(tmp_path / "cold")
+    await objects.put(legacy, data)
+    offloader = Offloader(objects, threshold=1024)
+    ref = Payload("msgpack+ref", msgpack.packb([legacy, digest, len(data)]))
+    assert await offloader.expand(ref, "any-thread") == Payload("msgpack", data)
+    assert ref_key(ref, "any-thread") == legacy
 
 
 async def test_damaged_offloaded_object_is_a_typed_error(tmp_path: Path) -> None:
@@ -103,3 +131,40 @@ async def test_without_an_object_store_large_payloads_stay_inline(tmp_path: Path
 def test_orphans_are_the_unreferenced_offload_objects() -> None:
     stored = ["offload/aa/1", "offload/bb/2", "segments/x", "offload/cc/3"]
     assert collectable_orphans(stored, ["offload/bb/2"]) == ["offload/aa/1", "offload/cc/3"]
+
+
+def test_leftover_objects_of_an_interrupted_delete_or_copy() -> None:
+    objects = {"o/old": 100.0, "o/fresh": 990.0, "o/ageless": 0.0}
+    # a marker younger than the grace may belong to work still running
+    assert leftover_objects(950.0, False, objects, now=1000.0, grace=60.0) is None
+    assert leftover_objects(0.0, False, objects, now=1000.0, grace=60.0) is None
+    # a thread with rows keeps everything; without, all but a put in flight go
+    assert leftover_objects(500.0, True, objects, now=1000.0, grace=60.0) == []
+    assert leftover_objects(500.0, False, objects, now=1000.0, grace=60.0) == ["o/old"]
+
+
+def test_unreferenced_objects_spare_named_new_and_ageless_ones() -> None:
+    objects = {"a": 10.0, "b": 10.0, "c": 30.0, "d": 0.0}
+    assert unreferenced_objects(objects, {"b"}, started=20.0) == ["a"]
+
+
+async def test_a_reference_resolves_in_the_reading_threads_space(tmp_path: Path) -> None:
+    import msgpack
+
+    from tierstore.records import Payload
+
+    objects = FileStore(tmp_path / "cold")
+    offloader = Offloader(objects, threshold=1024)
+    value = Payload("msgpack", os.urandom(4096))
+    [ref] = (await offloader.shrink({1: value}, thread_id="a")).values()
+    key_a = ref_key(ref, "a")
+    assert msgpack.unpackb(ref.data)[0] == key_a  # absolute: older versions read it too
+    assert key_a.startswith(thread_space("a"))
+    assert ref_key(ref, "b") == key_a.replace(thread_space("a"), thread_space("b"))
+    # a copy whose objects were never copied (made by an older version) reads the source's
+    assert await offloader.expand(ref, "b") == value
+    await objects.put(ref_key(ref, "b"), value.data)
+    await objects.delete([key_a])
+    assert await offloader.expand(ref, "b") == value  # its own object from now on
+    with pytest.raises(CorruptPayload, match="missing"):
+        await offloader.expand(ref, "a")

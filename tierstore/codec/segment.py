@@ -18,7 +18,7 @@ bytes instead of creating a duplicate.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence, Set
 from dataclasses import dataclass, replace
 
 import msgpack
@@ -29,7 +29,14 @@ from tierstore.codec.limits import DecodeLimits, bounded_decompress
 from tierstore.errors import CorruptPayload
 from tierstore.records import StoredCheckpoint
 
-__all__ = ["SEGMENT_PREFIX", "Segment", "pack_segment", "segment_key", "unpack_segment"]
+__all__ = [
+    "SEGMENT_PREFIX",
+    "Segment",
+    "pack_segment",
+    "segment_key",
+    "segment_rewrite",
+    "unpack_segment",
+]
 
 MAGIC = b"TSEG"
 VERSION = 1
@@ -51,6 +58,17 @@ def segment_key(thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str
     ids = sorted(checkpoint_ids)
     return (f"{thread_prefix(thread_id)}{_digest(checkpoint_ns)[:16]}/"
             f"{_digest(chr(0).join(ids))[:40]}.tseg")
+
+
+def segment_rewrite(held: Collection[str], removed: Set[str]) -> list[str] | None:
+    """Which checkpoints a segment keeps once ``removed`` are deleted, sorted.
+
+    None when none of ``removed`` is in it (nothing to rewrite); an empty list when
+    nothing is left (the segment is dropped once no stub names it).
+    """
+    if removed.isdisjoint(held):
+        return None
+    return sorted(c for c in held if c not in removed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ at any step leaves every checkpoint readable and the next run finishes the job::
 Jobs: ``HistoryDemotion`` (old history → cold), ``IdleArchival`` (idle threads →
 cold), ``Retention`` (expired threads deleted or pruned), ``HotExpiry`` (purge the
 in-process hot tier; Redis expires keys itself), ``Rehydrate`` (restored Glacier
-segments back to warm) and ``ColdGC`` (segments no stub refers to).
+segments back to warm) and ``ColdGC`` (segments no stub refers to, and the offloaded
+objects of thread deletes and copies a crash cut short).
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ from tierstore.jobs.plan import (
     plan_demotion,
     protected_ancestors,
 )
-from tierstore.records import Claim, StoredCheckpoint
+from tierstore.offload import (
+    SWEEPING,
+    WORK_PREFIX,
+    leftover_objects,
+    marker_due,
+    read_marker,
+    thread_space,
+)
+from tierstore.records import Claim, ListQuery, StoredCheckpoint
 from tierstore.router import TierStack
 
 if TYPE_CHECKING:
@@ -480,7 +489,9 @@ class ColdGC(_Job):
     """Deletes segments no stub refers to, once they are older than a grace period.
 
     The grace period protects a move in flight (segment written, stubs not yet
-    marked); an object whose age the store cannot tell is never collected.
+    marked); an object whose age the store cannot tell is never collected. It also
+    finishes thread deletes and copies a crash interrupted: the offloaded objects of
+    a thread that has no rows, named by a marker older than the grace.
     """
 
     name = "cold-gc"
@@ -492,6 +503,8 @@ class ColdGC(_Job):
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
         if stack.cold is None:
             return
+        if stack.offloader is not None:
+            await self._finish_offload_work(stack, now, report)
         live = await stack.warm.archive_refs()
         doomed = []
         async for key in stack.cold.iter_keys(SEGMENT_PREFIX):
@@ -502,3 +515,37 @@ class ColdGC(_Job):
                 doomed.append(key)
         if doomed:
             report.deleted += await self.saver.router.drop_unreferenced_segments(stack, doomed)
+
+    async def _finish_offload_work(self, stack: TierStack, now: float,
+                                   report: JobReport) -> None:
+        """Finish thread deletes, copies and sweeps that a crash interrupted (their markers)."""
+        assert stack.offloader is not None
+        store = stack.offloader.store
+        async for marker in store.iter_keys(WORK_PREFIX):
+            info, raw = await store.info(marker), await store.get(marker)
+            if info is None or raw is None:
+                continue
+            try:
+                kind, thread_id = read_marker(raw)
+            except CorruptPayload as exc:
+                report.errors.append(f"{marker}: {exc}")
+                continue
+            if kind == SWEEPING:
+                if marker_due(info.modified, now=now, grace=self.grace_seconds):
+                    report.deleted += await self.saver.router.drop_unnamed_objects(
+                        stack, [thread_id], started=info.modified)
+                    await store.delete([marker])
+                continue
+            objects: dict[str, float] = {}
+            async for key in store.iter_keys(thread_space(thread_id)):
+                found = await store.info(key)
+                objects[key] = found.modified if found is not None else 0.0
+            rows = [r async for r in stack.warm.list(ListQuery(thread_id=thread_id, limit=1))]
+            doomed = leftover_objects(info.modified, bool(rows), objects, now=now,
+                                      grace=self.grace_seconds)
+            if doomed is None:
+                continue
+            if doomed:
+                await store.delete(doomed)
+            await store.delete([marker])
+            report.deleted += len(doomed)

@@ -31,6 +31,7 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -259,8 +260,38 @@ class WarmStore(Protocol):
         """Put archived checkpoints back as live rows (payload, blobs, writes)."""
         ...
 
-    async def archive_refs(self, thread_id: str | None = None) -> dict[str, int]:
-        """Archive keys referenced by stubs (of one thread, or all) with their stub counts."""
+    async def archive_refs(
+        self, thread_id: str | None = None, *, keys: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """Archive keys referenced by stubs with their stub counts.
+
+        Scoped to one thread and/or to the given ``keys`` (indexed lookups: what the
+        request path uses, so a delete costs O(thread), not O(store)); with neither,
+        every key of the store (a GROUP BY over all stubs: background jobs only).
+        """
+        ...
+
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, builtins.set[str]]:
+        """Archive key -> checkpoint ids of the stubs (of any thread) naming it.
+
+        Only stubs naming one of ``keys`` and/or belonging to one of ``run_ids`` (indexed
+        lookups; at least one filter is required). Tells which checkpoints a rewritten
+        segment must keep, and which segments hold the checkpoints of runs to delete.
+        """
+        ...
+
+    async def repoint_archive(
+        self, old_key: str, new_key: str, checkpoint_ids: Sequence[str]
+    ) -> int:
+        """Stubs naming ``old_key`` whose id is in ``checkpoint_ids`` now name ``new_key``.
+
+        Each stub moves atomically (one statement / one document update); a stub whose
+        id is not listed keeps ``old_key``, which then stays referenced and is kept.
+        Returns how many stubs moved. The stub's data does not change, so heads keep
+        their version.
+        """
         ...
 
     async def usage(self) -> TierUsage: ...

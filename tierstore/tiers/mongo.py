@@ -1272,12 +1272,15 @@ class MongoWarm:
         """Delete some checkpoints of one (thread, ns) and their writes; fix the head."""
         flt = {"thread_id": t, "checkpoint_ns": ns, "checkpoint_id": id_cond}
         files = await self._files_of("checkpoints", flt) + await self._files_of("writes", flt)
+        named: set[tuple[str, str]] = set()
+        async for doc in self._c("checkpoints").find(flt, {"_id": 0, "channel_versions": 1}):
+            named.update(_versions(doc))
         deleted = await self._c("checkpoints").delete_many(flt)
         await self._c("writes").delete_many(flt)
         await self._delete_files(files)
         if deleted.deleted_count:
             await self._refresh_head(t, ns)
-            await self._collect_blobs(t, ns)
+            await self._collect_blobs(t, ns, deleted=named)
         return int(deleted.deleted_count)
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> Sequence[str]:
@@ -1354,8 +1357,15 @@ class MongoWarm:
             tier="warm", backend="mongodb",
         )
 
-    async def _collect_blobs(self, t: str, ns: str) -> None:
-        """Delete blobs of (t, ns) that no live checkpoint names and that are past the grace."""
+    async def _collect_blobs(self, t: str, ns: str,
+                             deleted: Iterable[tuple[str, str]] = ()) -> None:
+        """Delete blobs of (t, ns) that no live checkpoint names and that are past the grace.
+
+        Blobs named by ``deleted`` (the channel versions of checkpoints just deleted)
+        go at once, grace or not: deleting a run must remove its values now, and the
+        grace only protects blobs of a put in flight, whose versions a deleted
+        checkpoint does not name (versions grow along a thread).
+        """
         cutoff = self._clock() - self.orphan_grace
         key = {"thread_id": t, "checkpoint_ns": ns}
         live: set[tuple[str, str]] = set()
@@ -1363,16 +1373,22 @@ class MongoWarm:
             {**key, "location": {"$ne": "archived"}}, {"_id": 0, "channel_versions": 1}
         ):
             live.update(_versions(doc))
+        projection = {"_id": 1, "channel": 1, "version": 1, "payload.gridfs": 1}
         candidates = await self._c("blobs").find(
-            {**key, "seen_at": {"$lt": cutoff}},
-            {"_id": 1, "channel": 1, "version": 1, "payload.gridfs": 1},
-        ).to_list(None)
+            {**key, "seen_at": {"$lt": cutoff}}, projection).to_list(None)
         doomed = [d for d in candidates if (d["channel"], d["version"]) not in live]
+        if doomed:
+            await self._c("blobs").delete_many(
+                {"_id": {"$in": [d["_id"] for d in doomed]}, "seen_at": {"$lt": cutoff}}
+            )
+        now_doomed = sorted(set(deleted) - live)
+        if now_doomed:
+            pairs = [{"channel": c, "version": v} for c, v in now_doomed]
+            exact = await self._c("blobs").find({**key, "$or": pairs}, projection).to_list(None)
+            await self._c("blobs").delete_many({"_id": {"$in": [d["_id"] for d in exact]}})
+            doomed.extend(exact)
         if not doomed:
             return
-        await self._c("blobs").delete_many(
-            {"_id": {"$in": [d["_id"] for d in doomed]}, "seen_at": {"$lt": cutoff}}
-        )
         files = [f for d in doomed for f in _file_ids(d, ("payload",))]
         if files:  # a blob re-offered meanwhile survived the delete and keeps its file
             survivors = await self._c("blobs").find(
@@ -1627,15 +1643,53 @@ class MongoWarm:
                     await self._delete_files(_file_ids(packed, ("checkpoint",)))
         return restored
 
-    async def archive_refs(self, thread_id: str | None = None) -> dict[str, int]:
+    async def archive_refs(
+        self, thread_id: str | None = None, *, keys: Sequence[str] | None = None
+    ) -> dict[str, int]:
         match: Doc = {"archive_key": {"$type": "string"}}
         if thread_id is not None:
             match["thread_id"] = _text(thread_id, "thread_id")
+        if keys is not None:
+            if not keys:
+                return {}
+            wanted = sorted({_text(k, "key") for k in keys})
+            match["archive_key"] = {"$in": wanted}  # the archive_key index: O(keys)
         with self._errors("archive_refs"):
             rows = await self._aggregate("checkpoints", [
                 {"$match": match}, {"$group": {"_id": "$archive_key", "n": {"$sum": 1}}},
             ])
         return {str(row["_id"]): int(row["n"]) for row in rows}
+
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, builtins.set[str]]:
+        if keys is None and run_ids is None:
+            raise InvalidInput("archive_stubs needs keys or run_ids")
+        flt: Doc = {"archive_key": {"$type": "string"}}
+        if keys is not None:
+            flt["archive_key"] = {"$in": [_text(k, "key") for k in keys]}
+        if run_ids is not None:
+            flt["run_id"] = {"$in": [_text(r, "run_id") for r in run_ids]}
+        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
+            return {}
+        out: dict[str, builtins.set[str]] = {}
+        with self._errors("archive_stubs"):
+            async for doc in self._c("checkpoints").find(
+                flt, {"_id": 0, "archive_key": 1, "checkpoint_id": 1},
+            ):
+                out.setdefault(str(doc["archive_key"]), set()).add(str(doc["checkpoint_id"]))
+        return out
+
+    async def repoint_archive(
+        self, old_key: str, new_key: str, checkpoint_ids: Sequence[str]
+    ) -> int:
+        ids = [_text(c, "checkpoint_id") for c in checkpoint_ids]
+        with self._errors("repoint_archive"):
+            moved = await self._c("checkpoints").update_many(
+                {"archive_key": _text(old_key, "key"), "checkpoint_id": {"$in": ids}},
+                {"$set": {"archive_key": _text(new_key, "key")}},
+            )
+        return int(moved.modified_count)
 
     async def usage(self) -> TierUsage:
         with self._errors("usage"):

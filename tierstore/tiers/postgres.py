@@ -1085,21 +1085,71 @@ class PostgresWarm:
 
         return await self._run("rehydrate", body)
 
-    async def archive_refs(self, thread_id: str | None = None) -> dict[str, int]:
+    async def archive_refs(
+        self, thread_id: str | None = None, *, keys: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        if keys is not None and not keys:
+            return {}
+        wanted = sorted(set(keys)) if keys is not None else None
+
         async def body(conn: Conn) -> list[asyncpg.Record]:
-            if thread_id is None:
+            if thread_id is None and wanted is None:
                 return await conn.fetch(
                     "SELECT archive_key, count(*) FROM tierstore_checkpoints "
                     "WHERE archive_key IS NOT NULL GROUP BY archive_key"
                 )
+            if thread_id is None:  # the archive_key index: O(keys)
+                return await conn.fetch(
+                    "SELECT archive_key, count(*) FROM tierstore_checkpoints "
+                    "WHERE archive_key = ANY($1::text[]) GROUP BY archive_key",
+                    wanted,
+                )
             return await conn.fetch(
                 "SELECT c.archive_key, count(*) FROM tierstore_checkpoints AS c "
                 f"JOIN tierstore_heads AS h ON h.sid = c.sid WHERE {_THREADS} "
-                "AND c.archive_key IS NOT NULL GROUP BY c.archive_key",
-                [thread_id],
+                "AND c.archive_key IS NOT NULL "
+                "AND ($2::text[] IS NULL OR c.archive_key = ANY($2::text[])) "
+                "GROUP BY c.archive_key",
+                [thread_id], wanted,
             )
 
         return {key: int(n) for key, n in await self._run("archive_refs", body, read=True)}
+
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, set[str]]:
+        if keys is None and run_ids is None:
+            raise InvalidInput("archive_stubs needs keys or run_ids")
+        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
+            return {}
+
+        async def body(conn: Conn) -> list[asyncpg.Record]:
+            return await conn.fetch(
+                "SELECT archive_key, checkpoint_id FROM tierstore_checkpoints "
+                "WHERE archive_key IS NOT NULL "
+                "AND ($1::text[] IS NULL OR archive_key = ANY($1::text[])) "
+                "AND ($2::text[] IS NULL OR run_id = ANY($2::text[]))",
+                list(keys) if keys is not None else None,
+                list(run_ids) if run_ids is not None else None,
+            )
+
+        out: dict[str, set[str]] = {}
+        for key, checkpoint_id in await self._run("archive_stubs", body, read=True):
+            out.setdefault(key, set()).add(checkpoint_id)
+        return out
+
+    async def repoint_archive(
+        self, old_key: str, new_key: str, checkpoint_ids: Sequence[str]
+    ) -> int:
+        async def body(conn: Conn) -> str:
+            return await conn.execute(
+                "UPDATE tierstore_checkpoints SET archive_key = $2 "
+                "WHERE archive_key = $1 AND checkpoint_id = ANY($3::text[])",
+                old_key, new_key, list(checkpoint_ids),
+            )
+
+        status = await self._run("repoint_archive", body)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def usage(self) -> TierUsage:
         async def body(conn: Conn) -> asyncpg.Record:

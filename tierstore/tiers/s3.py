@@ -58,6 +58,7 @@ import re
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -213,6 +214,7 @@ class _Head:
     size: int
     storage_class: str
     restore_state: str
+    modified: float = 0.0  # Last-Modified (whole seconds); garbage collection needs an age
 
 
 # -- the one place where driver errors become tierstore errors ----------------------------
@@ -662,10 +664,12 @@ class S3Store:
         except _Missing:
             return None
         klass = str(answer.get("StorageClass") or "STANDARD")
+        modified = answer.get("LastModified")
         return _Head(
             size=int(answer.get("ContentLength", 0)),
             storage_class=klass,
             restore_state=restore_state(klass, answer.get("Restore"), answer.get("ArchiveStatus")),
+            modified=modified.timestamp() if isinstance(modified, datetime) else 0.0,
         )
 
     async def info(self, key: str) -> ObjectInfo | None:
@@ -676,7 +680,7 @@ class S3Store:
         return ObjectInfo(
             key=key, size=head.size, storage_class=head.storage_class,
             readable=head.restore_state in ("not-needed", "ready"),
-            restore_state=head.restore_state,
+            restore_state=head.restore_state, modified=head.modified,
         )
 
     async def delete(self, keys: Sequence[str]) -> None:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from tierstore.errors import (
     ConfigurationError,
+    InvalidInput,
     LeaseLost,
     LifecycleError,
     TierUnavailable,
@@ -161,6 +162,15 @@ class SqliteWarm:
         conn.execute("COMMIT")
         return result
 
+    @classmethod
+    def _erasing(cls, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``_tx`` for deletes: afterwards the WAL, which still holds the old pages, is
+        folded into the (zeroed) database file and truncated, so deleted bytes leave
+        the disk now. Best effort: a reader in another process can postpone it."""
+        result = cls._tx(conn, body)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return result
+
     async def setup(self) -> None:
         if self._conn is not None:
             return
@@ -185,6 +195,8 @@ class SqliteWarm:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys=OFF")
+            # deleted rows are overwritten with zeros, not left in free pages of the file
+            conn.execute("PRAGMA secure_delete=ON")
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open sqlite database {self.path!r}: {exc}") from exc
         return conn
@@ -535,7 +547,7 @@ class SqliteWarm:
             for table in ("checkpoints", "blobs", "writes", "heads"):
                 conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
 
-        await self._run(lambda conn: self._tx(conn, body))
+        await self._run(lambda conn: self._erasing(conn, body))
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> builtins.list[str]:
         if not run_ids:
@@ -551,7 +563,7 @@ class SqliteWarm:
             self._delete_checkpoints(conn, doomed)
             return sorted({t for t, _, _ in doomed})
 
-        return await self._run(lambda conn: self._tx(conn, body))
+        return await self._run(lambda conn: self._erasing(conn, body))
 
     def _delete_checkpoints(
         self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, str]]
@@ -611,7 +623,7 @@ class SqliteWarm:
                 ).fetchall()
                 self._delete_checkpoints(conn, doomed)
 
-        await self._run(lambda conn: self._tx(conn, body))
+        await self._run(lambda conn: self._erasing(conn, body))
 
     # -- tiering ----------------------------------------------------------------------
 
@@ -810,15 +822,60 @@ class SqliteWarm:
                 (t, ns),
             )
 
-    async def archive_refs(self, thread_id: str | None = None) -> dict[str, int]:
+    async def archive_refs(
+        self, thread_id: str | None = None, *, keys: Sequence[str] | None = None
+    ) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
-            sql = ("SELECT archive_key, count(*) FROM checkpoints WHERE archive_key IS NOT NULL"
-                   + (" AND thread_id = ?" if thread_id is not None else "")
-                   + " GROUP BY archive_key")
-            args = (thread_id,) if thread_id is not None else ()
+            where, args = ["archive_key IS NOT NULL"], []
+            if thread_id is not None:
+                where.append("thread_id = ?")
+                args.append(thread_id)
+            if keys is not None:
+                where.append("archive_key IN (SELECT value FROM json_each(?))")
+                args.append(json.dumps(sorted(set(keys))))
+            sql = (f"SELECT archive_key, count(*) FROM checkpoints WHERE {' AND '.join(where)}"
+                   " GROUP BY archive_key")
             return {key: n for key, n in conn.execute(sql, args)}
 
+        if keys is not None and not keys:
+            return {}
         return await self._run(fn)
+
+    async def archive_stubs(
+        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
+    ) -> dict[str, builtins.set[str]]:
+        if keys is None and run_ids is None:
+            raise InvalidInput("archive_stubs needs keys or run_ids")
+        where, args = ["archive_key IS NOT NULL"], []
+        for column, values in (("archive_key", keys), ("run_id", run_ids)):
+            if values is not None:
+                where.append(f"{column} IN (SELECT value FROM json_each(?))")
+                args.append(json.dumps(builtins.list(values)))
+
+        def fn(conn: sqlite3.Connection) -> dict[str, builtins.set[str]]:
+            out: dict[str, builtins.set[str]] = {}
+            for key, checkpoint_id in conn.execute(
+                f"SELECT archive_key, checkpoint_id FROM checkpoints WHERE {' AND '.join(where)}",
+                args,
+            ):
+                out.setdefault(key, set()).add(checkpoint_id)
+            return out
+
+        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
+            return {}
+        return await self._run(fn)
+
+    async def repoint_archive(
+        self, old_key: str, new_key: str, checkpoint_ids: Sequence[str]
+    ) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE checkpoints SET archive_key = ? WHERE archive_key = ? AND checkpoint_id "
+                "IN (SELECT value FROM json_each(?))",
+                (new_key, old_key, json.dumps(builtins.list(checkpoint_ids))),
+            ).rowcount
+
+        return await self._run(lambda conn: self._tx(conn, body))
 
     async def usage(self) -> TierUsage:
         def fn(conn: sqlite3.Connection) -> TierUsage:
