@@ -20,7 +20,7 @@ from langgraph.checkpoint.conformance.capabilities import ALL_CAPABILITIES
 from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.jobs.plan import TieringPolicy
-from tierstore.jobs.tiering import HistoryDemotion
+from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
 
 CONFORMANCE_TESTS = 81
 REPORTS: dict[str, tuple[int, int]] = {}
@@ -29,17 +29,23 @@ REPORTS: dict[str, tuple[int, int]] = {}
 class TieringEverywhere(TieredSaver):
     """A saver that archives everything it can after every write.
 
-    Running the conformance suite through it shows that tiering is invisible to
-    LangGraph: history lives in cold segments and every read still agrees.
+    History demotion and idle archival both run (``archive_after=0``,
+    ``archive_idle_after=0``): after every ``aput`` / ``aput_writes`` whole threads,
+    heads included, live in cold segments, and writes keep landing on archived
+    checkpoints. Running the conformance suite through it shows that tiering is
+    invisible to LangGraph: every read still agrees.
     """
 
     moved = 0
 
     async def _tier(self) -> None:
-        policy = TieringPolicy(archive_after=0, archive_idle_after=None, segment_size=2)
-        report = await HistoryDemotion(self, policy).run_once(now=time.time() + 1)
-        assert report.errors == []
-        TieringEverywhere.moved += report.checkpoints
+        policy = TieringPolicy(archive_after=0, archive_idle_after=0, keep_latest=1,
+                               segment_size=2)
+        now = time.time() + 1
+        for job in (HistoryDemotion(self, policy), IdleArchival(self, policy)):
+            report = await job.run_once(now=now)
+            assert report.errors == []
+            TieringEverywhere.moved += report.checkpoints
 
     async def aput(self, *args: Any, **kwargs: Any) -> Any:
         result = await super().aput(*args, **kwargs)

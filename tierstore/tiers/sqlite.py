@@ -31,6 +31,7 @@ from tierstore.errors import (
     ConfigurationError,
     LeaseLost,
     LifecycleError,
+    MissingBlobs,
     TierUnavailable,
     VersionConflict,
 )
@@ -366,6 +367,7 @@ class SqliteWarm:
                     f"{head_id!r} (version {version})",
                     thread_id=t, checkpoint_ns=ns, head_id=head_id, version=version,
                 )
+            self._check_blobs(conn, record, blobs)
             conn.executemany(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
                 [(t, ns, b.channel, b.version, b.payload.tag, b.payload.data) for b in blobs],
@@ -397,6 +399,31 @@ class SqliteWarm:
             return PutResult(Head(head_id, version, n_writes), conflict)
 
         return await self._run(lambda conn: self._tx(conn, body))
+
+    @staticmethod
+    def _check_blobs(conn: sqlite3.Connection, record: CheckpointRecord,
+                     blobs: Sequence[BlobRecord]) -> None:
+        """Inside the put's transaction: every channel version the record names that
+        is not among its new blobs must be in warm, or ``MissingBlobs`` (nothing written).
+
+        An archive move drops values only archived checkpoints name; a writer that
+        read the parent before the move would otherwise store a child naming them.
+        This store keeps a row for empty channels too, so a row is the whole test.
+        """
+        new = {(b.channel, b.version) for b in blobs}
+        wanted = [(ch, v) for ch, v in record.channel_versions.items() if (ch, v) not in new]
+        if not wanted:
+            return
+        missing = [
+            (ch, v) for ch, v in wanted
+            if conn.execute(
+                "SELECT 1 FROM blobs WHERE thread_id = ? AND checkpoint_ns = ? AND channel = ? "
+                "AND version = ?",
+                (record.thread_id, record.checkpoint_ns, ch, v),
+            ).fetchone() is None
+        ]
+        if missing:
+            raise MissingBlobs.of(record.thread_id, record.checkpoint_ns, missing)
 
     async def put_writes(
         self,
