@@ -70,6 +70,7 @@ from tierstore.errors import (
     InvalidInput,
     LeaseLost,
     LifecycleError,
+    MissingBlobs,
     PayloadTooLarge,
     TierstoreError,
     TierUnavailable,
@@ -189,6 +190,7 @@ _PUT_CHECKPOINT_FENCED = (
 _PUT_WRITES_FENCED = "SELECT tierstore_put_writes_fenced($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _NEXT_FENCE = "SELECT tierstore_next_fence($1)"
 _FENCED_OUT = "TS409"  # SQLSTATE raised by tierstore_check_fence
+_MISSING_BLOBS = "TS404"  # SQLSTATE raised by tierstore_put_checkpoint (0003)
 
 _LOCK_STREAMS = (
     "SELECT sid FROM tierstore_heads WHERE sid = ANY($1::bigint[]) ORDER BY sid "
@@ -703,8 +705,10 @@ class PostgresWarm:
         fence: int | None = None,
     ) -> PutResult:
         versions = {ch: _version_key(v) for ch, v in record.channel_versions.items()}
-        # A channel with a version but no value reads back the same with no row.
-        kept = [b for b in blobs if b.payload != EMPTY]
+        # A channel with a version but no value reads back the same with no row: the
+        # function stores no row for tag 'empty', but counts it among the new blobs
+        # when it checks that every version the checkpoint names is held (0003).
+        kept = list(blobs)
         args = (
             record.thread_id, record.checkpoint_ns, record.checkpoint_id, record.parent_id,
             strict, record.run_id, record.checkpoint.tag, record.checkpoint.data,
@@ -717,11 +721,21 @@ class PostgresWarm:
         )
 
         async def body(conn: Conn) -> asyncpg.Record:
-            if fence is None:
-                row = await conn.fetchrow(_PUT_CHECKPOINT, *args)
-            else:
-                row = await self._fenced(record.thread_id, fence,
-                                         conn.fetchrow(_PUT_CHECKPOINT_FENCED, fence, *args))
+            try:
+                if fence is None:
+                    row = await conn.fetchrow(_PUT_CHECKPOINT, *args)
+                else:
+                    row = await self._fenced(record.thread_id, fence,
+                                             conn.fetchrow(_PUT_CHECKPOINT_FENCED, fence, *args))
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != _MISSING_BLOBS:
+                    raise
+                channels = json.loads(getattr(exc, "detail", None) or "[]")
+                raise MissingBlobs.of(
+                    record.thread_id, record.checkpoint_ns,
+                    [(ch, record.channel_versions[ch]) for ch in channels
+                     if ch in record.channel_versions],
+                ) from exc
             assert row is not None
             return row
 
