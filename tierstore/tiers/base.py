@@ -27,7 +27,7 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from tierstore.records import (
@@ -208,12 +208,16 @@ class WarmStore(Protocol):
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         """Turn live checkpoints into stubs pointing at ``archive_key`` and drop their payloads.
 
         One atomic step, and only while ``owner`` still holds the lease; returns how many
         checkpoints became stubs (0 when the lease was lost). Metadata, parent and channel
         versions stay on the stub so ``list`` and its filters never touch cold.
+        ``writes``: the pending writes the segment holds, per checkpoint id; only those
+        leave warm (same task, index and bytes), so a write stored after the segment
+        was packed stays on the stub, where reads merge it. None drops them all.
         """
         ...
 

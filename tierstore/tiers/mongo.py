@@ -493,6 +493,15 @@ class _Ref:
     size: int
 
 
+def _packed_write(checkpoint_id: str, write: WriteRecord) -> Doc:
+    """A filter for the stored write that is this one: same task, index and bytes
+    (inline, or a GridFS file with the same digest)."""
+    digest = hashlib.sha256(write.payload.data).hexdigest()
+    return {"checkpoint_id": checkpoint_id, "task_id": write.task_id, "idx": int(write.idx),
+            "payload.tag": write.payload.tag,
+            "$or": [{"payload.data": write.payload.data}, {"payload.sha256": digest}]}
+
+
 def _read_payload(value: Any, where: str) -> Payload | _Ref:
     if value is None:
         return Payload("", b"")
@@ -1519,6 +1528,7 @@ class MongoWarm:
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         """Turn live checkpoints into stubs, each by one conditional update.
 
@@ -1551,7 +1561,10 @@ class MongoWarm:
                 {**key, "checkpoint_id": {"$in": ids}, "location": "archived"},
                 {"_id": 0, "checkpoint_id": 1}).to_list(None)]
             if stubs:
-                doomed = {**key, "checkpoint_id": {"$in": stubs}}
+                doomed: Doc = {**key, "checkpoint_id": {"$in": stubs}}
+                if writes is not None:  # only what the segment holds stays out of warm
+                    packed = [_packed_write(cid, w) for cid in stubs for w in writes.get(cid, ())]
+                    doomed = {**key, "$or": packed} if packed else {**key, "_id": None}
                 files.extend(await self._files_of("writes", doomed))
                 await self._c("writes").delete_many(doomed)
                 if held["head_id"] in stubs:

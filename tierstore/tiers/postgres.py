@@ -973,8 +973,10 @@ class PostgresWarm:
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         ids = list(checkpoint_ids)
+        packed = [(cid, w) for cid in ids for w in (writes or {}).get(cid, ())]
 
         async def body(conn: Conn) -> int:
             async with conn.transaction():
@@ -989,10 +991,22 @@ class PostgresWarm:
                     "AND archive_key IS NULL RETURNING checkpoint_id",
                     sid, ids, archive_key,
                 )
-                await conn.execute(
-                    "DELETE FROM tierstore_writes WHERE sid = $1 "
-                    "AND checkpoint_id = ANY($2::text[])", sid, ids,
-                )
+                if writes is None:
+                    await conn.execute(
+                        "DELETE FROM tierstore_writes WHERE sid = $1 "
+                        "AND checkpoint_id = ANY($2::text[])", sid, ids,
+                    )
+                elif packed:  # only what the segment holds: a later write stays on the stub
+                    await conn.execute(
+                        "DELETE FROM tierstore_writes AS w USING unnest($2::text[], $3::text[], "
+                        "$4::int[], $5::text[], $6::bytea[]) AS p(checkpoint_id, task_id, idx, "
+                        "tag, data) WHERE w.sid = $1 AND w.checkpoint_id = p.checkpoint_id "
+                        "AND w.task_id = p.task_id AND w.idx = p.idx AND w.tag = p.tag "
+                        "AND w.data = p.data",
+                        sid, [c for c, _ in packed], [w.task_id for _, w in packed],
+                        [w.idx for _, w in packed], [w.payload.tag for _, w in packed],
+                        [w.payload.data for _, w in packed],
+                    )
                 await conn.execute(_DROP_ORPHAN_BLOBS, [sid])
                 return len(changed)
 

@@ -22,7 +22,7 @@ import builtins
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -665,6 +665,7 @@ class SqliteWarm:
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         def body(conn: sqlite3.Connection) -> int:
             held = conn.execute(
@@ -683,11 +684,20 @@ class SqliteWarm:
                     "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'warm'",
                     (archive_key, *key),
                 ).rowcount
-            conn.executemany(
-                "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
-                "AND checkpoint_id = ?",
-                keys,
-            )
+            if writes is None:
+                conn.executemany(
+                    "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "AND checkpoint_id = ?",
+                    keys,
+                )
+            else:  # only what the segment holds: a later write stays on the stub
+                conn.executemany(
+                    "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "AND checkpoint_id = ? AND task_id = ? AND idx = ? AND tag = ? AND data = ?",
+                    [(thread_id, checkpoint_ns, cid, w.task_id, w.idx, w.payload.tag,
+                      w.payload.data)
+                     for cid in checkpoint_ids for w in writes.get(cid, ())],
+                )
             self._collect_blobs(conn, thread_id, checkpoint_ns)
             return changed
 
