@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+from tierstore.errors import MissingBlobs
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
 from .test_warm import chain, cid, record
@@ -141,8 +142,6 @@ async def test_a_write_stored_after_the_segment_was_packed_stays_on_the_stub(war
 
 
 async def test_a_put_naming_a_version_warm_dropped_is_refused_whole(warm: Any) -> None:
-    from tierstore.errors import MissingBlobs
-
     t = f"t-{uuid.uuid4()}"
     blobs = [BlobRecord("a", "1", Payload("msgpack", b"a1")),
              BlobRecord("e", "1", Payload("empty", b""))]

@@ -22,6 +22,7 @@ from langgraph.graph import END, START, StateGraph
 from tests.integration.archiver import Archiver, start_archiver
 from tests.integration.stacks import STACKS, Urls
 from tierstore import TieredSaver
+from tierstore.ops import verify
 
 RACE_STACKS = ["embedded", "redis+postgres+s3"]  # a memory and a Redis hot tier
 THREADS, TURNS = 6, 8
@@ -127,7 +128,5 @@ async def test_archiving_in_another_process_never_loses_what_a_writer_names(
         }
         assert differ == {}
         assert {t: len(r) for t, r in got.items()} == {t: len(r) for t, r in expected.items()}
-        from tierstore.ops import verify
-
         report = await verify(fresh)
         assert report["ok"], report["problems"]

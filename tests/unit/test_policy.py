@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
@@ -16,10 +17,11 @@ from tierstore.policy import (
     next_channel_version,
     should_replace_hot,
     split_filter,
+    supply_blobs,
     validate_id,
     write_index,
 )
-from tierstore.records import Head, Payload, StoredCheckpoint, WriteRecord
+from tierstore.records import BlobRecord, Head, Payload, StoredCheckpoint, WriteRecord
 from tierstore.settings import SaverOptions, StoreUrl, mask, options_from_env, urls_from_env
 
 
@@ -133,3 +135,14 @@ def test_mongo_urls_may_name_several_hosts_and_repeat_options() -> None:
     assert "pw" not in repr(url)
     with pytest.raises(ConfigurationError, match="repeats"):
         StoreUrl.parse("postgresql://h/db?sslmode=a&sslmode=b")
+
+
+def test_supply_blobs_stores_missing_versions_from_the_checkpoints_values() -> None:
+    new = [BlobRecord("notes", "3", Payload("msgpack", b"n3"))]
+    values = {"notes": Payload("msgpack", b"n3"), "profile": Payload("msgpack", b"ada")}
+    out = supply_blobs([("profile", "1"), ("branch:to:x", "2"), ("notes", "3")], values, new)
+    assert out == [
+        new[0],
+        BlobRecord("profile", "1", Payload("msgpack", b"ada")),
+        BlobRecord("branch:to:x", "2", EMPTY),  # no value: the channel is empty there
+    ]
