@@ -135,6 +135,11 @@ class WarmStore(Protocol):
         With ``strict`` the head must equal ``record.parent_id`` (no head when it is
         None), else ``VersionConflict`` is raised and nothing is written. With
         ``fence``, a thread fence above it raises ``LeaseLost`` and nothing is written.
+        Every channel version the record names must be among ``blobs`` (an empty
+        channel's ``EMPTY`` payload counts) or still held by warm, else ``MissingBlobs``
+        carries the missing (channel, version) pairs and nothing is written: an archive
+        move may have dropped them after the writer read the parent. The check is part
+        of the same atomic step as the write.
         """
         ...
 
