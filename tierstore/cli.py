@@ -330,7 +330,8 @@ def _build_app() -> typer.Typer:
     def verify(hot: Hot = None, warm: Warm = None, cold: Cold = None,
         regions: RegionsFile = None, region: RegionName = None,
                as_json: Json = False) -> None:
-        """Re-check every checksum across tiers; exit 1 on any mismatch."""
+        """Re-check every checksum across tiers and that every checkpoint is complete
+        (each channel version, pending write and stub resolves); exit 1 on any problem."""
         from tierstore.ops import verify as run_verify
 
         with _progress("verifying", not as_json) as progress:

@@ -21,7 +21,8 @@ store may help)::
         ├── PayloadTooLarge           a payload exceeds what the stores accept
         ├── ResidencyError            a thread has no region, or a write would leave it
         ├── LeaseBusy                 another holder kept a thread's lease for the whole wait
-        └── LeaseLost                 a newer lease holder fenced this writer out
+        ├── LeaseLost                 a newer lease holder fenced this writer out
+        └── MissingBlobs              a checkpoint named channel versions warm no longer holds
 
 Driver exceptions never escape raw: each backend maps its driver's errors to the
 most specific class above in one place and chains the original (``raise … from``).
@@ -32,6 +33,7 @@ missing thread id, keeps working.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "LeaseBusy",
     "LeaseLost",
     "LifecycleError",
+    "MissingBlobs",
     "PayloadTooLarge",
     "ResidencyError",
     "StorageError",
@@ -205,4 +208,35 @@ class LeaseLost(StorageError):
             f"thread {thread_id!r}: lease token {token} was superseded by {fence}; "
             "a newer holder owns the thread",
             thread_id=thread_id, token=token, fence=fence,
+        )
+
+
+class MissingBlobs(StorageError):
+    """A checkpoint named channel versions that warm no longer holds; nothing was stored.
+
+    An archive move drops from warm the channel values only archived checkpoints
+    name, while a writer may still hold the parent (a cached head, or a read made
+    before the move): its child names the unchanged channels by their old versions.
+    Storing that child would leave a state no tier can rebuild, so the warm store
+    checks inside the write and refuses with the (channel, version) pairs it lacks.
+    The router supplies their payloads (the saver passes every channel's value) and
+    retries once; callers only see this error if the retry is refused too.
+    """
+
+    def __init__(self, message: str, *, thread_id: str, checkpoint_ns: str,
+                 missing: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+        self.checkpoint_ns = checkpoint_ns
+        self.missing = missing
+
+    @classmethod
+    def of(cls, thread_id: str, checkpoint_ns: str,
+           missing: Iterable[tuple[str, str]]) -> MissingBlobs:
+        """The refusal every warm store raises, worded once."""
+        pairs = tuple(sorted(set(missing)))
+        return cls(
+            f"thread {thread_id!r} ns {checkpoint_ns!r}: the checkpoint names channel "
+            f"versions no tier holds in warm ({', '.join(ch for ch, _ in pairs)})",
+            thread_id=thread_id, checkpoint_ns=checkpoint_ns, missing=pairs,
         )

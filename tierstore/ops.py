@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from dataclasses import replace as replace_record
 from pathlib import Path
 from typing import Any
@@ -131,29 +131,44 @@ async def inspect_thread(saver: TieredSaver, thread_id: str) -> dict[str, Any]:
     return {"thread_id": thread_id, "namespaces": dict(namespaces)}
 
 
+EMPTY_WITHOUT_ROWS = frozenset({"postgres"})
+"""Warm backends that store no blob for an empty channel (a version with no value):
+there, a version without a blob is missing only if a segment shows it had a value."""
+
+
 async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, Any]:
-    """Re-check every stored payload: segment checksums, offload checksums, decodability."""
+    """Re-check every stored payload and that every checkpoint is complete.
+
+    Checksums (segments, offloaded objects), decodability (checkpoints, metadata,
+    blobs, pending writes), and referential completeness: every channel version a
+    checkpoint names resolves (a warm blob, an offloaded object, or its segment's
+    copy), every pending write decodes, every stub's segment holds it. A checkpoint
+    that names a value no tier holds reads back with a channel missing; each one is
+    named in ``problems`` (and in ``broken``, by thread, namespace and id).
+    """
     checked = 0
     problems: list[str] = []
+    broken: list[dict[str, str]] = []
     skipped: list[str] = []
+
+    def bad(row: StoredCheckpoint, why: str) -> None:
+        problems.append(f"{row.thread_id!r}/{row.checkpoint_ns!r}/{row.checkpoint_id}: {why}")
+        broken.append({"thread_id": row.thread_id, "checkpoint_ns": row.checkpoint_ns,
+                       "checkpoint_id": row.checkpoint_id, "problem": why})
+
     for stack in {id(s): s for s in _stacks(saver).values()}.values():
         by_segment: dict[str, list[StoredCheckpoint]] = defaultdict(list)
+        live: list[StoredCheckpoint] = []
         async for row in stack.warm.list(ListQuery()):
             checked += 1
             progress(checked, None)
-            where = f"{row.thread_id!r}/{row.checkpoint_ns!r}/{row.checkpoint_id}"
             if row.location == "archived" and row.archive_key is not None:
                 by_segment[row.archive_key].append(row)
-                continue
-            try:
-                full = await saver.router.expand(stack, row)
-                saver.codec.decode(full.checkpoint, where=where)
-                saver.codec.decode(full.metadata, where=where)
-                for payload in full.blobs.values():
-                    if payload.tag != EMPTY.tag:
-                        saver.codec.decompress(payload, where=where)
-            except TierstoreError as exc:
-                problems.append(f"{where}: {exc}")
+            else:
+                live.append(row)
+        keeps_empty = stack.warm.backend not in EMPTY_WITHOUT_ROWS
+        # (thread, ns, channel, version) -> whether a segment holds a value for it
+        archived_values: dict[tuple[str, str, str, str], bool] = {}
         for key, stubs in by_segment.items():
             try:
                 segment = await saver.router.load_segment(stack, key)
@@ -162,12 +177,72 @@ async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, An
                 continue
             except TierstoreError as exc:
                 problems.append(f"segment {key}: {exc}")
+                for stub in stubs:
+                    bad(stub, f"its segment {key} cannot be read ({exc})")
                 continue
             for stub in stubs:
-                if stub.checkpoint_id not in segment.records:
+                found = segment.records.get(stub.checkpoint_id)
+                if found is None:
                     problems.append(f"segment {key}: missing checkpoint {stub.checkpoint_id}")
-    return {"checked": checked, "problems": problems, "skipped_need_restore": skipped,
-            "ok": not problems}
+                    bad(stub, f"segment {key} does not hold it")
+                    continue
+                record = replace(found, thread_id=stub.thread_id,
+                                 checkpoint_ns=stub.checkpoint_ns, writes=stub.writes)
+                versions = await _check_record(saver, stack, record, bad, keeps_empty,
+                                               archived=None, segment_writes=found.writes)
+                for ch, version in versions.items():
+                    payload = found.blobs.get(ch)
+                    archived_values[(stub.thread_id, stub.checkpoint_ns, ch, version)] = (
+                        payload is not None and payload.tag != EMPTY.tag)
+        for row in live:
+            await _check_record(saver, stack, row, bad, keeps_empty, archived=archived_values)
+    return {"checked": checked, "problems": problems, "broken": broken,
+            "skipped_need_restore": skipped, "ok": not problems}
+
+
+async def _check_record(
+    saver: TieredSaver, stack: TierStack, row: StoredCheckpoint,
+    bad: Callable[[StoredCheckpoint, str], None], keeps_empty: bool, *,
+    archived: dict[tuple[str, str, str, str], bool] | None,
+    segment_writes: tuple[Any, ...] = (),
+) -> dict[str, str]:
+    """Decode one checkpoint (live, or a stub's segment copy) and check it resolves.
+
+    Returns its channel versions. ``archived`` (live rows only) says which versions
+    a segment holds a value for: such a version must have a blob in warm too.
+    """
+    where = f"{row.thread_id!r}/{row.checkpoint_ns!r}/{row.checkpoint_id}"
+    try:
+        full = await saver.router.expand(stack, replace(
+            row, writes=(*row.writes, *segment_writes)))
+        body = saver.codec.decode(full.checkpoint, where=where)
+        saver.codec.decode(full.metadata, where=where)
+    except TierstoreError as exc:
+        bad(row, str(exc))
+        return {}
+    for channel, payload in full.blobs.items():
+        if payload.tag == EMPTY.tag:
+            continue
+        try:
+            saver.codec.decompress(payload, where=where)
+        except TierstoreError as exc:
+            bad(row, f"channel {channel!r} does not decode ({exc})")
+    for write in full.writes:
+        try:
+            saver.codec.decode(write.payload, where=where)
+        except TierstoreError as exc:
+            bad(row, f"pending write {write.task_id!r}/{write.idx} of channel "
+                     f"{write.channel!r} does not decode ({exc})")
+    raw = body.get("channel_versions") if isinstance(body, dict) else None
+    versions = {str(ch): str(v) for ch, v in (raw or {}).items()}
+    for channel, version in sorted(versions.items()):
+        if channel in full.blobs:
+            continue
+        key = (row.thread_id, row.checkpoint_ns, channel, version)
+        if keeps_empty or (archived is not None and archived.get(key, False)):
+            bad(row, f"channel {channel!r} version {version} resolves nowhere "
+                     "(no warm blob, no offloaded object, no segment copy)")
+    return versions
 
 
 # -- export / import ----------------------------------------------------------------------

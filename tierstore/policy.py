@@ -17,8 +17,9 @@ from typing import Any
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
 
+from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import InvalidInput
-from tierstore.records import Head, Scalar, StoredCheckpoint, WriteRecord
+from tierstore.records import BlobRecord, Head, Payload, Scalar, StoredCheckpoint, WriteRecord
 
 __all__ = [
     "CHECKPOINT_ID_SKEW",
@@ -47,6 +48,7 @@ __all__ = [
     "retry_delay",
     "should_replace_hot",
     "split_filter",
+    "supply_blobs",
     "validate_checkpoint_id",
     "validate_id",
     "write_index",
@@ -476,6 +478,23 @@ def merge_writes(
             continue
         merged[key] = write
     return tuple(merged.values())
+
+
+def supply_blobs(
+    missing: Sequence[tuple[str, str]],
+    values: Mapping[str, Payload],
+    new_blobs: Sequence[BlobRecord],
+) -> list[BlobRecord]:
+    """The new blobs of a put plus the (channel, version) pairs warm said it lacks.
+
+    ``values`` holds the encoded value of every channel of the checkpoint, so a
+    missing version is stored again from it; a channel the checkpoint has no value
+    for is empty at that version (LangGraph's empty channel), stored as such.
+    """
+    have = {(b.channel, b.version) for b in new_blobs}
+    extra = [BlobRecord(ch, version, values.get(ch, EMPTY))
+             for ch, version in missing if (ch, version) not in have]
+    return [*new_blobs, *extra]
 
 
 # -- leases and fencing -----------------------------------------------------------------

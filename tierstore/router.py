@@ -52,7 +52,13 @@ from tierstore.codec.segment import (
     thread_prefix,
     unpack_segment,
 )
-from tierstore.errors import CheckpointArchived, ConfigurationError, CorruptPayload, ResidencyError
+from tierstore.errors import (
+    CheckpointArchived,
+    ConfigurationError,
+    CorruptPayload,
+    MissingBlobs,
+    ResidencyError,
+)
 from tierstore.hotwriter import HotWriter
 from tierstore.lease import current_fence
 from tierstore.metrics import Metrics
@@ -70,7 +76,7 @@ from tierstore.offload import (
     unreferenced_objects,
     work_marker,
 )
-from tierstore.policy import chain_writes, is_hot_fresh, matches_filter
+from tierstore.policy import chain_writes, is_hot_fresh, matches_filter, merge_writes, supply_blobs
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
@@ -315,8 +321,11 @@ class Router:
                 f"segment {stub.archive_key!r} does not hold checkpoint {stub.checkpoint_id!r}",
                 where=stub.archive_key,
             )
-        # a copied thread shares its source's segments: the stub names the thread
-        return replace(found, thread_id=stub.thread_id, checkpoint_ns=stub.checkpoint_ns)
+        # A copied thread shares its source's segments: the stub names the thread.
+        # Writes that landed on the stub after it was archived (an interrupted thread
+        # resumed, a run's writes racing the move) sit in warm; warm's are newer.
+        return replace(found, thread_id=stub.thread_id, checkpoint_ns=stub.checkpoint_ns,
+                       writes=merge_writes(found.writes, stub.writes))
 
     async def drop_unreferenced_segments(self, stack: TierStack, keys: Sequence[str]) -> int:
         """Delete the given segments that no stub refers to any more.
@@ -459,9 +468,21 @@ class Router:
                                                            values)
         # a lease held in this context on the thread fences the write (see tierstore.lease)
         fence = current_fence(stack.warm, record.thread_id)
-        result = await self.metrics.timed(
-            "warm", stack.warm, "put_checkpoint",
-            stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence))
+        try:
+            result = await self.metrics.timed(
+                "warm", stack.warm, "put_checkpoint",
+                stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence))
+        except MissingBlobs as exc:
+            # An archive move dropped values the parent's children still name (this
+            # writer read the parent before the move, or holds it cached). Their
+            # payloads are at hand in ``values``; a channel with no value is empty.
+            supplied = supply_blobs(exc.missing, values, new_blobs)
+            log.info("thread %r ns %r: %d channel values were archived under the writer; "
+                     "storing them again with checkpoint %r", record.thread_id,
+                     record.checkpoint_ns, len(exc.missing), record.checkpoint_id)
+            result = await self.metrics.timed(
+                "warm", stack.warm, "put_checkpoint",
+                stack.warm.put_checkpoint(record, supplied, strict=strict, fence=fence))
         if result.conflict:
             self.stats.conflicts += 1
             log.info(

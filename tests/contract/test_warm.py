@@ -304,8 +304,8 @@ async def test_copy_thread_copies_history_blobs_and_writes(warm: Any) -> None:
         record(src, 1, versions={"a": "1"}),
         [BlobRecord("a", "1", Payload("msgpack", b"value"))], strict=False,
     )
-    await warm.put_checkpoint(record(src, 2, parent=1, versions={"a": "1"}, ns="sub"), [],
-                              strict=False)
+    await warm.put_checkpoint(record(src, 2, parent=1, versions={"a": "1"}, ns="sub"),
+                              [BlobRecord("a", "1", Payload("msgpack", b"value"))], strict=False)
     await warm.put_writes(src, "", cid(1), [write("x", 0, "w")])
     await warm.copy_thread(src, dst)
     copied = await warm.get(dst, "", None)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tierstore.errors import InvalidInput
+from tierstore.errors import InvalidInput, MissingBlobs
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
 from .test_warm import chain, cid, record
@@ -156,3 +156,56 @@ async def test_stubs_are_found_by_key_and_run_and_repointed(warm: Any) -> None:
     assert await warm.archive_refs(other) == {"seg-b": 3}
     stub = await warm.get(t, "", cid(2))
     assert stub is not None and stub.location == "archived" and stub.archive_key == "seg-a2"
+
+
+async def test_a_write_stored_after_the_segment_was_packed_stays_on_the_stub(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await warm.put_checkpoint(record(t, 1), [], strict=False)
+    await warm.put_writes(t, "", cid(1), [WriteRecord("task", 0, "ch", Payload("m", b"old")),
+                                          WriteRecord("task", -3, "ch", Payload("m", b"i1"))])
+    packed = await warm.get(t, "", cid(1))
+    assert packed is not None and len(packed.writes) == 2
+    # the app's next writes land between the job's read and its mark
+    await warm.put_writes(t, "", cid(1), [WriteRecord("late", 0, "ch", Payload("m", b"new")),
+                                          WriteRecord("task", -3, "ch", Payload("m", b"i2"))])
+    now = time.time()
+    await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000, idle_before=now + 1)
+    assert await warm.mark_archived(t, "", [cid(1)], archive_key="seg", owner="me", now=now,
+                                    writes={cid(1): packed.writes}) == 1
+    stub = await warm.get(t, "", cid(1))
+    assert stub is not None and stub.location == "archived"
+    assert sorted((w.task_id, w.idx, w.payload.data) for w in stub.writes) == [
+        ("late", 0, b"new"), ("task", -3, b"i2")]  # what the segment lacks stays in warm
+
+
+async def test_a_put_naming_a_version_warm_dropped_is_refused_whole(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    blobs = [BlobRecord("a", "1", Payload("msgpack", b"a1")),
+             BlobRecord("e", "1", Payload("empty", b""))]
+    await warm.put_checkpoint(record(t, 1, versions={"a": "1", "e": "1"}), blobs, strict=False)
+    now = time.time()
+    await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000, idle_before=now + 1)
+    assert await warm.mark_archived(t, "", [cid(1)], archive_key="seg", owner="me",
+                                    now=now) == 1
+    await warm.release(t, "", owner="me")
+    child = record(t, 2, parent=1, versions={"a": "1", "e": "1", "b": "2"})
+    new = [BlobRecord("b", "2", Payload("msgpack", b"b2"))]
+    refused: MissingBlobs | None = None
+    try:
+        await warm.put_checkpoint(child, new, strict=False)
+    except MissingBlobs as exc:
+        refused = exc
+    if refused is not None:
+        assert sorted(refused.missing) == [("a", "1"), ("e", "1")]
+        assert await warm.get(t, "", cid(2)) is None  # nothing of it was written
+        head = await warm.head(t, "")
+        assert head is not None and head.checkpoint_id == cid(1)
+        await warm.put_checkpoint(child, [*new, *blobs], strict=False)  # supplied: stored
+    # else: the store still held them (Mongo collects blobs after a grace period
+    # only); the check then keeps them from being collected under the child
+    got = await warm.get(t, "", cid(2))
+    assert got is not None and got.blobs["a"].data == b"a1" and got.blobs["b"].data == b"b2"
+    assert got.location == "warm"
+    # the empty channel still counts, on the common path too (a live parent names it)
+    grandchild = record(t, 3, parent=2, versions={"a": "1", "e": "1", "b": "2"})
+    await warm.put_checkpoint(grandchild, [], strict=False)

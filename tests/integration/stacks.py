@@ -103,6 +103,10 @@ def redis_mongo_s3(request: pytest.FixtureRequest, tmp: Path) -> Stack:
                  shared_across_processes=target.real)
 
 
+def postgres_file(request: pytest.FixtureRequest, tmp: Path) -> Stack:
+    return Stack("postgres+file", None, postgres_warm(request), f"file://{tmp}/cold")
+
+
 STACKS: dict[str, StackBuilder] = {
     "embedded": embedded,
     "postgres": postgres_only,
@@ -115,6 +119,14 @@ TIERED_STACKS = {"embedded", "redis+postgres+s3", "redis+mongo+s3"}
 MULTIPROCESS_STACKS = {"embedded", "redis+postgres+s3"} | (
     {"redis+mongo+s3"} if os.environ.get("TIERSTORE_TEST_MONGO_URL") else set())
 """Stacks several OS processes can share (the in-memory Mongo emulation cannot)."""
+ARCHIVING_STACKS: dict[str, StackBuilder] = {
+    **{name: STACKS[name] for name in sorted(TIERED_STACKS)},
+    "postgres+file": postgres_file,
+}
+"""Every stack with a cold tier, and one with no hot tier at all (PostgreSQL + files):
+the suites that prove tiering invisible run on these."""
+MULTIPROCESS_ARCHIVING_STACKS = {
+    name for name in ARCHIVING_STACKS if name in MULTIPROCESS_STACKS or name == "postgres+file"}
 
 
 def stack_params() -> list[Any]:

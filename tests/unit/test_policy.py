@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
@@ -24,10 +25,11 @@ from tierstore.policy import (
     next_channel_version,
     should_replace_hot,
     split_filter,
+    supply_blobs,
     validate_id,
     write_index,
 )
-from tierstore.records import Head, Payload, StoredCheckpoint, WriteRecord
+from tierstore.records import BlobRecord, Head, Payload, StoredCheckpoint, WriteRecord
 from tierstore.settings import SaverOptions, StoreUrl, mask, options_from_env, urls_from_env
 
 
@@ -217,3 +219,14 @@ def test_malformed_checkpoints_and_writes_name_the_bad_part() -> None:
     for fn, value, fragment in cases:
         with pytest.raises(InvalidInput, match=re.escape(fragment)):
             fn(value)
+
+
+def test_supply_blobs_stores_missing_versions_from_the_checkpoints_values() -> None:
+    new = [BlobRecord("notes", "3", Payload("msgpack", b"n3"))]
+    values = {"notes": Payload("msgpack", b"n3"), "profile": Payload("msgpack", b"ada")}
+    out = supply_blobs([("profile", "1"), ("branch:to:x", "2"), ("notes", "3")], values, new)
+    assert out == [
+        new[0],
+        BlobRecord("profile", "1", Payload("msgpack", b"ada")),
+        BlobRecord("branch:to:x", "2", EMPTY),  # no value: the channel is empty there
+    ]

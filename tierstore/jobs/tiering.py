@@ -280,6 +280,7 @@ class _Archiver(_Job):
         changed = await stack.warm.mark_archived(
             claim.thread_id, claim.checkpoint_ns, [r.checkpoint_id for r in records],
             archive_key=key, owner=self.owner, now=self.clock(),
+            writes={r.checkpoint_id: r.writes for r in records},
         )
         self._step("marked")
         if changed:

@@ -32,7 +32,7 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from tierstore.records import (
@@ -146,6 +146,11 @@ class WarmStore(Protocol):
         With ``strict`` the head must equal ``record.parent_id`` (no head when it is
         None), else ``VersionConflict`` is raised and nothing is written. With
         ``fence``, a thread fence above it raises ``LeaseLost`` and nothing is written.
+        Every channel version the record names must be among ``blobs`` (an empty
+        channel's ``EMPTY`` payload counts) or still held by warm, else ``MissingBlobs``
+        carries the missing (channel, version) pairs and nothing is written: an archive
+        move may have dropped them after the writer read the parent. The check is part
+        of the same atomic step as the write.
         """
         ...
 
@@ -247,12 +252,16 @@ class WarmStore(Protocol):
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         """Turn live checkpoints into stubs pointing at ``archive_key`` and drop their payloads.
 
         One atomic step, and only while ``owner`` still holds the lease; returns how many
         checkpoints became stubs (0 when the lease was lost). Metadata, parent and channel
         versions stay on the stub so ``list`` and its filters never touch cold.
+        ``writes``: the pending writes the segment holds, per checkpoint id; only those
+        leave warm (same task, index and bytes), so a write stored after the segment
+        was packed stays on the stub, where reads merge it. None drops them all.
         """
         ...
 

@@ -148,6 +148,7 @@ from tierstore.errors import (
     InvalidInput,
     LeaseLost,
     LifecycleError,
+    MissingBlobs,
     PayloadTooLarge,
     StorageError,
     TierstoreError,
@@ -500,6 +501,15 @@ class _Ref:
     file_id: Any
     sha256: str
     size: int
+
+
+def _packed_write(checkpoint_id: str, write: WriteRecord) -> Doc:
+    """A filter for the stored write that is this one: same task, index and bytes
+    (inline, or a GridFS file with the same digest)."""
+    digest = hashlib.sha256(write.payload.data).hexdigest()
+    return {"checkpoint_id": checkpoint_id, "task_id": write.task_id, "idx": int(write.idx),
+            "payload.tag": write.payload.tag,
+            "$or": [{"payload.data": write.payload.data}, {"payload.sha256": digest}]}
 
 
 def _read_payload(value: Any, where: str) -> Payload | _Ref:
@@ -956,6 +966,7 @@ class MongoWarm:
             if strict:
                 current = await self._settle_conflict(t, ns, parent, current)
             now = self._clock()
+            await self._check_blobs(t, ns, record, blobs, now)
             token = uuid.uuid4().hex
             blob_docs = await asyncio.gather(*(self._blob_doc(t, ns, b, now) for b in blobs))
             doc = await self._pack(
@@ -998,6 +1009,36 @@ class MongoWarm:
                     return result
 
             return await _shielded(store_and_move())
+
+    async def _check_blobs(self, t: str, ns: str, record: CheckpointRecord,
+                           blobs: Sequence[BlobRecord], now: float) -> None:
+        """Before anything is stored: every channel version the record names that is
+        not among its new blobs must be in warm, or ``MissingBlobs`` (nothing written).
+
+        An archive move collects blobs only archived checkpoints name; a writer that
+        read the parent before the move would otherwise store a child naming them.
+        The named blobs' ``seen_at`` is refreshed first and they are looked up after,
+        so a blob found here is inside the collector's grace until the head moves
+        (the collector deletes only blobs last seen before ``now - orphan_grace``).
+        Empty channels have blob documents too, so a document is the whole test.
+        """
+        new = {(b.channel, b.version) for b in blobs}
+        wanted = sorted((_text(c, "channel"), _text(v, "version"))
+                        for c, v in record.channel_versions.items() if (c, v) not in new)
+        if not wanted:
+            return
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(wanted), _OR_CHUNK):
+            chunk = wanted[start:start + _OR_CHUNK]
+            query = {"thread_id": t, "checkpoint_ns": ns,
+                     "$or": [{"channel": c, "version": v} for c, v in chunk]}
+            await self._c("blobs").update_many(query, {"$max": {"seen_at": now}})
+            async for doc in self._c("blobs").find(query, {"_id": 0, "channel": 1,
+                                                           "version": 1}):
+                found.add((doc["channel"], doc["version"]))
+        missing = [pair for pair in wanted if pair not in found]
+        if missing:
+            raise MissingBlobs.of(t, ns, missing)
 
     async def _blob_doc(self, t: str, ns: str, blob: BlobRecord, now: float) -> Doc:
         return await self._pack(
@@ -1558,6 +1599,7 @@ class MongoWarm:
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         """Turn live checkpoints into stubs, each by one conditional update.
 
@@ -1590,7 +1632,10 @@ class MongoWarm:
                 {**key, "checkpoint_id": {"$in": ids}, "location": "archived"},
                 {"_id": 0, "checkpoint_id": 1}).to_list(None)]
             if stubs:
-                doomed = {**key, "checkpoint_id": {"$in": stubs}}
+                doomed: Doc = {**key, "checkpoint_id": {"$in": stubs}}
+                if writes is not None:  # only what the segment holds stays out of warm
+                    packed = [_packed_write(cid, w) for cid in stubs for w in writes.get(cid, ())]
+                    doomed = {**key, "$or": packed} if packed else {**key, "_id": None}
                 files.extend(await self._files_of("writes", doomed))
                 await self._c("writes").delete_many(doomed)
                 if held["head_id"] in stubs:

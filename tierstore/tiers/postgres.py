@@ -71,6 +71,7 @@ from tierstore.errors import (
     InvalidInput,
     LeaseLost,
     LifecycleError,
+    MissingBlobs,
     PayloadTooLarge,
     TierstoreError,
     TierUnavailable,
@@ -198,6 +199,7 @@ _PUT_CHECKPOINT_FENCED = (
 _PUT_WRITES_FENCED = "SELECT tierstore_put_writes_fenced($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _NEXT_FENCE = "SELECT tierstore_next_fence($1)"
 _FENCED_OUT = "TS409"  # SQLSTATE raised by tierstore_check_fence
+_MISSING_BLOBS = "TS404"  # SQLSTATE raised by tierstore_put_checkpoint (0003)
 
 _LOCK_STREAMS = (
     "SELECT sid FROM tierstore_heads WHERE sid = ANY($1::bigint[]) ORDER BY sid "
@@ -726,8 +728,10 @@ class PostgresWarm:
         fence: int | None = None,
     ) -> PutResult:
         versions = {ch: _version_key(v) for ch, v in record.channel_versions.items()}
-        # A channel with a version but no value reads back the same with no row.
-        kept = [b for b in blobs if b.payload != EMPTY]
+        # A channel with a version but no value reads back the same with no row: the
+        # function stores no row for tag 'empty', but counts it among the new blobs
+        # when it checks that every version the checkpoint names is held (0003).
+        kept = list(blobs)
         args = (
             record.thread_id, record.checkpoint_ns, record.checkpoint_id, record.parent_id,
             strict, record.run_id, record.checkpoint.tag, record.checkpoint.data,
@@ -740,11 +744,21 @@ class PostgresWarm:
         )
 
         async def body(conn: Conn) -> asyncpg.Record:
-            if fence is None:
-                row = await conn.fetchrow(_PUT_CHECKPOINT, *args)
-            else:
-                row = await self._fenced(record.thread_id, fence,
-                                         conn.fetchrow(_PUT_CHECKPOINT_FENCED, fence, *args))
+            try:
+                if fence is None:
+                    row = await conn.fetchrow(_PUT_CHECKPOINT, *args)
+                else:
+                    row = await self._fenced(record.thread_id, fence,
+                                             conn.fetchrow(_PUT_CHECKPOINT_FENCED, fence, *args))
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != _MISSING_BLOBS:
+                    raise
+                channels = json.loads(getattr(exc, "detail", None) or "[]")
+                raise MissingBlobs.of(
+                    record.thread_id, record.checkpoint_ns,
+                    [(ch, record.channel_versions[ch]) for ch in channels
+                     if ch in record.channel_versions],
+                ) from exc
             assert row is not None
             return row
 
@@ -1005,8 +1019,10 @@ class PostgresWarm:
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         ids = list(checkpoint_ids)
+        packed = [(cid, w) for cid in ids for w in (writes or {}).get(cid, ())]
 
         async def body(conn: Conn) -> int:
             async with conn.transaction():
@@ -1021,10 +1037,22 @@ class PostgresWarm:
                     "AND archive_key IS NULL RETURNING checkpoint_id",
                     sid, ids, archive_key,
                 )
-                await conn.execute(
-                    "DELETE FROM tierstore_writes WHERE sid = $1 "
-                    "AND checkpoint_id = ANY($2::text[])", sid, ids,
-                )
+                if writes is None:
+                    await conn.execute(
+                        "DELETE FROM tierstore_writes WHERE sid = $1 "
+                        "AND checkpoint_id = ANY($2::text[])", sid, ids,
+                    )
+                elif packed:  # only what the segment holds: a later write stays on the stub
+                    await conn.execute(
+                        "DELETE FROM tierstore_writes AS w USING unnest($2::text[], $3::text[], "
+                        "$4::int[], $5::text[], $6::bytea[]) AS p(checkpoint_id, task_id, idx, "
+                        "tag, data) WHERE w.sid = $1 AND w.checkpoint_id = p.checkpoint_id "
+                        "AND w.task_id = p.task_id AND w.idx = p.idx AND w.tag = p.tag "
+                        "AND w.data = p.data",
+                        sid, [c for c, _ in packed], [w.task_id for _, w in packed],
+                        [w.idx for _, w in packed], [w.payload.tag for _, w in packed],
+                        [w.payload.data for _, w in packed],
+                    )
                 await conn.execute(_DROP_ORPHAN_BLOBS, [sid])
                 if changed:  # every cached copy of the head must fail the freshness check
                     await conn.execute(_BUMP_VERSION, sid)

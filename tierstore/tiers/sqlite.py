@@ -28,7 +28,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +39,7 @@ from tierstore.errors import (
     InvalidInput,
     LeaseLost,
     LifecycleError,
+    MissingBlobs,
     TierUnavailable,
     VersionConflict,
 )
@@ -441,6 +442,7 @@ class SqliteWarm:
                     f"{head_id!r} (version {version})",
                     thread_id=t, checkpoint_ns=ns, head_id=head_id, version=version,
                 )
+            self._check_blobs(conn, record, blobs)
             conn.executemany(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
                 [(t, ns, b.channel, b.version, b.payload.tag, b.payload.data) for b in blobs],
@@ -472,6 +474,31 @@ class SqliteWarm:
             return PutResult(Head(head_id, version, n_writes), conflict)
 
         return await self._run(lambda conn: self._tx(conn, body))
+
+    @staticmethod
+    def _check_blobs(conn: sqlite3.Connection, record: CheckpointRecord,
+                     blobs: Sequence[BlobRecord]) -> None:
+        """Inside the put's transaction: every channel version the record names that
+        is not among its new blobs must be in warm, or ``MissingBlobs`` (nothing written).
+
+        An archive move drops values only archived checkpoints name; a writer that
+        read the parent before the move would otherwise store a child naming them.
+        This store keeps a row for empty channels too, so a row is the whole test.
+        """
+        new = {(b.channel, b.version) for b in blobs}
+        wanted = [(ch, v) for ch, v in record.channel_versions.items() if (ch, v) not in new]
+        if not wanted:
+            return
+        missing = [
+            (ch, v) for ch, v in wanted
+            if conn.execute(
+                "SELECT 1 FROM blobs WHERE thread_id = ? AND checkpoint_ns = ? AND channel = ? "
+                "AND version = ?",
+                (record.thread_id, record.checkpoint_ns, ch, v),
+            ).fetchone() is None
+        ]
+        if missing:
+            raise MissingBlobs.of(record.thread_id, record.checkpoint_ns, missing)
 
     async def put_writes(
         self,
@@ -741,6 +768,7 @@ class SqliteWarm:
         archive_key: str,
         owner: str,
         now: float,
+        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
         def body(conn: sqlite3.Connection) -> int:
             held = conn.execute(
@@ -765,11 +793,20 @@ class SqliteWarm:
                     "AND checkpoint_ns = ?",
                     (thread_id, checkpoint_ns),
                 )
-            conn.executemany(
-                "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
-                "AND checkpoint_id = ?",
-                keys,
-            )
+            if writes is None:
+                conn.executemany(
+                    "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "AND checkpoint_id = ?",
+                    keys,
+                )
+            else:  # only what the segment holds: a later write stays on the stub
+                conn.executemany(
+                    "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "AND checkpoint_id = ? AND task_id = ? AND idx = ? AND tag = ? AND data = ?",
+                    [(thread_id, checkpoint_ns, cid, w.task_id, w.idx, w.payload.tag,
+                      w.payload.data)
+                     for cid in checkpoint_ids for w in writes.get(cid, ())],
+                )
             self._collect_blobs(conn, thread_id, checkpoint_ns)
             return changed
 
