@@ -6,7 +6,7 @@
 """
 
 from tierstore.codec.crypto import Keyring
-from tierstore.concurrency import retry_on_conflict
+from tierstore.concurrency import retry_on_conflict, retry_on_conflict_sync
 from tierstore.errors import (
     CheckpointArchived,
     ConfigurationError,
@@ -20,6 +20,7 @@ from tierstore.errors import (
     StorageError,
     TierstoreError,
     TierUnavailable,
+    TurnInProgress,
     UsageError,
     VersionConflict,
 )
@@ -42,9 +43,11 @@ __all__ = [
     "TierUnavailable",
     "TieredSaver",
     "TierstoreError",
+    "TurnInProgress",
     "UsageError",
     "VersionConflict",
     "retry_on_conflict",
+    "retry_on_conflict_sync",
 ]
 
 __version__ = "0.1.0"

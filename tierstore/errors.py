@@ -14,6 +14,7 @@ store may help)::
     └── StorageError                  refusals: the stores could not do what was asked
         ├── TierUnavailable           a store is unreachable or timed out
         ├── VersionConflict           a stale writer lost the compare-and-set
+        │   └── TurnInProgress        new input would discard another turn's pending steps
         ├── CheckpointArchived        the bytes sit in a class that needs a restore
         ├── CorruptPayload            stored bytes fail to decode or verify
         ├── PayloadTooLarge           a payload exceeds what the stores accept
@@ -45,6 +46,7 @@ __all__ = [
     "StorageError",
     "TierUnavailable",
     "TierstoreError",
+    "TurnInProgress",
     "UsageError",
     "VersionConflict",
 ]
@@ -104,6 +106,19 @@ class VersionConflict(StorageError):
         self.checkpoint_ns = checkpoint_ns
         self.head_id = head_id
         self.version = version
+
+
+class TurnInProgress(VersionConflict):
+    """Strict mode refused a turn's input: the head has steps of another turn still to run.
+
+    LangGraph starts a new turn by discarding whatever tasks the head still has
+    pending; in strict mode that would silently drop a turn another caller is
+    running (its input stored, its answer not yet). Nothing of the refused turn was
+    stored, so re-sending it later (``retry_on_conflict`` does) applies it once. A turn
+    that stopped midway without a trace (its process died, its call was cancelled)
+    keeps the thread until someone finishes it with ``ainvoke(None, config)``; a head
+    paused on ``interrupt()`` or left by a node's error does not hold the thread.
+    """
 
 
 class CheckpointArchived(StorageError):

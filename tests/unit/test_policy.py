@@ -10,6 +10,7 @@ from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
     checkpoint_ids,
+    discards_pending_tasks,
     filter_doc,
     is_hot_fresh,
     matches_filter,
@@ -133,3 +134,18 @@ def test_mongo_urls_may_name_several_hosts_and_repeat_options() -> None:
     assert "pw" not in repr(url)
     with pytest.raises(ConfigurationError, match="repeats"):
         StoreUrl.parse("postgresql://h/db?sslmode=a&sslmode=b")
+
+
+def test_an_input_that_marks_pending_tasks_seen_discards_them() -> None:
+    settled = {"__input__": {}, "__start__": {"__start__": "1"}, "plan": {"branch:to:plan": "2"}}
+    # a new turn on a settled head only adds the input's own empty entry
+    assert not discards_pending_tasks(settled, {**settled, "__input__": {}}, ())
+    # a new turn on a head whose `respond` step is pending marks it seen: a discard
+    cut_in = {**settled, "respond": {"branch:to:respond": "3"}}
+    assert discards_pending_tasks(settled, cut_in, ())
+    moved = {**settled, "plan": {"branch:to:plan": "4"}}
+    assert discards_pending_tasks(settled, moved, ())
+    # a head paused on interrupt() or left by an error: its run stopped, moving on is allowed
+    assert not discards_pending_tasks(settled, cut_in, ("__interrupt__",))
+    assert not discards_pending_tasks(settled, cut_in, ("messages", "__error__"))
+    assert discards_pending_tasks(settled, cut_in, ("messages",))
