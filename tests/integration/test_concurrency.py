@@ -20,7 +20,13 @@ from langgraph.graph.message import add_messages
 from langgraph.types import Command, interrupt
 
 from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
-from tierstore import ConfigurationError, TieredSaver, TurnInProgress, VersionConflict
+from tierstore import (
+    ConfigurationError,
+    Keyring,
+    TieredSaver,
+    TurnInProgress,
+    VersionConflict,
+)
 from tierstore.concurrency import TURN_KEY, retry_on_conflict, retry_on_conflict_sync
 from tierstore.demo import build_agent
 
@@ -85,11 +91,11 @@ def test_strict_race_with_sync_retry_keeps_every_input_exactly_once(urls: Urls) 
         app.invoke(ask("hello"), cfg("sync-race"))
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda i: retry_on_conflict_sync(
-                app.invoke, ask(f"remember item {i}"), cfg("sync-race")), range(12)))
+                app.invoke, ask(f"remember item {i}"), cfg("sync-race")), range(16)))
         values = app.get_state(cfg("sync-race")).values
         assert human_texts(values) == Counter(
-            ["hello", *(f"remember item {i}" for i in range(12))])
-        assert Counter(values["notes"]) == Counter(f"item {i}" for i in range(12))
+            ["hello", *(f"remember item {i}" for i in range(16))])
+        assert Counter(values["notes"]) == Counter(f"item {i}" for i in range(16))
         history = list(saver.list(cfg("sync-race")))
         assert [t.parent_config["configurable"]["checkpoint_id"] if t.parent_config else None
                 for t in history] == [
@@ -153,6 +159,24 @@ async def test_strict_retry_with_a_caller_turn_id_is_idempotent(urls: Urls) -> N
         values = (await app.aget_state(cfg("idem"))).values
         assert human_texts(values) == Counter(["remember once"])
         assert values["notes"] == ["once"]
+
+
+async def test_turns_are_recognised_under_encryption(urls: Urls) -> None:
+    """The turn id stays filterable in clear when metadata is encrypted (it is a random id)."""
+    keyring = Keyring(current="k1", keys={"k1": Keyring.generate_key()})
+    async with open_saver(urls, concurrency="strict", encryption=keyring) as saver:
+        assert saver.filter_doc({TURN_KEY: "t-1", "user": "secret"}) == {TURN_KEY: "t-1"}
+        app = interrupted_turn_graph(saver, "enc")
+        await retry_on_conflict(app.ainvoke, ask("once"), cfg("enc"), durability="sync")
+        values = (await app.aget_state(cfg("enc"))).values
+        assert human_texts(values) == Counter(["once"])
+        assert Counter(values["log"]) == Counter(["side write", "first", "second"])
+        app = build_agent().compile(checkpointer=saver)
+        config = {**cfg("enc-idem"), "metadata": {TURN_KEY: "request-7"}}
+        for _ in range(2):
+            await retry_on_conflict(app.ainvoke, ask("remember once"), config)
+        assert human_texts((await app.aget_state(cfg("enc-idem"))).values) == Counter(
+            ["remember once"])
 
 
 async def test_strict_refuses_an_input_that_would_discard_a_turn_in_progress(
