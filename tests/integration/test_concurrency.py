@@ -209,6 +209,39 @@ async def test_strict_refuses_an_input_that_would_discard_a_turn_in_progress(
         assert await one_chain(saver, "busy")
 
 
+async def test_strict_thread_held_by_a_cancelled_turn_is_freed_by_finishing_it(
+        urls: Urls) -> None:
+    """A turn that stopped without a trace keeps its input; finishing it frees the thread."""
+    async with open_saver(urls, concurrency="strict") as saver:
+        started, blocked = asyncio.Event(), True
+
+        async def slow(state: Steps) -> dict[str, Any]:
+            started.set()
+            if blocked:
+                await asyncio.Event().wait()
+            return {"log": ["slow"]}
+
+        builder: StateGraph[Steps] = StateGraph(Steps)
+        builder.add_node("slow", slow)
+        builder.add_edge(START, "slow")
+        builder.add_edge("slow", END)
+        app = builder.compile(checkpointer=saver)
+        turn = asyncio.create_task(app.ainvoke(ask("first"), cfg("stuck"), durability="sync"))
+        await started.wait()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        with pytest.raises(TurnInProgress):  # sync: refused before its own steps would run
+            await app.ainvoke(ask("second"), cfg("stuck"), durability="sync")
+        blocked = False
+        await app.ainvoke(None, cfg("stuck"))  # finish the stopped turn
+        await app.ainvoke(ask("second"), cfg("stuck"))
+        values = (await app.aget_state(cfg("stuck"))).values
+        assert human_texts(values) == Counter(["first", "second"])
+        assert values["log"] == ["slow", "slow"]
+        assert await one_chain(saver, "stuck")
+
+
 async def test_strict_input_may_abandon_an_interrupt(urls: Urls) -> None:
     """A thread paused on ``interrupt()`` waits for a human: new input moves on, as in LangGraph."""
     async with open_saver(urls, concurrency="strict") as saver:
