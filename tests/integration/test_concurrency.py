@@ -267,6 +267,8 @@ async def test_strict_input_may_abandon_an_interrupt(urls: Urls) -> None:
 def test_strict_retry_across_processes_keeps_every_input_exactly_once(
         stack: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     target = STACKS[stack](request, tmp_path)
+    if not isinstance(target.warm, str):
+        pytest.skip("the worker processes open the stack from its URLs")
     processes, turns = 4, 5
     with target.open(concurrency="strict") as saver:
         app = build_agent().compile(checkpointer=saver)
