@@ -35,8 +35,9 @@ def test_public_api_is_pinned() -> None:
         "CheckpointArchived", "ConfigurationError", "CorruptPayload", "InvalidInput",
         "Keyring", "LeaseBusy", "LeaseLost", "LifecycleError", "PayloadTooLarge",
         "ResidencyError", "SaverOptions", "StorageError",
-        "TierUnavailable", "TieredSaver", "TierstoreError", "UsageError", "VersionConflict",
-        "retry_on_conflict", "DecompressionLimit", "UnsafePayload",
+        "TierUnavailable", "TieredSaver", "TierstoreError", "TurnInProgress", "UsageError",
+        "VersionConflict", "retry_on_conflict", "retry_on_conflict_sync", "DecompressionLimit",
+        "UnsafePayload",
     ])
     for name in tierstore.__all__:
         assert getattr(tierstore, name) is not None

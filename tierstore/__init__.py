@@ -6,7 +6,7 @@
 """
 
 from tierstore.codec.crypto import Keyring
-from tierstore.concurrency import retry_on_conflict
+from tierstore.concurrency import retry_on_conflict, retry_on_conflict_sync
 from tierstore.errors import (
     CheckpointArchived,
     ConfigurationError,
@@ -21,6 +21,7 @@ from tierstore.errors import (
     StorageError,
     TierstoreError,
     TierUnavailable,
+    TurnInProgress,
     UnsafePayload,
     UsageError,
     VersionConflict,
@@ -45,10 +46,12 @@ __all__ = [
     "TierUnavailable",
     "TieredSaver",
     "TierstoreError",
+    "TurnInProgress",
     "UnsafePayload",
     "UsageError",
     "VersionConflict",
     "retry_on_conflict",
+    "retry_on_conflict_sync",
 ]
 
 __version__ = "0.1.0"

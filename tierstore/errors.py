@@ -14,6 +14,7 @@ store may help)::
     └── StorageError                  refusals: the stores could not do what was asked
         ├── TierUnavailable           a store is unreachable or timed out
         ├── VersionConflict           a stale writer lost the compare-and-set
+        │   └── TurnInProgress        new input would discard another turn's pending steps
         ├── CheckpointArchived        the bytes sit in a class that needs a restore
         ├── CorruptPayload            stored bytes fail to decode or verify
         │   ├── UnsafePayload         bytes from outside name a type the allowlist refuses
@@ -51,6 +52,7 @@ __all__ = [
     "StorageError",
     "TierUnavailable",
     "TierstoreError",
+    "TurnInProgress",
     "UnsafePayload",
     "UsageError",
     "VersionConflict",
@@ -111,6 +113,19 @@ class VersionConflict(StorageError):
         self.checkpoint_ns = checkpoint_ns
         self.head_id = head_id
         self.version = version
+
+
+class TurnInProgress(VersionConflict):
+    """Strict mode refused a turn's input: the head has steps of another turn still to run.
+
+    LangGraph starts a new turn by discarding whatever tasks the head still has
+    pending; in strict mode that would silently drop a turn another caller is
+    running (its input stored, its answer not yet). Nothing of the refused turn was
+    stored, so re-sending it later (``retry_on_conflict`` does) applies it once. A turn
+    that stopped midway without a trace (its process died, its call was cancelled)
+    keeps the thread until someone finishes it with ``ainvoke(None, config)``; a head
+    paused on ``interrupt()`` or left by a node's error does not hold the thread.
+    """
 
 
 class CheckpointArchived(StorageError):

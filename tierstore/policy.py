@@ -24,6 +24,7 @@ from tierstore.records import BlobRecord, Head, Payload, Scalar, StoredCheckpoin
 __all__ = [
     "CHECKPOINT_ID_SKEW",
     "MAX_ID_BYTES",
+    "TURN_KEY",
     "before_checkpoint_id",
     "chain_writes",
     "checked_ids",
@@ -33,6 +34,7 @@ __all__ = [
     "checked_text",
     "checked_versions",
     "checked_writes",
+    "discards_pending_tasks",
     "fence_key",
     "fenced_out",
     "filter_doc",
@@ -376,6 +378,39 @@ def matches_filter(metadata: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
         elif stored != wanted:
             return False
     return True
+
+
+TURN_KEY = "tierstore_turn"
+"""Metadata key of the turn id ``retry_on_conflict`` stamps on every checkpoint of a turn.
+
+A random id, never user data, so it stays filterable in clear under encryption.
+"""
+
+STOPPED_RUN_CHANNELS = frozenset({"__interrupt__", "__error__"})
+"""Pending-write channels that mark a head whose run has stopped (paused or failed)."""
+
+
+def discards_pending_tasks(
+    parent_seen: Mapping[str, Mapping[str, Any]],
+    child_seen: Mapping[str, Mapping[str, Any]],
+    parent_write_channels: Sequence[str],
+) -> bool:
+    """Would this input checkpoint drop steps another turn still has to run?
+
+    LangGraph starts a turn on a head with pending tasks by marking those tasks'
+    triggers as seen (it "discards" them) and stores that in ``versions_seen``; the
+    input itself touches no node's seen versions. So any seen version that differs
+    from the parent's means tasks were discarded. That is a new user turn abandoning
+    a paused (``interrupt()``) or failed head, which LangGraph allows, or cutting in
+    on a turn still running, which strict mode refuses.
+    """
+    if any(channel in STOPPED_RUN_CHANNELS for channel in parent_write_channels):
+        return False
+    for node, seen in child_seen.items():
+        before = parent_seen.get(node) or {}
+        if any(before.get(channel) != version for channel, version in seen.items()):
+            return True
+    return False
 
 
 FORK_SOURCES = frozenset({"fork", "update"})

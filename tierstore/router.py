@@ -273,6 +273,10 @@ class Router:
         hit = await self._hot(stack.hot, "peek", stack.hot.get(thread_id, checkpoint_ns), None)
         return hit.checkpoint_id if hit is not None else None
 
+    async def head(self, thread_id: str, checkpoint_ns: str) -> Head | None:
+        """The warm head of a (thread, ns): what a refusal reports as the current state."""
+        return await self._head(self.regions.stack_for(thread_id), thread_id, checkpoint_ns)
+
     # -- cold -------------------------------------------------------------------------
 
     async def load_segment(self, stack: TierStack, key: str) -> Segment:

@@ -29,11 +29,12 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
-from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError
+from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError, TurnInProgress
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
 from tierstore.policy import (
+    TURN_KEY,
     before_checkpoint_id,
     checked_checkpoint,
     checked_ids,
@@ -42,6 +43,7 @@ from tierstore.policy import (
     checked_versions,
     checked_writes,
     checkpoint_ids,
+    discards_pending_tasks,
     filter_doc,
     is_explicit_fork,
     list_scope,
@@ -81,6 +83,11 @@ RUN_KEY = "__pregel_runtime"
 MAX_FORK_GRANTS = 1024
 PAYLOAD_CACHE_ENTRIES = 4096
 """The per-run object LangGraph puts in ``configurable`` of every call of one run."""
+TURN_STATE_ENTRIES = 1024
+
+TurnState = tuple[Mapping[str, Mapping[str, Any]], tuple[str, ...]]
+"""What strict mode needs of a head to judge a new turn on it: its ``versions_seen``
+and the channels of its pending writes."""
 
 
 class TieredSaver(
@@ -115,6 +122,10 @@ class TieredSaver(
             OrderedDict()
         )
         self._payload_cache: OrderedDict[tuple[str, str, str, str], Payload] = OrderedDict()
+        # Strict mode: the turn state of checkpoints read lately. LangGraph reads the head
+        # right before it stores a turn's input on it, so the check on that input costs
+        # no extra read; a checkpoint's versions_seen never changes.
+        self._turn_states: OrderedDict[tuple[str, str, str], TurnState] = OrderedDict()
 
     # -- construction -----------------------------------------------------------------
 
@@ -424,7 +435,57 @@ class TieredSaver(
         if checkpoint_id is not None:
             self._grant_fork(config, (thread_id, ns, checkpoint_id))
         record = await self._router.get(thread_id, ns, checkpoint_id)
-        return self._to_tuple(record) if record is not None else None
+        if record is None:
+            return None
+        result = self._to_tuple(record)
+        if self.options.concurrency == "strict":
+            # a copy: LangGraph goes on to change the checkpoint it was handed in place
+            seen = result.checkpoint.get("versions_seen") or {}
+            self._remember_turn_state(
+                (thread_id, ns, record.checkpoint_id),
+                ({node: dict(versions) for node, versions in seen.items()},
+                 tuple(channel for _, channel, _ in result.pending_writes or ())))
+        return result
+
+    def _remember_turn_state(self, key: tuple[str, str, str], state: TurnState) -> TurnState:
+        self._turn_states[key] = state
+        self._turn_states.move_to_end(key)
+        while len(self._turn_states) > TURN_STATE_ENTRIES:
+            self._turn_states.popitem(last=False)
+        return state
+
+    async def _refuse_turn_in_progress(
+        self, thread_id: str, ns: str, parent_id: str, checkpoint: Checkpoint
+    ) -> None:
+        """Strict mode: a turn's input must not drop the pending steps of another turn.
+
+        Without this, a turn whose input is stored but whose steps are still running
+        loses them to the next caller's input, and its retry can only send the input a
+        second time; refusing the newcomer before anything of it is stored keeps every
+        input exactly once (see ``TurnInProgress``).
+        """
+        key = (thread_id, ns, parent_id)
+        state = self._turn_states.get(key)
+        if state is None:
+            record = await self._router.get(thread_id, ns, parent_id)
+            if record is None:
+                return  # no such parent: the compare-and-set refuses the write
+            body = self.codec.decode(record.checkpoint, where=f"checkpoint {parent_id!r}")
+            seen = body.get("versions_seen") if isinstance(body, Mapping) else None
+            state = self._remember_turn_state(
+                key, (seen or {}, tuple(w.channel for w in record.writes)))
+        parent_seen, parent_writes = state
+        if not discards_pending_tasks(parent_seen, checkpoint.get("versions_seen") or {},
+                                      parent_writes):
+            return
+        head = await self._router.head(thread_id, ns)
+        raise TurnInProgress(
+            f"thread {thread_id!r} ns {ns!r}: checkpoint {parent_id!r} has steps of another "
+            "turn still to run; this input would discard them",
+            thread_id=thread_id, checkpoint_ns=ns,
+            head_id=head.checkpoint_id if head is not None else None,
+            version=head.version if head is not None else 0,
+        )
 
     def _grant_fork(self, config: RunnableConfig, key: tuple[str, str, str]) -> None:
         run = config.get("configurable", {}).get(RUN_KEY)
@@ -458,7 +519,7 @@ class TieredSaver(
             raise InvalidInput(f"limit must be an integer, got {limit!r}")
         pushdown, residual = split_filter(filter)
         if self.options.encryption is not None:
-            clear = set(self.options.filterable_metadata)
+            clear = {*self.options.filterable_metadata, TURN_KEY}
             residual.update({k: v for k, v in pushdown.items() if k not in clear})
             pushdown = {k: v for k, v in pushdown.items() if k in clear}
         query = ListQuery(
@@ -511,6 +572,8 @@ class TieredSaver(
             and not is_explicit_fork(md)
             and not (parent_id and self._is_granted_fork(config, (thread_id, ns, parent_id)))
         )
+        if strict and parent_id and md.get("source") == "input":
+            await self._refuse_turn_in_progress(thread_id, ns, parent_id, checkpoint)
         await self._router.put(record, new_blobs, encoded, strict=strict)
         return {
             "configurable": {
@@ -525,7 +588,7 @@ class TieredSaver(
         doc = filter_doc(metadata)
         if self.options.encryption is None:
             return doc
-        keep = set(self.options.filterable_metadata)
+        keep = {*self.options.filterable_metadata, TURN_KEY}  # a random id: no secret
         return {k: v for k, v in doc.items() if k in keep}
 
     def _encode_values(

@@ -19,6 +19,7 @@ from tierstore.policy import (
     checked_versions,
     checked_writes,
     checkpoint_ids,
+    discards_pending_tasks,
     filter_doc,
     is_hot_fresh,
     matches_filter,
@@ -230,3 +231,18 @@ def test_supply_blobs_stores_missing_versions_from_the_checkpoints_values() -> N
         BlobRecord("profile", "1", Payload("msgpack", b"ada")),
         BlobRecord("branch:to:x", "2", EMPTY),  # no value: the channel is empty there
     ]
+
+
+def test_an_input_that_marks_pending_tasks_seen_discards_them() -> None:
+    settled = {"__input__": {}, "__start__": {"__start__": "1"}, "plan": {"branch:to:plan": "2"}}
+    # a new turn on a settled head only adds the input's own empty entry
+    assert not discards_pending_tasks(settled, {**settled, "__input__": {}}, ())
+    # a new turn on a head whose `respond` step is pending marks it seen: a discard
+    cut_in = {**settled, "respond": {"branch:to:respond": "3"}}
+    assert discards_pending_tasks(settled, cut_in, ())
+    moved = {**settled, "plan": {"branch:to:plan": "4"}}
+    assert discards_pending_tasks(settled, moved, ())
+    # a head paused on interrupt() or left by an error: its run stopped, moving on is allowed
+    assert not discards_pending_tasks(settled, cut_in, ("__interrupt__",))
+    assert not discards_pending_tasks(settled, cut_in, ("messages", "__error__"))
+    assert discards_pending_tasks(settled, cut_in, ("messages",))
