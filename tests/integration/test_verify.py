@@ -77,12 +77,14 @@ async def test_verify_names_a_stub_whose_segment_lacks_it(urls: Urls) -> None:
         refs = sorted(await stack.warm.archive_refs("wrong-segment"))
         assert len(refs) >= 2
         oldest = (await ids(saver, "wrong-segment"))[-1]
-        await sql(saver, f"UPDATE tierstore_checkpoints SET archive_key = '{refs[-1]}' "
+        held = await stack.warm.archive_stubs(keys=refs)
+        other = next(k for k in refs if oldest not in held.get(k, set()))
+        await sql(saver, f"UPDATE tierstore_checkpoints SET archive_key = '{other}' "
                          "WHERE checkpoint_id = ?", oldest)
         report = await verify(saver)
     assert not report["ok"]
     assert [(b["checkpoint_id"], b["problem"]) for b in report["broken"]] == [
-        (oldest, f"segment {refs[-1]} does not hold it")]
+        (oldest, f"segment {other} does not hold it")]
 
 
 async def test_verify_names_a_checkpoint_with_an_undecodable_write(urls: Urls) -> None:
