@@ -652,9 +652,17 @@ class Router:
         """
         for stack in {id(s): s for s in self.regions.stacks.values()}.values():
             started = time.time()
-            doomed = await stack.warm.archive_stubs(run_ids=run_ids) if stack.cold else {}
-            for key in sorted(doomed):
-                await self.rewrite_segment(stack, key, doomed[key])
+            doomed: dict[str, set[str]] = {}
+            while stack.cold is not None:
+                # a worker may archive more of these runs while their segments are being
+                # rewritten: look again until no new segment holds them
+                found = await stack.warm.archive_stubs(run_ids=run_ids)
+                fresh = {k: v for k, v in found.items() if doomed.get(k) != v}
+                if not fresh:
+                    break
+                for key in sorted(fresh):
+                    await self.rewrite_segment(stack, key, fresh[key])
+                doomed.update(fresh)
             touched = await stack.warm.delete_for_runs(run_ids)
             markers = [await self._mark(stack, SWEEPING, t) for t in touched]
             await self._invalidate(stack, touched)

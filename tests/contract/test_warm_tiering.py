@@ -209,3 +209,25 @@ async def test_a_put_naming_a_version_warm_dropped_is_refused_whole(warm: Any) -
     # the empty channel still counts, on the common path too (a live parent names it)
     grandchild = record(t, 3, parent=2, versions={"a": "1", "e": "1", "b": "2"})
     await warm.put_checkpoint(grandchild, [], strict=False)
+
+
+async def test_mark_archived_is_all_or_nothing_when_a_packed_checkpoint_was_deleted(
+    warm: Any,
+) -> None:
+    """A delete that lands between packing and marking must not leave its checkpoint in a
+    segment that stubs name: the mark moves nothing and the job drops its segment."""
+    t = f"t-{uuid.uuid4()}"
+    for i in range(3):
+        await warm.put_checkpoint(record(t, i, parent=i - 1 if i else None, run_id=f"run-{i}"),
+                                  [], strict=False)
+    now = time.time()
+    await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000,
+                     idle_before=now + 1, thread_id=t)
+    # the worker packed cid(0) and cid(1); then the app deletes run-0
+    await warm.delete_for_runs(["run-0"])
+    assert await warm.mark_archived(t, "", [cid(0), cid(1)], archive_key="seg", owner="me",
+                                    now=now) == 0
+    assert await warm.archive_refs(t) == {}
+    kept = await warm.get(t, "", cid(1))
+    assert kept is not None and kept.location == "warm"
+    assert await warm.get(t, "", cid(0)) is None

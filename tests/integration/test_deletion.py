@@ -529,3 +529,41 @@ async def test_a_damaged_segment_does_not_block_deleting_a_run(
         assert await stack.warm.archive_stubs(keys=[key]) == {key: {
             m.checkpoint_id for m in await stack.warm.index("t", "")}}
         assert len(await stack.warm.index("t", "")) == 2
+
+
+async def test_a_run_deleted_while_a_worker_archives_it_leaves_no_bytes(
+    deployment: Deployment,
+) -> None:
+    """``delete_for_runs`` landing between a worker's upload of a segment and its mark:
+    the mark moves nothing (all or nothing) and the job drops its segment at once, so
+    the deleted run's canary ends up in no tier, and the kept run reads back whole."""
+    secret, kept = canary(), canary()
+    thread, doomed_run, kept_run = f"race-{uuid.uuid4()}", str(uuid.uuid4()), str(uuid.uuid4())
+    async with deployment.open() as saver:
+        first = await write_chain(saver, thread, [{"a": secret}], run_id=doomed_run)
+        await write_chain(saver, thread, [{"a": kept}, {"a": kept + "!"}], run_id=kept_run,
+                          parent=first[-1], first_version=2)
+        cold = saver.router.regions.stack_for(thread).cold
+        assert cold is not None
+        fired: list[str] = []
+        real_put = cold.put
+
+        async def put_then_delete(key: str, data: bytes, **kw: Any) -> None:
+            await real_put(key, data, **kw)
+            if key.startswith(SEGMENT_PREFIX) and not fired:
+                fired.append(key)
+                await saver.adelete_for_runs([doomed_run])
+
+        cold.put = put_then_delete  # type: ignore[method-assign]
+        try:
+            report = await IdleArchival(saver, ARCHIVE_ALL).run_once(now=time.time() + FUTURE)
+        finally:
+            cold.put = real_put  # type: ignore[method-assign]
+        assert fired and report.checkpoints == 0 and not report.errors
+        values = [v for _, v in await values_of(saver, thread)]
+        assert secret not in str(values) and kept in str(values)
+        await archive_everything(saver)  # the next run moves what is left
+        values = [v for _, v in await values_of(saver, thread)]
+        assert secret not in str(values) and kept in str(values)
+    for tier, raw in (await deployment.scan()).items():
+        assert secret.encode() not in unpacked(raw), f"deleted run found in {tier}"

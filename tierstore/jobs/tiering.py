@@ -286,6 +286,11 @@ class _Archiver(_Job):
         if changed:
             report.segments += 1
             report.bytes += len(data)
+        elif not await stack.warm.archive_refs(keys=[key]):
+            # Nothing moved (the lease was lost, or a delete took some of the packed
+            # checkpoints meanwhile): the segment is named by nothing and may hold
+            # checkpoints that were just deleted, so it goes now rather than after GC's grace.
+            await self.saver.router.drop_unreferenced_segments(stack, [key])
         if any(r.checkpoint_id == claim.head_id for r in records):
             await self.saver.router.invalidate_hot(stack, claim.thread_id)
         return changed

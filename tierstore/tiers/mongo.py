@@ -1620,6 +1620,10 @@ class MongoWarm:
             if held is None or not ids:
                 return 0
             live = {**key, "checkpoint_id": {"$in": ids}, "location": {"$ne": "archived"}}
+            if await self._c("checkpoints").count_documents(live) != len(set(ids)):
+                # some were deleted (or moved) since they were packed: all or nothing (a
+                # delete landing between this count and the update is not excluded here)
+                return 0
             files = [f for d in await self._c("checkpoints").find(
                 live, {"_id": 0, "checkpoint.gridfs": 1}).to_list(None)
                 for f in _file_ids(d, ("checkpoint",))]

@@ -343,6 +343,10 @@ SELECT (SELECT count(DISTINCT thread_id) FROM tierstore_heads WHERE head_id IS N
 _UNOPENED, _OPENED, _CLOSED = "unopened", "opened", "closed"
 
 
+
+class _NothingMarked(Exception):
+    """Rolls back a ``mark_archived`` transaction that could not move every packed id."""
+
 class PostgresWarm:
     """Warm tier on PostgreSQL. Build with ``from_url``; ``setup()`` opens the pool."""
 
@@ -1037,6 +1041,10 @@ class PostgresWarm:
                     "AND archive_key IS NULL RETURNING checkpoint_id",
                     sid, ids, archive_key,
                 )
+                if len(changed) != len(set(ids)):
+                    # some were deleted (or moved) since they were packed: all or nothing,
+                    # so a segment never holds a checkpoint a concurrent delete removed
+                    raise _NothingMarked
                 if writes is None:
                     await conn.execute(
                         "DELETE FROM tierstore_writes WHERE sid = $1 "
@@ -1058,7 +1066,10 @@ class PostgresWarm:
                     await conn.execute(_BUMP_VERSION, sid)
                 return len(changed)
 
-        return await self._run("mark_archived", body)
+        try:
+            return await self._run("mark_archived", body)
+        except _NothingMarked:
+            return 0
 
     async def rehydrate(self, records: Sequence[StoredCheckpoint]) -> int:
         if not records:

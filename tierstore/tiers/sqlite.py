@@ -779,6 +779,13 @@ class SqliteWarm:
             if held is None:
                 return 0
             keys = [(thread_id, checkpoint_ns, cid) for cid in checkpoint_ids]
+            wanted = set(checkpoint_ids)
+            live = sum(conn.execute(
+                "SELECT count(*) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
+                "AND checkpoint_id = ? AND location = 'warm'", (thread_id, checkpoint_ns, cid),
+            ).fetchone()[0] for cid in wanted)
+            if live != len(wanted):
+                return 0  # some were deleted (or moved) since they were packed: all or nothing
             changed = 0
             for key in keys:
                 changed += conn.execute(
