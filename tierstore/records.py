@@ -154,12 +154,18 @@ class CheckpointMeta:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A (thread, ns) leased to one worker until ``until`` (epoch seconds)."""
+    """A (thread, ns) leased to one worker until ``until`` (epoch seconds).
+
+    ``version`` is the head's version when it was claimed: a job that acts on the
+    whole head (retention) acts only while it is unchanged, so a turn committed
+    after the claim is never lost to it.
+    """
 
     thread_id: str
     checkpoint_ns: str
     head_id: str
     updated_at: float
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

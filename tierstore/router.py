@@ -80,6 +80,7 @@ from tierstore.policy import chain_writes, is_hot_fresh, matches_filter, merge_w
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
+    Claim,
     Head,
     ListQuery,
     Payload,
@@ -599,6 +600,33 @@ class Router:
         await self._invalidate(stack, [thread_id])
         await self._purge_cold(stack, thread_id, archived)
         await self._unmark(stack, marker)
+
+    async def expire_thread(self, thread_id: str, heads: Sequence[Claim], *, owner: str,
+                            now: float, keep_latest: bool) -> bool:
+        """Retention's delete (or prune to the newest checkpoints) of a claimed thread,
+        done only if warm finds the thread unchanged since ``heads`` were claimed.
+
+        The warm store decides in the same atomic step as its delete, so a turn
+        committed after the claim keeps the whole thread; the cold side is touched
+        only after warm said yes. Returns whether the thread was expired.
+        """
+        stack = self.regions.stack_for(thread_id)
+        archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
+        started = time.time()
+        marker = await self._mark(stack, SWEEPING if keep_latest else DELETING, thread_id)
+        if not await stack.warm.expire_thread(thread_id, heads, owner=owner, now=now,
+                                              keep_latest=keep_latest):
+            await self._unmark(stack, marker)
+            return False
+        await self._invalidate(stack, [thread_id])
+        if keep_latest:
+            for key in sorted(set(archived)):
+                await self.compact_segment(stack, key)
+            await self.drop_unnamed_objects(stack, [thread_id], started=started)
+        else:
+            await self._purge_cold(stack, thread_id, archived)
+        await self._unmark(stack, marker)
+        return True
 
     async def _purge_cold(self, stack: TierStack, thread_id: str, archived: Sequence[str]
                           ) -> None:

@@ -1499,7 +1499,7 @@ class MongoWarm:
             flt["updated_at"] = {"$lt": idle_before}
         sort = [("updated_at", 1), ("thread_id", 1), ("checkpoint_ns", 1)]
         projection = {"_id": 1, "thread_id": 1, "checkpoint_ns": 1, "head_id": 1,
-                      "updated_at": 1, "settled_head": 1, "settled_until": 1}
+                      "updated_at": 1, "settled_head": 1, "settled_until": 1, "version": 1}
         claimed: builtins.list[Claim] = []
         last: Doc | None = None
         with self._errors("claim"):
@@ -1517,13 +1517,46 @@ class MongoWarm:
                     )
                     if taken.modified_count:
                         claimed.append(Claim(head["thread_id"], head["checkpoint_ns"],
-                                             head["head_id"], float(head["updated_at"])))
+                                             head["head_id"], float(head["updated_at"]),
+                                             int(head.get("version", 0))))
                         if len(claimed) >= limit:
                             break
                 if len(page) < _PAGE:
                     break
                 last = page[-1]
         return claimed
+
+    async def expire_thread(
+        self,
+        thread_id: str,
+        heads: Sequence[Claim],
+        *,
+        owner: str,
+        now: float,
+        keep_latest: bool,
+    ) -> bool:
+        """Compared right before the delete, not in one transaction with it (the store
+        uses none): a put landing in between those two calls is the remaining window."""
+        t = _text(thread_id, "thread_id")
+        expected = {(c.checkpoint_ns, c.head_id, c.version) for c in heads
+                    if c.thread_id == thread_id}
+        with self._errors("expire_thread"):
+            current = await self._c("heads").find(
+                {"thread_id": t},
+                {"_id": 0, "checkpoint_ns": 1, "head_id": 1, "version": 1, "lease_owner": 1,
+                 "lease_until": 1},
+            ).to_list(None)
+        if not current or any(d.get("lease_owner") != owner or d.get("lease_until") is None
+                               or d["lease_until"] < now for d in current):
+            return False
+        if {(d["checkpoint_ns"], d["head_id"], int(d.get("version", 0)))
+                for d in current} != expected:
+            return False
+        if keep_latest:
+            await self.prune([thread_id], keep_latest=True)
+        else:
+            await self.delete_thread(thread_id)
+        return True
 
     async def _claimable(
         self, head: Doc, warm_before: float | None, idle_before: float | None,
