@@ -75,7 +75,7 @@ async def test_a_turn_committed_after_the_claim_survives_retention(
     assert [(w[1], w[2]) for w in latest.pending_writes or []] == [("x", 3)]
     history = [t.checkpoint["channel_values"] async for t in saver.alist(cfg)]
     assert history == [{"x": 2}, {"x": 1}]  # not pruned either
-    assert report.deleted == 0 and report.skipped == 1
+    assert report.deleted == 0 and report.changed_since_claim == 1
     # the next run sees the thread as it is now, and expires it
     report = await Retention(saver, policy).run_once(time.time() + 2 * FUTURE)
     assert report.deleted >= 1

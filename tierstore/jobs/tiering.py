@@ -83,8 +83,8 @@ class JobReport:
     failures by error class and ``errors`` has one line each: a run that moved nothing
     because every move failed must not read as a quiet success. ``busy`` counts heads
     another worker held a claim on when the run ended (a live one, or a dead one whose
-    lease runs until ``busy_until``): they were skipped. ``skipped`` counts threads
-    retention left alone because they changed after it claimed them.
+    lease runs until ``busy_until``): they were skipped. ``changed_since_claim``
+    counts threads retention left alone because they changed after it claimed them.
     """
 
     job: str
@@ -99,7 +99,7 @@ class JobReport:
     errors: list[str] = field(default_factory=list)
     busy: int = 0
     busy_until: float | None = None
-    skipped: int = 0
+    changed_since_claim: int = 0
     seconds: float = 0.0
 
     def fail(self, where: str, exc: BaseException) -> None:
@@ -388,19 +388,19 @@ class Retention(_Job):
                 threads = sorted({c.thread_id for c in claims} - visited)
                 visited.update(threads)
                 report.claimed += sum(1 for c in claims if c.thread_id in threads)
-                await self._expire(stack, threads, kept, report)
+                await self._expire(threads, kept, report)
                 if not threads or len(claims) < self.policy.batch:
                     break
         finally:
             for claim in kept:
                 await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
 
-    async def _expire(self, stack: TierStack, threads: list[str], claims: Sequence[Claim],
+    async def _expire(self, threads: list[str], claims: Sequence[Claim],
                       report: JobReport) -> None:
         """Delete (or prune) each thread, but only as it was claimed: the warm store
         compares the heads with ``claims`` in the same step as the delete, so a turn
         committed after the claim (the user came back) keeps the thread; it is counted
-        in ``skipped`` and looked at again by the next run."""
+        in ``changed_since_claim`` and looked at again by the next run."""
         keep_latest = self.policy.expire_strategy == "keep_latest"
         for thread_id in threads:
             heads = [c for c in claims if c.thread_id == thread_id]
@@ -412,7 +412,7 @@ class Retention(_Job):
                 report.fail(repr(thread_id), exc)
                 continue
             if not done:
-                report.skipped += 1
+                report.changed_since_claim += 1
                 continue
             report.threads += 1
             report.deleted += 1

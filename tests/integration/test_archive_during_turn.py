@@ -1,0 +1,69 @@
+"""An idle archival that runs inside a LangGraph turn (the node is the slow model call)
+loses nothing: the turn's checkpoint keeps every channel, and its writes survive.
+
+Deterministic: the node itself runs the worker's pass, between the turn's first
+checkpoint (the input) and its last, with a second saver standing for another process.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+
+from tests.integration.stacks import ARCHIVING_STACKS, Urls
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import IdleArchival
+
+IDLE_NOW = TieringPolicy(archive_after=None, archive_idle_after=0)
+
+
+class State(TypedDict):
+    profile: str
+    log: Annotated[list[str], operator.add]
+
+
+@pytest.fixture(params=sorted(ARCHIVING_STACKS))
+def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return ARCHIVING_STACKS[request.param](request, tmp_path)
+
+
+async def test_archiving_during_a_turn_keeps_every_channel(urls: Urls) -> None:
+    archived: list[int] = []
+
+    async def node(state: State) -> dict[str, Any]:
+        # the second turn: a worker archives the idle thread now
+        if len(state["log"]) > 1 and not archived:
+            async with urls.open() as worker:
+                report = await IdleArchival(worker, IDLE_NOW).run_once(time.time() + 1)
+                assert report.failed == 0, report.errors
+                archived.append(report.checkpoints)
+        return {"log": [f"turn{len(state['log'])}"]}
+
+    builder = StateGraph(State)
+    builder.add_node("n", node)
+    builder.add_edge(START, "n")
+    builder.add_edge("n", END)
+    cfg: Any = {"configurable": {"thread_id": "vip"}}
+    async with urls.open() as saver:
+        app = builder.compile(checkpointer=saver)
+        await app.ainvoke({"profile": "VIP customer #42", "log": []}, cfg)
+        await app.ainvoke({"log": ["hi again"]}, cfg)
+        assert archived and archived[0] > 0  # the turn's own input checkpoint went too
+        live = (await app.aget_state(cfg)).values
+        history = [s.values async for s in app.aget_state_history(cfg)]
+    expected = {"profile": "VIP customer #42", "log": ["turn0", "hi again", "turn2"]}
+    assert live == expected
+    async with urls.open() as fresh:  # nothing cached anywhere
+        app = builder.compile(checkpointer=fresh)
+        assert (await app.aget_state(cfg)).values == expected
+        assert [s.values async for s in app.aget_state_history(cfg)] == history
+    reference = builder.compile(checkpointer=InMemorySaver())  # no tiering at all
+    await reference.ainvoke({"profile": "VIP customer #42", "log": []}, cfg)
+    await reference.ainvoke({"log": ["hi again"]}, cfg)
+    assert history == [s.values async for s in reference.aget_state_history(cfg)]
