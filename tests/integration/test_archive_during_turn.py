@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
@@ -67,3 +68,34 @@ async def test_archiving_during_a_turn_keeps_every_channel(urls: Urls) -> None:
     await reference.ainvoke({"profile": "VIP customer #42", "log": []}, cfg)
     await reference.ainvoke({"log": ["hi again"]}, cfg)
     assert history == [s.values async for s in reference.aget_state_history(cfg)]
+
+
+@pytest.mark.parametrize("step", ["written", "verified"])
+async def test_a_pending_write_stored_during_the_move_survives(urls: Urls, step: str) -> None:
+    """The app stores a task's result while the worker uploads the segment (the app's
+    sync API runs on its own loop, as in another process)."""
+    cfg: Any = {"configurable": {"thread_id": f"w-{step}", "checkpoint_ns": ""}}
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"a": 1}
+    checkpoint["channel_versions"] = {"a": "1"}
+    with urls.open(hot_write_delay=0) as app:
+        head = app.put(cfg, checkpoint, {"source": "loop", "step": 1}, {"a": "1"})
+        app.put_writes(head, [("a", 41)], "task-0")
+
+        def during(name: str) -> None:
+            if name == step:
+                app.put_writes(head, [("a", 42)], "task-1")
+
+        async with urls.open() as worker:
+            job = IdleArchival(worker, IDLE_NOW, thread_id=f"w-{step}", on_step=during)
+            report = await job.run_once(time.time() + 1)
+        assert report.checkpoints == 1 and report.failed == 0
+        got = app.get_tuple(cfg)
+        assert got is not None
+        assert sorted((w[0], w[2]) for w in got.pending_writes or []) == [
+            ("task-0", 41), ("task-1", 42)]
+    async with urls.open() as fresh:
+        got = await fresh.aget_tuple(cfg)
+        assert got is not None and got.checkpoint["channel_values"] == {"a": 1}
+        assert sorted((w[0], w[2]) for w in got.pending_writes or []) == [
+            ("task-0", 41), ("task-1", 42)]
