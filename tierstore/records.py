@@ -87,6 +87,10 @@ class StoredCheckpoint:
     Caches (hot stores, the write-behind queue, the router's process-local copies)
     carry it so that a copy is served only while warm's head still has this version.
     """
+    missing: tuple[str, ...] = ()
+    """Channels the live checkpoint names with no stored value (filled by the warm
+    stores that keep a blob for every version, an empty channel's included). The
+    router refuses such a record with ``CorruptPayload``; ``verify`` reports it."""
 
 
 @dataclass(frozen=True, slots=True)

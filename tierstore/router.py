@@ -259,13 +259,15 @@ class Router:
                 # name the channel versions it did not change, so they must be live in
                 # warm again. ``list`` reads history without rehydrating.
                 self.stats.rehydrated += await stack.warm.rehydrate([record])
+            if record is not None:
+                record = _complete(record)  # never cache a partial state
             if (record is not None and stack.hot is not None and checkpoint_id is None
                     and record.version > 0):
                 await self._hot(stack.hot, "fill", stack.hot.put(record), False)
                 self._remember(stack, record)
         if record is None:
             return None
-        return await self.expand(stack, record)
+        return await self.expand(stack, _complete(record))
 
     async def peek_hot(self, stack: TierStack, thread_id: str, checkpoint_ns: str) -> str | None:
         """The checkpoint id the hot tier holds for a (thread, ns), if any (never raises)."""
@@ -451,7 +453,8 @@ class Router:
             async for row in stack.warm.list(query):
                 if residual and not matches_filter(decode_metadata(row), residual):
                     continue
-                record = await self.materialize(stack, row) if row.location == "archived" else row
+                record = await self.materialize(stack, row) if row.location == "archived" \
+                    else _complete(row)
                 yield await self.expand(stack, record)
         finally:  # the whole listing of one region, however far the caller read
             self.metrics.observe("warm", stack.warm.backend, "list",
@@ -841,6 +844,21 @@ class Router:
                 return
             await self.rewrite_segment(stack, key, set(segment.records) - named)
         await self.drop_unreferenced_segments(stack, [key])
+
+
+def _complete(record: StoredCheckpoint) -> StoredCheckpoint:
+    """A live checkpoint that names a channel value warm no longer holds is damaged:
+    ``CorruptPayload`` naming the channel, never a state without it (which LangGraph
+    would resume from as if the channel had never been written)."""
+    if not record.missing:
+        return record
+    where = (f"thread {record.thread_id!r} ns {record.checkpoint_ns!r} checkpoint "
+             f"{record.checkpoint_id!r}")
+    more = f" (and {len(record.missing) - 1} more)" if len(record.missing) > 1 else ""
+    raise CorruptPayload(
+        f"{where}: no tier holds the value of channel {record.missing[0]!r}{more}; "
+        "`tierstore verify` lists every such checkpoint",
+        where=f"{where} channel {record.missing[0]!r}", detail=list(record.missing))
 
 
 def _order(record: StoredCheckpoint) -> tuple[str, str, str]:

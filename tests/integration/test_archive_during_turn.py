@@ -18,6 +18,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 from tests.integration.stacks import ARCHIVING_STACKS, Urls
+from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import IdleArchival
 
@@ -99,3 +100,31 @@ async def test_a_pending_write_stored_during_the_move_survives(urls: Urls, step:
         assert got is not None and got.checkpoint["channel_values"] == {"a": 1}
         assert sorted((w[0], w[2]) for w in got.pending_writes or []) == [
             ("task-0", 41), ("task-1", 42)]
+
+
+async def test_a_channel_value_lost_from_warm_raises_naming_it(urls: Urls) -> None:
+    """Whatever lost it, a live checkpoint missing a channel value is never returned
+    as a state without that channel (LangGraph would resume from it)."""
+    cfg: Any = {"configurable": {"thread_id": "lost", "checkpoint_ns": ""}}
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"profile": "VIP", "log": ["hi"]}
+    checkpoint["channel_versions"] = {"profile": "1", "log": "1"}
+    async with urls.open(hot_write_delay=0) as saver:
+        await saver.aput(cfg, checkpoint, {"source": "loop", "step": 1},
+                         {"profile": "1", "log": "1"})
+        stack = saver.router.regions.stack_for("lost")
+        await saver.router.invalidate_hot(stack, "lost")  # the hot copy still has it all
+        warm = stack.warm
+        if warm.backend == "sqlite":
+            await warm._run(lambda conn: conn.execute(  # type: ignore[attr-defined]
+                "DELETE FROM blobs WHERE thread_id = 'lost' AND channel = 'profile'"))
+        elif warm.backend == "mongodb":
+            await warm._c("blobs").delete_many(  # type: ignore[attr-defined]
+                {"thread_id": "lost", "channel": "profile"})
+        else:
+            pytest.skip("PostgreSQL stores no row for an empty channel")
+    async with urls.open() as fresh:
+        with pytest.raises(CorruptPayload, match="'profile'"):
+            await fresh.aget_tuple(cfg)
+        with pytest.raises(CorruptPayload, match="'profile'"):
+            [t async for t in fresh.alist(cfg)]

@@ -304,6 +304,11 @@ class SqliteWarm:
                 (versions, thread_id, ns),
             )
         }
+        # Every version a live checkpoint names has a blob here (``EMPTY`` included),
+        # so a channel without one was lost: say so rather than return a partial state.
+        named = json.loads(versions or "{}") if location == "warm" else {}
+        missing = tuple(sorted(ch for ch in named if ch not in blobs)) \
+            if len(named) > len(blobs) else ()
         writes = tuple(
             WriteRecord(task_id, idx, channel, Payload(tag, bytes(data)), task_path)
             for task_id, idx, channel, tag, data, task_path in conn.execute(
@@ -324,6 +329,7 @@ class SqliteWarm:
             writes=writes,
             location=location,
             archive_key=archive_key,
+            missing=missing,
         )
 
     async def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
@@ -989,3 +995,4 @@ def _statements(script: str) -> list[str]:
     if "\n".join(buf).strip():
         out.append("\n".join(buf).strip())
     return out
+
