@@ -3,6 +3,7 @@ then refuses it), and an empty channel is not mistaken for a lost one."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -50,3 +51,25 @@ async def test_an_empty_channel_reads_back_on_every_backend(warm: Any) -> None:
     assert got.missing == ()
     assert got.blobs.get("branch:to:n", EMPTY) == EMPTY
     assert [r.checkpoint_id async for r in warm.list(ListQuery(thread_id=t))] == [cid(1)]
+
+
+async def test_a_checkpoint_archived_while_mongodb_reads_it_reads_as_a_stub(warm: Any) -> None:
+    """MongoDB has no snapshot: a checkpoint read as live can become a stub, its
+    blobs collected, before the blobs are fetched. That is a stub, not a loss."""
+    if warm.backend != "mongodb":
+        pytest.skip("SQLite and PostgreSQL read a checkpoint and its blobs in one snapshot")
+    from tierstore.tiers.mongo import _READ_FIELDS
+
+    warm.orphan_grace = -1.0  # collect the stub's blobs at once
+    t = f"t-{uuid.uuid4()}"
+    await warm.put_checkpoint(record(t, 1, versions={"log": "1"}),
+                              [BlobRecord("log", "1", Payload("msgpack", b"hi"))], strict=False)
+    live = await warm._c("checkpoints").find_one({"thread_id": t}, dict(_READ_FIELDS))
+    now = time.time()
+    await warm.claim(owner="w", now=now, lease_seconds=60, limit=10, idle_before=now + 1,
+                     thread_id=t)
+    assert await warm.mark_archived(t, "", [cid(1)], archive_key="seg", owner="w",
+                                    now=now) == 1
+    assert await warm._c("blobs").count_documents({"thread_id": t}) == 0
+    [got] = await warm._assemble([live])  # the read that started before the move
+    assert got.location == "archived" and got.archive_key == "seg" and got.missing == ()
