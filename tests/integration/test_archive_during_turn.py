@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
-from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.base import copy_checkpoint, empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
@@ -128,3 +129,39 @@ async def test_a_channel_value_lost_from_warm_raises_naming_it(urls: Urls) -> No
             await fresh.aget_tuple(cfg)
         with pytest.raises(CorruptPayload, match="'profile'"):
             [t async for t in fresh.alist(cfg)]
+
+
+async def test_a_child_written_from_a_head_archived_under_the_app_keeps_its_channels(
+    urls: Urls,
+) -> None:
+    """The app read the head, a worker archived the idle thread, and the app's next
+    checkpoint names the unchanged channel by its old version."""
+    cfg: Any = {"configurable": {"thread_id": "under", "checkpoint_ns": ""}}
+    first = empty_checkpoint()
+    first["channel_values"] = {"messages": ["hello", "world"], "counter": 1}
+    first["channel_versions"] = {"messages": "1", "counter": "1"}
+    async with urls.open() as app:
+        head = await app.aput(cfg, first, {"source": "loop", "step": 1},
+                              {"messages": "1", "counter": "1"})
+        read = await app.aget_tuple(cfg)  # the turn starts
+        assert read is not None
+        async with urls.open() as worker:
+            report = await IdleArchival(worker, IDLE_NOW, thread_id="under").run_once(
+                time.time() + 1)
+            assert report.checkpoints == 1 and report.failed == 0
+        child = copy_checkpoint(read.checkpoint)
+        child["id"] = str(uuid6())
+        child["channel_values"] = {"messages": ["hello", "world"], "counter": 2}
+        child["channel_versions"] = {"messages": "1", "counter": "2"}
+        await app.aput(head, child, {"source": "loop", "step": 2}, {"counter": "2"})
+        latest = await app.aget_tuple(cfg)
+        assert latest is not None
+        assert latest.checkpoint["channel_values"] == child["channel_values"]
+    async with urls.open() as fresh:
+        latest = await fresh.aget_tuple(cfg)
+        assert latest is not None
+        assert latest.checkpoint["channel_values"] == {"messages": ["hello", "world"],
+                                                       "counter": 2}
+        assert [t.checkpoint["channel_values"] async for t in fresh.alist(cfg)] == [
+            {"messages": ["hello", "world"], "counter": 2},
+            {"messages": ["hello", "world"], "counter": 1}]
