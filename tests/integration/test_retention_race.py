@@ -81,3 +81,18 @@ async def test_a_turn_committed_after_the_claim_survives_retention(
     assert report.deleted >= 1
     left = [t.checkpoint["channel_values"] async for t in saver.alist(cfg)]
     assert left == ([] if strategy == "delete" else [{"x": 2}])
+
+
+async def test_a_thread_whose_namespaces_span_claim_batches_is_expired(
+    saver: TieredSaver,
+) -> None:
+    """Claims come in batches of (thread, ns) heads: a thread is expired with all its
+    idle namespaces claimed, not refused for the one the batch left out."""
+    thread = f"ns-{uuid.uuid4()}"
+    for ns in ("", "child:1", "child:2", "child:3"):
+        cfg: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": ns}}
+        await saver.aput(cfg, checkpoint(1), {"source": "loop", "step": 1}, {"x": "1"})
+    policy = TieringPolicy(expire_after=60, batch=1)
+    report = await Retention(saver, policy).run_once(time.time() + FUTURE)
+    assert report.changed_since_claim == 0 and report.failed == 0
+    assert [t async for t in saver.alist({"configurable": {"thread_id": thread}})] == []

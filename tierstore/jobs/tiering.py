@@ -388,6 +388,22 @@ class Retention(_Job):
                 threads = sorted({c.thread_id for c in claims} - visited)
                 visited.update(threads)
                 report.claimed += sum(1 for c in claims if c.thread_id in threads)
+                if len(claims) >= self.policy.batch:
+                    # a full batch may have cut a thread's namespaces in two: a thread
+                    # is expired only with every one of them claimed (see _expire)
+                    for thread_id in threads:
+                        while True:
+                            rest = await stack.warm.claim(
+                                owner=self.owner, now=now,
+                                lease_seconds=self.policy.lease_seconds,
+                                limit=self.policy.batch,
+                                idle_before=now - self.policy.expire_after,
+                                require_live=False, thread_id=thread_id,
+                            )
+                            kept.extend(rest)
+                            report.claimed += len(rest)
+                            if len(rest) < self.policy.batch:
+                                break
                 await self._expire(threads, kept, report)
                 if not threads or len(claims) < self.policy.batch:
                     break
