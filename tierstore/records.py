@@ -87,6 +87,10 @@ class StoredCheckpoint:
     Caches (hot stores, the write-behind queue, the router's process-local copies)
     carry it so that a copy is served only while warm's head still has this version.
     """
+    missing: tuple[str, ...] = ()
+    """Channels the live checkpoint names with no stored value (filled by the warm
+    stores that keep a blob for every version, an empty channel's included). The
+    router refuses such a record with ``CorruptPayload``; ``verify`` reports it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +158,18 @@ class CheckpointMeta:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A (thread, ns) leased to one worker until ``until`` (epoch seconds)."""
+    """A (thread, ns) leased to one worker until ``until`` (epoch seconds).
+
+    ``version`` is the head's version when it was claimed: a job that acts on the
+    whole head (retention) acts only while it is unchanged, so a turn committed
+    after the claim is never lost to it.
+    """
 
     thread_id: str
     checkpoint_ns: str
     head_id: str
     updated_at: float
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

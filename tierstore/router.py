@@ -80,6 +80,7 @@ from tierstore.policy import chain_writes, is_hot_fresh, matches_filter, merge_w
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
+    Claim,
     Head,
     ListQuery,
     Payload,
@@ -258,13 +259,15 @@ class Router:
                 # name the channel versions it did not change, so they must be live in
                 # warm again. ``list`` reads history without rehydrating.
                 self.stats.rehydrated += await stack.warm.rehydrate([record])
+            if record is not None:
+                record = _complete(record)  # never cache a partial state
             if (record is not None and stack.hot is not None and checkpoint_id is None
                     and record.version > 0):
                 await self._hot(stack.hot, "fill", stack.hot.put(record), False)
                 self._remember(stack, record)
         if record is None:
             return None
-        return await self.expand(stack, record)
+        return await self.expand(stack, _complete(record))
 
     async def peek_hot(self, stack: TierStack, thread_id: str, checkpoint_ns: str) -> str | None:
         """The checkpoint id the hot tier holds for a (thread, ns), if any (never raises)."""
@@ -450,7 +453,8 @@ class Router:
             async for row in stack.warm.list(query):
                 if residual and not matches_filter(decode_metadata(row), residual):
                     continue
-                record = await self.materialize(stack, row) if row.location == "archived" else row
+                record = await self.materialize(stack, row) if row.location == "archived" \
+                    else _complete(row)
                 yield await self.expand(stack, record)
         finally:  # the whole listing of one region, however far the caller read
             self.metrics.observe("warm", stack.warm.backend, "list",
@@ -599,6 +603,33 @@ class Router:
         await self._invalidate(stack, [thread_id])
         await self._purge_cold(stack, thread_id, archived)
         await self._unmark(stack, marker)
+
+    async def expire_thread(self, thread_id: str, heads: Sequence[Claim], *, owner: str,
+                            now: float, keep_latest: bool) -> bool:
+        """Retention's delete (or prune to the newest checkpoints) of a claimed thread,
+        done only if warm finds the thread unchanged since ``heads`` were claimed.
+
+        The warm store decides in the same atomic step as its delete, so a turn
+        committed after the claim keeps the whole thread; the cold side is touched
+        only after warm said yes. Returns whether the thread was expired.
+        """
+        stack = self.regions.stack_for(thread_id)
+        archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
+        started = time.time()
+        marker = await self._mark(stack, SWEEPING if keep_latest else DELETING, thread_id)
+        if not await stack.warm.expire_thread(thread_id, heads, owner=owner, now=now,
+                                              keep_latest=keep_latest):
+            await self._unmark(stack, marker)
+            return False
+        await self._invalidate(stack, [thread_id])
+        if keep_latest:
+            for key in sorted(set(archived)):
+                await self.compact_segment(stack, key)
+            await self.drop_unnamed_objects(stack, [thread_id], started=started)
+        else:
+            await self._purge_cold(stack, thread_id, archived)
+        await self._unmark(stack, marker)
+        return True
 
     async def _purge_cold(self, stack: TierStack, thread_id: str, archived: Sequence[str]
                           ) -> None:
@@ -821,6 +852,21 @@ class Router:
                 return
             await self.rewrite_segment(stack, key, set(segment.records) - named)
         await self.drop_unreferenced_segments(stack, [key])
+
+
+def _complete(record: StoredCheckpoint) -> StoredCheckpoint:
+    """A live checkpoint that names a channel value warm no longer holds is damaged:
+    ``CorruptPayload`` naming the channel, never a state without it (which LangGraph
+    would resume from as if the channel had never been written)."""
+    if not record.missing:
+        return record
+    where = (f"thread {record.thread_id!r} ns {record.checkpoint_ns!r} checkpoint "
+             f"{record.checkpoint_id!r}")
+    more = f" (and {len(record.missing) - 1} more)" if len(record.missing) > 1 else ""
+    raise CorruptPayload(
+        f"{where}: no tier holds the value of channel {record.missing[0]!r}{more}; "
+        "`tierstore verify` lists every such checkpoint",
+        where=f"{where} channel {record.missing[0]!r}", detail=list(record.missing))
 
 
 def _order(record: StoredCheckpoint) -> tuple[str, str, str]:

@@ -110,8 +110,9 @@ def test_the_cli_exits_nonzero_and_names_the_checkpoint(urls: Urls, tmp_path: Pa
     async def break_one() -> str:
         async with urls.open() as saver:
             await two_turns_with_history_archived(saver, "cli")
+            latest = (await ids(saver, "cli"))[0]  # a broken checkpoint no longer reads
             await sql(saver, "DELETE FROM tierstore_blobs WHERE channel = ?", "profile")
-            return (await ids(saver, "cli"))[0]
+            return latest
 
     latest = asyncio.run(break_one())
     args = ["--warm", str(urls.warm), "--cold", str(urls.cold)]

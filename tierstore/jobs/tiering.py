@@ -83,7 +83,8 @@ class JobReport:
     failures by error class and ``errors`` has one line each: a run that moved nothing
     because every move failed must not read as a quiet success. ``busy`` counts heads
     another worker held a claim on when the run ended (a live one, or a dead one whose
-    lease runs until ``busy_until``): they were skipped.
+    lease runs until ``busy_until``): they were skipped. ``changed_since_claim``
+    counts threads retention left alone because they changed after it claimed them.
     """
 
     job: str
@@ -98,6 +99,7 @@ class JobReport:
     errors: list[str] = field(default_factory=list)
     busy: int = 0
     busy_until: float | None = None
+    changed_since_claim: int = 0
     seconds: float = 0.0
 
     def fail(self, where: str, exc: BaseException) -> None:
@@ -391,31 +393,47 @@ class Retention(_Job):
                 threads = sorted({c.thread_id for c in claims} - visited)
                 visited.update(threads)
                 report.claimed += sum(1 for c in claims if c.thread_id in threads)
-                await self._expire(threads, report)
+                if len(claims) >= self.policy.batch:
+                    # a full batch may have cut a thread's namespaces in two: a thread
+                    # is expired only with every one of them claimed (see _expire)
+                    for thread_id in threads:
+                        while True:
+                            rest = await stack.warm.claim(
+                                owner=self.owner, now=now,
+                                lease_seconds=self.policy.lease_seconds,
+                                limit=self.policy.batch,
+                                idle_before=now - self.policy.expire_after,
+                                require_live=False, thread_id=thread_id,
+                            )
+                            kept.extend(rest)
+                            report.claimed += len(rest)
+                            if len(rest) < self.policy.batch:
+                                break
+                await self._expire(threads, kept, report)
                 if not threads or len(claims) < self.policy.batch:
                     break
         finally:
             for claim in kept:
                 await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
 
-    async def _expire(self, threads: list[str], report: JobReport) -> None:
-        if not threads:
-            return
-        if self.policy.expire_strategy == "keep_latest":
-            try:
-                await self.saver.router.prune(threads, keep_latest=True)
-            except TierstoreError as exc:
-                for thread_id in threads:
-                    report.fail(repr(thread_id), exc)
-                return
-            report.threads += len(threads)
-            report.deleted += len(threads)
-            return
+    async def _expire(self, threads: list[str], claims: Sequence[Claim],
+                      report: JobReport) -> None:
+        """Delete (or prune) each thread, but only as it was claimed: the warm store
+        compares the heads with ``claims`` in the same step as the delete, so a turn
+        committed after the claim (the user came back) keeps the thread; it is counted
+        in ``changed_since_claim`` and looked at again by the next run."""
+        keep_latest = self.policy.expire_strategy == "keep_latest"
         for thread_id in threads:
+            heads = [c for c in claims if c.thread_id == thread_id]
             try:
-                await self.saver.router.delete_thread(thread_id)
+                done = await self.saver.router.expire_thread(
+                    thread_id, heads, owner=self.owner, now=self.clock(),
+                    keep_latest=keep_latest)
             except TierstoreError as exc:
                 report.fail(repr(thread_id), exc)
+                continue
+            if not done:
+                report.changed_since_claim += 1
                 continue
             report.threads += 1
             report.deleted += 1

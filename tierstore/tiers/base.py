@@ -233,6 +233,25 @@ class WarmStore(Protocol):
         """
         ...
 
+    async def expire_thread(
+        self,
+        thread_id: str,
+        heads: Sequence[Claim],
+        *,
+        owner: str,
+        now: float,
+        keep_latest: bool,
+    ) -> bool:
+        """Delete a claimed thread (``keep_latest``: prune it to its newest checkpoint
+        per namespace) only if it has not changed since it was claimed.
+
+        Unchanged means: its heads are exactly ``heads`` (same namespaces, head ids
+        and versions) and ``owner`` still holds each lease past ``now``. The check is
+        part of the same atomic step as the delete (MongoDB: made right before it), so
+        a turn committed after the claim survives. Returns whether anything was done.
+        """
+        ...
+
     async def held_claims(
         self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
     ) -> ClaimsHeld:

@@ -811,8 +811,16 @@ class MongoWarm:
             if remaining is not None:
                 remaining -= len(docs)
 
-    async def _assemble(self, docs: Sequence[Doc]) -> Sequence[StoredCheckpoint]:
-        """Join blobs and writes of a page of checkpoints in a few queries, not per row."""
+    async def _assemble(self, docs: Sequence[Doc], *,
+                        reread: bool = True) -> Sequence[StoredCheckpoint]:
+        """Join blobs and writes of a page of checkpoints in a few queries, not per row.
+
+        A live checkpoint finds a blob for every channel version it names (the rest
+        are listed in ``missing``). Without transactions, an archive move can turn a
+        checkpoint read as live into a stub and collect its blobs before they are
+        fetched: such checkpoints (``reread``) are read once more, and a stub then
+        reads from cold.
+        """
         pairs: dict[tuple[str, str], set[tuple[str, str]]] = {}
         ids: dict[tuple[str, str], Ids] = {}
         for doc in docs:
@@ -828,6 +836,19 @@ class MongoWarm:
                 _read_payload(b.get("payload"), f"blob {b['channel']!r}")
             for b in blob_docs
         }
+        if reread:
+            torn = [doc for doc in docs if doc.get("location") != "archived" and any(
+                (doc["thread_id"], doc["checkpoint_ns"], ch, v) not in blobs
+                for ch, v in _versions(doc))]
+            if torn:
+                keys = [{k: doc[k] for k in ("thread_id", "checkpoint_ns", "checkpoint_id")}
+                        for doc in torn]
+                again = {(d["thread_id"], d["checkpoint_ns"], d["checkpoint_id"]): d
+                         for d in await self._c("checkpoints").find(
+                             {"$or": keys}, dict(_READ_FIELDS)).to_list(None)}
+                return await self._assemble([
+                    again.get((d["thread_id"], d["checkpoint_ns"], d["checkpoint_id"]), d)
+                    for d in docs], reread=False)
         writes: dict[tuple[str, str, str], Docs] = {}
         for w in write_docs:
             writes.setdefault((w["thread_id"], w["checkpoint_ns"], w["checkpoint_id"]),
@@ -846,6 +867,9 @@ class MongoWarm:
             where = f"thread {t!r} checkpoint {cid!r}"
             checkpoint = note(_read_payload(doc.get("checkpoint"), where), where)
             metadata = note(_read_payload(doc.get("metadata"), where), where)
+            missing = tuple(sorted(ch for ch, v in _versions(doc)
+                                   if (t, ns, ch, v) not in blobs)) \
+                if doc.get("location") != "archived" else ()
             channel_values = {
                 channel: note(blobs[(t, ns, channel, version)], f"{where} channel {channel!r}")
                 for channel, version in _versions(doc)
@@ -853,7 +877,7 @@ class MongoWarm:
             }
             pending = sorted(writes.get((t, ns, cid), ()),
                              key=lambda w: (w.get("task_path", ""), w["task_id"], w["idx"]))
-            staged.append((doc, checkpoint, metadata, channel_values, [
+            staged.append((doc, checkpoint, metadata, channel_values, missing, [
                 (w, note(_read_payload(w.get("payload"), f"{where} write"), f"{where} write"))
                 for w in pending
             ]))
@@ -879,8 +903,9 @@ class MongoWarm:
                 ),
                 location=doc.get("location") or "warm",
                 archive_key=doc.get("archive_key"),
+                missing=missing,
             )
-            for doc, checkpoint, metadata, channel_values, pending_writes in staged
+            for doc, checkpoint, metadata, channel_values, missing, pending_writes in staged
         ]
 
     async def _download_all(self, refs: Mapping[Any, tuple[_Ref, str]]) -> dict[Any, Payload]:
@@ -1499,7 +1524,7 @@ class MongoWarm:
             flt["updated_at"] = {"$lt": idle_before}
         sort = [("updated_at", 1), ("thread_id", 1), ("checkpoint_ns", 1)]
         projection = {"_id": 1, "thread_id": 1, "checkpoint_ns": 1, "head_id": 1,
-                      "updated_at": 1, "settled_head": 1, "settled_until": 1}
+                      "updated_at": 1, "settled_head": 1, "settled_until": 1, "version": 1}
         claimed: builtins.list[Claim] = []
         last: Doc | None = None
         with self._errors("claim"):
@@ -1517,13 +1542,46 @@ class MongoWarm:
                     )
                     if taken.modified_count:
                         claimed.append(Claim(head["thread_id"], head["checkpoint_ns"],
-                                             head["head_id"], float(head["updated_at"])))
+                                             head["head_id"], float(head["updated_at"]),
+                                             int(head.get("version", 0))))
                         if len(claimed) >= limit:
                             break
                 if len(page) < _PAGE:
                     break
                 last = page[-1]
         return claimed
+
+    async def expire_thread(
+        self,
+        thread_id: str,
+        heads: Sequence[Claim],
+        *,
+        owner: str,
+        now: float,
+        keep_latest: bool,
+    ) -> bool:
+        """Compared right before the delete, not in one transaction with it (the store
+        uses none): a put landing in between those two calls is the remaining window."""
+        t = _text(thread_id, "thread_id")
+        expected = {(c.checkpoint_ns, c.head_id, c.version) for c in heads
+                    if c.thread_id == thread_id}
+        with self._errors("expire_thread"):
+            current = await self._c("heads").find(
+                {"thread_id": t},
+                {"_id": 0, "checkpoint_ns": 1, "head_id": 1, "version": 1, "lease_owner": 1,
+                 "lease_until": 1},
+            ).to_list(None)
+        if not current or any(d.get("lease_owner") != owner or d.get("lease_until") is None
+                               or d["lease_until"] < now for d in current):
+            return False
+        if {(d["checkpoint_ns"], d["head_id"], int(d.get("version", 0)))
+                for d in current} != expected:
+            return False
+        if keep_latest:
+            await self.prune([thread_id], keep_latest=True)
+        else:
+            await self.delete_thread(thread_id)
+        return True
 
     async def _claimable(
         self, head: Doc, warm_before: float | None, idle_before: float | None,
@@ -1804,3 +1862,4 @@ class MongoWarm:
                     orphans.extend(i for i in chunk if i not in referenced)
             await self._delete_files(orphans)
         return len(orphans)
+

@@ -290,8 +290,14 @@ WITH picked AS (
 UPDATE tierstore_heads AS h SET lease_owner = {owner}, lease_until = {until}
   FROM picked
  WHERE h.sid = picked.sid
-RETURNING h.thread_id, h.checkpoint_ns, h.head_id, extract(epoch FROM h.updated_at)::float8
+RETURNING h.thread_id, h.checkpoint_ns, h.head_id, extract(epoch FROM h.updated_at)::float8,
+          h.version
 """
+# A claimed thread's heads, locked against puts until the expiring transaction ends.
+_EXPIRE_LOCK = (
+    "SELECT h.sid, h.checkpoint_ns, h.head_id, h.version, h.lease_owner, h.lease_until "
+    f"FROM tierstore_heads AS h WHERE {_THREADS} ORDER BY h.sid FOR UPDATE"
+)
 _RELEASE = (
     "UPDATE tierstore_heads AS h SET lease_owner = NULL, lease_until = NULL, "
     "settled_head = $4, settled_until = $5 "
@@ -975,7 +981,7 @@ class PostgresWarm:
             return await conn.fetch(sql, *params)
 
         rows = await self._run("claim", body)
-        claims = [Claim(r[0], r[1], r[2], r[3]) for r in rows]
+        claims = [Claim(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
         return sorted(claims, key=lambda c: c.updated_at)
 
     async def release(
@@ -992,6 +998,49 @@ class PostgresWarm:
                                settled_until)
 
         await self._run("release", body)
+
+    async def expire_thread(
+        self,
+        thread_id: str,
+        heads: Sequence[Claim],
+        *,
+        owner: str,
+        now: float,
+        keep_latest: bool,
+    ) -> bool:
+        """The heads are locked (``FOR UPDATE``) and compared before anything is
+        deleted: a put in flight finishes first and then fails the comparison."""
+        expected = {(c.checkpoint_ns, c.head_id, c.version) for c in heads
+                    if c.thread_id == thread_id}
+
+        async def body(conn: Conn) -> bool:
+            async with conn.transaction():
+                rows = [r for r in await conn.fetch(_EXPIRE_LOCK, [thread_id])
+                        if r[2] is not None]
+                if not rows or any(r[4] != owner or r[5] is None or r[5] < now
+                                   for r in rows):
+                    return False
+                if {(r[1], r[2], int(r[3])) for r in rows} != expected:
+                    return False
+                if not keep_latest:
+                    sids = [r[0] for r in await conn.fetch(_DELETE_THREADS, [thread_id])]
+                    if sids:
+                        await conn.execute(_DELETE_STREAMS, sids)
+                    return True
+                doomed = await conn.fetch(
+                    "DELETE FROM tierstore_checkpoints AS c WHERE c.sid = ANY($1::bigint[]) "
+                    "AND c.checkpoint_id < (SELECT max(l.checkpoint_id) FROM "
+                    "tierstore_checkpoints AS l WHERE l.sid = c.sid) "
+                    "RETURNING c.sid, c.checkpoint_id",
+                    [r[0] for r in rows],
+                )
+                if doomed:
+                    await conn.execute(_DELETE_WRITES_OF, [r[0] for r in doomed],
+                                       [r[1] for r in doomed])
+                    await self._refresh(conn, sorted({r[0] for r in doomed}))
+                return True
+
+        return bool(await self._run("expire_thread", body))
 
     async def held_claims(
         self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None

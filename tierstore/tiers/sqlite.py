@@ -304,6 +304,11 @@ class SqliteWarm:
                 (versions, thread_id, ns),
             )
         }
+        # Every version a live checkpoint names has a blob here (``EMPTY`` included),
+        # so a channel without one was lost: say so rather than return a partial state.
+        named = json.loads(versions or "{}") if location == "warm" else {}
+        missing = tuple(sorted(ch for ch in named if ch not in blobs)) \
+            if len(named) > len(blobs) else ()
         writes = tuple(
             WriteRecord(task_id, idx, channel, Payload(tag, bytes(data)), task_path)
             for task_id, idx, channel, tag, data, task_path in conn.execute(
@@ -324,6 +329,7 @@ class SqliteWarm:
             writes=writes,
             location=location,
             archive_key=archive_key,
+            missing=missing,
         )
 
     async def list(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
@@ -692,16 +698,18 @@ class SqliteWarm:
 
         def body(conn: sqlite3.Connection) -> builtins.list[Claim]:
             rows = conn.execute(
-                "SELECT h.thread_id, h.checkpoint_ns, h.head_id, h.updated_at FROM heads AS h "
+                "SELECT h.thread_id, h.checkpoint_ns, h.head_id, h.updated_at, h.version "
+                "FROM heads AS h "
                 f"WHERE {' AND '.join(conds)} ORDER BY h.updated_at LIMIT ?",
                 [*params, limit],
             ).fetchall()
             conn.executemany(
                 "UPDATE heads SET lease_owner = ?, lease_until = ? "
                 "WHERE thread_id = ? AND checkpoint_ns = ?",
-                [(owner, now + lease_seconds, t, ns) for t, ns, _, _ in rows],
+                [(owner, now + lease_seconds, t, ns) for t, ns, _, _, _ in rows],
             )
-            return [Claim(t, ns, head, updated) for t, ns, head, updated in rows]
+            return [Claim(t, ns, head, updated, version)
+                    for t, ns, head, updated, version in rows]
 
         return await self._run(lambda conn: self._tx(conn, body))
 
@@ -722,6 +730,45 @@ class SqliteWarm:
             )
 
         await self._run(lambda conn: self._tx(conn, body))
+
+    async def expire_thread(
+        self,
+        thread_id: str,
+        heads: Sequence[Claim],
+        *,
+        owner: str,
+        now: float,
+        keep_latest: bool,
+    ) -> bool:
+        expected = {(c.checkpoint_ns, c.head_id, c.version) for c in heads
+                    if c.thread_id == thread_id}
+
+        def body(conn: sqlite3.Connection) -> bool:
+            current = conn.execute(
+                "SELECT checkpoint_ns, head_id, version, lease_owner, lease_until FROM heads "
+                "WHERE thread_id = ?",
+                (thread_id,),
+            ).fetchall()
+            if not current or any(o != owner or u is None or u < now
+                                  for _, _, _, o, u in current):
+                return False
+            if {(ns, h, int(v)) for ns, h, v, _, _ in current} != expected:
+                return False
+            if keep_latest:
+                doomed = conn.execute(
+                    "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
+                    "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
+                    "checkpoints WHERE thread_id = c.thread_id "
+                    "AND checkpoint_ns = c.checkpoint_ns)",
+                    (thread_id,),
+                ).fetchall()
+                self._delete_checkpoints(conn, doomed)
+            else:
+                for table in ("checkpoints", "blobs", "writes", "heads"):
+                    conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
+            return True
+
+        return await self._run(lambda conn: self._erasing(conn, body))
 
     async def held_claims(
         self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
@@ -955,3 +1002,4 @@ def _statements(script: str) -> list[str]:
     if "\n".join(buf).strip():
         out.append("\n".join(buf).strip())
     return out
+
