@@ -457,3 +457,67 @@ async def test_an_import_is_stored_under_the_savers_encryption(tmp_path: Path) -
     assert tags and all("aesgcm" in t for t in tags), tags
     on_disk = b"".join(p.read_bytes() for p in (tmp_path / "dst").rglob("*") if p.is_file())
     assert canary.encode() not in on_disk
+
+
+# -- with_allowlist ------------------------------------------------------------------------------
+
+
+async def test_with_allowlist_decodes_every_read_safely_on_a_default_saver(tmp_path: Path) -> None:
+    """A planted code-running value in warm: the allowlisted view refuses it on every read."""
+    from tierstore.ops import verify
+
+    marker = tmp_path / "pwned"
+    async with embedded(tmp_path) as saver:
+        cp = generate_checkpoint(channel_values={"a": "fine"})
+        cp["channel_versions"] = {"a": 1}
+        stored = await saver.aput(generate_config("t"), cp, generate_metadata(), {"a": 1})
+    conn = sqlite3.connect(tmp_path / "warm.db")
+    with conn:
+        conn.execute("UPDATE blobs SET tag = 'msgpack', data = ?", (shell_payload(str(marker)),))
+        conn.execute("UPDATE checkpoints SET metadata_tag = 'msgpack', metadata = ?",
+                     (shell_payload(str(marker)),))
+    conn.close()
+    async with embedded(tmp_path) as saver:
+        view = saver.with_allowlist([("json", "loads")])
+        assert isinstance(view, TieredSaver) and view is not saver
+        with pytest.raises(UnsafePayload, match=r"os\.system"):
+            await view.aget_tuple(stored)
+        with pytest.raises(UnsafePayload):
+            _ = [t async for t in view.alist(cfg("t"))]
+        report = await verify(view)
+        assert not report["ok"] and "os.system" in " ".join(report["problems"])
+    assert not marker.exists()
+
+
+async def test_with_allowlist_admits_what_it_names_under_safe_decode(tmp_path: Path) -> None:
+    ticket = Ticket(id=3, title="v", tags=[])
+    async with embedded(tmp_path, safe_decode=True) as saver:
+        cp = generate_checkpoint(channel_values={"a": ticket})
+        cp["channel_versions"] = {"a": 1}
+        stored = await saver.aput(generate_config("t"), cp, generate_metadata(), {"a": 1})
+    async with embedded(tmp_path, safe_decode=True) as saver:
+        with pytest.raises(UnsafePayload, match="Ticket"):
+            await saver.aget_tuple(stored)
+        got = await saver.with_allowlist([TICKET]).aget_tuple(stored)
+        assert got is not None and got.checkpoint["channel_values"]["a"] == ticket
+        with pytest.raises(UnsafePayload, match="Ticket"):  # the saver itself is unchanged
+            await saver.aget_tuple(stored)
+
+
+async def test_closing_an_allowlisted_view_leaves_the_shared_stores_open(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as saver:
+        stored = await saver.aput(generate_config("t"), generate_checkpoint(),
+                                  generate_metadata(), {})
+        async with saver.with_allowlist([TICKET]) as view:
+            assert await view.aget_tuple(stored) is not None
+        await view.aclose()
+        assert saver.state == "opened" and await saver.aget_tuple(stored) is not None
+    assert saver.state == "closed"
+    # a view of a saver nobody opened opens it, and closes it again
+    async with embedded(tmp_path).with_allowlist([TICKET]) as view:
+        assert await view.aget_tuple(stored) is not None
+    assert view.state == "closed"
+    with embedded(tmp_path) as sync_saver:
+        with sync_saver.with_allowlist([TICKET]) as sync_view:
+            assert sync_view.get_tuple(stored) is not None
+        assert sync_saver.get_tuple(stored) is not None
