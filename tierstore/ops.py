@@ -25,7 +25,7 @@ import zstandard
 
 from tierstore.codec import Codec
 from tierstore.codec.frames import pack_stored, unpack_stored
-from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress
+from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.pipeline import EMPTY
 from tierstore.codec.segment import SEGMENT_PREFIX
 from tierstore.errors import (
@@ -334,6 +334,9 @@ def read_export(data: bytes, *, where: str = "export",
     if hashlib.sha256(body).digest() != digest:
         raise CorruptPayload(f"{where}: export file fails its checksum", where=where)
     plain = bounded_decompress(body, limit=max_bytes, where=where, what="bundle")
+    budget = Budget(max_bytes, "bundle")
+    budget.spend(len(plain), where=where)
+    charge_msgpack(plain, budget, where=where)
     try:
         doc = msgpack.unpackb(plain, raw=False)
         frames = doc["checkpoints"]
@@ -343,7 +346,8 @@ def read_export(data: bytes, *, where: str = "export",
     except Exception as exc:
         raise CorruptPayload(f"{where}: damaged export body ({exc})", where=where) from exc
     thread_id = validate_id(raw_thread)
-    return thread_id, [unpack_stored(f, where=f"{where}#{i}") for i, f in enumerate(frames)]
+    return thread_id, [unpack_stored(f, where=f"{where}#{i}", budget=budget)
+                       for i, f in enumerate(frames)]
 
 
 Prepared = tuple[CheckpointRecord, list[BlobRecord], list[WriteRecord]]
