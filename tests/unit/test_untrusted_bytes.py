@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import zstandard
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
@@ -132,6 +133,19 @@ def test_segment_body_is_bounded() -> None:
     data = b"TSEG" + bytes([1]) + hashlib.sha256(body).digest() + body
     with pytest.raises(DecompressionLimit, match="segment"):
         unpack_segment(data, key="segments/x", max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("declare", [True, False])
+def test_frames_after_a_declared_one_are_decoded_under_the_same_bound(declare: bool) -> None:
+    small = zstandard.ZstdCompressor().compress(b"small")
+    with pytest.raises(DecompressionLimit):
+        bounded_decompress(small + rle_frame(64 << 20, declare=declare), limit=1 << 20,
+                           where="x")
+    tail = zstandard.ZstdCompressor(write_content_size=declare).compress(b" and more")
+    assert bounded_decompress(small + tail, limit=1 << 20, where="x") == b"small and more"
+    assert bounded_decompress(tail + small, limit=1 << 20, where="x") == b" and moresmall"
+    with pytest.raises(CorruptPayload):
+        bounded_decompress(small + b"trailing junk", limit=1 << 20, where="x")
 
 
 def test_garbage_is_still_corrupt_payload() -> None:

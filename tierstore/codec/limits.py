@@ -75,22 +75,42 @@ def bounded_decompress(
     what: str = "payload",
     dctx: zstandard.ZstdDecompressor | None = None,
 ) -> bytes:
-    """zstd-decompress ``data`` (one or more frames), refusing output past ``limit``."""
-    try:
-        declared = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
-        raise CorruptPayload(f"{where}: not a zstd frame ({exc})", where=where) from exc
-    if declared > limit:
-        raise DecompressionLimit(
-            f"{where}: a zstd frame declares {declared} bytes of output; the limit is "
-            f"{limit} (max_{what}_bytes)", where=where, limit=limit,
-        )
+    """zstd-decompress ``data`` (one or more frames), refusing output past ``limit``.
+
+    Every frame is decoded, whether its header declares its size or not: frames after
+    the first count against the same bound (never silently dropped).
+    """
     dctx = dctx or zstandard.ZstdDecompressor()
     out = bytearray()
+    rest = data
+    while True:
+        try:
+            declared = zstandard.frame_content_size(rest)
+        except zstandard.ZstdError as exc:
+            raise CorruptPayload(f"{where}: not a zstd frame ({exc})", where=where) from exc
+        if declared < 0:  # undeclared: streamed below, across the frames left
+            break
+        if len(out) + declared > limit:
+            raise DecompressionLimit(
+                f"{where}: a zstd frame declares {declared} bytes of output; the limit is "
+                f"{limit} (max_{what}_bytes)", where=where, limit=limit,
+            )
+        try:  # the header's size is checked: one allocation of that size
+            frame = dctx.decompressobj()
+            chunk = frame.decompress(rest)
+        except zstandard.ZstdError as exc:
+            raise CorruptPayload(f"{where}: zstd stage failed ({exc}); the bytes are damaged",
+                                 where=where) from exc
+        if not frame.eof:
+            raise CorruptPayload(f"{where}: zstd frame is truncated", where=where)
+        rest = frame.unused_data
+        if not rest and not out:
+            return chunk
+        out += chunk
+        if not rest:
+            return bytes(out)
     try:
-        if declared >= 0:  # the header's size is checked: one allocation of that size
-            return dctx.decompress(data)
-        with dctx.stream_reader(data, read_across_frames=True) as reader:
+        with dctx.stream_reader(rest, read_across_frames=True) as reader:
             while True:
                 chunk = reader.read(min(_CHUNK, limit + 1 - len(out)))
                 if not chunk:
@@ -110,8 +130,8 @@ def bounded_decompress(
 ELEMENT_COST = 64
 """Bytes charged per msgpack element: about what the smallest Python object costs."""
 
-# msgpack header byte -> (bytes of header, bytes of length field); for the fixed-size
-# types the length field is 0 and the header covers the whole element.
+# msgpack header byte -> bytes its header takes: the whole element for scalars; an
+# array's or map's children follow it.
 _FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5,
           0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xDC: 3, 0xDD: 5, 0xDE: 3, 0xDF: 5}
 _SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin, str: length bytes
