@@ -56,6 +56,7 @@ from tierstore.errors import (
     CheckpointArchived,
     ConfigurationError,
     CorruptPayload,
+    InvalidInput,
     MissingBlobs,
     ResidencyError,
 )
@@ -789,6 +790,12 @@ class Router:
             await copy_space(dst.offloader.store, source, target)
         try:
             await dst.warm.publish_thread(source, target, replace=replace)
+        except InvalidInput:
+            # refused: nothing was published. Objects copied into the target's space
+            # stay until that thread is deleted (an object a put in flight is about
+            # to name cannot be told apart from them).
+            await self._unmark(dst, marker)
+            raise
         finally:
             await self._invalidate(dst, [target])
         if replace:

@@ -521,3 +521,39 @@ async def test_closing_an_allowlisted_view_leaves_the_shared_stores_open(tmp_pat
         with sync_saver.with_allowlist([TICKET]) as sync_view:
             assert sync_view.get_tuple(stored) is not None
         assert sync_saver.get_tuple(stored) is not None
+
+
+
+async def test_replace_leaves_nothing_of_the_old_thread_in_any_tier(tmp_path: Path) -> None:
+    """--replace swaps the rows in one step, then the old thread's segments and
+    offloaded values go too: its canary is found in no tier afterwards."""
+    from tests.integration.rawbytes import disk_bytes, unpacked
+    from tests.integration.test_deletion import (
+        THRESHOLD,
+        archive_everything,
+        canary,
+        large,
+        write_chain,
+    )
+    from tierstore.ops import verify
+
+    def scan() -> bytes:
+        return unpacked(disk_bytes(tmp_path))
+
+    secret = canary()
+    async with TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{tmp_path}/warm.db",
+                                     cold=f"file://{tmp_path}/cold",
+                                     offload_threshold=THRESHOLD, hot_write_delay=0) as saver:
+        await write_chain(saver, "bob", [{"note": secret, "doc": large(secret)},
+                                         {"note": secret + "-2", "doc": large(secret)}],
+                          run_id="r1")
+        await archive_everything(saver)
+        await write_chain(saver, "bob", [{"note": secret + "-live", "doc": large(secret)}],
+                          run_id="r2", parent=generate_config("bob"), first_version=10)
+        assert secret.encode() in scan()
+        records = chain(saver.codec, "bob", 2)
+        await import_file(saver, write(tmp_path, bundle("bob", records), "new.bin"),
+                          replace=True)
+        assert await history(saver, "bob") == [r.checkpoint_id for r in reversed(records)]
+        assert (await verify(saver))["ok"]
+        assert secret.encode() not in scan()
