@@ -485,7 +485,8 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
     while the import ran, say) unless ``replace`` is given; with ``replace`` the old
     thread is swapped for the import in that same step, so it is never deleted before
     the import is fully written. If anything fails, what this import wrote is
-    deleted again and the target is as it was.
+    deleted again and the target is as it was (MongoDB, which publishes without a
+    transaction, keeps the staging thread instead when a replace fails mid-copy).
     """
     try:
         data = await asyncio.to_thread(_file_path(path).read_bytes)
