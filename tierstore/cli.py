@@ -430,7 +430,7 @@ def _build_app() -> typer.Typer:
             help="migrate a LangGraph AsyncPostgresSaver database from this URL")] = None,
         as_thread: Annotated[str | None, typer.Option(help="import under this thread id")] = None,
         replace: Annotated[bool, typer.Option(
-            help="delete the thread first if it exists (else an existing thread is refused)")
+            help="swap an existing thread for the file's checkpoints (else it is refused)")
         ] = False,
         allow_type: Annotated[list[str] | None, typer.Option(
             help="MODULE:NAME of a type the file may hold beyond LangGraph's safe types "

@@ -25,7 +25,7 @@ import zstandard
 
 from tierstore.codec import Codec
 from tierstore.codec.frames import pack_stored, unpack_stored
-from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress
+from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.pipeline import EMPTY
 from tierstore.codec.segment import SEGMENT_PREFIX
 from tierstore.errors import (
@@ -36,11 +36,17 @@ from tierstore.errors import (
     TierstoreError,
 )
 from tierstore.offload import OFFLOAD_PREFIX
-from tierstore.policy import CHECKPOINT_ID_SKEW, validate_checkpoint_id, validate_id
+from tierstore.policy import (
+    CHECKPOINT_ID_SKEW,
+    MAX_ID_BYTES,
+    validate_checkpoint_id,
+    validate_id,
+)
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
     ListQuery,
+    Payload,
     StoredCheckpoint,
     WriteRecord,
 )
@@ -328,6 +334,9 @@ def read_export(data: bytes, *, where: str = "export",
     if hashlib.sha256(body).digest() != digest:
         raise CorruptPayload(f"{where}: export file fails its checksum", where=where)
     plain = bounded_decompress(body, limit=max_bytes, where=where, what="bundle")
+    budget = Budget(max_bytes, "bundle")
+    budget.spend(len(plain), where=where)
+    charge_msgpack(plain, budget, where=where)
     try:
         doc = msgpack.unpackb(plain, raw=False)
         frames = doc["checkpoints"]
@@ -337,25 +346,51 @@ def read_export(data: bytes, *, where: str = "export",
     except Exception as exc:
         raise CorruptPayload(f"{where}: damaged export body ({exc})", where=where) from exc
     thread_id = validate_id(raw_thread)
-    return thread_id, [unpack_stored(f, where=f"{where}#{i}") for i, f in enumerate(frames)]
+    return thread_id, [unpack_stored(f, where=f"{where}#{i}", budget=budget)
+                       for i, f in enumerate(frames)]
 
 
 Prepared = tuple[CheckpointRecord, list[BlobRecord], list[WriteRecord]]
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _check_write(write: WriteRecord, where: str) -> None:
+    """A pending write's fields as every warm store can hold them (``InvalidInput`` if not)."""
+    validate_id(write.task_id, what=f"{where}: task_id")
+    validate_id(write.channel, what=f"{where}: channel")
+    validate_id(write.task_path, what=f"{where}: task_path")
+    idx = write.idx
+    if isinstance(idx, bool) or not isinstance(idx, int) or not -INT64_MAX - 1 <= idx <= INT64_MAX:
+        raise InvalidInput(f"{where}: write index {str(idx)[:40]} is not a 64-bit integer")
+
+
 def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[StoredCheckpoint],
                  *, now: float, filter_doc: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 max_bytes: int, skew: float = CHECKPOINT_ID_SKEW) -> list[Prepared]:
+                 max_bytes: int, skew: float = CHECKPOINT_ID_SKEW,
+                 store_codec: Codec | None = None) -> list[Prepared]:
     """Validate every checkpoint of an import and build what will be written.
 
     Nothing is written until all of it passed: ids are what LangGraph generates, every
-    frame belongs to the bundle's thread, and every payload (checkpoint, metadata,
-    channel values, pending writes) decodes under ``codec`` (the untrusted codec: safe
-    allowlist, bounded per payload, per checkpoint and for the whole file).
+    frame belongs to the bundle's thread, every name a store keeps (namespace, channel
+    names and versions, task ids and paths, run id) is text the stores accept, write
+    indexes fit 64 bits, and every payload (checkpoint, metadata, channel values,
+    pending writes) decodes under ``codec`` (the untrusted codec: safe allowlist,
+    bounded per payload, per checkpoint and for the whole file). A breach found here
+    is a refusal before any write, never a failure half way through one.
+
+    With ``store_codec`` (the saver's own codec) every decoded value is encoded again
+    through it, so what lands in the stores follows the saver's compression and
+    encryption settings rather than the file's bytes.
     """
     total = Budget(max_bytes, "bundle")
     seen: set[tuple[str, str]] = set()
     out: list[Prepared] = []
+
+    def again(value: Any, payload: Payload) -> Payload:
+        return store_codec.encode(value) if store_codec is not None else payload
+
     for rec in records:
         where = f"checkpoint {str(rec.checkpoint_id)[:80]!r}"
         if rec.thread_id != source:
@@ -375,28 +410,63 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
                 or not isinstance(body.get("channel_versions", {}), dict)
                 or body.get("id", checkpoint_id) != checkpoint_id):
             raise CorruptPayload(f"{where}: not a checkpoint", where=where)
-        versions = {str(k): str(v) for k, v in body.get("channel_versions", {}).items()}
+        versions = {validate_id(str(k), what=f"{where}: channel name"):
+                    validate_id(str(v), what=f"{where}: channel version")
+                    for k, v in body.get("channel_versions", {}).items()}
         blobs: list[BlobRecord] = []
         for channel, payload in rec.blobs.items():
             if channel not in versions:
                 continue
+            stored = payload
             if payload.tag != EMPTY.tag:
-                codec.decode(payload, where=f"{where} channel {channel!r}", budget=budget)
-            blobs.append(BlobRecord(channel, versions[channel], payload))
+                value = codec.decode(payload, where=f"{where} channel {channel!r}",
+                                     budget=budget)
+                stored = again(value, payload)
+            blobs.append(BlobRecord(channel, versions[channel], stored))
+        writes: list[WriteRecord] = []
         for write in rec.writes:
-            validate_id(write.task_id, what="task_id")
-            validate_id(write.channel, what="channel")
-            codec.decode(write.payload, where=f"{where} write", budget=budget)
+            _check_write(write, where)
+            value = codec.decode(write.payload, where=f"{where} write", budget=budget)
+            writes.append(replace(write, payload=again(value, write.payload)))
         total.spend(budget.used, where=where)
         run_id = metadata.get("run_id")
+        if isinstance(run_id, str):
+            validate_id(run_id, what=f"{where}: run_id")
+        try:
+            doc = filter_doc(metadata)
+            # the stores keep the filter document as JSON text (NUL has no place there)
+            _check_text(doc, f"{where}: metadata")
+        except TierstoreError:
+            raise
+        except Exception as exc:
+            raise InvalidInput(f"{where}: metadata cannot be stored ({exc})") from exc
         record = CheckpointRecord(
             thread_id=thread_id, checkpoint_ns=ns, checkpoint_id=checkpoint_id,
-            parent_id=parent_id, checkpoint=rec.checkpoint, metadata=rec.metadata,
-            channel_versions=versions, filter_doc=filter_doc(metadata),
+            parent_id=parent_id, checkpoint=again(body, rec.checkpoint),
+            metadata=again(metadata, rec.metadata),
+            channel_versions=versions, filter_doc=doc,
             run_id=run_id if isinstance(run_id, str) else None,
         )
-        out.append((record, blobs, list(rec.writes)))
+        out.append((record, blobs, writes))
     return out
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Every string (keys included) in a JSON-like document is text the stores accept."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            validate_id(item, what=where)
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+TRANSACTIONAL_PUBLISH = frozenset({"sqlite", "postgres"})
+"""Warm backends whose ``publish_thread`` is one transaction (check, delete, copy)."""
 
 
 async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | None = None,
@@ -407,11 +477,16 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
 
     The file is untrusted whatever its checksum says: every id and every payload is
     checked (``check_bundle``) before the first write, under the saver's bounds (or
-    ``limits``) and its safe allowlist plus ``allowed_msgpack_modules``. The target
-    thread (the file's own, or ``as_thread``) must not exist unless ``replace`` is
-    given. The checkpoints are written under a staging id and published with one
-    ``copy_thread`` (see ``_staging_thread``); if a write fails, what this import
-    wrote is deleted again.
+    ``limits``) and its safe allowlist plus ``allowed_msgpack_modules``, and every
+    value is encoded again through the saver's codec (its compression, its
+    encryption). The checkpoints are always written under a staging id first (see
+    ``_staging_thread``; never into the target directly) and published with one
+    ``publish_thread``, which refuses a target that has checkpoints by then (created
+    while the import ran, say) unless ``replace`` is given; with ``replace`` the old
+    thread is swapped for the import in that same step, so it is never deleted before
+    the import is fully written. If anything fails, what this import wrote is
+    deleted again and the target is as it was (MongoDB, which publishes without a
+    transaction, keeps the staging thread instead when a replace fails mid-copy).
     """
     try:
         data = await asyncio.to_thread(_file_path(path).read_bytes)
@@ -427,7 +502,7 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
     thread_id = validate_id(as_thread) if as_thread is not None else source
     prepared = check_bundle(codec, source, thread_id, records, now=time.time(),
                             filter_doc=saver.filter_doc, max_bytes=limit,
-                            skew=saver.options.checkpoint_id_skew)
+                            skew=saver.options.checkpoint_id_skew, store_codec=saver.codec)
     if not prepared:
         raise InvalidInput(f"{path}: the file holds no checkpoints")
     stack = saver.router.regions.stack_for(thread_id)
@@ -436,57 +511,63 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
         exists = True
     if exists and not replace:
         raise InvalidInput(
-            f"thread {thread_id!r} already exists; import it under another id (--as-thread) "
-            "or replace it (--replace)"
+            f"thread {thread_id[:200]!r} already exists; import it under another id "
+            "(--as-thread) or replace it (--replace)"
         )
     staging = _staging_thread(saver, thread_id, stack)
-    target = staging or thread_id
-    if exists and staging is None:
-        await saver.router.delete_thread(thread_id)
-    old_deleted = copying = False
     try:
         for done, (record, blobs, writes) in enumerate(prepared, start=1):
-            await saver.router.put(replace_record(record, thread_id=target), blobs,
+            await saver.router.put(replace_record(record, thread_id=staging), blobs,
                                    {b.channel: b.payload for b in blobs}, strict=False)
             if writes:
-                await saver.router.put_writes(target, record.checkpoint_ns,
+                await saver.router.put_writes(staging, record.checkpoint_ns,
                                               record.checkpoint_id, writes)
             progress(done, len(prepared))
-        if staging is not None:
-            if exists:
-                await saver.router.delete_thread(thread_id)
-                old_deleted = True
-            copying = True
-            await saver.router.copy_thread(staging, thread_id)
+    except BaseException:
+        await asyncio.shield(saver.router.delete_thread(staging))
+        raise
+    try:
+        await saver.router.publish_thread(staging, thread_id, replace=replace)
     except BaseException as exc:
-        if old_deleted:  # the replaced thread is gone: keep the whole import where it is
+        atomic = stack.warm.backend in TRANSACTIONAL_PUBLISH
+        if replace and not atomic and not isinstance(exc, InvalidInput):
+            # the old thread may be gone already: keep the whole import where it is
             exc.add_note(f"the imported checkpoints are kept in thread {staging!r}")
             raise
-        await asyncio.shield(saver.router.delete_thread(target))
-        if copying:  # a store that copies row by row (MongoDB) may have published some
-            await asyncio.shield(saver.router.delete_thread(thread_id))
-        raise
-    if staging is not None:
         await asyncio.shield(saver.router.delete_thread(staging))
+        raise
+    await asyncio.shield(saver.router.delete_thread(staging))
     return {"thread_id": thread_id, "source_thread_id": source, "checkpoints": len(prepared),
             "replaced": exists}
 
 
-def _staging_thread(saver: TieredSaver, thread_id: str, stack: TierStack) -> str | None:
+STAGING_PREFIX = "tierstore-import-"
+
+
+def _staging_thread(saver: TieredSaver, thread_id: str, stack: TierStack) -> str:
     """A fresh thread id in the target's stores to load an import into before it shows.
 
-    The warm store's ``copy_thread`` then publishes the whole thread in one transaction
-    (SQLite, PostgreSQL), so a crash mid-import leaves at worst a staging thread, never
-    half of the target. None when the region rules would place that id elsewhere: the
-    import then writes to the target directly and deletes it again on failure.
+    The warm store's ``publish_thread`` then publishes the whole thread in one
+    transaction (SQLite, PostgreSQL), so a crash mid-import leaves at worst a staging
+    thread, never part of the target. The id always fits the id limit whatever the
+    target's length: the target's leading bytes (cut to fit, so prefix-based region
+    rules place it alike) plus a random tag, else a fixed prefix plus a random tag.
+    When the region rules place neither on the target's stack the import is refused
+    (``InvalidInput``): it never writes into the target directly.
     """
-    staging = f"{thread_id}.tierstore-import-{uuid.uuid4().hex}"
-    try:
-        validate_id(staging)
-        placed = saver.router.regions.stack_for(staging)
-    except TierstoreError:
-        return None
-    return staging if placed is stack else None
+    tag = f".{STAGING_PREFIX}{uuid.uuid4().hex}"
+    head = thread_id.encode("utf-8")[:MAX_ID_BYTES - len(tag)].decode("utf-8", "ignore")
+    for candidate in (f"{head}{tag}", f"{STAGING_PREFIX}{uuid.uuid4().hex}"):
+        try:
+            placed = saver.router.regions.stack_for(validate_id(candidate))
+        except TierstoreError:
+            continue
+        if placed is stack:
+            return candidate
+    raise InvalidInput(
+        f"cannot import into thread {thread_id[:200]!r}: the region rules place no "
+        "staging thread in its region, and an import never writes to the target directly"
+    )
 
 
 async def import_langgraph_postgres(saver: TieredSaver, url: str,

@@ -56,6 +56,7 @@ from tierstore.errors import (
     CheckpointArchived,
     ConfigurationError,
     CorruptPayload,
+    InvalidInput,
     MissingBlobs,
     ResidencyError,
 )
@@ -807,6 +808,39 @@ class Router:
         await dst.warm.copy_thread(source, target)
         await self._unmark(dst, marker)
         await self._invalidate(dst, [target])
+
+    async def publish_thread(self, source: str, target: str, *, replace: bool) -> None:
+        """``copy_thread`` for an import: refuses a target with checkpoints unless
+        ``replace``, and then swaps the target's rows for the copy in one warm step.
+
+        The old target's segments and offloaded objects that nothing names any more
+        are deleted after that step (an interrupted clean-up leaves only unnamed
+        bytes, which a later delete or ``ColdGC`` removes).
+        """
+        src, dst = self.regions.stack_for(source), self.regions.stack_for(target)
+        if src is not dst:
+            raise ResidencyError(
+                f"cannot publish thread {source!r} as {target!r}: they live in different regions"
+            )
+        archived = list(await dst.warm.archive_refs(target)) if replace and dst.cold else []
+        started = time.time()
+        marker = await self._mark(dst, COPYING, target)
+        if dst.offloader is not None and source != target:
+            await copy_space(dst.offloader.store, source, target)
+        try:
+            await dst.warm.publish_thread(source, target, replace=replace)
+        except InvalidInput:
+            # refused: nothing was published. Objects copied into the target's space
+            # stay until that thread is deleted (an object a put in flight is about
+            # to name cannot be told apart from them).
+            await self._unmark(dst, marker)
+            raise
+        finally:
+            await self._invalidate(dst, [target])
+        if replace:
+            await self.drop_unreferenced_segments(dst, archived)
+            await self.drop_unnamed_objects(dst, [target], started=started)
+        await self._unmark(dst, marker)
 
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
         by_stack: dict[int, tuple[TierStack, list[str]]] = {}

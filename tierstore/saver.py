@@ -7,10 +7,19 @@ the router's business.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -126,6 +135,10 @@ class TieredSaver(
         # right before it stores a turn's input on it, so the check on that input costs
         # no extra read; a checkpoint's versions_seen never changes.
         self._turn_states: OrderedDict[tuple[str, str, str], TurnState] = OrderedDict()
+        # ``with_allowlist`` views: the saver whose stores they share, and whether the
+        # view opened it (then the view closes it; otherwise its owner does).
+        self._view_of: TieredSaver | None = None
+        self._view_opened = False
 
     # -- construction -----------------------------------------------------------------
 
@@ -307,6 +320,11 @@ class TieredSaver(
                            thread_id=thread_id, ttl=ttl, wait=wait)
 
     async def open(self) -> Self:
+        if self._view_of is not None:
+            if self._view_of.state != "opened":
+                await self._view_of.open()
+                self._view_opened = True
+            return self
         self._bridge.bind_running_loop()
         if self._bridge.state == "opened":
             return self
@@ -320,6 +338,11 @@ class TieredSaver(
         return self
 
     async def aclose(self) -> None:
+        if self._view_of is not None:
+            if self._view_opened:
+                self._view_opened = False
+                await self._view_of.aclose()
+            return
         if self._bridge.state in ("closed", "unopened"):
             self._bridge.state = "closed"
             return
@@ -338,6 +361,11 @@ class TieredSaver(
         await self.aclose()
 
     def __enter__(self) -> Self:
+        if self._view_of is not None:
+            if self._view_of.state != "opened":
+                self._view_of.__enter__()
+                self._view_opened = True
+            return self
         self._bridge.start_private_loop()
         try:
             self._bridge.run(self.open())
@@ -355,6 +383,11 @@ class TieredSaver(
         self.close()
 
     def close(self) -> None:
+        if self._view_of is not None:
+            if self._view_opened:
+                self._view_opened = False
+                self._view_of.close()
+            return
         if self._bridge.state == "opened":
             self._bridge.run(self.aclose())
         self._bridge.state = "closed"
@@ -389,6 +422,30 @@ class TieredSaver(
         codec = self.codec
         return codec if codec.safe is not None else codec.untrusted(
             self.options.allowed_msgpack_modules)
+
+    def with_allowlist(self, extra_allowlist: Collection[tuple[str, ...]]) -> TieredSaver:
+        """A view of this saver that decodes every read under the safe allowlist plus
+        ``extra_allowlist``.
+
+        LangGraph's own ``with_allowlist`` only narrows a serde that is strict already;
+        on a default serde it returns the saver unchanged, so bytes a store returns
+        could still name any importable callable. Here the view always decodes
+        safely (as ``safe_decode=True`` with these modules added to
+        ``allowed_msgpack_modules``), whatever this saver's settings.
+
+        The view shares this saver's stores, caches and loop. Closing it does not
+        close them (unless the view was the one that opened them): the saver it was
+        made from owns their lifecycle.
+        """
+        extra = tuple(tuple(entry) for entry in extra_allowlist)
+        root = self._view_of if self._view_of is not None else self
+        view = copy.copy(self)
+        view.options = replace(self.options, safe_decode=True, allowed_msgpack_modules=(
+            *self.options.allowed_msgpack_modules, *extra))
+        view._codec_cache = None
+        view._view_of = root
+        view._view_opened = False
+        return view
 
     def _to_tuple(self, record: StoredCheckpoint) -> CheckpointTuple:
         codec = self.codec

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tierstore.errors import VersionConflict
+from tierstore.errors import InvalidInput, VersionConflict
 from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload, WriteRecord
 
 HOSTILE_IDS = [
@@ -316,6 +316,28 @@ async def test_copy_thread_copies_history_blobs_and_writes(warm: Any) -> None:
         cid(1), (await warm.head(dst, "")).version, 1)
     assert await warm.get(dst, "sub", cid(2)) is not None
     assert len(await collect(warm, thread_id=src)) == 2
+
+
+async def test_publish_thread_refuses_a_target_with_checkpoints_unless_replace(
+        warm: Any) -> None:
+    src, dst = f"s-{uuid.uuid4()}", f"d-{uuid.uuid4()}"
+    await chain(warm, src, 2)
+    await warm.put_writes(src, "", cid(1), [write("x", 0, "imported")])
+    await warm.put_checkpoint(record(dst, 5, versions={"a": "9"}),
+                              [BlobRecord("a", "9", Payload("msgpack", b"theirs"))], strict=False)
+    await warm.put_writes(dst, "", cid(5), [write("y", 0, "theirs")])
+    with pytest.raises(InvalidInput, match="already exists"):
+        await warm.publish_thread(src, dst, replace=False)
+    assert [r.checkpoint_id for r in await collect(warm, thread_id=dst)] == [cid(5)]
+    await warm.publish_thread(src, dst, replace=True)
+    assert [r.checkpoint_id for r in await collect(warm, thread_id=dst)] == [cid(1), cid(0)]
+    got = await warm.get(dst, "", cid(1))
+    assert got is not None and [w.payload.data for w in got.writes] == [b"imported"]
+    head = await warm.head(dst, "")
+    assert head is not None and head.checkpoint_id == cid(1)
+    fresh = f"f-{uuid.uuid4()}"
+    await warm.publish_thread(src, fresh, replace=False)
+    assert len(await collect(warm, thread_id=fresh)) == 2
 
 
 async def test_prune_keep_latest_and_delete(warm: Any) -> None:

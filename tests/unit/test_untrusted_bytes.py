@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import zstandard
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
@@ -134,6 +135,19 @@ def test_segment_body_is_bounded() -> None:
         unpack_segment(data, key="segments/x", max_bytes=1 << 20)
 
 
+@pytest.mark.parametrize("declare", [True, False])
+def test_frames_after_a_declared_one_are_decoded_under_the_same_bound(declare: bool) -> None:
+    small = zstandard.ZstdCompressor().compress(b"small")
+    with pytest.raises(DecompressionLimit):
+        bounded_decompress(small + rle_frame(64 << 20, declare=declare), limit=1 << 20,
+                           where="x")
+    tail = zstandard.ZstdCompressor(write_content_size=declare).compress(b" and more")
+    assert bounded_decompress(small + tail, limit=1 << 20, where="x") == b"small and more"
+    assert bounded_decompress(tail + small, limit=1 << 20, where="x") == b" and moresmall"
+    with pytest.raises(CorruptPayload):
+        bounded_decompress(small + b"trailing junk", limit=1 << 20, where="x")
+
+
 def test_garbage_is_still_corrupt_payload() -> None:
     with pytest.raises(CorruptPayload):
         bounded_decompress(b"nope", limit=10, where="x")
@@ -176,6 +190,86 @@ def test_decoders_stay_within_a_memory_cap(tmp_path: Path) -> None:
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "refused,refused,refused"
+
+
+def maps(n: int) -> bytes:
+    """msgpack: one array of ``n`` empty maps (one byte each, some 64 bytes as objects)."""
+    return b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
+
+
+def test_msgpack_elements_are_charged_before_anything_is_built() -> None:
+    codec = Codec(JsonPlusSerializer(), limits=DecodeLimits(max_payload_bytes=1 << 20)).untrusted()
+    assert codec.decode(Payload("msgpack", maps(1000))) == [{}] * 1000
+    with pytest.raises(DecompressionLimit, match="payload"):
+        codec.decode(Payload("msgpack", maps(20_000)), where="blob")  # 20 KB of bytes
+    record = Codec(JsonPlusSerializer(), limits=DecodeLimits(max_record_bytes=200_000)).untrusted()
+    budget = record.budget()
+    record.decode(Payload("msgpack", maps(2_000)), budget=budget)
+    with pytest.raises(DecompressionLimit, match="record"):
+        record.decode(Payload("msgpack", maps(2_000)), budget=budget)
+    # the elements inside LangGraph's ext bodies count too
+    import ormsgpack
+
+    nested = ormsgpack.packb(ormsgpack.Ext(0, b"\x93" + ormsgpack.packb("builtins")
+                                           + ormsgpack.packb("set") + b"\x91" + maps(20_000)))
+    with pytest.raises(DecompressionLimit):
+        codec.decode(Payload("msgpack", nested), where="blob")
+
+
+def test_msgpack_amplification_stays_within_a_memory_cap(tmp_path: Path) -> None:
+    """8 MiB of msgpack that would build ~600 MB of objects, as a payload, as an export
+    body, as an export frame and as a segment body: refused under a 300 MiB cap."""
+    script = textwrap.dedent(f"""
+        import hashlib, resource, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import msgpack, zstandard
+        from tests.bombs import bundle
+        from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+        from tierstore.codec import Codec
+        from tierstore.codec.segment import unpack_segment
+        from tierstore.errors import DecompressionLimit
+        from tierstore.ops import read_export
+        from tierstore.records import Payload
+
+        N = 8 << 20
+        maps = b"\\xdd" + N.to_bytes(4, "big") + b"\\x80" * N
+        z = zstandard.ZstdCompressor().compress
+        body = z(msgpack.packb({{"format": 1, "thread_id": "t", "exported_at": time.time(),
+                               "checkpoints": []}})[:-1] + maps)
+        frame = z(msgpack.packb({{"format": 1, "thread_id": "t", "exported_at": time.time(),
+                                "checkpoints": [maps]}}, use_bin_type=True))
+        seg = z(b"\\x83" + msgpack.packb("thread_id") + msgpack.packb("t")
+                + msgpack.packb("checkpoint_ns") + msgpack.packb("") + msgpack.packb("entries")
+                + maps)
+
+        def vm() -> int:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+            raise SystemExit("no VmSize")
+
+        cap = vm() + 300 * (1 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        outcomes = []
+        for attempt in (
+            lambda: Codec(JsonPlusSerializer()).untrusted().decode(
+                Payload("msgpack+zstd", z(maps))),
+            lambda: read_export(bundle("t", [], body=body), max_bytes=128 << 20),
+            lambda: read_export(bundle("t", [], body=frame), max_bytes=128 << 20),
+            lambda: unpack_segment(b"TSEG" + bytes([1]) + hashlib.sha256(seg).digest() + seg,
+                                   max_bytes=128 << 20),
+        ):
+            try:
+                attempt()
+                outcomes.append("decoded")
+            except DecompressionLimit:
+                outcomes.append("refused")
+        print(",".join(outcomes))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "refused,refused,refused,refused"
 
 
 # -- checkpoint ids ----------------------------------------------------------------------------

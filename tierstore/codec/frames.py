@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 
+from tierstore.codec.limits import Budget, DecodeLimits, charge_msgpack
 from tierstore.errors import CorruptPayload
 from tierstore.records import Payload, StoredCheckpoint, WriteRecord
 
@@ -45,8 +46,14 @@ def pack_stored(record: StoredCheckpoint, *, with_writes: bool = True) -> bytes:
 
 
 def unpack_stored(
-    data: bytes, *, writes: tuple[WriteRecord, ...] | None = None, where: str = "frame"
+    data: bytes, *, writes: tuple[WriteRecord, ...] | None = None, where: str = "frame",
+    budget: Budget | None = None,
 ) -> StoredCheckpoint:
+    """Unpack one frame; its bytes and msgpack elements are charged to ``budget`` (by
+    default a fresh one of ``max_record_bytes``) before anything is built."""
+    budget = budget if budget is not None else Budget(DecodeLimits().max_record_bytes, "record")
+    budget.spend(len(data), where=where)
+    charge_msgpack(data, budget, where=where)
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=False)
         version = body[0]

@@ -27,7 +27,7 @@ import zstandard
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.codec.crypto import Keyring, is_encrypted
-from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress
+from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.safe import SafeDecoder
 from tierstore.errors import ConfigurationError, CorruptPayload
 from tierstore.records import Payload
@@ -110,6 +110,12 @@ class Codec:
             raise CorruptPayload(f"{where}: an empty-channel marker has no value", where=where)
         inner = self.decompress(payload, where=where, budget=budget)
         if self.safe is not None:
+            if inner.tag == "msgpack":  # what the objects would cost, before any is built
+                own = Budget(self.limits.max_payload_bytes, "payload")
+                own.spend(len(inner.data), where=where)
+                charge_msgpack(inner.data, own, where=where)
+                if budget is not None:
+                    budget.spend(own.used - len(inner.data), where=where)
             return self.safe.loads(inner.tag, inner.data, where=where)
         try:
             return self.serde.loads_typed((inner.tag, inner.data))

@@ -25,7 +25,7 @@ import msgpack
 import zstandard
 
 from tierstore.codec.frames import pack_stored, unpack_stored
-from tierstore.codec.limits import DecodeLimits, bounded_decompress
+from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.errors import CorruptPayload
 from tierstore.records import StoredCheckpoint
 
@@ -111,6 +111,9 @@ def unpack_segment(data: bytes, *, key: str = "segment",
     if hashlib.sha256(body).digest() != digest:
         raise CorruptPayload(f"{key}: segment fails its checksum", where=key)
     plain = bounded_decompress(body, limit=max_bytes, where=key, what="bundle")
+    budget = Budget(max_bytes, "bundle")
+    budget.spend(len(plain), where=key)
+    charge_msgpack(plain, budget, where=key)
     try:
         doc = msgpack.unpackb(plain, raw=False)
         thread_id, ns = doc["thread_id"], doc["checkpoint_ns"]
@@ -121,6 +124,6 @@ def unpack_segment(data: bytes, *, key: str = "segment",
     for checkpoint_id, sha, frame in entries:
         if hashlib.sha256(frame).hexdigest() != sha:
             raise CorruptPayload(f"{key}: entry {checkpoint_id!r} fails its checksum", where=key)
-        record = unpack_stored(frame, where=f"{key}#{checkpoint_id}")
+        record = unpack_stored(frame, where=f"{key}#{checkpoint_id}", budget=budget)
         records[checkpoint_id] = replace(record, location="warm", archive_key=None)
     return Segment(thread_id, ns, float(doc["created_at"]), records)

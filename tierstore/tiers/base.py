@@ -184,6 +184,18 @@ class WarmStore(Protocol):
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None: ...
 
+    async def publish_thread(self, source_thread_id: str, target_thread_id: str, *,
+                             replace: bool) -> None:
+        """Copy a staged thread onto its real id, refusing a target that has checkpoints.
+
+        The check and the copy are one step where the store allows (one transaction in
+        SQLite and PostgreSQL), so a thread the application creates while an import
+        runs is never merged with the import: ``InvalidInput`` instead. With
+        ``replace`` the target's rows are deleted and the copy made in that same step;
+        until it commits the old thread stays whole.
+        """
+        ...
+
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
         """Keep only the newest checkpoint per namespace, or delete everything."""
         ...

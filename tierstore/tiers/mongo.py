@@ -1501,6 +1501,47 @@ class MongoWarm:
             for ns in sorted(namespaces):
                 await self._refresh_head(dst, ns)
 
+    async def publish_thread(self, source_thread_id: str, target_thread_id: str, *,
+                             replace: bool) -> None:
+        """MongoDB has no transaction here: check, copy, and check again.
+
+        A target with checkpoints is refused before the copy; one that gained
+        checkpoints while the copy ran (the application wrote it meanwhile) gets the
+        copied checkpoints taken out again and the import refused, so its own
+        checkpoints are never mixed with imported ones. With ``replace`` the old
+        target is deleted right before the copy: a crash in between leaves the
+        thread missing (the staged copy stays under its staging id).
+        """
+        src = _text(source_thread_id, "thread_id")
+        dst = _text(target_thread_id, "thread_id")
+        refusal = (f"thread {dst[:200]!r} already exists; import it under another id "
+                   "(--as-thread) or replace it (--replace)")
+        with self._errors("publish_thread"):
+            taken = await self._c("checkpoints").find_one({"thread_id": dst}, {"_id": 1})
+        if taken is not None and not replace:
+            raise InvalidInput(refusal)
+        if replace:
+            await self.delete_thread(dst)
+        with self._errors("publish_thread"):
+            ours = {(d["checkpoint_ns"], d["checkpoint_id"]) async for d in
+                    self._c("checkpoints").find({"thread_id": src},
+                                                {"_id": 0, "checkpoint_ns": 1,
+                                                 "checkpoint_id": 1})}
+        await self.copy_thread(src, dst)
+        with self._errors("publish_thread"):
+            found = {(d["checkpoint_ns"], d["checkpoint_id"]) async for d in
+                     self._c("checkpoints").find({"thread_id": dst},
+                                                 {"_id": 0, "checkpoint_ns": 1,
+                                                  "checkpoint_id": 1})}
+            if found - ours:
+                by_ns: dict[str, list[str]] = {}
+                for ns, cid in ours:
+                    by_ns.setdefault(ns, []).append(cid)
+                for ns, cids in by_ns.items():
+                    await self._delete_checkpoints(dst, ns, {"$in": cids})
+        if found - ours:
+            raise InvalidInput(refusal)
+
     # -- tiering: leases, stubs, rehydration (used by tierstore.jobs) -------------------
 
     async def claim(

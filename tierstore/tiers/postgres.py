@@ -904,6 +904,46 @@ class PostgresWarm:
 
         await self._run("copy_thread", body)
 
+    async def publish_thread(self, source_thread_id: str, target_thread_id: str, *,
+                             replace: bool) -> None:
+        async def body(conn: Conn) -> None:
+            async with conn.transaction():
+                src = [r[0] for r in await conn.fetch(
+                    f"SELECT h.sid FROM tierstore_heads AS h WHERE {_THREADS}",
+                    [source_thread_id])]
+                namespaces = [r[0] for r in await conn.fetch(
+                    "SELECT checkpoint_ns FROM tierstore_heads WHERE sid = ANY($1::bigint[])",
+                    src)]
+                # Claim the target's heads first: a put in flight commits before this
+                # goes on (the insert waits on its row), a later one waits for this.
+                await conn.execute(
+                    "INSERT INTO tierstore_heads (thread_id, checkpoint_ns) "
+                    "SELECT $1, ns FROM unnest($2::text[]) AS ns ON CONFLICT DO NOTHING",
+                    target_thread_id, namespaces,
+                )
+                target = await conn.fetch(
+                    f"SELECT h.sid, h.checkpoint_ns FROM tierstore_heads AS h WHERE {_THREADS}",
+                    [target_thread_id],
+                )
+                await conn.execute(_LOCK_STREAMS, src + [r[0] for r in target])
+                taken = await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM tierstore_checkpoints "
+                    "WHERE sid = ANY($1::bigint[]))", [r[0] for r in target])
+                if taken and not replace:
+                    raise InvalidInput(
+                        f"thread {target_thread_id[:200]!r} already exists; import it under "
+                        "another id (--as-thread) or replace it (--replace)")
+                # nothing of the target stays: leftovers (rows no checkpoint names) included
+                await conn.execute(_DELETE_STREAMS, [r[0] for r in target])
+                by_ns = {r[1]: r[0] for r in target}
+                dst = [by_ns[ns] for ns in namespaces]
+                await conn.execute(_COPY_CHECKPOINTS, src, dst)
+                await conn.execute(_COPY_BLOBS, src, dst)
+                await conn.execute(_COPY_WRITES, src, dst)
+                await self._refresh(conn, [r[0] for r in target])
+
+        await self._run("publish_thread", body)
+
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
         if not thread_ids:
             return

@@ -613,31 +613,48 @@ class SqliteWarm:
         self._refresh_heads(conn, ((t, ns) for t, ns, _ in keys))
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        def body(conn: sqlite3.Connection) -> None:
-            src, dst = source_thread_id, target_thread_id
-            conn.execute(
-                "INSERT OR REPLACE INTO checkpoints SELECT ?, checkpoint_ns, checkpoint_id, "
-                "parent_id, run_id, checkpoint_tag, checkpoint, metadata_tag, metadata, "
-                "channel_versions, filter_doc, location, archive_key, created_at, accessed_at, "
-                "size_bytes FROM checkpoints WHERE thread_id = ?",
-                (dst, src),
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO blobs SELECT ?, checkpoint_ns, channel, version, tag, data "
-                "FROM blobs WHERE thread_id = ?",
-                (dst, src),
-            )
-            conn.execute(
-                "INSERT OR REPLACE INTO writes SELECT ?, checkpoint_ns, checkpoint_id, task_id, "
-                "idx, channel, tag, data, task_path FROM writes WHERE thread_id = ?",
-                (dst, src),
-            )
-            namespaces = conn.execute(
-                "SELECT DISTINCT checkpoint_ns FROM checkpoints WHERE thread_id = ?", (dst,)
-            ).fetchall()
-            self._refresh_heads(conn, ((dst, ns) for (ns,) in namespaces))
+        await self._run(lambda conn: self._tx(
+            conn, lambda c: self._copy_rows(c, source_thread_id, target_thread_id)))
 
-        await self._run(lambda conn: self._tx(conn, body))
+    async def publish_thread(self, source_thread_id: str, target_thread_id: str, *,
+                             replace: bool) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            dst = target_thread_id
+            taken = conn.execute("SELECT 1 FROM checkpoints WHERE thread_id = ? LIMIT 1",
+                                 (dst,)).fetchone()
+            if taken is not None and not replace:
+                raise InvalidInput(f"thread {dst[:200]!r} already exists; import it under "
+                                   "another id (--as-thread) or replace it (--replace)")
+            # nothing of the target stays: leftovers (rows no checkpoint names) included
+            for table in ("checkpoints", "blobs", "writes", "heads"):
+                conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (dst,))
+            self._copy_rows(conn, source_thread_id, dst)
+
+        await self._run(lambda conn: self._erasing(conn, body))
+
+    def _copy_rows(self, conn: sqlite3.Connection, src: str, dst: str) -> None:
+        """Copy one thread's rows onto another id inside the caller's transaction."""
+        conn.execute(
+            "INSERT OR REPLACE INTO checkpoints SELECT ?, checkpoint_ns, checkpoint_id, "
+            "parent_id, run_id, checkpoint_tag, checkpoint, metadata_tag, metadata, "
+            "channel_versions, filter_doc, location, archive_key, created_at, accessed_at, "
+            "size_bytes FROM checkpoints WHERE thread_id = ?",
+            (dst, src),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO blobs SELECT ?, checkpoint_ns, channel, version, tag, data "
+            "FROM blobs WHERE thread_id = ?",
+            (dst, src),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO writes SELECT ?, checkpoint_ns, checkpoint_id, task_id, "
+            "idx, channel, tag, data, task_path FROM writes WHERE thread_id = ?",
+            (dst, src),
+        )
+        namespaces = conn.execute(
+            "SELECT DISTINCT checkpoint_ns FROM checkpoints WHERE thread_id = ?", (dst,)
+        ).fetchall()
+        self._refresh_heads(conn, ((dst, ns) for (ns,) in namespaces))
 
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
         if not keep_latest:
