@@ -23,7 +23,13 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
+from tests.integration.stacks import (
+    MULTIPROCESS_STACKS,
+    STACKS,
+    TIERED_STACKS,
+    Stack,
+    Urls,
+)
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 from tierstore.jobs.plan import TieringPolicy
@@ -259,3 +265,67 @@ async def test_archiving_a_head_makes_every_cached_copy_miss(tiered_urls: Urls) 
         assert after is not None and before is not None
         assert after.checkpoint == before.checkpoint
         assert after.pending_writes == before.pending_writes
+
+
+# -- a put racing a pending write of the checkpoint it stores (PostgreSQL) ----------------
+
+
+@pytest.fixture
+def redis_postgres_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS["redis+postgres"](request, tmp_path)
+
+
+async def test_a_write_committing_during_its_checkpoints_put_is_counted(
+    redis_postgres_urls: Urls,
+) -> None:
+    """LangGraph stores a checkpoint's pending writes in the background, so one can be
+    inside its statement, not yet committed, when the put that makes the checkpoint
+    the head runs. The put must wait for it (or count it afterwards): a head version
+    that misses the write would let a cached copy without it pass as fresh."""
+    import asyncpg
+    from langgraph.checkpoint.base.id import uuid6
+
+    from tests.servers.postgres import with_query
+
+    warm_url = redis_postgres_urls.warm
+    assert isinstance(warm_url, str)
+    schema = dict(
+        part.split("=", 1) for part in warm_url.split("?", 1)[1].split("&"))["schema"]
+    base = warm_url.split("?", 1)[0]
+    thread = "put-races-its-write"
+    warm_only = Stack("postgres", None, warm_url, None)
+    async with redis_postgres_urls.open(hot_write_delay=0) as saver, warm_only.open() as truth:
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        parent = await saver.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
+        child = _checkpoint()
+        child["id"] = str(uuid6(clock_seq=1))
+        payload = saver.codec.encode({"q": "interrupt!"})
+        conn = await asyncpg.connect(with_query(base), server_settings={"search_path": schema})
+        try:
+            tx = conn.transaction()
+            await tx.start()
+            await conn.fetchval(
+                "SELECT tierstore_put_writes($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                thread, "", child["id"], ["task-ask"], [-3], ["__interrupt__"],
+                [payload.tag], [payload.data], [""])
+            put = asyncio.ensure_future(
+                saver.aput(parent, child, {"source": "loop", "step": 1}, {}))
+            # Commit once the put has finished or is waiting for the open write's lock.
+            waiting = "SELECT count(*) FROM pg_stat_activity " \
+                      "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            while not await conn.fetchval(waiting):
+                finished, _ = await asyncio.wait({put}, timeout=0.01)
+                if finished:
+                    break
+            await tx.commit()
+            await asyncio.wait_for(put, 30)
+        finally:
+            await conn.close()
+        expected = await truth.aget_tuple(cfg(thread))
+        assert expected is not None
+        assert [w[1:] for w in expected.pending_writes or ()] == [
+            ("__interrupt__", {"q": "interrupt!"})]
+        for _ in range(2):  # the second read is a hot hit where one is served
+            got = await saver.aget_tuple(cfg(thread))
+            assert got is not None
+            assert got.pending_writes == expected.pending_writes
