@@ -329,3 +329,59 @@ async def test_a_write_committing_during_its_checkpoints_put_is_counted(
             got = await saver.aget_tuple(cfg(thread))
             assert got is not None
             assert got.pending_writes == expected.pending_writes
+
+
+async def test_a_copy_cached_before_a_delete_never_passes_for_the_recreated_thread(
+    urls: Urls,
+) -> None:
+    """One replica caches the head; another backs the thread up, deletes it, restores it
+    (same checkpoint ids) and replaces its interrupt write. The first must read the new
+    write, not its copy from before the delete."""
+    async with urls.open(hot_write_delay=0) as one, urls.open(hot_write_delay=0) as two:
+        thread, backup = "recreated", "recreated-backup"
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        stored = await one.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
+        await one.aput_writes(stored, [("__interrupt__", "OLD")], "task-1")
+        first = await one.aget_tuple(cfg(thread))
+        assert first is not None and [w[2] for w in first.pending_writes or ()] == ["OLD"]
+        await two.acopy_thread(thread, backup)
+        await two.adelete_thread(thread)
+        await two.acopy_thread(backup, thread)
+        await two.aput_writes(stored, [("__interrupt__", "NEW")], "task-1")
+        for reader in (two, one):
+            got = await reader.aget_tuple(cfg(thread))
+            assert got is not None and [w[2] for w in got.pending_writes or ()] == ["NEW"]
+
+
+@pytest.mark.parametrize("operation", ["delete", "prune", "delete_for_runs"])
+async def test_a_queued_hot_copy_never_brings_deleted_state_back(
+    urls: Urls, operation: str,
+) -> None:
+    """One replica's write-behind copy of a thread is still queued when another replica
+    deletes (or prunes) it. When the copy is sent afterwards, the hot tier refuses it:
+    a reader that trusts hot hits never sees the deleted checkpoint again."""
+    async with urls.open(hot_write_delay=60) as one, \
+            urls.open(hot_check="trusted", hot_write_delay=0) as two:
+        thread = f"deleted-under-a-queue-{operation}"
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        first = await two.aput(config, _checkpoint(), {"source": "loop", "step": 0, "run_id": "r1"},
+                               {})
+        doomed = _checkpoint()
+        doomed["channel_values"] = {"secret": "deleted"}
+        doomed["channel_versions"] = {"secret": "00000000000000000000000000000001.0"}
+        await one.aput(first, doomed, {"source": "loop", "step": 1, "run_id": "r2"},
+                       {"secret": "00000000000000000000000000000001.0"})
+        if operation == "delete":
+            await two.adelete_thread(thread)
+        elif operation == "prune":  # keeps only the latest: the doomed one goes too
+            await two.aput(first, _checkpoint(), {"source": "loop", "step": 2, "run_id": "r3"},
+                           {})
+            await two.aprune([thread])
+        else:
+            await two.adelete_for_runs(["r2"])
+        await one._router.hot_writer.drain()  # the queued copy lands after the delete
+        trusted = await two.aget_tuple(cfg(thread))  # first: a hot hit is taken unchecked
+        expected = await one.aget_tuple(cfg(thread))  # checked against warm's head
+        assert expected is None or "secret" not in expected.checkpoint["channel_values"]
+        assert (trusted and trusted.checkpoint["id"]) == (expected and expected.checkpoint["id"])
+        assert trusted is None or "secret" not in trusted.checkpoint["channel_values"]
