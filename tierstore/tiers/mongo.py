@@ -1245,7 +1245,13 @@ class MongoWarm:
             await self._check_fence(t, fence)
             await self._insert_writes(t, ns, cid, writes, replace_special=True)
             # the writes are stored first, then the head's count and version move in one
-            # update; every call moves the version (a replaced write keeps the count)
+            # update; every call moves the version (a replaced write keeps the count).
+            # A put making cid the head moves the head either after this store (and
+            # counts the write) or before this update (which then moves the version), so
+            # a reader (version first, content second) never pairs a version with older
+            # content. What remains without transactions: a
+            # call cut off between the two steps leaves its write uncounted until the
+            # head's next change, and a copy made before it matches until then.
             n: int = await self._c("writes").count_documents(
                 {"thread_id": t, "checkpoint_ns": ns, "checkpoint_id": cid}
             )
