@@ -445,6 +445,30 @@ def resolve_region(
     return default
 
 
+def first_version(now: float) -> int:
+    """The version a new head row starts at: ``now`` (the store's clock, seconds since
+    the epoch) in microseconds.
+
+    Deleting a namespace drops its head row, and copying, importing or writing it again
+    recreates it. Were versions to restart at 1, a copy cached before the delete could
+    match the new head's version and be served. Every change adds one, and no store
+    makes a million changes to one head per second, so a later incarnation starts
+    above every version an earlier one reached, and above any delete's tombstone in
+    the hot tier (``tombstone_version``).
+    """
+    return round(now * 1_000_000)
+
+
+def tombstone_version(now: float, deleted: int = 0) -> int:
+    """The floor a delete leaves in the hot tier: no cached copy at or below it is
+    accepted again. Every version the deleted heads reached (``deleted``) is below it,
+    and so is every version made before ``now``; heads created afterwards start above
+    it (``first_version``), as long as the clocks involved agree to the microsecond
+    ordering of a delete and a later recreation (a clock behind only costs misses).
+    """
+    return max(first_version(now), deleted)
+
+
 def is_hot_fresh(cached: StoredCheckpoint, head: Head | None) -> bool:
     """A cached latest checkpoint may be served only if it is what warm holds now.
 

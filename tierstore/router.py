@@ -77,7 +77,14 @@ from tierstore.offload import (
     unreferenced_objects,
     work_marker,
 )
-from tierstore.policy import chain_writes, is_hot_fresh, matches_filter, merge_writes, supply_blobs
+from tierstore.policy import (
+    chain_writes,
+    is_hot_fresh,
+    matches_filter,
+    merge_writes,
+    supply_blobs,
+    tombstone_version,
+)
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
@@ -575,14 +582,19 @@ class Router:
         """Forget a thread in the hot tier, including updates this process has queued."""
         await self._invalidate(stack, [thread_id])
 
-    async def _invalidate(self, stack: TierStack, thread_ids: Sequence[str]) -> None:
+    async def _invalidate(
+        self, stack: TierStack, thread_ids: Sequence[str], *, floor: int = 0
+    ) -> None:
+        """Drop the threads' cached copies here and in the hot tier. A ``floor`` (taken
+        before the warm change, ``policy.tombstone_version``) also leaves a tombstone
+        there, so another process's queued copy from before cannot come back."""
         if stack.hot is not None:
             hot = stack.hot
             for thread_id in thread_ids:
                 self.hot_writer.forget(hot, thread_id)
                 for key in [k for k in self._near if k[0] == id(stack) and k[1] == thread_id]:
                     del self._near[key]
-                await self._hot(hot, "invalidate", hot.invalidate(thread_id), None)
+                await self._hot(hot, "invalidate", hot.invalidate(thread_id, floor=floor), None)
 
     async def delete_thread(self, thread_id: str) -> None:
         """Delete a thread from every tier: warm rows, hot entries, offloaded objects, segments.
@@ -597,11 +609,12 @@ class Router:
         checkpoints the copy names (the copy's own data), and goes with the copy.
         """
         stack = self.regions.stack_for(thread_id)
-        await self._invalidate(stack, [thread_id])
+        floor = tombstone_version(time.time())
+        await self._invalidate(stack, [thread_id], floor=floor)
         archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
         marker = await self._mark(stack, DELETING, thread_id)
         await stack.warm.delete_thread(thread_id)
-        await self._invalidate(stack, [thread_id])
+        await self._invalidate(stack, [thread_id], floor=floor)
         await self._purge_cold(stack, thread_id, archived)
         await self._unmark(stack, marker)
 
@@ -618,11 +631,12 @@ class Router:
         archived = list(await stack.warm.archive_refs(thread_id)) if stack.cold else []
         started = time.time()
         marker = await self._mark(stack, SWEEPING if keep_latest else DELETING, thread_id)
+        floor = tombstone_version(time.time())
         if not await stack.warm.expire_thread(thread_id, heads, owner=owner, now=now,
                                               keep_latest=keep_latest):
             await self._unmark(stack, marker)
             return False
-        await self._invalidate(stack, [thread_id])
+        await self._invalidate(stack, [thread_id], floor=floor)
         if keep_latest:
             for key in sorted(set(archived)):
                 await self.compact_segment(stack, key)
@@ -695,9 +709,10 @@ class Router:
                 for key in sorted(fresh):
                     await self.rewrite_segment(stack, key, fresh[key])
                 doomed.update(fresh)
+            floor = tombstone_version(time.time())
             touched = await stack.warm.delete_for_runs(run_ids)
             markers = [await self._mark(stack, SWEEPING, t) for t in touched]
-            await self._invalidate(stack, touched)
+            await self._invalidate(stack, touched, floor=floor)
             await self.drop_unreferenced_segments(stack, sorted(doomed))
             await self.drop_unnamed_objects(stack, touched, started=started)
             for marker in markers:
@@ -805,9 +820,10 @@ class Router:
         marker = await self._mark(dst, COPYING, target)
         if dst.offloader is not None and source != target:
             await copy_space(dst.offloader.store, source, target)
+        floor = tombstone_version(time.time())
         await dst.warm.copy_thread(source, target)
         await self._unmark(dst, marker)
-        await self._invalidate(dst, [target])
+        await self._invalidate(dst, [target], floor=floor)
 
     async def publish_thread(self, source: str, target: str, *, replace: bool) -> None:
         """``copy_thread`` for an import: refuses a target with checkpoints unless
@@ -858,8 +874,9 @@ class Router:
                     before.extend(await stack.warm.archive_refs(thread_id))
             started = time.time()
             markers = [await self._mark(stack, SWEEPING, t) for t in threads]
+            floor = tombstone_version(time.time())
             await stack.warm.prune(threads, keep_latest=keep_latest)
-            await self._invalidate(stack, threads)
+            await self._invalidate(stack, threads, floor=floor)
             for key in sorted(set(before)):
                 await self.compact_segment(stack, key)
             await self.drop_unnamed_objects(stack, threads, started=started)

@@ -114,3 +114,26 @@ async def test_delete_prune_and_copy_advance_the_version(warm: Any) -> None:
     await warm.copy_thread(src, t)
     head = await warm.head(t, "")
     assert head is not None and head.checkpoint_id == cid(2) and head.version > v
+
+
+async def test_a_recreated_namespace_never_repeats_a_version(warm: Any) -> None:
+    """Deleting drops the head; copying the thread back, or writing it again, makes a
+    new one. Its versions must start above every version the old one had, or a copy
+    cached before the delete could pass for the new head."""
+    t, backup = f"t-{uuid.uuid4()}", f"b-{uuid.uuid4()}"
+    await chain(warm, t, 2)
+    await warm.put_writes(t, "", cid(1), [write("node", -3, "old")])
+    seen = await version(warm, t)
+    await warm.copy_thread(t, backup)
+    await warm.delete_thread(t)
+    assert await warm.head(t, "") is None
+    await warm.copy_thread(backup, t)
+    restored = await version(warm, t)
+    assert restored > seen
+    await warm.delete_thread(t)
+    result = await warm.put_checkpoint(record(t, 1), [], strict=False)
+    assert result.head.checkpoint_id == cid(1) and result.head.version > restored
+    await warm.prune([t], keep_latest=False)
+    await warm.put_writes(t, "", cid(1), [write("node", -3, "new")])
+    await warm.put_checkpoint(record(t, 1), [], strict=False)
+    assert await version(warm, t) > result.head.version

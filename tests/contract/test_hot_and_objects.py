@@ -139,6 +139,29 @@ async def test_hot_invalidate_one_namespace_or_all(hot: Any) -> None:
     assert await hot.get(t, "child:1") is None
 
 
+async def test_a_deleted_threads_tombstone_refuses_older_copies(hot: Any) -> None:
+    """A delete leaves a version floor: a copy queued before it (any version up to the
+    floor, or up to what was cached) is refused, in every namespace; a copy made after
+    a recreation (above the floor) is stored. Dropping without a floor leaves none."""
+    t = f"t-{uuid.uuid4()}"
+    floor = 1_000_000
+    assert await hot.put(entry(t, "0001", ns="child:1", version=floor + 5))
+    await hot.invalidate(t, floor=floor)
+    assert await hot.get(t, "child:1") is None
+    for ns, version in (("", 3), ("", floor), ("child:1", floor + 5), ("other", floor)):
+        assert await hot.put(entry(t, "0001", ns=ns, version=version)) is False
+        assert await hot.get(t, ns) is None
+    await hot.invalidate(t, floor=10)  # a lower floor never lowers the tombstone
+    assert await hot.put(entry(t, "0001", version=floor + 5)) is False
+    assert await hot.put(entry(t, "0002", version=floor + 6))
+    got = await hot.get(t, "")
+    assert got is not None and (got.checkpoint_id, got.version) == ("0002", floor + 6)
+    other = f"o-{uuid.uuid4()}"
+    await hot.put(entry(other, "0001", version=7))
+    await hot.invalidate(other)
+    assert await hot.put(entry(other, "0001", version=2))
+
+
 @pytest.mark.parametrize("thread", HOSTILE_IDS)
 async def test_hot_hostile_ids_are_data(hot: Any, thread: str) -> None:
     await hot.put(entry(thread, "0001"))

@@ -23,7 +23,13 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
+from tests.integration.stacks import (
+    MULTIPROCESS_STACKS,
+    STACKS,
+    TIERED_STACKS,
+    Stack,
+    Urls,
+)
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 from tierstore.jobs.plan import TieringPolicy
@@ -259,3 +265,123 @@ async def test_archiving_a_head_makes_every_cached_copy_miss(tiered_urls: Urls) 
         assert after is not None and before is not None
         assert after.checkpoint == before.checkpoint
         assert after.pending_writes == before.pending_writes
+
+
+# -- a put racing a pending write of the checkpoint it stores (PostgreSQL) ----------------
+
+
+@pytest.fixture
+def redis_postgres_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return STACKS["redis+postgres"](request, tmp_path)
+
+
+async def test_a_write_committing_during_its_checkpoints_put_is_counted(
+    redis_postgres_urls: Urls,
+) -> None:
+    """LangGraph stores a checkpoint's pending writes in the background, so one can be
+    inside its statement, not yet committed, when the put that makes the checkpoint
+    the head runs. The put must wait for it (or count it afterwards): a head version
+    that misses the write would let a cached copy without it pass as fresh."""
+    import asyncpg
+    from langgraph.checkpoint.base.id import uuid6
+
+    from tests.servers.postgres import with_query
+
+    warm_url = redis_postgres_urls.warm
+    assert isinstance(warm_url, str)
+    schema = dict(
+        part.split("=", 1) for part in warm_url.split("?", 1)[1].split("&"))["schema"]
+    base = warm_url.split("?", 1)[0]
+    thread = "put-races-its-write"
+    warm_only = Stack("postgres", None, warm_url, None)
+    async with redis_postgres_urls.open(hot_write_delay=0) as saver, warm_only.open() as truth:
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        parent = await saver.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
+        child = _checkpoint()
+        child["id"] = str(uuid6(clock_seq=1))
+        payload = saver.codec.encode({"q": "interrupt!"})
+        conn = await asyncpg.connect(with_query(base), server_settings={"search_path": schema})
+        try:
+            tx = conn.transaction()
+            await tx.start()
+            await conn.fetchval(
+                "SELECT tierstore_put_writes($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                thread, "", child["id"], ["task-ask"], [-3], ["__interrupt__"],
+                [payload.tag], [payload.data], [""])
+            put = asyncio.ensure_future(
+                saver.aput(parent, child, {"source": "loop", "step": 1}, {}))
+            # Commit once the put has finished or is waiting for the open write's lock.
+            waiting = "SELECT count(*) FROM pg_stat_activity " \
+                      "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            while not await conn.fetchval(waiting):
+                finished, _ = await asyncio.wait({put}, timeout=0.01)
+                if finished:
+                    break
+            await tx.commit()
+            await asyncio.wait_for(put, 30)
+        finally:
+            await conn.close()
+        expected = await truth.aget_tuple(cfg(thread))
+        assert expected is not None
+        assert [w[1:] for w in expected.pending_writes or ()] == [
+            ("__interrupt__", {"q": "interrupt!"})]
+        for _ in range(2):  # the second read is a hot hit where one is served
+            got = await saver.aget_tuple(cfg(thread))
+            assert got is not None
+            assert got.pending_writes == expected.pending_writes
+
+
+async def test_a_copy_cached_before_a_delete_never_passes_for_the_recreated_thread(
+    urls: Urls,
+) -> None:
+    """One replica caches the head; another backs the thread up, deletes it, restores it
+    (same checkpoint ids) and replaces its interrupt write. The first must read the new
+    write, not its copy from before the delete."""
+    async with urls.open(hot_write_delay=0) as one, urls.open(hot_write_delay=0) as two:
+        thread, backup = "recreated", "recreated-backup"
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        stored = await one.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
+        await one.aput_writes(stored, [("__interrupt__", "OLD")], "task-1")
+        first = await one.aget_tuple(cfg(thread))
+        assert first is not None and [w[2] for w in first.pending_writes or ()] == ["OLD"]
+        await two.acopy_thread(thread, backup)
+        await two.adelete_thread(thread)
+        await two.acopy_thread(backup, thread)
+        await two.aput_writes(stored, [("__interrupt__", "NEW")], "task-1")
+        for reader in (two, one):
+            got = await reader.aget_tuple(cfg(thread))
+            assert got is not None and [w[2] for w in got.pending_writes or ()] == ["NEW"]
+
+
+@pytest.mark.parametrize("operation", ["delete", "prune", "delete_for_runs"])
+async def test_a_queued_hot_copy_never_brings_deleted_state_back(
+    urls: Urls, operation: str,
+) -> None:
+    """One replica's write-behind copy of a thread is still queued when another replica
+    deletes (or prunes) it. When the copy is sent afterwards, the hot tier refuses it:
+    a reader that trusts hot hits never sees the deleted checkpoint again."""
+    async with urls.open(hot_write_delay=60) as one, \
+            urls.open(hot_check="trusted", hot_write_delay=0) as two:
+        thread = f"deleted-under-a-queue-{operation}"
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        first = await two.aput(config, _checkpoint(), {"source": "loop", "step": 0, "run_id": "r1"},
+                               {})
+        doomed = _checkpoint()
+        doomed["channel_values"] = {"secret": "deleted"}
+        doomed["channel_versions"] = {"secret": "00000000000000000000000000000001.0"}
+        await one.aput(first, doomed, {"source": "loop", "step": 1, "run_id": "r2"},
+                       {"secret": "00000000000000000000000000000001.0"})
+        if operation == "delete":
+            await two.adelete_thread(thread)
+        elif operation == "prune":  # keeps only the latest: the doomed one goes too
+            await two.aput(first, _checkpoint(), {"source": "loop", "step": 2, "run_id": "r3"},
+                           {})
+            await two.aprune([thread])
+        else:
+            await two.adelete_for_runs(["r2"])
+        await one._router.hot_writer.drain()  # the queued copy lands after the delete
+        trusted = await two.aget_tuple(cfg(thread))  # first: a hot hit is taken unchecked
+        expected = await one.aget_tuple(cfg(thread))  # checked against warm's head
+        assert expected is None or "secret" not in expected.checkpoint["channel_values"]
+        assert (trusted and trusted.checkpoint["id"]) == (expected and expected.checkpoint["id"])
+        assert trusted is None or "secret" not in trusted.checkpoint["channel_values"]

@@ -298,11 +298,13 @@ async def test_removed_checkpoints_take_their_orphaned_blobs_along(warm: Postgre
              *([BlobRecord("keep", "0", Payload("msgpack", b"k"))] if n == 0 else [])],
             strict=False,
         )
+    before = await warm.head(t, "")
+    assert before is not None
     assert await warm.delete_for_runs(["run-3"]) == [t]
     blobs = await sql(warm, "SELECT channel, version FROM tierstore_blobs ORDER BY 1, 2")
     assert [tuple(b) for b in blobs] == [("a", "0~1"), ("a", "0~2"), ("a", "1~"), ("keep", "1~")]
     head = await warm.head(t, "")
-    assert head is not None and (head.checkpoint_id, head.version) == (cid(2), 5)
+    assert head is not None and head.checkpoint_id == cid(2) and head.version > before.version
     await warm.prune([t], keep_latest=True)
     blobs = await sql(warm, "SELECT channel FROM tierstore_blobs ORDER BY 1")
     assert [b[0] for b in blobs] == ["a", "keep"]

@@ -246,3 +246,14 @@ def test_an_input_that_marks_pending_tasks_seen_discards_them() -> None:
     assert not discards_pending_tasks(settled, cut_in, ("__interrupt__",))
     assert not discards_pending_tasks(settled, cut_in, ("messages", "__error__"))
     assert discards_pending_tasks(settled, cut_in, ("messages",))
+
+
+def test_head_versions_start_at_the_clock_and_tombstones_cover_what_was_deleted() -> None:
+    from tierstore.policy import first_version, tombstone_version
+
+    assert first_version(1_700_000_000.25) == 1_700_000_000_250_000
+    assert first_version(1.0) < first_version(1.000001)
+    # a delete's floor is above the versions it saw and below a later recreation's
+    floor = tombstone_version(100.0, deleted=first_version(99.0) + 7)
+    assert floor == first_version(100.0) < first_version(100.5)
+    assert tombstone_version(100.0, deleted=first_version(101.0)) == first_version(101.0)

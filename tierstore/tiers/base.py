@@ -86,8 +86,17 @@ class HotStore(Protocol):
         merged. Otherwise the entry stays as it is and fails the freshness check."""
         ...
 
-    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
-        """Drop the cached entry of one namespace, or of every namespace of the thread."""
+    async def invalidate(
+        self, thread_id: str, checkpoint_ns: str | None = None, *, floor: int = 0
+    ) -> None:
+        """Drop the cached entry of one namespace, or of every namespace of the thread.
+
+        For a whole thread, a ``floor`` above 0 also leaves a tombstone for at least
+        the hot TTL: ``put`` refuses every copy of the thread whose version is at or
+        below the highest of the floor and the versions dropped. A delete's floor is
+        above every version the deleted heads had (``policy.tombstone_version``), so a
+        copy queued before the delete, by any process, can no longer bring it back.
+        """
         ...
 
 

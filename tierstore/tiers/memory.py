@@ -48,6 +48,8 @@ class MemoryHot:
             OrderedDict()
         )
         self._leases: dict[str, tuple[str, float]] = {}
+        # thread -> (expires, version floor) a delete left: no copy at or below is stored
+        self._tombstones: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._closed = False
 
     @classmethod
@@ -72,6 +74,7 @@ class MemoryHot:
     async def aclose(self) -> None:
         self._closed = True
         self._entries.clear()
+        self._tombstones.clear()
 
     def _check(self) -> None:
         if self._closed:
@@ -104,6 +107,8 @@ class MemoryHot:
     async def put(self, record: StoredCheckpoint) -> bool:
         self._check()
         key = (record.thread_id, record.checkpoint_ns)
+        if record.version <= self._floor(record.thread_id):
+            return False
         if not should_replace_hot(self._live(key), record):
             return False
         self._store(key, record)
@@ -126,13 +131,32 @@ class MemoryHot:
         self._store(key, merged)
         return True
 
-    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+    def _floor(self, thread_id: str) -> int:
+        item = self._tombstones.get(thread_id)
+        if item is None:
+            return 0
+        if item[0] <= self._clock():
+            del self._tombstones[thread_id]
+            return 0
+        return item[1]
+
+    async def invalidate(
+        self, thread_id: str, checkpoint_ns: str | None = None, *, floor: int = 0
+    ) -> None:
         self._check()
         if checkpoint_ns is not None:
             self._entries.pop((thread_id, checkpoint_ns), None)
             return
         for key in [k for k in self._entries if k[0] == thread_id]:
-            del self._entries[key]
+            dropped = self._entries.pop(key)[1]
+            if floor > 0:
+                floor = max(floor, dropped.version)
+        if floor > 0:
+            self._tombstones[thread_id] = (self._clock() + self.ttl,
+                                           max(floor, self._floor(thread_id)))
+            self._tombstones.move_to_end(thread_id)
+            while len(self._tombstones) > self.max_entries:
+                self._tombstones.popitem(last=False)
 
     # -- LeaseStore -------------------------------------------------------------------
 
@@ -169,6 +193,8 @@ class MemoryHot:
         doomed = [key for key, (expires, _) in self._entries.items() if expires <= now]
         for key in doomed:
             del self._entries[key]
+        for thread_id in [t for t, (until, _) in self._tombstones.items() if until <= now]:
+            del self._tombstones[thread_id]
         for thread_id in [t for t, (_, until) in self._leases.items() if until <= now]:
             del self._leases[thread_id]
         return len(doomed)

@@ -156,7 +156,7 @@ from tierstore.errors import (
     VersionConflict,
 )
 from tierstore.migrate import Migration, migrations_for
-from tierstore.policy import fence_key, fenced_out
+from tierstore.policy import fence_key, fenced_out, first_version
 from tierstore.records import (
     BlobRecord,
     CheckpointMeta,
@@ -1147,7 +1147,8 @@ class MongoWarm:
                 fresh = True
                 current = settled
                 continue
-            version = int(current["version"]) if current is not None else 0
+            # a new head document starts where no earlier one's versions reached
+            version = int(current["version"]) if current is not None else first_version(now) - 1
             step = _advance_head(head_id, version, cid, parent)
             if current is None:
                 created = {**key, "head_id": step.head_id, "version": step.version,
@@ -1269,7 +1270,13 @@ class MongoWarm:
             await self._check_fence(t, fence)
             await self._insert_writes(t, ns, cid, writes, replace_special=True)
             # the writes are stored first, then the head's count and version move in one
-            # update; every call moves the version (a replaced write keeps the count)
+            # update; every call moves the version (a replaced write keeps the count).
+            # A put making cid the head moves the head either after this store (and
+            # counts the write) or before this update (which then moves the version), so
+            # a reader (version first, content second) never pairs a version with older
+            # content. What remains without transactions: a
+            # call cut off between the two steps leaves its write uncounted until the
+            # head's next change, and a copy made before it matches until then.
             n: int = await self._c("writes").count_documents(
                 {"thread_id": t, "checkpoint_ns": ns, "checkpoint_id": cid}
             )
@@ -1404,15 +1411,19 @@ class MongoWarm:
             n = await self._c("writes").count_documents({**key, "checkpoint_id": cid})
             if current is None:
                 try:
-                    await heads.insert_one({**key, "head_id": cid, "version": 1, "n_writes": n,
-                                            "conflicts": 0, "updated_at": self._clock()})
+                    now = self._clock()
+                    await heads.insert_one({**key, "head_id": cid, "version": first_version(now),
+                                            "n_writes": n, "conflicts": 0, "updated_at": now})
                 except DuplicateKeyError:
                     continue
             else:
+                # at least the clock: above the hot tier's tombstone taken before
+                now = self._clock()
+                version = max(int(current["version"]) + 1, first_version(now))
                 result = await heads.update_one(
                     {**key, "version": current["version"], "head_id": current["head_id"]},
-                    {"$set": {"head_id": cid, "n_writes": n, "updated_at": self._clock()},
-                     "$inc": {"version": 1}},
+                    {"$set": {"head_id": cid, "n_writes": n, "updated_at": now,
+                              "version": version}},
                 )
                 if result.matched_count == 0:
                     continue

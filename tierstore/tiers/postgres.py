@@ -230,9 +230,13 @@ DELETE FROM tierstore_blobs AS b
    AND NOT EXISTS (SELECT 1 FROM live AS l
                     WHERE l.sid = b.sid AND l.channel = b.channel AND l.version = b.version)
 """
+# The version moves to at least the clock in microseconds: above the tombstone the
+# router leaves in the hot tier, taken before the change (policy.tombstone_version).
 _RECOMPUTE_HEADS = """
 UPDATE tierstore_heads AS h
-   SET head_id = m.head_id, version = h.version + 1, updated_at = now(),
+   SET head_id = m.head_id, updated_at = now(),
+       version = greatest(h.version + 1,
+                          (floor(extract(epoch FROM clock_timestamp()) * 1000000))::bigint),
        n_writes = (SELECT count(*) FROM tierstore_writes AS w
                     WHERE w.sid = h.sid AND w.checkpoint_id = m.head_id)
   FROM (SELECT s.sid, (SELECT max(c.checkpoint_id) FROM tierstore_checkpoints AS c

@@ -140,6 +140,7 @@ __all__ = [
     "entry_key",
     "lease_key",
     "namespaces_key",
+    "tombstone_key",
 ]
 
 log = logging.getLogger("tierstore.redis")
@@ -151,6 +152,7 @@ DEFAULT_PREFIX = "ts:"
 ENTRY = ":e:"  # <prefix>{T}:e:N
 NAMESPACES = ":ns"  # <prefix>{T}:ns
 LEASE = ":lease"  # <prefix>{T}:lease
+TOMBSTONE = ":tomb"  # <prefix>{T}:tomb  the version floor a delete left, for hot_ttl
 F_ID = "m:id"
 F_FRAME = "m:frame"
 F_LOC = "m:loc"
@@ -183,6 +185,12 @@ def namespaces_key(prefix: str, thread_id: str) -> str:
     return f"{_thread_base(prefix, thread_id)}{NAMESPACES}"
 
 
+def tombstone_key(prefix: str, thread_id: str) -> str:
+    """The STRING holding the version floor a delete left: no entry at or below it is
+    stored again, so a late write-behind flush cannot bring deleted state back."""
+    return f"{_thread_base(prefix, thread_id)}{TOMBSTONE}"
+
+
 def lease_key(prefix: str, thread_id: str) -> str:
     """The STRING naming the holder of a thread's lease."""
     return f"{_thread_base(prefix, thread_id)}{LEASE}"
@@ -199,12 +207,14 @@ def _pack_write_value(write: WriteRecord) -> bytes:
 
 # -- Lua: one script per mutation ---------------------------------------------------------
 
-# KEYS: entry, ns set. ARGV: id, frame, loc, ttl ms, N, version, then field/value pairs.
-# Only a strictly newer warm head version replaces an entry: an older write-behind
-# flush never overwrites a newer entry, whatever its checkpoint id and write count.
+# KEYS: entry, ns set, tombstone. ARGV: id, frame, loc, ttl ms, N, version, then
+# field/value pairs. Only a strictly newer warm head version replaces an entry: an
+# older write-behind flush never overwrites a newer entry, whatever its checkpoint id
+# and write count; and nothing at or below a delete's tombstone is stored at all.
 _PUT = """
 local version = tonumber(ARGV[6])
 if version <= 0 then return 0 end
+if version <= tonumber(redis.call('GET', KEYS[3]) or '0') then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if tonumber(redis.call('HGET', KEYS[1], '$VER') or '0') >= version then return 0 end
   redis.call('DEL', KEYS[1])
@@ -250,13 +260,25 @@ redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: ns set. ARGV: the entry key up to N. The entries share the set's hash tag,
-# so they live in the slot of the declared key.
+# KEYS: ns set, tombstone. ARGV: the entry key up to N, floor, ttl ms. The entries
+# share the set's hash tag, so they live in the slot of the declared keys. A floor
+# above 0 leaves a tombstone at the highest of it, the old tombstone and the versions
+# of the entries dropped.
 _DROP_THREAD = """
+local floor = tonumber(ARGV[2])
 for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if floor > 0 then
+    local v = tonumber(redis.call('HGET', ARGV[1] .. n, '$VER') or '0')
+    if v > floor then floor = v end
+  end
   redis.call('DEL', ARGV[1] .. n)
 end
 redis.call('DEL', KEYS[1])
+if floor > 0 then
+  local old = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if old > floor then floor = old end
+  redis.call('SET', KEYS[2], string.format('%.0f', floor), 'PX', ARGV[3])
+end
 return 1
 """
 
@@ -691,7 +713,8 @@ class RedisHot:
     async def put(self, record: StoredCheckpoint) -> bool:
         prefix = self.settings.prefix
         keys = [entry_key(prefix, record.thread_id, record.checkpoint_ns),
-                namespaces_key(prefix, record.thread_id)]
+                namespaces_key(prefix, record.thread_id),
+                tombstone_key(prefix, record.thread_id)]
         args: list[bytes | str | int] = [
             record.checkpoint_id,
             pack_stored(record, with_writes=False),
@@ -730,16 +753,19 @@ class RedisHot:
 
         return bool(await self._run("add_writes", call))
 
-    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+    async def invalidate(
+        self, thread_id: str, checkpoint_ns: str | None = None, *, floor: int = 0
+    ) -> None:
         prefix = self.settings.prefix
         if checkpoint_ns is not None:
             script = self._script("drop_ns")
             keys = [entry_key(prefix, thread_id, checkpoint_ns), namespaces_key(prefix, thread_id)]
-            args: list[str] = [_digest(checkpoint_ns)]
+            args: list[str | int] = [_digest(checkpoint_ns)]
         else:
             script = self._script("drop_thread")
-            keys = [namespaces_key(prefix, thread_id)]
-            args = [f"{_thread_base(prefix, thread_id)}{ENTRY}"]
+            keys = [namespaces_key(prefix, thread_id), tombstone_key(prefix, thread_id)]
+            args = [f"{_thread_base(prefix, thread_id)}{ENTRY}", max(floor, 0),
+                    self.settings.ttl_ms]
 
         async def call(client: Client) -> Any:
             return await script(keys=keys, args=args, client=client)

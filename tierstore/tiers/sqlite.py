@@ -44,7 +44,7 @@ from tierstore.errors import (
     VersionConflict,
 )
 from tierstore.migrate import migrations_for
-from tierstore.policy import fence_key, fenced_out
+from tierstore.policy import fence_key, fenced_out, first_version
 from tierstore.records import (
     BlobRecord,
     CheckpointMeta,
@@ -448,6 +448,8 @@ class SqliteWarm:
                     f"{head_id!r} (version {version})",
                     thread_id=t, checkpoint_ns=ns, head_id=head_id, version=version,
                 )
+            if row is None:  # a new head row: its versions never repeat an earlier one's
+                version = first_version(now) - 1
             self._check_blobs(conn, record, blobs)
             conn.executemany(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
@@ -548,7 +550,10 @@ class SqliteWarm:
 
     @staticmethod
     def _refresh_heads(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
-        """Recompute heads and drop orphaned blobs after checkpoints were removed/added."""
+        """Recompute heads and drop orphaned blobs after checkpoints were removed/added.
+
+        The version moves to at least the clock in microseconds: above the tombstone
+        the router leaves in the hot tier, taken before the change."""
         now = time.time()
         for t, ns in set(keys):
             row = conn.execute(
@@ -568,11 +573,11 @@ class SqliteWarm:
             ).fetchone()[0]
             conn.execute(
                 "INSERT INTO heads (thread_id, checkpoint_ns, head_id, version, n_writes, "
-                "conflicts, updated_at) VALUES (?, ?, ?, 1, ?, 0, ?) ON CONFLICT "
+                "conflicts, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT "
                 "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
-                "version = heads.version + 1, n_writes = excluded.n_writes, "
-                "updated_at = excluded.updated_at",
-                (t, ns, row[0], n_writes, now),
+                "version = max(heads.version + 1, excluded.version), "
+                "n_writes = excluded.n_writes, updated_at = excluded.updated_at",
+                (t, ns, row[0], first_version(now), n_writes, now),
             )
 
     async def delete_thread(self, thread_id: str) -> None:
