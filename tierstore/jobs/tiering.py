@@ -9,8 +9,9 @@ at any step leaves every checkpoint readable and the next run finishes the job::
         ─► release
 
     crash before "mark": the checkpoints are still live in warm; the object written
-    is identical on the retry (deterministic key and content) or an orphan that
-    ``ColdGC`` removes. Crash after "mark": the move is complete.
+    is an orphan that ``ColdGC`` removes (the retry writes a new key: a key is never
+    written twice, so no reader or GC decision about an old key can meet new bytes
+    under it). Crash after "mark": the move is complete.
 
 Jobs: ``HistoryDemotion`` (old history → cold), ``IdleArchival`` (idle threads →
 cold), ``Retention`` (expired threads deleted or pruned), ``HotExpiry`` (purge the
@@ -272,7 +273,9 @@ class _Archiver(_Job):
         if not records:
             return 0
         data = pack_segment(records, created_at=now)
-        key = segment_key(claim.thread_id, claim.checkpoint_ns, [r.checkpoint_id for r in records])
+        # a key of its own for every pack: never an object another move, a reader's
+        # cache or ColdGC already knows under that key (see codec.segment)
+        key = segment_key(claim.thread_id, claim.checkpoint_ns, data, nonce=uuid.uuid4().hex)
         await stack.cold.put(key, data, storage_class=self.policy.storage_class)
         self._step("written")
         await verify_object(stack, key, data)
