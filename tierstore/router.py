@@ -313,8 +313,8 @@ class Router:
             raise CorruptPayload(f"archive segment {key!r} is missing from the cold tier",
                                  where=key)
         self.stats.cold_reads += 1
-        check_segment_key(key, data)
         segment = unpack_segment(data, key=key, max_bytes=self.max_bundle_bytes)
+        check_segment_key(key, data)
         self._segments[cache_key] = segment
         while len(self._segments) > self.SEGMENT_CACHE:
             self._segments.popitem(last=False)

@@ -20,8 +20,10 @@ from langgraph.checkpoint.base import empty_checkpoint
 from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.segment import SEGMENT_PREFIX, thread_prefix
+from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import ColdGC, IdleArchival
+from tierstore.ops import verify
 from tierstore.router import TierStack
 
 FUTURE = 10 * 365 * 86400.0  # "now" for the jobs: everything written in the test is idle
@@ -151,3 +153,23 @@ async def test_cold_gc_never_deletes_a_segment_a_later_move_names(
     refs = await stack_of(saver).warm.archive_refs("t")
     assert set(refs) <= set(await segment_keys(saver))  # every named segment exists
     assert await pending(saver, "t") == [("task-1", "log", "WRITE-X")]
+
+
+async def test_a_stub_is_never_served_other_bytes_than_its_key_names(saver: TieredSaver,
+                                                                      urls: Urls) -> None:
+    config = await start(saver, "t")
+    [old] = await segment_keys(saver)
+    await saver.aput_writes(config, [("log", "WRITE-X")], "task-1")
+    await archive(saver, "t")
+    [new] = list(await stack_of(saver).warm.archive_refs("t"))
+    cold = stack_of(saver).cold
+    assert cold is not None and new != old
+    stale = await cold.get(old)
+    assert stale is not None
+    await cold.put(new, stale)  # the older pack of the same checkpoint, under the new key
+    async with urls.open() as fresh:
+        with pytest.raises(CorruptPayload, match="checksum its key names"):
+            await fresh.aget_tuple({"configurable": {"thread_id": "t"}})
+        report = await verify(fresh)
+        assert report["ok"] is False
+        assert any("checksum its key names" in p for p in report["problems"])

@@ -92,7 +92,7 @@ def check_segment_key(key: str, data: bytes) -> None:
     if len(parts) != 3 or len(parts[0]) != 64:
         return
     if hashlib.sha256(data).hexdigest() != parts[0]:
-        raise CorruptPayload(f"{key}: the object is not the segment its key names", where=key)
+        raise CorruptPayload(f"{key}: the object fails the checksum its key names", where=key)
 
 
 def segment_rewrite(held: Collection[str], removed: Set[str]) -> list[str] | None:
