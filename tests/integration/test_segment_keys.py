@@ -173,3 +173,33 @@ async def test_a_stub_is_never_served_other_bytes_than_its_key_names(saver: Tier
         report = await verify(fresh)
         assert report["ok"] is False
         assert any("checksum its key names" in p for p in report["problems"])
+
+
+async def test_cold_gc_never_deletes_a_move_in_flight(saver: TieredSaver,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even told to keep nothing (``grace_seconds=0``), GC waits a lease: a move marks
+    its stubs only while its lease holds, so a segment younger than that may still be
+    named by the move that wrote it."""
+    await saver.aput(cfg("t"), empty_checkpoint(), {"source": "loop", "step": 0, "parents": {}},
+                     {})
+    stack = stack_of(saver)
+    cold = stack.cold
+    assert cold is not None
+    mark = stack.warm.mark_archived
+    collected: list[int] = []
+
+    async def collect_then_mark(*args: Any, **kw: Any) -> int:
+        # the segment is written and verified, its stubs not marked yet
+        [key] = await segment_keys(saver)
+        info = await cold.info(key)
+        assert info is not None and info.modified > 0
+        gc = ColdGC(saver, IDLE, grace_seconds=0)
+        collected.append((await gc.run_once(now=info.modified + 1)).deleted)
+        return await mark(*args, **kw)
+
+    monkeypatch.setattr(stack.warm, "mark_archived", collect_then_mark)
+    await archive(saver, "t")
+    monkeypatch.undo()
+    assert collected == [0]
+    refs = await stack.warm.archive_refs("t")
+    assert list(refs) == await segment_keys(saver)

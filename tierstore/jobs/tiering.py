@@ -493,7 +493,11 @@ class ColdGC(_Job):
     """Deletes segments no stub refers to, once they are older than a grace period.
 
     The grace period protects a move in flight (segment written, stubs not yet
-    marked); an object whose age the store cannot tell is never collected. It also
+    marked). A move marks only while its lease holds and writes its segment after it
+    claimed, so the grace is never shorter than the policy's ``lease_seconds``: a
+    segment older than that is named by a stub now or never will be (every move and
+    rewrite writes a key of its own, never one GC saw). An object whose age the store
+    cannot tell is never collected. It also
     finishes thread deletes and copies a crash interrupted: the offloaded objects of
     a thread that has no rows, named by a marker older than the grace.
     """
@@ -510,12 +514,13 @@ class ColdGC(_Job):
         if stack.offloader is not None:
             await self._finish_offload_work(stack, now, report)
         live = await stack.warm.archive_refs()
+        grace = max(self.grace_seconds, self.policy.lease_seconds)
         doomed = []
         async for key in stack.cold.iter_keys(SEGMENT_PREFIX):
             if key in live:
                 continue
             info = await stack.cold.info(key)
-            if info is not None and 0 < info.modified < now - self.grace_seconds:
+            if info is not None and 0 < info.modified < now - grace:
                 doomed.append(key)
         if doomed:
             report.deleted += await self.saver.router.drop_unreferenced_segments(stack, doomed)
