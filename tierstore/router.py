@@ -38,6 +38,7 @@ import asyncio
 import builtins
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,7 @@ from typing import Any, TypeVar
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.segment import (
     Segment,
+    check_segment_key,
     pack_segment,
     segment_key,
     segment_rewrite,
@@ -291,7 +293,14 @@ class Router:
     # -- cold -------------------------------------------------------------------------
 
     async def load_segment(self, stack: TierStack, key: str) -> Segment:
-        """Fetch, verify and unpack a segment; a small LRU keeps recent ones."""
+        """Fetch, verify and unpack a segment; a small LRU keeps recent ones.
+
+        The LRU is safe by key: a segment key is written once and never again (each
+        move and rewrite packs under a key of its own, see ``codec.segment``), and the
+        key names the digest of its bytes, which is checked here. So a cached segment
+        is exactly what every stub naming its key was marked for, and rehydrating from
+        it never writes back a record older than what the stub names.
+        """
         cache_key = (id(stack), key)
         cached = self._segments.get(cache_key)
         if cached is not None:
@@ -316,6 +325,7 @@ class Router:
                                  where=key)
         self.stats.cold_reads += 1
         segment = unpack_segment(data, key=key, max_bytes=self.max_bundle_bytes)
+        check_segment_key(key, data)
         self._segments[cache_key] = segment
         while len(self._segments) > self.SEGMENT_CACHE:
             self._segments.popitem(last=False)
@@ -789,9 +799,10 @@ class Router:
                 return None
             plan = segment_rewrite(segment.records, removed)
             if plan:
-                new_key = segment_key(segment.thread_id, segment.checkpoint_ns, plan)
                 data = pack_segment([segment.records[c] for c in plan],
                                     created_at=segment.created_at)
+                new_key = segment_key(segment.thread_id, segment.checkpoint_ns, data,
+                                      nonce=uuid.uuid4().hex)
                 info = await stack.cold.info(key)
                 await stack.cold.put(new_key, data,
                                      storage_class=info.storage_class if info else None)

@@ -10,9 +10,19 @@
 A segment verifies itself: the outer digest covers the whole body, and each entry
 carries the digest of its own frame, so ``tierstore verify`` can tell a damaged
 object from a damaged entry. Keys are derived from hashes, so any thread id (``..``,
-``/``, 10 KB of text) yields a safe, fixed-length key, and the same set of
-checkpoints always maps to the same key: a retried archive run rewrites identical
-bytes instead of creating a duplicate.
+``/``, 10 KB of text) yields a safe, fixed-length key::
+
+    segments/<sha256(thread)[:2]>/<sha256(thread)>/<sha256(ns)[:16]>/<sha256(object)>.<nonce>.tseg
+
+A key is written once and never again: it names the digest of the object's bytes and
+a random nonce the writer draws for each pack. So an object under a key is immutable
+(a process may cache it by key for as long as it likes), a stub names exactly the
+bytes that were verified before it was marked (``check_segment_key`` refuses anything
+else), and a key ``ColdGC`` found unreferenced is never named again: a later move of
+the same checkpoints, a retried move, a rewrite, always writes a new key. A retry
+after a crash before the mark writes a new object; the one left behind is named by no
+stub and ``ColdGC`` removes it. Keys written before the digest was part of them
+(``<40 hex>.tseg``) stay readable; they are checked by the segment's own digest only.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from tierstore.records import StoredCheckpoint
 __all__ = [
     "SEGMENT_PREFIX",
     "Segment",
+    "check_segment_key",
     "pack_segment",
     "segment_key",
     "segment_rewrite",
@@ -54,10 +65,34 @@ def thread_prefix(thread_id: str) -> str:
     return f"{SEGMENT_PREFIX}{h[:2]}/{h}/"
 
 
-def segment_key(thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str]) -> str:
-    ids = sorted(checkpoint_ids)
+def segment_key(thread_id: str, checkpoint_ns: str, data: bytes, *, nonce: str) -> str:
+    """The key of one packed segment: under its thread's prefix, unique to this pack.
+
+    ``nonce`` is drawn at random by the writer for every pack (``uuid4().hex``; this
+    function stays pure): two packs of the same bytes (a retry, the same checkpoints
+    archived again at the same instant) still get two keys, so no key is ever written
+    twice.
+    """
+    if not nonce or not nonce.isalnum():
+        raise ValueError("a segment nonce is a non-empty alphanumeric string")
     return (f"{thread_prefix(thread_id)}{_digest(checkpoint_ns)[:16]}/"
-            f"{_digest(chr(0).join(ids))[:40]}.tseg")
+            f"{hashlib.sha256(data).hexdigest()}.{nonce}.tseg")
+
+
+def check_segment_key(key: str, data: bytes) -> None:
+    """Refuse bytes that are not the object ``key`` was written with.
+
+    A stub names its segment's key, and the key names the digest of the bytes
+    verified before the stub was marked: whatever is read under it, whichever cache
+    it came from, a stub is never served (nor rehydrated from) anything else. Keys
+    of the older form carry no digest and are not checked here.
+    """
+    name = key.rsplit("/", 1)[-1]
+    parts = name.split(".")
+    if len(parts) != 3 or len(parts[0]) != 64:
+        return
+    if hashlib.sha256(data).hexdigest() != parts[0]:
+        raise CorruptPayload(f"{key}: the object fails the checksum its key names", where=key)
 
 
 def segment_rewrite(held: Collection[str], removed: Set[str]) -> list[str] | None:

@@ -9,8 +9,9 @@ at any step leaves every checkpoint readable and the next run finishes the job::
         ─► release
 
     crash before "mark": the checkpoints are still live in warm; the object written
-    is identical on the retry (deterministic key and content) or an orphan that
-    ``ColdGC`` removes. Crash after "mark": the move is complete.
+    is an orphan that ``ColdGC`` removes (the retry writes a new key: a key is never
+    written twice, so no reader or GC decision about an old key can meet new bytes
+    under it). Crash after "mark": the move is complete.
 
 Jobs: ``HistoryDemotion`` (old history → cold), ``IdleArchival`` (idle threads →
 cold), ``Retention`` (expired threads deleted or pruned), ``HotExpiry`` (purge the
@@ -274,7 +275,9 @@ class _Archiver(_Job):
         if not records:
             return 0
         data = pack_segment(records, created_at=now)
-        key = segment_key(claim.thread_id, claim.checkpoint_ns, [r.checkpoint_id for r in records])
+        # a key of its own for every pack: never an object another move, a reader's
+        # cache or ColdGC already knows under that key (see codec.segment)
+        key = segment_key(claim.thread_id, claim.checkpoint_ns, data, nonce=uuid.uuid4().hex)
         await stack.cold.put(key, data, storage_class=self.policy.storage_class)
         self._step("written")
         await verify_object(stack, key, data)
@@ -513,7 +516,11 @@ class ColdGC(_Job):
     """Deletes segments no stub refers to, once they are older than a grace period.
 
     The grace period protects a move in flight (segment written, stubs not yet
-    marked); an object whose age the store cannot tell is never collected. It also
+    marked). A move marks only while its lease holds and writes its segment after it
+    claimed, so the grace is never shorter than the policy's ``lease_seconds``: a
+    segment older than that is named by a stub now or never will be (every move and
+    rewrite writes a key of its own, never one GC saw). An object whose age the store
+    cannot tell is never collected. It also
     finishes thread deletes and copies a crash interrupted: the offloaded objects of
     a thread that has no rows, named by a marker older than the grace.
     """
@@ -530,12 +537,13 @@ class ColdGC(_Job):
         if stack.offloader is not None:
             await self._finish_offload_work(stack, now, report)
         live = await stack.warm.archive_refs()
+        grace = max(self.grace_seconds, self.policy.lease_seconds)
         doomed = []
         async for key in stack.cold.iter_keys(SEGMENT_PREFIX):
             if key in live:
                 continue
             info = await stack.cold.info(key)
-            if info is not None and 0 < info.modified < now - self.grace_seconds:
+            if info is not None and 0 < info.modified < now - grace:
                 doomed.append(key)
         if doomed:
             report.deleted += await self.saver.router.drop_unreferenced_segments(stack, doomed)
