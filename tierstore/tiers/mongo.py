@@ -778,14 +778,25 @@ class MongoWarm:
             # is read next holds at least that version's state. A copy cached under it
             # is served only while the head still has that version, i.e. before any
             # later change has completed.
-            before = await self._head_doc(flt["thread_id"], flt["checkpoint_ns"]) \
-                if checkpoint_id is None else None
-            doc = await self._c("checkpoints").find_one(
-                flt, dict(_READ_FIELDS), sort=[("checkpoint_id", -1)]
-            )
-            if doc is None:
-                return None
-            record = (await self._assemble([doc]))[0]
+            for _attempt in range(3):
+                before = await self._head_doc(flt["thread_id"], flt["checkpoint_ns"]) \
+                    if checkpoint_id is None else None
+                doc = await self._c("checkpoints").find_one(
+                    flt, dict(_READ_FIELDS), sort=[("checkpoint_id", -1)]
+                )
+                if doc is None:
+                    return None
+                assembled = await self._assemble([doc])
+                if assembled:
+                    break
+                if checkpoint_id is not None:
+                    return None  # taken back between the two reads: it does not exist
+            else:
+                raise TierUnavailable(
+                    f"the latest checkpoint of thread {thread_id!r} was taken back three "
+                    "times while being read (concurrent refused writes); retry",
+                    tier="warm", backend=self.backend)
+            record = assembled[0]
             if before is not None and before.get("head_id") == record.checkpoint_id:
                 record = replace(record, version=int(before["version"]))
         return record
@@ -846,9 +857,13 @@ class MongoWarm:
                 again = {(d["thread_id"], d["checkpoint_ns"], d["checkpoint_id"]): d
                          for d in await self._c("checkpoints").find(
                              {"$or": keys}, dict(_READ_FIELDS)).to_list(None)}
+                # a checkpoint gone on the second read was a put refused and taken back
+                # (strict mode, a lost fence) or deleted meanwhile: it is not returned
+                gone = {id(d) for d in torn
+                        if (d["thread_id"], d["checkpoint_ns"], d["checkpoint_id"]) not in again}
                 return await self._assemble([
                     again.get((d["thread_id"], d["checkpoint_ns"], d["checkpoint_id"]), d)
-                    for d in docs], reread=False)
+                    for d in docs if id(d) not in gone], reread=False)
         writes: dict[tuple[str, str, str], Docs] = {}
         for w in write_docs:
             writes.setdefault((w["thread_id"], w["checkpoint_ns"], w["checkpoint_id"]),
