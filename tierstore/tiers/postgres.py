@@ -354,6 +354,28 @@ _UNOPENED, _OPENED, _CLOSED = "unopened", "opened", "closed"
 
 
 
+
+async def _target_streams(conn: Conn, thread_id: str, namespaces: Sequence[str]
+                          ) -> dict[str, int]:
+    """Namespace -> head row id of ``thread_id``, creating the rows ``namespaces`` lack."""
+    await conn.execute(
+        "INSERT INTO tierstore_heads (thread_id, checkpoint_ns) "
+        "SELECT $1, ns FROM unnest($2::text[]) AS ns ON CONFLICT DO NOTHING",
+        thread_id, list(namespaces),
+    )
+    rows = await conn.fetch(
+        f"SELECT h.sid, h.checkpoint_ns FROM tierstore_heads AS h WHERE {_THREADS}",
+        [thread_id],
+    )
+    return {r[1]: r[0] for r in rows}
+
+
+async def _copy_streams(conn: Conn, src: Sequence[int], dst: Sequence[int]) -> None:
+    """Copy checkpoints, blobs and writes of each source stream into its target stream."""
+    await conn.execute(_COPY_CHECKPOINTS, list(src), list(dst))
+    await conn.execute(_COPY_BLOBS, list(src), list(dst))
+    await conn.execute(_COPY_WRITES, list(src), list(dst))
+
 class _NothingMarked(Exception):
     """Rolls back a ``mark_archived`` transaction that could not move every packed id."""
 
@@ -886,24 +908,13 @@ class PostgresWarm:
                 if not source:
                     return
                 namespaces = [r[1] for r in source]
-                await conn.execute(
-                    "INSERT INTO tierstore_heads (thread_id, checkpoint_ns) "
-                    "SELECT $1, ns FROM unnest($2::text[]) AS ns ON CONFLICT DO NOTHING",
-                    target_thread_id, namespaces,
-                )
-                target = await conn.fetch(
-                    f"SELECT h.sid, h.checkpoint_ns FROM tierstore_heads AS h WHERE {_THREADS}",
-                    [target_thread_id],
-                )
-                by_ns = {r[1]: r[0] for r in target}
+                by_ns = await _target_streams(conn, target_thread_id, namespaces)
                 src = [r[0] for r in source]
                 dst = [by_ns[ns] for ns in namespaces]
                 # Source and target heads together, in one order: no put sneaks in
                 # between, and two copies in opposite directions cannot deadlock.
                 await conn.execute(_LOCK_STREAMS, src + dst)
-                await conn.execute(_COPY_CHECKPOINTS, src, dst)
-                await conn.execute(_COPY_BLOBS, src, dst)
-                await conn.execute(_COPY_WRITES, src, dst)
+                await _copy_streams(conn, src, dst)
                 await self._refresh(conn, dst)
 
         await self._run("copy_thread", body)
@@ -920,31 +931,20 @@ class PostgresWarm:
                     src)]
                 # Claim the target's heads first: a put in flight commits before this
                 # goes on (the insert waits on its row), a later one waits for this.
-                await conn.execute(
-                    "INSERT INTO tierstore_heads (thread_id, checkpoint_ns) "
-                    "SELECT $1, ns FROM unnest($2::text[]) AS ns ON CONFLICT DO NOTHING",
-                    target_thread_id, namespaces,
-                )
-                target = await conn.fetch(
-                    f"SELECT h.sid, h.checkpoint_ns FROM tierstore_heads AS h WHERE {_THREADS}",
-                    [target_thread_id],
-                )
-                await conn.execute(_LOCK_STREAMS, src + [r[0] for r in target])
+                by_ns = await _target_streams(conn, target_thread_id, namespaces)
+                target = list(by_ns.values())
+                await conn.execute(_LOCK_STREAMS, src + target)
                 taken = await conn.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM tierstore_checkpoints "
-                    "WHERE sid = ANY($1::bigint[]))", [r[0] for r in target])
+                    "WHERE sid = ANY($1::bigint[]))", target)
                 if taken and not replace:
                     raise InvalidInput(
                         f"thread {target_thread_id[:200]!r} already exists; import it under "
                         "another id (--as-thread) or replace it (--replace)")
                 # nothing of the target stays: leftovers (rows no checkpoint names) included
-                await conn.execute(_DELETE_STREAMS, [r[0] for r in target])
-                by_ns = {r[1]: r[0] for r in target}
-                dst = [by_ns[ns] for ns in namespaces]
-                await conn.execute(_COPY_CHECKPOINTS, src, dst)
-                await conn.execute(_COPY_BLOBS, src, dst)
-                await conn.execute(_COPY_WRITES, src, dst)
-                await self._refresh(conn, [r[0] for r in target])
+                await conn.execute(_DELETE_STREAMS, target)
+                await _copy_streams(conn, src, [by_ns[ns] for ns in namespaces])
+                await self._refresh(conn, target)
 
         await self._run("publish_thread", body)
 

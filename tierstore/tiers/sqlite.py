@@ -603,6 +603,16 @@ class SqliteWarm:
 
         return await self._run(lambda conn: self._erasing(conn, body))
 
+    def _prune_to_latest(self, conn: sqlite3.Connection, thread_id: str) -> None:
+        """Delete every checkpoint of a thread but the newest of each namespace."""
+        doomed = conn.execute(
+            "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
+            "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
+            "checkpoints WHERE thread_id = c.thread_id AND checkpoint_ns = c.checkpoint_ns)",
+            (thread_id,),
+        ).fetchall()
+        self._delete_checkpoints(conn, doomed)
+
     def _delete_checkpoints(
         self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, str]]
     ) -> None:
@@ -669,14 +679,7 @@ class SqliteWarm:
 
         def body(conn: sqlite3.Connection) -> None:
             for thread_id in thread_ids:
-                doomed = conn.execute(
-                    "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
-                    "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
-                    "checkpoints WHERE thread_id = c.thread_id "
-                    "AND checkpoint_ns = c.checkpoint_ns)",
-                    (thread_id,),
-                ).fetchall()
-                self._delete_checkpoints(conn, doomed)
+                self._prune_to_latest(conn, thread_id)
 
         await self._run(lambda conn: self._erasing(conn, body))
 
@@ -777,14 +780,7 @@ class SqliteWarm:
             if {(ns, h, int(v)) for ns, h, v, _, _ in current} != expected:
                 return False
             if keep_latest:
-                doomed = conn.execute(
-                    "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
-                    "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
-                    "checkpoints WHERE thread_id = c.thread_id "
-                    "AND checkpoint_ns = c.checkpoint_ns)",
-                    (thread_id,),
-                ).fetchall()
-                self._delete_checkpoints(conn, doomed)
+                self._prune_to_latest(conn, thread_id)
             else:
                 for table in ("checkpoints", "blobs", "writes", "heads"):
                     conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
