@@ -1,0 +1,212 @@
+"""The Redis hot tier failing under load: sixteen chat conversations keep turning.
+
+Sixteen LangGraph conversations (``loadtest.workload``'s chat agent) run turns at once
+through one ``TieredSaver`` (hot = a private Redis, warm = SQLite) while Redis is
+SIGKILLed and restarted, has its connections reset through a proxy, or stalls past
+its socket timeout. Every turn is recorded in a ``loadtest.ledger.Ledger``.
+
+Promised, and checked after each fault:
+
+- no turn fails: the hot tier is an accelerator, its failures are absorbed (were one
+  to escape, it would have to be ``TierUnavailable``, and the test lists its type);
+- every acknowledged turn is in its thread's latest state with its reply, read back
+  through the saver and through warm alone;
+- the saver serves hot hits again by itself once Redis is back;
+- the write-behind queue drains: with ``hot_check="trusted"``, once every thread has
+  turned again after the fault, what Redis serves for each thread is warm's latest
+  (README: a trusted entry is stale only until a newer write replaces it or its TTL
+  runs out; the TTL here is far longer than the test, so only replacement can pass).
+
+Waits poll a condition under a generous deadline; nothing asserts on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.ledger import Ledger
+from loadtest.workload import build_chat_agent, thread_config, turn_input
+from tests.servers.proxy import TcpProxy
+from tests.servers.redis import RedisServer, unique_prefix, with_query
+from tierstore import TieredSaver
+from tierstore.errors import TierUnavailable
+
+CONVERSATIONS = 16
+MESSAGE_BYTES = 300
+DEADLINE = 60.0  # a bound against hanging, not a speed claim
+# timeouts a loaded 2-core machine may hit now and then (absorbed like any fault), and
+# a quick breaker so recovery is seen within the test
+HOT_OPTIONS = {"timeout": "1", "socket_timeout": "0.5", "connect_timeout": "0.5",
+               "backoff": "0.05", "backoff_max": "0.3", "ttl": "3600"}
+STALL_SECONDS = 1.5  # past socket_timeout and timeout
+
+
+@dataclass
+class Load:
+    """Conversations turning until stopped; each turn recorded in the ledger."""
+
+    app: Any
+    threads: list[str]
+    ledger: Ledger = field(default_factory=Ledger)
+    errors: list[BaseException] = field(default_factory=list)
+    acked: dict[str, int] = field(default_factory=dict)  # thread -> turns acknowledged
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._converse(t)) for t in self.threads]
+
+    async def _converse(self, thread: str) -> None:
+        while not self.stop.is_set():
+            turn = self.ledger.next_turn(thread)
+            message = turn_input(thread, turn, MESSAGE_BYTES)
+            self.ledger.sent(thread, turn, str(message["messages"][0].content))
+            try:
+                await self.app.ainvoke(message, thread_config(thread))
+            except Exception as exc:
+                self.ledger.failed(thread, turn, exc)
+                self.errors.append(exc)
+                await asyncio.sleep(0.05)
+            else:
+                self.ledger.acked(thread, turn)
+                self.acked[thread] = self.acked.get(thread, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.acked)
+
+    def all_turned_since(self, before: dict[str, int], turns: int = 1) -> bool:
+        return all(self.acked.get(t, 0) >= before.get(t, 0) + turns for t in self.threads)
+
+    async def finish(self) -> None:
+        self.stop.set()
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(*self.tasks)
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting: {what}")
+        await asyncio.sleep(0.05)
+
+
+def untranslated(errors: list[BaseException]) -> list[str]:
+    return [f"{type(e).__module__}.{type(e).__name__}: {e}" for e in errors
+            if not isinstance(e, TierUnavailable)]
+
+
+async def latest_id(saver: TieredSaver, thread: str) -> str | None:
+    found = await saver.aget_tuple(thread_config(thread))
+    return None if found is None else str(found.config["configurable"]["checkpoint_id"])
+
+
+@dataclass
+class Stack:
+    server: RedisServer
+    proxy: TcpProxy
+    warm: str
+    prefix: str
+
+    def hot_url(self, *, proxied: bool) -> str:
+        port = self.proxy.port if proxied else self.server.port
+        return with_query(f"redis://127.0.0.1:{port}/0", prefix=self.prefix, **HOT_OPTIONS)
+
+
+@pytest.fixture
+async def stack(redis_servers: Callable[[], RedisServer],
+                tmp_path: Path) -> AsyncIterator[Stack]:
+    server = redis_servers()
+    async with TcpProxy("127.0.0.1", server.port) as proxy:
+        yield Stack(server, proxy, f"sqlite:///{tmp_path}/warm.db", unique_prefix())
+
+
+async def kill_and_restart(stack: Stack, load: Load) -> None:
+    stack.server.kill()
+    before = load.snapshot()
+    await until(lambda: load.all_turned_since(before), "every thread turning without Redis")
+    stack.server.start()  # same port, empty, scripts forgotten
+
+
+async def cut_connections(stack: Stack, load: Load) -> None:
+    for _ in range(5):
+        done = sum(load.acked.values())
+        await until(lambda: stack.proxy.open > 0, "connections to cut")
+        assert stack.proxy.cut() > 0
+        await until(lambda: sum(load.acked.values()) > done,  # noqa: B023 (awaited here)
+                    "a turn after the cut")
+    stack.proxy.refuse()  # and a window where Redis cannot be reached at all
+    before = load.snapshot()
+    stack.proxy.cut()
+    await until(lambda: load.all_turned_since(before), "every thread turning while refused")
+    stack.proxy.accept()
+
+
+async def stall_past_timeout(stack: Stack, load: Load) -> None:
+    stack.proxy.stall()
+    await asyncio.sleep(STALL_SECONDS)
+    stack.proxy.resume()
+
+
+FAULTS: dict[str, tuple[Callable[[Stack, Load], Awaitable[None]], bool]] = {
+    # name: (fault, whether the saver reaches Redis through the proxy)
+    "sigkill-restart": (kill_and_restart, False),
+    "connections-cut": (cut_connections, True),
+    "stalled": (stall_past_timeout, True),
+}
+
+
+@pytest.mark.parametrize("hot_check", ["trusted", "verify"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_conversations_ride_through_redis_faults(
+    stack: Stack, fault: str, hot_check: str,
+) -> None:
+    inject, proxied = FAULTS[fault]
+    hot = stack.hot_url(proxied=proxied)
+    threads = [f"load-{fault}-{i}-{uuid.uuid4().hex[:8]}" for i in range(CONVERSATIONS)]
+    async with TieredSaver.from_urls(hot=hot, warm=stack.warm, cold=None,
+                                     hot_check=hot_check) as saver:
+        load = Load(build_chat_agent(MESSAGE_BYTES).compile(checkpointer=saver), threads)
+        load.start()
+        try:
+            await until(lambda: load.all_turned_since({}, 2), "every thread's first turns")
+            await inject(stack, load)
+            errors_at_fault = saver.stats.hot_errors
+            # recovery: every thread turns twice more (its write-behind update is sent
+            # after the first), and Redis serves hits again
+            before, hits = load.snapshot(), saver.stats.hot_hits
+            await until(lambda: load.all_turned_since(before, 2) and saver.stats.hot_hits > hits,
+                        "every thread turning again and hot hits coming back")
+        finally:
+            await load.finish()
+        assert untranslated(load.errors) == [], "driver errors escaped"
+        assert load.errors == [], f"{len(load.errors)} turns failed: {load.errors[:3]}"
+        assert errors_at_fault > 0, "the fault never met a hot call"
+        verdict = await load.ledger.verify(saver)
+        assert verdict.ok, verdict.summary()
+    # the saver is closed: its write-behind queue is drained
+    async with (
+        TieredSaver.from_urls(hot=None, warm=stack.warm, cold=None) as warm_only,
+        TieredSaver.from_urls(hot=stack.hot_url(proxied=False), warm=stack.warm, cold=None,
+                              hot_check="trusted", hot_write_delay=0) as trusting,
+    ):
+        verdict = await load.ledger.verify(warm_only)
+        assert verdict.ok, verdict.summary()
+        hits = trusting.stats.hot_hits
+        stale = [t for t in threads
+                 if await latest_id(trusting, t) != await latest_id(warm_only, t)]
+        assert stale == [], f"Redis serves a state older than warm for {len(stale)} threads"
+        assert trusting.stats.hot_hits > hits, "Redis holds no entry for any thread"
