@@ -23,90 +23,26 @@ Waits poll a condition under a generous deadline; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from loadtest.ledger import Ledger
-from loadtest.workload import build_chat_agent, thread_config, turn_input
+from loadtest.workload import build_chat_agent, thread_config
+from tests.faults.conversations import Conversations, until, untranslated
 from tests.servers.proxy import TcpProxy
 from tests.servers.redis import RedisServer, unique_prefix, with_query
 from tierstore import TieredSaver
-from tierstore.errors import TierUnavailable
 
 CONVERSATIONS = 16
 MESSAGE_BYTES = 300
-DEADLINE = 60.0  # a bound against hanging, not a speed claim
 # timeouts a loaded 2-core machine may hit now and then (absorbed like any fault), and
 # a quick breaker so recovery is seen within the test
 HOT_OPTIONS = {"timeout": "1", "socket_timeout": "0.5", "connect_timeout": "0.5",
                "backoff": "0.05", "backoff_max": "0.3", "ttl": "3600"}
 STALL_SECONDS = 1.5  # past socket_timeout and timeout
-
-
-@dataclass
-class Load:
-    """Conversations turning until stopped; each turn recorded in the ledger."""
-
-    app: Any
-    threads: list[str]
-    ledger: Ledger = field(default_factory=Ledger)
-    errors: list[BaseException] = field(default_factory=list)
-    acked: dict[str, int] = field(default_factory=dict)  # thread -> turns acknowledged
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._converse(t)) for t in self.threads]
-
-    async def _converse(self, thread: str) -> None:
-        while not self.stop.is_set():
-            turn = self.ledger.next_turn(thread)
-            message = turn_input(thread, turn, MESSAGE_BYTES)
-            self.ledger.sent(thread, turn, str(message["messages"][0].content))
-            try:
-                await self.app.ainvoke(message, thread_config(thread))
-            except Exception as exc:
-                self.ledger.failed(thread, turn, exc)
-                self.errors.append(exc)
-                await asyncio.sleep(0.05)
-            else:
-                self.ledger.acked(thread, turn)
-                self.acked[thread] = self.acked.get(thread, 0) + 1
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.acked)
-
-    def all_turned_since(self, before: dict[str, int], turns: int = 1) -> bool:
-        return all(self.acked.get(t, 0) >= before.get(t, 0) + turns for t in self.threads)
-
-    async def finish(self) -> None:
-        self.stop.set()
-        async with asyncio.timeout(DEADLINE):
-            await asyncio.gather(*self.tasks)
-
-
-async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting: {what}")
-        await asyncio.sleep(0.05)
-
-
-def untranslated(errors: list[BaseException]) -> list[str]:
-    return [f"{type(e).__module__}.{type(e).__name__}: {e}" for e in errors
-            if not isinstance(e, TierUnavailable)]
 
 
 async def latest_id(saver: TieredSaver, thread: str) -> str | None:
@@ -134,19 +70,19 @@ async def stack(redis_servers: Callable[[], RedisServer],
         yield Stack(server, proxy, f"sqlite:///{tmp_path}/warm.db", unique_prefix())
 
 
-async def kill_and_restart(stack: Stack, load: Load) -> None:
+async def kill_and_restart(stack: Stack, load: Conversations) -> None:
     stack.server.kill()
     before = load.snapshot()
     await until(lambda: load.all_turned_since(before), "every thread turning without Redis")
     stack.server.start()  # same port, empty, scripts forgotten
 
 
-async def cut_connections(stack: Stack, load: Load) -> None:
+async def cut_connections(stack: Stack, load: Conversations) -> None:
     for _ in range(5):
-        done = sum(load.acked.values())
+        done = load.total()
         await until(lambda: stack.proxy.open > 0, "connections to cut")
         assert stack.proxy.cut() > 0
-        await until(lambda: sum(load.acked.values()) > done,  # noqa: B023 (awaited here)
+        await until(lambda: load.total() > done,  # noqa: B023 (awaited here)
                     "a turn after the cut")
     stack.proxy.refuse()  # and a window where Redis cannot be reached at all
     before = load.snapshot()
@@ -155,13 +91,13 @@ async def cut_connections(stack: Stack, load: Load) -> None:
     stack.proxy.accept()
 
 
-async def stall_past_timeout(stack: Stack, load: Load) -> None:
+async def stall_past_timeout(stack: Stack, load: Conversations) -> None:
     stack.proxy.stall()
     await asyncio.sleep(STALL_SECONDS)
     stack.proxy.resume()
 
 
-FAULTS: dict[str, tuple[Callable[[Stack, Load], Awaitable[None]], bool]] = {
+FAULTS: dict[str, tuple[Callable[[Stack, Conversations], Awaitable[None]], bool]] = {
     # name: (fault, whether the saver reaches Redis through the proxy)
     "sigkill-restart": (kill_and_restart, False),
     "connections-cut": (cut_connections, True),
@@ -179,7 +115,8 @@ async def test_conversations_ride_through_redis_faults(
     threads = [f"load-{fault}-{i}-{uuid.uuid4().hex[:8]}" for i in range(CONVERSATIONS)]
     async with TieredSaver.from_urls(hot=hot, warm=stack.warm, cold=None,
                                      hot_check=hot_check) as saver:
-        load = Load(build_chat_agent(MESSAGE_BYTES).compile(checkpointer=saver), threads)
+        load = Conversations(build_chat_agent(MESSAGE_BYTES).compile(checkpointer=saver), threads,
+                             message_bytes=MESSAGE_BYTES)
         load.start()
         try:
             await until(lambda: load.all_turned_since({}, 2), "every thread's first turns")
