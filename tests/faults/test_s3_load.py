@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from loadtest.ledger import Ledger
-from loadtest.workload import build_chat_agent, thread_config, turn_input
+from loadtest.workload import build_chat_agent, thread_config
+from tests.faults.conversations import DEADLINE, Conversations, until
 from tests.integration.archiver import archive_everything
 from tests.servers.proxy import TcpProxy
 from tests.servers.redis import free_port
@@ -47,11 +46,9 @@ from tierstore.errors import TierUnavailable
 CONVERSATIONS = 8
 MESSAGE_BYTES = 1500  # prose: a few turns of history pass the offload threshold
 OFFLOAD_THRESHOLD = 4096
-DEADLINE = 90.0  # a bound against hanging, not a speed claim
 # one attempt and short timeouts, so a fault shows as a failure quickly
 S3_OPTIONS = {"connect_timeout": "1", "read_timeout": "1", "max_attempts": "2"}
 THINK_SECONDS = 0.1  # between a thread's turns, so the archiver gets its share
-STALL_SECONDS = 2.5  # past read_timeout on every attempt
 
 
 class Moto:
@@ -94,39 +91,31 @@ class Load:
     """Conversations, an archiver and a reader, until stopped; every outcome recorded."""
 
     saver: TieredSaver
-    threads: list[str]
-    ledger: Ledger = field(default_factory=Ledger)
-    errors: list[tuple[str, BaseException]] = field(default_factory=list)
+    chats: Conversations
+    errors: list[tuple[str, BaseException]] = field(default_factory=list)  # archiver, reader
     job_failures: dict[str, int] = field(default_factory=dict)  # error class -> count
-    acked: dict[str, int] = field(default_factory=dict)
     archived: int = 0
     reads: int = 0
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def start(self) -> None:
-        app = build_chat_agent(MESSAGE_BYTES).compile(checkpointer=self.saver)
-        self.tasks = [asyncio.create_task(self._converse(app, t)) for t in self.threads]
-        self.tasks += [asyncio.create_task(self._archive()), asyncio.create_task(self._read())]
+    @classmethod
+    def over(cls, saver: TieredSaver, threads: list[str]) -> Load:
+        app = build_chat_agent(MESSAGE_BYTES).compile(checkpointer=saver)
+        return cls(saver, Conversations(app, threads, message_bytes=MESSAGE_BYTES,
+                                        pause=THINK_SECONDS))
 
-    async def _converse(self, app: Any, thread: str) -> None:
-        while not self.stop.is_set():
-            turn = self.ledger.next_turn(thread)
-            message = turn_input(thread, turn, MESSAGE_BYTES)
-            self.ledger.sent(thread, turn, str(message["messages"][0].content))
-            try:
-                await app.ainvoke(message, thread_config(thread))
-            except Exception as exc:
-                self.ledger.failed(thread, turn, exc)
-                self.errors.append(("turn", exc))
-                await asyncio.sleep(0.05)
-            else:
-                self.ledger.acked(thread, turn)
-                self.acked[thread] = self.acked.get(thread, 0) + 1
-            await asyncio.sleep(THINK_SECONDS)
+    def start(self) -> None:
+        self.chats.start()
+        self.tasks = [asyncio.create_task(self._archive()), asyncio.create_task(self._read())]
+
+    def failures(self) -> int:
+        return len(self.chats.errors) + len(self.errors) + sum(self.job_failures.values())
+
+    def all_errors(self) -> list[tuple[str, BaseException]]:
+        return [("turn", e) for e in self.chats.errors] + self.errors
 
     async def _archive(self) -> None:
-        while not self.stop.is_set():
+        while not self.chats.stop.is_set():
             try:
                 moved, failures = await archive_pass(self.saver)
             except Exception as exc:  # a job must report, not raise
@@ -139,9 +128,10 @@ class Load:
             await asyncio.sleep(0.02)
 
     async def _read(self) -> None:
+        threads = self.chats.threads
         i = 0
-        while not self.stop.is_set():
-            thread = self.threads[i % len(self.threads)]
+        while not self.chats.stop.is_set():
+            thread = threads[i % len(threads)]
             i += 1
             try:
                 await self.saver.aget_tuple(thread_config(thread))
@@ -152,14 +142,8 @@ class Load:
                 self.reads += 1
             await asyncio.sleep(0.01)
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.acked)
-
-    def all_turned_since(self, before: dict[str, int], turns: int = 1) -> bool:
-        return all(self.acked.get(t, 0) >= before.get(t, 0) + turns for t in self.threads)
-
     async def finish(self) -> None:
-        self.stop.set()
+        await self.chats.finish()
         async with asyncio.timeout(DEADLINE):
             await asyncio.gather(*self.tasks)
 
@@ -172,14 +156,6 @@ async def archive_pass(saver: TieredSaver) -> tuple[int, dict[str, int]]:
         kind = line.split(": ")[1] if line.count(": ") >= 1 else line
         failures[kind] = failures.get(kind, 0) + 1
     return moved, failures
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting: {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -210,23 +186,23 @@ async def cut_and_refuse(stack: Stack, load: Load) -> None:
                     "S3 work after the cut")
     stack.proxy.refuse()
     stack.proxy.cut()
-    failed = len(load.errors)
-    await until(lambda: len(load.errors) > failed or sum(load.job_failures.values()) > 0,
-                "a call meeting the refused endpoint")
+    failed = load.failures()
+    await until(lambda: load.failures() > failed, "a call meeting the refused endpoint")
     stack.proxy.accept()
 
 
 async def stall(stack: Stack, load: Load) -> None:
+    """Hold every byte until a call has timed out on the stall, then let them through."""
+    failed = load.failures()
     stack.proxy.stall()
-    await asyncio.sleep(STALL_SECONDS)
+    await until(lambda: load.failures() > failed, "a call timing out on the stalled endpoint")
     stack.proxy.resume()
 
 
 async def stop_and_start(stack: Stack, load: Load) -> None:
     await asyncio.to_thread(stack.moto.stop)
-    failed = len(load.errors)
-    await until(lambda: len(load.errors) > failed or sum(load.job_failures.values()) > 0,
-                "a call meeting the stopped server")
+    failed = load.failures()
+    await until(lambda: load.failures() > failed, "a call meeting the stopped server")
     await asyncio.to_thread(stack.moto.start)
 
 
@@ -255,19 +231,20 @@ async def test_archiving_restores_and_offloads_ride_through_s3_faults(
 ) -> None:
     threads = [f"cold-{fault}-{i}-{uuid.uuid4().hex[:8]}" for i in range(CONVERSATIONS)]
     async with stack.open() as saver:
-        load = Load(saver, threads)
+        load = Load.over(saver, threads)
+        chats = load.chats
         load.start()
         try:
-            await until(lambda: load.all_turned_since({}, 3) and load.archived > 0,
+            await until(lambda: chats.all_turned_since({}, 3) and load.archived > 0,
                         "first turns and a first archive pass")
             await FAULTS[fault](stack, load)
-            faulted = len(load.errors) + sum(load.job_failures.values())
-            before = load.snapshot()
-            await until(lambda: load.all_turned_since(before, 2), "every thread turning again")
+            faulted = load.failures()
+            before = chats.snapshot()
+            await until(lambda: chats.all_turned_since(before, 2), "every thread turning again")
         finally:
             await load.finish()
         escaped = [(where, f"{type(e).__module__}.{type(e).__name__}: {e}")
-                   for where, e in load.errors if not isinstance(e, TierUnavailable)]
+                   for where, e in load.all_errors() if not isinstance(e, TierUnavailable)]
         assert escaped == [], "errors other than TierUnavailable"
         assert set(load.job_failures) <= {"TierUnavailable"}, load.job_failures
         assert faulted > 0, "the fault never met an S3 call"
@@ -275,11 +252,11 @@ async def test_archiving_restores_and_offloads_ride_through_s3_faults(
         # later calls succeed: a whole archive pass with no failure
         _, failures = await asyncio.wait_for(archive_pass(saver), DEADLINE)
         assert failures == {}
-        verdict = await load.ledger.verify(saver)
+        verdict = await chats.ledger.verify(saver)
         assert verdict.ok, verdict.summary()
     async with stack.open(cold=stack.cold.replace(stack.proxy.address,
                                                   f"127.0.0.1:{stack.moto.port}")) as fresh:
-        verdict = await load.ledger.verify(fresh)
+        verdict = await chats.ledger.verify(fresh)
         assert verdict.ok, verdict.summary()
         for thread in threads:
             assert await read_everything(fresh, thread) > 0
