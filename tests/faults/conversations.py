@@ -31,9 +31,11 @@ class Conversations:
     threads: list[str]
     message_bytes: int = 300
     pause: float = 0.0  # between a thread's turns
+    lease: Callable[[str], Any] | None = None  # e.g. ``saver.lease``: each turn inside one
     ledger: Ledger = field(default_factory=Ledger)
     errors: list[BaseException] = field(default_factory=list)
     acked: dict[str, int] = field(default_factory=dict)  # thread -> turns acknowledged
+    ended: dict[str, int] = field(default_factory=dict)  # thread -> turns returned or raised
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -46,7 +48,11 @@ class Conversations:
             message = turn_input(thread, turn, self.message_bytes)
             self.ledger.sent(thread, turn, str(message["messages"][0].content))
             try:
-                await self.app.ainvoke(message, thread_config(thread))
+                if self.lease is None:
+                    await self.app.ainvoke(message, thread_config(thread))
+                else:
+                    async with self.lease(thread):
+                        await self.app.ainvoke(message, thread_config(thread))
             except Exception as exc:
                 self.ledger.failed(thread, turn, exc)
                 self.errors.append(exc)
@@ -54,6 +60,7 @@ class Conversations:
             else:
                 self.ledger.acked(thread, turn)
                 self.acked[thread] = self.acked.get(thread, 0) + 1
+            self.ended[thread] = self.ended.get(thread, 0) + 1
             if self.pause:
                 await asyncio.sleep(self.pause)
 
@@ -64,7 +71,12 @@ class Conversations:
         return sum(self.acked.values())
 
     def all_turned_since(self, before: dict[str, int], turns: int = 1) -> bool:
+        """Every thread had ``turns`` more turns acknowledged than in ``before``."""
         return all(self.acked.get(t, 0) >= before.get(t, 0) + turns for t in self.threads)
+
+    def all_ended_since(self, before: dict[str, int]) -> bool:
+        """Every thread ended (acknowledged or failed) a turn since ``before = dict(ended)``."""
+        return all(self.ended.get(t, 0) > before.get(t, 0) for t in self.threads)
 
     async def finish(self) -> None:
         self.stop.set()
