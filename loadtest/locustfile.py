@@ -67,6 +67,7 @@ CALL_TIMEOUT = float(os.environ.get("LOADTEST_CALL_TIMEOUT", "30"))
 STOP_GRACE = float(os.environ.get("LOADTEST_STOP_GRACE", "2"))  # s for calls cut by the stop
 VERIFY_TIMEOUT = float(os.environ.get("LOADTEST_VERIFY_TIMEOUT", "300"))
 VERDICT_JSON = os.environ.get("LOADTEST_VERDICT_JSON")
+VERIFY_TYPE, VERIFY_NAME = "ledger", "verify: durability"  # the verdict's row in locust's stats
 PUMP_INTERVAL = 0.001  # seconds between turns of the loop thread's gevent hub
 URL_VARIABLES = ("TIERSTORE_HOT_URL", "TIERSTORE_WARM_URL", "TIERSTORE_COLD_URL")
 
@@ -255,8 +256,8 @@ def _verify(environment: Environment, **_: Any) -> None:
         _write_verdict(environment, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     request: Any = environment.events.request  # locust's EventHook.fire is untyped
     request.fire(
-        request_type="ledger",
-        name="verify: durability",
+        request_type=VERIFY_TYPE,
+        name=VERIFY_NAME,
         response_time=(time.perf_counter() - started) * 1000.0,
         response_length=len(stack.ledger.threads()),
         exception=error,
@@ -276,6 +277,10 @@ def _write_verdict(environment: Environment, data: dict[str, Any]) -> None:
 
 @events.quitting.add_listener  # type: ignore[untyped-decorator]
 def _close(environment: Environment, **_: Any) -> None:
+    """Exit 2 on a failed verdict (a worker's, on the master, from its report), close the saver."""
+    verdicts = environment.stats.entries.get((VERIFY_NAME, VERIFY_TYPE))
+    if verdicts is not None and verdicts.num_failures:
+        environment.process_exit_code = 2
     stack, PROCESS.stack = PROCESS.stack, None
     if stack is None:
         return
