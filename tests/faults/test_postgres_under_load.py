@@ -1,0 +1,103 @@
+"""The PostgreSQL warm tier under load while the server is restarted or its sessions killed.
+
+Twelve conversations of the load test's chat agent run turns over one
+``TieredSaver`` (Redis hot, a private PostgreSQL cluster warm) while the server
+is stopped and started (a clean shutdown, and a crash: ``-m immediate``), or
+every tierstore backend is killed with ``pg_terminate_backend``, three times
+each. For every kind of fault:
+
+- every failure a caller sees is ``TierUnavailable`` (never a driver error such
+  as asyncpg's ``InternalClientError``: a connection is never reused while an
+  earlier operation still owns it);
+- traffic flows again after each fault by itself (turns are acknowledged again);
+- afterwards every conversation takes a turn at the first attempt;
+- every acknowledged turn is in the system of record, and nothing that was never
+  sent: the ledger reads each thread back through the saver and through a new
+  saver with no hot tier.
+
+Nothing asserts on durations; every wait is bounded by ``DEADLINE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from tests.faults.chatload import ChatLoad
+from tests.servers.postgres import PrivateCluster
+from tests.servers.redis import unique_prefix, with_query
+from tierstore import TieredSaver
+from tierstore.errors import TierUnavailable
+
+DEADLINE = 90.0
+USERS = 12
+FAULTS = 3
+WARM_OPTIONS = "command_timeout=10&connect_timeout=3&max_size=6"
+
+Fault = Callable[[PrivateCluster], Awaitable[None]]
+
+
+async def restart(cluster: PrivateCluster, mode: str) -> None:
+    await asyncio.to_thread(cluster.stop, mode)
+    await asyncio.to_thread(cluster.start)
+
+
+async def clean_restart(cluster: PrivateCluster) -> None:
+    await restart(cluster, "fast")
+
+
+async def crash_restart(cluster: PrivateCluster) -> None:
+    await restart(cluster, "immediate")
+
+
+async def terminate_sessions(cluster: PrivateCluster) -> None:
+    conn = await asyncpg.connect(cluster.url, timeout=5)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'tierstore' AND pid <> pg_backend_pid()")
+    finally:
+        await conn.close()
+    assert killed > 0, "the saver had no session to kill: the fault did not happen"
+
+
+@pytest.fixture
+async def saver(postgres_cluster: PrivateCluster, redis_url: str) -> AsyncIterator[TieredSaver]:
+    hot = with_query(redis_url, prefix=unique_prefix())
+    async with TieredSaver.from_urls(hot=hot, warm=f"{postgres_cluster.url}?{WARM_OPTIONS}",
+                                     cold=None) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("fault", [clean_restart, crash_restart, terminate_sessions],
+                         ids=["restart", "crash-restart", "terminate-backends"])
+async def test_turns_survive_the_fault_with_only_typed_failures(
+    fault: Fault, postgres_cluster: PrivateCluster, saver: TieredSaver,
+) -> None:
+    load = ChatLoad(saver, users=USERS, tag=f"pg-{uuid.uuid4().hex[:8]}")
+    running = asyncio.create_task(load.run())
+    try:
+        await load.until_acked(2 * USERS, DEADLINE)
+        for _ in range(FAULTS):
+            await fault(postgres_cluster)
+            await load.until_acked(USERS, DEADLINE)  # flowing again, with nobody's help
+    finally:
+        load.stop()
+        await asyncio.wait_for(running, DEADLINE)
+
+    wrong = load.unexpected(TierUnavailable)
+    assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+    for thread_id in load.threads:
+        assert await asyncio.wait_for(load.turn(thread_id), DEADLINE), (
+            f"{thread_id}: a turn after recovery failed: {load.failures[-1]!r}")
+
+    verdict = await asyncio.wait_for(load.ledger.verify(saver), DEADLINE)
+    assert verdict.ok, verdict.summary()
+    assert verdict.acked == load.acked
+    async with TieredSaver.from_urls(hot=None, warm=postgres_cluster.url, cold=None) as fresh:
+        again = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
+    assert again.ok, again.summary()
