@@ -1335,18 +1335,16 @@ def _broken(exc: BaseException) -> bool:
 
 
 def _refused_before_sending(exc: BaseException) -> bool:
-    """Whether the driver refused to start a statement, so nothing reached the server.
+    """Whether the driver refused to start a statement, so nothing of it reached the server.
 
     asyncpg raises ``InternalClientError("cannot switch to state …")`` before writing
     a byte when the connection is still consuming an earlier operation's error (the
     server's FATAL arrived while the connection sat idle in the pool, and the socket's
-    close has not been processed yet); and ``InterfaceError("… connection is closed")``
-    when the socket closed before the call began.
+    close has not been processed yet). Every write body is one statement or one
+    transaction, so a body refused at any statement has committed nothing.
     """
-    text = str(exc)
-    if isinstance(exc, asyncpg.InternalClientError):
-        return text.startswith("cannot switch to state")
-    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in text
+    return (isinstance(exc, asyncpg.InternalClientError)
+            and str(exc).startswith("cannot switch to state"))
 
 
 
