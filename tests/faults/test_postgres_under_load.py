@@ -15,14 +15,22 @@ each. For every kind of fault:
   sent: the ledger reads each thread back through the saver and through a new
   saver with no hot tier.
 
+The same holds with two replicas of the app (two savers, two pools) and an
+archiving worker moving their threads to cold under them while the server
+restarts: the worker's runs fail only with ``TierUnavailable`` too, and it goes on.
+
 Nothing asserts on durations; every wait is bounded by ``DEADLINE``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -32,6 +40,8 @@ from tests.servers.postgres import PrivateCluster
 from tests.servers.redis import unique_prefix, with_query
 from tierstore import TieredSaver
 from tierstore.errors import TierUnavailable
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
 
 DEADLINE = 90.0
 USERS = 12
@@ -101,3 +111,72 @@ async def test_turns_survive_the_fault_with_only_typed_failures(
     async with TieredSaver.from_urls(hot=None, warm=postgres_cluster.url, cold=None) as fresh:
         again = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
     assert again.ok, again.summary()
+
+
+EVERYTHING = TieringPolicy(archive_after=0, archive_idle_after=0, keep_latest=1, segment_size=64)
+
+
+async def archive_forever(saver: TieredSaver, failures: Counter[str],
+                          progress: Counter[str]) -> None:
+    """Both archiving jobs, pass after pass, as a worker beside the app; failures counted."""
+    jobs = (HistoryDemotion(saver, EVERYTHING), IdleArchival(saver, EVERYTHING))
+    while True:
+        for job in jobs:
+            try:
+                report = await job.run_once(now=time.time() + 1)
+            except Exception as exc:  # a worker's run may fail during the fault, not stop
+                failures[type(exc).__name__] += 1
+            else:
+                failures.update(report.error_types)
+                progress["runs"] += 1
+                progress["moved"] += report.checkpoints
+        await asyncio.sleep(0.01)
+
+
+async def test_two_replicas_and_an_archiving_worker_ride_out_a_restart(
+    postgres_cluster: PrivateCluster, redis_url: str, tmp_path: Path,
+) -> None:
+    schema = f"replicas_{uuid.uuid4().hex[:8]}"  # the worker sees this test's threads only
+    urls = {"hot": with_query(redis_url, prefix=unique_prefix()),
+            "warm": f"{postgres_cluster.url}?{WARM_OPTIONS}&schema={schema}",
+            "cold": f"file://{tmp_path}/cold"}
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = [await stack.enter_async_context(TieredSaver.from_urls(**urls))
+                    for _ in range(2)]
+        worker = await stack.enter_async_context(TieredSaver.from_urls(**urls))
+        tag = f"pg-{uuid.uuid4().hex[:8]}"
+        loads = [ChatLoad(r, users=USERS // 3, tag=f"{tag}-r{n}") for n, r in enumerate(replicas)]
+        job_failures: Counter[str] = Counter()
+        progress: Counter[str] = Counter()
+        archiving = asyncio.create_task(archive_forever(worker, job_failures, progress))
+        running = [asyncio.create_task(load.run()) for load in loads]
+        try:
+            for load in loads:
+                await load.until_acked(USERS, DEADLINE)
+            await restart(postgres_cluster, "fast")
+            before = progress["runs"]
+            for load in loads:
+                await load.until_acked(USERS, DEADLINE)
+            async with asyncio.timeout(DEADLINE):
+                while progress["runs"] < before + 2:  # noqa: ASYNC110 -- the worker goes on
+                    await asyncio.sleep(0.05)
+        finally:
+            for load in loads:
+                load.stop()
+            await asyncio.wait_for(asyncio.gather(*running), DEADLINE)
+            archiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await archiving
+
+        assert set(job_failures) <= {"TierUnavailable"}, job_failures
+        for load in loads:
+            wrong = load.unexpected(TierUnavailable)
+            assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+        final = await IdleArchival(worker, EVERYTHING).run_once(now=time.time() + 1)
+        assert final.checkpoints > 0 and not final.failed, final
+        fresh = await stack.enter_async_context(
+            TieredSaver.from_urls(hot=None, warm=urls["warm"], cold=urls["cold"]))
+        for load in loads:
+            verdict = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
+            assert verdict.ok, verdict.summary()  # read back from cold: every head is archived
+        assert fresh.router.stats.rehydrated > 0

@@ -54,6 +54,7 @@ migrations hold a session-level advisory lock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -645,8 +646,8 @@ class PostgresWarm:
                     try:
                         return await body(conn)
                     except BaseException as exc:
-                        if _broken(exc) and not conn.is_closed():
-                            conn.terminate()  # never hand a half-dead session to the next call
+                        if _broken(exc):
+                            _discard(conn)  # never hand a half-dead session to the next call
                         raise
             except TierstoreError:
                 raise
@@ -1332,6 +1333,13 @@ def _broken(exc: BaseException) -> bool:
         return False
     return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                             asyncpg.InternalClientError, OSError, *_SERVER_GONE))
+
+
+def _discard(conn: Conn) -> None:
+    """Terminate a pooled connection, unless its loss already gave it back to the pool."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # the proxy is detached once released
+        if not conn.is_closed():
+            conn.terminate()
 
 
 def _refused_before_sending(exc: BaseException) -> bool:
