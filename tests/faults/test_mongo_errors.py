@@ -210,6 +210,15 @@ CALLS: dict[str, Call] = {
     "warm usage": lambda s, seen: _warm(s).usage(),
     "warm next_fence": lambda s, seen: _warm(s).next_fence("t"),
     "warm held_claims": lambda s, seen: _warm(s).held_claims(now=0.0),
+    "warm claim": lambda s, seen: _warm(s).claim(owner="job", now=2e9, lease_seconds=30,
+                                                 limit=10, warm_before=2e9),
+    "warm release": lambda s, seen: _warm(s).release("t", "", owner="job"),
+    "warm mark_archived": lambda s, seen: _warm(s).mark_archived(
+        "t", "", [seen["config"]["configurable"]["checkpoint_id"]], archive_key="k",
+        owner="job", now=2e9),
+    "warm archive_refs": lambda s, seen: _warm(s).archive_refs("t"),
+    "warm archive_stubs": lambda s, seen: _warm(s).archive_stubs(keys=["k"]),
+    "warm sweep_gridfs": lambda s, seen: _warm(s).sweep_gridfs(now=2e9),
 }
 
 
