@@ -25,13 +25,18 @@ Faults (``--faults``):
 name       server      what happens
 =========  ==========  ==================================================================
 redis      redis       SIGKILL, restarted empty on the same port after ``--downtime`` s
-cut        redis       every client connection closed by the server (``CLIENT KILL``)
+cut        each in     every open connection of the app reset (TCP RST) by the proxy in
+           turn        front of the server; new ones are accepted at once
 postgres   postgresql  ``pg_ctl stop -m fast`` then start, alternating with
                        ``-m immediate`` (a crash: recovery replays the WAL)
 terminate  postgresql  ``pg_terminate_backend`` of every backend named ``tierstore``
 s3         s3 (moto)   the server stopped, started again on the same port (moto keeps
                        its buckets across a restart in one process: its state is global)
 =========  ==========  ==================================================================
+
+The users' saver reaches each server through a TCP relay (``tests/servers/proxy.py``)
+so that ``cut`` can break its connections; the worker connects directly, as a worker
+on another machine would (a cut does not reach it).
 
 Report: calls by kind; failures by exception type and by kind; per fault the server,
 kind, start, downtime and recovery time, i.e. the time from the server being back until
@@ -51,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -190,6 +196,18 @@ class Servers:
         self.moto_port = free_port()
         self.moto: Any = None
         self.bucket = f"chaos-{secrets.token_hex(6)}"
+        self.proxies: dict[str, Any] = {}  # server -> TcpProxy, for the users' saver
+
+    async def start_proxies(self) -> None:
+        from tests.servers.proxy import TcpProxy
+
+        for server, port in (("redis", self.redis.port), ("postgresql", self.postgres.port),
+                             ("s3", self.moto_port)):
+            self.proxies[server] = await TcpProxy("127.0.0.1", port).start()
+
+    async def close_proxies(self) -> None:
+        for proxy in self.proxies.values():
+            await proxy.aclose()
 
     def start(self) -> None:
         self.redis.start()
@@ -208,12 +226,18 @@ class Servers:
         if server is not None:
             server.stop()
 
-    def urls(self, prefix: str) -> dict[str, str]:
+    def urls(self, prefix: str, *, proxied: bool) -> dict[str, str]:
+        """Store URLs of the private servers; ``proxied``: through the relays."""
+        ports = {"redis": self.redis.port, "postgresql": self.postgres.port,
+                 "s3": self.moto_port}
+        if proxied:
+            ports = {server: proxy.port for server, proxy in self.proxies.items()}
         return {
-            "hot": f"{self.redis.url}?prefix={prefix}&{REDIS_OPTIONS}",
-            "warm": f"{self.postgres.url}?{POSTGRES_OPTIONS}",
-            "cold": (f"s3://{self.bucket}/chaos?endpoint_url=http://127.0.0.1:{self.moto_port}"
-                     f"&{S3_OPTIONS}"),
+            "hot": f"redis://127.0.0.1:{ports['redis']}/0?prefix={prefix}&{REDIS_OPTIONS}",
+            "warm": f"postgresql://postgres@127.0.0.1:{ports['postgresql']}/postgres?"
+                    f"{POSTGRES_OPTIONS}",
+            "cold": f"s3://{self.bucket}/chaos?endpoint_url=http://127.0.0.1:{ports['s3']}"
+                    f"&{S3_OPTIONS}",
         }
 
     def close(self) -> None:
@@ -235,15 +259,9 @@ class Servers:
             self.redis.start()
         return "SIGKILL; restarted empty on the same port"
 
-    def redis_cut(self) -> str:
-        from redis import Redis
-
-        client = Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=5)
-        try:
-            killed = client.client_kill_filter(_type="normal", skipme=True)
-        finally:
-            client.close()
-        return f"CLIENT KILL TYPE normal closed {killed} connections"
+    def cut(self, server: str) -> str:
+        """Reset every connection the users' saver has open to ``server``."""
+        return f"{self.proxies[server].cut()} connections reset"
 
     def postgres_restart(self, mode: str, downtime: float) -> str:
         self.postgres.stop(mode)
@@ -277,7 +295,9 @@ class Servers:
 FAULTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # name: (server, kind, tiers whose recovery is measured)
     "redis": ("redis", "SIGKILL+restart", ("hot",)),
-    "cut": ("redis", "connections cut", ("hot",)),
+    "cut-redis": ("redis", "connections cut", ("hot",)),
+    "cut-postgresql": ("postgresql", "connections cut", ("warm",)),
+    "cut-s3": ("s3", "connections cut", ("cold",)),
     "postgres": ("postgresql", "graceful restart", ("warm",)),
     "postgres-immediate": ("postgresql", "crash restart (-m immediate)", ("warm",)),
     "terminate": ("postgresql", "pg_terminate_backend", ("warm",)),
@@ -286,15 +306,18 @@ FAULTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 
 def schedule(faults: tuple[str, ...], seed: int) -> Iterator[str]:
-    """The faults in a seeded order, cycled; postgres alternates fast and immediate stops."""
+    """The faults in a seeded order, cycled; postgres alternates fast and immediate stops,
+    cut goes round the servers."""
     order = list(faults)
     random.Random(seed).shuffle(order)
-    postgres = 0
-    while True:
+    postgres, cuts = 0, ("cut-redis", "cut-postgresql", "cut-s3")
+    for cycle in itertools.count():
         for name in order:
             if name == "postgres":
                 postgres += 1
                 yield "postgres" if postgres % 2 else "postgres-immediate"
+            elif name == "cut":
+                yield cuts[cycle % len(cuts)]
             else:
                 yield name
 
@@ -305,8 +328,8 @@ async def inject(servers: Servers, fault: Fault, downtime: float) -> None:
     try:
         if fault.name == "redis":
             fault.detail = await asyncio.to_thread(servers.redis_kill, downtime)
-        elif fault.name == "cut":
-            fault.detail = await asyncio.to_thread(servers.redis_cut)
+        elif fault.name.startswith("cut-"):
+            fault.detail = servers.cut(fault.server)
         elif fault.name in ("postgres", "postgres-immediate"):
             mode = "fast" if fault.name == "postgres" else "immediate"
             fault.detail = await asyncio.to_thread(servers.postgres_restart, mode, downtime)
@@ -734,10 +757,11 @@ async def soak(options: Options) -> dict[str, Any]:
     record = Record()
     try:
         await asyncio.to_thread(servers.start)
-        urls = servers.urls(f"chaos-{run}:")
+        await servers.start_proxies()
+        urls = servers.urls(f"chaos-{run}:", proxied=True)
         async with TieredSaver.from_urls(hot=urls["hot"], warm=urls["warm"],
                                          cold=urls["cold"]) as saver:
-            worker = Worker(urls, options)
+            worker = Worker(servers.urls(f"chaos-{run}:", proxied=False), options)
             await worker.start()
             try:
                 ledger = await _load(servers, saver, worker, record, options=options, run=run)
@@ -755,6 +779,7 @@ async def soak(options: Options) -> dict[str, Any]:
                                           "".join(traceback.format_exception(exc)))
         return build_report(record, verdict, options, verify_error)
     finally:
+        await servers.close_proxies()
         await asyncio.to_thread(servers.close)
 
 
