@@ -125,7 +125,7 @@ class Options:
 
 @dataclass(slots=True)
 class Call:
-    kind: str  # turn, latest, list, archived
+    kind: str  # turn, latest, list, restore (a read of an archived conversation)
     start: float  # time.time()
     end: float
     error: str | None = None  # exception type name; None = success
@@ -491,7 +491,7 @@ class User:
             if len(messages) < 2 * self.acked[thread]:
                 raise ReadMismatch(f"{thread}: {len(messages)} messages after "
                                    f"{self.acked[thread]} acknowledged turns")
-            if kind == "archived":  # the whole history, from the archive segments
+            if kind == "restore":  # the whole history, from the archive segments
                 history = [c async for c in self.saver.alist(thread_config(thread))]
                 if not history:
                     raise ReadMismatch(f"{thread}: no history")
@@ -515,9 +515,9 @@ class User:
             self._new()
         thread = self.rng.choice(self.live)
         archived = self._archived(time.time())
-        action = self.rng.choices(["turn", "latest", "list", "archived", "resume"],
+        action = self.rng.choices(["turn", "latest", "list", "restore", "resume"],
                                   weights=[5, 3, 1, 1.5, 0.5])[0]
-        if action in ("archived", "resume") and not archived:
+        if action in ("restore", "resume") and not archived:
             action = "turn"
         if action in ("latest", "list") and not self.acked[thread]:
             action = "turn"
@@ -530,8 +530,8 @@ class User:
             await self.latest(thread, "latest")
         elif action == "list":
             await self.listing(thread)
-        elif action == "archived":
-            await self.latest(self.rng.choice(archived), "archived")
+        elif action == "restore":
+            await self.latest(self.rng.choice(archived), "restore")
         else:  # a turn on an archived conversation; it goes idle again afterwards
             old = self.rng.choice(archived)
             await self.turn(old)
@@ -607,9 +607,12 @@ def _recovery(fault: Fault, record: Record, tier: str) -> float | None:
     if tier == "worker":
         return next((r.end - back for r in sorted(record.runs, key=lambda r: r.end)
                      if r.start >= back and not _run_failed(r)), None)
-    wanted = (lambda c: c.kind == "turn") if tier == "warm" else (lambda c: c.cold)
+
+    def needed(call: Call) -> bool:  # a turn needs warm; cold: the call loaded a segment
+        return call.kind == "turn" if tier == "warm" else call.cold
+
     return next((c.end - back for c in sorted(record.calls, key=lambda c: c.end)
-                 if c.start >= back and c.error is None and wanted(c)), None)
+                 if c.start >= back and c.error is None and needed(c)), None)
 
 
 def _fault_rows(record: Record) -> list[dict[str, Any]]:
