@@ -17,7 +17,8 @@ What runs, for ``--minutes``::
       read of an archived conversation                       ──► s3 = moto over HTTP (cold)
     tiering worker (another OS process, its own saver on the same stores):
       HistoryDemotion + IdleArchival with an aggressive policy, in a loop
-    fault loop: every --fault-every seconds the next fault of --faults (a seeded cycle)
+    fault loop: --fault-every seconds after the previous fault healed, the next one of
+                --faults (a seeded cycle)
 
 Faults (``--faults``):
 
@@ -48,7 +49,7 @@ else), read after every fault healed through every tier. ``--json PATH`` writes 
 
 Exit code: 0 only if the verdict is OK and every failure, of a user call or of the
 worker, is ``TierUnavailable``; any other exception type is a defect (exit 1, listed
-with a traceback sample). 2: the soak could not start.
+with a traceback sample). 2: interrupted (Ctrl-C, SIGTERM); the servers are removed.
 """
 
 from __future__ import annotations
