@@ -564,9 +564,10 @@ async def _heartbeat(record: Record, worker: Worker, saver: Any, stop: asyncio.E
         if time.time() >= next_beat:
             next_beat += HEARTBEAT
             failed = _failures(record.calls)
+            types = ", ".join(f"{t} {n}" for t, n in failed.items())
             runs = record.runs
-            _say(record, f"heartbeat: {len(record.calls)} calls, {sum(failed.values())} failed "
-                         f"{dict(failed) or ''}; worker {len(runs)} runs "
+            _say(record, f"heartbeat: {len(record.calls)} calls, {sum(failed.values())} failed"
+                         f"{f' ({types})' if types else ''}; worker {len(runs)} runs "
                          f"({sum(_run_failed(r) for r in runs)} failed), "
                          f"{sum(r.moved for r in runs)} checkpoints archived; "
                          f"{len(record.faults)} faults")
@@ -822,16 +823,21 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    idle_after=args.idle_after, json_path=args.json)
 
 
+async def _until_signal(options: Options) -> dict[str, Any]:
+    """``soak``, cancelled by SIGTERM or SIGHUP as by Ctrl-C: its cleanup runs either way."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, task.cancel)
+    return await soak(options)
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwinds through soak(): the servers are removed
-
-    signal.signal(signal.SIGTERM, terminated)
     try:
-        report = asyncio.run(soak(options))
-    except KeyboardInterrupt:
+        report = asyncio.run(_until_signal(options))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("chaos: interrupted; servers removed", file=sys.stderr)
         return 2
     print()
