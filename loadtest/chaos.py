@@ -167,6 +167,7 @@ class Record:
     faults: list[Fault] = field(default_factory=list)
     runs: list[WorkerRun] = field(default_factory=list)
     hot_hits: list[tuple[float, int]] = field(default_factory=list)
+    worker_exit: int | None = None  # the worker process's exit code (negative: a signal)
     samples: dict[str, str] = field(default_factory=dict)  # first traceback per defect type
 
     def failure(self, call: Call, exc: BaseException) -> None:
@@ -431,7 +432,9 @@ class Worker:
             await asyncio.sleep(0.1)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(10)
         self.drain(record)
+        record.worker_exit = self.process.exitcode
 
 
 # -- users --------------------------------------------------------------------------------
@@ -656,6 +659,9 @@ def build_report(record: Record, verdict: Verdict | None, options: Options,
         for name in names:
             if name != "TierUnavailable" and f"worker {name}" not in samples:
                 samples[f"worker {name}"] = run.sample
+    if record.worker_exit != 0:
+        samples["worker process"] = (f"exited {record.worker_exit} (negative: killed by a "
+                                     "signal, e.g. after not stopping within two minutes)")
     defects = sorted(samples)
     ok = verdict is not None and verdict.ok and not defects
     return {
@@ -670,6 +676,7 @@ def build_report(record: Record, verdict: Verdict | None, options: Options,
         "worker": {"runs": len(record.runs),
                    "failed_runs": sum(_run_failed(r) for r in record.runs),
                    "checkpoints_archived": sum(r.moved for r in record.runs),
+                   "exit_code": record.worker_exit,
                    "failures_by_type": dict(worker_types)},
         "defects": {name: samples[name] for name in defects},
         "verdict": verdict.as_dict() if verdict is not None else None,
