@@ -130,7 +130,7 @@ class Call:
     start: float  # time.time()
     end: float
     error: str | None = None  # exception type name; None = success
-    cold: bool = False  # the saver loaded an archive segment during the call
+    cold: bool = False  # the saver fetched an archive segment from S3 in the call (not its cache)
 
 
 @dataclass
@@ -167,6 +167,7 @@ class Record:
     faults: list[Fault] = field(default_factory=list)
     runs: list[WorkerRun] = field(default_factory=list)
     hot_hits: list[tuple[float, int]] = field(default_factory=list)
+    verify_cold_reads: int = 0  # archive segments fetched from S3 while verifying
     worker_exit: int | None = None  # the worker process's exit code (negative: a signal)
     samples: dict[str, str] = field(default_factory=dict)  # first traceback per defect type
 
@@ -681,6 +682,7 @@ def build_report(record: Record, verdict: Verdict | None, options: Options,
         "defects": {name: samples[name] for name in defects},
         "verdict": verdict.as_dict() if verdict is not None else None,
         "verdict_summary": verdict.summary() if verdict is not None else verify_error,
+        "verify_archive_reads": record.verify_cold_reads,
         "exit_code": 0 if ok else 1,
     }
 
@@ -690,7 +692,7 @@ def render(report: dict[str, Any]) -> str:
              f"faults {','.join(report['options']['faults'])} every "
              f"{report['options']['fault_every']}s, seed {report['options']['seed']}", "",
              f"calls: {report['calls']['total']} "
-             f"(successful reads that loaded an archive segment: "
+             f"(successful calls that fetched an archive segment from S3: "
              f"{report['calls']['archive_reads']})"]
     for kind, row in report["calls"]["by_kind"].items():
         failed = ", ".join(f"{n} {t}" for t, n in row["failed"].items()) or "none failed"
@@ -713,7 +715,9 @@ def render(report: dict[str, Any]) -> str:
                      f"{f['downtime']:>5.1f}  {recovery}"
                      + (f"; failed calls: {failed}" if failed else "")
                      + (f"; FAULT ERROR {f['error']}" if f["error"] else ""))
-    lines += ["", report["verdict_summary"] or "durability: not verified"]
+    lines += ["", report["verdict_summary"] or "durability: not verified",
+              f"  (read back through every tier: {report['verify_archive_reads']} archive "
+              "segments fetched from S3)"]
     if report["defects"]:
         lines += ["", f"DEFECTS: {len(report['defects'])} exception types other than "
                       "TierUnavailable"]
@@ -782,6 +786,7 @@ async def soak(options: Options) -> dict[str, Any]:
             _say(record, f"load stopped; verifying {len(ledger.threads())} threads through "
                          "every tier")
             verdict, verify_error = None, None
+            segments = saver.stats.cold_reads
             try:
                 verdict = await ledger.verify(saver, concurrency=8, read_timeout=30,
                                               attempts=5)
@@ -789,6 +794,7 @@ async def soak(options: Options) -> dict[str, Any]:
                 verify_error = f"durability: NOT VERIFIED — {type(exc).__name__}: {exc}"
                 record.samples.setdefault(f"verify {type(exc).__name__}",
                                           "".join(traceback.format_exception(exc)))
+            record.verify_cold_reads = saver.stats.cold_reads - segments
         return build_report(record, verdict, options, verify_error)
     finally:
         await servers.close_proxies()
