@@ -61,6 +61,7 @@ from tierstore.errors import (
     InvalidInput,
     MissingBlobs,
     ResidencyError,
+    TierUnavailable,
 )
 from tierstore.hotwriter import HotWriter
 from tierstore.lease import current_fence
@@ -495,9 +496,9 @@ class Router:
         # a lease held in this context on the thread fences the write (see tierstore.lease)
         fence = current_fence(stack.warm, record.thread_id)
         try:
-            result = await self.metrics.timed(
+            result = await self._unanswered(stack, record.thread_id, self.metrics.timed(
                 "warm", stack.warm, "put_checkpoint",
-                stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence))
+                stack.warm.put_checkpoint(record, new_blobs, strict=strict, fence=fence)))
         except MissingBlobs as exc:
             # An archive move dropped values the parent's children still name (this
             # writer read the parent before the move, or holds it cached). Their
@@ -506,9 +507,9 @@ class Router:
             log.info("thread %r ns %r: %d channel values were archived under the writer; "
                      "storing them again with checkpoint %r", record.thread_id,
                      record.checkpoint_ns, len(exc.missing), record.checkpoint_id)
-            result = await self.metrics.timed(
+            result = await self._unanswered(stack, record.thread_id, self.metrics.timed(
                 "warm", stack.warm, "put_checkpoint",
-                stack.warm.put_checkpoint(record, supplied, strict=strict, fence=fence))
+                stack.warm.put_checkpoint(record, supplied, strict=strict, fence=fence)))
         if result.conflict:
             self.stats.conflicts += 1
             log.info(
@@ -573,9 +574,9 @@ class Router:
             small = await stack.offloader.shrink({id(w.payload): w.payload for w in writes},
                                                  thread_id=thread_id)
             writes = [replace(w, payload=small[id(w.payload)]) for w in writes]
-        version = await self.metrics.timed(
+        version = await self._unanswered(stack, thread_id, self.metrics.timed(
             "warm", stack.warm, "put_writes",
-            stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes, fence=fence))
+            stack.warm.put_writes(thread_id, checkpoint_ns, checkpoint_id, writes, fence=fence)))
         if stack.hot is not None and version is not None:
             await self.hot_writer.add_writes(stack.hot, thread_id, checkpoint_ns, checkpoint_id,
                                              writes, version=version)
@@ -585,6 +586,21 @@ class Router:
                 self._remember(stack, merged)
             else:  # it missed a change (or never was this checkpoint): it can only miss now
                 self._near.pop(near_key, None)
+
+    async def _unanswered(self, stack: TierStack, thread_id: str, write: Awaitable[T]) -> T:
+        """Await a warm write; when it fails unanswered, forget the thread's cached copies.
+
+        ``TierUnavailable`` from a write means no answer came back: the write may
+        have committed (the connection dropped after the commit). A copy cached
+        from before would then be older than warm, and ``hot_check="trusted"``
+        serves copies without asking warm, so the thread's hot entry and this
+        process's copies are dropped (best effort: the hot tier may be down too).
+        """
+        try:
+            return await write
+        except TierUnavailable:
+            await self._invalidate(stack, [thread_id])
+            raise
 
     # -- whole-thread operations --------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.servers.postgres import PrivateCluster, free_port, with_database
+from tests.servers.postgres import PrivateCluster, free_port, run_sql, with_database
 from tierstore.errors import ConfigurationError, TierUnavailable, VersionConflict
 from tierstore.migrate import migrations_for
 from tierstore.records import CheckpointRecord, ListQuery, Payload
@@ -202,3 +203,37 @@ async def test_strict_race_between_processes_has_one_winner_per_round(
             assert newer.parent_id == older.checkpoint_id
     finally:
         await asyncio.gather(*(w.aclose() for w in writers))
+
+
+@pytest.mark.parametrize("call", ["read", "write"])
+async def test_a_session_killed_while_idle_is_replaced_not_reused(
+    postgres_cluster: PrivateCluster, call: str,
+) -> None:
+    """The server's FATAL reaches an idle pooled connection before its close does.
+
+    The event loop is held while the backend is terminated, so both the FATAL
+    message and the end of the stream are waiting on the socket; two loop turns
+    later the message has been read and the close not yet. A call given that
+    connection once failed with asyncpg's ``InternalClientError`` ("another
+    operation is in progress"). It must be served by a new session instead: the
+    statement never reached the server, so even a write is safe to send again.
+    """
+    warm = store(postgres_cluster.url, min_size="1", max_size="1")
+    await bounded(warm.setup())
+    thread = f"t-{uuid.uuid4()}"
+    try:
+        await warm.put_checkpoint(record(thread, 1, None), [], strict=True)
+        run_sql(postgres_cluster.url,
+               "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               "WHERE application_name = 'tierstore'")
+        time.sleep(0.3)  # noqa: ASYNC251 -- holds the loop: the FATAL and the close both arrive
+        await asyncio.sleep(0)  # one turn reads the FATAL …
+        await asyncio.sleep(0)  # … and the close is not processed before the next call
+        if call == "read":
+            head = await bounded(warm.head(thread, ""))
+            assert head is not None and head.checkpoint_id == "00000001"
+        else:
+            result = await bounded(warm.put_checkpoint(record(thread, 2, 1), [], strict=True))
+            assert result.head.checkpoint_id == "00000002"
+    finally:
+        await bounded(warm.aclose())

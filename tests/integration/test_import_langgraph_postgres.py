@@ -16,7 +16,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
-from tests.servers.postgres import _admin, with_database
+from tests.servers.postgres import run_sql, with_database
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 from tierstore.ops import import_langgraph_postgres
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def langgraph_db(postgres_server: str) -> Iterator[str]:
     name = f"lgsource_{uuid.uuid4().hex[:10]}"
-    _admin(postgres_server, f'CREATE DATABASE "{name}"')
+    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
     try:
         yield with_database(postgres_server, name)
     finally:
-        _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def cfg(thread: str) -> dict[str, Any]:

@@ -398,14 +398,14 @@ def test_the_sync_api_and_strict_concurrency(schema_url: str) -> None:
 
 @pytest.fixture
 def other_database(postgres_server: str) -> Iterator[str]:
-    from tests.servers.postgres import _admin
+    from tests.servers.postgres import run_sql
 
     name = f"tierstore_x_{uuid.uuid4().hex[:8]}"
-    _admin(postgres_server, f'CREATE DATABASE "{name}"')
+    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
     try:
         yield with_database(postgres_server, name)
     finally:
-        _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def test_default_schema_and_postgres_scheme(other_database: str) -> None:

@@ -122,7 +122,7 @@ class PrivateCluster:
 
     def require_password(self, role: str, password: str) -> str:
         """Add a login role that must give ``password`` over TCP; returns its URL."""
-        _admin(self.url, f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")
+        run_sql(self.url, f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")
         hba = self.data / "pg_hba.conf"
         rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
         hba.write_text(rule + hba.read_text())
@@ -158,7 +158,7 @@ class PrivateCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _admin(url: str, *statements: str) -> None:
+def run_sql(url: str, *statements: str) -> None:
     """Run statements on ``url`` from a thread of its own: fixtures may be set up
     while the test event loop is running, where ``asyncio.run`` is refused."""
 
@@ -176,7 +176,7 @@ def _admin(url: str, *statements: str) -> None:
 
 def reachable(url: str) -> bool:
     try:
-        _admin(url, "SELECT 1")
+        run_sql(url, "SELECT 1")
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return False
     return True
@@ -206,11 +206,11 @@ def postgres_server() -> Iterator[str]:
 def postgres_url(postgres_server: str) -> Iterator[str]:
     """A database of its own for this test session, dropped at the end."""
     name = f"tierstore_{uuid.uuid4().hex[:12]}"
-    _admin(postgres_server, f'CREATE DATABASE "{name}"')
+    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
     try:
         yield with_database(postgres_server, name)
     finally:
-        _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ migrations hold a session-level advisory lock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -623,20 +624,41 @@ class PostgresWarm:
 
     async def _run(self, action: str, body: Callable[[Conn], Awaitable[T]], *,
                    read: bool = False) -> T:
-        """Run ``body`` on a pooled connection; a read retries once on a dropped connection."""
+        """Run ``body`` on a pooled connection, translating every driver error.
+
+        A connection that fails at the connection level (the server restarted, its
+        backend was terminated, a failover cut the socket, or asyncpg found it still
+        consuming a dead operation's error) is terminated rather than returned to the
+        pool, and every other connection opened before the failure is expired: they
+        point at the same server, so each is replaced at its next acquire instead of
+        failing one call apiece. A read retries once on a fresh connection. A write
+        retries once only when it never reached the server (no connection could be
+        acquired, or the driver refused to start the statement), so a retry can never
+        apply it twice; a write cut while it ran fails with ``TierUnavailable``, and
+        whether it landed is for the caller to read back.
+        """
         pool = self._require_pool()
-        attempts = 2 if read else 1
-        for attempt in range(attempts):
+        for attempt in range(2):
+            acquired = False
             try:
                 async with pool.acquire(timeout=self.command_timeout) as conn:
-                    return await body(conn)
+                    acquired = True
+                    try:
+                        return await body(conn)
+                    except BaseException as exc:
+                        if _broken(exc):
+                            _discard(conn)  # never hand a half-dead session to the next call
+                        raise
             except TierstoreError:
                 raise
-            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
-                if attempt + 1 < attempts and not isinstance(exc, TimeoutError):
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                    OSError, UnicodeError) as exc:
+                if not _broken(exc):
+                    raise self._translate(exc, action) from exc
+                await pool.expire_connections()
+                unsent = not acquired or _refused_before_sending(exc)
+                if attempt == 0 and not isinstance(exc, TimeoutError) and (read or unsent):
                     continue
-                raise self._translate(exc, action) from exc
-            except (asyncpg.PostgresError, UnicodeError) as exc:
                 raise self._translate(exc, action) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1294,6 +1316,44 @@ class PostgresWarm:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+# Server states that end every session of a server, not one statement: a shutdown,
+# a crash restart, a server still starting up.
+_SERVER_GONE = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                asyncpg.CannotConnectNowError)
+
+
+def _broken(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection (not the statement) is gone or unusable.
+
+    A statement's own failure (a constraint, a timeout that cancelled the query)
+    leaves the session usable and is not a broken connection.
+    """
+    if isinstance(exc, TimeoutError):
+        return False
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                            asyncpg.InternalClientError, OSError, *_SERVER_GONE))
+
+
+def _discard(conn: Conn) -> None:
+    """Terminate a pooled connection, unless its loss already gave it back to the pool."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # the proxy is detached once released
+        if not conn.is_closed():
+            conn.terminate()
+
+
+def _refused_before_sending(exc: BaseException) -> bool:
+    """Whether the driver refused to start a statement, so nothing of it reached the server.
+
+    asyncpg raises ``InternalClientError("cannot switch to state …")`` before writing
+    a byte when the connection is still consuming an earlier operation's error (the
+    server's FATAL arrived while the connection sat idle in the pool, and the socket's
+    close has not been processed yet). Every write body is one statement or one
+    transaction, so a body refused at any statement has committed nothing.
+    """
+    return (isinstance(exc, asyncpg.InternalClientError)
+            and str(exc).startswith("cannot switch to state"))
+
 
 
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:

@@ -1,0 +1,84 @@
+"""A warm write whose answer is lost: it may have landed, and no cache may hide that.
+
+When the connection drops after the warm store committed but before its answer
+arrived, the caller sees ``TierUnavailable`` although the write is stored. The
+next read must return what warm holds, in either hot check mode: with
+``hot_check="trusted"`` a hot copy is served without asking warm, so a failed warm
+write must take the thread's hot copies (Redis and this process's) with it.
+
+The lost answer is injected around a real store (the write is really committed,
+then the call raises), on the embedded stack and on Redis + PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from tests.servers.redis import unique_prefix, with_query
+from tierstore import TieredSaver
+from tierstore.demo import build_agent
+from tierstore.errors import TierUnavailable
+from tierstore.tiers import open_store
+
+
+class LosesAnswers:
+    """A warm store that, when armed, commits a write and then reports a dropped connection."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def _lost(self, result: Any) -> Any:
+        if self.armed:
+            raise TierUnavailable("connection reset after commit", tier="warm",
+                                  backend=self._inner.backend)
+        return result
+
+    async def put_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._lost(await self._inner.put_checkpoint(*args, **kwargs))
+
+    async def put_writes(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._lost(await self._inner.put_writes(*args, **kwargs))
+
+
+@pytest.fixture(params=["embedded", "redis+postgres"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    if request.param == "embedded":
+        return "memory://", f"sqlite:///{tmp_path}/warm.db"
+    redis_url: str = request.getfixturevalue("redis_url")
+    postgres_url: str = request.getfixturevalue("postgres_url")
+    return with_query(redis_url, prefix=unique_prefix()), postgres_url
+
+
+@pytest.mark.parametrize("hot_check", ["verify", "trusted"])
+async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_returns(
+    stores: tuple[str, str], hot_check: str,
+) -> None:
+    hot_url, warm_url = stores
+    warm = LosesAnswers(open_store("warm", warm_url))
+    saver = TieredSaver.from_stores(warm=warm, hot=open_store("hot", hot_url, ttl=3600),
+                                    hot_check=hot_check)
+    config = {"configurable": {"thread_id": f"t-{uuid.uuid4()}"}}
+    async with saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember apples")]}, config)
+        before = await saver.aget_tuple(config)
+        assert before is not None
+        warm.armed = True
+        with pytest.raises(TierUnavailable):
+            await app.ainvoke({"messages": [HumanMessage("remember pears")]}, config)
+        warm.armed = False
+        stored = await warm.get(config["configurable"]["thread_id"], "", None)
+        assert stored is not None and stored.checkpoint_id != before.config[
+            "configurable"]["checkpoint_id"], "the injected failure did not commit first"
+        latest = await saver.aget_tuple(config)
+        assert latest is not None
+        assert latest.config["configurable"]["checkpoint_id"] == stored.checkpoint_id

@@ -1,0 +1,182 @@
+"""The PostgreSQL warm tier under load while the server is restarted or its sessions killed.
+
+Twelve conversations of the load test's chat agent run turns over one
+``TieredSaver`` (Redis hot, a private PostgreSQL cluster warm) while the server
+is stopped and started (a clean shutdown, and a crash: ``-m immediate``), or
+every tierstore backend is killed with ``pg_terminate_backend``, three times
+each. For every kind of fault:
+
+- every failure a caller sees is ``TierUnavailable`` (never a driver error such
+  as asyncpg's ``InternalClientError``: a connection is never reused while an
+  earlier operation still owns it);
+- traffic flows again after each fault by itself (turns are acknowledged again);
+- afterwards every conversation takes a turn at the first attempt;
+- every acknowledged turn is in the system of record, and nothing that was never
+  sent: the ledger reads each thread back through the saver and through a new
+  saver with no hot tier.
+
+The same holds with two replicas of the app (two savers, two pools) and an
+archiving worker moving their threads to cold under them while the server
+restarts: the worker's runs fail only with ``TierUnavailable`` too, and it goes on.
+
+Nothing asserts on durations; every wait is bounded by ``DEADLINE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.faults.chatload import ChatLoad
+from tests.servers.postgres import PrivateCluster
+from tests.servers.redis import unique_prefix, with_query
+from tierstore import TieredSaver
+from tierstore.errors import TierUnavailable
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
+
+DEADLINE = 90.0
+USERS = 12
+FAULTS = 3
+WARM_OPTIONS = "command_timeout=10&connect_timeout=3&max_size=6"
+
+Fault = Callable[[PrivateCluster], Awaitable[None]]
+
+
+async def restart(cluster: PrivateCluster, mode: str) -> None:
+    await asyncio.to_thread(cluster.stop, mode)
+    await asyncio.to_thread(cluster.start)
+
+
+async def clean_restart(cluster: PrivateCluster) -> None:
+    await restart(cluster, "fast")
+
+
+async def crash_restart(cluster: PrivateCluster) -> None:
+    await restart(cluster, "immediate")
+
+
+async def terminate_sessions(cluster: PrivateCluster) -> None:
+    conn = await asyncpg.connect(cluster.url, timeout=5)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'tierstore' AND pid <> pg_backend_pid()")
+    finally:
+        await conn.close()
+    assert killed > 0, "the saver had no session to kill: the fault did not happen"
+
+
+@pytest.fixture
+async def saver(postgres_cluster: PrivateCluster, redis_url: str) -> AsyncIterator[TieredSaver]:
+    hot = with_query(redis_url, prefix=unique_prefix())
+    async with TieredSaver.from_urls(hot=hot, warm=f"{postgres_cluster.url}?{WARM_OPTIONS}",
+                                     cold=None) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("fault", [clean_restart, crash_restart, terminate_sessions],
+                         ids=["restart", "crash-restart", "terminate-backends"])
+async def test_turns_survive_the_fault_with_only_typed_failures(
+    fault: Fault, postgres_cluster: PrivateCluster, saver: TieredSaver,
+) -> None:
+    load = ChatLoad(saver, users=USERS, tag=f"pg-{uuid.uuid4().hex[:8]}")
+    running = asyncio.create_task(load.run())
+    try:
+        await load.until_acked(2 * USERS, DEADLINE)
+        for _ in range(FAULTS):
+            await fault(postgres_cluster)
+            await load.until_acked(USERS, DEADLINE)  # flowing again, with nobody's help
+    finally:
+        load.stop()
+        await asyncio.wait_for(running, DEADLINE)
+
+    wrong = load.unexpected(TierUnavailable)
+    assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+    for thread_id in load.threads:
+        assert await asyncio.wait_for(load.turn(thread_id), DEADLINE), (
+            f"{thread_id}: a turn after recovery failed: {load.failures[-1]!r}")
+
+    verdict = await asyncio.wait_for(load.ledger.verify(saver), DEADLINE)
+    assert verdict.ok, verdict.summary()
+    assert verdict.acked == load.acked
+    async with TieredSaver.from_urls(hot=None, warm=postgres_cluster.url, cold=None) as fresh:
+        again = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
+    assert again.ok, again.summary()
+
+
+EVERYTHING = TieringPolicy(archive_after=0, archive_idle_after=0, keep_latest=1, segment_size=64)
+
+
+async def archive_forever(saver: TieredSaver, failures: Counter[str],
+                          progress: Counter[str]) -> None:
+    """Both archiving jobs, pass after pass, as a worker beside the app; failures counted."""
+    jobs = (HistoryDemotion(saver, EVERYTHING), IdleArchival(saver, EVERYTHING))
+    while True:
+        for job in jobs:
+            try:
+                report = await job.run_once(now=time.time() + 1)
+            except Exception as exc:  # a worker's run may fail during the fault, not stop
+                failures[type(exc).__name__] += 1
+            else:
+                failures.update(report.error_types)
+                progress["runs"] += 1
+                progress["moved"] += report.checkpoints
+        await asyncio.sleep(0.01)
+
+
+async def test_two_replicas_and_an_archiving_worker_ride_out_a_restart(
+    postgres_cluster: PrivateCluster, redis_url: str, tmp_path: Path,
+) -> None:
+    schema = f"replicas_{uuid.uuid4().hex[:8]}"  # the worker sees this test's threads only
+    urls = {"hot": with_query(redis_url, prefix=unique_prefix()),
+            "warm": f"{postgres_cluster.url}?{WARM_OPTIONS}&schema={schema}",
+            "cold": f"file://{tmp_path}/cold"}
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = [await stack.enter_async_context(TieredSaver.from_urls(**urls))
+                    for _ in range(2)]
+        worker = await stack.enter_async_context(TieredSaver.from_urls(**urls))
+        tag = f"pg-{uuid.uuid4().hex[:8]}"
+        loads = [ChatLoad(r, users=USERS // 3, tag=f"{tag}-r{n}") for n, r in enumerate(replicas)]
+        job_failures: Counter[str] = Counter()
+        progress: Counter[str] = Counter()
+        archiving = asyncio.create_task(archive_forever(worker, job_failures, progress))
+        running = [asyncio.create_task(load.run()) for load in loads]
+        try:
+            for load in loads:
+                await load.until_acked(USERS, DEADLINE)
+            await restart(postgres_cluster, "fast")
+            before = progress["runs"]
+            for load in loads:
+                await load.until_acked(USERS, DEADLINE)
+            async with asyncio.timeout(DEADLINE):
+                while progress["runs"] < before + 2:  # noqa: ASYNC110 -- the worker goes on
+                    await asyncio.sleep(0.05)
+        finally:
+            for load in loads:
+                load.stop()
+            await asyncio.wait_for(asyncio.gather(*running), DEADLINE)
+            archiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await archiving
+
+        assert set(job_failures) <= {"TierUnavailable"}, job_failures
+        for load in loads:
+            wrong = load.unexpected(TierUnavailable)
+            assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+        final = await IdleArchival(worker, EVERYTHING).run_once(now=time.time() + 1)
+        assert final.checkpoints > 0 and not final.failed, final
+        fresh = await stack.enter_async_context(
+            TieredSaver.from_urls(hot=None, warm=urls["warm"], cold=urls["cold"]))
+        for load in loads:
+            verdict = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
+            assert verdict.ok, verdict.summary()  # read back from cold: every head is archived
+        assert fresh.router.stats.rehydrated > 0
