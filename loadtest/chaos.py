@@ -26,7 +26,7 @@ Faults (``--faults``):
 name       server      what happens
 =========  ==========  ==================================================================
 redis      redis       SIGKILL, restarted empty on the same port after ``--downtime`` s
-cut        each in     every open connection of the app reset (TCP RST) by the proxy in
+cut        each in     every open connection of the users' saver reset (TCP RST) by the relay in
            turn        front of the server; new ones are accepted at once
 postgres   postgresql  ``pg_ctl stop -m fast`` then start, alternating with
                        ``-m immediate`` (a crash: recovery replays the WAL)
@@ -42,7 +42,7 @@ on another machine would (a cut does not reach it).
 Report: calls by kind; failures by exception type and by kind; per fault the server,
 kind, start, downtime and recovery time, i.e. the time from the server being back until
 the first successful call that needed it and started after it was back (warm: a turn;
-cold: a read that loaded an archive segment; hot: the first hot hit, sampled every
+cold: a call that fetched an archive segment from S3; hot: the first hot hit, sampled every
 0.1 s; the worker: its first clean run); the worker's runs and failures; and the
 durability verdict of ``loadtest/ledger.py`` (every acknowledged turn stored, nothing
 else), read after every fault healed through every tier. ``--json PATH`` writes it all.
