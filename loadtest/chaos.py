@@ -26,8 +26,8 @@ Faults (``--faults``):
 name       server      what happens
 =========  ==========  ==================================================================
 redis      redis       SIGKILL, restarted empty on the same port after ``--downtime`` s
-cut        each in     every open connection of the users' saver reset (TCP RST) by the relay in
-           turn        front of the server; new ones are accepted at once
+cut        each in     every open connection of the users' saver reset (TCP RST) by
+           turn        the relay in front of the server; new ones are accepted at once
 postgres   postgresql  ``pg_ctl stop -m fast`` then start, alternating with
                        ``-m immediate`` (a crash: recovery replays the WAL)
 terminate  postgresql  ``pg_terminate_backend`` of every backend named ``tierstore``
