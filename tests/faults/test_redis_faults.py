@@ -14,7 +14,6 @@ Waits poll a condition under a generous deadline; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import operator
 import time
 import uuid
@@ -26,6 +25,7 @@ import pytest
 from langgraph.graph import END, START, StateGraph
 from redis.asyncio import Redis
 
+from tests.servers.proxy import TcpProxy
 from tests.servers.redis import RedisServer, unique_prefix, with_query
 from tierstore import TieredSaver
 from tierstore.tiers.redis import entry_key
@@ -122,72 +122,23 @@ async def test_turns_survive_redis_dying_and_hot_hits_come_back(
 # -- 2. a partition between one saver and Redis ----------------------------------------------
 
 
-class Proxy:
-    """A TCP proxy on 127.0.0.1. ``cut()`` resets every connection and every new one
-    until ``heal()``: the saver behind it loses Redis while everyone else keeps it."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.is_cut = False
-        self._server: asyncio.Server | None = None
-        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> Proxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.is_cut:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._links.append((writer, up_writer))
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        sink.close()
-
-    def cut(self) -> None:
-        self.is_cut = True
-        for client, upstream in self._links:
-            client.transport.abort()
-            upstream.transport.abort()
-        self._links.clear()
-
-    def heal(self) -> None:
-        self.is_cut = False
-
-    async def aclose(self) -> None:
-        self.cut()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
 @pytest.fixture
 async def proxied_redis(
     redis_servers: Callable[[], RedisServer],
-) -> AsyncIterator[tuple[RedisServer, Proxy]]:
+) -> AsyncIterator[tuple[RedisServer, TcpProxy]]:
     server = redis_servers()
-    proxy = await Proxy(server.port).start()
-    try:
+    async with TcpProxy("127.0.0.1", server.port) as proxy:
         yield server, proxy
-    finally:
-        await proxy.aclose()
+
+
+def partition(proxy: TcpProxy) -> None:
+    """The saver behind ``proxy`` loses Redis (open and new connections) while others keep it."""
+    proxy.cut()
+    proxy.refuse()
+
+
+def heal(proxy: TcpProxy) -> None:
+    proxy.accept()
 
 
 async def latest(saver: TieredSaver, thread: str) -> Any:
@@ -199,7 +150,7 @@ async def latest(saver: TieredSaver, thread: str) -> Any:
 
 
 async def test_a_partitioned_saver_never_serves_stale_latest_state(
-    proxied_redis: tuple[RedisServer, Proxy], tmp_path: Path,
+    proxied_redis: tuple[RedisServer, TcpProxy], tmp_path: Path,
 ) -> None:
     server, proxy = proxied_redis
     prefix = unique_prefix()
@@ -226,7 +177,7 @@ async def test_a_partitioned_saver_never_serves_stale_latest_state(
         await turn(app_a, gone, 0, [])
         assert await fresh(a) and await fresh(b)
 
-        proxy.cut()
+        partition(proxy)
         for n in range(2, 4):  # b moves the thread on; Redis follows b
             await turn(app_b, thread, n, expected)
         await turn(app_a, thread, 4, expected)  # a's hot write fails: Redis lags warm
@@ -234,7 +185,7 @@ async def test_a_partitioned_saver_never_serves_stale_latest_state(
         assert await fresh(a)
         assert await latest(a, gone) is None
 
-        proxy.heal()
+        heal(proxy)
         await past_backoff()
         stale = a.stats.hot_stale
         assert await fresh(a)
@@ -245,9 +196,9 @@ async def test_a_partitioned_saver_never_serves_stale_latest_state(
         # a pending write that reaches warm but not Redis
         head = await a.aget_tuple(config(thread))
         assert head is not None and await fresh(b)  # both now cache the head
-        proxy.cut()
+        partition(proxy)
         await a.aput_writes(head.config, [("items", ["pending"])], task_id="task-1")
-        proxy.heal()
+        heal(proxy)
         await past_backoff()
         stale = a.stats.hot_stale
         assert (await latest(a, thread))[2] == [repr(("task-1", "items", ["pending"]))]
@@ -257,7 +208,7 @@ async def test_a_partitioned_saver_never_serves_stale_latest_state(
 
 
 async def test_trusted_reads_are_stale_at_most_until_the_ttl(
-    proxied_redis: tuple[RedisServer, Proxy], tmp_path: Path,
+    proxied_redis: tuple[RedisServer, TcpProxy], tmp_path: Path,
 ) -> None:
     server, proxy = proxied_redis
     prefix = unique_prefix()
@@ -275,9 +226,9 @@ async def test_trusted_reads_are_stale_at_most_until_the_ttl(
         await turn(app, thread, 0, expected)
         cached = await latest(trusting, thread)
 
-        proxy.cut()
+        partition(proxy)
         await turn(app, thread, 1, expected)  # warm moves on, the hot write fails
-        proxy.heal()
+        heal(proxy)
         await past_backoff()
         hits = trusting.stats.hot_hits
         # the bound, observed: the stale entry is served, and it dies with its TTL

@@ -15,13 +15,14 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
 from aiohttp import web
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tests.servers.proxy import TcpProxy
 from tests.servers.s3 import s3_url
 from tierstore.errors import (
     ConfigurationError,
@@ -255,81 +256,25 @@ async def test_an_endpoint_that_is_not_s3_is_refused(stub: Stub) -> None:
 # -- multipart uploads that fail half-way --------------------------------------------------
 
 
-class Proxy:
-    """A TCP proxy to ``upstream`` that breaks connections carrying ``after`` bytes upstream.
+@pytest.fixture
+async def proxy_factory(
+    moto_endpoint: str,
+) -> AsyncIterator[Callable[..., Awaitable[TcpProxy]]]:
+    """Proxies to moto that break connections carrying ``after`` bytes upstream.
 
     ``mode="cut"`` resets every such connection (aiohttp retries an idempotent request
     once on a fresh connection, so cutting only one would go unnoticed); ``mode="stall"``
     freezes the first one. Small requests (the abort) always pass.
     """
-
-    def __init__(self, upstream: tuple[str, int], *, after: int, mode: str) -> None:
-        self.upstream = upstream
-        self.after = after
-        self.mode = mode
-        self.tripped = asyncio.Event()
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, client_r: asyncio.StreamReader,
-                     client_w: asyncio.StreamWriter) -> None:
-        upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
-        up = asyncio.create_task(self._pump(client_r, upstream_w, client_w, count=True))
-        down = asyncio.create_task(self._pump(upstream_r, client_w, upstream_w, count=False))
-        self._tasks |= {up, down}
-        await asyncio.gather(up, down, return_exceptions=True)
-        for writer in (client_w, upstream_w):
-            writer.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    other: asyncio.StreamWriter, *, count: bool) -> None:
-        sent = 0
-        try:
-            while chunk := await reader.read(65536):
-                sent += len(chunk)
-                if count and sent >= self.after and (self.mode == "cut"
-                                                     or not self.tripped.is_set()):
-                    self.tripped.set()
-                    if self.mode == "stall":
-                        await asyncio.Event().wait()  # until the proxy is stopped
-                    writer.transport.abort()
-                    other.transport.abort()
-                    return
-                writer.write(chunk)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            other.transport.abort()
-        else:
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.write_eof()
-
-
-@pytest.fixture
-async def proxy_factory(moto_endpoint: str) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     host, port = moto_endpoint.removeprefix("http://").split(":")
-    proxies: list[Proxy] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def make(*, after: int, mode: str) -> Proxy:
-        proxy = Proxy((host, int(port)), after=after, mode=mode)
-        await proxy.start()
-        proxies.append(proxy)
-        return proxy
+        async def make(*, after: int, mode: Literal["cut", "stall"]) -> TcpProxy:
+            proxy = await stack.enter_async_context(TcpProxy(host, int(port)))
+            proxy.trip_after(after, mode, times=None if mode == "cut" else 1)
+            return proxy
 
-    yield make
-    for proxy in proxies:
-        await proxy.stop()
+        yield make
 
 
 async def no_uploads_left(client: Any, bucket: str, key: str) -> None:
@@ -339,10 +284,11 @@ async def no_uploads_left(client: Any, bucket: str, key: str) -> None:
     assert not listed.get("Contents"), "a failed upload left an object"
 
 
-def store_via(proxy: Proxy, moto_endpoint: str) -> S3Store:
+def store_via(proxy: TcpProxy, moto_endpoint: str) -> S3Store:
     url = s3_url(moto_endpoint, prefix="mp/", read_timeout="5", max_attempts="1",
                  multipart_threshold="5MiB", part_size="5MiB")
-    return S3Store.from_url(StoreUrl.parse(url.replace(moto_endpoint, proxy.url)))
+    return S3Store.from_url(StoreUrl.parse(url.replace(moto_endpoint,
+                                                       f"http://{proxy.address}")))
 
 
 async def test_a_cut_multipart_upload_is_aborted(proxy_factory: Any, moto_endpoint: str,
