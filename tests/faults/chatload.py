@@ -26,11 +26,13 @@ PAUSE = 0.005  # between two calls of one user, so a dead server is not spun on
 class ChatLoad:
     """``users`` conversations over ``saver``; ``run()`` until ``stop()``."""
 
-    def __init__(self, saver: BaseCheckpointSaver[Any], *, users: int, tag: str) -> None:
+    def __init__(self, saver: BaseCheckpointSaver[Any], *, users: int, tag: str,
+                 pause: float = PAUSE) -> None:
         self.saver = saver
         self.app = build_chat_agent(MESSAGE_BYTES).compile(checkpointer=saver)
         self.ledger = Ledger()
         self.threads = [f"{tag}-u{n}" for n in range(users)]
+        self.pause = pause
         self.failures: list[BaseException] = []
         self.acked = 0
         self._stopping = asyncio.Event()
@@ -57,7 +59,7 @@ class ChatLoad:
                 await self.saver.aget_tuple(thread_config(thread_id))
             except Exception as exc:
                 self.failures.append(exc)
-            await asyncio.sleep(PAUSE)
+            await asyncio.sleep(self.pause)
 
     async def run(self) -> None:
         await asyncio.gather(*(self._user(t) for t in self.threads))

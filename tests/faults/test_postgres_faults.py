@@ -15,18 +15,25 @@ stalling the run; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from langchain_core.messages import HumanMessage
 
 from tests.servers.postgres import PrivateCluster, free_port, run_sql, with_database
+from tierstore import TieredSaver
+from tierstore.demo import build_agent
 from tierstore.errors import ConfigurationError, TierUnavailable, VersionConflict
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import IdleArchival
 from tierstore.migrate import migrations_for
 from tierstore.records import CheckpointRecord, ListQuery, Payload
 from tierstore.settings import StoreUrl
@@ -237,3 +244,40 @@ async def test_a_session_killed_while_idle_is_replaced_not_reused(
             assert result.head.checkpoint_id == "00000002"
     finally:
         await bounded(warm.aclose())
+
+
+async def test_a_run_cut_off_by_a_restart_gives_its_heads_back_when_the_server_returns(
+    postgres_cluster: PrivateCluster, tmp_path: Path,
+) -> None:
+    """The server stops in the middle of an archiving run, so the run cannot release
+    the heads it claimed. When the server is back, the same worker's next run must
+    archive them, not find them busy until ``lease_seconds`` has passed."""
+    schema = f"cut_{uuid.uuid4().hex[:8]}"
+    saver = TieredSaver.from_urls(hot=None, warm=f"{postgres_cluster.url}?schema={schema}",
+                                  cold=f"file://{tmp_path}/cold")
+    policy = TieringPolicy(archive_idle_after=0, keep_latest=1, lease_seconds=3600)
+    stopped: list[str] = []
+
+    def stop_once(step: str) -> None:
+        if not stopped:
+            stopped.append(step)
+            postgres_cluster.stop()  # blocks the loop, as a server dying mid-call would
+
+    async with saver:
+        app = build_agent().compile(checkpointer=saver)
+        threads = [f"t-{n}-{uuid.uuid4()}" for n in range(3)]
+        for thread_id in threads:
+            await app.ainvoke({"messages": [HumanMessage("remember plums")]},
+                              {"configurable": {"thread_id": thread_id}})
+        job = IdleArchival(saver, policy, on_step=stop_once)
+        try:
+            with contextlib.suppress(TierUnavailable):
+                first = await bounded(job.run_once(now=time.time() + 1))
+                assert first.failed > 0
+        finally:
+            postgres_cluster.start()
+        assert stopped, "the run never reached a move"
+        job.on_step = None
+        second = await bounded(job.run_once(now=time.time() + 1))
+        assert second.busy == 0, f"heads still claimed by the cut-off run: {second}"
+        assert second.threads == len(threads) and not second.failed, second

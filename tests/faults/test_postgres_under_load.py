@@ -1,10 +1,13 @@
 """The PostgreSQL warm tier under load while the server is restarted or its sessions killed.
 
 Twelve conversations of the load test's chat agent run turns over one
-``TieredSaver`` (Redis hot, a private PostgreSQL cluster warm) while the server
-is stopped and started (a clean shutdown, and a crash: ``-m immediate``), or
-every tierstore backend is killed with ``pg_terminate_backend``, three times
-each. For every kind of fault:
+``TieredSaver`` (Redis hot, a private PostgreSQL cluster warm, reached through a
+fault-injecting TCP proxy) while, three times each, the server is stopped and
+started (a clean shutdown, and a crash: ``-m immediate``), every tierstore
+backend is killed with ``pg_terminate_backend``, the network resets every
+connection (a failover), refuses new ones for a while (a partition), or stops
+carrying bytes for longer than ``command_timeout`` (a black hole). For every kind
+of fault:
 
 - every failure a caller sees is ``TierUnavailable`` (never a driver error such
   as asyncpg's ``InternalClientError``: a connection is never reused while an
@@ -37,6 +40,7 @@ import pytest
 
 from tests.faults.chatload import ChatLoad
 from tests.servers.postgres import PrivateCluster
+from tests.servers.proxy import TcpProxy
 from tests.servers.redis import unique_prefix, with_query
 from tierstore import TieredSaver
 from tierstore.errors import TierUnavailable
@@ -46,9 +50,10 @@ from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
 DEADLINE = 90.0
 USERS = 12
 FAULTS = 3
-WARM_OPTIONS = "command_timeout=10&connect_timeout=3&max_size=6"
+COMMAND_TIMEOUT = 3.0
+WARM_OPTIONS = f"command_timeout={COMMAND_TIMEOUT:g}&connect_timeout=3&max_size=6"
 
-Fault = Callable[[PrivateCluster], Awaitable[None]]
+Fault = Callable[[PrivateCluster, TcpProxy], Awaitable[None]]
 
 
 async def restart(cluster: PrivateCluster, mode: str) -> None:
@@ -56,15 +61,32 @@ async def restart(cluster: PrivateCluster, mode: str) -> None:
     await asyncio.to_thread(cluster.start)
 
 
-async def clean_restart(cluster: PrivateCluster) -> None:
+async def clean_restart(cluster: PrivateCluster, _: TcpProxy) -> None:
     await restart(cluster, "fast")
 
 
-async def crash_restart(cluster: PrivateCluster) -> None:
+async def crash_restart(cluster: PrivateCluster, _: TcpProxy) -> None:
     await restart(cluster, "immediate")
 
 
-async def terminate_sessions(cluster: PrivateCluster) -> None:
+async def failover_reset(_: PrivateCluster, proxy: TcpProxy) -> None:
+    assert proxy.cut() > 0, "no connection was open: the fault met no traffic"
+
+
+async def partition(_: PrivateCluster, proxy: TcpProxy) -> None:
+    proxy.refuse()
+    proxy.cut()
+    await asyncio.sleep(1.0)
+    proxy.accept()
+
+
+async def black_hole(_: PrivateCluster, proxy: TcpProxy) -> None:
+    proxy.stall()
+    await asyncio.sleep(COMMAND_TIMEOUT + 1.0)  # statements time out; cancels cannot get through
+    proxy.resume()
+
+
+async def terminate_sessions(cluster: PrivateCluster, _: TcpProxy) -> None:
     conn = await asyncpg.connect(cluster.url, timeout=5)
     try:
         killed = await conn.fetchval(
@@ -76,24 +98,33 @@ async def terminate_sessions(cluster: PrivateCluster) -> None:
 
 
 @pytest.fixture
-async def saver(postgres_cluster: PrivateCluster, redis_url: str) -> AsyncIterator[TieredSaver]:
+async def proxy(postgres_cluster: PrivateCluster) -> AsyncIterator[TcpProxy]:
+    async with TcpProxy("127.0.0.1", postgres_cluster.port) as relay:
+        yield relay
+
+
+@pytest.fixture
+async def saver(proxy: TcpProxy, redis_url: str) -> AsyncIterator[TieredSaver]:
     hot = with_query(redis_url, prefix=unique_prefix())
-    async with TieredSaver.from_urls(hot=hot, warm=f"{postgres_cluster.url}?{WARM_OPTIONS}",
-                                     cold=None) as opened:
+    warm = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres?{WARM_OPTIONS}"
+    async with TieredSaver.from_urls(hot=hot, warm=warm, cold=None) as opened:
         yield opened
 
 
-@pytest.mark.parametrize("fault", [clean_restart, crash_restart, terminate_sessions],
-                         ids=["restart", "crash-restart", "terminate-backends"])
+@pytest.mark.parametrize(
+    "fault", [clean_restart, crash_restart, terminate_sessions, failover_reset, partition,
+              black_hole],
+    ids=["restart", "crash-restart", "terminate-backends", "failover-reset", "partition",
+         "black-hole"])
 async def test_turns_survive_the_fault_with_only_typed_failures(
-    fault: Fault, postgres_cluster: PrivateCluster, saver: TieredSaver,
+    fault: Fault, postgres_cluster: PrivateCluster, proxy: TcpProxy, saver: TieredSaver,
 ) -> None:
     load = ChatLoad(saver, users=USERS, tag=f"pg-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(load.run())
     try:
         await load.until_acked(2 * USERS, DEADLINE)
         for _ in range(FAULTS):
-            await fault(postgres_cluster)
+            await fault(postgres_cluster, proxy)
             await load.until_acked(USERS, DEADLINE)  # flowing again, with nobody's help
     finally:
         load.stop()
@@ -116,11 +147,14 @@ async def test_turns_survive_the_fault_with_only_typed_failures(
 EVERYTHING = TieringPolicy(archive_after=0, archive_idle_after=0, keep_latest=1, segment_size=64)
 
 
-async def archive_forever(saver: TieredSaver, failures: Counter[str],
-                          progress: Counter[str]) -> None:
-    """Both archiving jobs, pass after pass, as a worker beside the app; failures counted."""
+async def archive_until(stop: asyncio.Event, saver: TieredSaver, failures: Counter[str],
+                        progress: Counter[str]) -> None:
+    """Both archiving jobs, pass after pass, as a worker beside the app; failures counted.
+
+    Stopped between runs, so that no run is cut short holding its claims.
+    """
     jobs = (HistoryDemotion(saver, EVERYTHING), IdleArchival(saver, EVERYTHING))
-    while True:
+    while not stop.is_set():
         for job in jobs:
             try:
                 report = await job.run_once(now=time.time() + 1)
@@ -145,10 +179,12 @@ async def test_two_replicas_and_an_archiving_worker_ride_out_a_restart(
                     for _ in range(2)]
         worker = await stack.enter_async_context(TieredSaver.from_urls(**urls))
         tag = f"pg-{uuid.uuid4().hex[:8]}"
-        loads = [ChatLoad(r, users=USERS // 3, tag=f"{tag}-r{n}") for n, r in enumerate(replicas)]
+        loads = [ChatLoad(r, users=USERS // 3, tag=f"{tag}-r{n}", pause=0.05)
+                 for n, r in enumerate(replicas)]
         job_failures: Counter[str] = Counter()
         progress: Counter[str] = Counter()
-        archiving = asyncio.create_task(archive_forever(worker, job_failures, progress))
+        stop = asyncio.Event()
+        archiving = asyncio.create_task(archive_until(stop, worker, job_failures, progress))
         running = [asyncio.create_task(load.run()) for load in loads]
         try:
             for load in loads:
@@ -164,16 +200,16 @@ async def test_two_replicas_and_an_archiving_worker_ride_out_a_restart(
             for load in loads:
                 load.stop()
             await asyncio.wait_for(asyncio.gather(*running), DEADLINE)
-            archiving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await archiving
+            stop.set()
+            await asyncio.wait_for(archiving, DEADLINE)
 
         assert set(job_failures) <= {"TierUnavailable"}, job_failures
         for load in loads:
             wrong = load.unexpected(TierUnavailable)
             assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+        assert progress["moved"] > 0, "the worker archived nothing beside the app"
         final = await IdleArchival(worker, EVERYTHING).run_once(now=time.time() + 1)
-        assert final.checkpoints > 0 and not final.failed, final
+        assert not final.failed and not final.busy, final  # the worker gave back every claim
         fresh = await stack.enter_async_context(
             TieredSaver.from_urls(hot=None, warm=urls["warm"], cold=urls["cold"]))
         for load in loads:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from tierstore.codec.segment import SEGMENT_PREFIX, pack_segment, segment_key
-from tierstore.errors import CheckpointArchived, CorruptPayload, TierstoreError
+from tierstore.errors import CheckpointArchived, CorruptPayload, TierstoreError, TierUnavailable
 from tierstore.jobs.plan import (
     TieringPolicy,
     chunks,
@@ -156,6 +156,8 @@ class _Job(abc.ABC):
         self.on_step = on_step
         self.thread_id = thread_id
         self.dry_run = dry_run
+        # claims a run could not release (the store went away): given back first next run
+        self._unreleased: list[tuple[TierStack, Claim]] = []
 
     def _step(self, name: str) -> None:
         """A named point in a move; tests inject crashes here."""
@@ -171,9 +173,22 @@ class _Job(abc.ABC):
         report = JobReport(self.name)
         now = self.clock() if now is None else now
         for stack in self.stacks:
+            left = [c for s, c in self._unreleased if s is stack]
+            self._unreleased = [(s, c) for s, c in self._unreleased if s is not stack]
+            await self._give_back(stack, left)
             await self._run_stack(stack, now, report)
         report.seconds = time.perf_counter() - started
         return report
+
+    async def _give_back(self, stack: TierStack, claims: Sequence[Claim]) -> None:
+        """Release ``claims``. One the store cannot take now (it is unreachable) is kept
+        and released at the start of this job's next run, so a run cut off by an outage
+        holds its heads until the store is back, not until ``lease_seconds`` ends."""
+        for claim in claims:
+            try:
+                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+            except TierUnavailable:
+                self._unreleased.append((stack, claim))
 
     @abc.abstractmethod
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
@@ -220,15 +235,14 @@ class _Archiver(_Job):
                     kept.append(claim)
                     settled = await self._visit(stack, claim, now, report)
                     if settled is not None:
-                        kept.pop()
                         await stack.warm.release(
                             claim.thread_id, claim.checkpoint_ns, owner=self.owner,
                             settled_head=claim.head_id, settled_until=settled.until)
+                        kept.pop()  # released: a failed release is given back plainly
                 if not fresh or len(claims) < self.policy.batch:
                     break
         finally:
-            for claim in kept:
-                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+            await self._give_back(stack, kept)
         held = await stack.warm.held_claims(now=self.clock(), thread_id=self.thread_id,
                                             exclude_owner=self.owner)
         report.busy += held.count
@@ -416,8 +430,7 @@ class Retention(_Job):
                 if not threads or len(claims) < self.policy.batch:
                     break
         finally:
-            for claim in kept:
-                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+            await self._give_back(stack, kept)
 
     async def _expire(self, threads: list[str], claims: Sequence[Claim],
                       report: JobReport) -> None:
