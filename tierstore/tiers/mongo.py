@@ -138,7 +138,7 @@ from pymongo.errors import (
     InvalidName,
     OperationFailure,
     PyMongoError,
-    WTimeoutError,
+    WriteConcernError,
 )
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 
@@ -226,6 +226,21 @@ _DUPLICATE_KEY: Final = 11000
 _AUTH_CODES: Final = frozenset({13, 18})  # Unauthorized, AuthenticationFailed
 _INDEX_CONFLICT_CODES: Final = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
 _INDEX_OPTIONS: Final = frozenset({"unique", "sparse", "partialFilterExpression"})
+# Server codes that say "not now" rather than "no": the node is unreachable, stepping
+# down, shutting down or overloaded, or a cursor died with its connection. A retry
+# (after a failover, for one) may succeed, so they are TierUnavailable, not refusals.
+_TRANSIENT_CODES: Final = frozenset({
+    6, 7, 89, 9001,  # HostUnreachable, HostNotFound, NetworkTimeout, SocketException
+    50, 262,  # MaxTimeMSExpired, ExceededTimeLimit
+    24, 46, 112,  # LockTimeout, LockBusy, WriteConflict
+    43,  # CursorNotFound (killed by a failover or a pool reset)
+    91, 11600, 11601, 11602,  # ShutdownInProgress, InterruptedAtShutdown, Interrupted,
+    #                           InterruptedDueToReplStateChange
+    189, 10058, 10107, 13435, 13436,  # PrimarySteppedDown and the "not primary" family
+    134,  # ReadConcernMajorityNotAvailableYet
+})
+_TRANSIENT_LABELS: Final = ("RetryableWriteError", "TransientTransactionError",
+                            "SystemOverloadedError", "RetryableError")
 _READ_FIELDS: Final[Mapping[str, int]] = {
     "_id": 0,
     "thread_id": 1,
@@ -286,7 +301,7 @@ def _translate(exc: Exception, where: str) -> TierstoreError:
         return ConfigurationError(
             f"{where}: an index of the same name exists with another definition ({exc})"
         )
-    if isinstance(exc, ConnectionFailure | ExecutionTimeout | WTimeoutError):
+    if _transient(exc):
         return TierUnavailable(f"{where}: {exc}", tier="warm", backend="mongodb")
     if isinstance(exc, InvalidDocument):
         return InvalidInput(f"{where}: a value cannot be stored in MongoDB ({exc})")
@@ -295,6 +310,30 @@ def _translate(exc: Exception, where: str) -> TierstoreError:
     if isinstance(exc, OperationFailure):
         return StorageError(f"{where}: the server refused the operation ({exc})")
     return TierUnavailable(f"{where}: {exc}", tier="warm", backend="mongodb")
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether ``exc`` says the server could not answer now (a retry may succeed).
+
+    Network errors, pool resets and server selection timeouts (``ConnectionFailure``),
+    time limits, and write concern failures (the write may or may not be replicated:
+    an unknown outcome, like a cut connection) are transient; so is a server refusal
+    whose code or error label says the node is unreachable, recovering or busy. A bulk
+    write is transient when every error it carries is.
+    """
+    if isinstance(exc, ConnectionFailure | ExecutionTimeout | WriteConcernError):
+        return True
+    if not isinstance(exc, OperationFailure):
+        return False
+    if any(exc.has_error_label(label) for label in _TRANSIENT_LABELS):
+        return True
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        write_errors = details.get("writeErrors") or []
+        if not write_errors:
+            return bool(details.get("writeConcernErrors"))
+        return all(e.get("code") in _TRANSIENT_CODES for e in write_errors)
+    return exc.code in _TRANSIENT_CODES
 
 
 # -- pure helpers -------------------------------------------------------------------------
