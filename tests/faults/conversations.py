@@ -32,6 +32,7 @@ class Conversations:
     message_bytes: int = 300
     pause: float = 0.0  # between a thread's turns
     lease: Callable[[str], Any] | None = None  # e.g. ``saver.lease``: each turn inside one
+    reader: Any = None  # a saver: read the thread's latest state after each acknowledged turn
     ledger: Ledger = field(default_factory=Ledger)
     errors: list[BaseException] = field(default_factory=list)
     acked: dict[str, int] = field(default_factory=dict)  # thread -> turns acknowledged
@@ -44,25 +45,36 @@ class Conversations:
 
     async def _converse(self, thread: str) -> None:
         while not self.stop.is_set():
-            turn = self.ledger.next_turn(thread)
-            message = turn_input(thread, turn, self.message_bytes)
-            self.ledger.sent(thread, turn, str(message["messages"][0].content))
-            try:
-                if self.lease is None:
-                    await self.app.ainvoke(message, thread_config(thread))
-                else:
-                    async with self.lease(thread):
-                        await self.app.ainvoke(message, thread_config(thread))
-            except Exception as exc:
-                self.ledger.failed(thread, turn, exc)
-                self.errors.append(exc)
+            if not await self.turn(thread):
                 await asyncio.sleep(0.05)
-            else:
-                self.ledger.acked(thread, turn)
-                self.acked[thread] = self.acked.get(thread, 0) + 1
-            self.ended[thread] = self.ended.get(thread, 0) + 1
+            elif self.reader is not None:
+                try:
+                    await self.reader.aget_tuple(thread_config(thread))
+                except Exception as exc:
+                    self.errors.append(exc)
             if self.pause:
                 await asyncio.sleep(self.pause)
+
+    async def turn(self, thread: str) -> bool:
+        """One turn of ``thread``, recorded; True when it was acknowledged."""
+        turn = self.ledger.next_turn(thread)
+        message = turn_input(thread, turn, self.message_bytes)
+        self.ledger.sent(thread, turn, str(message["messages"][0].content))
+        try:
+            if self.lease is None:
+                await self.app.ainvoke(message, thread_config(thread))
+            else:
+                async with self.lease(thread):
+                    await self.app.ainvoke(message, thread_config(thread))
+        except Exception as exc:
+            self.ledger.failed(thread, turn, exc)
+            self.errors.append(exc)
+            return False
+        finally:
+            self.ended[thread] = self.ended.get(thread, 0) + 1
+        self.ledger.acked(thread, turn)
+        self.acked[thread] = self.acked.get(thread, 0) + 1
+        return True
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.acked)

@@ -38,12 +38,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.faults.chatload import ChatLoad
+from loadtest.workload import build_chat_agent
+from tests.faults.conversations import Conversations, until, untranslated
 from tests.servers.postgres import PrivateCluster
 from tests.servers.proxy import TcpProxy
 from tests.servers.redis import unique_prefix, with_query
 from tierstore import TieredSaver
-from tierstore.errors import TierUnavailable
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
 
@@ -97,6 +97,13 @@ async def terminate_sessions(cluster: PrivateCluster, _: TcpProxy) -> None:
     assert killed > 0, "the saver had no session to kill: the fault did not happen"
 
 
+def chat(saver: TieredSaver, users: int, tag: str, *, pause: float = 0.005) -> Conversations:
+    """``users`` conversations over ``saver``, each reading its latest state after a turn."""
+    app = build_chat_agent(200).compile(checkpointer=saver)
+    return Conversations(app, [f"{tag}-u{n}" for n in range(users)], message_bytes=200,
+                         pause=pause, reader=saver)
+
+
 @pytest.fixture
 async def proxy(postgres_cluster: PrivateCluster) -> AsyncIterator[TcpProxy]:
     async with TcpProxy("127.0.0.1", postgres_cluster.port) as relay:
@@ -119,26 +126,27 @@ async def saver(proxy: TcpProxy, redis_url: str) -> AsyncIterator[TieredSaver]:
 async def test_turns_survive_the_fault_with_only_typed_failures(
     fault: Fault, postgres_cluster: PrivateCluster, proxy: TcpProxy, saver: TieredSaver,
 ) -> None:
-    load = ChatLoad(saver, users=USERS, tag=f"pg-{uuid.uuid4().hex[:8]}")
-    running = asyncio.create_task(load.run())
+    load = chat(saver, USERS, f"pg-{uuid.uuid4().hex[:8]}")
+    load.start()
     try:
-        await load.until_acked(2 * USERS, DEADLINE)
+        await until(lambda: load.total() >= 2 * USERS, "turns acknowledged before the fault")
         for _ in range(FAULTS):
             await fault(postgres_cluster, proxy)
-            await load.until_acked(USERS, DEADLINE)  # flowing again, with nobody's help
+            before = load.total()
+            await until(lambda: load.total() >= before + USERS,  # noqa: B023
+                        "turns acknowledged again, with nobody's help")
     finally:
-        load.stop()
-        await asyncio.wait_for(running, DEADLINE)
+        await load.finish()
 
-    wrong = load.unexpected(TierUnavailable)
-    assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+    wrong = untranslated(load.errors)
+    assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]}"
     for thread_id in load.threads:
         assert await asyncio.wait_for(load.turn(thread_id), DEADLINE), (
-            f"{thread_id}: a turn after recovery failed: {load.failures[-1]!r}")
+            f"{thread_id}: a turn after recovery failed: {load.errors[-1]!r}")
 
     verdict = await asyncio.wait_for(load.ledger.verify(saver), DEADLINE)
     assert verdict.ok, verdict.summary()
-    assert verdict.acked == load.acked
+    assert verdict.acked == load.total()
     async with TieredSaver.from_urls(hot=None, warm=postgres_cluster.url, cold=None) as fresh:
         again = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
     assert again.ok, again.summary()
@@ -179,34 +187,31 @@ async def test_two_replicas_and_an_archiving_worker_ride_out_a_restart(
                     for _ in range(2)]
         worker = await stack.enter_async_context(TieredSaver.from_urls(**urls))
         tag = f"pg-{uuid.uuid4().hex[:8]}"
-        loads = [ChatLoad(r, users=USERS // 3, tag=f"{tag}-r{n}", pause=0.05)
-                 for n, r in enumerate(replicas)]
+        loads = [chat(r, USERS // 3, f"{tag}-r{n}", pause=0.05) for n, r in enumerate(replicas)]
         job_failures: Counter[str] = Counter()
         progress: Counter[str] = Counter()
         stop = asyncio.Event()
         archiving = asyncio.create_task(archive_until(stop, worker, job_failures, progress))
-        running = [asyncio.create_task(load.run()) for load in loads]
+        for load in loads:
+            load.start()
         try:
-            for load in loads:
-                await load.until_acked(USERS, DEADLINE)
+            await until(lambda: all(load.total() >= USERS for load in loads), "turns before")
             await restart(postgres_cluster, "fast")
-            before = progress["runs"]
-            for load in loads:
-                await load.until_acked(USERS, DEADLINE)
-            async with asyncio.timeout(DEADLINE):
-                while progress["runs"] < before + 2:  # noqa: ASYNC110 -- the worker goes on
-                    await asyncio.sleep(0.05)
+            before = [load.total() for load in loads]
+            ran = progress["runs"]
+            await until(lambda: all(load.total() >= b + USERS for load, b in zip(
+                loads, before, strict=True)), "turns acknowledged again on both replicas")
+            await until(lambda: progress["runs"] >= ran + 2, "worker runs after the restart")
         finally:
             for load in loads:
-                load.stop()
-            await asyncio.wait_for(asyncio.gather(*running), DEADLINE)
+                await load.finish()
             stop.set()
             await asyncio.wait_for(archiving, DEADLINE)
 
         assert set(job_failures) <= {"TierUnavailable"}, job_failures
         for load in loads:
-            wrong = load.unexpected(TierUnavailable)
-            assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]!r}"
+            wrong = untranslated(load.errors)
+            assert not wrong, f"{len(wrong)} untyped failures, first: {wrong[0]}"
         assert progress["moved"] > 0, "the worker archived nothing beside the app"
         final = await IdleArchival(worker, EVERYTHING).run_once(now=time.time() + 1)
         assert not final.failed and not final.busy, final  # the worker gave back every claim
