@@ -1,7 +1,8 @@
 """A warm write whose answer is lost: it may have landed, and no cache may hide that.
 
 When the connection drops after the warm store committed but before its answer
-arrived, the caller sees ``TierUnavailable`` although the write is stored. The
+arrived, the caller sees ``TierUnavailable`` although the write is stored; when the
+answer is only slow, a caller that gives up (a timeout, a cancel) sees the same. The
 next read must return what warm holds, in either hot check mode: with
 ``hot_check="trusted"`` a hot copy is served without asking warm, so a failed warm
 write must take the thread's hot copies (Redis and this process's) with it.
@@ -12,12 +13,15 @@ then the call raises), on the embedded stack and on Redis + PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import copy_checkpoint
+from langgraph.checkpoint.base.id import uuid6
 
 from tests.servers.redis import unique_prefix, with_query
 from tierstore import TieredSaver
@@ -27,20 +31,25 @@ from tierstore.tiers import open_store
 
 
 class LosesAnswers:
-    """A warm store that, when armed, commits a write and then reports a dropped connection."""
+    """A warm store that, when armed, commits a write and then loses its answer: it
+    reports a dropped connection (``"reset"``) or never answers, so that the caller
+    gives up (``"silent"``)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, how: str) -> None:
         self._inner = inner
+        self.how = how
         self.armed = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def _lost(self, result: Any) -> Any:
-        if self.armed:
-            raise TierUnavailable("connection reset after commit", tier="warm",
-                                  backend=self._inner.backend)
-        return result
+        if not self.armed:
+            return result
+        if self.how == "silent":
+            await asyncio.Event().wait()
+        raise TierUnavailable("connection reset after commit", tier="warm",
+                              backend=self._inner.backend)
 
     async def put_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         return await self._lost(await self._inner.put_checkpoint(*args, **kwargs))
@@ -58,12 +67,13 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     return with_query(redis_url, prefix=unique_prefix()), postgres_url
 
 
+@pytest.mark.parametrize("how", ["reset", "silent"])
 @pytest.mark.parametrize("hot_check", ["verify", "trusted"])
 async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_returns(
-    stores: tuple[str, str], hot_check: str,
+    stores: tuple[str, str], hot_check: str, how: str,
 ) -> None:
     hot_url, warm_url = stores
-    warm = LosesAnswers(open_store("warm", warm_url))
+    warm = LosesAnswers(open_store("warm", warm_url), how)
     saver = TieredSaver.from_stores(warm=warm, hot=open_store("hot", hot_url, ttl=3600),
                                     hot_check=hot_check)
     config = {"configurable": {"thread_id": f"t-{uuid.uuid4()}"}}
@@ -73,8 +83,14 @@ async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_retur
         before = await saver.aget_tuple(config)
         assert before is not None
         warm.armed = True
-        with pytest.raises(TierUnavailable):
-            await app.ainvoke({"messages": [HumanMessage("remember pears")]}, config)
+        if how == "reset":
+            with pytest.raises(TierUnavailable):
+                await app.ainvoke({"messages": [HumanMessage("remember pears")]}, config)
+        else:  # the caller gives up on a put that is stored but not answered yet
+            child = copy_checkpoint(before.checkpoint)
+            child["id"] = str(uuid6(clock_seq=7))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(saver.aput(before.config, child, {"step": 9}, {}), 0.5)
         warm.armed = False
         stored = await warm.get(config["configurable"]["thread_id"], "", None)
         assert stored is not None and stored.checkpoint_id != before.config[
