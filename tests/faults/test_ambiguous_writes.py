@@ -14,6 +14,7 @@ then the call raises), on the embedded stack and on Redis + PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from tests.servers.redis import unique_prefix, with_query
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 from tierstore.errors import TierUnavailable
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import IdleArchival
 from tierstore.tiers import open_store
 
 
@@ -98,3 +101,46 @@ async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_retur
         latest = await saver.aget_tuple(config)
         assert latest is not None
         assert latest.config["configurable"]["checkpoint_id"] == stored.checkpoint_id
+
+
+class LosesClaimAnswers:
+    """A warm store whose ``claim``, when armed, leases the heads and then reports a
+    dropped connection, as if the answer was lost after the commit."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def claim(self, **query: Any) -> Any:
+        claims = await self._inner.claim(**query)
+        if self.armed and claims:
+            raise TierUnavailable("connection reset after commit", tier="warm",
+                                  backend=self._inner.backend)
+        return claims
+
+
+async def test_heads_leased_by_a_claim_whose_answer_was_lost_are_archived_by_the_next_run(
+    stores: tuple[str, str], tmp_path: Path,
+) -> None:
+    hot_url, warm_url = stores
+    warm = LosesClaimAnswers(open_store("warm", warm_url))
+    saver = TieredSaver.from_stores(warm=warm, hot=open_store("hot", hot_url, ttl=3600),
+                                    cold=open_store("cold", f"file://{tmp_path}/cold"))
+    async with saver:
+        app = build_agent().compile(checkpointer=saver)
+        thread_id = f"t-{uuid.uuid4()}"
+        config = {"configurable": {"thread_id": thread_id}}
+        await app.ainvoke({"messages": [HumanMessage("remember figs")]}, config)
+        policy = TieringPolicy(archive_idle_after=0, keep_latest=1, lease_seconds=3600)
+        job = IdleArchival(saver, policy, thread_id=thread_id)
+        warm.armed = True
+        with pytest.raises(TierUnavailable):
+            await job.run_once(now=time.time() + 1)
+        warm.armed = False
+        report = await job.run_once(now=time.time() + 1)
+        assert report.threads == 1 and not report.failed, report  # not held for an hour
+        state = await saver.aget_tuple(config)
+        assert state is not None and "figs" in str(state.checkpoint["channel_values"])

@@ -1085,6 +1085,15 @@ class PostgresWarm:
 
         await self._run("release", body)
 
+    async def release_owned(self, *, owner: str) -> int:
+        async def body(conn: Conn) -> str:
+            return await conn.execute(
+                "UPDATE tierstore_heads SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = $1", owner)
+
+        status = await self._run("release_owned", body)
+        return int(status.rsplit(" ", 1)[-1])
+
     async def expire_thread(
         self,
         thread_id: str,
