@@ -196,6 +196,7 @@ class Router:
         self._segments: OrderedDict[tuple[int, str], Segment] = OrderedDict()
         self._last_hot_warning = float("-inf")
         self._near: OrderedDict[tuple[int, str, str], StoredCheckpoint] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
         self.local_entries = local_entries
 
     # -- lifecycle --------------------------------------------------------------------
@@ -215,6 +216,8 @@ class Router:
 
     async def aclose(self) -> None:
         await self.hot_writer.drain()
+        if self._background:  # hot invalidations of writes their callers gave up on
+            await asyncio.wait(list(self._background))
         seen: list[Any] = []
         for stack in self.regions.stacks.values():
             seen.extend(s for s in stack.stores() if not any(s is x for x in seen))
@@ -588,19 +591,36 @@ class Router:
                 self._near.pop(near_key, None)
 
     async def _unanswered(self, stack: TierStack, thread_id: str, write: Awaitable[T]) -> T:
-        """Await a warm write; when it fails unanswered, forget the thread's cached copies.
+        """Await a warm write; when it ends without an answer, forget the thread's cached copies.
 
-        ``TierUnavailable`` from a write means no answer came back: the write may
-        have committed (the connection dropped after the commit). A copy cached
-        from before would then be older than warm, and ``hot_check="trusted"``
-        serves copies without asking warm, so the thread's hot entry and this
-        process's copies are dropped (best effort: the hot tier may be down too).
+        ``TierUnavailable`` from a write, or the caller giving up on it (cancelled,
+        timed out), means no answer came back: the write may have committed (the
+        connection dropped after the commit, or the server was just slow). A copy
+        cached from before would then be older than warm, and ``hot_check="trusted"``
+        serves copies without asking warm, so the thread's copies in this process are
+        dropped at once and its hot entry is invalidated (best effort: the hot tier may
+        be down too; a caller that gave up does not wait for it).
         """
         try:
             return await write
         except TierUnavailable:
             await self._invalidate(stack, [thread_id])
             raise
+        except (asyncio.CancelledError, TimeoutError):
+            self._forget_here(stack, [thread_id])
+            if stack.hot is not None:
+                hot = stack.hot
+                self._spawn(self._hot(hot, "invalidate", hot.invalidate(thread_id), None))
+            raise
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in a task of its own that nobody waits for (kept referenced)."""
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- whole-thread operations --------------------------------------------------------
 
@@ -616,11 +636,18 @@ class Router:
         there, so another process's queued copy from before cannot come back."""
         if stack.hot is not None:
             hot = stack.hot
+            self._forget_here(stack, thread_ids)
             for thread_id in thread_ids:
-                self.hot_writer.forget(hot, thread_id)
-                for key in [k for k in self._near if k[0] == id(stack) and k[1] == thread_id]:
-                    del self._near[key]
                 await self._hot(hot, "invalidate", hot.invalidate(thread_id, floor=floor), None)
+
+    def _forget_here(self, stack: TierStack, thread_ids: Sequence[str]) -> None:
+        """Drop this process's copies of the threads: queued hot updates and near entries."""
+        if stack.hot is None:
+            return
+        for thread_id in thread_ids:
+            self.hot_writer.forget(stack.hot, thread_id)
+            for key in [k for k in self._near if k[0] == id(stack) and k[1] == thread_id]:
+                del self._near[key]
 
     async def delete_thread(self, thread_id: str) -> None:
         """Delete a thread from every tier: warm rows, hot entries, offloaded objects, segments.

@@ -35,6 +35,26 @@ async def test_claim_leases_each_head_to_one_owner(warm: Any) -> None:
     assert {c.thread_id for c in expired} >= set(threads)
 
 
+async def test_release_owned_gives_back_every_claim_of_one_owner_only(warm: Any) -> None:
+    threads = [f"t-{uuid.uuid4()}" for _ in range(4)]
+    for t in threads:
+        await chain(warm, t, 2)
+    now = time.time() + 1000
+    lost = f"lost-{uuid.uuid4().hex[:8]}"
+    mine = await warm.claim(owner=lost, now=now, lease_seconds=600, limit=100, warm_before=now,
+                            thread_id=threads[0])
+    mine += await warm.claim(owner=lost, now=now, lease_seconds=600, limit=100,
+                             warm_before=now, thread_id=threads[1])
+    other = await warm.claim(owner="other", now=now, lease_seconds=600, limit=100,
+                             warm_before=now, thread_id=threads[2])
+    assert len(mine) == 2 and len(other) == 1
+    assert await warm.release_owned(owner=lost) == 2
+    assert await warm.release_owned(owner=lost) == 0  # nothing left: idempotent
+    again = await warm.claim(owner="next", now=now, lease_seconds=600, limit=100,
+                             warm_before=now)
+    assert {c.thread_id for c in again} & set(threads) == {threads[0], threads[1], threads[3]}
+
+
 async def test_claim_filters_by_age_and_idleness(warm: Any) -> None:
     t = f"t-{uuid.uuid4()}"
     await chain(warm, t, 1)  # only the head: nothing to demote

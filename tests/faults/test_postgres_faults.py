@@ -29,6 +29,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from tests.servers.postgres import PrivateCluster, free_port, run_sql, with_database
+from tests.servers.proxy import TcpProxy
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 from tierstore.errors import ConfigurationError, TierUnavailable, VersionConflict
@@ -281,3 +282,32 @@ async def test_a_run_cut_off_by_a_restart_gives_its_heads_back_when_the_server_r
         second = await bounded(job.run_once(now=time.time() + 1))
         assert second.busy == 0, f"heads still claimed by the cut-off run: {second}"
         assert second.threads == len(threads) and not second.failed, second
+
+
+async def test_a_caller_who_gives_up_during_a_black_hole_is_not_held(
+    postgres_cluster: PrivateCluster,
+) -> None:
+    """The network stops carrying bytes. A caller that cancels its call, or whose
+    ``asyncio.timeout`` ends, gets its ``CancelledError`` / ``TimeoutError`` then:
+    the call's connection is released in the background, where the driver's wait for
+    the server to confirm the cancel cannot hold the caller until ``command_timeout``
+    (and turn the cancel into ``TierUnavailable``). Afterwards the saver works."""
+    async with TcpProxy("127.0.0.1", postgres_cluster.port) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres?command_timeout=30"
+        async with TieredSaver.from_urls(hot=None, warm=url, cold=None) as saver:
+            config = {"configurable": {"thread_id": f"t-{uuid.uuid4()}"}}
+            await saver.aget_tuple(config)
+            proxy.stall()
+            try:
+                call = asyncio.create_task(saver.aget_tuple(config))
+                await asyncio.sleep(0.3)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await bounded(call)
+                assert call.cancelled()
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        await saver.adelete_thread(config["configurable"]["thread_id"])
+            finally:
+                proxy.resume()
+            assert await bounded(saver.aget_tuple(config)) is None

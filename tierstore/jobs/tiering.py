@@ -23,6 +23,7 @@ objects of thread deletes and copies a crash cut short).
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import logging
 import os
@@ -156,8 +157,9 @@ class _Job(abc.ABC):
         self.on_step = on_step
         self.thread_id = thread_id
         self.dry_run = dry_run
-        # claims a run could not release (the store went away): given back first next run
-        self._unreleased: list[tuple[TierStack, Claim]] = []
+        # regions where a claim or a release of this job went unanswered (an outage): all
+        # its claims there are given back before its next run there claims anything
+        self._lost: list[TierStack] = []
 
     def _step(self, name: str) -> None:
         """A named point in a move; tests inject crashes here."""
@@ -173,22 +175,41 @@ class _Job(abc.ABC):
         report = JobReport(self.name)
         now = self.clock() if now is None else now
         for stack in self.stacks:
-            left = [c for s, c in self._unreleased if s is stack]
-            self._unreleased = [(s, c) for s, c in self._unreleased if s is not stack]
-            await self._give_back(stack, left)
+            if any(s is stack for s in self._lost):
+                await stack.warm.release_owned(owner=self.owner)
+                self._lost = [s for s in self._lost if s is not stack]
             await self._run_stack(stack, now, report)
         report.seconds = time.perf_counter() - started
         return report
 
+    async def _claim(self, stack: TierStack, **query: Any) -> Sequence[Claim]:
+        """``warm.claim`` for this job's owner. A claim that got no answer may have
+        leased heads all the same, so the region is marked for ``release_owned``:
+        a run cut off by an outage holds its heads until the store is back, not
+        until ``lease_seconds`` ends."""
+        try:
+            return await stack.warm.claim(owner=self.owner, **query)
+        except (TierUnavailable, asyncio.CancelledError, TimeoutError):
+            self._mark_lost(stack)
+            raise
+
     async def _give_back(self, stack: TierStack, claims: Sequence[Claim]) -> None:
-        """Release ``claims``. One the store cannot take now (it is unreachable) is kept
-        and released at the start of this job's next run, so a run cut off by an outage
-        holds its heads until the store is back, not until ``lease_seconds`` ends."""
+        """Release ``claims``; when the store cannot take one now, they are given back
+        with ``release_owned`` at the start of the next run (the run's own error, if
+        any, is the one it reports)."""
         for claim in claims:
             try:
                 await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
-            except TierUnavailable:
-                self._unreleased.append((stack, claim))
+            except (TierUnavailable, TimeoutError):
+                self._mark_lost(stack)
+                return
+            except asyncio.CancelledError:
+                self._mark_lost(stack)
+                raise
+
+    def _mark_lost(self, stack: TierStack) -> None:
+        if not any(s is stack for s in self._lost):
+            self._lost.append(stack)
 
     @abc.abstractmethod
     async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
@@ -235,10 +256,14 @@ class _Archiver(_Job):
                     kept.append(claim)
                     settled = await self._visit(stack, claim, now, report)
                     if settled is not None:
-                        await stack.warm.release(
-                            claim.thread_id, claim.checkpoint_ns, owner=self.owner,
-                            settled_head=claim.head_id, settled_until=settled.until)
-                        kept.pop()  # released: a failed release is given back plainly
+                        try:
+                            await stack.warm.release(
+                                claim.thread_id, claim.checkpoint_ns, owner=self.owner,
+                                settled_head=claim.head_id, settled_until=settled.until)
+                        except (TierUnavailable, asyncio.CancelledError, TimeoutError):
+                            self._mark_lost(stack)
+                            raise
+                        kept.pop()
                 if not fresh or len(claims) < self.policy.batch:
                     break
         finally:
@@ -343,8 +368,8 @@ class HistoryDemotion(_Archiver):
     async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
         if self.policy.archive_after is None:
             return []
-        return await stack.warm.claim(
-            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+        return await self._claim(
+            stack, now=now, lease_seconds=self.policy.lease_seconds,
             limit=self.policy.batch, warm_before=now - self.policy.archive_after,
             thread_id=self.thread_id,
         )
@@ -373,8 +398,8 @@ class IdleArchival(_Archiver):
     async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
         if self.policy.archive_idle_after is None:
             return []
-        return await stack.warm.claim(
-            owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+        return await self._claim(
+            stack, now=now, lease_seconds=self.policy.lease_seconds,
             limit=self.policy.batch, idle_before=now - self.policy.archive_idle_after,
             thread_id=self.thread_id,
         )
@@ -401,8 +426,8 @@ class Retention(_Job):
         kept: list[Claim] = []
         try:
             while True:
-                claims = await stack.warm.claim(
-                    owner=self.owner, now=now, lease_seconds=self.policy.lease_seconds,
+                claims = await self._claim(
+                    stack, now=now, lease_seconds=self.policy.lease_seconds,
                     limit=self.policy.batch, idle_before=now - self.policy.expire_after,
                     require_live=False,
                 )
@@ -415,8 +440,8 @@ class Retention(_Job):
                     # is expired only with every one of them claimed (see _expire)
                     for thread_id in threads:
                         while True:
-                            rest = await stack.warm.claim(
-                                owner=self.owner, now=now,
+                            rest = await self._claim(
+                                stack, now=now,
                                 lease_seconds=self.policy.lease_seconds,
                                 limit=self.policy.batch,
                                 idle_before=now - self.policy.expire_after,

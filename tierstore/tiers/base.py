@@ -254,6 +254,15 @@ class WarmStore(Protocol):
         """
         ...
 
+    async def release_owned(self, *, owner: str) -> int:
+        """Give back every claim ``owner`` holds; returns how many.
+
+        For a job that lost track of its claims: a claim or release whose answer an
+        outage swallowed. It visits every head held by anyone (no index serves it), so
+        a job calls it only after such a loss, not on every run.
+        """
+        ...
+
     async def expire_thread(
         self,
         thread_id: str,

@@ -1724,6 +1724,14 @@ class MongoWarm:
                           "settled_head": settled_head, "settled_until": settled_until}},
             )
 
+    async def release_owned(self, *, owner: str) -> int:
+        with self._errors("release_owned"):
+            result = await self._c("heads").update_many(
+                {"lease_owner": _text(owner, "owner")},
+                {"$set": {"lease_owner": None, "lease_until": None}},
+            )
+        return int(result.modified_count)
+
     async def held_claims(
         self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
     ) -> ClaimsHeld:

@@ -425,6 +425,7 @@ class PostgresWarm:
         self.statement_cache_size = statement_cache_size
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._state = _UNOPENED
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"PostgresWarm({self.url!r}, state={self._state!r})"
@@ -641,14 +642,22 @@ class PostgresWarm:
         for attempt in range(2):
             acquired = False
             try:
-                async with pool.acquire(timeout=self.command_timeout) as conn:
-                    acquired = True
-                    try:
-                        return await body(conn)
-                    except BaseException as exc:
-                        if _broken(exc):
-                            _discard(conn)  # never hand a half-dead session to the next call
-                        raise
+                conn = await pool.acquire(timeout=self.command_timeout)
+                acquired = True
+                try:
+                    result = await body(conn)
+                except BaseException as exc:
+                    if _broken(exc):
+                        _discard(conn)  # never hand a half-dead session to the next call
+                    if isinstance(exc, asyncio.CancelledError | TimeoutError):
+                        # asyncpg's release waits (up to command_timeout) for the server
+                        # to confirm the statement's cancel: the caller must not
+                        self._release_later(pool, conn)
+                    else:
+                        await pool.release(conn)
+                    raise
+                await pool.release(conn)
+                return result
             except TierstoreError:
                 raise
             except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
@@ -661,6 +670,17 @@ class PostgresWarm:
                     continue
                 raise self._translate(exc, action) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _release_later(self, pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> None:
+        """Give ``conn`` back to the pool from a task of its own.
+
+        The release of a connection whose statement was cancelled (or timed out) waits
+        for the server to confirm the cancel, and terminates the connection when it does
+        not within the pool's timeout; ``aclose`` waits for it like any other release.
+        """
+        task = asyncio.get_running_loop().create_task(_release_quietly(pool, conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -1065,6 +1085,15 @@ class PostgresWarm:
 
         await self._run("release", body)
 
+    async def release_owned(self, *, owner: str) -> int:
+        async def body(conn: Conn) -> str:
+            return await conn.execute(
+                "UPDATE tierstore_heads SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = $1", owner)
+
+        status = await self._run("release_owned", body)
+        return int(status.rsplit(" ", 1)[-1])
+
     async def expire_thread(
         self,
         thread_id: str,
@@ -1333,6 +1362,13 @@ def _broken(exc: BaseException) -> bool:
         return False
     return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                             asyncpg.InternalClientError, OSError, *_SERVER_GONE))
+
+
+async def _release_quietly(pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> None:
+    """Release ``conn``; asyncpg terminates a connection it cannot reset, so a failure
+    here has nothing left to clean up and no caller to tell."""
+    with contextlib.suppress(Exception):
+        await pool.release(conn)
 
 
 def _discard(conn: Conn) -> None:

@@ -756,6 +756,14 @@ class SqliteWarm:
 
         await self._run(lambda conn: self._tx(conn, body))
 
+    async def release_owned(self, *, owner: str) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE heads SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = ?", (owner,)).rowcount
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
     async def expire_thread(
         self,
         thread_id: str,
