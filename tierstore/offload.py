@@ -154,16 +154,27 @@ def marker_due(marker_modified: float, *, now: float, grace: float) -> bool:
     return 0 < marker_modified < now - grace
 
 
-def unreferenced_objects(objects: Mapping[str, float], named: Set[str], *,
-                         started: float) -> list[str]:
-    """Objects of a thread's space that its rows no longer name, after some were deleted.
+OFFLOAD_GRACE_SECONDS = 300.0
+"""How long an offloaded object nothing names is kept: a put writes its objects
+before its warm row, so an unnamed object this young may belong to a put still in
+flight (its warm statement slow, stalled or retried) that is about to name it."""
 
-    Only objects last written no later than ``started`` (when the delete began)
-    qualify: one written since may belong to a put still in flight. An object whose
-    age the store cannot tell (0.0) is kept.
+
+def unreferenced_objects(objects: Mapping[str, float], named: Set[str], *,
+                         started: float, grace: float = OFFLOAD_GRACE_SECONDS
+                         ) -> tuple[list[str], list[str]]:
+    """Objects of a thread's space that its rows no longer name, after some were deleted:
+    ``(doomed, spared)``.
+
+    Only objects last written at least ``grace`` seconds before ``started`` (when the
+    delete began) are doomed: a younger one may belong to a put still in flight. The
+    younger unnamed ones are ``spared``, for a later sweep (``ColdGC``) to look at
+    again. An object whose age the store cannot tell (0.0) is always kept.
     """
-    return sorted(k for k, modified in objects.items()
-                  if k not in named and 0 < modified <= started)
+    unnamed = [(k, modified) for k, modified in objects.items() if k not in named]
+    doomed = sorted(k for k, modified in unnamed if 0 < modified <= started - grace)
+    spared = sorted(k for k, modified in unnamed if modified > started - grace)
+    return doomed, spared
 
 
 def collectable_orphans(stored_keys: Iterable[str], referenced: Iterable[str]) -> list[str]:

@@ -69,6 +69,7 @@ from tierstore.metrics import Metrics
 from tierstore.offload import (
     COPYING,
     DELETING,
+    OFFLOAD_GRACE_SECONDS,
     OFFLOAD_STORAGE_CLASS,
     SWEEPING,
     Offloader,
@@ -184,8 +185,10 @@ class Router:
         hot_write_delay: float = 0.0,
         local_entries: int = 0,
         max_bundle_bytes: int = DecodeLimits().max_bundle_bytes,
+        offload_grace: float = OFFLOAD_GRACE_SECONDS,
     ) -> None:
         self.regions = regions
+        self.offload_grace = offload_grace
         self.max_bundle_bytes = max_bundle_bytes
         self.verify_hot = verify_hot
         self.hot_writer = HotWriter(delay=hot_write_delay, guard=self._guard_bool)
@@ -693,7 +696,9 @@ class Router:
         if keep_latest:
             for key in sorted(set(archived)):
                 await self.compact_segment(stack, key)
-            await self.drop_unnamed_objects(stack, [thread_id], started=started)
+            _, spared = await self.drop_unnamed_objects(stack, [thread_id], started=started)
+            if spared:  # the marker stays: ColdGC sweeps the rest once they are old enough
+                return True
         else:
             await self._purge_cold(stack, thread_id, archived)
         await self._unmark(stack, marker)
@@ -767,33 +772,47 @@ class Router:
             markers = [await self._mark(stack, SWEEPING, t) for t in touched]
             await self._invalidate(stack, touched, floor=floor)
             await self.drop_unreferenced_segments(stack, sorted(doomed))
-            await self.drop_unnamed_objects(stack, touched, started=started)
-            for marker in markers:
-                await self._unmark(stack, marker)
+            await self._sweep(stack, touched, markers, started=started)
 
     async def drop_unnamed_objects(self, stack: TierStack, thread_ids: Sequence[str], *,
-                                   started: float) -> int:
+                                   started: float) -> tuple[int, int]:
         """After some checkpoints of these threads were deleted, delete the offloaded
         objects that none of their remaining rows (live, or archived in segments) name
-        and that were written no later than ``started``; returns how many."""
+        and that were written at least ``offload_grace`` seconds before ``started``.
+
+        Returns ``(dropped, spared)``: spared are unnamed objects too young to tell from
+        a put in flight; the caller leaves its sweep marker, so ``ColdGC`` looks at the
+        thread again once they are old enough.
+        """
         if stack.offloader is None:
-            return 0
+            return 0, 0
         store = stack.offloader.store
-        dropped = 0
+        dropped = spared = 0
         for thread_id in thread_ids:
             named = await self._named_objects(stack, thread_id)
             if named is None:
+                spared += 1  # a segment could not be read: look again later
                 continue
             objects: dict[str, float] = {}
             async for key in store.iter_keys(thread_space(thread_id)):
                 if key not in named:
                     info = await store.info(key)
                     objects[key] = info.modified if info is not None else 0.0
-            dead = unreferenced_objects(objects, named, started=started)
+            dead, young = unreferenced_objects(objects, named, started=started,
+                                               grace=self.offload_grace)
             if dead:
                 await store.delete(dead)
                 dropped += len(dead)
-        return dropped
+            spared += len(young)
+        return dropped, spared
+
+    async def _sweep(self, stack: TierStack, thread_ids: Sequence[str], markers: Sequence[Any],
+                     *, started: float) -> None:
+        """Drop each thread's unnamed objects; its marker goes only when none was spared."""
+        for thread_id, marker in zip(thread_ids, markers, strict=True):
+            _, spared = await self.drop_unnamed_objects(stack, [thread_id], started=started)
+            if not spared:
+                await self._unmark(stack, marker)
 
     async def _named_objects(self, stack: TierStack, thread_id: str) -> set[str] | None:
         """Every offloaded object a thread's rows name; None when a segment of it cannot
@@ -909,7 +928,9 @@ class Router:
             await self._invalidate(dst, [target])
         if replace:
             await self.drop_unreferenced_segments(dst, archived)
-            await self.drop_unnamed_objects(dst, [target], started=started)
+            _, spared = await self.drop_unnamed_objects(dst, [target], started=started)
+            if spared:  # the marker stays: ColdGC sweeps the rest once they are old enough
+                return
         await self._unmark(dst, marker)
 
     async def prune(self, thread_ids: Sequence[str], *, keep_latest: bool) -> None:
@@ -933,9 +954,7 @@ class Router:
             await self._invalidate(stack, threads, floor=floor)
             for key in sorted(set(before)):
                 await self.compact_segment(stack, key)
-            await self.drop_unnamed_objects(stack, threads, started=started)
-            for marker in markers:
-                await self._unmark(stack, marker)
+            await self._sweep(stack, threads, markers, started=started)
 
     async def compact_segment(self, stack: TierStack, key: str) -> None:
         """Rewrite a segment to the checkpoints stubs (of any thread) still name, or drop it.

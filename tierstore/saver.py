@@ -812,4 +812,5 @@ def _router(regions: Regions, options: SaverOptions) -> Router:
     return Router(regions, verify_hot=options.hot_check == "verify",
                   on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
                   local_entries=options.hot_local_entries,
-                  max_bundle_bytes=options.max_bundle_bytes)
+                  max_bundle_bytes=options.max_bundle_bytes,
+                  offload_grace=options.offload_grace)

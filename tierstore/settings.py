@@ -151,6 +151,9 @@ class SaverOptions:
         lookup, issued in parallel); ``trusted`` skips it and may serve a cached
         entry up to ``hot_ttl`` old if a hot write failed.
     offload_threshold: payloads larger than this many bytes go to the object store.
+    offload_grace: seconds an offloaded object that no row names is kept after a delete,
+        prune or copy (a put writes its objects before its row, so a younger one may
+        belong to a put still in flight); ``ColdGC`` collects it later.
     compression_level: zstd level for payloads.
     compress_min: payloads smaller than this are stored uncompressed.
     on_archived: ``raise`` CheckpointArchived for a checkpoint that needs a restore,
@@ -181,6 +184,7 @@ class SaverOptions:
     hot_ttl: float = 3600.0
     hot_check: HotCheck = "verify"
     offload_threshold: int = 1 << 20
+    offload_grace: float = 300.0
     compression_level: int = 3
     compress_min: int = 256
     on_archived: OnArchived = "raise"
@@ -197,6 +201,9 @@ class SaverOptions:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if not 0 <= self.offload_grace <= 86400:
+            raise ConfigurationError(
+                f"offload_grace must be within 0..86400 seconds, got {self.offload_grace!r}")
         if not 0 <= self.checkpoint_id_skew <= 86400:
             raise ConfigurationError(
                 f"checkpoint_id_skew must be within 0..86400 seconds, got "
@@ -250,7 +257,7 @@ class SaverOptions:
         but ``hot_ttl=True`` is a mistake), floats must be finite (an infinite TTL does
         not fit a Redis expiry), and counts must be integers.
         """
-        for name in ("hot_ttl", "hot_write_delay", "checkpoint_id_skew"):
+        for name in ("hot_ttl", "hot_write_delay", "checkpoint_id_skew", "offload_grace"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, int | float)
                     or not math.isfinite(value)):
@@ -294,6 +301,7 @@ _ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "TIERSTORE_ON_ARCHIVED": ("on_archived", str),
     "TIERSTORE_HOT_WRITE_DELAY": ("hot_write_delay", float),
     "TIERSTORE_HOT_LOCAL_ENTRIES": ("hot_local_entries", int),
+    "TIERSTORE_OFFLOAD_GRACE": ("offload_grace", float),
     "TIERSTORE_MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
     "TIERSTORE_MAX_RECORD_BYTES": ("max_record_bytes", int),
     "TIERSTORE_MAX_BUNDLE_BYTES": ("max_bundle_bytes", int),

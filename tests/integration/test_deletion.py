@@ -62,7 +62,8 @@ async def deployment(request: pytest.FixtureRequest, tmp_path: Path
         def open_embedded() -> TieredSaver:
             return TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{tmp_path}/warm.db",
                                          cold=f"file://{tmp_path}/cold",
-                                         offload_threshold=THRESHOLD, hot_write_delay=0)
+                                         offload_threshold=THRESHOLD, hot_write_delay=0,
+                                         offload_grace=0)
 
         async def scan_embedded() -> dict[str, bytes]:
             return {"warm": _sqlite_files(tmp_path), "cold": disk_bytes(tmp_path / "cold")}
@@ -76,7 +77,8 @@ async def deployment(request: pytest.FixtureRequest, tmp_path: Path
         urls, where = server_stack(postgres_url, redis_url, moto)
 
         def open_pg() -> TieredSaver:
-            return TieredSaver.from_urls(**urls, offload_threshold=THRESHOLD, hot_write_delay=0)
+            return TieredSaver.from_urls(**urls, offload_threshold=THRESHOLD, hot_write_delay=0,
+                                         offload_grace=0)
 
         async def scan_pg() -> dict[str, bytes]:
             return {"warm": await postgres_bytes(postgres_url, where["schema"]),
@@ -95,7 +97,7 @@ async def deployment(request: pytest.FixtureRequest, tmp_path: Path
         return TieredSaver.from_stores(
             warm=mongo.store(offload_threshold=THRESHOLD),
             hot=open_store("hot", urls["hot"], ttl=3600.0),
-            cold=open_store("cold", urls["cold"]), hot_write_delay=0)
+            cold=open_store("cold", urls["cold"]), hot_write_delay=0, offload_grace=0)
 
     async def scan_mongo() -> dict[str, bytes]:
         return {"warm": await mongo_bytes(mongo),

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
 
 from tierstore import CorruptPayload, TieredSaver
 from tierstore.demo import build_agent
+from tierstore.jobs.tiering import ColdGC
 from tierstore.offload import (
     OFFLOAD_PREFIX,
     Offloader,
@@ -20,6 +25,7 @@ from tierstore.offload import (
     thread_space,
     unreferenced_objects,
 )
+from tierstore.tiers import open_store
 from tierstore.tiers.file import FileStore
 
 
@@ -143,9 +149,11 @@ def test_leftover_objects_of_an_interrupted_delete_or_copy() -> None:
     assert leftover_objects(500.0, False, objects, now=1000.0, grace=60.0) == ["o/old"]
 
 
-def test_unreferenced_objects_spare_named_new_and_ageless_ones() -> None:
-    objects = {"a": 10.0, "b": 10.0, "c": 30.0, "d": 0.0}
-    assert unreferenced_objects(objects, {"b"}, started=20.0) == ["a"]
+def test_unreferenced_objects_spare_named_young_and_ageless_ones() -> None:
+    objects = {"a": 10.0, "b": 10.0, "c": 30.0, "d": 0.0, "e": 17.0}
+    assert unreferenced_objects(objects, {"b"}, started=20.0, grace=0) == (["a", "e"], ["c"])
+    # written within the grace before the delete began: maybe a put in flight
+    assert unreferenced_objects(objects, {"b"}, started=20.0, grace=5) == (["a"], ["c", "e"])
 
 
 async def test_a_reference_resolves_in_the_reading_threads_space(tmp_path: Path) -> None:
@@ -168,3 +176,68 @@ async def test_a_reference_resolves_in_the_reading_threads_space(tmp_path: Path)
     assert await offloader.expand(ref, "b") == value  # its own object from now on
     with pytest.raises(CorruptPayload, match="missing"):
         await offloader.expand(ref, "a")
+
+
+class SlowCommit:
+    """A warm store whose checkpoint writes sit in a slow link for ``delay`` seconds."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.delay = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def put_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await self._inner.put_checkpoint(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sweep", ["prune", "delete_for_runs"])
+async def test_a_sweep_never_deletes_the_object_of_a_put_still_in_flight(
+    tmp_path: Path, sweep: str,
+) -> None:
+    """A put writes its offloaded object, then its warm row; a prune or run delete that
+    sweeps the thread's unnamed objects in between must leave that object alone, or the
+    acknowledged checkpoint would name an object that is gone."""
+    warm = SlowCommit(open_store("warm", f"sqlite:///{tmp_path}/warm.db"))
+    saver = TieredSaver.from_stores(warm=warm, cold=open_store("cold", f"file://{tmp_path}/cold"),
+                                    offload_threshold=1024)
+
+    def big(version: int) -> Checkpoint:
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = {"doc": os.urandom(8000).hex()}
+        checkpoint["channel_versions"] = {"doc": version}
+        return checkpoint
+
+    async with saver:
+        config: Any = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+        first = await saver.aput(config, big(1), {"step": 1, "run_id": "r1"}, {"doc": 1})
+        await asyncio.sleep(1.1)  # object times have a one-second grain on some stores
+        warm.delay = 1.0
+        second = big(2)
+        put = asyncio.create_task(
+            saver.aput(first, second, {"step": 2, "run_id": "r2"}, {"doc": 2}))
+        await asyncio.sleep(0.3)  # its object is written; its warm row is not yet
+        if sweep == "prune":
+            await saver.aprune(["t"])
+        else:
+            await saver.adelete_for_runs(["r1"])
+        await put
+        latest = await saver.aget_tuple(config)
+        assert latest is not None
+        assert latest.checkpoint["channel_values"]["doc"] == second["channel_values"]["doc"]
+        # what the sweep spared for being young goes with ColdGC once it is old enough:
+        # the run delete left checkpoint 1's object unnamed; the prune kept checkpoint 1
+        # (the latest when it ran), so nothing of the thread is unnamed there
+        def files(part: str) -> list[Path]:
+            return [p for p in (tmp_path / "cold" / part).rglob("*") if p.is_file()]
+
+        assert len(files("offload")) == 2 and files("offload-work")  # the sweep's note stays
+        report = await ColdGC(saver).run_once(now=time.time() + 2 * 3600)
+        unnamed = 1 if sweep == "delete_for_runs" else 0
+        assert report.deleted == unnamed and not report.failed, report
+        assert len(files("offload")) == 2 - unnamed and not files("offload-work")
+        again = await saver.aget_tuple(config)
+        assert again is not None
+        assert again.checkpoint["channel_values"]["doc"] == second["channel_values"]["doc"]

@@ -602,9 +602,11 @@ class ColdGC(_Job):
                 continue
             if kind == SWEEPING:
                 if marker_due(info.modified, now=now, grace=self.grace_seconds):
-                    report.deleted += await self.saver.router.drop_unnamed_objects(
-                        stack, [thread_id], started=info.modified)
-                    await store.delete([marker])
+                    dropped, spared = await self.saver.router.drop_unnamed_objects(
+                        stack, [thread_id], started=now)
+                    report.deleted += dropped
+                    if not spared:
+                        await store.delete([marker])
                 continue
             objects: dict[str, float] = {}
             async for key in store.iter_keys(thread_space(thread_id)):
