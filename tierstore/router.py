@@ -602,18 +602,22 @@ class Router:
         cached from before would then be older than warm, and ``hot_check="trusted"``
         serves copies without asking warm, so the thread's copies in this process are
         dropped at once and its hot entry is invalidated (best effort: the hot tier may
-        be down too; a caller that gave up does not wait for it).
+        be down too; a caller that gave up does not wait for it). The invalidation
+        leaves a tombstone at today's version: the write may land only after a reader
+        refilled the hot tier from warm as it was before, so no copy of the thread is
+        accepted there for ``hot_ttl`` (it is read from warm meanwhile).
         """
         try:
             return await write
         except TierUnavailable:
-            await self._invalidate(stack, [thread_id])
+            await self._invalidate(stack, [thread_id], floor=tombstone_version(time.time()))
             raise
         except (asyncio.CancelledError, TimeoutError):
             self._forget_here(stack, [thread_id])
             if stack.hot is not None:
-                hot = stack.hot
-                self._spawn(self._hot(hot, "invalidate", hot.invalidate(thread_id), None))
+                hot, floor = stack.hot, tombstone_version(time.time())
+                self._spawn(self._hot(hot, "invalidate", hot.invalidate(thread_id, floor=floor),
+                                      None))
             raise
 
     def _spawn(self, work: Awaitable[None]) -> None:

@@ -2,7 +2,8 @@
 
 When the connection drops after the warm store committed but before its answer
 arrived, the caller sees ``TierUnavailable`` although the write is stored; when the
-answer is only slow, a caller that gives up (a timeout, a cancel) sees the same. The
+answer is only slow, a caller that gives up (a timeout, a cancel) sees the same, and
+the write may even land after a reader has refilled the hot tier from warm. The
 next read must return what warm holds, in either hot check mode: with
 ``hot_check="trusted"`` a hot copy is served without asking warm, so a failed warm
 write must take the thread's hot copies (Redis and this process's) with it.
@@ -42,6 +43,7 @@ class LosesAnswers:
         self._inner = inner
         self.how = how
         self.armed = False
+        self.landing: list[asyncio.Future[Any]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -51,11 +53,21 @@ class LosesAnswers:
             return result
         if self.how == "silent":
             await asyncio.Event().wait()
+        if self.how == "late":
+            raise AssertionError("a late write commits in put_checkpoint, not here")
         raise TierUnavailable("connection reset after commit", tier="warm",
                               backend=self._inner.backend)
 
     async def put_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed and self.how == "late":  # commits after the caller gave up
+            landed = asyncio.ensure_future(self._late(*args, **kwargs))
+            self.landing.append(landed)
+            return await asyncio.shield(landed)
         return await self._lost(await self._inner.put_checkpoint(*args, **kwargs))
+
+    async def _late(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await self._inner.put_checkpoint(*args, **kwargs)
 
     async def put_writes(self, *args: Any, **kwargs: Any) -> Any:
         return await self._lost(await self._inner.put_writes(*args, **kwargs))
@@ -70,7 +82,7 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     return with_query(redis_url, prefix=unique_prefix()), postgres_url
 
 
-@pytest.mark.parametrize("how", ["reset", "silent"])
+@pytest.mark.parametrize("how", ["reset", "silent", "late"])
 @pytest.mark.parametrize("hot_check", ["verify", "trusted"])
 async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_returns(
     stores: tuple[str, str], hot_check: str, how: str,
@@ -89,11 +101,14 @@ async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_retur
         if how == "reset":
             with pytest.raises(TierUnavailable):
                 await app.ainvoke({"messages": [HumanMessage("remember pears")]}, config)
-        else:  # the caller gives up on a put that is stored but not answered yet
+        else:  # the caller gives up on a put that is stored (or about to be), unanswered
             child = copy_checkpoint(before.checkpoint)
             child["id"] = str(uuid6(clock_seq=7))
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(saver.aput(before.config, child, {"step": 9}, {}), 0.5)
+                await asyncio.wait_for(saver.aput(before.config, child, {"step": 9}, {}), 0.2)
+            if how == "late":  # a reader refills the hot tier before the write lands
+                assert (await saver.aget_tuple(config)) is not None
+                await asyncio.wait_for(asyncio.gather(*warm.landing), 5)
         warm.armed = False
         stored = await warm.get(config["configurable"]["thread_id"], "", None)
         assert stored is not None and stored.checkpoint_id != before.config[
