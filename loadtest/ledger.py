@@ -22,6 +22,11 @@ checkpoint (``aget_tuple({"configurable": {"thread_id": t}})``):
 * a thread with acknowledged turns but no checkpoint has lost all of them;
 * a thread whose read keeps raising (``attempts`` tries) is *unreadable*.
 
+The verdict is one of three states: ``OK`` (no lost, unexpected or unreadable, and at
+least one turn acknowledged), ``FAILED`` (something lost, unexpected or unreadable), or
+``NOT SHOWN`` (nothing wrong found, but no turn was acknowledged: a run that stored
+nothing proves nothing, so it is not OK either). ``ok`` is true only for ``OK``.
+
 Turns of one thread are expected to be sent one at a time (the next after the previous
 call returned or raised), as a chat user does; "in the order sent" relies on it.
 
@@ -69,7 +74,12 @@ class _Thread:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What ``Ledger.verify`` found. ``ok`` means no lost, no unexpected, no unreadable."""
+    """What ``Ledger.verify`` found; ``state`` is ``OK``, ``FAILED`` or ``NOT SHOWN``.
+
+    ``ok`` means no lost, no unexpected, no unreadable *and* at least one acknowledged
+    turn: with none acknowledged, durability was not shown (``NOT SHOWN``), whatever
+    the reads found.
+    """
 
     threads: int
     acked: int
@@ -80,15 +90,26 @@ class Verdict:
     unreadable: tuple[str, ...]  # threads whose read-back kept failing
 
     @property
+    def state(self) -> str:
+        """``FAILED`` if anything is lost, unexpected or unreadable; else ``NOT SHOWN`` if no
+        turn was acknowledged; else ``OK``."""
+        if self.lost or self.unexpected or self.unreadable:
+            return "FAILED"
+        return "OK" if self.acked else "NOT SHOWN"
+
+    @property
     def ok(self) -> bool:
-        return not (self.lost or self.unexpected or self.unreadable)
+        return self.state == "OK"
 
     def summary(self, cap: int = LISTING_CAP) -> str:
         """Printable, multi-line; at most ``cap`` lines of each kind of failure are listed."""
         failed = f"{self.failed} failed turns ({self.failed_landed} landed anyway)"
-        if self.ok:
+        if self.state == "OK":
             return (f"durability: OK — {self.acked} acknowledged turns on {self.threads} "
                     f"threads all present; {failed}")
+        if self.state == "NOT SHOWN":
+            return (f"durability: NOT SHOWN — no turn was acknowledged; {self.threads} "
+                    f"threads; {failed}")
         lines = [
             f"durability: FAILED — {len(self.lost)} lost, {len(self.unexpected)} unexpected, "
             f"{len(self.unreadable)} unreadable; {self.acked} acknowledged turns on "
@@ -104,11 +125,12 @@ class Verdict:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: every field (tuples as lists) plus ``ok``."""
+        """JSON-ready: every field (tuples as lists) plus ``ok`` and ``state``."""
         data = asdict(self)
         for key in ("lost", "unexpected", "unreadable"):
             data[key] = list(data[key])
         data["ok"] = self.ok
+        data["state"] = self.state
         return data
 
 

@@ -93,6 +93,7 @@ async def test_every_acknowledged_turn_present_is_ok() -> None:
     saver = FakeSaver({"t1": chat("t1", [0, 1, 2]), "t2": chat("t2", [0, 1]), "t3": tool_turn})
     verdict = await verify(ledger, saver)
     assert verdict.ok, verdict.summary()
+    assert verdict.state == "OK"
     assert (verdict.threads, verdict.acked, verdict.failed, verdict.failed_landed) == (3, 6, 0, 0)
     assert verdict.summary() == ("durability: OK — 6 acknowledged turns on 3 threads all present; "
                                  "0 failed turns (0 landed anyway)")
@@ -174,6 +175,29 @@ async def test_a_turn_still_in_flight_counts_as_failed() -> None:
     assert (landed.failed, landed.failed_landed, absent.failed_landed) == (1, 1, 0)
 
 
+async def test_a_run_with_no_acknowledged_turn_is_not_shown_rather_than_ok() -> None:
+    ledger = Ledger()
+    record(ledger, "t1", "ff")  # every call failed: nothing was promised, nothing proved
+    record(ledger, "t2", "s")
+    verdict = await verify(ledger, FakeSaver({"t1": chat("t1", [1])}))
+    assert not verdict.ok
+    assert verdict.state == "NOT SHOWN"
+    assert (verdict.acked, verdict.failed, verdict.failed_landed) == (0, 3, 1)
+    assert verdict.summary() == ("durability: NOT SHOWN — no turn was acknowledged; 2 threads; "
+                                 "3 failed turns (1 landed anyway)")
+    assert verdict.as_dict()["state"] == "NOT SHOWN"
+    empty = await verify(Ledger(), FakeSaver({}))
+    assert (empty.ok, empty.state, empty.threads) == (False, "NOT SHOWN", 0)
+
+
+async def test_a_failure_outranks_not_shown() -> None:
+    ledger = Ledger()
+    record(ledger, "t1", "f")
+    verdict = await verify(ledger, FakeSaver({"t1": [HumanMessage("never sent")]}))
+    assert verdict.state == "FAILED"
+    assert verdict.summary().startswith("durability: FAILED — 0 lost, 1 unexpected")
+
+
 async def test_a_read_is_retried_before_the_thread_is_unreadable() -> None:
     ledger = Ledger()
     record(ledger, "flaky", "a")
@@ -241,6 +265,7 @@ async def test_the_summary_caps_its_listing_and_as_dict_is_json() -> None:
     assert lines[-1] == "    … and 10 more"
     data = json.loads(json.dumps(verdict.as_dict()))
     assert data["ok"] is False
+    assert data["state"] == "FAILED"
     assert data["acked"] == 30
     assert len(data["lost"]) == 30
 
