@@ -20,7 +20,8 @@ checkpoint (``aget_tuple({"configurable": {"thread_id": t}})``):
 * failed turns (and turns still in flight when the ledger is verified) may be present
   (counted as ``failed_landed``) or absent;
 * a thread with acknowledged turns but no checkpoint has lost all of them;
-* a thread whose read keeps raising (``attempts`` tries) is *unreadable*.
+* a thread whose read keeps raising (``attempts`` tries), or is not read within the
+  whole check's ``budget``, is *unreadable*.
 
 The verdict is one of three states: ``OK`` (no lost, unexpected or unreadable, and at
 least one turn acknowledged), ``FAILED`` (something lost, unexpected or unreadable), or
@@ -38,14 +39,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 __all__ = ["Ledger", "Verdict"]
+
+T = TypeVar("T")
 
 LISTING_CAP = 20  # lines of each kind shown by Verdict.summary
 _EXCERPT = 40  # characters of a message quoted in a report line
@@ -197,11 +200,16 @@ class Ledger:
                 if any(t.status is _Status.ACKED for t in thread.turns)]
 
     async def verify(self, saver: BaseCheckpointSaver[Any], *, concurrency: int = 8,
-                     read_timeout: float = 30.0, attempts: int = 3) -> Verdict:
+                     read_timeout: float = 30.0, attempts: int = 3,
+                     budget: float | None = None) -> Verdict:
         """Read every thread's latest checkpoint back through ``saver`` and check the rules.
 
         At most ``concurrency`` reads run at once; each read is bounded by ``read_timeout``
         seconds and tried up to ``attempts`` times before the thread is reported unreadable.
+        With ``budget``, the whole check returns within about ``budget`` seconds whatever
+        the saver does: the threads not read by then are reported unreadable. A read that
+        outlives its timeout is cancelled and left behind, never waited for, so even a
+        read that ignores cancellation cannot stretch these bounds.
         The record is snapshotted first, so turns recorded during the check are not seen.
         """
         if attempts < 1 or concurrency < 1:
@@ -214,7 +222,14 @@ class Ledger:
             async with gate:
                 return await _verify_thread(saver, thread_id, turns, read_timeout, attempts)
 
-        results = await asyncio.gather(*(one(tid, turns) for tid, turns in snapshot.items()))
+        tasks = {tid: asyncio.ensure_future(one(tid, turns)) for tid, turns in snapshot.items()}
+        try:
+            if tasks:
+                await asyncio.wait(tasks.values(), timeout=budget)
+        finally:  # cancelled from outside: the reads go too
+            for task in tasks.values():
+                task.cancel()
+        results = [_collect(tid, task, budget) for tid, task in tasks.items()]
         all_turns = [t for turns in snapshot.values() for t in turns]
         return Verdict(
             threads=len(snapshot),
@@ -227,6 +242,27 @@ class Ledger:
         )
 
 
+def _collect(thread_id: str, task: asyncio.Future[_Findings], budget: float | None) -> _Findings:
+    """The findings of a finished check; a check still running is cancelled (not awaited)
+    and its thread reported unreadable."""
+    if task.done():
+        return task.result()
+    task.cancel()
+    return _Findings(unreadable=[f"{thread_id}: not read within the check's budget of "
+                                 f"{budget:g}s"])
+
+
+async def _within(call: Awaitable[T], seconds: float) -> T:
+    """``call``'s result, or ``TimeoutError`` after ``seconds``; the call is then cancelled
+    but not waited for (unlike ``asyncio.wait_for``, which waits for it to end)."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        raise TimeoutError
+    return task.result()
+
+
 async def _read_messages(saver: BaseCheckpointSaver[Any], thread_id: str, read_timeout: float,
                          attempts: int) -> tuple[Sequence[Any] | None, BaseException | None]:
     """The latest checkpoint's messages (``None``: no checkpoint), or the last read error."""
@@ -235,7 +271,7 @@ async def _read_messages(saver: BaseCheckpointSaver[Any], thread_id: str, read_t
         if attempt:
             await asyncio.sleep(_RETRY_PAUSE * attempt)
         try:
-            found = await asyncio.wait_for(
+            found = await _within(
                 saver.aget_tuple({"configurable": {"thread_id": thread_id}}), read_timeout)
         except Exception as exc:
             error = exc

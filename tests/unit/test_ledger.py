@@ -21,15 +21,17 @@ from loadtest.ledger import Ledger, Verdict
 class FakeSaver(BaseCheckpointSaver[str]):
     """Serves ``states[thread_id]`` as the latest checkpoint's messages (absent: no checkpoint).
 
-    ``errors[thread_id]`` reads of a thread raise before it is served; ``hang`` never answers.
+    ``errors[thread_id]`` reads of a thread raise before it is served; ``hang`` never answers;
+    ``stubborn`` never answers and ignores the first cancellation (a driver that swallows it).
     """
 
     def __init__(self, states: dict[str, list[AnyMessage]], *, errors: dict[str, int] | None = None,
-                 hang: bool = False) -> None:
+                 hang: bool = False, stubborn: bool = False) -> None:
         super().__init__()
         self.states = states
         self.errors = dict(errors or {})
         self.hang = hang
+        self.stubborn = stubborn
         self.reads = 0
         self.in_flight = 0
         self.most_in_flight = 0
@@ -43,6 +45,11 @@ class FakeSaver(BaseCheckpointSaver[str]):
             await asyncio.sleep(0.001)
             if self.hang:
                 await asyncio.Event().wait()
+            if self.stubborn:
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.5)  # then gives up, so the test loop can close
             if self.errors.get(thread_id, 0) > 0:
                 self.errors[thread_id] -= 1
                 raise ConnectionError(f"{thread_id}: connection refused")
@@ -217,6 +224,27 @@ async def test_a_read_that_hangs_is_bounded_and_unreadable() -> None:
     verdict = await verify(ledger, FakeSaver({}, hang=True), read_timeout=0.05, attempts=2)
     assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: ",)
     assert not verdict.ok
+
+
+async def test_a_read_that_ignores_cancellation_is_left_behind_not_waited_for() -> None:
+    ledger = Ledger()
+    record(ledger, "t1", "a")
+    verdict = await verify(ledger, FakeSaver({}, stubborn=True), read_timeout=0.05, attempts=2)
+    assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: ",)
+
+
+async def test_the_whole_check_is_bounded_by_its_budget() -> None:
+    ledger = Ledger()
+    states = {}
+    for n in range(6):
+        record(ledger, f"t{n}", "a")
+        states[f"t{n}"] = chat(f"t{n}", [0])
+    saver = FakeSaver(states, stubborn=True)
+    verdict = await verify(ledger, saver, concurrency=2, read_timeout=60, budget=0.2)
+    assert verdict.state == "FAILED"
+    assert verdict.unreadable == tuple(
+        f"t{n}: not read within the check's budget of 0.2s" for n in range(6))
+    assert saver.reads == 2  # the other four never got a read slot
 
 
 async def test_reads_are_bounded_by_concurrency() -> None:
