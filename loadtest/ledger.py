@@ -252,13 +252,23 @@ def _collect(thread_id: str, task: asyncio.Future[_Findings], budget: float | No
                                  f"{budget:g}s"])
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _within(call: Awaitable[T], seconds: float) -> T:
     """``call``'s result, or ``TimeoutError`` after ``seconds``; the call is then cancelled
     but not waited for (unlike ``asyncio.wait_for``, which waits for it to end)."""
     task = asyncio.ensure_future(call)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:  # timed out, or this wait cancelled: the call is cancelled and left behind
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieve)  # its late outcome is not an unretrieved error
     if not done:
-        task.cancel()
         raise TimeoutError
     return task.result()
 
