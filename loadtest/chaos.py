@@ -49,7 +49,10 @@ else), read after every fault healed through every tier. ``--json PATH`` writes 
 
 Exit code: 0 only if the verdict is OK and every failure, of a user call or of the
 worker, is ``TierUnavailable``; any other exception type is a defect (exit 1, listed
-with a traceback sample). 2: interrupted (Ctrl-C, SIGTERM); the servers are removed.
+with a traceback sample). A verdict of NOT SHOWN (no turn was acknowledged, so nothing
+was shown) is not OK: exit 1. 2: interrupted (Ctrl-C, SIGTERM, SIGHUP, at any moment,
+from the first import on); the servers, the worker and the temporary directories are
+removed, even when the signal comes while a server starts or a fault is under way.
 """
 
 from __future__ import annotations
