@@ -49,7 +49,10 @@ else), read after every fault healed through every tier. ``--json PATH`` writes 
 
 Exit code: 0 only if the verdict is OK and every failure, of a user call or of the
 worker, is ``TierUnavailable``; any other exception type is a defect (exit 1, listed
-with a traceback sample). 2: interrupted (Ctrl-C, SIGTERM); the servers are removed.
+with a traceback sample). A verdict of NOT SHOWN (no turn was acknowledged, so nothing
+was shown) is not OK: exit 1. 2: interrupted (Ctrl-C, SIGTERM, SIGHUP, at any moment,
+from the first import on); the servers, the worker and the temporary directories are
+removed, even when the signal comes while a server starts or a fault is under way.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -76,6 +80,19 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def _interrupted_early(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP before the soak's own handlers are in place: nothing runs yet."""
+    del frame
+    print(f"chaos: interrupted ({signal.Signals(signum).name}) before anything started",
+          file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":  # first thing, before the slow imports: exit 2, never 143
+    for _sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_sig, _interrupted_early)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: loadtest/ is on the path, the repo is not
@@ -89,6 +106,7 @@ __all__ = ["Options", "main", "soak"]
 ALL_FAULTS = ("redis", "postgres", "s3", "cut", "terminate")
 CALL_TIMEOUT = 60.0  # a call still running after this is a hang: TimeoutError, a defect
 HEARTBEAT = 15.0
+INTERRUPT_GRACE = 5.0  # seconds the worker gets to stop when the soak is interrupted
 SAMPLE_EVERY = 0.1
 TRACEBACK_CHARS = 4000
 
@@ -187,7 +205,14 @@ class ReadMismatch(AssertionError):
 
 
 class Servers:
-    """Private Redis, PostgreSQL and moto on free 127.0.0.1 ports, and the faults on them."""
+    """Private Redis, PostgreSQL and moto on free 127.0.0.1 ports, and the faults on them.
+
+    ``close`` is final: it takes the same lock as every server start, and once it has run
+    no start does anything. So a start, fault or restart thread still running after its
+    awaiting task was cancelled (``asyncio.to_thread`` cannot stop a thread) can never
+    bring a server back after cleanup, and a start in progress finishes before ``close``
+    removes what it started.
+    """
 
     def __init__(self, root: Path) -> None:
         from tests.servers.postgres import PrivateCluster, free_port
@@ -200,6 +225,8 @@ class Servers:
         self.moto: Any = None
         self.bucket = f"chaos-{secrets.token_hex(6)}"
         self.proxies: dict[str, Any] = {}  # server -> TcpProxy, for the users' saver
+        self._lock = threading.Lock()  # held by every start and by close
+        self._closed = False
 
     async def start_proxies(self) -> None:
         from tests.servers.proxy import TcpProxy
@@ -213,16 +240,33 @@ class Servers:
             await proxy.aclose()
 
     def start(self) -> None:
-        self.redis.start()
-        self.postgres.start()
+        self.start_redis()
+        self.start_postgres()
         self.start_moto()
 
+    def start_redis(self) -> None:
+        """Start Redis, unless ``close`` has run (then nothing happens)."""
+        with self._lock:
+            if not self._closed:
+                self.redis.start()
+
+    def start_postgres(self) -> None:
+        """Start PostgreSQL, unless ``close`` has run (then nothing happens)."""
+        with self._lock:
+            if not self._closed:
+                self.postgres.start()
+
     def start_moto(self) -> None:
+        """Start moto, unless ``close`` has run (then nothing happens)."""
         from moto.server import ThreadedMotoServer
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
-        server.start()
-        self.moto = server
+        with self._lock:
+            if self._closed:
+                return
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port,
+                                        verbose=False)
+            server.start()
+            self.moto = server
 
     def stop_moto(self) -> None:
         server, self.moto = self.moto, None
@@ -244,13 +288,16 @@ class Servers:
         }
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.redis.kill()
-        with contextlib.suppress(Exception):
-            self.postgres.destroy()
-        with contextlib.suppress(Exception):
-            self.stop_moto()
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Remove every server and directory; final (later starts do nothing). Idempotent."""
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self.redis.kill()
+            with contextlib.suppress(Exception):
+                self.postgres.destroy()
+            with contextlib.suppress(Exception):
+                self.stop_moto()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     # faults: blocking, run in a thread; each leaves its server up again
 
@@ -259,7 +306,7 @@ class Servers:
         try:
             time.sleep(downtime)
         finally:
-            self.redis.start()
+            self.start_redis()
         return "SIGKILL; restarted empty on the same port"
 
     def cut(self, server: str) -> str:
@@ -271,7 +318,7 @@ class Servers:
         try:
             time.sleep(downtime)
         finally:
-            self.postgres.start()
+            self.start_postgres()
         return f"pg_ctl stop -m {mode}; start"
 
     def s3_restart(self, downtime: float) -> str:
@@ -426,8 +473,14 @@ class Worker:
                     record.runs.append(WorkerRun(**message))
 
     async def stop(self, record: Record) -> None:
+        """Ask the worker to stop, wait for it (killed after two call timeouts, or after
+        ``INTERRUPT_GRACE`` seconds when the soak is being interrupted); never raises."""
         self.stop_event.set()
-        deadline = time.monotonic() + CALL_TIMEOUT * 2 + 10
+        if self.process.pid is None:  # never started
+            return
+        task = asyncio.current_task()
+        interrupted = task is not None and task.cancelling() > 0
+        deadline = time.monotonic() + (INTERRUPT_GRACE if interrupted else CALL_TIMEOUT * 2 + 10)
         while self.process.is_alive() and time.monotonic() < deadline:
             self.drain(record)
             await asyncio.sleep(0.1)
@@ -769,7 +822,12 @@ async def soak(options: Options) -> dict[str, Any]:
 
     _dummy_aws()
     run = secrets.token_hex(4)
-    servers = Servers(Path(tempfile.mkdtemp(prefix="tierstore-chaos-")))
+    root = Path(tempfile.mkdtemp(prefix="tierstore-chaos-"))
+    try:
+        servers = Servers(root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     record = Record()
     try:
         await asyncio.to_thread(servers.start)
@@ -778,8 +836,8 @@ async def soak(options: Options) -> dict[str, Any]:
         async with TieredSaver.from_urls(hot=urls["hot"], warm=urls["warm"],
                                          cold=urls["cold"]) as saver:
             worker = Worker(servers.urls(f"chaos-{run}:", proxied=False), options)
-            await worker.start()
             try:
+                await worker.start()
                 ledger = await _load(servers, saver, worker, record, options=options, run=run)
             finally:
                 await worker.stop(record)
@@ -841,8 +899,13 @@ async def _until_signal(options: Options) -> dict[str, Any]:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:  # once: a second signal must not cut the cleanup short
+        if not task.cancelling():
+            task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, interrupt)
     return await soak(options)
 
 

@@ -20,7 +20,13 @@ checkpoint (``aget_tuple({"configurable": {"thread_id": t}})``):
 * failed turns (and turns still in flight when the ledger is verified) may be present
   (counted as ``failed_landed``) or absent;
 * a thread with acknowledged turns but no checkpoint has lost all of them;
-* a thread whose read keeps raising (``attempts`` tries) is *unreadable*.
+* a thread whose read keeps raising (``attempts`` tries), or is not read within the
+  whole check's ``budget``, is *unreadable*.
+
+The verdict is one of three states: ``OK`` (no lost, unexpected or unreadable, and at
+least one turn acknowledged), ``FAILED`` (something lost, unexpected or unreadable), or
+``NOT SHOWN`` (nothing wrong found, but no turn was acknowledged: a run that stored
+nothing proves nothing, so it is not OK either). ``ok`` is true only for ``OK``.
 
 Turns of one thread are expected to be sent one at a time (the next after the previous
 call returned or raised), as a chat user does; "in the order sent" relies on it.
@@ -33,14 +39,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 __all__ = ["Ledger", "Verdict"]
+
+T = TypeVar("T")
 
 LISTING_CAP = 20  # lines of each kind shown by Verdict.summary
 _EXCERPT = 40  # characters of a message quoted in a report line
@@ -69,7 +77,12 @@ class _Thread:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What ``Ledger.verify`` found. ``ok`` means no lost, no unexpected, no unreadable."""
+    """What ``Ledger.verify`` found; ``state`` is ``OK``, ``FAILED`` or ``NOT SHOWN``.
+
+    ``ok`` means no lost, no unexpected, no unreadable *and* at least one acknowledged
+    turn: with none acknowledged, durability was not shown (``NOT SHOWN``), whatever
+    the reads found.
+    """
 
     threads: int
     acked: int
@@ -80,15 +93,26 @@ class Verdict:
     unreadable: tuple[str, ...]  # threads whose read-back kept failing
 
     @property
+    def state(self) -> str:
+        """``FAILED`` if anything is lost, unexpected or unreadable; else ``NOT SHOWN`` if no
+        turn was acknowledged; else ``OK``."""
+        if self.lost or self.unexpected or self.unreadable:
+            return "FAILED"
+        return "OK" if self.acked else "NOT SHOWN"
+
+    @property
     def ok(self) -> bool:
-        return not (self.lost or self.unexpected or self.unreadable)
+        return self.state == "OK"
 
     def summary(self, cap: int = LISTING_CAP) -> str:
         """Printable, multi-line; at most ``cap`` lines of each kind of failure are listed."""
         failed = f"{self.failed} failed turns ({self.failed_landed} landed anyway)"
-        if self.ok:
+        if self.state == "OK":
             return (f"durability: OK — {self.acked} acknowledged turns on {self.threads} "
                     f"threads all present; {failed}")
+        if self.state == "NOT SHOWN":
+            return (f"durability: NOT SHOWN — no turn was acknowledged; {self.threads} "
+                    f"threads; {failed}")
         lines = [
             f"durability: FAILED — {len(self.lost)} lost, {len(self.unexpected)} unexpected, "
             f"{len(self.unreadable)} unreadable; {self.acked} acknowledged turns on "
@@ -104,11 +128,12 @@ class Verdict:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: every field (tuples as lists) plus ``ok``."""
+        """JSON-ready: every field (tuples as lists) plus ``ok`` and ``state``."""
         data = asdict(self)
         for key in ("lost", "unexpected", "unreadable"):
             data[key] = list(data[key])
         data["ok"] = self.ok
+        data["state"] = self.state
         return data
 
 
@@ -175,11 +200,16 @@ class Ledger:
                 if any(t.status is _Status.ACKED for t in thread.turns)]
 
     async def verify(self, saver: BaseCheckpointSaver[Any], *, concurrency: int = 8,
-                     read_timeout: float = 30.0, attempts: int = 3) -> Verdict:
+                     read_timeout: float = 30.0, attempts: int = 3,
+                     budget: float | None = None) -> Verdict:
         """Read every thread's latest checkpoint back through ``saver`` and check the rules.
 
         At most ``concurrency`` reads run at once; each read is bounded by ``read_timeout``
         seconds and tried up to ``attempts`` times before the thread is reported unreadable.
+        With ``budget``, the whole check returns within about ``budget`` seconds whatever
+        the saver does: the threads not read by then are reported unreadable. A read that
+        outlives its timeout is cancelled and left behind, never waited for, so even a
+        read that ignores cancellation cannot stretch these bounds.
         The record is snapshotted first, so turns recorded during the check are not seen.
         """
         if attempts < 1 or concurrency < 1:
@@ -192,7 +222,14 @@ class Ledger:
             async with gate:
                 return await _verify_thread(saver, thread_id, turns, read_timeout, attempts)
 
-        results = await asyncio.gather(*(one(tid, turns) for tid, turns in snapshot.items()))
+        tasks = {tid: asyncio.ensure_future(one(tid, turns)) for tid, turns in snapshot.items()}
+        try:
+            if tasks:
+                await asyncio.wait(tasks.values(), timeout=budget)
+        finally:  # cancelled from outside: the reads go too
+            for task in tasks.values():
+                task.cancel()
+        results = [_collect(tid, task, budget) for tid, task in tasks.items()]
         all_turns = [t for turns in snapshot.values() for t in turns]
         return Verdict(
             threads=len(snapshot),
@@ -205,6 +242,37 @@ class Ledger:
         )
 
 
+def _collect(thread_id: str, task: asyncio.Future[_Findings], budget: float | None) -> _Findings:
+    """The findings of a finished check; a check still running is cancelled (not awaited)
+    and its thread reported unreadable."""
+    if task.done():
+        return task.result()
+    task.cancel()
+    return _Findings(unreadable=[f"{thread_id}: not read within the check's budget of "
+                                 f"{budget:g}s"])
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _within(call: Awaitable[T], seconds: float) -> T:
+    """``call``'s result, or ``TimeoutError`` after ``seconds``; the call is then cancelled
+    but not waited for (unlike ``asyncio.wait_for``, which waits for it to end)."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:  # timed out, or this wait cancelled: the call is cancelled and left behind
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieve)  # its late outcome is not an unretrieved error
+    if not done:
+        raise TimeoutError
+    return task.result()
+
+
 async def _read_messages(saver: BaseCheckpointSaver[Any], thread_id: str, read_timeout: float,
                          attempts: int) -> tuple[Sequence[Any] | None, BaseException | None]:
     """The latest checkpoint's messages (``None``: no checkpoint), or the last read error."""
@@ -213,7 +281,7 @@ async def _read_messages(saver: BaseCheckpointSaver[Any], thread_id: str, read_t
         if attempt:
             await asyncio.sleep(_RETRY_PAUSE * attempt)
         try:
-            found = await asyncio.wait_for(
+            found = await _within(
                 saver.aget_tuple({"configurable": {"thread_id": thread_id}}), read_timeout)
         except Exception as exc:
             error = exc

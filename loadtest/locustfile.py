@@ -26,8 +26,17 @@ call is only a failed call (it may have landed); a read that finds fewer message
 the acknowledged turns imply is a loss and fails that read. When the test stops, every
 thread of this process is read back and checked (``Ledger.verify``); the verdict is
 printed, reported as the request ``verify: durability``, written as JSON when
-``LOADTEST_VERDICT_JSON`` names a file, and a failed verdict makes locust exit 2.
-In distributed mode each worker verifies the threads it wrote.
+``LOADTEST_VERDICT_JSON`` names a file, and a verdict other than OK makes locust exit 2:
+FAILED (something lost, unexpected or unreadable) or NOT SHOWN (no turn was acknowledged,
+so the run proved nothing). In distributed mode each worker verifies the threads it wrote.
+
+The end of the run is bounded whatever the stores do: the calls cut by the stop get
+``STOP_GRACE`` seconds, the read-back gets the rest of ``VERIFY_TIMEOUT`` (default
+``CALL_TIMEOUT``; threads not read by then are reported unreadable, so the verdict is
+FAILED), and closing the saver gets ``CLOSE_TIMEOUT`` (then the loop's thread pool as
+much again). Locust exits at most about ``VERIFY_TIMEOUT + 2 * CLOSE_TIMEOUT`` seconds
+after ``-t`` (40 s with the defaults); a call that does not answer its cancellation is
+left behind, not waited for.
 
     locust -f loadtest/locustfile.py --headless -u 20 -r 5 -t 30s --exit-code-on-error 1
 """
@@ -65,11 +74,34 @@ T = TypeVar("T")
 MESSAGE_BYTES = int(os.environ.get("LOADTEST_MESSAGE_BYTES", "500"))
 CALL_TIMEOUT = float(os.environ.get("LOADTEST_CALL_TIMEOUT", "30"))
 STOP_GRACE = float(os.environ.get("LOADTEST_STOP_GRACE", "2"))  # s for calls cut by the stop
-VERIFY_TIMEOUT = float(os.environ.get("LOADTEST_VERIFY_TIMEOUT", "300"))
+# the end of the run: settle + read-back, then closing the saver (see the module docstring)
+VERIFY_TIMEOUT = float(os.environ.get("LOADTEST_VERIFY_TIMEOUT", str(CALL_TIMEOUT)))
+CLOSE_TIMEOUT = float(os.environ.get("LOADTEST_CLOSE_TIMEOUT", "5"))
 VERDICT_JSON = os.environ.get("LOADTEST_VERDICT_JSON")
 VERIFY_TYPE, VERIFY_NAME = "ledger", "verify: durability"  # the verdict's row in locust's stats
 PUMP_INTERVAL = 0.001  # seconds between turns of the loop thread's gevent hub
 URL_VARIABLES = ("TIERSTORE_HOT_URL", "TIERSTORE_WARM_URL", "TIERSTORE_COLD_URL")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _within(call: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``call``'s result, or ``TimeoutError`` after ``seconds``: then it is cancelled but not
+    waited for (``asyncio.wait_for`` would wait for a call that ignores its cancellation)."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:  # timed out, or this wait cancelled: the call is cancelled and left behind
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieve)  # its late outcome is not an unretrieved error
+    if not done:
+        raise TimeoutError(f"no answer within {seconds:g}s")
+    return task.result()
 
 
 class AsyncRuntime:
@@ -117,7 +149,7 @@ class AsyncRuntime:
         watcher = hub.loop.async_()
         waiter = Waiter(hub)
         watcher.start(waiter.switch, None)
-        wrapped = self._tracked(coro, timeout) if track else asyncio.wait_for(coro, timeout)
+        wrapped = self._tracked(coro, timeout) if track else _within(coro, timeout)
         future: Future[T] = asyncio.run_coroutine_threadsafe(wrapped, self.loop)
         future.add_done_callback(lambda _: watcher.send())
         try:
@@ -132,7 +164,8 @@ class AsyncRuntime:
         return future.result()
 
     async def settle(self, grace: float) -> None:
-        """Give the calls in flight ``grace`` seconds, then cancel the rest and wait for them."""
+        """Give the calls in flight ``grace`` seconds, then cancel the rest and wait for them
+        up to ``grace`` more seconds (a call that ignores its cancellation is left behind)."""
         if not self.calls:
             return
         _, pending = await asyncio.wait(list(self.calls), timeout=grace)
@@ -175,17 +208,22 @@ class Stack:
             if os.environ.get(name)) + ")"
 
     async def _verify(self) -> Verdict:
+        deadline = time.monotonic() + VERIFY_TIMEOUT
         await self.runtime.settle(STOP_GRACE)  # the ledger is final once no call is in flight
-        return await self.ledger.verify(self.saver, read_timeout=CALL_TIMEOUT)
+        budget = max(1.0, deadline - time.monotonic())
+        return await self.ledger.verify(self.saver, read_timeout=min(CALL_TIMEOUT, budget),
+                                        budget=budget)
 
     def verify(self) -> Verdict:
         """Read every thread of this process back and check it against the ledger.
 
         Calls cut by the stop get ``STOP_GRACE`` seconds, then are cancelled: their
-        turns count as failed (may or may not be stored), never as lost.
+        turns count as failed (may or may not be stored), never as lost. Returns within
+        about ``VERIFY_TIMEOUT`` seconds: threads not read by then are unreadable.
         """
         try:
-            self.verdict = self.runtime.run(self._verify(), timeout=VERIFY_TIMEOUT, track=False)
+            self.verdict = self.runtime.run(self._verify(), timeout=VERIFY_TIMEOUT + 5,
+                                            track=False)
         except Exception as exc:
             self.verify_error = exc
             raise
@@ -199,12 +237,24 @@ class Stack:
         include the task running this very coroutine, and so always last the full timeout.
         """
         await self.runtime.settle(STOP_GRACE)
-        await self.saver.aclose()
-        await asyncio.get_running_loop().shutdown_default_executor()
+        try:
+            await _within(self.saver.aclose(), CLOSE_TIMEOUT)
+        finally:
+            # the interpreter's exit joins the executor's threads, and under gevent they
+            # only run on this loop's thread: they must end before the loop stops
+            await _within(asyncio.get_running_loop().shutdown_default_executor(),
+                          CLOSE_TIMEOUT)
 
     def close(self) -> None:
+        """Close the saver within about ``CLOSE_TIMEOUT`` seconds (given up after that: the
+        process is exiting) and the loop's thread pool within as much again, stop the
+        loop, remove the embedded stack's directory."""
         try:
-            self.runtime.run(self._shutdown(), timeout=2 * CALL_TIMEOUT, track=False)
+            self.runtime.run(self._shutdown(), timeout=2 * (STOP_GRACE + CLOSE_TIMEOUT) + 1,
+                             track=False)
+        except TimeoutError:
+            print(f"tierstore saver not closed within {CLOSE_TIMEOUT:g}s; left to the exit",
+                  flush=True)
         finally:
             self.runtime.stop()
             if self.tempdir is not None:

@@ -21,15 +21,17 @@ from loadtest.ledger import Ledger, Verdict
 class FakeSaver(BaseCheckpointSaver[str]):
     """Serves ``states[thread_id]`` as the latest checkpoint's messages (absent: no checkpoint).
 
-    ``errors[thread_id]`` reads of a thread raise before it is served; ``hang`` never answers.
+    ``errors[thread_id]`` reads of a thread raise before it is served; ``hang`` never answers;
+    ``stubborn`` never answers and ignores the first cancellation (a driver that swallows it).
     """
 
     def __init__(self, states: dict[str, list[AnyMessage]], *, errors: dict[str, int] | None = None,
-                 hang: bool = False) -> None:
+                 hang: bool = False, stubborn: bool = False) -> None:
         super().__init__()
         self.states = states
         self.errors = dict(errors or {})
         self.hang = hang
+        self.stubborn = stubborn
         self.reads = 0
         self.in_flight = 0
         self.most_in_flight = 0
@@ -43,6 +45,11 @@ class FakeSaver(BaseCheckpointSaver[str]):
             await asyncio.sleep(0.001)
             if self.hang:
                 await asyncio.Event().wait()
+            if self.stubborn:
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.5)  # then gives up, so the test loop can close
             if self.errors.get(thread_id, 0) > 0:
                 self.errors[thread_id] -= 1
                 raise ConnectionError(f"{thread_id}: connection refused")
@@ -93,6 +100,7 @@ async def test_every_acknowledged_turn_present_is_ok() -> None:
     saver = FakeSaver({"t1": chat("t1", [0, 1, 2]), "t2": chat("t2", [0, 1]), "t3": tool_turn})
     verdict = await verify(ledger, saver)
     assert verdict.ok, verdict.summary()
+    assert verdict.state == "OK"
     assert (verdict.threads, verdict.acked, verdict.failed, verdict.failed_landed) == (3, 6, 0, 0)
     assert verdict.summary() == ("durability: OK — 6 acknowledged turns on 3 threads all present; "
                                  "0 failed turns (0 landed anyway)")
@@ -174,6 +182,29 @@ async def test_a_turn_still_in_flight_counts_as_failed() -> None:
     assert (landed.failed, landed.failed_landed, absent.failed_landed) == (1, 1, 0)
 
 
+async def test_a_run_with_no_acknowledged_turn_is_not_shown_rather_than_ok() -> None:
+    ledger = Ledger()
+    record(ledger, "t1", "ff")  # every call failed: nothing was promised, nothing proved
+    record(ledger, "t2", "s")
+    verdict = await verify(ledger, FakeSaver({"t1": chat("t1", [1])}))
+    assert not verdict.ok
+    assert verdict.state == "NOT SHOWN"
+    assert (verdict.acked, verdict.failed, verdict.failed_landed) == (0, 3, 1)
+    assert verdict.summary() == ("durability: NOT SHOWN — no turn was acknowledged; 2 threads; "
+                                 "3 failed turns (1 landed anyway)")
+    assert verdict.as_dict()["state"] == "NOT SHOWN"
+    empty = await verify(Ledger(), FakeSaver({}))
+    assert (empty.ok, empty.state, empty.threads) == (False, "NOT SHOWN", 0)
+
+
+async def test_a_failure_outranks_not_shown() -> None:
+    ledger = Ledger()
+    record(ledger, "t1", "f")
+    verdict = await verify(ledger, FakeSaver({"t1": [HumanMessage("never sent")]}))
+    assert verdict.state == "FAILED"
+    assert verdict.summary().startswith("durability: FAILED — 0 lost, 1 unexpected")
+
+
 async def test_a_read_is_retried_before_the_thread_is_unreadable() -> None:
     ledger = Ledger()
     record(ledger, "flaky", "a")
@@ -193,6 +224,27 @@ async def test_a_read_that_hangs_is_bounded_and_unreadable() -> None:
     verdict = await verify(ledger, FakeSaver({}, hang=True), read_timeout=0.05, attempts=2)
     assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: ",)
     assert not verdict.ok
+
+
+async def test_a_read_that_ignores_cancellation_is_left_behind_not_waited_for() -> None:
+    ledger = Ledger()
+    record(ledger, "t1", "a")
+    verdict = await verify(ledger, FakeSaver({}, stubborn=True), read_timeout=0.05, attempts=2)
+    assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: ",)
+
+
+async def test_the_whole_check_is_bounded_by_its_budget() -> None:
+    ledger = Ledger()
+    states = {}
+    for n in range(6):
+        record(ledger, f"t{n}", "a")
+        states[f"t{n}"] = chat(f"t{n}", [0])
+    saver = FakeSaver(states, stubborn=True)
+    verdict = await verify(ledger, saver, concurrency=2, read_timeout=60, budget=0.2)
+    assert verdict.state == "FAILED"
+    assert verdict.unreadable == tuple(
+        f"t{n}: not read within the check's budget of 0.2s" for n in range(6))
+    assert saver.reads == 2  # the other four never got a read slot
 
 
 async def test_reads_are_bounded_by_concurrency() -> None:
@@ -241,6 +293,7 @@ async def test_the_summary_caps_its_listing_and_as_dict_is_json() -> None:
     assert lines[-1] == "    … and 10 more"
     data = json.loads(json.dumps(verdict.as_dict()))
     assert data["ok"] is False
+    assert data["state"] == "FAILED"
     assert data["acked"] == 30
     assert len(data["lost"]) == 30
 
