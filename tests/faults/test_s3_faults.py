@@ -321,3 +321,54 @@ async def test_a_cancelled_multipart_upload_is_aborted(proxy_factory: Any, moto_
         await no_uploads_left(s3_client, store.bucket, "mp/k-")
     finally:
         await store.aclose()
+
+
+# -- a stalled link: every request ends within the store's deadline ------------------------
+
+
+def stalling_store(proxy: TcpProxy, moto_endpoint: str) -> S3Store:
+    """Short timeouts, so the per-request deadline is a few seconds."""
+    url = s3_url(moto_endpoint, prefix="st/", connect_timeout="0.5", read_timeout="2",
+                 max_attempts="2", multipart_threshold="5MiB", part_size="5MiB")
+    return S3Store.from_url(StoreUrl.parse(url.replace(moto_endpoint,
+                                                       f"http://{proxy.address}")))
+
+
+async def test_a_put_over_a_stalled_link_times_out(moto_endpoint: str) -> None:
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        store = stalling_store(proxy, moto_endpoint)
+        await store.setup()
+        try:
+            await store.put("before", b"b" * 1000)
+            proxy.stall()
+            error = await refused(store.put("small", b"s" * 1000), TierUnavailable)
+            assert "timed out" in str(error)
+            proxy.resume()
+            await store.put("after", b"a" * 1000)
+            assert await store.get("after") == b"a" * 1000
+            assert await store.get("before") == b"b" * 1000
+        finally:
+            await store.aclose()
+
+
+async def test_a_multipart_upload_over_a_stalled_link_times_out_and_is_aborted(
+    proxy_factory: Any, moto_endpoint: str, s3_client: Any
+) -> None:
+    proxy = await proxy_factory(after=2 * 1024 * 1024, mode="stall")
+    # Every connection carrying a part stalls for good (retries included); the small
+    # requests, the abort among them, pass.
+    proxy.trip_after(2 * 1024 * 1024, "stall", times=None)
+    store = stalling_store(proxy, moto_endpoint)
+    await store.setup()
+    try:
+        error = await refused(store.put("big", os.urandom(11 << 20)), TierUnavailable)
+        assert proxy.tripped.is_set()
+        assert "timed out" in str(error)
+        await no_uploads_left(s3_client, store.bucket, "st/big")
+        proxy.clear_trip()
+        data = os.urandom(11 << 20)
+        await asyncio.wait_for(store.put("big", data), HANG_GUARD)
+        assert await store.get("big") == data
+    finally:
+        await store.aclose()
