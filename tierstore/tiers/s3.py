@@ -48,8 +48,11 @@ Deadline: no request waits past ``request_deadline`` seconds, retries included:
 ``max_attempts x (connect_timeout + read_timeout)`` plus botocore's backoff between
 attempts (at most ``min(20, 2**(n-1))`` seconds before retry ``n``) plus one second
 (70 s with the defaults). ``read_timeout`` alone bounds only the wait for each byte
-of an answer, so a link that stalls while a request body is being sent would
-otherwise hold a put forever. A request that runs out of time raises
+of an answer: PutObject and UploadPart go out with ``Expect: 100-continue`` and the
+HTTP client waits for the ``100 Continue`` (and writes the body) with no timeout, so a
+stalled link would otherwise hold a put forever. The deadline also bounds the
+transfer itself: one request must move its bytes within it (an 8 MiB part in 70 s
+needs about 120 KB/s). A request that runs out of time raises
 ``TierUnavailable("… timed out …")``; a multipart upload cut off that way is aborted
 like any other failed one (the abort is itself a request with the same deadline).
 The deadline is per request: a multipart put makes several.
