@@ -10,11 +10,14 @@ chained to the driver error, and work again as soon as the wrapper is disarmed.
 The errors are the ones a connection cut, a pool reset, a server selection timeout,
 an election (not primary, shutting down, stepped down) or a slow replica produce, as
 exceptions of their own class or as ``OperationFailure`` carrying the server's code
-or a retryable error label.
+or a retryable error label. Two kinds are not transient: a write concern the
+deployment can never satisfy is a ``ConfigurationError``, and the driver's
+``InvalidOperation`` on a store closed during the call is a ``LifecycleError``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +30,7 @@ from pymongo.errors import (
     ConnectionFailure,
     CursorNotFound,
     ExecutionTimeout,
+    InvalidOperation,
     NetworkTimeout,
     NotPrimaryError,
     OperationFailure,
@@ -41,7 +45,7 @@ from pymongo.errors import (
 from loadtest.workload import build_chat_agent, thread_config, turn_input
 from tests.servers.mongo import MongoTarget
 from tierstore import TieredSaver
-from tierstore.errors import TierUnavailable
+from tierstore.errors import ConfigurationError, LifecycleError, TierstoreError, TierUnavailable
 from tierstore.tiers.mongo import MongoWarm
 
 ERRORS: dict[str, Exception] = {
@@ -76,6 +80,26 @@ ERRORS: dict[str, Exception] = {
     "BulkWriteError with a write concern error": BulkWriteError({
         "writeErrors": [], "nInserted": 1,
         "writeConcernErrors": [{"code": 91, "errmsg": "shutdown in progress"}]}),
+    "OperationFailure FailedToSatisfyReadPreference (mongos, no primary)":
+        OperationFailure("could not find host matching read preference", 133),
+    "OperationFailure NetworkInterfaceExceededTimeLimit":
+        OperationFailure("network interface exceeded time limit", 202),
+    "OperationFailure StaleConfig": OperationFailure("stale config", 13388),
+    "OperationFailure ClientDisconnect": OperationFailure("client disconnected", 279),
+    "OperationFailure request rate too large (Cosmos DB, DocumentDB)":
+        OperationFailure("Request rate is large", 16500),
+}
+
+# Errors that no retry can cure: the write concern in the URL cannot be met by this
+# deployment (more nodes than it has, or a tag set it does not define).
+CONFIG_ERRORS: dict[str, Exception] = {
+    "WriteConcernError UnsatisfiableWriteConcern": WriteConcernError(
+        "Not enough data-bearing nodes", 100, {"code": 100}),
+    "WriteConcernError UnknownReplWriteConcern": WriteConcernError(
+        "unrecognized getLastError mode: majorty", 79, {"code": 79}),
+    "BulkWriteError with an unsatisfiable write concern": BulkWriteError({
+        "writeErrors": [], "nInserted": 1,
+        "writeConcernErrors": [{"code": 100, "errmsg": "Not enough data-bearing nodes"}]}),
 }
 
 
@@ -85,6 +109,14 @@ class Switch:
     def __init__(self) -> None:
         self.error: Exception | None = None
         self.raised = 0
+        # When set, calls wait here first (``waiting`` says one has arrived).
+        self.hold: asyncio.Event | None = None
+        self.waiting = asyncio.Event()
+
+    async def wait(self) -> None:
+        if self.hold is not None:
+            self.waiting.set()
+            await self.hold.wait()
 
     def check(self) -> None:
         if self.error is not None:
@@ -106,6 +138,7 @@ class _Cursor:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Any]:
+        await self._switch.wait()
         self._switch.check()
         async for item in self._target:
             yield item
@@ -115,6 +148,7 @@ def _wrap(attr: Any, switch: Switch) -> Any:
     if inspect.iscoroutinefunction(attr):
         @functools.wraps(attr)
         async def call(*args: Any, **kwargs: Any) -> Any:
+            await switch.wait()
             switch.check()
             return _result(await attr(*args, **kwargs), switch)
         return call
@@ -222,10 +256,10 @@ CALLS: dict[str, Call] = {
 }
 
 
-@pytest.mark.parametrize("error", list(ERRORS))
-async def test_every_call_fails_unavailable_then_recovers(
-    saver: TieredSaver, switch: Switch, error: str,
+async def _every_call_fails(
+    saver: TieredSaver, switch: Switch, error: Exception, kind: type[TierstoreError],
 ) -> None:
+    """Each call in CALLS raises ``kind`` chained to ``error``; then the store works."""
     seen: dict[str, Any] = {"turns": 0}
     for _ in range(2):  # history, and a state large enough for GridFS
         await _turn(saver, seen)
@@ -235,13 +269,13 @@ async def test_every_call_fails_unavailable_then_recovers(
     seen["config"] = head.config
     wrong: dict[str, str] = {}
     for name, call in CALLS.items():
-        switch.error = ERRORS[error]
+        switch.error = error
         raised = switch.raised
         try:
             await call(saver, seen)
-        except TierUnavailable as exc:
-            if exc.__cause__ is not ERRORS[error]:
-                wrong[name] = f"TierUnavailable not chained to the driver error: {exc!r}"
+        except kind as exc:
+            if exc.__cause__ is not error:
+                wrong[name] = f"{kind.__name__} not chained to the driver error: {exc!r}"
         except Exception as exc:
             wrong[name] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
         else:
@@ -249,6 +283,64 @@ async def test_every_call_fails_unavailable_then_recovers(
                 wrong[name] = "the driver error was swallowed: the call returned"
         finally:
             switch.error = None
-    assert wrong == {}, f"{error} escaped untranslated or mistranslated from: {wrong}"
+    assert wrong == {}, f"{error!r} escaped untranslated or mistranslated from: {wrong}"
     await _turn(saver, seen)  # and the store works again at once
     assert await saver.aget_tuple(thread_config("t")) is not None
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+async def test_every_call_fails_unavailable_then_recovers(
+    saver: TieredSaver, switch: Switch, error: str,
+) -> None:
+    await _every_call_fails(saver, switch, ERRORS[error], TierUnavailable)
+
+
+@pytest.mark.parametrize("error", list(CONFIG_ERRORS))
+async def test_an_unsatisfiable_write_concern_is_a_configuration_error(
+    saver: TieredSaver, switch: Switch, error: str,
+) -> None:
+    await _every_call_fails(saver, switch, CONFIG_ERRORS[error], ConfigurationError)
+
+
+CLOSED_CLIENT = "Cannot use AsyncMongoClient after close"
+
+
+def faulty_warm(mongo_db: MongoTarget, switch: Switch) -> MongoWarm:
+    if mongo_db.real:
+        pytest.skip("injects errors into the mock")
+    gridfs = mongo_db.gridfs
+    assert gridfs is not None
+    return MongoWarm(database=FaultyDatabase(mongo_db.database, switch),
+                     gridfs=lambda database, name: _Faulty(gridfs(database, name), switch),
+                     offload_threshold=1024)
+
+
+async def test_a_call_cut_off_by_aclose_is_a_lifecycle_error(
+    mongo_db: MongoTarget, switch: Switch,
+) -> None:
+    """A call under way when the store is closed: the driver's InvalidOperation says so."""
+    warm = faulty_warm(mongo_db, switch)
+    await warm.setup()
+    switch.hold = asyncio.Event()
+    switch.error = InvalidOperation(CLOSED_CLIENT)
+    call = asyncio.create_task(warm.head("t", ""))
+    await asyncio.wait_for(switch.waiting.wait(), 30)
+    await warm.aclose()
+    switch.hold.set()
+    with pytest.raises(LifecycleError) as caught:
+        await asyncio.wait_for(call, 30)
+    assert caught.value.__cause__ is switch.error
+
+
+async def test_invalid_operation_on_an_open_store_is_not_a_lifecycle_error(
+    mongo_db: MongoTarget, switch: Switch,
+) -> None:
+    """The store is open (someone else closed the client it was given): not its lifecycle."""
+    warm = faulty_warm(mongo_db, switch)
+    await warm.setup()
+    try:
+        switch.error = InvalidOperation(CLOSED_CLIENT)
+        with pytest.raises(TierUnavailable):
+            await asyncio.wait_for(warm.head("t", ""), 30)
+    finally:
+        await warm.aclose()

@@ -4,7 +4,8 @@ Three kinds of bad endpoint, all on 127.0.0.1:
 - a port nobody listens on, and one that accepts and never answers;
 - a stub speaking S3's error dialect (AccessDenied, SlowDown, …) or no S3 at all;
 - a TCP proxy in front of moto that cuts or stalls one connection mid-upload, to
-  prove that a failed or cancelled multipart upload is aborted.
+  prove that a failed or cancelled multipart upload is aborted, or stalls the whole
+  link, to prove that every request ends within the store's deadline.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tierstore.errors import (
     TierUnavailable,
 )
 from tierstore.settings import StoreUrl
-from tierstore.tiers.s3 import S3Store
+from tierstore.tiers.s3 import S3Store, request_deadline
 
 # A guard against hanging, not a speed claim: every case fails within a few seconds.
 HANG_GUARD = 60.0
@@ -321,3 +322,98 @@ async def test_a_cancelled_multipart_upload_is_aborted(proxy_factory: Any, moto_
         await no_uploads_left(s3_client, store.bucket, "mp/k-")
     finally:
         await store.aclose()
+
+
+# -- a stalled link: every request ends within the store's deadline ------------------------
+
+
+def stalling_store(proxy: TcpProxy, moto_endpoint: str, **options: str) -> S3Store:
+    """Short timeouts, so the per-request deadline is a few seconds."""
+    url = s3_url(moto_endpoint, prefix="st/", **{
+        "connect_timeout": "0.5", "read_timeout": "2", "max_attempts": "2",
+        "multipart_threshold": "5MiB", "part_size": "5MiB", **options})
+    return S3Store.from_url(StoreUrl.parse(url.replace(moto_endpoint,
+                                                       f"http://{proxy.address}")))
+
+
+async def test_a_put_over_a_stalled_link_times_out(moto_endpoint: str) -> None:
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        store = stalling_store(proxy, moto_endpoint)
+        await store.setup()
+        try:
+            await store.put("before", b"b" * 1000)
+            proxy.stall()
+            error = await refused(store.put("small", b"s" * 1000), TierUnavailable)
+            assert "timed out" in str(error)
+            proxy.resume()
+            await store.put("after", b"a" * 1000)
+            assert await store.get("after") == b"a" * 1000
+            assert await store.get("before") == b"b" * 1000
+        finally:
+            await store.aclose()
+
+
+async def test_a_multipart_upload_over_a_stalled_link_times_out_and_is_aborted(
+    moto_endpoint: str, s3_client: Any
+) -> None:
+    # The link stalls once the upload is created, so every part waits on it (parts go
+    # out with ``Expect: 100-continue``, and the HTTP client waits for the ``100
+    # Continue`` with no timeout of its own); it flows again for the abort.
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        store = stalling_store(proxy, moto_endpoint)
+        await store.setup()
+        client = store._client
+        create, abort = client.create_multipart_upload, client.abort_multipart_upload
+
+        async def create_then_stall(**params: Any) -> Any:
+            answer = await create(**params)
+            proxy.stall()
+            return answer
+
+        async def resume_then_abort(**params: Any) -> Any:
+            proxy.resume()
+            return await abort(**params)
+
+        client.create_multipart_upload = create_then_stall
+        client.abort_multipart_upload = resume_then_abort
+        try:
+            error = await refused(store.put("big", os.urandom(11 << 20)), TierUnavailable)
+            assert "timed out" in str(error)
+            await no_uploads_left(s3_client, store.bucket, "st/big")
+            client.create_multipart_upload = create
+            data = os.urandom(11 << 20)
+            await asyncio.wait_for(store.put("big", data), HANG_GUARD)
+            assert await store.get("big") == data
+        finally:
+            proxy.resume()
+            await store.aclose()
+
+
+def test_the_deadline_covers_every_attempt_and_backoff() -> None:
+    # 3 attempts x (2 s to connect + 20 s to read) + backoffs of 1 s and 2 s + 1 s
+    assert request_deadline(connect_timeout=2, read_timeout=20, max_attempts=3) == 70
+    assert request_deadline(connect_timeout=0.5, read_timeout=2, max_attempts=1) == 3.5
+
+
+async def test_other_requests_over_a_stalled_link_time_out(moto_endpoint: str) -> None:
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        store = stalling_store(proxy, moto_endpoint, read_timeout="1", max_attempts="1")
+        await store.setup()
+        try:
+            await store.put("k", b"k")
+            proxy.stall()
+            await refused(store.info("k"), TierUnavailable)
+            await refused(store.delete(["k"]), TierUnavailable)
+            await refused(store.restore("k"), TierUnavailable)
+
+            async def listed() -> list[str]:
+                return [key async for key in store.iter_keys("")]
+
+            await refused(listed(), TierUnavailable)
+            proxy.resume()
+            assert [key async for key in store.iter_keys("")] in (["k"], [])
+        finally:
+            await store.aclose()

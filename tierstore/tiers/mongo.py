@@ -136,6 +136,7 @@ from pymongo.errors import (
     DuplicateKeyError,
     ExecutionTimeout,
     InvalidName,
+    InvalidOperation,
     OperationFailure,
     PyMongoError,
     WriteConcernError,
@@ -225,6 +226,11 @@ _INT64: Final = (-(2**63), 2**63 - 1)
 _DUPLICATE_KEY: Final = 11000
 _AUTH_CODES: Final = frozenset({13, 18})  # Unauthorized, AuthenticationFailed
 _INDEX_CONFLICT_CODES: Final = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
+# Write concerns this deployment can never satisfy (more nodes than it has, or a tag
+# set it does not define): a retry cannot help, the URL's w= must change.
+_WRITE_CONCERN_CONFIG_CODES: Final = frozenset({
+    79, 100,  # UnknownReplWriteConcern, UnsatisfiableWriteConcern
+})
 _INDEX_OPTIONS: Final = frozenset({"unique", "sparse", "partialFilterExpression"})
 # Server codes that say "not now" rather than "no": the node is unreachable, stepping
 # down, shutting down or overloaded, or a cursor died with its connection. A retry
@@ -238,6 +244,10 @@ _TRANSIENT_CODES: Final = frozenset({
     #                           InterruptedDueToReplStateChange
     189, 10058, 10107, 13435, 13436,  # PrimarySteppedDown and the "not primary" family
     134,  # ReadConcernMajorityNotAvailableYet
+    133,  # FailedToSatisfyReadPreference (mongos found no eligible node, e.g. no primary)
+    202, 279,  # NetworkInterfaceExceededTimeLimit, ClientDisconnect
+    13388,  # StaleConfig (a shard's routing table is being refreshed)
+    16500,  # Cosmos DB / DocumentDB: request rate too large (throttled)
 })
 _TRANSIENT_LABELS: Final = ("RetryableWriteError", "TransientTransactionError",
                             "SystemOverloadedError", "RetryableError")
@@ -301,6 +311,11 @@ def _translate(exc: Exception, where: str) -> TierstoreError:
         return ConfigurationError(
             f"{where}: an index of the same name exists with another definition ({exc})"
         )
+    if _unsatisfiable_write_concern(exc):
+        return ConfigurationError(
+            f"{where}: the deployment cannot satisfy the write concern (w=/wtimeoutMS in the "
+            f"URL); retrying will not help ({exc})"
+        )
     if _transient(exc):
         return TierUnavailable(f"{where}: {exc}", tier="warm", backend="mongodb")
     if isinstance(exc, InvalidDocument):
@@ -312,13 +327,30 @@ def _translate(exc: Exception, where: str) -> TierstoreError:
     return TierUnavailable(f"{where}: {exc}", tier="warm", backend="mongodb")
 
 
+def _unsatisfiable_write_concern(exc: Exception) -> bool:
+    """Whether ``exc`` says the write concern can never be met (codes 79 and 100).
+
+    A bulk write counts only when it has no write error of its own and one of its write
+    concern errors carries such a code.
+    """
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        if details.get("writeErrors"):
+            return False
+        return any(e.get("code") in _WRITE_CONCERN_CONFIG_CODES
+                   for e in details.get("writeConcernErrors") or [])
+    return isinstance(exc, OperationFailure) and exc.code in _WRITE_CONCERN_CONFIG_CODES
+
+
 def _transient(exc: Exception) -> bool:
     """Whether ``exc`` says the server could not answer now (a retry may succeed).
 
     Network errors, pool resets and server selection timeouts (``ConnectionFailure``),
     time limits, and write concern failures (the write may or may not be replicated:
     an unknown outcome, like a cut connection) are transient; so is a server refusal
-    whose code or error label says the node is unreachable, recovering or busy. A bulk
+    whose code or error label says the node is unreachable, recovering, busy or
+    throttling, or that a sharded cluster's routing is being refreshed. (A write concern
+    that can never be met is caught before this, by ``_unsatisfiable_write_concern``.) A bulk
     write is transient when every error it carries is.
     """
     if isinstance(exc, ConnectionFailure | ExecutionTimeout | WriteConcernError):
@@ -674,9 +706,19 @@ class MongoWarm:
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        """Driver errors leave as tierstore errors (see ``_translate``).
+
+        The driver's ``InvalidOperation`` on a store closed while the call was under way
+        (its client is closed) is a ``LifecycleError``; on an open store it is not the
+        store's lifecycle, and ``_translate`` decides.
+        """
         try:
             yield
         except (PyMongoError, BSONError) as exc:
+            if isinstance(exc, InvalidOperation) and self._state == "closed":
+                raise LifecycleError(
+                    f"mongodb warm tier {self._where} was closed during {what} ({exc})"
+                ) from exc
             raise _translate(exc, f"mongodb {self._where}: {what}") from exc
 
     # -- lifecycle --------------------------------------------------------------------

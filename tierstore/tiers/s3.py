@@ -44,6 +44,19 @@ max_attempts           3               attempts per request, retries included
 addressing_style       path|auto       ``path`` when endpoint_url is set, else ``auto``
 =====================  ==============  ==================================================
 
+Deadline: no request waits past ``request_deadline`` seconds, retries included:
+``max_attempts x (connect_timeout + read_timeout)`` plus botocore's backoff between
+attempts (at most ``min(20, 2**(n-1))`` seconds before retry ``n``) plus one second
+(70 s with the defaults). ``read_timeout`` alone bounds only the wait for each byte
+of an answer: PutObject and UploadPart go out with ``Expect: 100-continue`` and the
+HTTP client waits for the ``100 Continue`` (and writes the body) with no timeout, so a
+stalled link would otherwise hold a put forever. The deadline also bounds the
+transfer itself: one request must move its bytes within it (an 8 MiB part in 70 s
+needs about 120 KB/s). A request that runs out of time raises
+``TierUnavailable("… timed out …")``; a multipart upload cut off that way is aborted
+like any other failed one (the abort is itself a request with the same deadline).
+The deadline is per request: a multipart put makes several.
+
 Every driver error goes through ``_translate`` (the one place that knows botocore's
 error codes) and leaves as a tierstore error chained to the original.
 """
@@ -91,7 +104,7 @@ from tierstore.errors import (
 from tierstore.records import ObjectInfo
 from tierstore.settings import StoreUrl
 
-__all__ = ["STORAGE_CLASSES", "S3Store", "restore_state"]
+__all__ = ["STORAGE_CLASSES", "S3Store", "request_deadline", "restore_state"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +121,8 @@ _MAX_KEY_BYTES: Final = 1024
 _DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
 _LIST_PAGE = 1000  # and ListObjectsV2 returns at most 1000 per page
 _PART_CONCURRENCY: Final = 4
+_MAX_BACKOFF: Final = 20.0  # botocore's standard retry mode caps one backoff at 20 s
+_DEADLINE_MARGIN: Final = 1.0  # seconds for botocore's own work around the network waits
 
 # Characters that XML 1.0 cannot carry: keys holding them cannot travel in a
 # DeleteObjects body, so they are deleted one request at a time.
@@ -140,6 +155,18 @@ def restore_state(
     if match is None:
         return "not-started"
     return "in-progress" if match.group(1).lower() == "true" else "ready"
+
+
+def request_deadline(*, connect_timeout: float, read_timeout: float, max_attempts: int) -> float:
+    """Seconds one S3 request may take, every attempt and backoff included.
+
+    Each attempt may wait ``connect_timeout`` to connect and ``read_timeout`` for the
+    answer; botocore's standard retry mode sleeps at most ``min(20, 2**(n-1))``
+    seconds before retry ``n``.
+    """
+    attempts = max(1, max_attempts)
+    backoff = sum(min(_MAX_BACKOFF, 2.0 ** (n - 1)) for n in range(1, attempts))
+    return attempts * (connect_timeout + read_timeout) + backoff + _DEADLINE_MARGIN
 
 
 def _normalise_prefix(path: str) -> str:
@@ -399,6 +426,8 @@ class S3Store:
             s3={"addressing_style": style},
             max_pool_connections=16,
         )
+        self.deadline = request_deadline(connect_timeout=connect_timeout,
+                                         read_timeout=read_timeout, max_attempts=max_attempts)
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._state: State = "unopened"
@@ -525,13 +554,25 @@ class S3Store:
 
     @contextlib.asynccontextmanager
     async def _driver(self, op: str, key: str | None) -> AsyncIterator[None]:
-        """Run one driver call; its errors leave as tierstore errors (see ``_translate``)."""
+        """Run one driver call within ``self.deadline`` seconds.
+
+        Its errors leave as tierstore errors (see ``_translate``); running out of time
+        leaves as ``TierUnavailable`` saying the request timed out.
+        """
+        deadline = asyncio.timeout(self.deadline)
         try:
-            yield
+            async with deadline:
+                yield
         except (TierstoreError, _Missing):
             raise
         except DRIVER_ERRORS as exc:
             where = f"s3://{self.bucket}/{self.prefix}{key or ''}"
+            if deadline.expired():
+                raise TierUnavailable(
+                    f"S3 {op} on {where}: timed out after {self.deadline:g}s (max_attempts x "
+                    "(connect_timeout + read_timeout) plus retry backoff)",
+                    tier="cold", backend="s3",
+                ) from exc
             translated = _translate(exc, op=op, where=where)
             if translated is None:
                 return
