@@ -541,8 +541,10 @@ async def test_replace_leaves_nothing_of_the_old_thread_in_any_tier(tmp_path: Pa
         return unpacked(disk_bytes(tmp_path))
 
     secret = canary()
+    # offload_grace=0: no put is in flight here, so the old thread's offloaded objects
+    # may go at once (with the default grace they go with ColdGC: see test_offload)
     async with TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{tmp_path}/warm.db",
-                                     cold=f"file://{tmp_path}/cold",
+                                     cold=f"file://{tmp_path}/cold", offload_grace=0,
                                      offload_threshold=THRESHOLD, hot_write_delay=0) as saver:
         await write_chain(saver, "bob", [{"note": secret, "doc": large(secret)},
                                          {"note": secret + "-2", "doc": large(secret)}],
