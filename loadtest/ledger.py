@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-__all__ = ["Ledger", "Verdict"]
+__all__ = ["Ledger", "Verdict", "within"]
 
 T = TypeVar("T")
 
@@ -258,9 +258,10 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-async def _within(call: Awaitable[T], seconds: float) -> T:
+async def within(call: Awaitable[T], seconds: float) -> T:
     """``call``'s result, or ``TimeoutError`` after ``seconds``; the call is then cancelled
-    but not waited for (unlike ``asyncio.wait_for``, which waits for it to end)."""
+    but not waited for (unlike ``asyncio.wait_for``, which waits for a call that ignores
+    its cancellation)."""
     task = asyncio.ensure_future(call)
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
@@ -269,7 +270,7 @@ async def _within(call: Awaitable[T], seconds: float) -> T:
             task.cancel()
             task.add_done_callback(_retrieve)  # its late outcome is not an unretrieved error
     if not done:
-        raise TimeoutError
+        raise TimeoutError(f"no answer within {seconds:g}s")
     return task.result()
 
 
@@ -281,7 +282,7 @@ async def _read_messages(saver: BaseCheckpointSaver[Any], thread_id: str, read_t
         if attempt:
             await asyncio.sleep(_RETRY_PAUSE * attempt)
         try:
-            found = await _within(
+            found = await within(
                 saver.aget_tuple({"configurable": {"thread_id": thread_id}}), read_timeout)
         except Exception as exc:
             error = exc

@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 import gevent  # type: ignore[import-untyped]
 from gevent.hub import Waiter  # type: ignore[import-untyped]
 from gevent.monkey import get_original  # type: ignore[import-untyped]
-from ledger import Ledger, Verdict
+from ledger import Ledger, Verdict, within
 from locust import User, between, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
@@ -81,27 +81,6 @@ VERDICT_JSON = os.environ.get("LOADTEST_VERDICT_JSON")
 VERIFY_TYPE, VERIFY_NAME = "ledger", "verify: durability"  # the verdict's row in locust's stats
 PUMP_INTERVAL = 0.001  # seconds between turns of the loop thread's gevent hub
 URL_VARIABLES = ("TIERSTORE_HOT_URL", "TIERSTORE_WARM_URL", "TIERSTORE_COLD_URL")
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark an abandoned task's outcome as seen (asyncio would log it as never retrieved)."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def _within(call: Coroutine[Any, Any, T], seconds: float) -> T:
-    """``call``'s result, or ``TimeoutError`` after ``seconds``: then it is cancelled but not
-    waited for (``asyncio.wait_for`` would wait for a call that ignores its cancellation)."""
-    task = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=seconds)
-    finally:  # timed out, or this wait cancelled: the call is cancelled and left behind
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(_retrieve)  # its late outcome is not an unretrieved error
-    if not done:
-        raise TimeoutError(f"no answer within {seconds:g}s")
-    return task.result()
 
 
 class AsyncRuntime:
@@ -149,7 +128,7 @@ class AsyncRuntime:
         watcher = hub.loop.async_()
         waiter = Waiter(hub)
         watcher.start(waiter.switch, None)
-        wrapped = self._tracked(coro, timeout) if track else _within(coro, timeout)
+        wrapped = self._tracked(coro, timeout) if track else within(coro, timeout)
         future: Future[T] = asyncio.run_coroutine_threadsafe(wrapped, self.loop)
         future.add_done_callback(lambda _: watcher.send())
         try:
@@ -238,11 +217,11 @@ class Stack:
         """
         await self.runtime.settle(STOP_GRACE)
         try:
-            await _within(self.saver.aclose(), CLOSE_TIMEOUT)
+            await within(self.saver.aclose(), CLOSE_TIMEOUT)
         finally:
             # the interpreter's exit joins the executor's threads, and under gevent they
             # only run on this loop's thread: they must end before the loop stops
-            await _within(asyncio.get_running_loop().shutdown_default_executor(),
+            await within(asyncio.get_running_loop().shutdown_default_executor(),
                           CLOSE_TIMEOUT)
 
     def close(self) -> None:

@@ -222,7 +222,7 @@ async def test_a_read_that_hangs_is_bounded_and_unreadable() -> None:
     ledger = Ledger()
     record(ledger, "t1", "a")
     verdict = await verify(ledger, FakeSaver({}, hang=True), read_timeout=0.05, attempts=2)
-    assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: ",)
+    assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: no answer within 0.05s",)
     assert not verdict.ok
 
 
@@ -230,7 +230,7 @@ async def test_a_read_that_ignores_cancellation_is_left_behind_not_waited_for() 
     ledger = Ledger()
     record(ledger, "t1", "a")
     verdict = await verify(ledger, FakeSaver({}, stubborn=True), read_timeout=0.05, attempts=2)
-    assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: ",)
+    assert verdict.unreadable == ("t1: 2 reads failed, last: TimeoutError: no answer within 0.05s",)
 
 
 async def test_the_whole_check_is_bounded_by_its_budget() -> None:
