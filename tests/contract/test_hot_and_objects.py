@@ -1,4 +1,4 @@
-"""The HotStore and ObjectStore contracts, run on every backend (see ``backends.py``)."""
+"""The HotStore and ObjectStore contracts, run on every backend (see ``tests/stacks.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The WarmStore contract, run on every warm backend (see ``backends.py``)."""
+"""The WarmStore contract, run on every warm backend (see ``tests/stacks.py``)."""
 
 from __future__ import annotations
 
