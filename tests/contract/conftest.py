@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from tests.contract.backends import HOT, OBJECTS, WARM
+from tests.stacks import HOT, OBJECTS, WARM
 
 
 @pytest.fixture(params=sorted(WARM))

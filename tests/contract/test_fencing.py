@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.contract.test_warm import HOSTILE_IDS, cid, record, write
+from tests.builders import cid, record, write
+from tests.contract.test_warm import HOSTILE_IDS
 from tierstore.errors import LeaseLost
 from tierstore.records import ListQuery
 

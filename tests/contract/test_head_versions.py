@@ -11,9 +11,10 @@ import time
 import uuid
 from typing import Any
 
+from tests.builders import cid, record, write
 from tierstore.records import BlobRecord, Payload
 
-from .test_warm import chain, cid, record, write
+from .test_warm import chain
 
 
 async def version(warm: Any, t: str, ns: str = "") -> int:

@@ -1,4 +1,4 @@
-"""The HotStore and ObjectStore contracts, run on every backend (see ``backends.py``)."""
+"""The HotStore and ObjectStore contracts, run on every backend (see ``tests/stacks.py``)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,10 @@ from typing import Any
 
 import pytest
 
-from tierstore.records import Payload, StoredCheckpoint, WriteRecord
+from tests.builders import cached_write as w
+from tests.builders import entry
 
 from .test_warm import HOSTILE_IDS
-
-
-def entry(thread: str, checkpoint_id: str, *, ns: str = "", body: bytes = b"cp",
-          writes: tuple[WriteRecord, ...] = (), version: int = 1) -> StoredCheckpoint:
-    return StoredCheckpoint(
-        thread_id=thread,
-        checkpoint_ns=ns,
-        checkpoint_id=checkpoint_id,
-        parent_id="parent",
-        checkpoint=Payload("msgpack+zstd", body),
-        metadata=Payload("msgpack", b"md"),
-        blobs={"messages": Payload("msgpack", b"hello"), "empty": Payload("empty", b"")},
-        writes=writes,
-        version=version,
-    )
-
-
-def w(task: str, idx: int, value: bytes) -> WriteRecord:
-    return WriteRecord(task, idx, "ch", Payload("msgpack", value), "path")
-
 
 # -- hot ------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload
+from tests.builders import record
+from tierstore.records import BlobRecord, ListQuery, Payload
 from tierstore.tiers import sqlite as sqlite_tier
 from tierstore.tiers.sqlite import SqliteWarm
 
@@ -33,24 +34,15 @@ def _version(n: int) -> str:
 async def _fill(warm: SqliteWarm, thread: str, n: int, channels: int = CHANNELS) -> None:
     """``n`` checkpoints; each bumps one channel, so the thread holds ~n blobs."""
     versions = {f"ch{c}": _version(0) for c in range(channels)}
-    await warm.put_checkpoint(_record(thread, 0, None, versions, run_id="run-0"),
+    await warm.put_checkpoint(record(thread, 0, versions=versions, run_id="run-0"),
                               [BlobRecord(ch, v, Payload("msgpack", b"v0"))
                                for ch, v in versions.items()], strict=False)
     for i in range(1, n):
         ch = f"ch{i % channels}"
         versions[ch] = _version(i)
         await warm.put_checkpoint(
-            _record(thread, i, i - 1, versions, run_id=f"run-{i}"),
+            record(thread, i, parent=i - 1, versions=versions, run_id=f"run-{i}"),
             [BlobRecord(ch, versions[ch], Payload("msgpack", f"v{i}".encode()))], strict=False)
-
-
-def _record(thread: str, i: int, parent: int | None, versions: dict[str, str], *,
-            run_id: str) -> CheckpointRecord:
-    return CheckpointRecord(
-        thread_id=thread, checkpoint_ns="", checkpoint_id=f"1ef-{i:08d}",
-        parent_id=f"1ef-{parent:08d}" if parent is not None else None,
-        checkpoint=Payload("msgpack", b"cp"), metadata=Payload("msgpack", b"md"),
-        channel_versions=dict(versions), filter_doc={"step": i}, run_id=run_id)
 
 
 class Steps:

@@ -1,4 +1,4 @@
-"""The WarmStore contract, run on every warm backend (see ``backends.py``)."""
+"""The WarmStore contract, run on every warm backend (see ``tests/stacks.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.builders import cid, record, write
 from tierstore.errors import InvalidInput, VersionConflict
-from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload, WriteRecord
+from tierstore.records import BlobRecord, ListQuery, Payload
 
 HOSTILE_IDS = [
     "*",
@@ -21,37 +22,6 @@ HOSTILE_IDS = [
     "线程/スレッド/🧵",
     "x" * 10_000,
 ]
-
-
-def cid(n: int) -> str:
-    return f"1ef-{n:08d}"
-
-
-def record(
-    thread: str,
-    n: int,
-    *,
-    parent: int | None = None,
-    ns: str = "",
-    run_id: str | None = None,
-    versions: dict[str, str] | None = None,
-    doc: dict[str, Any] | None = None,
-) -> CheckpointRecord:
-    return CheckpointRecord(
-        thread_id=thread,
-        checkpoint_ns=ns,
-        checkpoint_id=cid(n),
-        parent_id=cid(parent) if parent is not None else None,
-        checkpoint=Payload("msgpack", f"cp-{n}".encode()),
-        metadata=Payload("msgpack", f"md-{n}".encode()),
-        channel_versions=versions or {},
-        filter_doc=doc or {"step": n, "source": "loop"},
-        run_id=run_id,
-    )
-
-
-def write(task: str, idx: int, value: str, channel: str = "ch") -> WriteRecord:
-    return WriteRecord(task, idx, channel, Payload("msgpack", value.encode()), "")
 
 
 async def chain(warm: Any, thread: str, n: int, ns: str = "") -> None:

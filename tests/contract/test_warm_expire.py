@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from tests.builders import cid, record
 from tierstore.records import Payload, WriteRecord
 
-from .test_warm import chain, cid, collect, record
+from .test_warm import chain, collect
 
 
 async def claimed(warm: Any, thread: str, now: float) -> list[Any]:

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from tests.builders import cid, record
 from tierstore.codec.pipeline import EMPTY
 from tierstore.records import BlobRecord, ListQuery, Payload
 
-from .test_warm import cid, collect, record
+from .test_warm import collect
 
 
 async def drop_blob(warm: Any, thread: str, channel: str) -> None:

@@ -6,7 +6,9 @@ import time
 import uuid
 from typing import Any
 
-from .test_warm import chain, cid, record
+from tests.builders import cid, record
+
+from .test_warm import chain
 
 
 async def claimed(warm: Any, thread: str, now: float, **kw: Any) -> list[str]:

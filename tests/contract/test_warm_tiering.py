@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from tests.builders import cid, record
 from tierstore.errors import InvalidInput, MissingBlobs
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
-from .test_warm import chain, cid, record
+from .test_warm import chain
 
 
 async def test_claim_leases_each_head_to_one_owner(warm: Any) -> None:

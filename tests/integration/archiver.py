@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.integration.stacks import Stack
+from tests.stacks import Stack
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
 

@@ -18,7 +18,7 @@ from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
-from tests.integration.stacks import ARCHIVING_STACKS, Urls
+from tests.stacks import ARCHIVING_STACKS, Urls
 from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import IdleArchival

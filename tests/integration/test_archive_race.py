@@ -20,7 +20,7 @@ import pytest
 from langgraph.graph import END, START, StateGraph
 
 from tests.integration.archiver import Archiver, start_archiver
-from tests.integration.stacks import STACKS, Urls
+from tests.stacks import STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.ops import verify
 

@@ -15,7 +15,7 @@ from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 
-from tests.integration.stacks import STACKS, Stack, stack_params
+from tests.stacks import STACKS, Stack, stack_params
 from tierstore import (
     ConfigurationError,
     CorruptPayload,

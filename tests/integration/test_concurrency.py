@@ -19,7 +19,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import Command, interrupt
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
+from tests.stacks import MULTIPROCESS_STACKS, STACKS, Urls
 from tierstore import (
     ConfigurationError,
     Keyring,

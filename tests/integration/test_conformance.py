@@ -20,7 +20,7 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import ALL_CAPABILITIES
 
 from tests.integration.archiver import Archiver, archive_everything, start_archiver
-from tests.integration.stacks import (
+from tests.stacks import (
     ARCHIVING_STACKS,
     MULTIPROCESS_ARCHIVING_STACKS,
     STACKS,

@@ -23,7 +23,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from tests.integration.stacks import (
+from tests.stacks import (
     MULTIPROCESS_STACKS,
     STACKS,
     TIERED_STACKS,

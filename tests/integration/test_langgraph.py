@@ -1,4 +1,4 @@
-"""Real LangGraph graphs on a TieredSaver, on every stack of ``stacks.py``."""
+"""Real LangGraph graphs on a TieredSaver, on every stack of ``tests/stacks.py``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from tests.integration.stacks import STACKS, Urls
+from tests.stacks import STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, Urls
 from tests.integration.test_concurrency import ask, cfg, single_chain
+from tests.stacks import MULTIPROCESS_STACKS, STACKS, Urls
 from tierstore import ConfigurationError, LeaseBusy, LeaseLost, LifecycleError, TieredSaver
 from tierstore.demo import build_agent
 from tierstore.lease import ThreadLease, current_fence

@@ -8,7 +8,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.stacks import STACKS, Urls
+from tests.stacks import STACKS, Urls
 from tierstore.demo import build_agent
 
 

@@ -16,7 +16,7 @@ import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 
-from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
+from tests.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import Retention

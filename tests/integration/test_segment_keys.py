@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
-from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
+from tests.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.segment import SEGMENT_PREFIX, thread_prefix
 from tierstore.errors import CorruptPayload

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
-from tests.integration.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
+from tests.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.segment import SEGMENT_PREFIX, unpack_segment
 from tierstore.demo import build_agent

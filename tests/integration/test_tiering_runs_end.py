@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
-from tests.integration.stacks import STACKS, TIERED_STACKS, Urls
+from tests.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion, Retention

@@ -19,7 +19,7 @@ from langgraph.checkpoint.conformance.test_utils import (
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from tests.bombs import GiB, bundle, chain, record, rle_frame, shell_payload
-from tests.integration.stacks import STACKS
+from tests.stacks import STACKS
 from tests.unit.golden_values import Ticket
 from tierstore import (
     CorruptPayload,

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.integration.archiver import archive_everything
-from tests.integration.stacks import ARCHIVING_STACKS, Urls
 from tests.integration.test_archive_race import profile_graph, thread_cfg
+from tests.stacks import ARCHIVING_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.ops import verify
 from tierstore.records import Payload, WriteRecord

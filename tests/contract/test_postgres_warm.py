@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from langgraph.graph import END, START, StateGraph
 
+from tests.builders import cid, record, write
 from tests.servers.postgres import with_database, with_query
 from tierstore import TieredSaver
 from tierstore.codec.pipeline import EMPTY
@@ -28,31 +29,11 @@ from tierstore.errors import (
     VersionConflict,
 )
 from tierstore.migrate import Migration, migrations_for
-from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload, WriteRecord
+from tierstore.records import BlobRecord, ListQuery, Payload
 from tierstore.settings import StoreUrl
 from tierstore.tiers.postgres import PostgresWarm, _statements
 
 DEADLINE = 30.0
-
-
-def cid(n: int) -> str:
-    return f"1ef-{n:08d}"
-
-
-def record(thread: str, n: int, *, parent: int | None = None, ns: str = "",
-           versions: dict[str, str] | None = None, doc: dict[str, Any] | None = None,
-           run_id: str | None = None) -> CheckpointRecord:
-    return CheckpointRecord(
-        thread_id=thread, checkpoint_ns=ns, checkpoint_id=cid(n),
-        parent_id=cid(parent) if parent is not None else None,
-        checkpoint=Payload("msgpack", f"cp-{n}".encode()),
-        metadata=Payload("msgpack", f"md-{n}".encode()),
-        channel_versions=versions or {}, filter_doc=doc or {"step": n}, run_id=run_id,
-    )
-
-
-def write(task: str, idx: int, value: bytes = b"v", channel: str = "ch") -> WriteRecord:
-    return WriteRecord(task, idx, channel, Payload("msgpack", value), "")
 
 
 @pytest.fixture

@@ -18,10 +18,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from tests.builders import cached_write as w
+from tests.builders import entry
 from tests.servers.redis import RedisServer, plain_client, purge, unique_prefix, with_query
 from tierstore.errors import ConfigurationError, CorruptPayload, LifecycleError, TierUnavailable
 from tierstore.policy import should_replace_hot
-from tierstore.records import Payload, StoredCheckpoint, WriteRecord
+from tierstore.records import Payload, StoredCheckpoint
 from tierstore.settings import StoreUrl
 from tierstore.tiers.memory import MemoryHot
 from tierstore.tiers.redis import (
@@ -35,24 +37,6 @@ from tierstore.tiers.redis import (
     entry_key,
     namespaces_key,
 )
-
-
-def entry(thread: str, checkpoint_id: str, *, ns: str = "",
-          writes: tuple[WriteRecord, ...] = (), version: int | None = None) -> StoredCheckpoint:
-    """A cached checkpoint; numeric ids get the warm version id + 1 unless one is given."""
-    if version is None:
-        version = int(checkpoint_id) + 1 if checkpoint_id.isdigit() else 1
-    return StoredCheckpoint(
-        thread_id=thread, checkpoint_ns=ns, checkpoint_id=checkpoint_id, parent_id=None,
-        checkpoint=Payload("msgpack", b"cp-" + checkpoint_id.encode()),
-        metadata=Payload("msgpack", b"md"), blobs={"a": Payload("msgpack", b"v")},
-        writes=writes, version=version,
-    )
-
-
-def w(task: str, idx: int, value: bytes = b"v") -> WriteRecord:
-    return WriteRecord(task, idx, "ch", Payload("msgpack", value), "")
-
 
 GENEROUS = {"timeout": "5", "socket_timeout": "2", "connect_timeout": "2"}
 

@@ -29,6 +29,8 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
+from tests.builders import blob, cid, write
+from tests.builders import record as rec
 from tests.servers.mongo import MongoTarget
 from tierstore.errors import (
     ConfigurationError,
@@ -42,7 +44,7 @@ from tierstore.errors import (
     VersionConflict,
 )
 from tierstore.migrate import Migration
-from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload, WriteRecord
+from tierstore.records import CheckpointRecord, ListQuery, Payload
 from tierstore.settings import StoreUrl
 from tierstore.tiers import open_store
 from tierstore.tiers.mongo import (
@@ -59,43 +61,6 @@ from tierstore.tiers.mongo import (
 
 KIB = 1024
 MIB = 1024 * 1024
-
-
-def cid(n: int) -> str:
-    return f"1ef-{n:08d}"
-
-
-def rec(
-    thread: str,
-    n: int,
-    *,
-    parent: int | None = None,
-    ns: str = "",
-    run_id: str | None = None,
-    versions: dict[str, str] | None = None,
-    checkpoint: bytes | None = None,
-    metadata: bytes | None = None,
-    doc: dict[str, Any] | None = None,
-) -> CheckpointRecord:
-    return CheckpointRecord(
-        thread_id=thread,
-        checkpoint_ns=ns,
-        checkpoint_id=cid(n),
-        parent_id=cid(parent) if parent is not None else None,
-        checkpoint=Payload("msgpack", checkpoint if checkpoint is not None else b"cp-%d" % n),
-        metadata=Payload("msgpack", metadata if metadata is not None else b"md-%d" % n),
-        channel_versions=versions or {},
-        filter_doc=doc if doc is not None else {"step": n},
-        run_id=run_id,
-    )
-
-
-def blob(channel: str, version: str, data: bytes) -> BlobRecord:
-    return BlobRecord(channel, version, Payload("msgpack+zstd", data))
-
-
-def write(task: str, idx: int, data: bytes, channel: str = "ch") -> WriteRecord:
-    return WriteRecord(task, idx, channel, Payload("msgpack", data), "")
 
 
 @pytest.fixture
