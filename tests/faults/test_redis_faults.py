@@ -33,7 +33,7 @@ from tierstore.tiers.redis import entry_key
 DEADLINE = 20.0
 # fast recovery, and timeouts a loaded machine cannot hit: the faults below are dead
 # servers and reset connections, which fail at once (silent servers and timeouts are
-# tested in tests/integration/test_redis_hot.py)
+# tested in tests/contract/test_redis_hot.py)
 FAST_BACKOFF = {"backoff": "0.05", "backoff_max": "0.2", "timeout": "5",
                 "socket_timeout": "2", "connect_timeout": "2"}
 
