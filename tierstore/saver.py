@@ -38,7 +38,7 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
-from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError, TurnInProgress
+from tierstore.errors import InvalidInput, TierstoreError, TurnInProgress
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
@@ -57,7 +57,6 @@ from tierstore.policy import (
     is_explicit_fork,
     list_scope,
     next_channel_version,
-    resolve_region,
     split_filter,
     validate_checkpoint_id,
     validate_id,
@@ -71,17 +70,17 @@ from tierstore.records import (
     StoredCheckpoint,
     WriteRecord,
 )
-from tierstore.router import DEFAULT_REGION, Regions, Router, Stats, TierStack
+from tierstore.router import Regions, Router, Stats, TierStack
 from tierstore.settings import (
     DEFAULT_COLD_URL,
     DEFAULT_HOT_URL,
+    DEFAULT_REGION,
     DEFAULT_WARM_URL,
     RegionTable,
     SaverOptions,
-    check_region_spec,
-    options_from_env,
-    regions_file_from_env,
-    urls_from_env,
+    StackSpec,
+    resolve_options,
+    resolve_spec,
 )
 from tierstore.tiers import HotStore, ObjectStore, WarmStore, open_store
 
@@ -158,16 +157,8 @@ class TieredSaver(
         ``ConfigurationError`` naming the bad part; nothing connects until the saver
         is entered.
         """
-        opts = SaverOptions().with_(**options)
-        if warm is None:
-            raise ConfigurationError("a warm tier is required: it is the system of record")
-        return cls.from_stores(
-            warm=open_store("warm", warm),
-            hot=open_store("hot", hot, ttl=opts.hot_ttl) if hot is not None else None,
-            cold=open_store("cold", cold) if cold is not None else None,
-            serde=serde,
-            **options,
-        )
+        return cls.from_spec(StackSpec.single(hot=hot, warm=warm, cold=cold, options=options),
+                             serde=serde)
 
     @classmethod
     def from_regions(
@@ -189,39 +180,9 @@ class TieredSaver(
         (checkpoints, offloaded payloads, archive segments, cache entries) goes only to
         its region's stores.
         """
-        opts = SaverOptions().with_(**options)
-        check_region_spec(regions, rules, default_region, resolver)
-        if not regions:
-            raise ConfigurationError("from_regions needs at least one region")
-        known = set(regions)
-        for _, region in rules:
-            if region not in known:
-                raise ConfigurationError(f"a rule names unknown region {region!r}")
-        if default_region is not None and default_region not in known:
-            raise ConfigurationError(f"default_region {default_region!r} is not a region")
-        stacks: dict[str, TierStack] = {}
-        for name, urls in regions.items():
-            unknown = set(urls) - {"hot", "warm", "cold"}
-            if unknown or not urls.get("warm"):
-                raise ConfigurationError(
-                    f"region {name!r} needs a warm URL and takes only hot/warm/cold"
-                )
-            hot, warm, cold = urls.get("hot"), urls.get("warm"), urls.get("cold")
-            assert warm is not None
-            stacks[name] = _stack(
-                warm=open_store("warm", warm),
-                hot=open_store("hot", hot, ttl=opts.hot_ttl) if hot else None,
-                cold=open_store("cold", cold) if cold else None,
-                options=opts,
-            )
-        table = tuple(rules)
-
-        def resolve(thread_id: str) -> str | None:
-            if resolver is not None:
-                return resolver(thread_id)
-            return resolve_region(thread_id, table, default_region)
-
-        return cls(_router(Regions(stacks, resolve), opts), options=opts, serde=serde)
+        spec = StackSpec.of_regions(regions, rules=rules, resolver=resolver,
+                                    default_region=default_region, options=options)
+        return cls.from_spec(spec, serde=serde)
 
     @classmethod
     def from_region_table(
@@ -233,15 +194,7 @@ class TieredSaver(
         places every thread by the whole table, so another region's thread is refused
         with ``ResidencyError`` naming its region.
         """
-        table.check()
-        served = table.served_urls()
-        if table.serves is None:
-            return cls.from_regions(served, rules=table.rules,
-                                    default_region=table.default_region, serde=serde,
-                                    **options)
-        rules, default = table.rules, table.default_region
-        return cls.from_regions(served, resolver=lambda t: resolve_region(t, rules, default),
-                                serde=serde, **options)
+        return cls.from_spec(StackSpec.of_table(table, options=options), serde=serde)
 
     @classmethod
     def from_stores(
@@ -258,7 +211,7 @@ class TieredSaver(
         The saver sets the stores up on enter and closes them on exit; a store that was
         given a client it did not create leaves that client open.
         """
-        opts = SaverOptions().with_(**options)
+        opts = resolve_options(options)
         stack = _stack(warm=warm, hot=hot, cold=cold, options=opts)
         return cls(_router(Regions({DEFAULT_REGION: stack}), opts), options=opts, serde=serde)
 
@@ -269,17 +222,19 @@ class TieredSaver(
         """``TIERSTORE_HOT_URL`` / ``_WARM_URL`` / ``_COLD_URL`` and ``TIERSTORE_*`` options.
 
         With ``TIERSTORE_REGIONS_FILE`` set, the region table in that file instead.
+        Options given here win over the environment (``settings.resolve_spec``).
         """
-        merged = {**options_from_env(), **options}
-        regions_file = regions_file_from_env()
-        if regions_file is not None:
-            return cls.from_region_table(RegionTable.from_file(regions_file), serde=serde,
-                                         **merged)
-        urls = urls_from_env()
-        warm = urls["warm"]
-        assert warm is not None
-        return cls.from_urls(hot=urls["hot"], warm=warm, cold=urls["cold"], serde=serde,
-                             **merged)
+        return cls.from_spec(resolve_spec(options=options), serde=serde)
+
+    @classmethod
+    def from_spec(cls, spec: StackSpec, *, serde: SerializerProtocol | None = None
+                  ) -> TieredSaver:
+        """A saver over the stores a checked ``StackSpec`` names; every factory ends here.
+
+        The stores are built, not connected: that happens when the saver is entered.
+        """
+        return cls(_router(open_regions(spec), spec.options), options=spec.options,
+                   serde=serde)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -798,6 +753,20 @@ def _encode(codec: Codec, value: Any, where: str) -> Payload:
     except Exception as exc:
         raise InvalidInput(
             f"{where} cannot be encoded: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
+def open_regions(spec: StackSpec) -> Regions:
+    """Build (not connect) the stores of every region of ``spec``, placed as it says."""
+    stacks: dict[str, TierStack] = {}
+    options = spec.options
+    for name, urls in spec.regions.items():
+        stacks[name] = _stack(
+            warm=open_store("warm", urls.warm),
+            hot=None if urls.hot is None else open_store("hot", urls.hot, ttl=options.hot_ttl),
+            cold=None if urls.cold is None else open_store("cold", urls.cold),
+            options=options,
+        )
+    return Regions(stacks, spec.region_of)
 
 
 def _stack(*, warm: WarmStore, hot: HotStore | None, cold: ObjectStore | None,

@@ -3,6 +3,16 @@
 A store is named by a URL; ``StoreUrl`` parses it once, masks its password in
 ``repr`` and names the bad part when it is malformed. ``SaverOptions`` carries the
 knobs of the saver; every default is documented in README.md.
+
+Every way of naming a saver's stores ends in one checked ``StackSpec``, so the saver's
+factory methods and the command line cannot disagree on what a configuration means::
+
+    TieredSaver.from_urls ──────► StackSpec.single ─────┐
+    TieredSaver.from_regions ───► StackSpec.of_regions ─┤
+    TieredSaver.from_region_table ► StackSpec.of_table ─┼──► StackSpec ──► TieredSaver.from_spec
+    TieredSaver.from_env ─┐                             │    (checked)     (opens the stores)
+    tierstore CLI flags ──┴─────► resolve_spec ─────────┘
+                                  flag/argument > TIERSTORE_* environment > embedded default
 """
 
 from __future__ import annotations
@@ -11,26 +21,43 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tierstore.errors import ConfigurationError
+from tierstore.policy import resolve_region
 
 __all__ = [
     "DEFAULT_COLD_URL",
     "DEFAULT_HOT_URL",
+    "DEFAULT_REGION",
     "DEFAULT_WARM_URL",
+    "REGIONS_FILE_VARIABLE",
+    "URL_VARIABLES",
     "RegionTable",
     "SaverOptions",
+    "StackSpec",
     "StoreUrl",
+    "TierUrls",
+    "resolve_options",
+    "resolve_spec",
 ]
 
 DEFAULT_HOT_URL = "memory://"
 DEFAULT_WARM_URL = "sqlite:///.tierstore/warm.db"
 DEFAULT_COLD_URL = "file://./.tierstore/cold"
+DEFAULT_REGION = "default"
+"""The one region of a saver built from three URLs (or from store objects)."""
+
+TIERS = ("hot", "warm", "cold")
+URL_VARIABLES = {tier: f"TIERSTORE_{tier.upper()}_URL" for tier in TIERS}
+REGIONS_FILE_VARIABLE = "TIERSTORE_REGIONS_FILE"
+
+RegionResolver = Callable[[str], str | None]
+"""Thread id → region name, or None when the thread has no region."""
 
 Concurrency = Literal["permissive", "strict"]
 HotCheck = Literal["verify", "trusted"]
@@ -308,6 +335,13 @@ _ENV_OPTIONS: dict[str, tuple[str, type]] = {
 }
 
 
+def resolve_options(options: Mapping[str, Any] | SaverOptions | None = None) -> SaverOptions:
+    """Options given by name, checked: an unknown name or a bad value is refused here."""
+    if isinstance(options, SaverOptions):
+        return options
+    return SaverOptions().with_(**(options or {}))
+
+
 def urls_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """``TIERSTORE_HOT_URL`` / ``TIERSTORE_WARM_URL`` / ``TIERSTORE_COLD_URL``.
 
@@ -321,12 +355,13 @@ def urls_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str | N
         ("warm", DEFAULT_WARM_URL),
         ("cold", DEFAULT_COLD_URL),
     ):
-        value = env.get(f"TIERSTORE_{tier.upper()}_URL")
+        variable = URL_VARIABLES[tier]
+        value = env.get(variable)
         if value is None:
             out[tier] = default
-        elif value.strip().lower() in ("", "none"):
+        elif _disabled(value):
             if tier == "warm":
-                raise ConfigurationError("TIERSTORE_WARM_URL cannot be disabled: warm is required")
+                raise ConfigurationError(f"{variable} cannot be disabled: warm is required")
             out[tier] = None
         else:
             out[tier] = value
@@ -348,6 +383,13 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         except ValueError as exc:
             raise ConfigurationError(f"{var}={raw!r}: {exc}") from exc
     return out
+
+
+def regions_file_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """``TIERSTORE_REGIONS_FILE``: a region table to use instead of the three URLs."""
+    env = os.environ if environ is None else environ
+    value = env.get(REGIONS_FILE_VARIABLE, "").strip()
+    return value or None
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -410,11 +452,11 @@ class RegionTable:
             raise ConfigurationError(f"{where}: needs a [regions.<name>] table per region")
         regions: dict[str, dict[str, str | None]] = {}
         for name, urls in raw_regions.items():
-            if not isinstance(urls, dict) or set(urls) - {"hot", "warm", "cold"} or not all(
+            if not isinstance(urls, dict) or set(urls) - set(TIERS) or not all(
                     isinstance(v, str) for v in urls.values()):
                 raise ConfigurationError(
                     f"{where}: [regions.{name}] takes hot, warm and cold URL strings")
-            regions[name] = {tier: _tier_url(urls.get(tier)) for tier in ("hot", "warm", "cold")}
+            regions[name] = {tier: _tier_url(urls.get(tier)) for tier in TIERS}
             if regions[name]["warm"] is None:
                 raise ConfigurationError(f"{where}: [regions.{name}] needs a warm URL")
         rules: list[tuple[str, str]] = []
@@ -432,12 +474,7 @@ class RegionTable:
         return table
 
     def check(self) -> None:
-        known = set(self.regions)
-        for pattern, region in self.rules:
-            if region not in known:
-                raise ConfigurationError(f"rule {pattern!r} names unknown region {region!r}")
-        if self.default_region is not None and self.default_region not in known:
-            raise ConfigurationError(f"default_region {self.default_region!r} is not a region")
+        _check_placement(self.regions, self.rules, self.default_region)
 
     def served_urls(self, environ: Mapping[str, str] | None = None
                     ) -> dict[str, dict[str, str | None]]:
@@ -459,7 +496,165 @@ class RegionTable:
         return replace(self, serves=frozenset({name}))
 
 
-def check_region_spec(regions: Any, rules: Any, default_region: Any, resolver: Any) -> None:
+def _tier_url(value: str | None) -> str | None:
+    return None if value is None or _disabled(value) else value
+
+
+def _disabled(value: str) -> bool:
+    """``""`` and ``none`` switch an optional tier off wherever text names a URL."""
+    return value.strip().lower() in ("", "none")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TierUrls:
+    """The store URLs of one region, parsed: a malformed one is refused before any store
+    is built. Whether a scheme has a backend is the business of ``tierstore.tiers``."""
+
+    warm: StoreUrl
+    hot: StoreUrl | None = None
+    cold: StoreUrl | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackSpec:
+    """Everything a saver is built from, checked, and nothing opened yet.
+
+    ``regions`` holds the stores this saver opens, by region; ``rules`` and
+    ``default_region`` (or ``resolver``, when given) place every thread, and may name
+    regions this saver does not open (a table narrowed with ``RegionTable.only``): such
+    a thread is then refused by name instead of being placed in the wrong stores.
+    Build one with ``resolve_spec`` or the ``single`` / ``of_regions`` / ``of_table``
+    constructors, which refuse what they cannot use with ``ConfigurationError``.
+    """
+
+    regions: Mapping[str, TierUrls]
+    rules: tuple[tuple[str, str], ...] = ()
+    default_region: str | None = None
+    resolver: RegionResolver | None = None
+    options: SaverOptions = field(default_factory=SaverOptions)
+
+    def region_of(self, thread_id: str) -> str | None:
+        if self.resolver is not None:
+            return self.resolver(thread_id)
+        return resolve_region(thread_id, self.rules, self.default_region)
+
+    @classmethod
+    def single(
+        cls,
+        *,
+        hot: str | None = DEFAULT_HOT_URL,
+        warm: str | None = DEFAULT_WARM_URL,
+        cold: str | None = DEFAULT_COLD_URL,
+        options: Mapping[str, Any] | SaverOptions | None = None,
+    ) -> StackSpec:
+        """One stack of stores, the region every thread belongs to; None disables hot or
+        cold (warm is the system of record, so it cannot be)."""
+        opts = resolve_options(options)
+        if warm is None:
+            raise ConfigurationError("a warm tier is required: it is the system of record")
+        urls = TierUrls(warm=StoreUrl.parse(warm), hot=_parse_optional(hot),
+                        cold=_parse_optional(cold))
+        return cls(regions={DEFAULT_REGION: urls}, default_region=DEFAULT_REGION,
+                   options=opts)
+
+    @classmethod
+    def of_regions(
+        cls,
+        regions: Mapping[str, Mapping[str, str | None]],
+        *,
+        rules: Sequence[tuple[str, str]] = (),
+        resolver: RegionResolver | None = None,
+        default_region: str | None = None,
+        options: Mapping[str, Any] | SaverOptions | None = None,
+    ) -> StackSpec:
+        """Several regions placed by ``resolver``, else by ``rules`` then ``default_region``.
+
+        Every name a rule or the default gives must be a region of ``regions``; a
+        resolver's answers are judged when a thread is used (``ResidencyError``).
+        """
+        opts = resolve_options(options)
+        _check_region_shapes(regions, rules, default_region, resolver)
+        if not regions:
+            raise ConfigurationError("from_regions needs at least one region")
+        _check_placement(regions, rules, default_region)
+        return cls(regions=_region_urls(regions), rules=tuple(rules),
+                   default_region=default_region, resolver=resolver, options=opts)
+
+    @classmethod
+    def of_table(
+        cls,
+        table: RegionTable,
+        *,
+        options: Mapping[str, Any] | SaverOptions | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> StackSpec:
+        """The regions a table serves, their ``${NAME}`` taken from ``environ``.
+
+        A table narrowed with ``only(name)`` keeps every rule of the whole table, so a
+        thread of a region it does not serve is refused naming that region.
+        """
+        table.check()
+        served = table.served_urls(environ)
+        if table.serves is None:
+            return cls.of_regions(served, rules=table.rules,
+                                  default_region=table.default_region, options=options)
+        opts = resolve_options(options)
+        if not served:
+            raise ConfigurationError("from_regions needs at least one region")
+        return cls(regions=_region_urls(served), rules=table.rules,
+                   default_region=table.default_region, options=opts)
+
+
+def resolve_spec(
+    *,
+    hot: str | None = None,
+    warm: str | None = None,
+    cold: str | None = None,
+    regions_file: str | Path | None = None,
+    region: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> StackSpec:
+    """The stack named by flags (or arguments), then the environment, then the defaults.
+
+    Each of ``hot`` / ``warm`` / ``cold`` / ``regions_file`` / ``options`` is None when
+    not given; a URL given as ``""`` or ``none`` disables its tier. A URL given wins
+    over ``TIERSTORE_REGIONS_FILE``, which wins over ``TIERSTORE_*_URL``; each tier
+    not given comes from its variable, else the embedded default. ``options`` win over
+    ``TIERSTORE_*`` options. ``region`` narrows a region table to one region's stores.
+    """
+    env = os.environ if environ is None else environ
+    urls_given = any(url is not None for url in (hot, warm, cold))
+    if regions_file is not None and urls_given:
+        raise ConfigurationError("give either --hot/--warm/--cold or --regions, not both")
+    merged = {**options_from_env(env), **(options or {})}
+    table_file = regions_file or (None if urls_given else regions_file_from_env(env))
+    if table_file is not None:
+        table = RegionTable.from_file(table_file)
+        if region is not None:
+            table = table.only(region)
+        return StackSpec.of_table(table, options=merged, environ=env)
+    if region is not None:
+        raise ConfigurationError(
+            f"--region needs a region table (--regions FILE or {REGIONS_FILE_VARIABLE})")
+    fallback = urls_from_env(env)
+    return StackSpec.single(hot=_given(hot, fallback["hot"]),
+                            warm=_given(warm, fallback["warm"]),
+                            cold=_given(cold, fallback["cold"]), options=merged)
+
+
+def _given(value: str | None, fallback: str | None) -> str | None:
+    if value is None:
+        return fallback
+    return None if _disabled(value) else value
+
+
+def _parse_optional(url: str | None) -> StoreUrl | None:
+    return None if url is None else StoreUrl.parse(url)
+
+
+def _check_region_shapes(regions: object, rules: object, default_region: object,
+                         resolver: object) -> None:
     """The shapes ``TieredSaver.from_regions`` takes, refused by name before any use.
 
     ``regions`` maps names to ``{"hot"|"warm"|"cold": url}``; ``rules`` is a sequence
@@ -490,12 +685,25 @@ def check_region_spec(regions: Any, rules: Any, default_region: Any, resolver: A
             f"resolver must be a callable, got {type(resolver).__name__}")
 
 
-def _tier_url(value: str | None) -> str | None:
-    return None if value is None or value.strip().lower() in ("", "none") else value
+def _check_placement(regions: Mapping[str, object], rules: Sequence[tuple[str, str]],
+                     default_region: str | None) -> None:
+    """Every region a rule or the default names is one of ``regions``."""
+    for pattern, region in rules:
+        if region not in regions:
+            raise ConfigurationError(f"rule {pattern!r} names unknown region {region!r}")
+    if default_region is not None and default_region not in regions:
+        raise ConfigurationError(f"default_region {default_region!r} is not a region")
 
 
-def regions_file_from_env(environ: Mapping[str, str] | None = None) -> str | None:
-    """``TIERSTORE_REGIONS_FILE``: a region table to use instead of the three URLs."""
-    env = os.environ if environ is None else environ
-    value = env.get("TIERSTORE_REGIONS_FILE", "").strip()
-    return value or None
+def _region_urls(regions: Mapping[str, Mapping[str, str | None]]) -> dict[str, TierUrls]:
+    """Each region's URLs, parsed; a hot or cold URL that is empty disables its tier."""
+    out: dict[str, TierUrls] = {}
+    for name, urls in regions.items():
+        warm = urls.get("warm")
+        if set(urls) - set(TIERS) or not warm:
+            raise ConfigurationError(
+                f"region {name!r} needs a warm URL and takes only hot/warm/cold")
+        out[name] = TierUrls(warm=StoreUrl.parse(warm),
+                             hot=_parse_optional(urls.get("hot") or None),
+                             cold=_parse_optional(urls.get("cold") or None))
+    return out

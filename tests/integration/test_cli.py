@@ -322,3 +322,25 @@ def test_import_of_a_crafted_file_runs_nothing_and_writes_nothing(env: dict[str,
     # a type the operator vouches for goes through --allow-type; os.system never does here
     result = cli("import", str(path), "--allow-type", "os:getcwd", env=env, check=3)
     assert not marker.exists()
+
+
+def test_commands_are_plain_functions(env: dict[str, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierstore import cli as commands
+
+    for name in [n for n in os.environ if n.startswith("TIERSTORE_")]:
+        monkeypatch.delenv(name)
+    stores = {"hot": "none", "warm": env["TIERSTORE_WARM_URL"],
+              "cold": env["TIERSTORE_COLD_URL"]}
+    assert commands.status(**stores, as_json=True) == commands.EXIT_OK
+    live = json.loads(capsys.readouterr().out)["regions"]["default"]["warm"]["checkpoints"]
+    assert commands.archive(**stores, older_than="0s", as_json=True) == commands.EXIT_OK
+    assert json.loads(capsys.readouterr().out)[0]["checkpoints"] == live - 3
+    assert commands.verify(**stores, as_json=True) == commands.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    # the same names the environment gives work as well
+    for tier, url in stores.items():
+        monkeypatch.setenv(f"TIERSTORE_{tier.upper()}_URL", url)
+    assert commands.inspect("bob", as_json=True) == commands.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["thread_id"] == "bob"
