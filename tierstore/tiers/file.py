@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote
 from tierstore.errors import ConfigurationError, InvalidInput, TierUnavailable
 from tierstore.records import ObjectInfo
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import ObjectStore
 
 __all__ = ["FileStore"]
 
@@ -38,7 +39,7 @@ def _encode_segment(segment: str) -> str:
     return encoded
 
 
-class FileStore:
+class FileStore(ObjectStore):
     """Objects as files under a root directory."""
 
     backend = "file"

@@ -23,11 +23,12 @@ from tierstore.errors import ConfigurationError, LifecycleError
 from tierstore.policy import chain_writes, should_replace_hot
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import HotStore, LeaseStore
 
 __all__ = ["MemoryHot"]
 
 
-class MemoryHot:
+class MemoryHot(HotStore, LeaseStore):
     """In-process LRU hot tier; safe within one event loop (no awaits inside a step)."""
 
     backend = "memory"

@@ -128,6 +128,7 @@ from tierstore.errors import (
 from tierstore.policy import merge_writes
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import HotStore, LeaseStore
 
 __all__ = [
     "Breaker",
@@ -546,7 +547,7 @@ def _translate(exc: BaseException, where: str, op: str) -> tuple[TierstoreError,
 Client = Redis | RedisCluster
 
 
-class RedisHot:
+class RedisHot(HotStore, LeaseStore):
     """Hot tier on Redis, Valkey or Redis Cluster; the semantics of ``MemoryHot``, shared."""
 
     backend = "redis"

@@ -103,6 +103,7 @@ from tierstore.errors import (
 )
 from tierstore.records import ObjectInfo
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import ObjectStore
 
 __all__ = ["STORAGE_CLASSES", "S3Store", "request_deadline", "restore_state"]
 
@@ -353,7 +354,7 @@ def _translate(exc: BaseException, *, op: str, where: str) -> Exception | None:
     return unavailable(f"{type(exc).__name__}: {exc}")
 
 
-class S3Store:
+class S3Store(ObjectStore):
     """An ``ObjectStore`` on one bucket and key prefix.
 
     One client is opened by ``setup`` and held until ``aclose``: a client owns an HTTP
