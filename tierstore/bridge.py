@@ -17,33 +17,41 @@ import asyncio
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from tierstore.errors import LifecycleError
+from tierstore.lifecycle import Lifecycle, State
 
 __all__ = ["LoopBridge"]
 
 T = TypeVar("T")
-State = Literal["unopened", "opening", "opened", "closed"]
 
 
 class LoopBridge:
-    """Runs coroutines on the saver's loop for sync callers; holds UNOPENED/OPENED/CLOSED."""
+    """Runs coroutines on the saver's loop for sync callers; holds the saver's ``Lifecycle``."""
 
     def __init__(self) -> None:
-        self.state: State = "unopened"
+        self.lifecycle = Lifecycle(
+            "the saver",
+            open_hint="use `async with TieredSaver.from_urls(...) as saver` "
+                      "(or `with` in sync code)",
+            closed_hint="open a new one",
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        """The saver moves its own state: a failed open closes a saver for good (its
+        stores were closed with it), which ``Lifecycle.failed`` would not do."""
+        self.lifecycle.state = value
+
     def require_open(self) -> None:
-        if self.state == "opened":
-            return
-        if self.state == "closed":
-            raise LifecycleError("the saver is closed; open a new one")
-        raise LifecycleError(
-            "the saver is not open; use `async with TieredSaver.from_urls(...) as saver` "
-            "(or `with` in sync code)"
-        )
+        self.lifecycle.require()
 
     def bind_running_loop(self) -> None:
         if self.state == "closed":

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tierstore import policy
 from tierstore.errors import ConfigurationError
 from tierstore.records import CheckpointMeta
 
@@ -180,7 +181,11 @@ def chunks(ids: Sequence[str], size: int) -> list[list[str]]:
 
 
 def backoff(interval: float, failures: int, *, cap: float = 600.0) -> float:
-    """Delay before the next run of a job that failed ``failures`` times in a row."""
+    """Delay before the next run of a job that failed ``failures`` times in a row.
+
+    A job that succeeds keeps its own interval, even one longer than ``cap``; each
+    failure doubles it (``policy.backoff``), so a broken tier is not hammered.
+    """
     if failures <= 0:
         return interval
-    return float(min(cap, interval * (2 ** min(failures, 16))))
+    return policy.backoff(failures, base=interval, cap=cap)

@@ -18,8 +18,10 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from tierstore.errors import ConfigurationError, InvalidInput, TierUnavailable
+from tierstore.lifecycle import Lifecycle
 from tierstore.records import ObjectInfo
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import ObjectStore
 
 __all__ = ["FileStore"]
 
@@ -38,7 +40,7 @@ def _encode_segment(segment: str) -> str:
     return encoded
 
 
-class FileStore:
+class FileStore(ObjectStore):
     """Objects as files under a root directory."""
 
     backend = "file"
@@ -46,6 +48,7 @@ class FileStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._life = Lifecycle(f"file object store {self.root}")
 
     @classmethod
     def from_url(cls, url: StoreUrl) -> FileStore:
@@ -66,15 +69,26 @@ class FileStore:
         return "/".join(unquote(p) for p in parts)
 
     async def setup(self) -> None:
+        if not self._life.begin():
+            return
         try:
             await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
+            self._life.failed()
             raise ConfigurationError(f"cannot create object directory {self.root}: {exc}") from exc
+        self._life.opened()
 
     async def aclose(self) -> None:
-        return None
+        self._life.close()
+
+    def _check(self) -> None:
+        """A directory needs no opening, so only a closed store refuses: whoever closed
+        it expects no more files to appear."""
+        if self._life.is_closed:
+            self._life.require()
 
     async def put(self, key: str, data: bytes, *, storage_class: str | None = None) -> None:
+        self._check()
         path = self._path(key)
         await asyncio.to_thread(self._write, path, data)
 
@@ -93,6 +107,7 @@ class FileStore:
                                   backend="file") from exc
 
     async def get(self, key: str) -> bytes | None:
+        self._check()
         path = self._path(key)
         try:
             return await asyncio.to_thread(path.read_bytes)
@@ -103,6 +118,7 @@ class FileStore:
                                   backend="file") from exc
 
     async def info(self, key: str) -> ObjectInfo | None:
+        self._check()
         path = self._path(key)
         try:
             stat = await asyncio.to_thread(path.stat)
@@ -112,6 +128,8 @@ class FileStore:
                           readable=True, restore_state="not-needed", modified=stat.st_mtime)
 
     async def delete(self, keys: Sequence[str]) -> None:
+        self._check()
+
         def _unlink_all() -> None:
             for key in keys:
                 self._path(key).unlink(missing_ok=True)
@@ -119,6 +137,8 @@ class FileStore:
         await asyncio.to_thread(_unlink_all)
 
     async def iter_keys(self, prefix: str) -> AsyncIterator[str]:
+        self._check()
+
         def _walk() -> list[str]:
             if not self.root.exists():
                 return []

@@ -19,15 +19,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from tierstore.errors import ConfigurationError, LifecycleError
+from tierstore.errors import ConfigurationError
+from tierstore.lifecycle import Lifecycle
 from tierstore.policy import chain_writes, should_replace_hot
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import HotStore, LeaseStore
 
 __all__ = ["MemoryHot"]
 
 
-class MemoryHot:
+class MemoryHot(HotStore, LeaseStore):
     """In-process LRU hot tier; safe within one event loop (no awaits inside a step)."""
 
     backend = "memory"
@@ -50,7 +52,7 @@ class MemoryHot:
         self._leases: dict[str, tuple[str, float]] = {}
         # thread -> (expires, version floor) a delete left: no copy at or below is stored
         self._tombstones: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        self._closed = False
+        self._life = Lifecycle("memory hot tier")
 
     @classmethod
     def from_url(cls, url: StoreUrl, *, ttl: float) -> MemoryHot:
@@ -69,16 +71,18 @@ class MemoryHot:
         return cls(max_entries=max_entries, ttl=ttl)
 
     async def setup(self) -> None:
-        self._closed = False
+        if self._life.begin():
+            self._life.opened()
 
     async def aclose(self) -> None:
-        self._closed = True
-        self._entries.clear()
-        self._tombstones.clear()
+        if self._life.close():
+            self._entries.clear()
+            self._tombstones.clear()
 
     def _check(self) -> None:
-        if self._closed:
-            raise LifecycleError("memory hot tier is closed")
+        """A dict needs no opening, so only a closed store refuses (its entries are gone)."""
+        if self._life.is_closed:
+            self._life.require()
 
     def _live(self, key: tuple[str, str]) -> StoredCheckpoint | None:
         item = self._entries.get(key)

@@ -125,9 +125,11 @@ from tierstore.errors import (
     TierstoreError,
     TierUnavailable,
 )
-from tierstore.policy import merge_writes
+from tierstore.lifecycle import Lifecycle
+from tierstore.policy import backoff, merge_writes
 from tierstore.records import StoredCheckpoint, WriteRecord
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import HotStore, LeaseStore
 
 __all__ = [
     "Breaker",
@@ -331,10 +333,11 @@ class Breaker:
 
 
 def backoff_delay(failures: int, *, base: float, cap: float) -> float:
-    """Seconds to wait after ``failures`` consecutive failures: base, 2·base, 4·base… ≤ cap."""
-    if failures <= 0:
-        return 0.0
-    return min(cap, base * 2.0 ** min(failures - 1, 60))
+    """Seconds to wait after ``failures`` consecutive failures: base, 2·base, 4·base… ≤ cap.
+
+    No jitter: the breaker is per process, so there is no crowd to spread out.
+    """
+    return backoff(failures - 1, base=base, cap=cap)
 
 
 def breaker_admit(
@@ -546,7 +549,7 @@ def _translate(exc: BaseException, where: str, op: str) -> tuple[TierstoreError,
 Client = Redis | RedisCluster
 
 
-class RedisHot:
+class RedisHot(HotStore, LeaseStore):
     """Hot tier on Redis, Valkey or Redis Cluster; the semantics of ``MemoryHot``, shared."""
 
     backend = "redis"
@@ -559,7 +562,7 @@ class RedisHot:
         self._client: Client | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._breaker = Breaker()
-        self._closed = False
+        self._life = Lifecycle(f"redis hot tier {settings.masked_url}")
         self.refused = 0
         """Calls answered by the open breaker without touching the network."""
 
@@ -605,12 +608,12 @@ class RedisHot:
     async def setup(self) -> None:
         """Connect and load the scripts. An unreachable server is not an error here:
         the store starts degraded and recovers by itself. Misconfiguration is."""
-        if self._client is None:
+        if not self._life.begin():
+            return
+        try:
             client = self._connect()
             self._client = client
             self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
-        self._closed = False
-        try:
             # discovering a cluster and loading every script on every primary is a dozen
             # round trips, once, off the path of any turn: it gets more than one call's time
             await self._run("setup", self._load_scripts,
@@ -618,9 +621,11 @@ class RedisHot:
         except TierUnavailable as exc:
             log.warning("redis hot tier %s unavailable at startup; serving from warm until "
                         "it answers (%s)", self.settings.masked_url, exc)
-        except TierstoreError:
-            await self.aclose()
+        except BaseException:
+            await self._release()
+            self._life.failed()
             raise
+        self._life.opened()
 
     async def _load_scripts(self, client: Client) -> None:
         if not self.settings.cluster:
@@ -635,7 +640,10 @@ class RedisHot:
             script.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
 
     async def aclose(self) -> None:
-        self._closed = True
+        if self._life.close():
+            await self._release()
+
+    async def _release(self) -> None:
         client, self._client = self._client, None
         self._scripts = {}
         if client is not None:
@@ -652,11 +660,11 @@ class RedisHot:
     async def _run(
         self, op: str, action: Callable[[Client], Awaitable[T]], *, budget: float | None = None
     ) -> T:
-        if self._closed:
-            raise LifecycleError("redis hot tier is closed")
+        if self._life.state != "opening":  # setup's own calls run while it opens
+            self._life.require(op)
         client = self._client
-        if client is None:
-            raise LifecycleError("redis hot tier is not set up; call setup() first")
+        if client is None:  # closed while setup was under way
+            raise LifecycleError(f"{self._life.what} was closed during setup")
         s = self.settings
         admitted, self._breaker = breaker_admit(
             self._breaker, self._clock(), base=s.backoff, cap=s.backoff_max

@@ -72,7 +72,7 @@ import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import aioboto3
@@ -96,13 +96,14 @@ from tierstore.errors import (
     ConfigurationError,
     CorruptPayload,
     InvalidInput,
-    LifecycleError,
     PayloadTooLarge,
     TierstoreError,
     TierUnavailable,
 )
+from tierstore.lifecycle import Lifecycle, State
 from tierstore.records import ObjectInfo
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import ObjectStore
 
 __all__ = ["STORAGE_CLASSES", "S3Store", "request_deadline", "restore_state"]
 
@@ -133,8 +134,6 @@ _OPTIONS: Final = frozenset({
     "restore_tier", "multipart_threshold", "part_size", "connect_timeout", "read_timeout",
     "max_attempts", "addressing_style",
 })
-
-State = Literal["unopened", "opened", "closed"]
 
 
 def restore_state(
@@ -353,7 +352,7 @@ def _translate(exc: BaseException, *, op: str, where: str) -> Exception | None:
     return unavailable(f"{type(exc).__name__}: {exc}")
 
 
-class S3Store:
+class S3Store(ObjectStore):
     """An ``ObjectStore`` on one bucket and key prefix.
 
     One client is opened by ``setup`` and held until ``aclose``: a client owns an HTTP
@@ -430,7 +429,8 @@ class S3Store:
                                          read_timeout=read_timeout, max_attempts=max_attempts)
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
-        self._state: State = "unopened"
+        self._life = Lifecycle(f"s3 object store s3://{bucket}/{self.prefix}",
+                               closed_hint="build a new store")
         self._open_lock = asyncio.Lock()
 
     @classmethod
@@ -477,11 +477,12 @@ class S3Store:
         return (
             f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r}, "
             f"storage_class={self.storage_class!r}, endpoint_url={self.endpoint_url!r}, "
-            f"region={self.region!r}, state={self._state!r})"
+            f"region={self.region!r}, state={self._life.state!r})"
         )
 
     def __del__(self) -> None:
-        if getattr(self, "_state", None) == "opened":
+        life = getattr(self, "_life", None)
+        if life is not None and life.is_open:
             warnings.warn(f"{self!r} was not closed; call aclose()", ResourceWarning,
                           stacklevel=2)
 
@@ -489,15 +490,13 @@ class S3Store:
 
     @property
     def state(self) -> State:
-        return self._state
+        return self._life.state
 
     async def setup(self) -> None:
         """Open the client and make sure the bucket exists. Idempotent."""
         async with self._open_lock:
-            if self._state == "opened":
+            if not self._life.begin():
                 return
-            if self._state == "closed":
-                raise LifecycleError(f"{self!r} is closed and cannot be reopened")
             stack = contextlib.AsyncExitStack()
             try:
                 async with self._driver("CreateClient", ""):
@@ -515,9 +514,10 @@ class S3Store:
             except BaseException:
                 self._client = None
                 await stack.aclose()
+                self._life.failed()
                 raise
             self._stack = stack
-            self._state = "opened"
+            self._life.opened()
 
     async def _ensure_bucket(self) -> None:
         try:
@@ -541,15 +541,12 @@ class S3Store:
         async with self._open_lock:
             stack, self._stack = self._stack, None
             self._client = None
-            self._state = "closed"
+            self._life.close()
             if stack is not None:
                 await stack.aclose()
 
     def _opened(self) -> Any:
-        if self._state != "opened":
-            raise LifecycleError(
-                f"{self!r} is {self._state}; call setup() before use and nothing after aclose()"
-            )
+        self._life.require()
         return self._client
 
     @contextlib.asynccontextmanager

@@ -1,14 +1,14 @@
 """``sqlite:///path.db`` — the embedded warm tier, and the reference ``WarmStore``.
 
-::
+Three modules, by concern::
 
-    event loop ──run_in_executor──► one worker thread ──► one sqlite3 connection (WAL)
+    tiers/sqlite_base.py     one connection on one thread, schema, lifecycle, row upkeep
+    tiers/sqlite_tiering.py  WarmTiering: claims, expiry, archive stubs (the jobs)
+    tiers/sqlite.py          SqliteWarm: URL options, the request path, admin, usage
 
-SQLite has one writer at a time, so the store owns a single connection on a single
-worker thread: every operation is one function, run there inside one transaction
-(``BEGIN IMMEDIATE`` for writes), which is what makes the head compare-and-set
-and the lease fence check atomic without a lock in Python. Readers in other
-processes are not blocked (WAL).
+Every operation is one function run on the store's single worker thread inside one
+transaction (see ``sqlite_base``): that is what makes the head compare-and-set and
+the lease fence check atomic without a lock in Python.
 
 URL options: ``?synchronous=full`` (default: a commit survives power loss) or
 ``normal`` (survives a process crash; faster), ``?timeout=30`` (seconds to wait
@@ -22,35 +22,26 @@ listing is one index range, so listing a thread is linear in its length.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 from tierstore.errors import (
     ConfigurationError,
     InvalidInput,
     LeaseLost,
-    LifecycleError,
     MissingBlobs,
-    TierUnavailable,
     VersionConflict,
 )
-from tierstore.migrate import migrations_for
 from tierstore.policy import fence_key, fenced_out, first_version
 from tierstore.records import (
     BlobRecord,
-    CheckpointMeta,
     CheckpointRecord,
-    Claim,
-    ClaimsHeld,
     Head,
     ListQuery,
     Payload,
@@ -60,6 +51,8 @@ from tierstore.records import (
     WriteRecord,
 )
 from tierstore.settings import StoreUrl
+from tierstore.tiers.base import WarmStore
+from tierstore.tiers.sqlite_tiering import SqliteTiering
 
 __all__ = ["SqliteWarm"]
 
@@ -71,20 +64,6 @@ _COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_id, checkpoint_tag, checkpoint, "
     "metadata_tag, metadata, channel_versions, location, archive_key"
 )
-
-_COLLECT_BLOBS = (
-    "DELETE FROM blobs WHERE thread_id = ? AND checkpoint_ns = ? AND (channel, version) "
-    "NOT IN (SELECT cv.key, cv.value FROM checkpoints AS c, json_each(c.channel_versions) "
-    "AS cv WHERE c.thread_id = ? AND c.checkpoint_ns = ? AND c.location = 'warm' "
-    "AND cv.value IS NOT NULL)"
-)
-"""Drop the blobs of a (thread, ns) that no live checkpoint names.
-
-The uncorrelated ``NOT IN`` list is built once per statement (one pass over the live
-checkpoints' versions) and probed once per blob, so collection is linear in the
-thread; the correlated ``NOT EXISTS`` it replaces re-scanned every live checkpoint
-for every blob.
-"""
 
 
 def _json_type(value: Any) -> tuple[str, ...]:
@@ -100,21 +79,10 @@ def _json_type(value: Any) -> tuple[str, ...]:
     return ("text",)
 
 
-class SqliteWarm:
+class SqliteWarm(SqliteTiering, WarmStore):
     """Warm tier on one SQLite file."""
 
     backend = "sqlite"
-
-    def __init__(self, path: str, *, synchronous: str = "full", timeout: float = 30.0) -> None:
-        if synchronous not in ("full", "normal"):
-            raise ConfigurationError(
-                f"sqlite synchronous must be 'full' or 'normal', got {synchronous!r}"
-            )
-        self.path = path
-        self.synchronous = synchronous
-        self.timeout = timeout
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
 
     @classmethod
     def from_url(cls, url: StoreUrl) -> SqliteWarm:
@@ -135,101 +103,6 @@ class SqliteWarm:
             synchronous=(url.option("synchronous", "full") or "full").lower(),
             timeout=timeout,
         )
-
-    # -- plumbing ---------------------------------------------------------------------
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None or self._conn is None:
-            raise LifecycleError("sqlite warm tier is not open")
-        conn = self._conn
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, conn)
-        except sqlite3.OperationalError as exc:
-            raise TierUnavailable(f"sqlite {self.path}: {exc}", tier="warm",
-                                  backend="sqlite") from exc
-        except sqlite3.DatabaseError as exc:
-            raise TierUnavailable(f"sqlite {self.path} is damaged: {exc}", tier="warm",
-                                  backend="sqlite") from exc
-
-    @staticmethod
-    def _tx(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = body(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
-    @classmethod
-    def _erasing(cls, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
-        """``_tx`` for deletes: afterwards the WAL, which still holds the old pages, is
-        folded into the (zeroed) database file and truncated, so deleted bytes leave
-        the disk now. Best effort: a reader in another process can postpone it."""
-        result = cls._tx(conn, body)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return result
-
-    async def setup(self) -> None:
-        if self._conn is not None:
-            return
-        if self.path != ":memory:":
-            try:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigurationError(f"cannot create directory for {self.path}: {exc}") from exc
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-sqlite")
-        loop = asyncio.get_running_loop()
-        try:
-            self._conn = await loop.run_in_executor(self._executor, self._connect)
-            await self._run(self._migrate)
-        except BaseException:
-            await self.aclose()
-            raise
-
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            conn.execute("PRAGMA foreign_keys=OFF")
-            # deleted rows are overwritten with zeros, not left in free pages of the file
-            conn.execute("PRAGMA secure_delete=ON")
-        except sqlite3.Error as exc:
-            raise ConfigurationError(f"cannot open sqlite database {self.path!r}: {exc}") from exc
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        def body(c: sqlite3.Connection) -> None:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS tierstore_migrations ("
-                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-            )
-            done = {row[0] for row in c.execute("SELECT version FROM tierstore_migrations")}
-            for migration in migrations_for("sqlite"):
-                if migration.version in done:
-                    continue
-                for statement in _statements(migration.text):
-                    c.execute(statement)
-                c.execute(
-                    "INSERT INTO tierstore_migrations VALUES (?, ?, ?)",
-                    (migration.version, migration.name, time.time()),
-                )
-
-        self._tx(conn, body)
-
-    async def aclose(self) -> None:
-        conn, executor = self._conn, self._executor
-        self._conn = None
-        self._executor = None
-        if executor is None:
-            return
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -548,38 +421,6 @@ class SqliteWarm:
 
     # -- maintenance ------------------------------------------------------------------
 
-    @staticmethod
-    def _refresh_heads(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
-        """Recompute heads and drop orphaned blobs after checkpoints were removed/added.
-
-        The version moves to at least the clock in microseconds: above the tombstone
-        the router leaves in the hot tier, taken before the change."""
-        now = time.time()
-        for t, ns in set(keys):
-            row = conn.execute(
-                "SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? "
-                "AND checkpoint_ns = ?",
-                (t, ns),
-            ).fetchone()
-            conn.execute(_COLLECT_BLOBS, (t, ns) * 2)
-            if row[0] is None:
-                conn.execute("DELETE FROM heads WHERE thread_id = ? AND checkpoint_ns = ?",
-                             (t, ns))
-                continue
-            n_writes = conn.execute(
-                "SELECT count(*) FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
-                "AND checkpoint_id = ?",
-                (t, ns, row[0]),
-            ).fetchone()[0]
-            conn.execute(
-                "INSERT INTO heads (thread_id, checkpoint_ns, head_id, version, n_writes, "
-                "conflicts, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT "
-                "(thread_id, checkpoint_ns) DO UPDATE SET head_id = excluded.head_id, "
-                "version = max(heads.version + 1, excluded.version), "
-                "n_writes = excluded.n_writes, updated_at = excluded.updated_at",
-                (t, ns, row[0], first_version(now), n_writes, now),
-            )
-
     async def delete_thread(self, thread_id: str) -> None:
         def body(conn: sqlite3.Connection) -> None:
             for table in ("checkpoints", "blobs", "writes", "heads"):
@@ -602,30 +443,6 @@ class SqliteWarm:
             return sorted({t for t, _, _ in doomed})
 
         return await self._run(lambda conn: self._erasing(conn, body))
-
-    def _prune_to_latest(self, conn: sqlite3.Connection, thread_id: str) -> None:
-        """Delete every checkpoint of a thread but the newest of each namespace."""
-        doomed = conn.execute(
-            "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints AS c "
-            "WHERE thread_id = ? AND checkpoint_id < (SELECT max(checkpoint_id) FROM "
-            "checkpoints WHERE thread_id = c.thread_id AND checkpoint_ns = c.checkpoint_ns)",
-            (thread_id,),
-        ).fetchall()
-        self._delete_checkpoints(conn, doomed)
-
-    def _delete_checkpoints(
-        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, str]]
-    ) -> None:
-        conn.executemany(
-            "DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
-            "AND checkpoint_id = ?",
-            keys,
-        )
-        conn.executemany(
-            "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?",
-            keys,
-        )
-        self._refresh_heads(conn, ((t, ns) for t, ns, _ in keys))
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self._run(lambda conn: self._tx(
@@ -683,317 +500,6 @@ class SqliteWarm:
 
         await self._run(lambda conn: self._erasing(conn, body))
 
-    # -- tiering ----------------------------------------------------------------------
-
-    async def claim(
-        self,
-        *,
-        owner: str,
-        now: float,
-        lease_seconds: float,
-        limit: int,
-        warm_before: float | None = None,
-        idle_before: float | None = None,
-        require_live: bool = True,
-        thread_id: str | None = None,
-    ) -> builtins.list[Claim]:
-        conds = ["(h.lease_until IS NULL OR h.lease_until < ?)"]
-        params: builtins.list[Any] = [now]
-        if thread_id is not None:
-            conds.append("h.thread_id = ?")
-            params.append(thread_id)
-        if warm_before is not None:
-            conds.append(
-                "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id AND "
-                "c.checkpoint_ns = h.checkpoint_ns AND c.location = 'warm' AND "
-                "c.checkpoint_id <> h.head_id AND c.created_at < ?)"
-            )
-            params.append(warm_before)
-            conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
-                         "h.settled_until < ?)")
-            params.append(warm_before)
-        if idle_before is not None:
-            conds.append("h.updated_at < ?")
-            params.append(idle_before)
-            if require_live:
-                conds.append(
-                    "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id "
-                    "AND c.checkpoint_ns = h.checkpoint_ns AND c.location = 'warm')"
-                )
-
-        def body(conn: sqlite3.Connection) -> builtins.list[Claim]:
-            rows = conn.execute(
-                "SELECT h.thread_id, h.checkpoint_ns, h.head_id, h.updated_at, h.version "
-                "FROM heads AS h "
-                f"WHERE {' AND '.join(conds)} ORDER BY h.updated_at LIMIT ?",
-                [*params, limit],
-            ).fetchall()
-            conn.executemany(
-                "UPDATE heads SET lease_owner = ?, lease_until = ? "
-                "WHERE thread_id = ? AND checkpoint_ns = ?",
-                [(owner, now + lease_seconds, t, ns) for t, ns, _, _, _ in rows],
-            )
-            return [Claim(t, ns, head, updated, version)
-                    for t, ns, head, updated, version in rows]
-
-        return await self._run(lambda conn: self._tx(conn, body))
-
-    async def release(
-        self,
-        thread_id: str,
-        checkpoint_ns: str,
-        *,
-        owner: str,
-        settled_head: str | None = None,
-        settled_until: float | None = None,
-    ) -> None:
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE heads SET lease_owner = NULL, lease_until = NULL, settled_head = ?, "
-                "settled_until = ? WHERE thread_id = ? AND checkpoint_ns = ? AND lease_owner = ?",
-                (settled_head, settled_until, thread_id, checkpoint_ns, owner),
-            )
-
-        await self._run(lambda conn: self._tx(conn, body))
-
-    async def release_owned(self, *, owner: str) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE heads SET lease_owner = NULL, lease_until = NULL "
-                "WHERE lease_owner = ?", (owner,)).rowcount
-
-        return await self._run(lambda conn: self._tx(conn, body))
-
-    async def expire_thread(
-        self,
-        thread_id: str,
-        heads: Sequence[Claim],
-        *,
-        owner: str,
-        now: float,
-        keep_latest: bool,
-    ) -> bool:
-        expected = {(c.checkpoint_ns, c.head_id, c.version) for c in heads
-                    if c.thread_id == thread_id}
-
-        def body(conn: sqlite3.Connection) -> bool:
-            current = conn.execute(
-                "SELECT checkpoint_ns, head_id, version, lease_owner, lease_until FROM heads "
-                "WHERE thread_id = ?",
-                (thread_id,),
-            ).fetchall()
-            if not current or any(o != owner or u is None or u < now
-                                  for _, _, _, o, u in current):
-                return False
-            if {(ns, h, int(v)) for ns, h, v, _, _ in current} != expected:
-                return False
-            if keep_latest:
-                self._prune_to_latest(conn, thread_id)
-            else:
-                for table in ("checkpoints", "blobs", "writes", "heads"):
-                    conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
-            return True
-
-        return await self._run(lambda conn: self._erasing(conn, body))
-
-    async def held_claims(
-        self, *, now: float, thread_id: str | None = None, exclude_owner: str | None = None
-    ) -> ClaimsHeld:
-        conds = ["lease_owner IS NOT NULL", "lease_until >= ?"]
-        params: builtins.list[Any] = [now]
-        if thread_id is not None:
-            conds.append("thread_id = ?")
-            params.append(thread_id)
-        if exclude_owner is not None:
-            conds.append("lease_owner <> ?")
-            params.append(exclude_owner)
-
-        def fn(conn: sqlite3.Connection) -> ClaimsHeld:
-            count, first, last = conn.execute(
-                "SELECT count(*), min(lease_until), max(lease_until) FROM heads "
-                f"WHERE {' AND '.join(conds)}", params,
-            ).fetchone()
-            return ClaimsHeld(count, first, last)
-
-        return await self._run(fn)
-
-    async def index(self, thread_id: str, checkpoint_ns: str) -> builtins.list[CheckpointMeta]:
-        def fn(conn: sqlite3.Connection) -> builtins.list[CheckpointMeta]:
-            return [
-                CheckpointMeta(thread_id, checkpoint_ns, cid, parent, created, location, key,
-                               size)
-                for cid, parent, created, location, key, size in conn.execute(
-                    "SELECT checkpoint_id, parent_id, created_at, location, archive_key, "
-                    "size_bytes FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
-                    "ORDER BY checkpoint_id DESC",
-                    (thread_id, checkpoint_ns),
-                )
-            ]
-
-        return await self._run(fn)
-
-    async def mark_archived(
-        self,
-        thread_id: str,
-        checkpoint_ns: str,
-        checkpoint_ids: Sequence[str],
-        *,
-        archive_key: str,
-        owner: str,
-        now: float,
-        writes: Mapping[str, Sequence[WriteRecord]] | None = None,
-    ) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            held = conn.execute(
-                "SELECT 1 FROM heads WHERE thread_id = ? AND checkpoint_ns = ? AND "
-                "lease_owner = ? AND lease_until >= ?",
-                (thread_id, checkpoint_ns, owner, now),
-            ).fetchone()
-            if held is None:
-                return 0
-            keys = [(thread_id, checkpoint_ns, cid) for cid in checkpoint_ids]
-            wanted = set(checkpoint_ids)
-            live = sum(conn.execute(
-                "SELECT count(*) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
-                "AND checkpoint_id = ? AND location = 'warm'", (thread_id, checkpoint_ns, cid),
-            ).fetchone()[0] for cid in wanted)
-            if live != len(wanted):
-                return 0  # some were deleted (or moved) since they were packed: all or nothing
-            changed = 0
-            for key in keys:
-                changed += conn.execute(
-                    "UPDATE checkpoints SET location = 'archived', archive_key = ?, "
-                    "checkpoint = NULL, checkpoint_tag = NULL WHERE thread_id = ? AND "
-                    "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'warm'",
-                    (archive_key, *key),
-                ).rowcount
-            if changed:  # every cached copy of the head must fail the freshness check
-                conn.execute(
-                    "UPDATE heads SET version = version + 1 WHERE thread_id = ? "
-                    "AND checkpoint_ns = ?",
-                    (thread_id, checkpoint_ns),
-                )
-            if writes is None:
-                conn.executemany(
-                    "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
-                    "AND checkpoint_id = ?",
-                    keys,
-                )
-            else:  # only what the segment holds: a later write stays on the stub
-                conn.executemany(
-                    "DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = ? "
-                    "AND checkpoint_id = ? AND task_id = ? AND idx = ? AND tag = ? AND data = ?",
-                    [(thread_id, checkpoint_ns, cid, w.task_id, w.idx, w.payload.tag,
-                      w.payload.data)
-                     for cid in checkpoint_ids for w in writes.get(cid, ())],
-                )
-            self._collect_blobs(conn, thread_id, checkpoint_ns)
-            return changed
-
-        return await self._run(lambda conn: self._tx(conn, body))
-
-    @staticmethod
-    def _collect_blobs(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str) -> None:
-        """Drop blobs that no live checkpoint of the (thread, ns) names any more."""
-        conn.execute(_COLLECT_BLOBS, (thread_id, checkpoint_ns) * 2)
-
-    async def rehydrate(self, records: Sequence[StoredCheckpoint]) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            restored = 0
-            for r in records:
-                key = (r.thread_id, r.checkpoint_ns, r.checkpoint_id)
-                row = conn.execute(
-                    "UPDATE checkpoints SET location = 'warm', archive_key = NULL, "
-                    "checkpoint_tag = ?, checkpoint = ? WHERE thread_id = ? AND "
-                    "checkpoint_ns = ? AND checkpoint_id = ? AND location = 'archived' "
-                    "RETURNING channel_versions",
-                    (r.checkpoint.tag, r.checkpoint.data, *key),
-                ).fetchone()
-                if row is None:
-                    continue  # not a stub (already live, or gone)
-                restored += 1
-                versions = json.loads(row[0] or "{}")
-                conn.executemany(
-                    "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.thread_id, r.checkpoint_ns, ch, versions[ch], p.tag, p.data)
-                     for ch, p in r.blobs.items() if ch in versions],
-                )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO writes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*key, w.task_id, w.idx, w.channel, w.payload.tag, w.payload.data,
-                      w.task_path) for w in r.writes],
-                )
-            self._refresh_writes_count(conn, {(r.thread_id, r.checkpoint_ns) for r in records})
-            return restored
-
-        return await self._run(lambda conn: self._tx(conn, body))
-
-    @staticmethod
-    def _refresh_writes_count(conn: sqlite3.Connection, keys: set[tuple[str, str]]) -> None:
-        for t, ns in keys:
-            conn.execute(
-                "UPDATE heads SET n_writes = (SELECT count(*) FROM writes AS w WHERE "
-                "w.thread_id = heads.thread_id AND w.checkpoint_ns = heads.checkpoint_ns AND "
-                "w.checkpoint_id = heads.head_id), version = version + 1 "
-                "WHERE thread_id = ? AND checkpoint_ns = ?",
-                (t, ns),
-            )
-
-    async def archive_refs(
-        self, thread_id: str | None = None, *, keys: Sequence[str] | None = None
-    ) -> dict[str, int]:
-        def fn(conn: sqlite3.Connection) -> dict[str, int]:
-            where, args = ["archive_key IS NOT NULL"], []
-            if thread_id is not None:
-                where.append("thread_id = ?")
-                args.append(thread_id)
-            if keys is not None:
-                where.append("archive_key IN (SELECT value FROM json_each(?))")
-                args.append(json.dumps(sorted(set(keys))))
-            sql = (f"SELECT archive_key, count(*) FROM checkpoints WHERE {' AND '.join(where)}"
-                   " GROUP BY archive_key")
-            return {key: n for key, n in conn.execute(sql, args)}
-
-        if keys is not None and not keys:
-            return {}
-        return await self._run(fn)
-
-    async def archive_stubs(
-        self, *, keys: Sequence[str] | None = None, run_ids: Sequence[str] | None = None
-    ) -> dict[str, builtins.set[str]]:
-        if keys is None and run_ids is None:
-            raise InvalidInput("archive_stubs needs keys or run_ids")
-        where, args = ["archive_key IS NOT NULL"], []
-        for column, values in (("archive_key", keys), ("run_id", run_ids)):
-            if values is not None:
-                where.append(f"{column} IN (SELECT value FROM json_each(?))")
-                args.append(json.dumps(builtins.list(values)))
-
-        def fn(conn: sqlite3.Connection) -> dict[str, builtins.set[str]]:
-            out: dict[str, builtins.set[str]] = {}
-            for key, checkpoint_id in conn.execute(
-                f"SELECT archive_key, checkpoint_id FROM checkpoints WHERE {' AND '.join(where)}",
-                args,
-            ):
-                out.setdefault(key, set()).add(checkpoint_id)
-            return out
-
-        if (keys is not None and not keys) or (run_ids is not None and not run_ids):
-            return {}
-        return await self._run(fn)
-
-    async def repoint_archive(
-        self, old_key: str, new_key: str, checkpoint_ids: Sequence[str]
-    ) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE checkpoints SET archive_key = ? WHERE archive_key = ? AND checkpoint_id "
-                "IN (SELECT value FROM json_each(?))",
-                (new_key, old_key, json.dumps(builtins.list(checkpoint_ids))),
-            ).rowcount
-
-        return await self._run(lambda conn: self._tx(conn, body))
-
     async def usage(self) -> TierUsage:
         def fn(conn: sqlite3.Connection) -> TierUsage:
             threads, = conn.execute("SELECT count(DISTINCT thread_id) FROM heads").fetchone()
@@ -1010,22 +516,4 @@ class SqliteWarm:
                              bytes=size + blob_bytes + write_bytes)
 
         return await self._run(fn)
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (our files keep one per ``;`` line end)."""
-    out: list[str] = []
-    buf: list[str] = []
-    for line in script.splitlines():
-        if line.strip().startswith("--"):
-            continue
-        buf.append(line)
-        if line.rstrip().endswith(";"):
-            statement = "\n".join(buf).strip()
-            if statement.strip(";").strip():
-                out.append(statement)
-            buf = []
-    if "\n".join(buf).strip():
-        out.append("\n".join(buf).strip())
-    return out
 
