@@ -27,11 +27,11 @@ from tierstore.errors import (
     LifecycleError,
     VersionConflict,
 )
-from tierstore.migrate import Migration, migrations_for
+from tierstore.migrate import Migration, migrations_for, sql_statements
 from tierstore.records import BlobRecord, CheckpointRecord, ListQuery, Payload, WriteRecord
 from tierstore.settings import StoreUrl
 from tierstore.tiers.postgres import PostgresWarm
-from tierstore.tiers.postgres.migrations import apply_migration, statements
+from tierstore.tiers.postgres.migrations import apply_migration
 
 DEADLINE = 30.0
 
@@ -327,7 +327,7 @@ def test_scripts_split_at_statement_ends_but_not_inside_dollar_quotes() -> None:
         "-- a comment;\n"
         "SELECT 1"
     )
-    assert statements(script) == [
+    assert sql_statements(script) == [
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x);",
         "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\n"
         "BEGIN\n  RETURN 1;\nEND\n$body$;",

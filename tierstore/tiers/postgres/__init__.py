@@ -31,6 +31,7 @@ Modules, lowest first::
 
 from __future__ import annotations
 
+from tierstore.tiers.base import WarmStore
 from tierstore.tiers.postgres.admin import PostgresAdmin
 from tierstore.tiers.postgres.requests import PostgresRequests
 from tierstore.tiers.postgres.tiering import PostgresTiering
@@ -38,5 +39,5 @@ from tierstore.tiers.postgres.tiering import PostgresTiering
 __all__ = ["PostgresWarm"]
 
 
-class PostgresWarm(PostgresRequests, PostgresAdmin, PostgresTiering):
+class PostgresWarm(PostgresRequests, PostgresAdmin, PostgresTiering, WarmStore):
     """Warm tier on PostgreSQL. Build with ``from_url``; ``setup()`` opens the pool."""

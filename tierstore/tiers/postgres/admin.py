@@ -14,6 +14,7 @@ import asyncpg
 
 from tierstore.errors import InvalidInput
 from tierstore.records import TierUsage
+from tierstore.tiers.base import WarmAdmin
 from tierstore.tiers.postgres.pool import PostgresPool
 from tierstore.tiers.postgres.sql import (
     DELETE_STREAMS,
@@ -94,7 +95,7 @@ async def _copy_streams(conn: Conn, src: Sequence[int], dst: Sequence[int]) -> N
     await conn.execute(_COPY_WRITES, list(src), list(dst))
 
 
-class PostgresAdmin(PostgresPool):
+class PostgresAdmin(PostgresPool, WarmAdmin):
     """Whole-thread changes and usage: callers outside the request path."""
 
     async def delete_thread(self, thread_id: str) -> None:

@@ -7,11 +7,10 @@ processes starting together agree on one migrator through an advisory lock.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Final
 
 from tierstore.errors import TierUnavailable
-from tierstore.migrate import Migration, migrations_for
+from tierstore.migrate import Migration, apply_pending, migrations_for, sql_statements
 from tierstore.tiers.postgres.sql import Conn, quote_ident
 
 _NO_TRANSACTION: Final = "-- tierstore:no-transaction"
@@ -29,8 +28,7 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
     wait for, forever. Each migration commits together with its version row,
     so a crash leaves the version table telling the truth.
     """
-    migrations = migrations_for("postgres")
-    latest = migrations[-1].version
+    latest = migrations_for("postgres")[-1].version
     timeout = setup_timeout
     if await _applied(conn, timeout) >= latest:
         return
@@ -59,9 +57,11 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
         )
         done = {r[0] for r in await conn.fetch("SELECT version FROM tierstore_migrations",
                                                 timeout=timeout)}
-        for migration in migrations:
-            if migration.version not in done:
-                await apply_migration(conn, migration, setup_timeout=timeout)
+
+        async def apply(migration: Migration) -> None:
+            await apply_migration(conn, migration, setup_timeout=timeout)
+
+        await apply_pending("postgres", applied=done, apply=apply)
     finally:
         try:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key,
@@ -87,38 +87,10 @@ async def apply_migration(conn: Conn, migration: Migration, *, setup_timeout: fl
     record = "INSERT INTO tierstore_migrations (version, name) VALUES ($1, $2)"
     head = migration.text.lstrip().splitlines()[:3]
     if any(line.strip() == _NO_TRANSACTION for line in head):
-        for statement in statements(migration.text):
+        for statement in sql_statements(migration.text):
             await conn.execute(statement, timeout=timeout)
         await conn.execute(record, migration.version, migration.name, timeout=timeout)
         return
     async with conn.transaction():
         await conn.execute(migration.text, timeout=timeout)
         await conn.execute(record, migration.version, migration.name, timeout=timeout)
-
-
-_DOLLAR = re.compile(r"\$[A-Za-z_]*\$")
-
-
-def statements(script: str) -> list[str]:
-    """Split a script at ``;`` line ends, keeping dollar-quoted bodies whole."""
-    out: list[str] = []
-    buf: list[str] = []
-    quote: str | None = None
-    for line in script.splitlines():
-        if quote is None and line.strip().startswith("--"):
-            continue
-        buf.append(line)
-        for tag in _DOLLAR.findall(line):
-            if quote is None:
-                quote = tag
-            elif tag == quote:
-                quote = None
-        if quote is None and line.rstrip().endswith(";"):
-            statement = "\n".join(buf).strip()
-            if statement.rstrip(";").strip():
-                out.append(statement)
-            buf = []
-    rest = "\n".join(buf).strip()
-    if rest:
-        out.append(rest)
-    return out

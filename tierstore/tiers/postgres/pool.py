@@ -29,6 +29,7 @@ from tierstore.errors import (
     TierstoreError,
     TierUnavailable,
 )
+from tierstore.lifecycle import Lifecycle
 from tierstore.settings import StoreUrl, mask
 from tierstore.tiers.postgres.migrations import migrate
 from tierstore.tiers.postgres.sql import Conn, quote_ident
@@ -39,8 +40,6 @@ _OPTIONS: Final = frozenset({
     "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
     "statement_cache_size",
 })
-
-_UNOPENED, _OPENED, _CLOSED = "unopened", "opened", "closed"
 
 
 class PostgresPool:
@@ -87,11 +86,11 @@ class PostgresPool:
         self.schema = schema
         self.statement_cache_size = statement_cache_size
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
-        self._state = _UNOPENED
+        self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
         self._releasing: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"PostgresWarm({self.url!r}, state={self._state!r})"
+        return f"PostgresWarm({self.url!r}, state={self._life.state!r})"
 
     @classmethod
     def from_url(cls, url: StoreUrl, **kw: Any) -> Self:
@@ -123,10 +122,8 @@ class PostgresPool:
 
     async def setup(self) -> None:
         """Open the pool and bring the schema up to date. Idempotent while open."""
-        if self._state == _OPENED:
+        if not self._life.begin():
             return
-        if self._state == _CLOSED:
-            raise LifecycleError(f"{self!r} is closed; build a new store")
         settings = {"jit": "off"}  # planning JIT costs more than these short statements
         if "application_name=" not in self._dsn:
             settings["application_name"] = "tierstore"
@@ -150,15 +147,21 @@ class PostgresPool:
             pool, self._pool = self._pool, None
             if pool is not None:
                 pool.terminate()
+            self._life.failed()
             if isinstance(exc, Exception) and not isinstance(exc, TierstoreError):
                 raise self._translate(exc, "setup") from exc
             raise
-        self._state = _OPENED
+        self._life.opened()
+        if self._life.is_closed:  # aclose() ran before the pool existed: close it here
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.terminate()
+            self._life.require("setup")
 
     async def aclose(self) -> None:
         """Close the pool: wait for calls in flight (bounded), then cut what is left."""
         pool, self._pool = self._pool, None
-        self._state = _CLOSED
+        self._life.close()
         if pool is None:
             return
         try:
@@ -204,14 +207,14 @@ class PostgresPool:
         if isinstance(exc, (TimeoutError, asyncpg.QueryCanceledError)):
             return TierUnavailable(f"{where}: {action} timed out", tier="warm",
                                    backend=self.backend)
-        if isinstance(exc, asyncpg.InterfaceError) and self._state == _CLOSED:
+        if isinstance(exc, asyncpg.InterfaceError) and self._life.is_closed:
             return LifecycleError(f"{where}: the store was closed during {action}")
         return TierUnavailable(f"{where}: {action} failed ({detail})", tier="warm",
                                backend=self.backend)
 
-    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
-        if self._pool is None or self._state != _OPENED:
-            raise LifecycleError(f"{self!r} is not open; call setup() first")
+    def _require_pool(self, action: str) -> asyncpg.Pool[asyncpg.Record]:
+        self._life.require(action)
+        assert self._pool is not None  # opened only with a pool; aclose drops both at once
         return self._pool
 
     async def _run(self, action: str, body: Callable[[Conn], Awaitable[T]], *,
@@ -229,7 +232,7 @@ class PostgresPool:
         apply it twice; a write cut while it ran fails with ``TierUnavailable``, and
         whether it landed is for the caller to read back.
         """
-        pool = self._require_pool()
+        pool = self._require_pool(action)
         for attempt in range(2):
             acquired = False
             try:

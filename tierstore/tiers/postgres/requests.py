@@ -32,6 +32,7 @@ from tierstore.records import (
     StoredCheckpoint,
     WriteRecord,
 )
+from tierstore.tiers.base import WarmFencing, WarmRequests
 from tierstore.tiers.postgres.pool import PostgresPool
 from tierstore.tiers.postgres.sql import SID, Conn, digest, stream
 
@@ -113,7 +114,7 @@ async def _fenced(thread_id: str, token: int, call: Awaitable[T]) -> T:
         raise LeaseLost.superseded(thread_id, token, int(detail)) from exc
 
 
-class PostgresRequests(PostgresPool):
+class PostgresRequests(PostgresPool, WarmRequests, WarmFencing):
     """Reads and writes of the request path: one statement each (``list``: one per page)."""
 
     # -- reads --------------------------------------------------------------------------

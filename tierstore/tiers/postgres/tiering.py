@@ -22,6 +22,7 @@ from tierstore.records import (
     StoredCheckpoint,
     WriteRecord,
 )
+from tierstore.tiers.base import WarmTiering
 from tierstore.tiers.postgres.pool import PostgresPool
 from tierstore.tiers.postgres.sql import (
     DELETE_STREAMS,
@@ -98,7 +99,7 @@ class _NothingMarked(Exception):
     """Rolls back a ``mark_archived`` transaction that could not move every packed id."""
 
 
-class PostgresTiering(PostgresPool):
+class PostgresTiering(PostgresPool, WarmTiering):
     """The ``WarmStore`` calls of the jobs in ``tierstore.jobs``."""
 
     async def claim(
