@@ -28,10 +28,11 @@ from tierstore.errors import (
     LifecycleError,
     VersionConflict,
 )
-from tierstore.migrate import Migration, migrations_for
+from tierstore.migrate import Migration, migrations_for, sql_statements
 from tierstore.records import BlobRecord, ListQuery, Payload
 from tierstore.settings import StoreUrl
-from tierstore.tiers.postgres import PostgresWarm, _statements
+from tierstore.tiers.postgres import PostgresWarm
+from tierstore.tiers.postgres.migrations import apply_migration
 
 DEADLINE = 30.0
 
@@ -307,7 +308,7 @@ def test_scripts_split_at_statement_ends_but_not_inside_dollar_quotes() -> None:
         "-- a comment;\n"
         "SELECT 1"
     )
-    assert _statements(script) == [
+    assert sql_statements(script) == [
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x);",
         "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\n"
         "BEGIN\n  RETURN 1;\nEND\n$body$;",
@@ -325,7 +326,7 @@ async def test_a_migration_marked_no_transaction_runs_outside_one(warm: Postgres
     )
     assert warm._pool is not None
     async with warm._pool.acquire() as conn:
-        await warm._apply(conn, migration)
+        await apply_migration(conn, migration, setup_timeout=warm.setup_timeout)
     rows = await sql(warm, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
                            "'tierstore_test_concurrently'::regclass")
     assert [r[0] for r in rows] == [True]

@@ -1,0 +1,338 @@
+"""The connection pool, the store's lifecycle, and the one place driver errors are translated.
+
+URL options (removed before the URL reaches asyncpg; the rest, e.g. ``sslmode``,
+is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30``
+(seconds a statement or a wait for a pooled connection may take),
+``connect_timeout=10``, ``setup_timeout=300`` (migrations), ``schema=NAME`` (tables
+live in this schema, created if missing), ``statement_cache_size=100`` (0 behind a
+transaction-pooling PgBouncer; run ``setup()`` once against the server itself, as
+migrations hold a session-level advisory lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Self, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from tierstore.errors import (
+    ConfigurationError,
+    InvalidInput,
+    LifecycleError,
+    PayloadTooLarge,
+    TierstoreError,
+    TierUnavailable,
+)
+from tierstore.lifecycle import Lifecycle
+from tierstore.settings import StoreUrl, mask
+from tierstore.tiers.postgres.migrations import migrate
+from tierstore.tiers.postgres.sql import Conn, quote_ident
+
+T = TypeVar("T")
+
+_OPTIONS: Final = frozenset({
+    "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
+    "statement_cache_size",
+})
+
+
+class PostgresPool:
+    """What every part of the store runs on: options, pool, lifecycle, ``_run``."""
+
+    backend = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        masked: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        setup_timeout: float = 300.0,
+        schema: str | None = None,
+        statement_cache_size: int = 100,
+    ) -> None:
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ConfigurationError(
+                f"postgres pool needs 0 <= min_size <= max_size and max_size >= 1, "
+                f"got min_size={min_size} max_size={max_size}"
+            )
+        for name, value in (("command_timeout", command_timeout),
+                            ("connect_timeout", connect_timeout),
+                            ("setup_timeout", setup_timeout)):
+            if not value > 0 or math.isinf(value):
+                raise ConfigurationError(f"postgres {name} must be a positive number, "
+                                         f"got {value!r}")
+        if statement_cache_size < 0:
+            raise ConfigurationError("postgres statement_cache_size cannot be negative")
+        if schema is not None and not 0 < len(schema.encode("utf-8")) <= 63:
+            raise ConfigurationError(f"postgres schema name must be 1..63 bytes, got {schema!r}")
+        self._dsn = dsn
+        self._secret = urlsplit(dsn).password
+        self.url = masked if masked is not None else mask(dsn)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.command_timeout = command_timeout
+        self.connect_timeout = connect_timeout
+        self.setup_timeout = setup_timeout
+        self.schema = schema
+        self.statement_cache_size = statement_cache_size
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"PostgresWarm({self.url!r}, state={self._life.state!r})"
+
+    @classmethod
+    def from_url(cls, url: StoreUrl, **kw: Any) -> Self:
+        """Options come from the URL query; keyword arguments override them."""
+        unknown = set(kw) - _OPTIONS
+        if unknown:
+            raise ConfigurationError(f"unknown postgres option(s): {', '.join(sorted(unknown))}")
+        options: dict[str, Any] = {k: v for k, v in url.query.items() if k in _OPTIONS}
+        options.update(kw)
+        parsed: dict[str, Any] = {}
+        try:
+            for name in ("min_size", "max_size", "statement_cache_size"):
+                if name in options:
+                    parsed[name] = int(options[name])
+            for name in ("command_timeout", "connect_timeout", "setup_timeout"):
+                if name in options:
+                    parsed[name] = float(options[name])
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{url.masked!r}: bad pool option: {exc}") from exc
+        if options.get("schema"):
+            parsed["schema"] = str(options["schema"])
+        parts = urlsplit(url.raw)
+        kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                if k not in _OPTIONS]
+        dsn = urlunsplit(parts._replace(query=urlencode(kept)))
+        return cls(dsn, masked=url.masked, **parsed)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Open the pool and bring the schema up to date. Idempotent while open."""
+        if not self._life.begin():
+            return
+        settings = {"jit": "off"}  # planning JIT costs more than these short statements
+        if "application_name=" not in self._dsn:
+            settings["application_name"] = "tierstore"
+        if self.schema is not None:
+            settings["search_path"] = quote_ident(self.schema)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                command_timeout=self.command_timeout,
+                timeout=self.connect_timeout,
+                statement_cache_size=self.statement_cache_size,
+                server_settings=settings,
+                reset=_keep_session,
+            )
+            async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+                await migrate(conn, url=self.url, schema=self.schema,
+                              setup_timeout=self.setup_timeout)
+        except BaseException as exc:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.terminate()
+            self._life.failed()
+            if isinstance(exc, Exception) and not isinstance(exc, TierstoreError):
+                raise self._translate(exc, "setup") from exc
+            raise
+        self._life.opened()
+        if self._life.is_closed:  # aclose() ran before the pool existed: close it here
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.terminate()
+            self._life.require("setup")
+
+    async def aclose(self) -> None:
+        """Close the pool: wait for calls in flight (bounded), then cut what is left."""
+        pool, self._pool = self._pool, None
+        self._life.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self.command_timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pool.terminate()
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            warnings.warn(f"{self!r} was never closed; call aclose()", ResourceWarning,
+                          stacklevel=1)
+
+    # -- the one place driver errors are translated ---------------------------------------
+
+    def _translate(self, exc: BaseException, action: str) -> TierstoreError:
+        where = f"postgres warm tier {self.url}"
+        detail = _one_line(exc)
+        if self._secret:
+            detail = detail.replace(self._secret, "***")
+        if action == "setup" and isinstance(exc, (asyncpg.SyntaxOrAccessError,
+                                                  asyncpg.DataError,
+                                                  asyncpg.FeatureNotSupportedError)):
+            # A refused startup parameter, schema name or missing privilege: the
+            # URL or the server's configuration must change, retrying will not help.
+            return ConfigurationError(f"{where}: setup refused ({detail})")
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+            return ConfigurationError(f"{where}: authentication failed ({detail})")
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            return ConfigurationError(f"{where}: {detail}; create the database first")
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            return ConfigurationError(f"{where}: {action} not permitted ({detail})")
+        if isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError,
+                            asyncpg.InvalidSchemaNameError)):
+            return ConfigurationError(
+                f"{where}: the tierstore schema is missing ({detail}); run setup() first"
+            )
+        if isinstance(exc, asyncpg.ClientConfigurationError):
+            return ConfigurationError(f"{where}: {detail}")
+        if isinstance(exc, asyncpg.ProgramLimitExceededError):
+            return PayloadTooLarge(f"{where}: {action} exceeds a PostgreSQL limit ({detail})")
+        if isinstance(exc, (asyncpg.DataError, UnicodeError)):
+            return InvalidInput(f"{where}: {action} refused the data ({detail})")
+        if isinstance(exc, (TimeoutError, asyncpg.QueryCanceledError)):
+            return TierUnavailable(f"{where}: {action} timed out", tier="warm",
+                                   backend=self.backend)
+        if isinstance(exc, asyncpg.InterfaceError) and self._life.is_closed:
+            return LifecycleError(f"{where}: the store was closed during {action}")
+        return TierUnavailable(f"{where}: {action} failed ({detail})", tier="warm",
+                               backend=self.backend)
+
+    def _require_pool(self, action: str) -> asyncpg.Pool[asyncpg.Record]:
+        self._life.require(action)
+        assert self._pool is not None  # opened only with a pool; aclose drops both at once
+        return self._pool
+
+    async def _run(self, action: str, body: Callable[[Conn], Awaitable[T]], *,
+                   read: bool = False) -> T:
+        """Run ``body`` on a pooled connection, translating every driver error.
+
+        A connection that fails at the connection level (the server restarted, its
+        backend was terminated, a failover cut the socket, or asyncpg found it still
+        consuming a dead operation's error) is terminated rather than returned to the
+        pool, and every other connection opened before the failure is expired: they
+        point at the same server, so each is replaced at its next acquire instead of
+        failing one call apiece. A read retries once on a fresh connection. A write
+        retries once only when it never reached the server (no connection could be
+        acquired, or the driver refused to start the statement), so a retry can never
+        apply it twice; a write cut while it ran fails with ``TierUnavailable``, and
+        whether it landed is for the caller to read back.
+        """
+        pool = self._require_pool(action)
+        for attempt in range(2):
+            acquired = False
+            try:
+                conn = await pool.acquire(timeout=self.command_timeout)
+                acquired = True
+                try:
+                    result = await body(conn)
+                except BaseException as exc:
+                    if _broken(exc):
+                        _discard(conn)  # never hand a half-dead session to the next call
+                    if isinstance(exc, asyncio.CancelledError | TimeoutError):
+                        # asyncpg's release waits (up to command_timeout) for the server
+                        # to confirm the statement's cancel: the caller must not
+                        self._release_later(pool, conn)
+                    else:
+                        await pool.release(conn)
+                    raise
+                await pool.release(conn)
+                return result
+            except TierstoreError:
+                raise
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                    OSError, UnicodeError) as exc:
+                if not _broken(exc):
+                    raise self._translate(exc, action) from exc
+                await pool.expire_connections()
+                unsent = not acquired or _refused_before_sending(exc)
+                if attempt == 0 and not isinstance(exc, TimeoutError) and (read or unsent):
+                    continue
+                raise self._translate(exc, action) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _release_later(self, pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> None:
+        """Give ``conn`` back to the pool from a task of its own.
+
+        The release of a connection whose statement was cancelled (or timed out) waits
+        for the server to confirm the cancel, and terminates the connection when it does
+        not within the pool's timeout; ``aclose`` waits for it like any other release.
+        """
+        task = asyncio.get_running_loop().create_task(_release_quietly(pool, conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+
+# Server states that end every session of a server, not one statement: a shutdown,
+# a crash restart, a server still starting up.
+_SERVER_GONE = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                asyncpg.CannotConnectNowError)
+
+
+def _broken(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection (not the statement) is gone or unusable.
+
+    A statement's own failure (a constraint, a timeout that cancelled the query)
+    leaves the session usable and is not a broken connection.
+    """
+    if isinstance(exc, TimeoutError):
+        return False
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                            asyncpg.InternalClientError, OSError, *_SERVER_GONE))
+
+
+async def _release_quietly(pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> None:
+    """Release ``conn``; asyncpg terminates a connection it cannot reset, so a failure
+    here has nothing left to clean up and no caller to tell."""
+    with contextlib.suppress(Exception):
+        await pool.release(conn)
+
+
+def _discard(conn: Conn) -> None:
+    """Terminate a pooled connection, unless its loss already gave it back to the pool."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # the proxy is detached once released
+        if not conn.is_closed():
+            conn.terminate()
+
+
+def _refused_before_sending(exc: BaseException) -> bool:
+    """Whether the driver refused to start a statement, so nothing of it reached the server.
+
+    asyncpg raises ``InternalClientError("cannot switch to state …")`` before writing
+    a byte when the connection is still consuming an earlier operation's error (the
+    server's FATAL arrived while the connection sat idle in the pool, and the socket's
+    close has not been processed yet). Every write body is one statement or one
+    transaction, so a body refused at any statement has committed nothing.
+    """
+    return (isinstance(exc, asyncpg.InternalClientError)
+            and str(exc).startswith("cannot switch to state"))
+
+
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Return a connection to the pool as it is.
+
+    asyncpg's default reset costs a round trip on every release (``RESET ALL``,
+    ``UNLISTEN *``, …), doubling the round trips of a one-statement call. This
+    store never changes session state (its transactions are rolled back by the
+    pool when a call fails), so there is nothing to reset.
+    """
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
