@@ -50,12 +50,11 @@ from tierstore.tiers.mongo import (
     DOCUMENT_BUDGET,
     MAX_DOCUMENT,
     MongoWarm,
-    _client_url,
-    _index_specs,
-    _translate,
     filter_entry,
     fit_document,
 )
+from tierstore.tiers.mongo.connection import client_url, translate
+from tierstore.tiers.mongo.migrations import index_specs
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -600,9 +599,9 @@ def test_url_options_are_parsed_and_secrets_masked() -> None:
     assert (store.database_name, store.offload_threshold, store.orphan_grace) == (
         "tier_store", 2048, 5.0)
     assert "s3cret" not in repr(store) and "***" in repr(store)
-    client_url = _client_url(StoreUrl.parse(url))
-    assert "offload_threshold" not in client_url and "orphan_grace" not in client_url
-    assert "w=majority" in client_url and "user:s3cret@db.example:27017" in client_url
+    passed_on = client_url(StoreUrl.parse(url))
+    assert "offload_threshold" not in passed_on and "orphan_grace" not in passed_on
+    assert "w=majority" in passed_on and "user:s3cret@db.example:27017" in passed_on
     srv = open_store("warm", "mongodb+srv://cluster.example.net/app")
     assert isinstance(srv, MongoWarm) and srv.database_name == "app"
 
@@ -688,7 +687,7 @@ def test_a_malformed_index_migration_is_a_configuration_error() -> None:
                                                       "keys": [["a", 1]]}]}),
                  json.dumps({"indexes": [{"collection": "heads", "keys": [["a", 1]]}]})):
         with pytest.raises(ConfigurationError):
-            _index_specs(Migration(9, "bad", text))
+            index_specs(Migration(9, "bad", text))
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
@@ -702,7 +701,7 @@ def test_a_malformed_index_migration_is_a_configuration_error() -> None:
     (MongoConfigurationError("bad option"), ConfigurationError),
 ])
 def test_driver_errors_become_tierstore_errors(exc: Exception, expected: type) -> None:
-    translated = _translate(exc, "mongodb test")
+    translated = translate(exc, "mongodb test")
     assert type(translated) is expected
     assert "mongodb test" in str(translated)
 
