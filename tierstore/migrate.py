@@ -4,17 +4,23 @@ Migrations are append-only files ``NNNN_name.sql`` (``.json`` for Mongo index
 specs) under ``migrations/<backend>/``; the number is the schema version. A shipped
 file is never edited: a change is a new file. Each backend applies the files it
 has not applied yet, in order, and records them in its own version table.
+
+What the runners share lives here: which migrations are pending (``pending``), the
+loop that applies them in order (``apply_pending``), and splitting a SQL script
+into statements (``sql_statements``). How one migration is applied — in which
+transaction, under which lock, how its version is recorded — stays in the backend.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from tierstore.errors import ConfigurationError
 
-__all__ = ["Migration", "migrations_for"]
+__all__ = ["Migration", "apply_pending", "migrations_for", "pending", "sql_statements"]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sql|json)$")
 
@@ -51,3 +57,64 @@ def migrations_for(backend: str) -> list[Migration]:
                 f"{migration.version:04d}_{migration.name}; files must be numbered without gaps"
             )
     return found
+
+
+def pending(backend: str, applied: Collection[int]) -> list[Migration]:
+    """The shipped migrations of ``backend`` whose version is not in ``applied``, in order.
+
+    ``applied`` is the store's version table read as a set: a version another process
+    recorded meanwhile is skipped, wherever it falls in the sequence.
+    """
+    return [m for m in migrations_for(backend) if m.version not in applied]
+
+
+async def apply_pending(
+    backend: str,
+    *,
+    applied: Collection[int],
+    apply: Callable[[Migration], Awaitable[None]],
+) -> int:
+    """Await ``apply`` on each pending migration in order; returns how many were applied.
+
+    ``apply`` runs one migration and records its version, atomically where the store
+    allows, so a crash between two migrations leaves the version table telling the
+    truth and the next start resumes after the last one recorded.
+    """
+    todo = pending(backend, applied)
+    for migration in todo:
+        await apply(migration)
+    return len(todo)
+
+
+_DOLLAR = re.compile(r"\$[A-Za-z_]*\$")
+
+
+def sql_statements(script: str) -> list[str]:
+    """Split a SQL script at ``;`` line ends, keeping dollar-quoted bodies whole.
+
+    For scripts a driver cannot run in one call (SQLite's ``execute``, PostgreSQL
+    outside a transaction). Shipped files keep each statement's ``;`` at a line end,
+    which is all this relies on: no SQL parser. Whole-line ``--`` comments outside a
+    quoted body are dropped; a statement that is only ``;`` is dropped.
+    """
+    out: list[str] = []
+    buf: list[str] = []
+    quote: str | None = None
+    for line in script.splitlines():
+        if quote is None and line.strip().startswith("--"):
+            continue
+        buf.append(line)
+        for tag in _DOLLAR.findall(line):
+            if quote is None:
+                quote = tag
+            elif tag == quote:
+                quote = None
+        if quote is None and line.rstrip().endswith(";"):
+            statement = "\n".join(buf).strip()
+            if statement.rstrip(";").strip():
+                out.append(statement)
+            buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        out.append(rest)
+    return out

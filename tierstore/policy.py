@@ -25,6 +25,7 @@ __all__ = [
     "CHECKPOINT_ID_SKEW",
     "MAX_ID_BYTES",
     "TURN_KEY",
+    "backoff",
     "before_checkpoint_id",
     "chain_writes",
     "checked_ids",
@@ -426,9 +427,28 @@ def is_explicit_fork(metadata: Mapping[str, Any]) -> bool:
     return metadata.get("source") in FORK_SOURCES
 
 
+_DOUBLINGS = 60
+"""Past this many doublings every delay has long met its cap; stops the power growing."""
+
+
+def backoff(attempt: int, *, base: float, cap: float, jitter: float = 1.0) -> float:
+    """Seconds before retry ``attempt``: ``base·2^attempt`` up to ``cap``, times ``jitter``.
+
+    The one backoff curve of the package. ``attempt`` counts from 0 (``base``); a
+    negative attempt waits 0, so a caller that retries its first misses at once passes
+    ``attempt - free``. ``jitter`` is the factor the caller drew (``random.random()``
+    for full jitter, ``0.5 + random.random()`` around the curve): drawing it here would
+    make the curve untestable.
+    """
+    if attempt < 0:
+        return 0.0
+    return float(min(cap, base * 2.0 ** min(attempt, _DOUBLINGS)) * jitter)
+
+
 def retry_delay(attempt: int, *, base: float = 0.01, cap: float = 1.0, jitter: float) -> float:
-    """Exponential backoff for conflict retries; ``jitter`` in [0, 1) is passed in."""
-    return float(min(cap, base * (2 ** min(attempt, 16))) * (0.5 + jitter))
+    """Conflict retries: ``backoff`` spread over [0.5, 1.5) of the curve by ``jitter`` in
+    [0, 1), so writers that collided once do not collide again in lockstep."""
+    return backoff(attempt, base=base, cap=cap, jitter=0.5 + jitter)
 
 
 def resolve_region(

@@ -7,6 +7,13 @@
     WarmStore    the system of record: checkpoints, blobs, writes, heads  sqlite:/// postgresql:// mongodb://
     ObjectStore  immutable objects by key: cold archive and blob offload  file:// s3://
 
+``WarmStore`` is the composite of four narrow Protocols, split by who calls them::
+
+    WarmRequests  the request path (router, saver)      setup aclose head get list put_*
+    WarmFencing   fencing tokens (leases)               next_fence
+    WarmAdmin     whole-thread admin (saver, CLI)       delete_* copy/publish_thread prune usage
+    WarmTiering   the tiering jobs (tierstore.jobs)     claim release … archive stubs rehydrate
+
 The in-memory hot store, the SQLite warm store and the file object store are the
 reference implementations; ``tests/contract`` runs one suite over every backend.
 
@@ -50,7 +57,16 @@ from tierstore.records import (
     WriteRecord,
 )
 
-__all__ = ["HotStore", "LeaseStore", "ObjectStore", "WarmStore"]
+__all__ = [
+    "HotStore",
+    "LeaseStore",
+    "ObjectStore",
+    "WarmAdmin",
+    "WarmFencing",
+    "WarmRequests",
+    "WarmStore",
+    "WarmTiering",
+]
 
 
 @runtime_checkable
@@ -119,8 +135,11 @@ class LeaseStore(Protocol):
 
 
 @runtime_checkable
-class WarmStore(Protocol):
-    """The durable system of record. Every write is durable before the call returns."""
+class WarmRequests(Protocol):
+    """What a turn needs from the system of record: the request path.
+
+    Every write is durable before the call returns.
+    """
 
     backend: str
 
@@ -177,6 +196,12 @@ class WarmStore(Protocol):
         the writes), even one that only replaces a negative-index write."""
         ...
 
+
+@runtime_checkable
+class WarmFencing(Protocol):
+    """Fencing tokens. Only a lease holder asks for one (when it takes a thread); the
+    request path merely carries the token into ``put_checkpoint`` / ``put_writes``."""
+
     async def next_fence(self, thread_id: str) -> int:
         """Issue the thread's next fencing token (1, 2, 3…); lower tokens are refused from now on.
 
@@ -184,6 +209,12 @@ class WarmStore(Protocol):
         when the thread is deleted, so a stale holder stays fenced out.
         """
         ...
+
+
+@runtime_checkable
+class WarmAdmin(Protocol):
+    """Whole-thread operations: the saver's admin calls (delete, copy, import, prune)
+    and the CLI. Each touches many rows, never on a turn's path."""
 
     async def delete_thread(self, thread_id: str) -> None: ...
 
@@ -209,7 +240,15 @@ class WarmStore(Protocol):
         """Keep only the newest checkpoint per namespace, or delete everything."""
         ...
 
-    # -- tiering: used by the jobs in tierstore.jobs, never on the request path --------
+    async def usage(self) -> TierUsage:
+        """Counts and bytes for ``ops.status``; may scan the store, so never on a turn's path."""
+        ...
+
+
+@runtime_checkable
+class WarmTiering(Protocol):
+    """What the jobs in ``tierstore.jobs`` need to move data between tiers: claims on
+    heads, archive stubs and their keys. Never on the request path."""
 
     async def claim(
         self,
@@ -352,7 +391,14 @@ class WarmStore(Protocol):
         """
         ...
 
-    async def usage(self) -> TierUsage: ...
+
+@runtime_checkable
+class WarmStore(WarmRequests, WarmFencing, WarmAdmin, WarmTiering, Protocol):
+    """The whole warm tier: what every warm backend implements.
+
+    Callers that need less name the narrow Protocol instead, so a reader (and mypy)
+    sees which part of a backend a module depends on.
+    """
 
 
 @runtime_checkable
