@@ -660,11 +660,19 @@ async def test_lifecycle_close_is_idempotent_and_injected_databases_stay_open(
         assert got is not None and got.checkpoint_id == cid(1)
     finally:
         await second.aclose()
-    await first.setup()  # a closed store can be opened again
+    with pytest.raises(LifecycleError, match="cannot be reopened"):
+        await first.setup()  # a closed store stays closed: build a new one
+    with pytest.raises(LifecycleError, match="closed"):
+        await first.head(t, "")
+
+
+async def test_concurrent_setups_open_the_store_once(mongo_db: MongoTarget) -> None:
+    store = mongo_db.store()
     try:
-        assert await first.head(t, "") is not None
+        await asyncio.gather(store.setup(), store.setup())
+        assert await store.head(f"t-{uuid.uuid4()}", "") is None
     finally:
-        await first.aclose()
+        await store.aclose()
 
 
 async def test_setup_applies_migrations_once(store: MongoWarm, mongo_db: MongoTarget) -> None:

@@ -11,11 +11,12 @@ URL options (removed before the URL reaches PyMongo; everything else is passed o
 
 from __future__ import annotations
 
+import asyncio
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Final, Literal, Protocol, Self
+from typing import Any, Final, Protocol, Self
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from bson.errors import BSONError, InvalidDocument
@@ -45,6 +46,7 @@ from tierstore.errors import (
     TierstoreError,
     TierUnavailable,
 )
+from tierstore.lifecycle import Lifecycle
 from tierstore.settings import StoreUrl
 from tierstore.tiers.mongo.documents import (
     COLLECTIONS,
@@ -83,8 +85,6 @@ _TRANSIENT_CODES: Final = frozenset({
 })
 _TRANSIENT_LABELS: Final = ("RetryableWriteError", "TransientTransactionError",
                             "SystemOverloadedError", "RetryableError")
-
-State = Literal["unopened", "opened", "closed"]
 
 
 class GridFSBucket(Protocol):
@@ -251,7 +251,8 @@ class MongoConnection:
         self._given_client = client
         self._bucket_factory = gridfs or _async_bucket
         self._clock = clock
-        self._state: State = "unopened"
+        self._life = Lifecycle(f"mongodb warm tier {self._where}")
+        self._opening = asyncio.Lock()  # a second, concurrent setup waits for the first
         self._db: Any = None
         self._bucket: Any = None
         self._owned_client: Any = None
@@ -269,7 +270,7 @@ class MongoConnection:
 
     def __repr__(self) -> str:
         target = self._url.masked if self._url is not None else f"database {self.database_name}"
-        return f"MongoWarm({target!r}, {self._state})"
+        return f"MongoWarm({target!r}, {self._life.state})"
 
     @property
     def _where(self) -> str:
@@ -286,7 +287,7 @@ class MongoConnection:
         try:
             yield
         except (PyMongoError, BSONError) as exc:
-            if isinstance(exc, InvalidOperation) and self._state == "closed":
+            if isinstance(exc, InvalidOperation) and self._life.is_closed:
                 raise LifecycleError(
                     f"mongodb warm tier {self._where} was closed during {what} ({exc})"
                 ) from exc
@@ -295,29 +296,37 @@ class MongoConnection:
     # -- lifecycle --------------------------------------------------------------------
 
     async def setup(self) -> None:
-        if self._state == "opened":
-            return
-        with self._errors("setup"):
-            if self._url is not None:
-                self._owned_client = AsyncMongoClient(client_url(self._url), appname="tierstore")
-                database = self._owned_client[self.database_name]
-            elif self._given_database is not None:
-                database = self._given_database
-            else:
-                database = self._given_client[self.database_name]
+        """Connect and migrate; a no-op once open, refused once closed (``Lifecycle``)."""
+        async with self._opening:
+            if not self._life.begin():
+                return
             try:
-                await apply_migrations(database, self._clock)
-                self._bucket = self._bucket_factory(database, GRIDFS_BUCKET)
+                with self._errors("setup"):
+                    if self._url is not None:
+                        self._owned_client = AsyncMongoClient(client_url(self._url),
+                                                              appname="tierstore")
+                        database = self._owned_client[self.database_name]
+                    elif self._given_database is not None:
+                        database = self._given_database
+                    else:
+                        database = self._given_client[self.database_name]
+                    await apply_migrations(database, self._clock)
+                    bucket = self._bucket_factory(database, GRIDFS_BUCKET)
             except BaseException:
                 await self._close_owned()
+                self._life.failed()
                 raise
-        self._db = database
-        self._state = "opened"
+            self._db = database
+            self._bucket = bucket
+            self._life.opened()
+            if not self._life.is_open:  # closed while it was opening: let nothing leak
+                self._db = self._bucket = None
+                await self._close_owned()
 
     async def aclose(self) -> None:
+        self._life.close()
         self._db = None
         self._bucket = None
-        self._state = "closed"
         await self._close_owned()
 
     async def _close_owned(self) -> None:
@@ -331,6 +340,5 @@ class MongoConnection:
                           stacklevel=1)
 
     def _c(self, name: str) -> Any:
-        if self._state != "opened":
-            raise LifecycleError(f"mongodb warm tier {self._where} is not open ({self._state})")
+        self._life.require()
         return self._db[COLLECTIONS[name]]

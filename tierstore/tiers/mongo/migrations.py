@@ -16,7 +16,7 @@ from typing import Any, Final
 from pymongo.errors import DuplicateKeyError
 
 from tierstore.errors import ConfigurationError
-from tierstore.migrate import Migration, migrations_for
+from tierstore.migrate import Migration, apply_pending
 from tierstore.tiers.mongo.documents import COLLECTIONS, Doc
 
 _INDEX_OPTIONS: Final = frozenset({"unique", "sparse", "partialFilterExpression"})
@@ -42,15 +42,19 @@ def index_specs(migration: Migration) -> list[tuple[str, list[tuple[str, int]], 
 
 
 async def apply_migrations(database: Any, clock: Callable[[], float]) -> None:
-    """Create the indexes of every migration ``database`` has not recorded yet."""
+    """Create the indexes of every migration ``database`` has not recorded yet.
+
+    No lock and no transaction: creating the same index twice is harmless, and a
+    version recorded by another process meanwhile is a duplicate key, not an error.
+    """
     table = database[COLLECTIONS["migrations"]]
-    done = {doc["_id"] async for doc in table.find({}, {"_id": 1})}
-    for migration in migrations_for("mongo"):
-        if migration.version in done:
-            continue
+
+    async def apply(migration: Migration) -> None:
         for collection, keys, name, options in index_specs(migration):
             await database[collection].create_index(keys, name=name, **options)
-        # another process may apply the same migration at the same time
         with suppress(DuplicateKeyError):
             await table.insert_one({"_id": migration.version, "name": migration.name,
                                     "applied_at": clock()})
+
+    applied = {doc["_id"] async for doc in table.find({}, {"_id": 1})}
+    await apply_pending("mongo", applied=applied, apply=apply)

@@ -23,25 +23,24 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from tierstore.errors import LeaseLost, TierUnavailable
-from tierstore.policy import fence_key, fenced_out, first_version
+from tierstore.policy import backoff, fence_key, fenced_out, first_version
 from tierstore.records import BlobRecord, WriteRecord
 from tierstore.tiers.mongo.connection import duplicate_positions
 from tierstore.tiers.mongo.documents import Doc, Docs, FileIds, gridfs_ids, plain, versions_of
 from tierstore.tiers.mongo.gridfs_offload import GridFSOffload
 
 CAS_ATTEMPTS: Final = 100
+_FREE_RETRIES: Final = 3
 
 
-def backoff_delay(attempt: int, jitter: float) -> float:
-    """Seconds to wait before compare-and-set attempt ``attempt`` (``jitter`` in [0, 1)).
+def cas_delay(attempt: int) -> float:
+    """Seconds to wait before compare-and-set attempt ``attempt`` (from 0).
 
     The first misses retry at once (the winner has already moved on); after that a
-    growing, jittered pause keeps a crowd of writers on one thread from retrying in
-    lockstep.
+    growing, fully jittered pause (``policy.backoff``) keeps a crowd of writers on one
+    thread from retrying in lockstep.
     """
-    if attempt < 3:
-        return 0.0
-    return jitter * min(0.05, 0.0005 * (1 << min(attempt - 3, 7)))
+    return backoff(attempt - _FREE_RETRIES, base=0.0005, cap=0.05, jitter=random.random())
 
 
 class MongoSteps(GridFSOffload):
@@ -188,7 +187,7 @@ class MongoSteps(GridFSOffload):
         heads = self._c("heads")
         key = {"thread_id": t, "checkpoint_ns": ns}
         for attempt in range(CAS_ATTEMPTS):
-            await asyncio.sleep(backoff_delay(attempt, random.random()))
+            await asyncio.sleep(cas_delay(attempt))
             current = await self._head_doc(t, ns)
             latest = await self._c("checkpoints").find_one(
                 key, {"_id": 0, "checkpoint_id": 1}, sort=[("checkpoint_id", -1)]

@@ -1,7 +1,12 @@
-"""``MongoWarm``: the warm tier assembled from its concerns (see the package docstring)."""
+"""``MongoWarm``: the warm tier assembled from its concerns (see the package docstring).
+
+It declares ``WarmStore`` (every narrow warm protocol: requests, fencing, admin,
+tiering) so that mypy checks each layer's public signatures against it.
+"""
 
 from __future__ import annotations
 
+from tierstore.tiers.base import WarmStore
 from tierstore.tiers.mongo.reads import MongoReads
 from tierstore.tiers.mongo.tiering import MongoTiering
 from tierstore.tiers.mongo.writes import MongoWrites
@@ -9,7 +14,7 @@ from tierstore.tiers.mongo.writes import MongoWrites
 __all__ = ["MongoWarm"]
 
 
-class MongoWarm(MongoReads, MongoWrites, MongoTiering):
+class MongoWarm(MongoReads, MongoWrites, MongoTiering, WarmStore):
     """Warm tier on one MongoDB database, with large payloads in GridFS.
 
     Give it a URL (it creates, owns and closes its client), or a database object

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from tierstore.tiers.mongo.documents import (
     is_scalar,
     plain,
 )
-from tierstore.tiers.mongo.steps import CAS_ATTEMPTS, MongoSteps, backoff_delay
+from tierstore.tiers.mongo.steps import CAS_ATTEMPTS, MongoSteps, cas_delay
 
 log = logging.getLogger("tierstore.mongo")
 
@@ -222,7 +221,7 @@ class MongoWrites(MongoSteps):
         fresh = current is not None
         for attempt in range(CAS_ATTEMPTS):
             if not fresh:
-                await asyncio.sleep(backoff_delay(attempt, random.random()))
+                await asyncio.sleep(cas_delay(attempt))
                 current = await self._head_doc(t, ns)
             fresh = False
             if current is not None and "fence" in current:
