@@ -52,12 +52,11 @@ from tierstore.tiers.mongo import (
     DOCUMENT_BUDGET,
     MAX_DOCUMENT,
     MongoWarm,
-    _client_url,
-    _index_specs,
-    _translate,
     filter_entry,
     fit_document,
 )
+from tierstore.tiers.mongo.connection import client_url, translate
+from tierstore.tiers.mongo.migrations import index_specs
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -565,9 +564,9 @@ def test_url_options_are_parsed_and_secrets_masked() -> None:
     assert (store.database_name, store.offload_threshold, store.orphan_grace) == (
         "tier_store", 2048, 5.0)
     assert "s3cret" not in repr(store) and "***" in repr(store)
-    client_url = _client_url(StoreUrl.parse(url))
-    assert "offload_threshold" not in client_url and "orphan_grace" not in client_url
-    assert "w=majority" in client_url and "user:s3cret@db.example:27017" in client_url
+    passed_on = client_url(StoreUrl.parse(url))
+    assert "offload_threshold" not in passed_on and "orphan_grace" not in passed_on
+    assert "w=majority" in passed_on and "user:s3cret@db.example:27017" in passed_on
     srv = open_store("warm", "mongodb+srv://cluster.example.net/app")
     assert isinstance(srv, MongoWarm) and srv.database_name == "app"
 
@@ -626,11 +625,19 @@ async def test_lifecycle_close_is_idempotent_and_injected_databases_stay_open(
         assert got is not None and got.checkpoint_id == cid(1)
     finally:
         await second.aclose()
-    await first.setup()  # a closed store can be opened again
+    with pytest.raises(LifecycleError, match="cannot be reopened"):
+        await first.setup()  # a closed store stays closed: build a new one
+    with pytest.raises(LifecycleError, match="closed"):
+        await first.head(t, "")
+
+
+async def test_concurrent_setups_open_the_store_once(mongo_db: MongoTarget) -> None:
+    store = mongo_db.store()
     try:
-        assert await first.head(t, "") is not None
+        await asyncio.gather(store.setup(), store.setup())
+        assert await store.head(f"t-{uuid.uuid4()}", "") is None
     finally:
-        await first.aclose()
+        await store.aclose()
 
 
 async def test_setup_applies_migrations_once(store: MongoWarm, mongo_db: MongoTarget) -> None:
@@ -653,7 +660,7 @@ def test_a_malformed_index_migration_is_a_configuration_error() -> None:
                                                       "keys": [["a", 1]]}]}),
                  json.dumps({"indexes": [{"collection": "heads", "keys": [["a", 1]]}]})):
         with pytest.raises(ConfigurationError):
-            _index_specs(Migration(9, "bad", text))
+            index_specs(Migration(9, "bad", text))
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
@@ -667,7 +674,7 @@ def test_a_malformed_index_migration_is_a_configuration_error() -> None:
     (MongoConfigurationError("bad option"), ConfigurationError),
 ])
 def test_driver_errors_become_tierstore_errors(exc: Exception, expected: type) -> None:
-    translated = _translate(exc, "mongodb test")
+    translated = translate(exc, "mongodb test")
     assert type(translated) is expected
     assert "mongodb test" in str(translated)
 

@@ -59,13 +59,13 @@ async def test_a_checkpoint_archived_while_mongodb_reads_it_reads_as_a_stub(warm
     blobs collected, before the blobs are fetched. That is a stub, not a loss."""
     if warm.backend != "mongodb":
         pytest.skip("SQLite and PostgreSQL read a checkpoint and its blobs in one snapshot")
-    from tierstore.tiers.mongo import _READ_FIELDS
+    from tierstore.tiers.mongo.documents import READ_FIELDS
 
     warm.orphan_grace = -1.0  # collect the stub's blobs at once
     t = f"t-{uuid.uuid4()}"
     await warm.put_checkpoint(record(t, 1, versions={"log": "1"}),
                               [BlobRecord("log", "1", Payload("msgpack", b"hi"))], strict=False)
-    live = await warm._c("checkpoints").find_one({"thread_id": t}, dict(_READ_FIELDS))
+    live = await warm._c("checkpoints").find_one({"thread_id": t}, dict(READ_FIELDS))
     now = time.time()
     await warm.claim(owner="w", now=now, lease_seconds=60, limit=10, idle_before=now + 1,
                      thread_id=t)
