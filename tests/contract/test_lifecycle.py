@@ -12,10 +12,6 @@ import pytest
 
 from tierstore.errors import LifecycleError
 
-REOPENS = {"mongodb"}
-"""Backends that may be set up again after ``aclose`` (an injected MongoDB database
-outlives the store; ``tests/integration/test_mongo_warm.py`` relies on it)."""
-
 
 async def _closed_twice(store: Any) -> None:
     await store.aclose()
@@ -28,9 +24,8 @@ async def test_a_closed_warm_store_refuses_use_and_reopening(warm: Any) -> None:
         await warm.head("t", "")
     with pytest.raises(LifecycleError):
         await warm.next_fence("t")
-    if warm.backend not in REOPENS:
-        with pytest.raises(LifecycleError):
-            await warm.setup()
+    with pytest.raises(LifecycleError):
+        await warm.setup()
 
 
 async def test_a_closed_hot_store_refuses_use_and_reopening(hot: Any) -> None:
