@@ -285,7 +285,7 @@ def _build_app() -> typer.Typer:
             while True:
                 report = await Rehydrate(saver).run_once()
                 result["rehydrated"] += report.checkpoints
-                pending = await saver.router.regions.stack_for(thread).warm.archive_refs(thread)
+                pending = await saver.regions.for_thread(thread).warm.archive_refs(thread)
                 result["done"] = not pending
                 if result["done"] or not wait or time.monotonic() > deadline:
                     return result

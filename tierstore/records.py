@@ -66,6 +66,29 @@ class CheckpointRecord:
     filter_doc: Mapping[str, Scalar]
     run_id: str | None = None
 
+    @classmethod
+    def new(
+        cls,
+        *,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        parent_id: str | None,
+        checkpoint: Payload,
+        metadata: Payload,
+        channel_versions: Mapping[str, str],
+        filter_doc: Mapping[str, Scalar],
+        run_id: object,
+    ) -> CheckpointRecord:
+        """A record for a new checkpoint. ``run_id`` is the metadata's, as found:
+        metadata is free-form, and only a text run id can be looked up by run."""
+        return cls(
+            thread_id=thread_id, checkpoint_ns=checkpoint_ns, checkpoint_id=checkpoint_id,
+            parent_id=parent_id, checkpoint=checkpoint, metadata=metadata,
+            channel_versions=channel_versions, filter_doc=filter_doc,
+            run_id=run_id if isinstance(run_id, str) else None,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
