@@ -107,7 +107,7 @@ class StoredCheckpoint:
     version: int = 0
     """The warm head version this copy was made from; 0 when unknown (never fresh).
 
-    Caches (hot stores, the write-behind queue, the router's process-local copies)
+    Caches (hot stores, the write-behind queue, HotCache's process-local copies)
     carry it so that a copy is served only while warm's head still has this version.
     """
     missing: tuple[str, ...] = ()
