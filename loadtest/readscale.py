@@ -97,7 +97,7 @@ class VmSteps:
     """
 
     def __init__(self, saver: TieredSaver) -> None:
-        warm = saver.router.regions.stacks["default"].warm
+        warm = saver.regions.by_name["default"].warm
         self.conn: sqlite3.Connection | None = getattr(warm, "_conn", None)
         self.count = 0
 

@@ -287,7 +287,7 @@ def restore(
         while True:
             report = await Rehydrate(saver).run_once()
             result["rehydrated"] += report.checkpoints
-            pending = await saver.router.regions.stack_for(thread).warm.archive_refs(thread)
+            pending = await saver.regions.for_thread(thread).warm.archive_refs(thread)
             result["done"] = not pending
             if result["done"] or not wait or time.monotonic() > deadline:
                 return result

@@ -42,29 +42,27 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from contextvars import ContextVar, Token
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Literal, Self
+from typing import Literal, Self
 
 from tierstore.bridge import LoopBridge
 from tierstore.errors import ConfigurationError, LeaseBusy, LifecycleError, TierUnavailable
 from tierstore.policy import lease_renew_every, retry_delay
-from tierstore.tiers.base import LeaseStore
-
-if TYPE_CHECKING:
-    from tierstore.router import TierStack
+from tierstore.region import Region
+from tierstore.tiers.base import LeaseStore, WarmStore
 
 __all__ = ["ThreadLease", "current_fence"]
 
 log = logging.getLogger("tierstore")
 
-_Key = tuple[int, str]  # (id of the warm store, thread id)
+_Key = tuple[WarmStore, str]  # (the warm store, thread id)
 _TOKENS: ContextVar[Mapping[_Key, int]] = ContextVar(
     "tierstore_lease_tokens", default=MappingProxyType({})
 )
 
 
-def current_fence(warm: object, thread_id: str) -> int | None:
+def current_fence(warm: WarmStore, thread_id: str) -> int | None:
     """The token of the lease this context holds on ``thread_id`` in ``warm``, if any."""
-    return _TOKENS.get().get((id(warm), thread_id))
+    return _TOKENS.get().get((warm, thread_id))
 
 
 def _finite_seconds(value: object) -> bool:
@@ -83,12 +81,12 @@ class ThreadLease:
     owner: str
     token: int | None
     lost: bool
-    _stack: TierStack
+    _warm: WarmStore
 
     def __init__(
         self,
         *,
-        stack: TierStack,
+        region: Region,
         bridge: LoopBridge,
         thread_id: str,
         ttl: float,
@@ -101,7 +99,7 @@ class ThreadLease:
         if not _finite_seconds(wait) or not wait >= 0:
             raise ConfigurationError(
                 f"lease wait must be a finite number of seconds >= 0, got {wait!r}")
-        if not isinstance(stack.hot, LeaseStore):
+        if not isinstance(region.hot, LeaseStore):
             raise ConfigurationError(
                 "leases need a hot tier that keeps them (memory:// in one process, "
                 "redis:// across processes); this stack has none"
@@ -112,8 +110,8 @@ class ThreadLease:
         self.owner = uuid.uuid4().hex
         self.token = None
         self.lost = False
-        self._locks: LeaseStore = stack.hot
-        self._stack = stack
+        self._locks: LeaseStore = region.hot
+        self._warm = region.warm
         self._bridge: LoopBridge = bridge
         self._clock: Callable[[], float] = clock
         self._renewer: asyncio.Task[None] | None = None
@@ -149,7 +147,7 @@ class ThreadLease:
                                                       jitter=random.random())))
             attempt += 1
         try:
-            token = await self._stack.warm.next_fence(self.thread_id)
+            token = await self._warm.next_fence(self.thread_id)
         except BaseException:
             with suppress(TierUnavailable, LifecycleError):
                 await self._locks.release_lease(self.thread_id, self.owner)
@@ -201,7 +199,7 @@ class ThreadLease:
 
     @property
     def _key(self) -> _Key:
-        return (id(self._stack.warm), self.thread_id)
+        return (self._warm, self.thread_id)
 
     def _hold(self, token: int) -> None:
         self.token = token

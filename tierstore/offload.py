@@ -10,8 +10,8 @@
 Each thread owns the objects in its own key space (``thread_space``), so deleting a
 thread deletes exactly its objects and never one another thread reads. A key in a
 thread space is read as "this content, in the reading thread's space", so the rows
-``copy_thread`` copies resolve to the copy's own objects, which the router copies
-first; a segment shared by a copy is read on behalf of the copy, too. The key stays
+``copy_thread`` copies resolve to the copy's own objects, which it copies first; a
+segment shared by a copy is read on behalf of the copy, too. The key stays
 absolute so a version that predates thread spaces still reads what this one writes.
 Within a thread, objects are content-addressed: the same large value written twice
 is stored once and a retried write never duplicates it.

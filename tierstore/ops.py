@@ -50,7 +50,7 @@ from tierstore.records import (
     StoredCheckpoint,
     WriteRecord,
 )
-from tierstore.router import TierStack
+from tierstore.region import Region
 from tierstore.saver import TieredSaver
 
 __all__ = [
@@ -69,10 +69,6 @@ EXPORT_MAGIC = b"TSEXPORT"
 EXPORT_FORMAT = 1
 
 
-def _stacks(saver: TieredSaver) -> dict[str, TierStack]:
-    return dict(saver.router.regions.stacks)
-
-
 def _noop(done: int, total: int | None) -> None:
     return None
 
@@ -81,44 +77,45 @@ async def status(saver: TieredSaver) -> dict[str, Any]:
     """Threads, checkpoints and bytes per tier (per region when there are several), and
     the heads tiering workers hold claimed (a worker killed mid-run leaves its claims)."""
     out: dict[str, Any] = {"regions": {}}
-    for name, stack in _stacks(saver).items():
-        warm = await stack.warm.usage()
+    for name, region in saver.regions.by_name.items():
+        warm = await region.warm.usage()
         # claims past now: live workers' or those of a worker that died mid-run
-        claims = await stack.warm.held_claims(now=time.time())
-        region: dict[str, Any] = {
-            "hot": {"backend": stack.hot.backend} if stack.hot is not None else None,
-            "warm": {"backend": stack.warm.backend, **asdict(warm), "claims": asdict(claims)},
+        claims = await region.warm.held_claims(now=time.time())
+        row: dict[str, Any] = {
+            "hot": {"backend": region.hot.backend} if region.hot is not None else None,
+            "warm": {"backend": region.warm.backend, **asdict(warm), "claims": asdict(claims)},
             "cold": None,
         }
-        if stack.cold is not None:
+        if region.cold is not None:
             counts: dict[str, list[int]] = {"segments": [0, 0], "offload": [0, 0],
                                              "restores": [0, 0]}
-            async for key in stack.cold.iter_keys(""):
+            async for key in region.cold.iter_keys(""):
                 kind = ("segments" if key.startswith(SEGMENT_PREFIX) else
                         "offload" if key.startswith(OFFLOAD_PREFIX) else "restores")
-                info = await stack.cold.info(key)
+                info = await region.cold.info(key)
                 counts[kind][0] += 1
                 counts[kind][1] += info.size if info is not None else 0
-            region["cold"] = {
-                "backend": stack.cold.backend,
+            row["cold"] = {
+                "backend": region.cold.backend,
                 "archived_checkpoints": warm.archived,
                 **{f"{kind}_objects": n for kind, (n, _) in counts.items()},
                 **{f"{kind}_bytes": b for kind, (_, b) in counts.items()},
             }
-        out["regions"][name] = region
+        out["regions"][name] = row
     return out
 
 
 async def inspect_thread(saver: TieredSaver, thread_id: str) -> dict[str, Any]:
     """The checkpoint tree of one thread with the tier of every checkpoint."""
     thread_id = validate_id(thread_id)
-    stack = saver.router.regions.stack_for(thread_id)
+    region = saver.regions.for_thread(thread_id)
     namespaces: dict[str, list[dict[str, Any]]] = defaultdict(list)
     cached: dict[str, str | None] = {}
-    async for row in stack.warm.list(ListQuery(thread_id=thread_id)):
+    async for row in region.warm.list(ListQuery(thread_id=thread_id)):
         ns = row.checkpoint_ns
         if ns not in cached:
-            cached[ns] = await saver.router.peek_hot(stack, thread_id, ns)
+            cached[ns] = (await region.cache.peek(thread_id, ns)
+                          if region.cache is not None else None)
         metadata = saver.codec.decode(row.metadata, where="metadata")
         tier = "warm" if row.location == "warm" else "cold"
         if cached.get(ns) == row.checkpoint_id:
@@ -162,22 +159,22 @@ async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, An
         broken.append({"thread_id": row.thread_id, "checkpoint_ns": row.checkpoint_ns,
                        "checkpoint_id": row.checkpoint_id, "problem": why})
 
-    for stack in {id(s): s for s in _stacks(saver).values()}.values():
+    for region in saver.regions.distinct():
         by_segment: dict[str, list[StoredCheckpoint]] = defaultdict(list)
         live: list[StoredCheckpoint] = []
-        async for row in stack.warm.list(ListQuery()):
+        async for row in region.warm.list(ListQuery()):
             checked += 1
             progress(checked, None)
             if row.location == "archived" and row.archive_key is not None:
                 by_segment[row.archive_key].append(row)
             else:
                 live.append(row)
-        keeps_empty = stack.warm.backend not in EMPTY_WITHOUT_ROWS
+        keeps_empty = region.warm.backend not in EMPTY_WITHOUT_ROWS
         # (thread, ns, channel, version) -> whether a segment holds a value for it
         archived_values: dict[tuple[str, str, str, str], bool] = {}
         for key, stubs in by_segment.items():
             try:
-                segment = await saver.router.load_segment(stack, key)
+                segment = await region.archive.load_segment(key)
             except CheckpointArchived:
                 skipped.append(key)
                 continue
@@ -194,20 +191,20 @@ async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, An
                     continue
                 record = replace(found, thread_id=stub.thread_id,
                                  checkpoint_ns=stub.checkpoint_ns, writes=stub.writes)
-                versions = await _check_record(saver, stack, record, bad, keeps_empty,
+                versions = await _check_record(saver, region, record, bad, keeps_empty,
                                                archived=None, segment_writes=found.writes)
                 for ch, version in versions.items():
                     payload = found.blobs.get(ch)
                     archived_values[(stub.thread_id, stub.checkpoint_ns, ch, version)] = (
                         payload is not None and payload.tag != EMPTY.tag)
         for row in live:
-            await _check_record(saver, stack, row, bad, keeps_empty, archived=archived_values)
+            await _check_record(saver, region, row, bad, keeps_empty, archived=archived_values)
     return {"checked": checked, "problems": problems, "broken": broken,
             "skipped_need_restore": skipped, "ok": not problems}
 
 
 async def _check_record(
-    saver: TieredSaver, stack: TierStack, row: StoredCheckpoint,
+    saver: TieredSaver, region: Region, row: StoredCheckpoint,
     bad: Callable[[StoredCheckpoint, str], None], keeps_empty: bool, *,
     archived: dict[tuple[str, str, str, str], bool] | None,
     segment_writes: tuple[Any, ...] = (),
@@ -219,7 +216,7 @@ async def _check_record(
     """
     where = f"{row.thread_id!r}/{row.checkpoint_ns!r}/{row.checkpoint_id}"
     try:
-        full = await saver.router.expand(stack, replace(
+        full = await region.expand(replace(
             row, writes=(*row.writes, *segment_writes)))
         body = saver.codec.decode(full.checkpoint, where=where)
         saver.codec.decode(full.metadata, where=where)
@@ -260,7 +257,7 @@ async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
     thread_id = validate_id(thread_id)
     frames: list[bytes] = []
     query = ListQuery(thread_id=thread_id)
-    async for record in saver.router.list(query, {}, lambda r: {}):
+    async for record in saver.alist_records(query):
         frames.append(pack_stored(record))
         progress(len(frames), None)
     if not frames:
@@ -440,12 +437,11 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
             raise
         except Exception as exc:
             raise InvalidInput(f"{where}: metadata cannot be stored ({exc})") from exc
-        record = CheckpointRecord(
+        record = CheckpointRecord.new(
             thread_id=thread_id, checkpoint_ns=ns, checkpoint_id=checkpoint_id,
             parent_id=parent_id, checkpoint=again(body, rec.checkpoint),
             metadata=again(metadata, rec.metadata),
-            channel_versions=versions, filter_doc=doc,
-            run_id=run_id if isinstance(run_id, str) else None,
+            channel_versions=versions, filter_doc=doc, run_id=run_id,
         )
         out.append((record, blobs, writes))
     return out
@@ -505,38 +501,34 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
                             skew=saver.options.checkpoint_id_skew, store_codec=saver.codec)
     if not prepared:
         raise InvalidInput(f"{path}: the file holds no checkpoints")
-    stack = saver.router.regions.stack_for(thread_id)
+    region = saver.regions.for_thread(thread_id)
     exists = False
-    async for _ in stack.warm.list(ListQuery(thread_id=thread_id, limit=1)):
+    async for _ in region.warm.list(ListQuery(thread_id=thread_id, limit=1)):
         exists = True
     if exists and not replace:
         raise InvalidInput(
             f"thread {thread_id[:200]!r} already exists; import it under another id "
             "(--as-thread) or replace it (--replace)"
         )
-    staging = _staging_thread(saver, thread_id, stack)
+    staging = _staging_thread(saver, thread_id, region)
     try:
         for done, (record, blobs, writes) in enumerate(prepared, start=1):
-            await saver.router.put(replace_record(record, thread_id=staging), blobs,
-                                   {b.channel: b.payload for b in blobs}, strict=False)
-            if writes:
-                await saver.router.put_writes(staging, record.checkpoint_ns,
-                                              record.checkpoint_id, writes)
+            await saver.aput_record(replace_record(record, thread_id=staging), blobs, writes)
             progress(done, len(prepared))
     except BaseException:
-        await asyncio.shield(saver.router.delete_thread(staging))
+        await asyncio.shield(saver.threads.delete_thread(staging))
         raise
     try:
-        await saver.router.publish_thread(staging, thread_id, replace=replace)
+        await saver.threads.publish_thread(staging, thread_id, replace=replace)
     except BaseException as exc:
-        atomic = stack.warm.backend in TRANSACTIONAL_PUBLISH
+        atomic = region.warm.backend in TRANSACTIONAL_PUBLISH
         if replace and not atomic and not isinstance(exc, InvalidInput):
             # the old thread may be gone already: keep the whole import where it is
             exc.add_note(f"the imported checkpoints are kept in thread {staging!r}")
             raise
-        await asyncio.shield(saver.router.delete_thread(staging))
+        await asyncio.shield(saver.threads.delete_thread(staging))
         raise
-    await asyncio.shield(saver.router.delete_thread(staging))
+    await asyncio.shield(saver.threads.delete_thread(staging))
     return {"thread_id": thread_id, "source_thread_id": source, "checkpoints": len(prepared),
             "replaced": exists}
 
@@ -544,7 +536,7 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
 STAGING_PREFIX = "tierstore-import-"
 
 
-def _staging_thread(saver: TieredSaver, thread_id: str, stack: TierStack) -> str:
+def _staging_thread(saver: TieredSaver, thread_id: str, region: Region) -> str:
     """A fresh thread id in the target's stores to load an import into before it shows.
 
     The warm store's ``publish_thread`` then publishes the whole thread in one
@@ -552,17 +544,17 @@ def _staging_thread(saver: TieredSaver, thread_id: str, stack: TierStack) -> str
     thread, never part of the target. The id always fits the id limit whatever the
     target's length: the target's leading bytes (cut to fit, so prefix-based region
     rules place it alike) plus a random tag, else a fixed prefix plus a random tag.
-    When the region rules place neither on the target's stack the import is refused
+    When the region rules place neither in the target's region the import is refused
     (``InvalidInput``): it never writes into the target directly.
     """
     tag = f".{STAGING_PREFIX}{uuid.uuid4().hex}"
     head = thread_id.encode("utf-8")[:MAX_ID_BYTES - len(tag)].decode("utf-8", "ignore")
     for candidate in (f"{head}{tag}", f"{STAGING_PREFIX}{uuid.uuid4().hex}"):
         try:
-            placed = saver.router.regions.stack_for(validate_id(candidate))
+            placed = saver.regions.for_thread(validate_id(candidate))
         except TierstoreError:
             continue
-        if placed is stack:
+        if placed is region:
             return candidate
     raise InvalidInput(
         f"cannot import into thread {thread_id[:200]!r}: the region rules place no "

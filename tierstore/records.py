@@ -66,6 +66,29 @@ class CheckpointRecord:
     filter_doc: Mapping[str, Scalar]
     run_id: str | None = None
 
+    @classmethod
+    def new(
+        cls,
+        *,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        parent_id: str | None,
+        checkpoint: Payload,
+        metadata: Payload,
+        channel_versions: Mapping[str, str],
+        filter_doc: Mapping[str, Scalar],
+        run_id: object,
+    ) -> CheckpointRecord:
+        """A record for a new checkpoint. ``run_id`` is the metadata's, as found:
+        metadata is free-form, and only a text run id can be looked up by run."""
+        return cls(
+            thread_id=thread_id, checkpoint_ns=checkpoint_ns, checkpoint_id=checkpoint_id,
+            parent_id=parent_id, checkpoint=checkpoint, metadata=metadata,
+            channel_versions=channel_versions, filter_doc=filter_doc,
+            run_id=run_id if isinstance(run_id, str) else None,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
@@ -84,7 +107,7 @@ class StoredCheckpoint:
     version: int = 0
     """The warm head version this copy was made from; 0 when unknown (never fresh).
 
-    Caches (hot stores, the write-behind queue, the router's process-local copies)
+    Caches (hot stores, the write-behind queue, HotCache's process-local copies)
     carry it so that a copy is served only while warm's head still has this version.
     """
     missing: tuple[str, ...] = ()

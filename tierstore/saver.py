@@ -2,7 +2,7 @@
 
 This module imports no driver. It validates ids, encodes values through the codec,
 builds records, and turns records back into ``CheckpointTuple``; where bytes go is
-the router's business.
+the router's business (one read or write) and ``Threads``' (whole threads).
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ from tierstore.records import (
     StoredCheckpoint,
     WriteRecord,
 )
-from tierstore.router import Regions, Router, Stats, TierStack
+from tierstore.region import Region, Regions
+from tierstore.router import Router
 from tierstore.settings import (
     DEFAULT_COLD_URL,
     DEFAULT_HOT_URL,
@@ -82,6 +83,8 @@ from tierstore.settings import (
     resolve_options,
     resolve_spec,
 )
+from tierstore.stats import Stats
+from tierstore.threads import Threads
 from tierstore.tiers import HotStore, ObjectStore, WarmStore, open_store
 
 __all__ = ["TieredSaver"]
@@ -257,8 +260,38 @@ class TieredSaver(
 
     @property
     def router(self) -> Router:
-        """The router behind this saver (used by the tiering jobs and the CLI)."""
+        """The read/write path behind this saver."""
         return self._router
+
+    @property
+    def regions(self) -> Regions:
+        """The regions this saver serves: their stores and caches (jobs and tools)."""
+        return self._router.regions
+
+    @property
+    def threads(self) -> Threads:
+        """Whole-thread operations (delete, copy, prune, retention, import publishing)."""
+        return Threads(self._router.regions)
+
+    async def aput_record(self, record: CheckpointRecord, blobs: Sequence[BlobRecord],
+                          writes: Sequence[WriteRecord] = ()) -> None:
+        """Store a checkpoint encoded already, and its pending writes, as they are.
+
+        For imports: the records come checked and encoded (``ops.check_bundle``), and
+        no strict-mode or fork rule applies, since they are history, not a new turn.
+        """
+        self._bridge.require_open()
+        await self._router.put(record, blobs, {b.channel: b.payload for b in blobs},
+                               strict=False)
+        if writes:
+            await self._router.put_writes(record.thread_id, record.checkpoint_ns,
+                                          record.checkpoint_id, writes)
+
+    async def alist_records(self, query: ListQuery) -> AsyncIterator[StoredCheckpoint]:
+        """Stored checkpoints newest first, payloads still encoded (exports, checks)."""
+        self._bridge.require_open()
+        async for record in self._router.list(query, {}, lambda r: {}):
+            yield record
 
     def lease(self, thread_id: str, *, ttl: float = 30.0, wait: float = 10.0) -> ThreadLease:
         """A per-thread lease: ``async with saver.lease(tid): await app.ainvoke(…)``.
@@ -271,7 +304,7 @@ class TieredSaver(
         tier (``redis://`` across processes, ``memory://`` within one saver).
         """
         thread_id = validate_id(thread_id)
-        return ThreadLease(stack=self._router.regions.stack_for(thread_id), bridge=self._bridge,
+        return ThreadLease(region=self.regions.for_thread(thread_id), bridge=self._bridge,
                            thread_id=thread_id, ttl=ttl, wait=wait)
 
     async def open(self) -> Self:
@@ -285,7 +318,7 @@ class TieredSaver(
             return self
         self._bridge.state = "opening"
         try:
-            await self._router.setup()
+            await self._router.regions.setup()
         except BaseException:
             self._bridge.state = "closed"
             raise
@@ -302,7 +335,7 @@ class TieredSaver(
             self._bridge.state = "closed"
             return
         self._bridge.state = "closed"
-        await self._router.aclose()
+        await self._router.regions.aclose()
 
     async def __aenter__(self) -> Self:
         return await self.open()
@@ -567,8 +600,7 @@ class TieredSaver(
             BlobRecord(ch, version, encoded.get(ch, EMPTY)) for ch, version in fresh.items()
         ]
         md = get_serializable_checkpoint_metadata(config, metadata)
-        run_id = md.get("run_id")
-        record = CheckpointRecord(
+        record = CheckpointRecord.new(
             thread_id=thread_id,
             checkpoint_ns=ns,
             checkpoint_id=checkpoint_id,
@@ -577,7 +609,7 @@ class TieredSaver(
             metadata=_encode(codec, md, "checkpoint metadata"),
             channel_versions=versions,
             filter_doc=self.filter_doc(md),
-            run_id=run_id if isinstance(run_id, str) else None,
+            run_id=md.get("run_id"),
         )
         strict = (
             self.options.concurrency == "strict"
@@ -660,13 +692,13 @@ class TieredSaver(
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()
-        await self._router.delete_thread(validate_id(thread_id))
+        await self.threads.delete_thread(validate_id(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         self._bridge.require_open()
         ids = checked_ids(run_ids, what="run_id")
         if ids:
-            await self._router.delete_for_runs(ids)
+            await self.threads.delete_for_runs(ids)
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._bridge.require_open()
@@ -674,7 +706,7 @@ class TieredSaver(
         target = validate_id(target_thread_id)
         if source == target:
             raise InvalidInput("copy_thread needs two different thread ids")
-        await self._router.copy_thread(source, target)
+        await self.threads.copy_thread(source, target)
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._bridge.require_open()
@@ -684,7 +716,7 @@ class TieredSaver(
             )
         ids = checked_ids(thread_ids, what="thread_id")
         if ids:
-            await self._router.prune(ids, keep_latest=strategy == "keep_latest")
+            await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
@@ -757,10 +789,11 @@ def _encode(codec: Codec, value: Any, where: str) -> Payload:
 
 def open_regions(spec: StackSpec) -> Regions:
     """Build (not connect) the stores of every region of ``spec``, placed as it says."""
-    stacks: dict[str, TierStack] = {}
+    stacks: dict[str, Region] = {}
     options = spec.options
     for name, urls in spec.regions.items():
         stacks[name] = _stack(
+            name=name,
             warm=open_store("warm", urls.warm),
             hot=None if urls.hot is None else open_store("hot", urls.hot, ttl=options.hot_ttl),
             cold=None if urls.cold is None else open_store("cold", urls.cold),
@@ -769,12 +802,12 @@ def open_regions(spec: StackSpec) -> Regions:
     return Regions(stacks, spec.region_of)
 
 
-def _stack(*, warm: WarmStore, hot: HotStore | None, cold: ObjectStore | None,
-           options: SaverOptions) -> TierStack:
+def _stack(*, name: str = DEFAULT_REGION, warm: WarmStore, hot: HotStore | None,
+           cold: ObjectStore | None, options: SaverOptions) -> Region:
     offloader = None
     if cold is not None and not getattr(warm, "offloads_internally", False):
         offloader = Offloader(cold, threshold=options.offload_threshold)
-    return TierStack(warm=warm, hot=hot, cold=cold, offloader=offloader)
+    return Region(name=name, warm=warm, hot=hot, cold=cold, offloader=offloader)
 
 
 def _router(regions: Regions, options: SaverOptions) -> Router:

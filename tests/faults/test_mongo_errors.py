@@ -226,7 +226,7 @@ async def _list(saver: TieredSaver, seen: dict[str, Any]) -> Any:
 
 
 def _warm(saver: TieredSaver) -> Any:
-    return saver.router.regions.stacks["default"].warm
+    return saver.regions.by_name["default"].warm
 
 
 CALLS: dict[str, Call] = {

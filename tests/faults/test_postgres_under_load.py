@@ -220,4 +220,4 @@ async def test_two_replicas_and_an_archiving_worker_ride_out_a_restart(
         for load in loads:
             verdict = await asyncio.wait_for(load.ledger.verify(fresh), DEADLINE)
             assert verdict.ok, verdict.summary()  # read back from cold: every head is archived
-        assert fresh.router.stats.rehydrated > 0
+        assert fresh.stats.rehydrated > 0

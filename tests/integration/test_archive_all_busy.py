@@ -21,7 +21,7 @@ def test_archive_with_every_thread_claimed_elsewhere_exits_0_and_reports_busy(
     async def hold_every_claim() -> None:
         async with TieredSaver.from_urls(hot=None, warm=f"sqlite:///{tmp_path}/warm.db",
                                          cold=f"file://{tmp_path}/cold") as saver:
-            warm = saver.router.regions.stack_for("movable-0").warm
+            warm = saver.regions.for_thread("movable-0").warm
             claims = await warm.claim(owner="other-worker", now=until - 3600,
                                       lease_seconds=3600, limit=100, idle_before=until,
                                       require_live=False)

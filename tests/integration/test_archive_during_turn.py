@@ -113,8 +113,8 @@ async def test_a_channel_value_lost_from_warm_raises_naming_it(urls: Urls) -> No
     async with urls.open(hot_write_delay=0) as saver:
         await saver.aput(cfg, checkpoint, {"source": "loop", "step": 1},
                          {"profile": "1", "log": "1"})
-        stack = saver.router.regions.stack_for("lost")
-        await saver.router.invalidate_hot(stack, "lost")  # the hot copy still has it all
+        stack = saver.regions.for_thread("lost")
+        await stack.invalidate_hot(["lost"])  # the hot copy still has it all
         warm = stack.warm
         if warm.backend == "sqlite":
             await warm._run(lambda conn: conn.execute(  # type: ignore[attr-defined]

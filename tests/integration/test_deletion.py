@@ -145,7 +145,7 @@ async def values_of(saver: TieredSaver, thread: str) -> list[tuple[str, Any]]:
 
 
 async def cold_keys(saver: TieredSaver) -> list[str]:
-    cold = saver.router.regions.stacks["default"].cold
+    cold = saver.regions.by_name["default"].cold
     assert cold is not None
     return [k async for k in cold.iter_keys("")]
 
@@ -268,7 +268,7 @@ async def test_request_path_looks_up_only_the_segments_concerned(
         for thread in ("x", "y"):
             await write_chain(saver, thread, [{"note": "a"}, {"note": "b"}], run_id=thread)
         await archive_everything(saver)
-        warm = saver.router.regions.stacks["default"].warm
+        warm = saver.regions.by_name["default"].warm
         calls: list[tuple[Any, Any]] = []
         real = warm.archive_refs
 
@@ -295,14 +295,13 @@ async def test_a_delete_cut_short_is_finished_by_cold_gc(
     secret = canary()
     async with deployment.open() as saver:
         await write_chain(saver, "doomed", [{"note": "n", "doc": large(secret)}], run_id="r")
-        router = saver.router
-        stack = router.regions.stacks["default"]
+        stack = saver.regions.by_name["default"]
 
         async def crash(*_args: Any, **_kw: Any) -> None:
             raise RuntimeError("power cut")
 
         if crash_at == "after-warm":
-            monkeypatch.setattr(router, "_purge_cold", crash)
+            monkeypatch.setattr(stack.archive, "purge_thread", crash)
         else:
             monkeypatch.setattr(stack.warm, "delete_thread", crash)
         with pytest.raises(RuntimeError, match="power cut"):
@@ -333,7 +332,7 @@ async def test_a_copy_cut_short_leaves_objects_cold_gc_collects(
         pytest.skip("GridFS copies go with their documents")
     async with deployment.open() as saver:
         await write_chain(saver, "src", [{"doc": large("payload")}], run_id="r")
-        stack = saver.router.regions.stacks["default"]
+        stack = saver.regions.by_name["default"]
 
         async def crash(*_args: Any, **_kw: Any) -> None:
             raise RuntimeError("power cut")
@@ -382,7 +381,7 @@ async def test_a_run_delete_cut_short_in_the_rewrite_is_finished_by_a_retry(
     secret = canary()
     async with deployment.open() as saver:
         expected = await shared_segment_with_two_runs(saver, secret)
-        warm = saver.router.regions.stacks["default"].warm
+        warm = saver.regions.by_name["default"].warm
 
         async def crash(*_args: Any, **_kw: Any) -> None:
             raise RuntimeError("power cut")
@@ -410,12 +409,12 @@ async def test_a_run_delete_cut_short_after_warm_is_finished_by_cold_gc(
     async with deployment.open() as saver:
         expected = await shared_segment_with_two_runs(saver, secret)
         [old] = [k for k in await cold_keys(saver) if k.startswith(SEGMENT_PREFIX)]
-        router = saver.router
+        archive = saver.regions.by_name["default"].archive
 
         async def crash(*_args: Any, **_kw: Any) -> int:
             raise RuntimeError("power cut")
 
-        monkeypatch.setattr(router, "drop_unreferenced_segments", crash)
+        monkeypatch.setattr(archive, "drop_unreferenced_segments", crash)
         with pytest.raises(RuntimeError):
             await saver.adelete_for_runs(["gone"])
         monkeypatch.undo()
@@ -443,7 +442,7 @@ async def test_a_run_in_a_glacier_segment_is_deleted_without_harm(
             secret = canary()
             await shared_segment_with_two_runs_archived(saver, secret)
             [old] = [k for k in await cold_keys(saver) if k.startswith(SEGMENT_PREFIX)]
-            warm = saver.router.regions.stacks["default"].warm
+            warm = saver.regions.by_name["default"].warm
 
             await saver.adelete_for_runs(["gone"])  # the segment cannot be read: kept as is
 
@@ -520,10 +519,10 @@ async def test_a_damaged_segment_does_not_block_deleting_a_run(
     async with deployment.open() as saver:
         await shared_segment_with_two_runs_archived(saver, secret)
         [key] = [k for k in await cold_keys(saver) if k.startswith(SEGMENT_PREFIX)]
-        stack = saver.router.regions.stacks["default"]
+        stack = saver.regions.by_name["default"]
         assert stack.cold is not None
         await stack.cold.put(key, b"TSEG damaged")
-        saver.router._segments.clear()
+        stack.archive.forget_segments()
 
         await saver.adelete_for_runs(["gone"])  # not refused: warm loses the run
 
@@ -545,7 +544,7 @@ async def test_a_run_deleted_while_a_worker_archives_it_leaves_no_bytes(
         first = await write_chain(saver, thread, [{"a": secret}], run_id=doomed_run)
         await write_chain(saver, thread, [{"a": kept}, {"a": kept + "!"}], run_id=kept_run,
                           parent=first[-1], first_version=2)
-        cold = saver.router.regions.stack_for(thread).cold
+        cold = saver.regions.for_thread(thread).cold
         assert cold is not None
         fired: list[str] = []
         real_put = cold.put

@@ -100,7 +100,7 @@ async def test_canary_on_redis_postgres_and_s3(postgres_url: str, redis_url: str
         await run_workload(saver)
         state = await build_agent().compile(checkpointer=saver).aget_state(cfg("vault"))
         assert state.values["notes"] == [CANARY]
-        stack = saver.router.regions.stacks["default"]
+        stack = saver.regions.by_name["default"]
         assert stack.cold is not None
         kinds = {key.split("/", 1)[0] async for key in stack.cold.iter_keys("")}
         assert {"segments", "offload"} <= kinds, kinds  # archives and offloaded states

@@ -82,6 +82,30 @@ async def test_on_archived_restore_then_worker_rehydrates(tmp_path: Path,
         assert after[-len(before):] == before
 
 
+async def test_a_restore_on_read_lasts_the_urls_restore_days(
+        tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cold = s3_url(moto_endpoint, storage_class="GLACIER", restore_days="3")
+    async with glacier_saver(tmp_path, cold, on_archived="restore") as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember copper")]}, cfg("days"))
+        await IdleArchival(saver, TieringPolicy(archive_after=None, archive_idle_after=60)
+                           ).run_once(now=time.time() + LATER)
+        store: Any = saver.regions.by_name["default"].cold
+        requests: list[dict[str, Any]] = []
+        real_restore = store._client.restore_object
+
+        async def recording_restore(**kwargs: Any) -> Any:
+            requests.append(kwargs["RestoreRequest"])
+            return await real_restore(**kwargs)
+
+        monkeypatch.setattr(store._client, "restore_object", recording_restore)
+        with manual_restores(moto_endpoint, times=3), \
+                pytest.raises(CheckpointArchived) as info:
+            await saver.aget_tuple(cfg("days"))
+        assert info.value.restore_state == "in-progress"
+        assert [r["Days"] for r in requests] == [3]
+
+
 async def test_glacier_ir_archives_read_transparently(tmp_path: Path,
                                                       moto_endpoint: str) -> None:
     cold = s3_url(moto_endpoint, storage_class="GLACIER_IR")

@@ -26,7 +26,7 @@ def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
 
 def token_here(saver: TieredSaver, thread: str) -> int | None:
     """The lease token the current context carries for ``thread`` in this saver's store."""
-    return current_fence(saver.router.regions.stack_for(thread).warm, thread)
+    return current_fence(saver.regions.for_thread(thread).warm, thread)
 
 
 async def notes_of(app: Any, thread: str) -> list[str]:
@@ -51,7 +51,7 @@ async def test_leased_runs_are_serialised(urls: Urls) -> None:
 async def test_an_expired_holder_is_fenced_out(urls: Urls) -> None:
     async with urls.open() as saver:
         app = build_agent().compile(checkpointer=saver)
-        stack = saver.router.regions.stack_for("fenced")
+        stack = saver.regions.for_thread("fenced")
         held: list[ThreadLease] = []
         first_turn_done, taken_over = asyncio.Event(), asyncio.Event()
 
@@ -177,7 +177,7 @@ async def test_leases_serialise_runs_across_processes(shared_urls: Urls) -> None
 
 async def test_a_holder_learns_when_its_lock_is_gone(urls: Urls) -> None:
     async with urls.open() as saver:
-        stack = saver.router.regions.stack_for("renewed")
+        stack = saver.regions.for_thread("renewed")
         hot: Any = stack.hot
         async with saver.lease("renewed", ttl=0.6) as lease:
             await asyncio.sleep(1.0)  # longer than the TTL: renewals keep it

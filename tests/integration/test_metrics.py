@@ -25,7 +25,7 @@ async def test_store_calls_are_counted_per_tier(urls: Urls) -> None:
             await app.ainvoke({"messages": [HumanMessage(text)]}, config)
         await app.aget_state(config)
         history = [t async for t in saver.alist(config)]
-        stack = saver.router.regions.stack_for("metered")
+        stack = saver.regions.for_thread("metered")
         m = saver.metrics
         assert m.calls("warm", "put_checkpoint", "ok") == len(history)
         assert m.calls("warm", "put_writes", "ok") > 0

@@ -1,6 +1,6 @@
 """``TieredSaver`` over the MongoDB warm tier: big states, hostile ids, filters, real graphs.
 
-The saver is assembled by hand (``Router`` → ``Regions`` → ``TierStack``) so that the
+The saver is assembled by hand (``Router`` → ``Regions`` → ``Region``) so that the
 warm store can be the test's ``MongoWarm`` on the mock or on a real server.
 """
 
@@ -21,7 +21,8 @@ from langgraph.types import Command, interrupt
 
 from tests.servers.mongo import MongoTarget
 from tierstore import InvalidInput, TieredSaver
-from tierstore.router import Regions, Router, TierStack
+from tierstore.region import Region, Regions
+from tierstore.router import Router
 from tierstore.tiers.memory import MemoryHot
 from tierstore.tiers.mongo import COLLECTIONS, MongoWarm
 
@@ -32,7 +33,7 @@ MIB = 1024 * 1024
 async def parts(mongo_db: MongoTarget) -> AsyncIterator[tuple[TieredSaver, MongoWarm, MemoryHot]]:
     warm = mongo_db.store()
     hot = MemoryHot(ttl=60)
-    saver = TieredSaver(Router(Regions({"default": TierStack(warm=warm, hot=hot)})))
+    saver = TieredSaver(Router(Regions({"default": Region(warm=warm, hot=hot)})))
     async with saver:
         yield saver, warm, hot
 

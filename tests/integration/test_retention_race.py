@@ -50,7 +50,7 @@ async def test_a_turn_committed_after_the_claim_survives_retention(
     thread = f"ret-{uuid.uuid4()}"
     cfg: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
     first = await saver.aput(cfg, checkpoint(1), {"source": "loop", "step": 1}, {"x": "1"})
-    warm = saver.router.regions.stack_for(thread).warm
+    warm = saver.regions.for_thread(thread).warm
     claim = warm.claim
     committed: list[Any] = []
 

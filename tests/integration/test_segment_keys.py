@@ -24,7 +24,7 @@ from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import ColdGC, IdleArchival
 from tierstore.ops import verify
-from tierstore.router import TierStack
+from tierstore.region import Region
 
 FUTURE = 10 * 365 * 86400.0  # "now" for the jobs: everything written in the test is idle
 IDLE = TieringPolicy(archive_after=None, archive_idle_after=60, segment_size=50)
@@ -66,8 +66,8 @@ async def start(saver: TieredSaver, thread: str) -> dict[str, Any]:
     return config
 
 
-def stack_of(saver: TieredSaver) -> TierStack:
-    stack = saver.router.regions.stacks["default"]
+def stack_of(saver: TieredSaver) -> Region:
+    stack = saver.regions.by_name["default"]
     assert stack.cold is not None
     return stack
 

@@ -67,7 +67,7 @@ async def test_history_demotion_keeps_every_read_correct(saver: TieredSaver, url
     report = await HistoryDemotion(saver, HISTORY).run_once(now=now())
     assert report.errors == []
     assert report.checkpoints == len(before) - 1 + len(await snapshot(app, "other")) - 1
-    warm = saver.router.regions.stacks["default"].warm
+    warm = saver.regions.by_name["default"].warm
     usage = await warm.usage()
     assert usage.checkpoints == 2  # one live head per thread
     assert await snapshot(app, "hist") == before  # list reads stubs + segments
@@ -96,7 +96,7 @@ async def test_idle_thread_is_archived_and_resumes(urls: Urls) -> None:
         before = await snapshot(app, "idle")
         report = await IdleArchival(saver, IDLE).run_once(now=now())
         assert report.checkpoints == len(before)
-        assert (await saver.router.regions.stacks["default"].warm.usage()).checkpoints == 0
+        assert (await saver.regions.by_name["default"].warm.usage()).checkpoints == 0
     async with open_saver(urls) as saver:  # nothing cached anywhere
         app = build_agent().compile(checkpointer=saver)
         assert await snapshot(app, "idle") == before
@@ -111,7 +111,7 @@ async def test_delete_and_prune_cover_archived_data(saver: TieredSaver) -> None:
     await converse(app, "doomed", 3)
     await converse(app, "pruned", 3)
     await HistoryDemotion(saver, HISTORY).run_once(now=now())
-    stack = saver.router.regions.stacks["default"]
+    stack = saver.regions.by_name["default"]
     assert stack.cold is not None
     assert [k async for k in stack.cold.iter_keys(SEGMENT_PREFIX)]
     await saver.acopy_thread("pruned", "copy")
@@ -146,7 +146,7 @@ async def test_a_crash_at_any_step_loses_nothing(saver: TieredSaver, step: str) 
     # the crashed worker's lease expires; the next run completes the move
     report = await HistoryDemotion(saver, HISTORY).run_once(now=now() + 3600)
     assert await snapshot(app, "crashy") == before
-    warm = saver.router.regions.stacks["default"].warm
+    warm = saver.regions.by_name["default"].warm
     refs = await warm.archive_refs("crashy")
     assert sum(refs.values()) == len(before) - 1
     assert report.errors == []
@@ -202,7 +202,7 @@ async def test_four_workers_never_archive_twice_and_lose_nothing(shared_urls: Ur
     assert moved == expected  # every old checkpoint moved exactly once
     async with open_saver(urls) as saver:
         app = build_agent().compile(checkpointer=saver)
-        stack = saver.router.regions.stacks["default"]
+        stack = saver.regions.by_name["default"]
         assert stack.cold is not None
         for t in threads:
             assert await snapshot(app, t) == before[t]

@@ -40,7 +40,7 @@ async def thread(saver: TieredSaver, thread_id: str, checkpoints: int, *,
 
 
 async def live_ids(saver: TieredSaver, thread_id: str) -> list[str]:
-    stack = saver.router.regions.stack_for(thread_id)
+    stack = saver.regions.for_thread(thread_id)
     return [m.checkpoint_id for m in await stack.warm.index(thread_id, "")
             if m.location == "warm"]
 
@@ -77,7 +77,7 @@ async def test_failed_threads_are_counted_once_and_the_run_ends(urls: Urls,
         names = [f"doomed-{i}" for i in range(5)]
         for t in names:
             await thread(saver, t, 3, protected=False)
-        stack = saver.router.regions.stack_for(names[0])
+        stack = saver.regions.for_thread(names[0])
         assert stack.cold is not None
         failing = FailingCold(stack.cold)
         stack.cold = failing
@@ -128,7 +128,7 @@ async def test_retention_visits_every_expired_thread_once(urls: Urls, strategy: 
         assert (report.claimed, report.threads) == (8, 8)
         left = {t: len(await live_ids(saver, t)) for t in names}
         assert left == {t: 0 if strategy == "delete" else 1 for t in names}
-        stack = saver.router.regions.stack_for(names[0])
+        stack = saver.regions.for_thread(names[0])
         assert (await stack.warm.held_claims(now=now)).count == 0
 
 
@@ -212,7 +212,7 @@ def test_claims_left_by_a_dead_worker_are_reported(tmp_path: Path) -> None:
     async def die_holding_claims() -> None:
         async with TieredSaver.from_urls(hot=None, warm=f"sqlite:///{tmp_path}/warm.db",
                                          cold=f"file://{tmp_path}/cold") as saver:
-            warm = saver.router.regions.stack_for("movable-0").warm
+            warm = saver.regions.for_thread("movable-0").warm
             claims = await warm.claim(owner="dead-worker", now=until - 3600,
                                       lease_seconds=3600, limit=2, warm_before=until)
             assert len(claims) == 2

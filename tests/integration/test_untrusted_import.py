@@ -31,6 +31,7 @@ from tierstore import (
 from tierstore.demo import build_agent
 from tierstore.ops import export_thread, import_file
 from tierstore.records import Payload, WriteRecord
+from tierstore.threads import Threads
 
 TICKET = (Ticket.__module__, Ticket.__name__)
 
@@ -264,10 +265,11 @@ async def test_a_replace_that_fails_to_publish_keeps_the_import(
 
         before = await history(saver, "t")
 
-        async def broken_publish(source: str, target: str, *, replace: bool) -> None:
+        async def broken_publish(_threads: Threads, source: str, target: str, *,
+                                 replace: bool) -> None:
             raise TierUnavailable("warm went away", tier="warm")
 
-        monkeypatch.setattr(saver.router, "publish_thread", broken_publish)
+        monkeypatch.setattr(Threads, "publish_thread", broken_publish)
         with pytest.raises(TierUnavailable):
             await import_file(saver, write(tmp_path, bundle("t", records), "new"), replace=True)
         # the swap is one transaction: the old thread is whole, the staging copy gone
@@ -385,10 +387,10 @@ async def test_an_import_never_writes_under_the_target_id(
 
 async def test_an_import_is_refused_when_no_staging_lands_in_the_target_region(
         tmp_path: Path) -> None:
-    from tierstore.router import Regions
+    from tierstore.region import Regions
 
     async with embedded(tmp_path) as saver:
-        stack = saver.router.regions.stacks["default"]
+        stack = saver.regions.by_name["default"]
         records = chain(saver.codec, "t", 2)
         saver.router.regions = Regions(
             {"default": stack, "elsewhere": stack.__class__(warm=stack.warm)},

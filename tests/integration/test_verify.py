@@ -38,7 +38,7 @@ async def two_turns_with_history_archived(saver: TieredSaver, thread: str) -> No
 
 async def sql(saver: TieredSaver, statement: str, *args: Any) -> None:
     """Run one statement on the warm store's own connection (to break it on purpose)."""
-    warm: Any = saver.router.regions.stack_for("x").warm
+    warm: Any = saver.regions.for_thread("x").warm
     if warm.backend == "sqlite":
         await warm._run(lambda conn: conn.execute(statement.replace("tierstore_", ""), args))
     else:
@@ -73,7 +73,7 @@ async def test_verify_names_checkpoints_whose_channel_value_is_gone(urls: Urls) 
 async def test_verify_names_a_stub_whose_segment_lacks_it(urls: Urls) -> None:
     async with urls.open() as saver:
         await two_turns_with_history_archived(saver, "wrong-segment")
-        stack = saver.router.regions.stack_for("wrong-segment")
+        stack = saver.regions.for_thread("wrong-segment")
         refs = sorted(await stack.warm.archive_refs("wrong-segment"))
         assert len(refs) >= 2
         oldest = (await ids(saver, "wrong-segment"))[-1]

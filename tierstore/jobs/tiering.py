@@ -55,7 +55,7 @@ from tierstore.offload import (
     thread_space,
 )
 from tierstore.records import Claim, ListQuery, StoredCheckpoint
-from tierstore.router import TierStack
+from tierstore.region import Region
 
 if TYPE_CHECKING:
     from tierstore.saver import TieredSaver
@@ -159,7 +159,7 @@ class _Job(abc.ABC):
         self.dry_run = dry_run
         # regions where a claim or a release of this job went unanswered (an outage): all
         # its claims there are given back before its next run there claims anything
-        self._lost: list[TierStack] = []
+        self._lost: list[Region] = []
 
     def _step(self, name: str) -> None:
         """A named point in a move; tests inject crashes here."""
@@ -167,52 +167,52 @@ class _Job(abc.ABC):
             self.on_step(name)
 
     @property
-    def stacks(self) -> list[TierStack]:
-        return list({id(s): s for s in self.saver.router.regions.stacks.values()}.values())
+    def regions(self) -> list[Region]:
+        return self.saver.regions.distinct()
 
     async def run_once(self, now: float | None = None) -> JobReport:
         started = time.perf_counter()
         report = JobReport(self.name)
         now = self.clock() if now is None else now
-        for stack in self.stacks:
-            if any(s is stack for s in self._lost):
-                await stack.warm.release_owned(owner=self.owner)
-                self._lost = [s for s in self._lost if s is not stack]
-            await self._run_stack(stack, now, report)
+        for region in self.regions:
+            if any(s is region for s in self._lost):
+                await region.warm.release_owned(owner=self.owner)
+                self._lost = [s for s in self._lost if s is not region]
+            await self._run_region(region, now, report)
         report.seconds = time.perf_counter() - started
         return report
 
-    async def _claim(self, stack: TierStack, **query: Any) -> Sequence[Claim]:
+    async def _claim(self, region: Region, **query: Any) -> Sequence[Claim]:
         """``warm.claim`` for this job's owner. A claim that got no answer may have
         leased heads all the same, so the region is marked for ``release_owned``:
         a run cut off by an outage holds its heads until the store is back, not
         until ``lease_seconds`` ends."""
         try:
-            return await stack.warm.claim(owner=self.owner, **query)
+            return await region.warm.claim(owner=self.owner, **query)
         except (TierUnavailable, asyncio.CancelledError, TimeoutError):
-            self._mark_lost(stack)
+            self._mark_lost(region)
             raise
 
-    async def _give_back(self, stack: TierStack, claims: Sequence[Claim]) -> None:
+    async def _give_back(self, region: Region, claims: Sequence[Claim]) -> None:
         """Release ``claims``; when the store cannot take one now, they are given back
         with ``release_owned`` at the start of the next run (the run's own error, if
         any, is the one it reports)."""
         for claim in claims:
             try:
-                await stack.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
+                await region.warm.release(claim.thread_id, claim.checkpoint_ns, owner=self.owner)
             except (TierUnavailable, TimeoutError):
-                self._mark_lost(stack)
+                self._mark_lost(region)
                 return
             except asyncio.CancelledError:
-                self._mark_lost(stack)
+                self._mark_lost(region)
                 raise
 
-    def _mark_lost(self, stack: TierStack) -> None:
-        if not any(s is stack for s in self._lost):
-            self._lost.append(stack)
+    def _mark_lost(self, region: Region) -> None:
+        if not any(s is region for s in self._lost):
+            self._lost.append(region)
 
     @abc.abstractmethod
-    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+    async def _run_region(self, region: Region, now: float, report: JobReport) -> None:
         """Do this job's work on one region's stores, adding to ``report``."""
 
 
@@ -233,53 +233,53 @@ class _Archiver(_Job):
     """
 
     @abc.abstractmethod
-    async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
+    async def _claims(self, region: Region, now: float) -> Sequence[Claim]:
         """Lease the (thread, ns) heads this job has work for."""
 
     @abc.abstractmethod
-    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> Choice:
+    async def _choose(self, region: Region, claim: Claim, now: float) -> Choice:
         """The live checkpoints of a claimed head to move to cold."""
 
-    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
-        if stack.cold is None:
+    async def _run_region(self, region: Region, now: float, report: JobReport) -> None:
+        if region.cold is None:
             return
         visited: set[tuple[str, str]] = set()
         kept: list[Claim] = []
         try:
             while True:
-                claims = await self._claims(stack, now)
+                claims = await self._claims(region, now)
                 fresh = [c for c in claims if (c.thread_id, c.checkpoint_ns) not in visited]
                 kept.extend(c for c in claims if (c.thread_id, c.checkpoint_ns) in visited)
                 report.claimed += len(fresh)
                 for claim in fresh:
                     visited.add((claim.thread_id, claim.checkpoint_ns))
                     kept.append(claim)
-                    settled = await self._visit(stack, claim, now, report)
+                    settled = await self._visit(region, claim, now, report)
                     if settled is not None:
                         try:
-                            await stack.warm.release(
+                            await region.warm.release(
                                 claim.thread_id, claim.checkpoint_ns, owner=self.owner,
                                 settled_head=claim.head_id, settled_until=settled.until)
                         except (TierUnavailable, asyncio.CancelledError, TimeoutError):
-                            self._mark_lost(stack)
+                            self._mark_lost(region)
                             raise
                         kept.pop()
                 if not fresh or len(claims) < self.policy.batch:
                     break
         finally:
-            await self._give_back(stack, kept)
-        held = await stack.warm.held_claims(now=self.clock(), thread_id=self.thread_id,
+            await self._give_back(region, kept)
+        held = await region.warm.held_claims(now=self.clock(), thread_id=self.thread_id,
                                             exclude_owner=self.owner)
         report.busy += held.count
         if held.latest_until is not None:
             report.busy_until = max(report.busy_until or 0.0, held.latest_until)
 
     async def _visit(
-        self, stack: TierStack, claim: Claim, now: float, report: JobReport
+        self, region: Region, claim: Claim, now: float, report: JobReport
     ) -> Settled | None:
         """Do one head's work; returns how it is settled, None to keep it claimed."""
         try:
-            choice = await self._choose(stack, claim, now)
+            choice = await self._choose(region, claim, now)
             ids = choice.ids
             if self.dry_run:
                 report.threads += 1 if ids else 0
@@ -288,7 +288,7 @@ class _Archiver(_Job):
                 return None
             moved = 0
             for group in chunks(ids, self.policy.segment_size):
-                done = await self._move(stack, claim, group, now, report)
+                done = await self._move(region, claim, group, now, report)
                 if done == 0:
                     return None  # lease lost: another worker owns this head now
                 moved += done
@@ -303,12 +303,12 @@ class _Archiver(_Job):
             return None
 
     async def _move(
-        self, stack: TierStack, claim: Claim, ids: list[str], now: float, report: JobReport
+        self, region: Region, claim: Claim, ids: list[str], now: float, report: JobReport
     ) -> int:
-        assert stack.cold is not None
+        assert region.cold is not None
         records: list[StoredCheckpoint] = []
         for checkpoint_id in ids:
-            record = await stack.warm.get(claim.thread_id, claim.checkpoint_ns, checkpoint_id)
+            record = await region.warm.get(claim.thread_id, claim.checkpoint_ns, checkpoint_id)
             if record is not None and record.location == "warm":
                 records.append(record)
         if not records:
@@ -317,11 +317,11 @@ class _Archiver(_Job):
         # a key of its own for every pack: never an object another move, a reader's
         # cache or ColdGC already knows under that key (see codec.segment)
         key = segment_key(claim.thread_id, claim.checkpoint_ns, data, nonce=uuid.uuid4().hex)
-        await stack.cold.put(key, data, storage_class=self.policy.storage_class)
+        await region.cold.put(key, data, storage_class=self.policy.storage_class)
         self._step("written")
-        await verify_object(stack, key, data)
+        await verify_object(region, key, data)
         self._step("verified")
-        changed = await stack.warm.mark_archived(
+        changed = await region.warm.mark_archived(
             claim.thread_id, claim.checkpoint_ns, [r.checkpoint_id for r in records],
             archive_key=key, owner=self.owner, now=self.clock(),
             writes={r.checkpoint_id: r.writes for r in records},
@@ -330,30 +330,30 @@ class _Archiver(_Job):
         if changed:
             report.segments += 1
             report.bytes += len(data)
-        elif not await stack.warm.archive_refs(keys=[key]):
+        elif not await region.warm.archive_refs(keys=[key]):
             # Nothing moved (the lease was lost, or a delete took some of the packed
             # checkpoints meanwhile): the segment is named by nothing and may hold
             # checkpoints that were just deleted, so it goes now rather than after GC's grace.
-            await self.saver.router.drop_unreferenced_segments(stack, [key])
+            await region.archive.drop_unreferenced_segments([key])
         if any(r.checkpoint_id == claim.head_id for r in records):
-            await self.saver.router.invalidate_hot(stack, claim.thread_id)
+            await region.invalidate_hot([claim.thread_id])
         return changed
 
 
-async def verify_object(stack: TierStack, key: str, data: bytes) -> None:
+async def verify_object(region: Region, key: str, data: bytes) -> None:
     """Bytes in cold are verified before the warm copy is dropped.
 
     Instantly readable classes are read back and compared byte for byte; for
     GLACIER / DEEP_ARCHIVE (not readable until restored) the stored size must match,
     and the object store checks the upload's own checksum on receipt.
     """
-    assert stack.cold is not None
-    info = await stack.cold.info(key)
+    assert region.cold is not None
+    info = await region.cold.info(key)
     if info is None or info.size != len(data):
         raise CorruptPayload(f"segment {key!r} did not land intact in the cold tier", where=key)
     if info.readable:
         try:
-            back = await stack.cold.get(key)
+            back = await region.cold.get(key)
         except CheckpointArchived:
             return
         if back is None or hashlib.sha256(back).digest() != hashlib.sha256(data).digest():
@@ -365,18 +365,18 @@ class HistoryDemotion(_Archiver):
 
     name = "history-demotion"
 
-    async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
+    async def _claims(self, region: Region, now: float) -> Sequence[Claim]:
         if self.policy.archive_after is None:
             return []
         return await self._claim(
-            stack, now=now, lease_seconds=self.policy.lease_seconds,
+            region, now=now, lease_seconds=self.policy.lease_seconds,
             limit=self.policy.batch, warm_before=now - self.policy.archive_after,
             thread_id=self.thread_id,
         )
 
-    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> Choice:
-        index = await stack.warm.index(claim.thread_id, claim.checkpoint_ns)
-        head = await stack.warm.get(claim.thread_id, claim.checkpoint_ns, claim.head_id)
+    async def _choose(self, region: Region, claim: Claim, now: float) -> Choice:
+        index = await region.warm.index(claim.thread_id, claim.checkpoint_ns)
+        head = await region.warm.get(claim.thread_id, claim.checkpoint_ns, claim.head_id)
         depth = 0
         if head is not None:
             metadata = self.saver.codec.decode(head.metadata, where="head metadata")
@@ -395,17 +395,17 @@ class IdleArchival(_Archiver):
 
     name = "idle-archival"
 
-    async def _claims(self, stack: TierStack, now: float) -> Sequence[Claim]:
+    async def _claims(self, region: Region, now: float) -> Sequence[Claim]:
         if self.policy.archive_idle_after is None:
             return []
         return await self._claim(
-            stack, now=now, lease_seconds=self.policy.lease_seconds,
+            region, now=now, lease_seconds=self.policy.lease_seconds,
             limit=self.policy.batch, idle_before=now - self.policy.archive_idle_after,
             thread_id=self.thread_id,
         )
 
-    async def _choose(self, stack: TierStack, claim: Claim, now: float) -> Choice:
-        index = await stack.warm.index(claim.thread_id, claim.checkpoint_ns)
+    async def _choose(self, region: Region, claim: Claim, now: float) -> Choice:
+        index = await region.warm.index(claim.thread_id, claim.checkpoint_ns)
         return Choice(sorted(m.checkpoint_id for m in index if m.location == "warm"))
 
 
@@ -419,7 +419,7 @@ class Retention(_Job):
 
     name = "retention"
 
-    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
+    async def _run_region(self, region: Region, now: float, report: JobReport) -> None:
         if self.policy.expire_after is None:
             return
         visited: set[str] = set()
@@ -427,7 +427,7 @@ class Retention(_Job):
         try:
             while True:
                 claims = await self._claim(
-                    stack, now=now, lease_seconds=self.policy.lease_seconds,
+                    region, now=now, lease_seconds=self.policy.lease_seconds,
                     limit=self.policy.batch, idle_before=now - self.policy.expire_after,
                     require_live=False,
                 )
@@ -441,7 +441,7 @@ class Retention(_Job):
                     for thread_id in threads:
                         while True:
                             rest = await self._claim(
-                                stack, now=now,
+                                region, now=now,
                                 lease_seconds=self.policy.lease_seconds,
                                 limit=self.policy.batch,
                                 idle_before=now - self.policy.expire_after,
@@ -455,7 +455,7 @@ class Retention(_Job):
                 if not threads or len(claims) < self.policy.batch:
                     break
         finally:
-            await self._give_back(stack, kept)
+            await self._give_back(region, kept)
 
     async def _expire(self, threads: list[str], claims: Sequence[Claim],
                       report: JobReport) -> None:
@@ -467,7 +467,7 @@ class Retention(_Job):
         for thread_id in threads:
             heads = [c for c in claims if c.thread_id == thread_id]
             try:
-                done = await self.saver.router.expire_thread(
+                done = await self.saver.threads.expire_thread(
                     thread_id, heads, owner=self.owner, now=self.clock(),
                     keep_latest=keep_latest)
             except TierstoreError as exc:
@@ -485,8 +485,8 @@ class HotExpiry(_Job):
 
     name = "hot-expiry"
 
-    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
-        purge = getattr(stack.hot, "purge_expired", None)
+    async def _run_region(self, region: Region, now: float, report: JobReport) -> None:
+        purge = getattr(region.hot, "purge_expired", None)
         if purge is not None:
             report.deleted += int(purge())
 
@@ -501,13 +501,13 @@ async def request_restore(saver: TieredSaver, thread_id: str, *, days: int = 7) 
     A marker object per segment tells ``Rehydrate`` what to bring back to warm once
     the object store says the copy is readable.
     """
-    stack = saver.router.regions.stack_for(thread_id)
-    if stack.cold is None:
+    region = saver.regions.for_thread(thread_id)
+    if region.cold is None:
         return {}
     states: dict[str, str] = {}
-    for key in sorted(await stack.warm.archive_refs(thread_id)):
-        states[key] = await stack.cold.restore(key, days=days)
-        await stack.cold.put(_restore_marker(key), msgpack.packb([key, thread_id]),
+    for key in sorted(await region.warm.archive_refs(thread_id)):
+        states[key] = await region.cold.restore(key, days=days)
+        await region.cold.put(_restore_marker(key), msgpack.packb([key, thread_id]),
                              storage_class="STANDARD")
     return states
 
@@ -517,37 +517,37 @@ class Rehydrate(_Job):
 
     name = "rehydrate"
 
-    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
-        if stack.cold is None:
+    async def _run_region(self, region: Region, now: float, report: JobReport) -> None:
+        if region.cold is None:
             return
-        markers = [k async for k in stack.cold.iter_keys(RESTORE_PREFIX)]
+        markers = [k async for k in region.cold.iter_keys(RESTORE_PREFIX)]
         for marker in markers:
-            raw = await stack.cold.get(marker)
+            raw = await region.cold.get(marker)
             if raw is None:
                 continue
             key, thread_id = msgpack.unpackb(raw, raw=False)
-            info = await stack.cold.info(key)
+            info = await region.cold.info(key)
             if info is None:
-                await stack.cold.delete([marker])
+                await region.cold.delete([marker])
                 continue
             if not info.readable:
                 continue
             report.claimed += 1
             try:
-                segment = await self.saver.router.load_segment(stack, key)
+                segment = await region.archive.load_segment(key)
                 restored = 0
                 for ns in {r.checkpoint_ns for r in segment.records.values()}:
-                    stubs = [m.checkpoint_id for m in await stack.warm.index(thread_id, ns)
+                    stubs = [m.checkpoint_id for m in await region.warm.index(thread_id, ns)
                              if m.archive_key == key]
                     records = [segment.records[c] for c in stubs if c in segment.records]
-                    restored += await stack.warm.rehydrate(
+                    restored += await region.warm.rehydrate(
                         [replace(r, thread_id=thread_id) for r in records])
             except TierstoreError as exc:
                 report.fail(key, exc)
                 continue
             report.checkpoints += restored
             report.threads += 1
-            await stack.cold.delete([marker])
+            await region.cold.delete([marker])
 
 
 class ColdGC(_Job):
@@ -569,28 +569,28 @@ class ColdGC(_Job):
         super().__init__(*args, **kw)
         self.grace_seconds = grace_seconds
 
-    async def _run_stack(self, stack: TierStack, now: float, report: JobReport) -> None:
-        if stack.cold is None:
+    async def _run_region(self, region: Region, now: float, report: JobReport) -> None:
+        if region.cold is None:
             return
-        if stack.offloader is not None:
-            await self._finish_offload_work(stack, now, report)
-        live = await stack.warm.archive_refs()
+        if region.offloader is not None:
+            await self._finish_offload_work(region, now, report)
+        live = await region.warm.archive_refs()
         grace = max(self.grace_seconds, self.policy.lease_seconds)
         doomed = []
-        async for key in stack.cold.iter_keys(SEGMENT_PREFIX):
+        async for key in region.cold.iter_keys(SEGMENT_PREFIX):
             if key in live:
                 continue
-            info = await stack.cold.info(key)
+            info = await region.cold.info(key)
             if info is not None and 0 < info.modified < now - grace:
                 doomed.append(key)
         if doomed:
-            report.deleted += await self.saver.router.drop_unreferenced_segments(stack, doomed)
+            report.deleted += await region.archive.drop_unreferenced_segments(doomed)
 
-    async def _finish_offload_work(self, stack: TierStack, now: float,
+    async def _finish_offload_work(self, region: Region, now: float,
                                    report: JobReport) -> None:
         """Finish thread deletes, copies and sweeps that a crash interrupted (their markers)."""
-        assert stack.offloader is not None
-        store = stack.offloader.store
+        assert region.offloader is not None
+        store = region.offloader.store
         async for marker in store.iter_keys(WORK_PREFIX):
             info, raw = await store.info(marker), await store.get(marker)
             if info is None or raw is None:
@@ -602,8 +602,8 @@ class ColdGC(_Job):
                 continue
             if kind == SWEEPING:
                 if marker_due(info.modified, now=now, grace=self.grace_seconds):
-                    dropped, spared = await self.saver.router.drop_unnamed_objects(
-                        stack, [thread_id], started=now)
+                    dropped, spared = await region.archive.drop_unnamed_objects(
+                        [thread_id], started=now)
                     report.deleted += dropped
                     if not spared:
                         await store.delete([marker])
@@ -612,7 +612,7 @@ class ColdGC(_Job):
             async for key in store.iter_keys(thread_space(thread_id)):
                 found = await store.info(key)
                 objects[key] = found.modified if found is not None else 0.0
-            rows = [r async for r in stack.warm.list(ListQuery(thread_id=thread_id, limit=1))]
+            rows = [r async for r in region.warm.list(ListQuery(thread_id=thread_id, limit=1))]
             doomed = leftover_objects(info.modified, bool(rows), objects, now=now,
                                       grace=self.grace_seconds)
             if doomed is None:

@@ -423,6 +423,8 @@ class ObjectStore(Protocol):
 
     def iter_keys(self, prefix: str) -> AsyncIterator[str]: ...
 
-    async def restore(self, key: str, *, days: int) -> str:
-        """Ask for a readable copy of an archived object; returns the restore state."""
+    async def restore(self, key: str, *, days: int | None = None) -> str:
+        """Ask for a readable copy of an archived object; returns the restore state.
+
+        ``days`` is how long the copy stays readable; None: the store's configured default."""
         ...

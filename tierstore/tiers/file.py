@@ -153,5 +153,5 @@ class FileStore(ObjectStore):
         for key in await asyncio.to_thread(_walk):
             yield key
 
-    async def restore(self, key: str, *, days: int) -> str:
+    async def restore(self, key: str, *, days: int | None = None) -> str:
         return "not-needed"
