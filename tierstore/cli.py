@@ -24,7 +24,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +100,12 @@ class _Where:
     cold: str | None = None
     regions: Path | None = None
     region: str | None = None
+    options: Mapping[str, Any] | None = None  # option flags given; the rest follow the resolver
 
     def saver(self) -> TieredSaver:
         return TieredSaver.from_spec(resolve_spec(
             hot=self.hot, warm=self.warm, cold=self.cold, regions_file=self.regions,
-            region=self.region))
+            region=self.region, options=self.options))
 
 
 def _run(where: _Where, body: Callable[[TieredSaver], Awaitable[T]]) -> T:
@@ -271,7 +272,8 @@ def restore(
     regions: RegionsFile = None, region: RegionName = None,
     wait: Annotated[bool, _option("--wait", help="wait until rehydrated")] = False,
     timeout: Annotated[str, _option(help="how long --wait waits")] = "12h",
-    days: Annotated[int, _option(help="days the restored copy stays")] = 7,
+    days: Annotated[int | None, _option(
+        help="days the restored copy stays (default: the cold URL's restore_days, else 7)")] = None,
     as_json: Json = False,
 ) -> int:
     """Request a restore of a thread's archive; with --wait, bring it back to warm."""
@@ -452,7 +454,6 @@ def import_(
     The file is checked whole (ids, sizes, types, checksums) before anything is
     written; an existing thread is refused unless --replace or --as-thread.
     """
-    from tierstore.codec.limits import DecodeLimits
     from tierstore.ops import import_file, import_langgraph_postgres
 
     if (file is None) == (from_langgraph_postgres is None):
@@ -463,16 +464,17 @@ def import_(
         if not module or not name:
             raise InvalidInput(f"--allow-type takes MODULE:NAME, got {entry!r}")
         allowed.append((module, name))
+    # each bound given as a flag wins over its TIERSTORE_* variable, which wins over
+    # the default: the resolver decides, and the saver's untrusted codec carries them
     bounds = {k: v for k, v in (("max_payload_bytes", max_payload_bytes),
                                 ("max_record_bytes", max_record_bytes),
                                 ("max_bundle_bytes", max_bundle_bytes)) if v is not None}
-    limits = DecodeLimits(**bounds) if bounds else None
-    where = _Where(hot, warm, cold, regions, region)
+    where = _Where(hot, warm, cold, regions, region, options=bounds or None)
     with _progress("importing", not as_json) as progress:
         if file is not None:
             path = file
             data = _run(where, lambda s: import_file(
-                s, path, as_thread=as_thread, replace=replace, limits=limits,
+                s, path, as_thread=as_thread, replace=replace,
                 allowed_msgpack_modules=allowed, progress=progress))
         else:
             assert from_langgraph_postgres is not None

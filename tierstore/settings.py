@@ -628,6 +628,13 @@ def resolve_spec(
     if regions_file is not None and urls_given:
         raise ConfigurationError("give either --hot/--warm/--cold or --regions, not both")
     merged = {**options_from_env(env), **(options or {})}
+    if regions_file is None and warm is None and (hot is not None or cold is not None) \
+            and regions_file_from_env(env) is not None:
+        # the flags win over the variable's table, so the warm tier would fall back to
+        # TIERSTORE_WARM_URL or the embedded default: a store nobody meant to open
+        raise ConfigurationError(
+            f"{REGIONS_FILE_VARIABLE} is set: --hot/--cold alone would open the default warm "
+            "store instead of the table's; give --warm too, or --region NAME")
     table_file = regions_file or (None if urls_given else regions_file_from_env(env))
     if table_file is not None:
         table = RegionTable.from_file(table_file)

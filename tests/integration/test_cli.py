@@ -17,9 +17,10 @@ from tierstore.demo import run_demo
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str, env: dict[str, str], check: int | None = 0) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str], check: int | None = 0,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "tierstore", *args], capture_output=True,
-                            text=True, timeout=120, env=env, check=False, cwd=ROOT)
+                            text=True, timeout=120, env=env, check=False, cwd=cwd)
     if check is not None:
         assert result.returncode == check, result.stdout + result.stderr
     return result
@@ -103,6 +104,20 @@ def test_export_import_round_trip(env: dict[str, str], tmp_path: Path) -> None:
     out.write_bytes(out.read_bytes()[:-10])
     result = cli("import", str(out), env=env, check=3)
     assert "checksum" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_an_import_bound_flag_keeps_the_other_bounds_from_the_environment(
+        env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "bob.tsexport"
+    js("export", "bob", str(out), env=env)
+    tight = {**env, "TIERSTORE_MAX_PAYLOAD_BYTES": "64"}
+    refused = cli("import", str(out), "--as-thread", "bob-2", "--max-bundle-bytes",
+                  "100000000", env=tight, check=3)
+    assert "max_payload_bytes" in refused.stderr
+    assert "no checkpoints" in cli("inspect", "bob-2", env=env, check=2).stderr  # none written
+    done = js("import", str(out), "--as-thread", "bob-2", "--max-payload-bytes", "10000000",
+              env=tight)  # the flag wins over its own variable
+    assert done["checkpoints"] > 3
 
 
 def test_worker_once_runs_every_job_and_writes_health(env: dict[str, str],
@@ -277,6 +292,17 @@ def test_region_flags_are_checked(regions_env: tuple[dict[str, str], Path], tmp_
     argv = [a.format(table=table, missing=tmp_path / "nope.toml") for a in args]
     result = cli(*argv, env=env, check=2)
     assert fragment in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_tier_flag_beside_a_region_table_needs_warm(
+        regions_env: tuple[dict[str, str], Path], tmp_path: Path) -> None:
+    """--hot/--cold alone would open the default warm store, not the table's: refused."""
+    env, table = regions_env
+    env_file = {**env, "TIERSTORE_REGIONS_FILE": str(table)}
+    for flag in ("--hot", "--cold"):
+        result = cli("status", flag, "none", env=env_file, cwd=tmp_path, check=2)
+        assert "give --warm too" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / ".tierstore").exists()  # no store was opened or created
 
 
 def test_one_region_needs_only_its_own_secrets(regions_env: tuple[dict[str, str], Path],

@@ -106,6 +106,32 @@ async def test_a_restore_on_read_lasts_the_urls_restore_days(
         assert [r["Days"] for r in requests] == [3]
 
 
+async def test_an_operator_restore_lasts_the_urls_restore_days(
+        tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tierstore restore` without --days keeps the cold URL's restore_days too."""
+    cold = s3_url(moto_endpoint, storage_class="GLACIER", restore_days="3")
+    async with glacier_saver(tmp_path, cold) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember tin")]}, cfg("ops-days"))
+        await app.ainvoke({"messages": [HumanMessage("remember zinc")]}, cfg("ops-days-9"))
+        await IdleArchival(saver, TieringPolicy(archive_after=None, archive_idle_after=60)
+                           ).run_once(now=time.time() + LATER)
+        store: Any = saver.regions.by_name["default"].cold
+        requests: list[dict[str, Any]] = []
+        real_restore = store._client.restore_object
+
+        async def recording_restore(**kwargs: Any) -> Any:
+            requests.append(kwargs["RestoreRequest"])
+            return await real_restore(**kwargs)
+
+        monkeypatch.setattr(store._client, "restore_object", recording_restore)
+        states = await request_restore(saver, "ops-days")
+        assert states and [r["Days"] for r in requests] == [3] * len(states)
+        requests.clear()
+        await request_restore(saver, "ops-days-9", days=9)  # --days still wins
+        assert requests and {r["Days"] for r in requests} == {9}
+
+
 async def test_glacier_ir_archives_read_transparently(tmp_path: Path,
                                                       moto_endpoint: str) -> None:
     cold = s3_url(moto_endpoint, storage_class="GLACIER_IR")

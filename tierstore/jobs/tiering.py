@@ -495,7 +495,8 @@ def _restore_marker(key: str) -> str:
     return f"{RESTORE_PREFIX}{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-async def request_restore(saver: TieredSaver, thread_id: str, *, days: int = 7) -> dict[str, str]:
+async def request_restore(saver: TieredSaver, thread_id: str, *, days: int | None = None
+                          ) -> dict[str, str]:
     """Ask the cold tier for readable copies of a thread's segments; returns key → state.
 
     A marker object per segment tells ``Rehydrate`` what to bring back to warm once
