@@ -82,6 +82,20 @@ async def test_on_archived_restore_then_worker_rehydrates(tmp_path: Path,
         assert after[-len(before):] == before
 
 
+def record_restores(saver: TieredSaver, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The RestoreRequest of every S3 restore the saver's cold store sends from now on."""
+    store: Any = saver.regions.by_name["default"].cold
+    requests: list[dict[str, Any]] = []
+    real_restore = store._client.restore_object
+
+    async def recording_restore(**kwargs: Any) -> Any:
+        requests.append(kwargs["RestoreRequest"])
+        return await real_restore(**kwargs)
+
+    monkeypatch.setattr(store._client, "restore_object", recording_restore)
+    return requests
+
+
 async def test_a_restore_on_read_lasts_the_urls_restore_days(
         tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cold = s3_url(moto_endpoint, storage_class="GLACIER", restore_days="3")
@@ -90,15 +104,7 @@ async def test_a_restore_on_read_lasts_the_urls_restore_days(
         await app.ainvoke({"messages": [HumanMessage("remember copper")]}, cfg("days"))
         await IdleArchival(saver, TieringPolicy(archive_after=None, archive_idle_after=60)
                            ).run_once(now=time.time() + LATER)
-        store: Any = saver.regions.by_name["default"].cold
-        requests: list[dict[str, Any]] = []
-        real_restore = store._client.restore_object
-
-        async def recording_restore(**kwargs: Any) -> Any:
-            requests.append(kwargs["RestoreRequest"])
-            return await real_restore(**kwargs)
-
-        monkeypatch.setattr(store._client, "restore_object", recording_restore)
+        requests = record_restores(saver, monkeypatch)
         with manual_restores(moto_endpoint, times=3), \
                 pytest.raises(CheckpointArchived) as info:
             await saver.aget_tuple(cfg("days"))
@@ -116,15 +122,7 @@ async def test_an_operator_restore_lasts_the_urls_restore_days(
         await app.ainvoke({"messages": [HumanMessage("remember zinc")]}, cfg("ops-days-9"))
         await IdleArchival(saver, TieringPolicy(archive_after=None, archive_idle_after=60)
                            ).run_once(now=time.time() + LATER)
-        store: Any = saver.regions.by_name["default"].cold
-        requests: list[dict[str, Any]] = []
-        real_restore = store._client.restore_object
-
-        async def recording_restore(**kwargs: Any) -> Any:
-            requests.append(kwargs["RestoreRequest"])
-            return await real_restore(**kwargs)
-
-        monkeypatch.setattr(store._client, "restore_object", recording_restore)
+        requests = record_restores(saver, monkeypatch)
         states = await request_restore(saver, "ops-days")
         assert states and [r["Days"] for r in requests] == [3] * len(states)
         requests.clear()
