@@ -36,8 +36,10 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
+from tierstore.codec.chain import is_link_name, resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
+from tierstore.delta import Chain, ChainWriter
 from tierstore.errors import InvalidInput, TierstoreError, TurnInProgress
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
@@ -133,6 +135,8 @@ class TieredSaver(
             OrderedDict()
         )
         self._payload_cache: OrderedDict[tuple[str, str, str, str], Payload] = OrderedDict()
+        # Delta chains of list channels written or read lately (``tierstore.delta``).
+        self._chains = ChainWriter()
         # Strict mode: the turn state of checkpoints read lately. LangGraph reads the head
         # right before it stores a turn's input on it, so the check on that input costs
         # no extra read; a checkpoint's versions_seen never changes.
@@ -435,16 +439,24 @@ class TieredSaver(
         view._view_opened = False
         return view
 
-    def _to_tuple(self, record: StoredCheckpoint) -> CheckpointTuple:
+    def _to_tuple(self, record: StoredCheckpoint, *, follow: bool = False) -> CheckpointTuple:
+        """The tuple LangGraph reads, delta chains replayed; with ``follow`` the chains
+        are remembered, so that the child LangGraph writes next goes on from them."""
         codec = self.codec
         where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
         budget = codec.budget()  # every payload of the record together: max_record_bytes
         checkpoint: Checkpoint = codec.decode(record.checkpoint, where=where, budget=budget)
-        checkpoint["channel_values"] = {
+        decoded = {
             channel: codec.decode(payload, where=f"{where} channel {channel!r}", budget=budget)
             for channel, payload in record.blobs.items()
             if payload.tag != EMPTY.tag
         }
+        resolved = resolve_values(checkpoint.get("channel_versions") or {}, decoded,
+                                  where=where)
+        checkpoint["channel_values"] = resolved.values
+        if follow and resolved.chains:
+            self._chains.remember_read(record.thread_id, record.checkpoint_ns, resolved.chains,
+                                       resolved.values, record.blobs)
         metadata: CheckpointMetadata = codec.decode(record.metadata, where=f"{where} metadata",
                                                     budget=budget)
         writes = sorted(record.writes, key=lambda w: (w.task_path, w.task_id, w.idx))
@@ -482,7 +494,7 @@ class TieredSaver(
         record = await self._router.get(thread_id, ns, checkpoint_id)
         if record is None:
             return None
-        result = self._to_tuple(record)
+        result = self._to_tuple(record, follow=self.options.delta)
         if self.options.concurrency == "strict":
             # a copy: LangGraph goes on to change the checkpoint it was handed in place
             seen = result.checkpoint.get("versions_seen") or {}
@@ -595,10 +607,23 @@ class TieredSaver(
         codec = self.codec
         values: dict[str, Any] = body.pop("channel_values", None) or {}
         versions = checked_versions(body.get("channel_versions") or {})
-        encoded = self._encode_values(thread_id, ns, values, versions, new_versions)
+        chains = self._chained(thread_id, ns, values, versions, fresh)
+        encoded = self._encode_values(thread_id, ns,
+                                      {ch: v for ch, v in values.items() if ch not in chains},
+                                      versions, new_versions)
         new_blobs = [
             BlobRecord(ch, version, encoded.get(ch, EMPTY)) for ch, version in fresh.items()
+            if ch not in chains
         ]
+        stored_versions = dict(versions)
+        for ch, chain in chains.items():
+            # the checkpoint names every link of the chain instead of the channel
+            del stored_versions[ch]
+            stored_versions.update(chain.names)
+            encoded.update(chain.payloads)
+            if ch in fresh:
+                name, version, payload = chain.links[-1]
+                new_blobs.append(BlobRecord(name, version, payload))
         md = get_serializable_checkpoint_metadata(config, metadata)
         record = CheckpointRecord.new(
             thread_id=thread_id,
@@ -607,7 +632,7 @@ class TieredSaver(
             parent_id=parent_id,
             checkpoint=_encode(codec, body, "checkpoint"),
             metadata=_encode(codec, md, "checkpoint metadata"),
-            channel_versions=versions,
+            channel_versions=stored_versions,
             filter_doc=self.filter_doc(md),
             run_id=md.get("run_id"),
         )
@@ -619,6 +644,8 @@ class TieredSaver(
         if strict and parent_id and md.get("source") == "input":
             await self._refuse_turn_in_progress(thread_id, ns, parent_id, checkpoint)
         await self._router.put(record, new_blobs, encoded, strict=strict)
+        for ch, chain in chains.items():
+            self._chains.remember((thread_id, ns, ch), chain)
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -634,6 +661,43 @@ class TieredSaver(
             return doc
         keep = {*self.options.filterable_metadata, TURN_KEY}  # a random id: no secret
         return {k: v for k, v in doc.items() if k in keep}
+
+    def _chained(
+        self,
+        thread_id: str,
+        ns: str,
+        values: Mapping[str, Any],
+        versions: Mapping[str, str],
+        fresh: Mapping[str, str],
+    ) -> dict[str, Chain]:
+        """The list channels stored as delta chains (``tierstore.delta``), with their chains.
+
+        A new version of a list is a chain (one more link, or a new snapshot); an
+        unchanged channel is one only when this saver knows its chain at that version,
+        otherwise it is named as a whole value, which the put stores again if warm
+        holds it only as links. With a channel named like a link, nothing is chained.
+        """
+        if not self.options.delta or any(is_link_name(ch) for ch in versions):
+            return {}
+        chains: dict[str, Chain] = {}
+        for ch, value in values.items():
+            version = versions.get(ch)
+            if version is None:
+                continue
+            key = (thread_id, ns, ch)
+            if ch not in fresh:
+                known = self._chains.current(key, version)
+                if known is not None:
+                    chains[ch] = known
+            elif type(value) is list and fresh[ch] == version:
+                try:
+                    chains[ch] = self._chains.next(self.codec, key, value, version)
+                except TierstoreError:
+                    raise
+                except Exception as exc:
+                    raise InvalidInput(f"value of channel {ch!r} cannot be encoded: "
+                                       f"{type(exc).__name__}: {exc}"[:500]) from exc
+        return chains
 
     def _encode_values(
         self,

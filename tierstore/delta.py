@@ -1,0 +1,126 @@
+"""The writer's side of delta chains (the format is ``tierstore.codec.chain``).
+
+A delta can only be written against a value this process knows exactly, so the saver
+keeps, per (thread, ns, channel), the chain it last wrote or read: the version, the
+list's items (a shallow copy), and every link's stored name, version and payload. A
+new version of the channel that extends those items becomes one more link; anything
+else (no entry: another process wrote the channel, a restart, an eviction; a value
+that does not extend it; a chain at its bounds, ``policy.extend_chain``) becomes a new
+snapshot. A wrong delta is never written: the prefix is checked item by item, by
+identity first and by equality when identities differ.
+
+Every checkpoint names all the links of its chain and the put carries all their
+payloads, so a link the warm store no longer holds (an archive move, a prune or a run
+delete under this writer, another process deleting the thread) is stored again by
+the put's missing-values path; the writer never needs to know that it happened.
+
+A node that changes a list item in place after it was stored (rather than replacing
+it, as ``add_messages`` does for a message with the same id) passes the identity
+check: such graphs should turn deltas off (``delta=False``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tierstore.codec.chain import ChainLink, link_name, link_version
+from tierstore.codec.pipeline import Codec
+from tierstore.policy import MAX_DELTAS, extend_chain
+from tierstore.records import Payload
+
+__all__ = ["CHAIN_ENTRIES", "Chain", "ChainWriter", "extends"]
+
+CHAIN_ENTRIES = 1024
+"""Chains the writer remembers (one per thread, namespace and list channel)."""
+
+ChainKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """A chain as stored: its version, the whole list, and its links oldest first
+    (stored channel name, stored version, payload)."""
+
+    version: str
+    items: tuple[Any, ...]
+    links: tuple[tuple[str, str, Payload], ...]
+
+    @property
+    def names(self) -> dict[str, str]:
+        """What the checkpoint's stored ``channel_versions`` names for this channel."""
+        return {name: version for name, version, _ in self.links}
+
+    @property
+    def payloads(self) -> dict[str, Payload]:
+        return {name: payload for name, _, payload in self.links}
+
+
+def extends(value: Sequence[Any], base: Sequence[Any]) -> bool:
+    """``value[:len(base)] == base``, item by item: identity first, equality as fallback."""
+    if len(value) < len(base):
+        return False
+    for new, old in zip(value, base, strict=False):
+        if new is old:
+            continue
+        try:
+            if not bool(new == old):
+                return False
+        except Exception:  # an item whose == does not give a truth value
+            return False
+    return True
+
+
+class ChainWriter:
+    """An LRU of the chains this saver wrote or read last, and the next link of each."""
+
+    def __init__(self, entries: int = CHAIN_ENTRIES, max_deltas: int = MAX_DELTAS) -> None:
+        self.entries = entries
+        self.max_deltas = max_deltas
+        self._chains: OrderedDict[ChainKey, Chain] = OrderedDict()
+
+    def current(self, key: ChainKey, version: str) -> Chain | None:
+        """The chain of an unchanged channel, if this writer knows it at ``version``."""
+        chain = self._chains.get(key)
+        if chain is None or chain.version != version:
+            return None
+        self._chains.move_to_end(key)
+        return chain
+
+    def next(self, codec: Codec, key: ChainKey, value: list[Any], version: str) -> Chain:
+        """The chain storing ``value`` as the channel's new ``version``: one more link
+        when it extends the chain known for the channel, else a new snapshot."""
+        channel = key[2]
+        known = self._chains.get(key)
+        if known is not None and known.version != version and extends(value, known.items):
+            base = len(known.items)
+            payload = codec.encode_link(ChainLink(version, known.version, base, value[base:]))
+            tails = sum(p.size for _, _, p in known.links[1:]) + payload.size
+            if extend_chain(deltas=len(known.links) - 1, snapshot_bytes=known.links[0][2].size,
+                            tail_bytes=tails, max_deltas=self.max_deltas):
+                link = (link_name(len(known.links), channel), link_version(version), payload)
+                return Chain(version, tuple(value), (*known.links, link))
+        payload = codec.encode_link(ChainLink(version, None, 0, list(value)))
+        return Chain(version, tuple(value),
+                     ((link_name(0, channel), link_version(version), payload),))
+
+    def remember(self, key: ChainKey, chain: Chain) -> None:
+        """Record a chain now stored (after its put) or read back (a writer goes on from it)."""
+        self._chains[key] = chain
+        self._chains.move_to_end(key)
+        while len(self._chains) > self.entries:
+            self._chains.popitem(last=False)
+
+    def remember_read(self, thread_id: str, ns: str,
+                      chains: Mapping[str, tuple[tuple[str, ChainLink], ...]],
+                      values: Mapping[str, Any], payloads: Mapping[str, Payload]) -> None:
+        """Chains of a checkpoint just read (``codec.chain.resolve_values``): LangGraph
+        writes its child next, and its list channels can then go on as deltas."""
+        for channel, links in chains.items():
+            stored = tuple((name, link_version(link.version), payloads[name])
+                           for name, link in links)
+            value = values[channel]
+            self.remember((thread_id, ns, channel),
+                          Chain(links[-1][1].version, tuple(value), stored))
