@@ -54,7 +54,11 @@ def cfg(thread: str, **configurable: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread, **configurable}}
 
 
-WORDS = ["plan", "meeting", "report", "draft", "email", "call", "note", "list", "idea", "question", "answer", "problem", "reason", "detail", "budget", "price", "order", "ticket", "flight", "hotel", "train", "weather", "dinner"]
+WORDS = [
+    "plan", "meeting", "report", "draft", "email", "call", "note", "list", "idea", "question",
+    "answer", "problem", "reason", "detail", "budget", "price", "order", "ticket", "flight",
+    "hotel", "train", "weather", "dinner",
+]
 
 
 def prose(seed: int, nbytes: int = 500) -> str:
