@@ -244,3 +244,13 @@ async def test_deltas_cut_the_bytes_stored_per_checkpoint(tmp_path: Path) -> Non
             (count,), = conn.execute("SELECT count(*) FROM checkpoints")
         per_checkpoint[delta] = stored / count
     assert per_checkpoint[False] >= 3 * per_checkpoint[True], per_checkpoint
+
+
+async def test_offloaded_bases(urls: Urls, reference: Any) -> None:
+    async with urls.open(offload_threshold=1024) as saver:
+        app = chat_graph().compile(checkpointer=saver)
+        await converse(app, "t", range(TURNS))
+        assert await history(app, "t") == await history(reference, "t")
+        async with urls.open(offload_threshold=1024) as other:  # reads from warm alone
+            again = chat_graph().compile(checkpointer=other)
+            assert await history(again, "t") == await history(reference, "t")
