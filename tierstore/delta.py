@@ -100,7 +100,8 @@ class ChainWriter:
             tails = sum(p.size for _, _, p in known.links[1:]) + payload.size
             if extend_chain(deltas=len(known.links) - 1, snapshot_bytes=known.links[0][2].size,
                             tail_bytes=tails, max_deltas=self.max_deltas):
-                link = (link_name(len(known.links), channel), link_version(version), payload)
+                link = (link_name(len(known.links), channel),
+                        link_version(version, known.version), payload)
                 return Chain(version, tuple(value), (*known.links, link))
         payload = codec.encode_link(ChainLink(version, None, 0, list(value)))
         return Chain(version, tuple(value),
@@ -119,7 +120,7 @@ class ChainWriter:
         """Chains of a checkpoint just read (``codec.chain.resolve_values``): LangGraph
         writes its child next, and its list channels can then go on as deltas."""
         for channel, links in chains.items():
-            stored = tuple((name, link_version(link.version), payloads[name])
+            stored = tuple((name, link_version(link.version, link.base_version), payloads[name])
                            for name, link in links)
             value = values[channel]
             self.remember((thread_id, ns, channel),

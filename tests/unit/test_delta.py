@@ -67,6 +67,10 @@ def test_link_versions_drop_the_padding_only() -> None:
     assert link_version(V2) == "2.0.5"
     assert link_version("7") == "7"
     assert link_version("1.5") == "1.5"
+    # a delta's stored version names its base: the same version over another base is
+    # another blob, never a no-op write over different bytes
+    assert link_version(V2, V1).startswith("2.0.5@")
+    assert link_version(V2, V1) != link_version(V2, "00000000000000000000000000000001.0.7")
 
 
 def test_links_never_pass_for_values(codec: Codec) -> None:

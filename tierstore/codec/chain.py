@@ -26,6 +26,7 @@ it instead of returning a shortened list.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,14 +78,25 @@ class ChainLink:
         return cls(body[1], body[2], body[3], list(body[4]))
 
 
-def link_version(version: str) -> str:
+def link_version(version: str, base: str | None = None) -> str:
     """The version a link is stored at: the channel's, without the zeros that pad its
     integer part to 32 digits (each checkpoint row names every link of its chain, so
-    this keeps rows small; the link's payload carries the version in full)."""
+    this keeps rows small; the link's payload carries the version in full), and for a
+    delta a digest of its base.
+
+    Blobs are stored once per name and version (a second write of one is a no-op), so
+    a name and version must always mean the same bytes. A snapshot at a version is
+    the channel's value there; a delta is that only together with its base, and two
+    writers that knew different chains (a checkpoint stored again by another process)
+    may put the same version at the same depth over different bases.
+    """
     head, dot, rest = version.partition(".")
     if dot and len(head) == 32 and head.isascii() and head.isdigit():
-        return f"{int(head)}.{rest}"
-    return version
+        version = f"{int(head)}.{rest}"
+    if base is None:
+        return version
+    digest = hashlib.sha256(base.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{version}@{digest}"
 
 
 def link_name(depth: int, channel: str) -> str:
