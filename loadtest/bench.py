@@ -2,23 +2,31 @@
 
 ::
 
-    for each saver, in a fixed order:
-        setup (create database / key prefix, open, compile)     ── not timed
-        warm-up turns, reads and lists on their own threads     ── not timed
+    for each round (--repeat), savers in the order given, then reversed, alternately:
+      for each saver:
+        setup (create database / key prefix / directory, open, compile)  ── not timed
+        warm-up turns, reads and lists on their own threads      ── not timed
         write:  T threads x N turns, C threads at a time         ── turns/s, turn p50/p99,
-                (a semaphore), one ainvoke per turn                 client and server CPU
+                (a semaphore), one ainvoke per turn                 CPU: client, postgres, redis
         read:   aget_tuple(latest) on random threads, one at a time  ── p50 / p99
         list:   alist(thread, limit=10), one at a time            ── p50
+        state:  graph.aget_state(thread), one at a time (delta)   ── p50
         size:   warm store bytes / checkpoints                    ── not timed
-        teardown (drop database, delete keys)
-    ratios of every saver to AsyncPostgresSaver
+        teardown (drop database, delete keys, remove directory)
+    median of the rounds per saver
+    ratios to each anchor (postgres, postgres-nolock, sqlite); targets as PASS / FAIL
+    (no ratio at all unless psycopg runs its C build)
 
-Every saver runs the same graph (``workload.build_chat_agent``) on byte-identical
-inputs at the same concurrency. Savers:
+Every saver runs the same graph on byte-identical inputs at the same concurrency:
+``workload.build_chat_agent`` (``--workload chat``) or ``workload.build_delta_agent``
+(``--workload delta``: the messages in LangGraph's DeltaChannel). Savers:
 
     tierstore-redis-pg   TieredSaver  hot redis://  warm postgresql://  (own database)
     tierstore-embedded   TieredSaver  hot memory:// warm sqlite:///     (temp directory)
     postgres             AsyncPostgresSaver.from_conn_string            (own database)
+    postgres-nolock      AsyncPostgresSaver on a psycopg AsyncConnectionPool, its lock
+                         replaced by a semaphore of the pool's size     (own database)
+    sqlite               AsyncSqliteSaver.from_conn_string              (temp directory)
     memory               InMemorySaver
 
 and, on request (``--savers``), variants that locate costs: tierstore-redis-pg-trusted
@@ -27,12 +35,17 @@ tierstore-redis-pg-strict (``concurrency="strict"``), tierstore-redis-pg-encrypt
 (AES-256-GCM on every payload) and tierstore-redis-pg-leased (every turn inside
 ``saver.lease(thread)``).
 
+The code: ``bench_stores`` (settings, private storage, server CPU), ``bench_phases``
+(the measured phases of one saver), ``bench_report`` (ratios, targets, the table),
+``bench_profile`` (the ``--profile`` passes), this module (the rounds).
+
 ``--profile`` adds three passes that are never mixed with the measured one: saver
 calls and their latency per turn (every saver), network round trips per turn through
 a counting TCP relay (savers with servers), and cProfile of tierstore-redis-pg and of
 AsyncPostgresSaver (write and read phases).
 
-Run:  .venv/bin/python loadtest/bench.py [--repeat 3] [--json [PATH]] [--profile]
+Run:  .venv/bin/python loadtest/bench.py [--workload chat|delta] [--repeat 3] [--json [PATH]]
+      [--profile]
 Only 127.0.0.1 is contacted; every database and key created here is removed at the end.
 """
 
@@ -54,12 +67,13 @@ from typing import Any, TextIO
 
 from bench_phases import Result, combine, run_saver
 from bench_profile import CallProfile, CpuProfile, profile_calls, profile_cpu, render_profile
-from bench_report import machine, ratios, render, targets
+from bench_report import machine, ratios, ratios_withheld, render, targets
 from bench_stores import (
     ALL_SAVERS,
     BASELINE,
     NETWORKED,
     TIERED,
+    WORKLOADS,
     Admin,
     Settings,
     servers_from,
@@ -72,13 +86,18 @@ from bench_stores import (
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     d = Settings()
     p = argparse.ArgumentParser(
-        description="tierstore vs AsyncPostgresSaver vs InMemorySaver on one LangGraph workload",
+        description="tierstore vs LangGraph's Postgres, SQLite and in-memory savers on one "
+                    "LangGraph workload",
     )
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--turns", type=int, default=d.turns)
     p.add_argument("--concurrency", type=int, default=d.concurrency,
                    help="threads in flight at once (a semaphore)")
     p.add_argument("--message-bytes", type=int, default=d.message_bytes)
+    p.add_argument("--workload", choices=WORKLOADS, default=d.workload,
+                   help="chat: messages in add_messages' channel; delta: in a DeltaChannel")
+    p.add_argument("--pool-size", type=int, default=d.pool_size,
+                   help="postgres-nolock's pool and semaphore (default: --concurrency)")
     p.add_argument("--savers", default=",".join(d.savers),
                    help=f"comma-separated, run in the order given; any of "
                         f"{', '.join(ALL_SAVERS)}")
@@ -90,8 +109,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     p.add_argument("--redis", default=d.redis)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--repeat", type=int, default=d.repeat,
-                   help="rounds over all savers (same order each round); timings are the "
-                        "median of the rounds")
+                   help="rounds over all savers (the order given, then reversed, "
+                        "alternately); timings are the median of the rounds")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="also write JSON to PATH; without PATH to stdout (the table then "
                         "goes to stderr)")
@@ -105,6 +124,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     unknown = [s for s in savers if s not in ALL_SAVERS]
     if unknown:
         p.error(f"unknown saver(s) {', '.join(unknown)}; choose from {', '.join(ALL_SAVERS)}")
+    if args.pool_size < 0:
+        p.error("--pool-size must not be negative")
     if min(args.threads, args.turns, args.concurrency, args.message_bytes) < 1:
         p.error("--threads, --turns, --concurrency and --message-bytes must be positive")
     settings = Settings(
@@ -112,6 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         message_bytes=args.message_bytes, savers=savers, read_samples=args.read_samples,
         list_samples=args.list_samples, warmup_threads=args.warmup_threads,
         postgres=args.postgres, redis=args.redis, seed=args.seed, repeat=max(1, args.repeat),
+        workload=args.workload, pool_size=args.pool_size,
     )
     return settings, args
 
@@ -144,7 +166,9 @@ async def main_async(settings: Settings, args: argparse.Namespace, report: TextI
         for round_no in range(settings.repeat):
             if settings.repeat > 1:
                 log(f"round {round_no + 1} of {settings.repeat}")
-            for name in savers:
+            # alternating the order spreads the drift of a shared machine (and the state
+            # the previous saver leaves in the servers) over every saver alike
+            for name in savers if round_no % 2 == 0 else savers[::-1]:
                 gc.collect()
                 runs[name].append(await run_saver(name, settings, servers, admin, log))
         results.extend(combine(runs[name]) for name in savers)
@@ -170,14 +194,16 @@ async def main_async(settings: Settings, args: argparse.Namespace, report: TextI
             print(render_profile(calls, cpus), file=report, end="", flush=True)
     finally:
         await admin.drop_all()
-    table_r = ratios(results)
+    withheld = ratios_withheld(info)
+    table_r = ratios(results) if withheld is None else {}
     return {
         "machine": info,
         "settings": {k: v for k, v in asdict(settings).items()
                      if k not in ("postgres", "redis")},
         "results": [asdict(r) for r in results],
-        "ratios_to_async_postgres_saver": table_r,
-        "targets": targets(table_r),
+        "ratios": table_r,
+        "ratios_withheld": withheld,
+        "targets": targets(table_r, settings) if withheld is None else [],
         "skipped": skipped,
         "profile": {"calls": [asdict(c) for c in calls],
                     "cpu": [asdict(c) for c in cpus]},

@@ -1,4 +1,7 @@
 """The measured phases of one saver: write, latest reads, lists, size.
+
+The write phase is the only one timed under concurrency; reads and lists run one at a
+time after it, so their latency is the saver's, not the event loop's queue.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from bench_stores import (
     percentile,
     server_cpu_ms,
     server_cpu_ticks,
+    servers_of,
 )
-from workload import build_chat_agent, thread_config, turn_input
+from langgraph.graph import StateGraph
+from workload import build_chat_agent, build_delta_agent, thread_config, turn_input
 
 # -- results -------------------------------------------------------------------------------
 
@@ -46,6 +51,8 @@ class Result:
     bytes_per_checkpoint: float | None
     client_cpu_ms_per_turn: float
     server_cpu_ms_per_turn: float | None
+    total_cpu_ms_per_turn: float | None
+    state_p50_ms: float | None = None
     server_cpu_split: dict[str, float] = field(default_factory=dict)
     warm_detail: dict[str, int] = field(default_factory=dict)
     hot_bytes: int | None = None
@@ -54,7 +61,8 @@ class Result:
 
 MEDIAN_FIELDS = ("seconds", "turns_per_s", "turn_p50_ms", "turn_p99_ms", "read_p50_ms",
                  "read_p99_ms", "list_p50_ms", "list_p99_ms", "client_cpu_ms_per_turn",
-                 "server_cpu_ms_per_turn", "bytes_per_checkpoint")
+                 "server_cpu_ms_per_turn", "total_cpu_ms_per_turn", "bytes_per_checkpoint",
+                 "state_p50_ms")
 
 
 def combine(runs: Sequence[Result]) -> Result:
@@ -122,6 +130,20 @@ async def read_phase(saver: Saver, thread_ids: Sequence[str], samples: int,
     return out
 
 
+async def state_phase(app: Any, thread_ids: Sequence[str], samples: int,
+                      rng: random.Random) -> list[float]:
+    """``aget_state``: the latest checkpoint with its DeltaChannels rebuilt from history."""
+    out: list[float] = []
+    for _ in range(samples):
+        config = thread_config(rng.choice(thread_ids))
+        started = time.perf_counter()
+        state = await app.aget_state(config)
+        out.append(time.perf_counter() - started)
+        if not state.values.get("messages"):
+            raise RuntimeError(f"no messages in the state of {config}")
+    return out
+
+
 async def list_phase(saver: Saver, thread_ids: Sequence[str], samples: int,
                      rng: random.Random, expect: int) -> list[float]:
     out: list[float] = []
@@ -137,6 +159,12 @@ async def list_phase(saver: Saver, thread_ids: Sequence[str], samples: int,
 
 async def count_checkpoints(saver: Saver) -> int:
     return sum([1 async for _ in saver.alist(None)])
+
+
+def build_agent(settings: Settings) -> StateGraph[Any]:
+    """The graph of ``--workload``: chat, or chat with its messages in a DeltaChannel."""
+    build = build_delta_agent if settings.workload == "delta" else build_chat_agent
+    return build(settings.message_bytes)  # type: ignore[return-value]
 
 
 def thread_ids(prefix: str, count: int) -> list[str]:
@@ -155,9 +183,9 @@ async def run_saver(name: str, settings: Settings, servers: Servers, admin: Admi
                     log: Callable[[str], None]) -> Result:
     rng = random.Random(settings.seed)
     log(f"[{name}] setup")
-    async with open_saver(name, servers, admin) as opened:
+    async with open_saver(name, servers, admin, settings) as opened:
         saver = opened.saver
-        app = build_chat_agent(settings.message_bytes).compile(checkpointer=saver)
+        app = build_agent(settings).compile(checkpointer=saver)
         log(f"[{name}] warm-up")
         await warm_up(app, saver, settings, rng)
         if name in NETWORKED:
@@ -175,12 +203,18 @@ async def run_saver(name: str, settings: Settings, servers: Servers, admin: Admi
         reads = await read_phase(saver, ids, settings.read_samples, rng)
         lists = await list_phase(saver, ids, settings.list_samples, rng,
                                  min(10, 4 * settings.turns + 1))
+        states = None
+        if settings.workload == "delta":
+            log(f"[{name}] aget_state x{settings.list_samples}")
+            states = await state_phase(app, ids, settings.list_samples, rng)
         log(f"[{name}] size")
         checkpoints = await count_checkpoints(saver)
         warm = await opened.warm_size()
         hot = await opened.hot_size()
     turns = settings.threads * settings.turns
-    split = {k: v / turns for k, v in server_cpu_ms(srv0, srv1).items()}
+    # a server this saver does not talk to is doing someone else's work
+    used = servers_of(name)
+    split = {k: v / turns for k, v in server_cpu_ms(srv0, srv1).items() if k in used}
     return Result(
         saver=name,
         turns=turns,
@@ -197,6 +231,9 @@ async def run_saver(name: str, settings: Settings, servers: Servers, admin: Admi
         bytes_per_checkpoint=warm.bytes / checkpoints if warm and checkpoints else None,
         client_cpu_ms_per_turn=ms(cpu1 - cpu0) / turns,
         server_cpu_ms_per_turn=sum(split.values()) if split else None,
+        total_cpu_ms_per_turn=(ms(cpu1 - cpu0) / turns + sum(split.values())
+                               if split or not used else None),
+        state_p50_ms=ms(percentile(states, 50)) if states else None,
         server_cpu_split=split,
         warm_detail=warm.detail if warm else {},
         hot_bytes=hot,

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench_phases import list_phase, read_phase, thread_ids, warm_up, write_phase
+from bench_phases import build_agent, list_phase, read_phase, thread_ids, warm_up, write_phase
 from bench_report import table
 from bench_stores import PROFILED_METHODS, Admin, Endpoint, Saver, Servers, Settings, ms, open_saver
-from workload import build_chat_agent
 
 # -- profiling: calls per turn, round trips per turn, cProfile -----------------------------
 
@@ -142,10 +141,10 @@ async def profile_calls(name: str, settings: Settings, servers: Servers, admin: 
         trips[label] = {k: p.trips for k, p in proxies.items()}
 
     try:
-        async with open_saver(name, servers, admin) as opened:
+        async with open_saver(name, servers, admin, settings) as opened:
             saver = opened.saver
             meter.install(saver)
-            app = build_chat_agent(settings.message_bytes).compile(checkpointer=saver)
+            app = build_agent(settings).compile(checkpointer=saver)
             await warm_up(app, saver, settings, rng)
             ids = thread_ids("chat", settings.threads)
             meter.enabled = True
@@ -275,9 +274,9 @@ async def profile_cpu(name: str, settings: Settings, servers: Servers, admin: Ad
     """cProfile of the write phase and of the read phase, each on its own profiler."""
     rng = random.Random(settings.seed)
     writing, reading = cProfile.Profile(), cProfile.Profile()
-    async with open_saver(name, servers, admin) as opened:
+    async with open_saver(name, servers, admin, settings) as opened:
         saver = opened.saver
-        app = build_chat_agent(settings.message_bytes).compile(checkpointer=saver)
+        app = build_agent(settings).compile(checkpointer=saver)
         await warm_up(app, saver, settings, rng)
         ids = thread_ids("chat", settings.threads)
         gc.collect()
