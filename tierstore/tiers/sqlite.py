@@ -281,6 +281,8 @@ class SqliteWarm(SqliteTiering, WarmStore):
         """One call on the store's thread, in one read transaction: a primary-key probe
         per link, per asked channel and for its writes (no network between them)."""
         asked = list(dict.fromkeys(channels))
+        if not asked or limit <= 0:
+            return []
 
         def walk(conn: sqlite3.Connection) -> builtins.list[ChainLink]:
             links: builtins.list[ChainLink] = []
