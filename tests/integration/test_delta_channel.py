@@ -3,6 +3,7 @@ archived ancestors included, and its history in a bounded number of warm calls."
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -211,6 +212,31 @@ async def test_archived_ancestors_read_from_their_segments(archiving_urls: Urls,
         more = {"items": ["later"], "n": 1}
         assert seen_by_user(await app.ainvoke(more, cfg("t"))) == \
             seen_by_user(await mem.ainvoke(more, cfg("t")))
+
+
+async def test_offloaded_writes_and_seeds_are_read_back(archiving_urls: Urls) -> None:
+    """Writes and snapshots over the offload threshold live in the object store."""
+    big = [secrets.token_hex(2048) for _ in range(4)]
+
+    def graph() -> Any:
+        g = StateGraph(State)
+        g.add_node("step", lambda s: {"items": [big[s["n"]]], "n": s["n"] + 1})
+        g.add_edge(START, "step")
+        g.add_conditional_edges("step", lambda s: END if s["n"] >= len(big) else "step")
+        return g
+
+    mem = graph().compile(checkpointer=InMemorySaver())
+    await mem.ainvoke({"items": [big[0]], "n": 0}, cfg("big"))
+    expected = [s.values async for s in mem.aget_state_history(cfg("big"))]
+    async with archiving_urls.open(offload_threshold=1024) as saver:
+        app = graph().compile(checkpointer=saver)
+        await app.ainvoke({"items": [big[0]], "n": 0}, cfg("big"))
+        assert [s.values async for s in app.aget_state_history(cfg("big"))] == expected
+        if saver.regions.by_name["default"].offloader is not None:  # MongoDB: GridFS's own
+            assert saver.stats.offloaded > 0
+        await HistoryDemotion(saver, ARCHIVE_ALL).run_once(now=time.time() + FUTURE)
+        assert [s.values async for s in app.aget_state_history(cfg("big"))] == expected
+        assert await assert_fast_walk_matches_base(saver, "big") == len(expected)
 
 
 # -- round trips --------------------------------------------------------------------------
