@@ -30,6 +30,7 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
@@ -39,6 +40,7 @@ from tierstore.codec import Codec
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import InvalidInput, TierstoreError, TurnInProgress
+from tierstore.history import ChannelHistory
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
@@ -690,6 +692,35 @@ class TieredSaver(
         ]
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """LangGraph's walk to each ``DeltaChannel``'s seed, with a warm call per page of
+        ancestors instead of a read per ancestor; same seeds, writes, order and types.
+
+        Archived ancestors are read from their segments without being rehydrated.
+        """
+        self._bridge.require_open()
+        if not channels:
+            return {}
+        thread_id, ns, checkpoint_id = checkpoint_ids(config)
+        histories = await self._router.delta_history(thread_id, ns, checkpoint_id,
+                                                     list(channels))
+        return {ch: self._decode_history(thread_id, ch, history)
+                for ch, history in histories.items()}
+
+    def _decode_history(self, thread_id: str, channel: str,
+                        history: ChannelHistory) -> DeltaChannelHistory:
+        codec = self.codec
+        where = f"thread {thread_id!r} history of channel {channel!r}"
+        entry: DeltaChannelHistory = {"writes": [
+            (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
+            for w in history.writes
+        ]}
+        if history.seed is not None:
+            entry["seed"] = codec.decode(history.seed, where=f"{where} seed")
+        return entry
+
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()
         await self.threads.delete_thread(validate_id(thread_id))
@@ -757,6 +788,12 @@ class TieredSaver(
         task_path: str = "",
     ) -> None:
         self._bridge.run(self.aput_writes(config, writes, task_id, task_path))
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        return self._bridge.run(self.aget_delta_channel_history(config=config,
+                                                                channels=channels))
 
     def delete_thread(self, thread_id: str) -> None:
         self._bridge.run(self.adelete_thread(thread_id))
