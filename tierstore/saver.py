@@ -39,8 +39,9 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
-from tierstore.errors import InvalidInput, TierstoreError, TurnInProgress
+from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
 from tierstore.history import ChannelHistory
+from tierstore.jobs.plan import delta_depth
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
@@ -746,8 +747,35 @@ class TieredSaver(
                 f"unknown prune strategy {strategy!r}; use one of {', '.join(PRUNE_STRATEGIES)}"
             )
         ids = checked_ids(thread_ids, what="thread_id")
-        if ids:
-            await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
+        if not ids:
+            return
+        if strategy == "keep_latest":
+            # refused whole, before anything is deleted (as LangGraph's PostgreSQL saver)
+            severed = await self.delta_threads(ids)
+            if severed:
+                raise PruneRefused(
+                    "keep_latest would leave only checkpoints that rebuild a DeltaChannel "
+                    f"from ancestors it deletes (the channel would read as empty): "
+                    f"{', '.join(map(repr, severed))}; nothing was pruned")
+        await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
+
+    async def delta_threads(self, thread_ids: Sequence[str]) -> list[str]:
+        """The threads whose latest checkpoint, in some namespace, rebuilds a
+        ``DeltaChannel`` from its ancestors (LangGraph's ``counters_since_delta_snapshot``
+        in its metadata): ``keep_latest`` must not prune them. Reads each thread's rows
+        in warm (archived stubs keep their metadata), decoding one per namespace."""
+        found: list[str] = []
+        for thread_id in thread_ids:
+            seen: set[str] = set()
+            async for row in self.regions.for_thread(thread_id).warm.list(
+                    ListQuery(thread_id=thread_id)):
+                if row.checkpoint_ns in seen:
+                    continue
+                seen.add(row.checkpoint_ns)
+                if delta_depth(self._decode_metadata(row)) > 0:
+                    found.append(thread_id)
+                    break
+        return found
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
