@@ -9,6 +9,13 @@ byte-identical inputs and the payloads compress like real prose, not like noise.
 
 No model, no network, no clock: the graph is deterministic.
 
+``build_delta_agent`` is the same graph with ``messages`` in LangGraph's ``DeltaChannel``:
+a checkpoint then stores no message list, only the writes of its step, and a read rebuilds
+the list from the ancestors' writes (and the nearest snapshot, every ``snapshot_frequency``
+updates). Its reducer is the one LangGraph's DeltaChannel documentation names for messages
+(``langgraph.graph.message._messages_delta_reducer``); LangGraph gives the messages written
+to it stable ids before they are stored.
+
 This module must not import locust (locust monkey-patches the process).
 """
 
@@ -21,13 +28,16 @@ from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
 from langgraph.graph import END, START, StateGraph
-from langgraph.graph.message import add_messages
+from langgraph.graph.message import _messages_delta_reducer, add_messages
 
 __all__ = [
     "ChatState",
+    "DeltaChatState",
     "TOOL_EVERY",
     "build_chat_agent",
+    "build_delta_agent",
     "filler",
     "thread_config",
     "turn_input",
@@ -93,6 +103,11 @@ class ChatState(TypedDict, total=False):
     turns: int
 
 
+class DeltaChatState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], DeltaChannel(_messages_delta_reducer)]
+    turns: int
+
+
 def _plan(state: ChatState) -> dict[str, Any]:
     text = str(state["messages"][-1].content)
     turn = state.get("turns", 0) + 1
@@ -127,16 +142,27 @@ def _route(state: ChatState) -> str:
 
 def build_chat_agent(reply_bytes: int = 500) -> StateGraph[ChatState]:
     """plan → (tool →) respond, replies of ``reply_bytes``; compile with any checkpointer."""
+    return _build(ChatState, reply_bytes)
 
+
+def build_delta_agent(reply_bytes: int = 500) -> StateGraph[ChatState]:
+    """The chat agent with its messages in a ``DeltaChannel`` (default snapshot frequency)."""
+    return _build(DeltaChatState, reply_bytes)  # type: ignore[arg-type]
+
+
+def _build(schema: type[ChatState], reply_bytes: int) -> StateGraph[ChatState]:
     def respond(state: ChatState) -> dict[str, Any]:
         return _reply(state, reply_bytes)
 
-    builder: StateGraph[ChatState] = StateGraph(ChatState)
-    builder.add_node("plan", _plan)
-    builder.add_node("tool", _tool)
-    builder.add_node("respond", respond)
+    builder: StateGraph[ChatState] = StateGraph(schema)
+    # unannotated wrappers: LangGraph reads a node's annotation as its input schema, and
+    # ChatState's messages channel would clash with DeltaChatState's
+    builder.add_node("plan", lambda state: _plan(state))  # noqa: PLW0108
+    builder.add_node("tool", lambda state: _tool(state))  # noqa: PLW0108
+    builder.add_node("respond", lambda state: respond(state))  # noqa: PLW0108
     builder.add_edge(START, "plan")
-    builder.add_conditional_edges("plan", _route, {"tool": "tool", "respond": "respond"})
+    builder.add_conditional_edges("plan", lambda state: _route(state),  # noqa: PLW0108
+                                  {"tool": "tool", "respond": "respond"})
     builder.add_edge("tool", "respond")
     builder.add_edge("respond", END)
     return builder

@@ -34,7 +34,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(tierstore.__all__) == sorted([
         "CheckpointArchived", "ConfigurationError", "CorruptPayload", "InvalidInput",
         "Keyring", "LeaseBusy", "LeaseLost", "LifecycleError", "PayloadTooLarge",
-        "ResidencyError", "SaverOptions", "StorageError",
+        "PruneRefused", "ResidencyError", "SaverOptions", "StorageError",
         "TierUnavailable", "TieredSaver", "TierstoreError", "TurnInProgress", "UsageError",
         "VersionConflict", "retry_on_conflict", "retry_on_conflict_sync", "DecompressionLimit",
         "UnsafePayload",

@@ -10,7 +10,8 @@ store may help)::
     ├── UsageError                    misuse: fix the call or the configuration
     │   ├── ConfigurationError        bad URL, unknown scheme, contradictory options
     │   ├── InvalidInput              missing/illegal thread id, checkpoint id, config
-    │   └── LifecycleError            saver not opened, already closed, wrong loop
+    │   ├── LifecycleError            saver not opened, already closed, wrong loop
+    │   └── PruneRefused              keep_latest would sever a DeltaChannel's chain
     └── StorageError                  refusals: the stores could not do what was asked
         ├── TierUnavailable           a store is unreachable or timed out
         ├── VersionConflict           a stale writer lost the compare-and-set
@@ -48,6 +49,7 @@ __all__ = [
     "LifecycleError",
     "MissingBlobs",
     "PayloadTooLarge",
+    "PruneRefused",
     "ResidencyError",
     "StorageError",
     "TierUnavailable",
@@ -77,6 +79,14 @@ class InvalidInput(UsageError, ValueError):
 
 class LifecycleError(UsageError, RuntimeError):
     """The saver was used outside its open state, or a sync method ran on its own loop."""
+
+
+class PruneRefused(UsageError, NotImplementedError):
+    """``prune(keep_latest)`` of a thread whose latest checkpoint rebuilds a
+    ``DeltaChannel`` from its ancestors: keeping only that checkpoint would make the
+    channel read as empty. Nothing was pruned; delete the thread, or prune it once its
+    latest checkpoint is a snapshot. A ``NotImplementedError`` too, as LangGraph's
+    PostgreSQL saver raises for the same request."""
 
 
 class StorageError(TierstoreError):

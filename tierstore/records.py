@@ -217,3 +217,26 @@ class ClaimsHeld:
     count: int = 0
     earliest_until: float | None = None
     latest_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLink:
+    """One ancestor of a checkpoint, cut down to the channels a ``DeltaChannel`` rebuild asked for.
+
+    A ``DeltaChannel`` stores its value only now and then (a snapshot); in between, the
+    value is the last snapshot plus the pending writes of every ancestor since. A link
+    is what one ancestor contributes: ``values``, the asked channels it stores a value
+    for (an empty channel's marker left out, so a channel here is a seed), and
+    ``writes``, its pending writes to the asked channels in ``writes_sort_key`` order
+    (task_path, task_id, idx). A stub (``location="archived"``) has no values in warm
+    (its segment has them) and carries only the writes warm still holds for it.
+    ``missing``: asked channels the live checkpoint names whose value warm lost.
+    """
+
+    checkpoint_id: str
+    parent_id: str | None
+    values: Mapping[str, Payload]
+    writes: tuple[WriteRecord, ...]
+    location: Location = "warm"
+    archive_key: str | None = None
+    missing: tuple[str, ...] = ()

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from tierstore.codec.chain import channel_of
 from tierstore.codec.limits import DecodeLimits
 from tierstore.errors import CorruptPayload, MissingBlobs, TierUnavailable
+from tierstore.history import ChannelHistory, channel_history
 from tierstore.hotcache import HotGuard
 from tierstore.lease import current_fence
 from tierstore.metrics import Metrics
@@ -116,6 +117,25 @@ class Router:
         if record is None:
             return None
         return await region.expand(_complete(record))
+
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None,
+        channels: Sequence[str],
+    ) -> dict[str, ChannelHistory]:
+        """Per channel, the writes of the ancestors of a checkpoint back to the nearest
+        one that stores a value for it (see ``tierstore.history``), still encoded.
+
+        The latest checkpoint (``checkpoint_id`` None) is found as ``get`` finds it;
+        the ancestors cost a warm call per ``history.PAGE`` links, not one per link.
+        """
+        if checkpoint_id is None:
+            target = await self.get(thread_id, checkpoint_ns, None)
+            if target is None:
+                return {ch: ChannelHistory(writes=()) for ch in channels}
+            checkpoint_id = target.checkpoint_id
+        return await channel_history(self.regions.for_thread(thread_id), self.metrics,
+                                     thread_id=thread_id, checkpoint_ns=checkpoint_ns,
+                                     checkpoint_id=checkpoint_id, channels=channels)
 
     async def head(self, thread_id: str, checkpoint_ns: str) -> Head | None:
         """The warm head of a (thread, ns): what a refusal reports as the current state."""

@@ -30,6 +30,7 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
@@ -40,7 +41,9 @@ from tierstore.codec.chain import is_link_name, resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.delta import Chain, ChainWriter
-from tierstore.errors import InvalidInput, TierstoreError, TurnInProgress
+from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
+from tierstore.history import ChannelHistory
+from tierstore.jobs.plan import delta_depth
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.offload import Offloader
@@ -754,6 +757,35 @@ class TieredSaver(
         ]
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """LangGraph's walk to each ``DeltaChannel``'s seed, with a warm call per page of
+        ancestors instead of a read per ancestor; same seeds, writes, order and types.
+
+        Archived ancestors are read from their segments without being rehydrated.
+        """
+        self._bridge.require_open()
+        if not channels:
+            return {}
+        thread_id, ns, checkpoint_id = checkpoint_ids(config)
+        histories = await self._router.delta_history(thread_id, ns, checkpoint_id,
+                                                     list(channels))
+        return {ch: self._decode_history(thread_id, ch, history)
+                for ch, history in histories.items()}
+
+    def _decode_history(self, thread_id: str, channel: str,
+                        history: ChannelHistory) -> DeltaChannelHistory:
+        codec = self.codec
+        where = f"thread {thread_id!r} history of channel {channel!r}"
+        entry: DeltaChannelHistory = {"writes": [
+            (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
+            for w in history.writes
+        ]}
+        if history.seed is not None:
+            entry["seed"] = codec.decode(history.seed, where=f"{where} seed")
+        return entry
+
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()
         await self.threads.delete_thread(validate_id(thread_id))
@@ -779,8 +811,35 @@ class TieredSaver(
                 f"unknown prune strategy {strategy!r}; use one of {', '.join(PRUNE_STRATEGIES)}"
             )
         ids = checked_ids(thread_ids, what="thread_id")
-        if ids:
-            await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
+        if not ids:
+            return
+        if strategy == "keep_latest":
+            # refused whole, before anything is deleted (as LangGraph's PostgreSQL saver)
+            severed = await self.delta_threads(ids)
+            if severed:
+                raise PruneRefused(
+                    "keep_latest would leave only checkpoints that rebuild a DeltaChannel "
+                    f"from ancestors it deletes (the channel would read as empty): "
+                    f"{', '.join(map(repr, severed))}; nothing was pruned")
+        await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
+
+    async def delta_threads(self, thread_ids: Sequence[str]) -> list[str]:
+        """The threads whose latest checkpoint, in some namespace, rebuilds a
+        ``DeltaChannel`` from its ancestors (LangGraph's ``counters_since_delta_snapshot``
+        in its metadata): ``keep_latest`` must not prune them. Reads each thread's rows
+        in warm (archived stubs keep their metadata), decoding one per namespace."""
+        found: list[str] = []
+        for thread_id in thread_ids:
+            seen: set[str] = set()
+            async for row in self.regions.for_thread(thread_id).warm.list(
+                    ListQuery(thread_id=thread_id)):
+                if row.checkpoint_ns in seen:
+                    continue
+                seen.add(row.checkpoint_ns)
+                if delta_depth(self._decode_metadata(row)) > 0:
+                    found.append(thread_id)
+                    break
+        return found
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
@@ -821,6 +880,12 @@ class TieredSaver(
         task_path: str = "",
     ) -> None:
         self._bridge.run(self.aput_writes(config, writes, task_id, task_path))
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        return self._bridge.run(self.aget_delta_channel_history(config=config,
+                                                                channels=channels))
 
     def delete_thread(self, thread_id: str) -> None:
         self._bridge.run(self.adelete_thread(thread_id))

@@ -86,7 +86,9 @@ class JobReport:
     because every move failed must not read as a quiet success. ``busy`` counts heads
     another worker held a claim on when the run ended (a live one, or a dead one whose
     lease runs until ``busy_until``): they were skipped. ``changed_since_claim``
-    counts threads retention left alone because they changed after it claimed them.
+    counts threads retention left alone because they changed after it claimed them;
+    ``delta_protected`` the threads ``keep_latest`` retention left whole because their
+    latest checkpoint rebuilds a ``DeltaChannel`` from ancestors it would delete.
     """
 
     job: str
@@ -102,6 +104,7 @@ class JobReport:
     busy: int = 0
     busy_until: float | None = None
     changed_since_claim: int = 0
+    delta_protected: int = 0
     seconds: float = 0.0
 
     def fail(self, where: str, exc: BaseException) -> None:
@@ -467,6 +470,9 @@ class Retention(_Job):
         for thread_id in threads:
             heads = [c for c in claims if c.thread_id == thread_id]
             try:
+                if keep_latest and await self.saver.delta_threads([thread_id]):
+                    report.delta_protected += 1
+                    continue
                 done = await self.saver.threads.expire_thread(
                     thread_id, heads, owner=self.owner, now=self.clock(),
                     keep_latest=keep_latest)

@@ -9,7 +9,7 @@
 
 ``WarmStore`` is the composite of four narrow Protocols, split by who calls them::
 
-    WarmRequests  the request path (router, saver)      setup aclose head get list put_*
+    WarmRequests  the request path (router, saver)      setup aclose head get list put_* ancestors
     WarmFencing   fencing tokens (leases)               next_fence
     WarmAdmin     whole-thread admin (saver, CLI)       delete_* copy/publish_thread prune usage
     WarmTiering   the tiering jobs (tierstore.jobs)     claim release … archive stubs rehydrate
@@ -44,6 +44,7 @@ from typing import Protocol, runtime_checkable
 
 from tierstore.records import (
     BlobRecord,
+    ChainLink,
     CheckpointMeta,
     CheckpointRecord,
     Claim,
@@ -194,6 +195,30 @@ class WarmRequests(Protocol):
         """Store pending writes; the head's new version, or None if ``checkpoint_id`` is
         not the head. Every call against the head advances the version (atomically with
         the writes), even one that only replaces a negative-index write."""
+        ...
+
+    async def ancestors(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        channels: Sequence[str],
+        *,
+        limit: int,
+    ) -> Sequence[ChainLink]:
+        """The ancestors of ``checkpoint_id`` (itself left out), newest first, following
+        ``parent_id``, each cut down to ``channels``: what a ``DeltaChannel`` replays.
+
+        Without it, rebuilding such a channel costs one ``get`` per ancestor back to the
+        last snapshot; this is a bounded number of round trips for up to ``limit`` links
+        (SQLite: one call on the store's thread; PostgreSQL: one recursive statement;
+        MongoDB: a few queries per page of the namespace). The walk stops after
+        ``limit`` links, at the root, at a parent that is not stored, and after the
+        first link where every asked channel has had a value at some live link (older
+        links cannot change the rebuild). A stub's values are in cold: the walk goes
+        on through it and the caller reads its segment. Empty when ``checkpoint_id`` is
+        not stored or has no parent; the caller pages on from the last link's id.
+        """
         ...
 
 

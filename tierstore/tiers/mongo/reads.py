@@ -4,12 +4,14 @@ with their blobs, writes and GridFS payloads."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
+from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import TierUnavailable
-from tierstore.records import Head, ListQuery, Payload, StoredCheckpoint, WriteRecord
+from tierstore.records import ChainLink, Head, ListQuery, Payload, StoredCheckpoint, WriteRecord
 from tierstore.tiers.mongo.documents import (
     OR_CHUNK,
     PAGE,
@@ -220,3 +222,158 @@ class MongoReads(MongoSteps):
             for (t, ns), cids in ids.items()
         ))
         return [doc for docs in results for doc in docs]
+
+    # -- ancestors of a checkpoint (DeltaChannel history) -------------------------------
+
+    async def ancestors(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        channels: Sequence[str],
+        *,
+        limit: int,
+    ) -> builtins.list[ChainLink]:
+        """A page of the namespace (checkpoint ids only grow along a chain), walked in
+        memory; then which asked values exist (tags only), and the values and writes
+        of the links up to the cut: a few queries for up to ``limit`` links."""
+        asked = list(dict.fromkeys(channels))
+        if not asked or limit <= 0:
+            return []
+        flt: Doc = {"thread_id": plain(thread_id, "thread_id"),
+                    "checkpoint_ns": plain(checkpoint_ns, "checkpoint_ns")}
+        with self._errors("ancestors"):
+            start = await self._c("checkpoints").find_one(
+                {**flt, "checkpoint_id": plain(checkpoint_id, "checkpoint_id")},
+                {"_id": 0, "parent_id": 1})
+            chain = await self._chain(flt, start.get("parent_id") if start else None, limit)
+            if not chain:
+                return []
+            tags = await self._value_tags(flt, chain, asked)
+            torn = [doc for doc in chain if doc.get("location") != "archived" and any(
+                (ch, v) not in tags for ch, v in versions_of(doc) if ch in asked)]
+            if torn:  # an archive move may have turned them into stubs under this read
+                again = {d["checkpoint_id"]: d for d in await self._c("checkpoints").find(
+                    {**flt, "checkpoint_id": {"$in": [d["checkpoint_id"] for d in torn]}},
+                    dict(_CHAIN_FIELDS)).to_list(None)}
+                chain = [again.get(d["checkpoint_id"], d) for d in chain]
+            return await self._links(flt, chain, asked, tags)
+
+    async def _chain(self, flt: Doc, parent: str | None, limit: int) -> Docs:
+        """Follow ``parent_id`` from ``parent`` through pages of the namespace, newest first."""
+        chain: Docs = []
+        page: dict[str, Doc] = {}
+        while parent is not None and len(chain) < limit:
+            doc = page.get(parent)
+            if doc is None:
+                docs = await (self._c("checkpoints")
+                              .find({**flt, "checkpoint_id": {"$lte": parent}},
+                                    dict(_CHAIN_FIELDS))
+                              .sort([("checkpoint_id", -1)]).limit(PAGE).to_list(None))
+                page = {d["checkpoint_id"]: d for d in docs}
+                doc = page.get(parent)
+                if doc is None:  # not stored (pruned, deleted): the chain ends here
+                    break
+            chain.append(doc)
+            parent = doc.get("parent_id")
+        return chain
+
+    async def _value_tags(self, flt: Doc, chain: Docs, asked: Sequence[str]
+                          ) -> dict[tuple[str, str], str]:
+        """(channel, version) -> payload tag of the asked values the live links name."""
+        pairs = sorted({(ch, v) for doc in chain if doc.get("location") != "archived"
+                        for ch, v in versions_of(doc) if ch in asked})
+        results = await asyncio.gather(*(
+            self._c("blobs").find(
+                {**flt, "$or": [{"channel": c, "version": v}
+                                for c, v in pairs[i:i + OR_CHUNK]]},
+                {"_id": 0, "channel": 1, "version": 1, "payload.tag": 1}).to_list(None)
+            for i in range(0, len(pairs), OR_CHUNK)))
+        return {(b["channel"], b["version"]): str((b.get("payload") or {}).get("tag", ""))
+                for docs in results for b in docs}
+
+    async def _links(self, flt: Doc, chain: Docs, asked: Sequence[str],
+                     tags: Mapping[tuple[str, str], str]) -> builtins.list[ChainLink]:
+        """Cut the chain after the link that seeds the last asked channel, then read the
+        values that are seeds and the writes of the links kept."""
+        unseeded = set(asked)
+        kept: builtins.list[tuple[Doc, builtins.list[str], dict[str, str], builtins.list[str]]] = []
+        for doc in chain:
+            if not unseeded:
+                break
+            wanted = [ch for ch in asked if ch in unseeded]
+            seeds: dict[str, str] = {}
+            missing: builtins.list[str] = []
+            if doc.get("location") != "archived":
+                for ch, v in versions_of(doc):
+                    if ch not in unseeded:
+                        continue
+                    tag = tags.get((ch, v))
+                    if tag is None:
+                        missing.append(ch)
+                    elif tag != EMPTY.tag:
+                        seeds[ch] = v
+            kept.append((doc, wanted, seeds, sorted(missing)))
+            unseeded.difference_update(seeds)
+        values_wanted = sorted({(ch, v) for _, _, seeds, _ in kept for ch, v in seeds.items()})
+        ids = [doc["checkpoint_id"] for doc, _, _, _ in kept]
+        blob_docs, write_docs = await asyncio.gather(
+            asyncio.gather(*(
+                self._c("blobs").find(
+                    {**flt, "$or": [{"channel": c, "version": v}
+                                    for c, v in values_wanted[i:i + OR_CHUNK]]},
+                    {"_id": 0, "channel": 1, "version": 1, "payload": 1}).to_list(None)
+                for i in range(0, len(values_wanted), OR_CHUNK))),
+            asyncio.gather(*(
+                self._c("writes").find(
+                    {**flt, "checkpoint_id": {"$in": ids[i:i + OR_CHUNK]},
+                     "channel": {"$in": list(asked)}}, {"_id": 0}).to_list(None)
+                for i in range(0, len(ids), OR_CHUNK))))
+        refs: dict[Any, tuple[GridFSRef, str]] = {}
+
+        def note(value: Payload | GridFSRef, where: str) -> Payload | GridFSRef:
+            if isinstance(value, GridFSRef):
+                refs.setdefault(value.file_id, (value, where))
+            return value
+
+        values = {(b["channel"], b["version"]): note(read_payload(
+                      b.get("payload"), f"blob {b['channel']!r}"), f"blob {b['channel']!r}")
+                  for docs in blob_docs for b in docs}
+        writes: dict[str, Docs] = {}
+        for docs in write_docs:
+            for w in docs:
+                writes.setdefault(w["checkpoint_id"], []).append(w)
+        staged = []
+        for doc, wanted, seeds, missing in kept:
+            cid = doc["checkpoint_id"]
+            where = f"checkpoint {cid!r} write"
+            pending = sorted((w for w in writes.get(cid, ()) if w["channel"] in wanted),
+                             key=lambda w: (w.get("task_path", ""), w["task_id"], w["idx"]))
+            staged.append((doc, {ch: values[(ch, v)] for ch, v in seeds.items()
+                                 if (ch, v) in values},
+                           [(w, note(read_payload(w.get("payload"), where), where))
+                            for w in pending], missing))
+        fetched = await self._download_all(refs)
+
+        def real(value: Payload | GridFSRef) -> Payload:
+            return fetched[value.file_id] if isinstance(value, GridFSRef) else value
+
+        return [
+            ChainLink(
+                checkpoint_id=doc["checkpoint_id"],
+                parent_id=doc.get("parent_id"),
+                values={ch: real(value) for ch, value in seeded.items()},
+                writes=tuple(WriteRecord(w["task_id"], int(w["idx"]), w["channel"], real(p),
+                                         w.get("task_path", "")) for w, p in pending),
+                location=doc.get("location") or "warm",
+                archive_key=doc.get("archive_key"),
+                missing=tuple(missing),
+            )
+            for doc, seeded, pending, missing in staged
+        ]
+
+
+_CHAIN_FIELDS: Final[Mapping[str, int]] = {
+    "_id": 0, "checkpoint_id": 1, "parent_id": 1, "channel_versions": 1, "location": 1,
+    "archive_key": 1,
+}

@@ -1,0 +1,141 @@
+"""``WarmRequests.ancestors``: a checkpoint's parent chain cut down to some channels,
+on every warm backend."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from tests.builders import cid, record, write
+from tierstore.codec.pipeline import EMPTY
+from tierstore.records import BlobRecord, Payload
+
+
+def value(n: int) -> Payload:
+    return Payload("msgpack", f"snap-{n}".encode())
+
+
+async def delta_chain(warm: Any, thread: str, n: int, *, snapshots: set[int],
+                      ns: str = "") -> None:
+    """Checkpoints 0..n-1; channel ``d`` stores a value only at ``snapshots`` (else the
+    empty marker), channel ``p`` at every checkpoint; each checkpoint has writes to
+    both, and to a third channel, stored out of order."""
+    for i in range(n):
+        d = value(i) if i in snapshots else EMPTY
+        await warm.put_checkpoint(
+            record(thread, i, parent=i - 1 if i else None, ns=ns,
+                   versions={"d": f"{i:04d}", "p": f"{i:04d}"}),
+            [BlobRecord("d", f"{i:04d}", d), BlobRecord("p", f"{i:04d}", value(i))],
+            strict=False,
+        )
+        await warm.put_writes(thread, ns, cid(i), [
+            write("task-b", 0, f"d{i}b", channel="d", path="~b"),
+            write("task-a", 1, f"p{i}", channel="p", path="~a"),
+            write("task-a", 0, f"d{i}a", channel="d", path="~a"),
+            write("task-c", 0, f"x{i}", channel="x", path=""),
+        ])
+
+
+def ids(links: Any) -> list[str]:
+    return [link.checkpoint_id for link in links]
+
+
+async def test_ancestors_walk_back_to_the_seed(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 8, snapshots={2})
+    links = await warm.ancestors(t, "", cid(7), ["d"], limit=100)
+    # the start is left out; the walk stops at the first link storing a value for d
+    assert ids(links) == [cid(6), cid(5), cid(4), cid(3), cid(2)]
+    assert [dict(link.values) for link in links] == [{}, {}, {}, {}, {"d": value(2)}]
+    assert all(link.location == "warm" and link.missing == () for link in links)
+    assert [link.parent_id for link in links] == [cid(5), cid(4), cid(3), cid(2), cid(1)]
+    # only the asked channels' writes, in writes_sort_key order (task_path, task_id, idx)
+    assert [(w.task_id, w.idx, w.payload.data) for w in links[0].writes] == [
+        ("task-a", 0, b"d6a"), ("task-b", 0, b"d6b")]
+    assert links[0].writes[1].task_path == "~b"
+
+
+async def test_ancestors_stop_when_every_channel_is_seeded(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 6, snapshots={1})
+    links = await warm.ancestors(t, "", cid(5), ["d", "p"], limit=100)
+    # p is seeded by the first link, d only at 1: writes of p stop with its seed
+    assert ids(links) == [cid(4), cid(3), cid(2), cid(1)]
+    assert dict(links[0].values) == {"p": value(4)}
+    assert {w.channel for w in links[0].writes} == {"d", "p"}
+    assert {w.channel for w in links[1].writes} == {"d"}
+    assert dict(links[-1].values) == {"d": value(1)}
+
+
+async def test_ancestors_reach_the_root_without_a_seed(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 4, snapshots=set())
+    links = await warm.ancestors(t, "", cid(3), ["d", "nope"], limit=100)
+    assert ids(links) == [cid(2), cid(1), cid(0)]
+    assert all(dict(link.values) == {} for link in links)
+    assert links[-1].parent_id is None
+
+
+async def test_ancestors_page_with_limit(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 7, snapshots=set())
+    first = await warm.ancestors(t, "", cid(6), ["d"], limit=3)
+    assert ids(first) == [cid(5), cid(4), cid(3)]
+    rest = await warm.ancestors(t, "", first[-1].checkpoint_id, ["d"], limit=3)
+    assert ids(rest) == [cid(2), cid(1), cid(0)]
+    assert await warm.ancestors(t, "", cid(0), ["d"], limit=3) == []
+
+
+async def test_ancestors_follow_the_parent_chain_not_the_ids(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 4, snapshots=set())
+    # a fork off 1, and a sibling branch off 3 in between
+    await warm.put_checkpoint(record(t, 10, parent=1, versions={"d": "0001"}), [],
+                              strict=False)
+    await warm.put_checkpoint(record(t, 11, parent=3), [], strict=False)
+    await warm.put_checkpoint(record(t, 12, parent=10, versions={"d": "0001"}), [],
+                              strict=False)
+    links = await warm.ancestors(t, "", cid(12), ["d"], limit=100)
+    assert ids(links) == [cid(10), cid(1), cid(0)]
+
+
+async def test_ancestors_end_at_a_parent_not_stored(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await warm.put_checkpoint(record(t, 5, parent=4), [], strict=False)
+    await warm.put_checkpoint(record(t, 6, parent=5), [], strict=False)
+    assert ids(await warm.ancestors(t, "", cid(6), ["d"], limit=100)) == [cid(5)]
+    assert await warm.ancestors(t, "", cid(9), ["d"], limit=100) == []
+    assert await warm.ancestors(f"other-{t}", "", cid(6), ["d"], limit=100) == []
+    assert await warm.ancestors(t, "", cid(6), [], limit=100) == []
+
+
+async def test_ancestors_keep_to_their_namespace(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 3, snapshots=set(), ns="")
+    await delta_chain(warm, t, 3, snapshots={0}, ns="child")
+    root = await warm.ancestors(t, "", cid(2), ["d"], limit=100)
+    child = await warm.ancestors(t, "child", cid(2), ["d"], limit=100)
+    assert ids(root) == ids(child) == [cid(1), cid(0)]
+    assert dict(root[-1].values) == {}
+    assert dict(child[-1].values) == {"d": value(0)}
+
+
+async def test_stubs_carry_no_values_and_the_walk_goes_through_them(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 5, snapshots={0, 2})
+    now = time.time()
+    [claim] = [c for c in await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000,
+                                           warm_before=now + 1) if c.thread_id == t]
+    assert claim.head_id == cid(4)
+    assert await warm.mark_archived(t, "", [cid(1), cid(2)], archive_key="seg", owner="me",
+                                    now=now, writes={}) == 2
+    links = await warm.ancestors(t, "", cid(4), ["d"], limit=100)
+    # 2 stores d's snapshot, but as a stub its values are in cold: on to 0
+    assert ids(links) == [cid(3), cid(2), cid(1), cid(0)]
+    assert [(link.location, link.archive_key) for link in links] == [
+        ("warm", None), ("archived", "seg"), ("archived", "seg"), ("warm", None)]
+    assert dict(links[1].values) == {}
+    # writes the segment does not hold stay on the stub, and come with it
+    assert [w.payload.data for w in links[1].writes] == [b"d2a", b"d2b"]
+    assert dict(links[-1].values) == {"d": value(0)}

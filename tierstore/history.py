@@ -1,0 +1,154 @@
+"""What a ``DeltaChannel`` rebuild reads: the writes of a checkpoint's ancestors back to a seed.
+
+A ``DeltaChannel`` stores its value only at snapshots; LangGraph rebuilds it from
+the nearest ancestor that stores a value (the seed) plus the pending writes of every
+ancestor from that one on. LangGraph's default walk reads one whole checkpoint per
+ancestor; here the warm store hands over the chain, cut down to the asked channels,
+a page of links per call::
+
+    warm.ancestors(t, ns, id, channels, limit=PAGE) ── links, newest first ──┐
+          ▲                                                                  │
+          │ chain goes on, channels still unseeded: from the last link's id  │
+          └──────────────────────────────────────────────────────────────────┤
+    a stub (location="archived")? its values and writes from its segment ◄───┤
+          (``Archive.materialize``: a segment is fetched once for many links) │
+    per channel: the writes of each link until the one that stores a value ◄┘
+          ─► offloaded payloads read back ─► ``ChannelHistory`` per channel
+
+The rules are LangGraph's (``BaseCheckpointSaver.get_delta_channel_history``): the
+target's own writes and value do not count; a link's writes count for a channel
+until, and including, the first link that stores a value for it, whose value is
+the seed; the walk ends at the root or at a parent that is not stored, leaving
+unseeded channels without a seed. Stubs are read without being rehydrated, as
+``list`` reads history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tierstore.codec.pipeline import EMPTY
+from tierstore.errors import CorruptPayload
+from tierstore.metrics import Metrics
+from tierstore.records import ChainLink, Payload, StoredCheckpoint, WriteRecord
+from tierstore.region import Region
+
+__all__ = ["PAGE", "ChannelHistory", "channel_history"]
+
+PAGE = 200
+"""Links per warm call: a DeltaChannel snapshots every 100 updates by default, so one
+call usually reaches the seed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHistory:
+    """One channel's history, still encoded: writes oldest first, and the seed if any."""
+
+    writes: tuple[WriteRecord, ...]
+    seed: Payload | None = None
+
+
+async def channel_history(
+    region: Region,
+    metrics: Metrics,
+    *,
+    thread_id: str,
+    checkpoint_ns: str,
+    checkpoint_id: str,
+    channels: Sequence[str],
+) -> dict[str, ChannelHistory]:
+    """The history of each channel at ``checkpoint_id``, in a warm call per ``PAGE`` links."""
+    asked = list(dict.fromkeys(channels))
+    remaining = list(asked)
+    per_link: dict[str, list[tuple[WriteRecord, ...]]] = {ch: [] for ch in asked}
+    seeds: dict[str, Payload] = {}
+    warm = region.warm
+    cursor = checkpoint_id
+    while remaining:
+        links = await metrics.timed("warm", warm, "ancestors", warm.ancestors(
+            thread_id, checkpoint_ns, cursor, remaining, limit=PAGE))
+        for stored in links:
+            link = stored
+            if stored.location == "archived":
+                link = await _from_segment(region, thread_id, checkpoint_ns, stored, remaining)
+            else:
+                _check_complete(thread_id, checkpoint_ns, stored, remaining)
+            for ch in remaining:
+                per_link[ch].append(tuple(w for w in link.writes if w.channel == ch))
+            for ch in [c for c in remaining if c in link.values]:
+                seeds[ch] = link.values[ch]
+                remaining.remove(ch)
+            if not remaining:
+                break
+        if len(links) < PAGE:  # the root, or a parent no longer stored
+            break
+        cursor = links[-1].checkpoint_id
+    return await _expanded(region, thread_id, {
+        ch: ChannelHistory(
+            writes=tuple(w for writes in reversed(per_link[ch]) for w in writes),
+            seed=seeds.get(ch),
+        )
+        for ch in asked
+    })
+
+
+async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link: ChainLink,
+                        channels: Sequence[str]) -> ChainLink:
+    """An archived link with its values and writes read from its segment (merged with
+    the writes stored on the stub after the move, as every read of a stub merges them)."""
+    stub = StoredCheckpoint(
+        thread_id=thread_id, checkpoint_ns=checkpoint_ns, checkpoint_id=link.checkpoint_id,
+        parent_id=link.parent_id, checkpoint=EMPTY, metadata=EMPTY, blobs={},
+        writes=link.writes, location="archived", archive_key=link.archive_key)
+    record = await region.archive.materialize(stub)
+    wanted = set(channels)
+    writes = sorted((w for w in record.writes if w.channel in wanted),
+                    key=lambda w: (w.task_path, w.task_id, w.idx))
+    return ChainLink(
+        checkpoint_id=link.checkpoint_id,
+        parent_id=link.parent_id,
+        values={ch: p for ch, p in record.blobs.items() if ch in wanted and p.tag != EMPTY.tag},
+        writes=tuple(writes),
+        location="archived",
+        archive_key=link.archive_key,
+    )
+
+
+def _check_complete(thread_id: str, checkpoint_ns: str, link: ChainLink,
+                    channels: Sequence[str]) -> None:
+    """A live ancestor that lost an asked value cannot tell whether it is the seed: the
+    rebuild would be wrong, so it is refused as a full read of that checkpoint is."""
+    lost = [ch for ch in link.missing if ch in channels]
+    if not lost:
+        return
+    where = (f"thread {thread_id!r} ns {checkpoint_ns!r} checkpoint "
+             f"{link.checkpoint_id!r}")
+    raise CorruptPayload(
+        f"{where}: no tier holds the value of channel {lost[0]!r}; "
+        "`tierstore verify` lists every such checkpoint",
+        where=f"{where} channel {lost[0]!r}", detail=lost)
+
+
+async def _expanded(region: Region, thread_id: str,
+                    histories: Mapping[str, ChannelHistory]) -> dict[str, ChannelHistory]:
+    """The histories with their offloaded payloads read back in."""
+    offloader = region.offloader
+    if offloader is None:
+        return dict(histories)
+
+    async def one(history: ChannelHistory) -> ChannelHistory:
+        payloads = await asyncio.gather(*(offloader.expand(w.payload, thread_id)
+                                          for w in history.writes))
+        seed = None if history.seed is None else await offloader.expand(history.seed,
+                                                                       thread_id)
+        return ChannelHistory(
+            writes=tuple(WriteRecord(w.task_id, w.idx, w.channel, p, w.task_path)
+                         for w, p in zip(history.writes, payloads, strict=True)),
+            seed=seed,
+        )
+
+    names = list(histories)
+    done = await asyncio.gather(*(one(histories[ch]) for ch in names))
+    return dict(zip(names, done, strict=True))
