@@ -55,6 +55,7 @@ from tierstore.records import (
     WriteRecord,
 )
 from tierstore.region import Region, Regions
+from tierstore.settings import SaverOptions
 from tierstore.stats import Stats
 
 __all__ = ["Router"]
@@ -86,6 +87,15 @@ class Router:
                         verify_hot=verify_hot, hot_write_delay=hot_write_delay,
                         local_entries=local_entries, on_archived=on_archived,
                         max_bundle_bytes=max_bundle_bytes, offload_grace=offload_grace)
+
+    @classmethod
+    def from_options(cls, regions: Regions, options: SaverOptions) -> Router:
+        """The router a saver with these options uses over ``regions``."""
+        return cls(regions, verify_hot=options.hot_check == "verify",
+                   on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
+                   local_entries=options.hot_local_entries,
+                   max_bundle_bytes=options.max_bundle_bytes,
+                   offload_grace=options.offload_grace)
 
     # -- reads ------------------------------------------------------------------------
 

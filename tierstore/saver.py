@@ -14,7 +14,6 @@ from collections.abc import (
     AsyncIterator,
     Callable,
     Collection,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -25,7 +24,6 @@ from typing import Any, Self
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
-    BaseCheckpointSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
@@ -46,7 +44,6 @@ from tierstore.history import ChannelHistory
 from tierstore.jobs.plan import delta_depth
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
-from tierstore.offload import Offloader
 from tierstore.policy import (
     TURN_KEY,
     before_checkpoint_id,
@@ -89,8 +86,9 @@ from tierstore.settings import (
     resolve_spec,
 )
 from tierstore.stats import Stats
+from tierstore.syncapi import BridgedSaver
 from tierstore.threads import Threads
-from tierstore.tiers import HotStore, ObjectStore, WarmStore, open_store
+from tierstore.tiers import HotStore, ObjectStore, WarmStore
 
 __all__ = ["TieredSaver"]
 
@@ -107,7 +105,7 @@ and the channels of its pending writes."""
 
 
 class TieredSaver(
-    BaseCheckpointSaver[str],
+    BridgedSaver,
     AbstractContextManager["TieredSaver"],
     AbstractAsyncContextManager["TieredSaver"],
 ):
@@ -222,8 +220,9 @@ class TieredSaver(
         given a client it did not create leaves that client open.
         """
         opts = resolve_options(options)
-        stack = _stack(warm=warm, hot=hot, cold=cold, options=opts)
-        return cls(_router(Regions({DEFAULT_REGION: stack}), opts), options=opts, serde=serde)
+        region = Region.of_stores(warm=warm, hot=hot, cold=cold, options=opts)
+        return cls(Router.from_options(Regions({DEFAULT_REGION: region}), opts), options=opts,
+                   serde=serde)
 
     @classmethod
     def from_env(
@@ -243,7 +242,7 @@ class TieredSaver(
 
         The stores are built, not connected: that happens when the saver is entered.
         """
-        return cls(_router(open_regions(spec), spec.options), options=spec.options,
+        return cls(Router.from_options(Regions.from_spec(spec), spec.options), options=spec.options,
                    serde=serde)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -844,61 +843,6 @@ class TieredSaver(
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
 
-    # -- sync API: one bridge ---------------------------------------------------------
-
-    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._bridge.run(self.aget_tuple(config))
-
-    def list(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        async def collect() -> list[CheckpointTuple]:
-            return [t async for t in self.alist(config, filter=filter, before=before,
-                                                limit=limit)]
-
-        return iter(self._bridge.run(collect()))
-
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._bridge.run(self.aput(config, checkpoint, metadata, new_versions))
-
-    def put_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self._bridge.run(self.aput_writes(config, writes, task_id, task_path))
-
-    def get_delta_channel_history(
-        self, *, config: RunnableConfig, channels: Sequence[str]
-    ) -> Mapping[str, DeltaChannelHistory]:
-        return self._bridge.run(self.aget_delta_channel_history(config=config,
-                                                                channels=channels))
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._bridge.run(self.adelete_thread(thread_id))
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._bridge.run(self.adelete_for_runs(run_ids))
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._bridge.run(self.acopy_thread(source_thread_id, target_thread_id))
-
-    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        self._bridge.run(self.aprune(thread_ids, strategy=strategy))
-
 
 def _encode(codec: Codec, value: Any, where: str) -> Payload:
     """``codec.encode``, with a value the serde cannot encode refused as ``InvalidInput``.
@@ -914,34 +858,3 @@ def _encode(codec: Codec, value: Any, where: str) -> Payload:
     except Exception as exc:
         raise InvalidInput(
             f"{where} cannot be encoded: {type(exc).__name__}: {exc}"[:500]) from exc
-
-
-def open_regions(spec: StackSpec) -> Regions:
-    """Build (not connect) the stores of every region of ``spec``, placed as it says."""
-    stacks: dict[str, Region] = {}
-    options = spec.options
-    for name, urls in spec.regions.items():
-        stacks[name] = _stack(
-            name=name,
-            warm=open_store("warm", urls.warm),
-            hot=None if urls.hot is None else open_store("hot", urls.hot, ttl=options.hot_ttl),
-            cold=None if urls.cold is None else open_store("cold", urls.cold),
-            options=options,
-        )
-    return Regions(stacks, spec.region_of)
-
-
-def _stack(*, name: str = DEFAULT_REGION, warm: WarmStore, hot: HotStore | None,
-           cold: ObjectStore | None, options: SaverOptions) -> Region:
-    offloader = None
-    if cold is not None and not getattr(warm, "offloads_internally", False):
-        offloader = Offloader(cold, threshold=options.offload_threshold)
-    return Region(name=name, warm=warm, hot=hot, cold=cold, offloader=offloader)
-
-
-def _router(regions: Regions, options: SaverOptions) -> Router:
-    return Router(regions, verify_hot=options.hot_check == "verify",
-                  on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
-                  local_entries=options.hot_local_entries,
-                  max_bundle_bytes=options.max_bundle_bytes,
-                  offload_grace=options.offload_grace)
