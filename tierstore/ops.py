@@ -24,7 +24,7 @@ import msgpack
 import zstandard
 
 from tierstore.codec import Codec
-from tierstore.codec.chain import channel_of, is_link_name, resolve_values
+from tierstore.codec.chain import ChainLink, channel_of, is_link_name, resolve_values
 from tierstore.codec.frames import pack_stored, unpack_stored
 from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.pipeline import EMPTY
@@ -225,13 +225,17 @@ async def _check_record(
     except TierstoreError as exc:
         bad(row, str(exc))
         return {}
+    named = body.get("channel_versions") if isinstance(body, dict) else None
     for channel, payload in full.blobs.items():
-        if payload.tag == EMPTY.tag:
-            continue
+        if payload.tag == EMPTY.tag or (is_link_name(channel) and channel not in (named or {})):
+            continue  # delta links: replayed below (_check_chains)
         try:
-            saver.codec.decompress(payload, where=where)
+            value = saver.codec.decode(payload, where=where)
         except TierstoreError as exc:
             bad(row, f"channel {channel!r} does not decode ({exc})")
+            continue
+        if isinstance(value, ChainLink):
+            bad(row, f"channel {channel!r}: a delta link stored as the channel's value")
     for write in full.writes:
         try:
             saver.codec.decode(write.payload, where=where)
@@ -465,6 +469,9 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
             if payload.tag != EMPTY.tag:
                 value = codec.decode(payload, where=f"{where} channel {channel!r}",
                                      budget=budget)
+                if isinstance(value, ChainLink):  # a link passed off as a whole value
+                    raise CorruptPayload(f"{where} channel {channel!r}: a delta link stored "
+                                         "as the channel's value", where=where)
                 stored = again(value, payload)
             blobs.append(BlobRecord(channel, versions[channel], stored))
         if links:
@@ -477,6 +484,9 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
         for write in rec.writes:
             _check_write(write, where)
             value = codec.decode(write.payload, where=f"{where} write", budget=budget)
+            if isinstance(value, ChainLink):
+                raise CorruptPayload(f"{where}: a delta link stored as a pending write",
+                                     where=where)
             writes.append(replace(write, payload=again(value, write.payload)))
         total.spend(budget.used, where=where)
         run_id = metadata.get("run_id")

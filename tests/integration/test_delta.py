@@ -7,6 +7,8 @@ same inputs on LangGraph's InMemorySaver, then compares every state of the histo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import random
 import sqlite3
 import time
@@ -15,7 +17,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+import msgpack
 import pytest
+import zstandard
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
@@ -23,10 +27,12 @@ from langgraph.graph.message import add_messages
 
 from tests.stacks import STACKS, TIERED_STACKS, Urls
 from tierstore import Keyring, TieredSaver
-from tierstore.codec.chain import is_link_name
+from tierstore.codec.chain import ChainLink, is_link_name
+from tierstore.codec.frames import pack_stored
+from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
-from tierstore.ops import export_thread, import_file
+from tierstore.ops import EXPORT_FORMAT, EXPORT_MAGIC, export_thread, import_file, read_export
 from tierstore.records import ListQuery
 
 FUTURE = 10 * 365 * 86400.0
@@ -165,6 +171,35 @@ async def test_export_carries_whole_values_and_imports(
     assert b"~1~messages" not in path.read_bytes()  # zstd'd, but names are short and many
     await import_file(saver, path, as_thread="back")
     assert await history(app, "back") == await history(reference, "t")
+
+
+async def test_an_import_refuses_a_link_passed_off_as_a_whole_value(
+        saver: TieredSaver, tmp_path: Path) -> None:
+    """A crafted file whose channel value is a delta link must be refused before any
+    write: imported, every read of the thread would fail."""
+    app = chat_graph().compile(checkpointer=saver)
+    await converse(app, "t", range(3))
+    path = tmp_path / "t.export"
+    await export_thread(saver, "t", path)
+    _, records = read_export(path.read_bytes())
+    last = records[-1]
+    body = saver.codec.decode(last.checkpoint)
+    version = body["channel_versions"]["messages"]
+    messages = saver.codec.decode(last.blobs["messages"])
+    crafted = dataclasses.replace(last, blobs={
+        **last.blobs, "messages": saver.codec.encode_link(ChainLink(version, None, 0, messages))})
+    write_export(tmp_path / "crafted.export", "t", [*records[:-1], crafted])
+    with pytest.raises(CorruptPayload, match="delta link"):
+        await import_file(saver, tmp_path / "crafted.export", as_thread="crafted")
+    assert [r async for r in saver.alist_records(ListQuery(thread_id="crafted"))] == []
+
+
+def write_export(path: Path, thread: str, records: list[Any]) -> None:
+    """An export file around these records, as ``export_thread`` frames them."""
+    body = zstandard.ZstdCompressor().compress(msgpack.packb({
+        "format": EXPORT_FORMAT, "thread_id": thread, "exported_at": time.time(),
+        "checkpoints": [pack_stored(r) for r in records]}, use_bin_type=True))
+    path.write_bytes(EXPORT_MAGIC + bytes([EXPORT_FORMAT]) + hashlib.sha256(body).digest() + body)
 
 
 async def test_encrypted_chains(urls: Urls, reference: Any) -> None:

@@ -8,7 +8,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from tests.unit.golden_values import golden_values
 from tierstore.codec import Codec
 from tierstore.codec.chain import ChainLink, link_name, link_version, resolve_values
-from tierstore.delta import ChainWriter, extends
+from tierstore.delta import ChainWriter
 from tierstore.errors import ConfigurationError, CorruptPayload
 from tierstore.policy import extend_chain
 from tierstore.records import Payload
@@ -125,16 +125,43 @@ def test_only_an_extension_becomes_a_delta(codec: Codec) -> None:
     assert len(changed.links) == 1
 
 
-def test_prefix_check_is_identity_then_equality() -> None:
-    class NoTruth:
-        def __eq__(self, other: object) -> bool:
-            raise ValueError("ambiguous")
+@pytest.mark.parametrize(("stored", "written"), [
+    ([1, 2], [1.0, 2.0, 3.5]),          # equal, but floats now
+    ([True], [1, 2]),                   # True == 1
+    ([{"a": 1, "b": 2}], [{"b": 2, "a": 1}, 3]),  # equal dicts, another key order
+    ([0.0], [-0.0, 1]),                 # 0.0 == -0.0
+])
+def test_items_that_compare_equal_but_encode_differently_start_a_snapshot(
+        codec: Codec, stored: list[object], written: list[object]) -> None:
+    writer = ChainWriter(max_deltas=8)
+    key = ("t", "", "c")
+    writer.remember(key, writer.next(codec, key, [BIG, *stored], V1))
+    chain = writer.next(codec, key, [BIG, *written], V2)
+    assert len(chain.links) == 1  # the whole list again, never the old items
 
-        def __hash__(self) -> int:
-            return id(self)
 
-    item = NoTruth()
-    assert extends([item, 1], [item])
-    assert not extends([NoTruth(), 1], [item])
-    assert extends([[1], 2], [[1]])
-    assert not extends([1], [1, 2])
+def test_an_item_changed_in_place_starts_a_snapshot(codec: Codec) -> None:
+    writer = ChainWriter(max_deltas=8)
+    key = ("t", "", "c")
+    item = {"k": "orig"}
+    value = [BIG, item]
+    writer.remember(key, writer.next(codec, key, value, V1))
+    item["k"] = "mutated"  # the same object, other contents
+    chain = writer.next(codec, key, [*value, "c"], V2)
+    assert len(chain.links) == 1
+    link = codec.decode(chain.links[0][2])
+    assert link.items[1] == {"k": "mutated"}
+
+
+def test_a_chain_learned_from_a_read_is_checked_on_its_stored_bytes(codec: Codec) -> None:
+    writer = ChainWriter(max_deltas=8)
+    key = ("t", "", "c")
+    stored = writer.next(codec, key, [BIG, {"k": "orig"}], V1)
+    links = tuple((name, codec.decode(payload)) for name, _, payload in stored.links)
+    value = [BIG, links[0][1].items[1]]  # the objects a read hands to the graph
+    writer.remember_read("t", "", {"c": links}, {"c": value},
+                         {name: payload for name, _, payload in stored.links})
+    value[1]["k"] = "mutated"  # the graph changes a read item in place
+    assert len(writer.next(codec, key, [*value, "c"], V2).links) == 1
+    unchanged = [BIG, {"k": "orig"}, "c"]
+    assert [n for n, _, _ in writer.next(codec, key, unchanged, V2).links] == ["~0~c", "~1~c"]
