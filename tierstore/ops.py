@@ -24,6 +24,7 @@ import msgpack
 import zstandard
 
 from tierstore.codec import Codec
+from tierstore.codec.chain import ChainLink, channel_of, is_link_name, resolve_values
 from tierstore.codec.frames import pack_stored, unpack_stored
 from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.pipeline import EMPTY
@@ -193,10 +194,11 @@ async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, An
                                  checkpoint_ns=stub.checkpoint_ns, writes=stub.writes)
                 versions = await _check_record(saver, region, record, bad, keeps_empty,
                                                archived=None, segment_writes=found.writes)
+                chained = {channel_of(name) for name in found.blobs if name not in versions}
                 for ch, version in versions.items():
                     payload = found.blobs.get(ch)
                     archived_values[(stub.thread_id, stub.checkpoint_ns, ch, version)] = (
-                        payload is not None and payload.tag != EMPTY.tag)
+                        (payload is not None and payload.tag != EMPTY.tag) or ch in chained)
         for row in live:
             await _check_record(saver, region, row, bad, keeps_empty, archived=archived_values)
     return {"checked": checked, "problems": problems, "broken": broken,
@@ -223,13 +225,17 @@ async def _check_record(
     except TierstoreError as exc:
         bad(row, str(exc))
         return {}
+    named = body.get("channel_versions") if isinstance(body, dict) else None
     for channel, payload in full.blobs.items():
-        if payload.tag == EMPTY.tag:
-            continue
+        if payload.tag == EMPTY.tag or (is_link_name(channel) and channel not in (named or {})):
+            continue  # delta links: replayed below (_check_chains)
         try:
-            saver.codec.decompress(payload, where=where)
+            value = saver.codec.decode(payload, where=where)
         except TierstoreError as exc:
             bad(row, f"channel {channel!r} does not decode ({exc})")
+            continue
+        if isinstance(value, ChainLink):
+            bad(row, f"channel {channel!r}: a delta link stored as the channel's value")
     for write in full.writes:
         try:
             saver.codec.decode(write.payload, where=where)
@@ -238,14 +244,55 @@ async def _check_record(
                      f"{write.channel!r} does not decode ({exc})")
     raw = body.get("channel_versions") if isinstance(body, dict) else None
     versions = {str(ch): str(v) for ch, v in (raw or {}).items()}
+    chained = _check_chains(saver.codec, full, versions, where, bad)
     for channel, version in sorted(versions.items()):
-        if channel in full.blobs:
+        if channel in full.blobs or channel in chained:
             continue
         key = (row.thread_id, row.checkpoint_ns, channel, version)
         if keeps_empty or (archived is not None and archived.get(key, False)):
             bad(row, f"channel {channel!r} version {version} resolves nowhere "
                      "(no warm blob, no offloaded object, no segment copy)")
     return versions
+
+
+def _check_chains(codec: Codec, row: StoredCheckpoint, versions: Mapping[str, str], where: str,
+                  bad: Callable[[StoredCheckpoint, str], None]) -> set[str]:
+    """The channels a checkpoint stores as delta chains; a chain that does not replay
+    (a link missing, out of order, not a link) is reported as a problem."""
+    links = {name: p for name, p in row.blobs.items()
+             if name not in versions and is_link_name(name)}
+    if not links:
+        return set()
+    try:
+        decoded = {name: codec.decode(p, where=f"{where} {name!r}") for name, p in links.items()}
+        return set(resolve_values(versions, decoded, where=where).chains)
+    except TierstoreError as exc:
+        bad(row, f"a delta chain does not replay ({exc})")
+        return {channel_of(name) for name in links}
+
+
+def whole_values(codec: Codec, record: StoredCheckpoint) -> StoredCheckpoint:
+    """The record with its delta chains replayed into whole values, encoded by ``codec``.
+
+    An export carries whole values: any release of tierstore imports it, and an import
+    never has to trust a chain it did not write.
+    """
+    if not any(is_link_name(name) for name in record.blobs):
+        return record
+    where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
+    body = codec.decode(record.checkpoint, where=where)
+    versions = body.get("channel_versions") if isinstance(body, dict) else None
+    versions = versions if isinstance(versions, dict) else {}
+    links = [name for name in record.blobs if name not in versions and is_link_name(name)]
+    if not links:
+        return record
+    decoded = {name: codec.decode(record.blobs[name], where=f"{where} {name!r}")
+               for name in links}
+    resolved = resolve_values(versions, decoded, where=where)
+    blobs = {name: p for name, p in record.blobs.items() if name not in decoded}
+    for channel, value in resolved.values.items():
+        blobs.setdefault(channel, codec.encode(value))
+    return replace(record, blobs=blobs)
 
 
 # -- export / import ----------------------------------------------------------------------
@@ -258,7 +305,7 @@ async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
     frames: list[bytes] = []
     query = ListQuery(thread_id=thread_id)
     async for record in saver.alist_records(query):
-        frames.append(pack_stored(record))
+        frames.append(pack_stored(whole_values(saver.codec, record)))
         progress(len(frames), None)
     if not frames:
         raise InvalidInput(f"thread {thread_id!r} has no checkpoints to export")
@@ -411,19 +458,35 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
                     validate_id(str(v), what=f"{where}: channel version")
                     for k, v in body.get("channel_versions", {}).items()}
         blobs: list[BlobRecord] = []
+        links: dict[str, Any] = {}
         for channel, payload in rec.blobs.items():
             if channel not in versions:
+                if is_link_name(channel):  # a delta chain: replayed (checked) below
+                    links[channel] = codec.decode(payload, where=f"{where} {channel!r}",
+                                                  budget=budget)
                 continue
             stored = payload
             if payload.tag != EMPTY.tag:
                 value = codec.decode(payload, where=f"{where} channel {channel!r}",
                                      budget=budget)
+                if isinstance(value, ChainLink):  # a link passed off as a whole value
+                    raise CorruptPayload(f"{where} channel {channel!r}: a delta link stored "
+                                         "as the channel's value", where=where)
                 stored = again(value, payload)
             blobs.append(BlobRecord(channel, versions[channel], stored))
+        if links:
+            whole = {b.channel for b in blobs}
+            resolved = resolve_values(versions, links, where=where)
+            blobs.extend(BlobRecord(channel, versions[channel],
+                                    (store_codec or codec).encode(value))
+                         for channel, value in resolved.values.items() if channel not in whole)
         writes: list[WriteRecord] = []
         for write in rec.writes:
             _check_write(write, where)
             value = codec.decode(write.payload, where=f"{where} write", budget=budget)
+            if isinstance(value, ChainLink):
+                raise CorruptPayload(f"{where}: a delta link stored as a pending write",
+                                     where=where)
             writes.append(replace(write, payload=again(value, write.payload)))
         total.spend(budget.used, where=where)
         run_id = metadata.get("run_id")

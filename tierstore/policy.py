@@ -576,6 +576,24 @@ def supply_blobs(
     return [*new_blobs, *extra]
 
 
+MAX_DELTAS = 8
+"""Links a delta chain holds after its snapshot (see ``extend_chain``)."""
+
+
+def extend_chain(*, deltas: int, snapshot_bytes: int, tail_bytes: int,
+                 max_deltas: int = MAX_DELTAS) -> bool:
+    """Store the next version of a chained list as a delta (True) or a new snapshot.
+
+    A read replays the whole chain, so it stays short: at most ``max_deltas`` deltas
+    after the snapshot (``deltas`` counts those already in it), and no more tail bytes
+    (``tail_bytes``, the new delta's included) than the snapshot holds. Past either
+    bound a new snapshot costs less to read than the chain it replaces, and it is
+    written at most once per ``max_deltas`` versions, so the bytes stored per version
+    stay about a ``max_deltas``-th of the list instead of all of it.
+    """
+    return 0 <= deltas < max_deltas and 0 <= tail_bytes <= snapshot_bytes
+
+
 # -- leases and fencing -----------------------------------------------------------------
 
 

@@ -23,8 +23,9 @@ from tierstore.hotcache import HotCache, HotGuard
 from tierstore.metrics import Metrics
 from tierstore.offload import OFFLOAD_GRACE_SECONDS, Offloader
 from tierstore.records import StoredCheckpoint
-from tierstore.settings import DEFAULT_REGION
+from tierstore.settings import DEFAULT_REGION, SaverOptions, StackSpec
 from tierstore.stats import Stats
+from tierstore.tiers import open_store
 from tierstore.tiers.base import HotStore, ObjectStore, WarmStore
 
 __all__ = ["DEFAULT_REGION", "Region", "Regions", "Store"]
@@ -62,6 +63,16 @@ class Region:
                           (("hot", self.hot), ("warm", self.warm), ("cold", self.cold))
                           if store is not None)
         return f"Region({self.name!r}, {tiers})"
+
+    @classmethod
+    def of_stores(cls, *, name: str = DEFAULT_REGION, warm: WarmStore, hot: HotStore | None,
+                  cold: ObjectStore | None, options: SaverOptions) -> Region:
+        """A region over these stores; large payloads go to the cold store unless the
+        warm store keeps them itself (GridFS)."""
+        offloader = None
+        if cold is not None and not getattr(warm, "offloads_internally", False):
+            offloader = Offloader(cold, threshold=options.offload_threshold)
+        return cls(name=name, warm=warm, hot=hot, cold=cold, offloader=offloader)
 
     def stores(self) -> list[Store]:
         return [s for s in (self.warm, self.hot, self.cold) if s is not None]
@@ -140,6 +151,23 @@ class Regions:
         self.resolve = resolve
         for name, region in reversed(self._by_name.items()):
             region.name = name
+
+    @classmethod
+    def from_spec(cls, spec: StackSpec) -> Regions:
+        """Build (not connect) the stores of every region of ``spec``, placed as it says."""
+        options = spec.options
+        regions = {
+            name: Region.of_stores(
+                name=name,
+                warm=open_store("warm", urls.warm),
+                hot=None if urls.hot is None else open_store("hot", urls.hot,
+                                                             ttl=options.hot_ttl),
+                cold=None if urls.cold is None else open_store("cold", urls.cold),
+                options=options,
+            )
+            for name, urls in spec.regions.items()
+        }
+        return cls(regions, spec.region_of)
 
     @property
     def by_name(self) -> Mapping[str, Region]:

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from tierstore.codec.chain import channel_of
 from tierstore.codec.limits import DecodeLimits
 from tierstore.errors import CorruptPayload, MissingBlobs, TierUnavailable
 from tierstore.history import ChannelHistory, channel_history
@@ -54,6 +55,7 @@ from tierstore.records import (
     WriteRecord,
 )
 from tierstore.region import Region, Regions
+from tierstore.settings import SaverOptions
 from tierstore.stats import Stats
 
 __all__ = ["Router"]
@@ -85,6 +87,15 @@ class Router:
                         verify_hot=verify_hot, hot_write_delay=hot_write_delay,
                         local_entries=local_entries, on_archived=on_archived,
                         max_bundle_bytes=max_bundle_bytes, offload_grace=offload_grace)
+
+    @classmethod
+    def from_options(cls, regions: Regions, options: SaverOptions) -> Router:
+        """The router a saver with these options uses over ``regions``."""
+        return cls(regions, verify_hot=options.hot_check == "verify",
+                   on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
+                   local_entries=options.hot_local_entries,
+                   max_bundle_bytes=options.max_bundle_bytes,
+                   offload_grace=options.offload_grace)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -311,16 +322,18 @@ class Router:
 def _complete(record: StoredCheckpoint) -> StoredCheckpoint:
     """A live checkpoint that names a channel value warm no longer holds is damaged:
     ``CorruptPayload`` naming the channel, never a state without it (which LangGraph
-    would resume from as if the channel had never been written)."""
+    would resume from as if the channel had never been written). A missing link of a
+    delta chain is named by its channel: the chain cannot be replayed without it."""
     if not record.missing:
         return record
+    channels = list(dict.fromkeys(channel_of(name) for name in record.missing))
     where = (f"thread {record.thread_id!r} ns {record.checkpoint_ns!r} checkpoint "
              f"{record.checkpoint_id!r}")
-    more = f" (and {len(record.missing) - 1} more)" if len(record.missing) > 1 else ""
+    more = f" (and {len(channels) - 1} more)" if len(channels) > 1 else ""
     raise CorruptPayload(
-        f"{where}: no tier holds the value of channel {record.missing[0]!r}{more}; "
+        f"{where}: no tier holds the value of channel {channels[0]!r}{more}; "
         "`tierstore verify` lists every such checkpoint",
-        where=f"{where} channel {record.missing[0]!r}", detail=list(record.missing))
+        where=f"{where} channel {channels[0]!r}", detail=channels)
 
 
 def _order(record: StoredCheckpoint) -> tuple[str, str, str]:

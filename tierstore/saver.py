@@ -14,7 +14,6 @@ from collections.abc import (
     AsyncIterator,
     Callable,
     Collection,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -25,7 +24,6 @@ from typing import Any, Self
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
-    BaseCheckpointSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
@@ -37,14 +35,15 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
+from tierstore.codec.chain import is_link_name, resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
+from tierstore.delta import Chain, ChainWriter
 from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
 from tierstore.history import ChannelHistory
 from tierstore.jobs.plan import delta_depth
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
-from tierstore.offload import Offloader
 from tierstore.policy import (
     TURN_KEY,
     before_checkpoint_id,
@@ -87,8 +86,9 @@ from tierstore.settings import (
     resolve_spec,
 )
 from tierstore.stats import Stats
+from tierstore.syncapi import BridgedSaver
 from tierstore.threads import Threads
-from tierstore.tiers import HotStore, ObjectStore, WarmStore, open_store
+from tierstore.tiers import HotStore, ObjectStore, WarmStore
 
 __all__ = ["TieredSaver"]
 
@@ -105,7 +105,7 @@ and the channels of its pending writes."""
 
 
 class TieredSaver(
-    BaseCheckpointSaver[str],
+    BridgedSaver,
     AbstractContextManager["TieredSaver"],
     AbstractAsyncContextManager["TieredSaver"],
 ):
@@ -136,6 +136,8 @@ class TieredSaver(
             OrderedDict()
         )
         self._payload_cache: OrderedDict[tuple[str, str, str, str], Payload] = OrderedDict()
+        # Delta chains of list channels written or read lately (``tierstore.delta``).
+        self._chains = ChainWriter()
         # Strict mode: the turn state of checkpoints read lately. LangGraph reads the head
         # right before it stores a turn's input on it, so the check on that input costs
         # no extra read; a checkpoint's versions_seen never changes.
@@ -218,8 +220,9 @@ class TieredSaver(
         given a client it did not create leaves that client open.
         """
         opts = resolve_options(options)
-        stack = _stack(warm=warm, hot=hot, cold=cold, options=opts)
-        return cls(_router(Regions({DEFAULT_REGION: stack}), opts), options=opts, serde=serde)
+        region = Region.of_stores(warm=warm, hot=hot, cold=cold, options=opts)
+        return cls(Router.from_options(Regions({DEFAULT_REGION: region}), opts), options=opts,
+                   serde=serde)
 
     @classmethod
     def from_env(
@@ -239,7 +242,7 @@ class TieredSaver(
 
         The stores are built, not connected: that happens when the saver is entered.
         """
-        return cls(_router(open_regions(spec), spec.options), options=spec.options,
+        return cls(Router.from_options(Regions.from_spec(spec), spec.options), options=spec.options,
                    serde=serde)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -438,16 +441,24 @@ class TieredSaver(
         view._view_opened = False
         return view
 
-    def _to_tuple(self, record: StoredCheckpoint) -> CheckpointTuple:
+    def _to_tuple(self, record: StoredCheckpoint, *, follow: bool = False) -> CheckpointTuple:
+        """The tuple LangGraph reads, delta chains replayed; with ``follow`` the chains
+        are remembered, so that the child LangGraph writes next goes on from them."""
         codec = self.codec
         where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
         budget = codec.budget()  # every payload of the record together: max_record_bytes
         checkpoint: Checkpoint = codec.decode(record.checkpoint, where=where, budget=budget)
-        checkpoint["channel_values"] = {
+        decoded = {
             channel: codec.decode(payload, where=f"{where} channel {channel!r}", budget=budget)
             for channel, payload in record.blobs.items()
             if payload.tag != EMPTY.tag
         }
+        resolved = resolve_values(checkpoint.get("channel_versions") or {}, decoded,
+                                  where=where)
+        checkpoint["channel_values"] = resolved.values
+        if follow and resolved.chains:
+            self._chains.remember_read(record.thread_id, record.checkpoint_ns, resolved.chains,
+                                       resolved.values, record.blobs)
         metadata: CheckpointMetadata = codec.decode(record.metadata, where=f"{where} metadata",
                                                     budget=budget)
         writes = sorted(record.writes, key=lambda w: (w.task_path, w.task_id, w.idx))
@@ -485,7 +496,7 @@ class TieredSaver(
         record = await self._router.get(thread_id, ns, checkpoint_id)
         if record is None:
             return None
-        result = self._to_tuple(record)
+        result = self._to_tuple(record, follow=self.options.delta)
         if self.options.concurrency == "strict":
             # a copy: LangGraph goes on to change the checkpoint it was handed in place
             seen = result.checkpoint.get("versions_seen") or {}
@@ -598,10 +609,23 @@ class TieredSaver(
         codec = self.codec
         values: dict[str, Any] = body.pop("channel_values", None) or {}
         versions = checked_versions(body.get("channel_versions") or {})
-        encoded = self._encode_values(thread_id, ns, values, versions, new_versions)
+        chains = self._chained(thread_id, ns, values, versions, fresh)
+        encoded = self._encode_values(thread_id, ns,
+                                      {ch: v for ch, v in values.items() if ch not in chains},
+                                      versions, new_versions)
         new_blobs = [
             BlobRecord(ch, version, encoded.get(ch, EMPTY)) for ch, version in fresh.items()
+            if ch not in chains
         ]
+        stored_versions = dict(versions)
+        for ch, chain in chains.items():
+            # the checkpoint names every link of the chain instead of the channel
+            del stored_versions[ch]
+            stored_versions.update(chain.names)
+            encoded.update(chain.payloads)
+            if ch in fresh:
+                name, version, payload = chain.links[-1]
+                new_blobs.append(BlobRecord(name, version, payload))
         md = get_serializable_checkpoint_metadata(config, metadata)
         record = CheckpointRecord.new(
             thread_id=thread_id,
@@ -610,7 +634,7 @@ class TieredSaver(
             parent_id=parent_id,
             checkpoint=_encode(codec, body, "checkpoint"),
             metadata=_encode(codec, md, "checkpoint metadata"),
-            channel_versions=versions,
+            channel_versions=stored_versions,
             filter_doc=self.filter_doc(md),
             run_id=md.get("run_id"),
         )
@@ -622,6 +646,8 @@ class TieredSaver(
         if strict and parent_id and md.get("source") == "input":
             await self._refuse_turn_in_progress(thread_id, ns, parent_id, checkpoint)
         await self._router.put(record, new_blobs, encoded, strict=strict)
+        for ch, chain in chains.items():
+            self._chains.remember((thread_id, ns, ch), chain)
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -637,6 +663,43 @@ class TieredSaver(
             return doc
         keep = {*self.options.filterable_metadata, TURN_KEY}  # a random id: no secret
         return {k: v for k, v in doc.items() if k in keep}
+
+    def _chained(
+        self,
+        thread_id: str,
+        ns: str,
+        values: Mapping[str, Any],
+        versions: Mapping[str, str],
+        fresh: Mapping[str, str],
+    ) -> dict[str, Chain]:
+        """The list channels stored as delta chains (``tierstore.delta``), with their chains.
+
+        A new version of a list is a chain (one more link, or a new snapshot); an
+        unchanged channel is one only when this saver knows its chain at that version,
+        otherwise it is named as a whole value, which the put stores again if warm
+        holds it only as links. With a channel named like a link, nothing is chained.
+        """
+        if not self.options.delta or any(is_link_name(ch) for ch in versions):
+            return {}
+        chains: dict[str, Chain] = {}
+        for ch, value in values.items():
+            version = versions.get(ch)
+            if version is None:
+                continue
+            key = (thread_id, ns, ch)
+            if ch not in fresh:
+                known = self._chains.current(key, version)
+                if known is not None:
+                    chains[ch] = known
+            elif type(value) is list and fresh[ch] == version:
+                try:
+                    chains[ch] = self._chains.next(self.codec, key, value, version)
+                except TierstoreError:
+                    raise
+                except Exception as exc:
+                    raise InvalidInput(f"value of channel {ch!r} cannot be encoded: "
+                                       f"{type(exc).__name__}: {exc}"[:500]) from exc
+        return chains
 
     def _encode_values(
         self,
@@ -780,61 +843,6 @@ class TieredSaver(
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
 
-    # -- sync API: one bridge ---------------------------------------------------------
-
-    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._bridge.run(self.aget_tuple(config))
-
-    def list(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        async def collect() -> list[CheckpointTuple]:
-            return [t async for t in self.alist(config, filter=filter, before=before,
-                                                limit=limit)]
-
-        return iter(self._bridge.run(collect()))
-
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._bridge.run(self.aput(config, checkpoint, metadata, new_versions))
-
-    def put_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self._bridge.run(self.aput_writes(config, writes, task_id, task_path))
-
-    def get_delta_channel_history(
-        self, *, config: RunnableConfig, channels: Sequence[str]
-    ) -> Mapping[str, DeltaChannelHistory]:
-        return self._bridge.run(self.aget_delta_channel_history(config=config,
-                                                                channels=channels))
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._bridge.run(self.adelete_thread(thread_id))
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._bridge.run(self.adelete_for_runs(run_ids))
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._bridge.run(self.acopy_thread(source_thread_id, target_thread_id))
-
-    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        self._bridge.run(self.aprune(thread_ids, strategy=strategy))
-
 
 def _encode(codec: Codec, value: Any, where: str) -> Payload:
     """``codec.encode``, with a value the serde cannot encode refused as ``InvalidInput``.
@@ -850,34 +858,3 @@ def _encode(codec: Codec, value: Any, where: str) -> Payload:
     except Exception as exc:
         raise InvalidInput(
             f"{where} cannot be encoded: {type(exc).__name__}: {exc}"[:500]) from exc
-
-
-def open_regions(spec: StackSpec) -> Regions:
-    """Build (not connect) the stores of every region of ``spec``, placed as it says."""
-    stacks: dict[str, Region] = {}
-    options = spec.options
-    for name, urls in spec.regions.items():
-        stacks[name] = _stack(
-            name=name,
-            warm=open_store("warm", urls.warm),
-            hot=None if urls.hot is None else open_store("hot", urls.hot, ttl=options.hot_ttl),
-            cold=None if urls.cold is None else open_store("cold", urls.cold),
-            options=options,
-        )
-    return Regions(stacks, spec.region_of)
-
-
-def _stack(*, name: str = DEFAULT_REGION, warm: WarmStore, hot: HotStore | None,
-           cold: ObjectStore | None, options: SaverOptions) -> Region:
-    offloader = None
-    if cold is not None and not getattr(warm, "offloads_internally", False):
-        offloader = Offloader(cold, threshold=options.offload_threshold)
-    return Region(name=name, warm=warm, hot=hot, cold=cold, offloader=offloader)
-
-
-def _router(regions: Regions, options: SaverOptions) -> Router:
-    return Router(regions, verify_hot=options.hot_check == "verify",
-                  on_archived=options.on_archived, hot_write_delay=options.hot_write_delay,
-                  local_entries=options.hot_local_entries,
-                  max_bundle_bytes=options.max_bundle_bytes,
-                  offload_grace=options.offload_grace)

@@ -205,6 +205,9 @@ class SaverOptions:
         safe types wherever untrusted bytes are decoded.
     checkpoint_id_skew: seconds a written checkpoint id's timestamp may lie ahead of this
         machine's clock (clock differences between writers, a clock stepped back).
+    delta: store a new version of a list channel that extends one this saver wrote or
+        read (``add_messages``, ``operator.add``) as the items appended, in bounded
+        chains (``tierstore.codec.chain``), instead of the whole list again.
     """
 
     concurrency: Concurrency = "permissive"
@@ -225,6 +228,7 @@ class SaverOptions:
     safe_decode: bool = False
     allowed_msgpack_modules: tuple[tuple[str, ...], ...] = ()
     checkpoint_id_skew: float = 60.0
+    delta: bool = True
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -295,8 +299,10 @@ class SaverOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigurationError(f"{name} must be an integer, got {value!r}")
-        if not isinstance(self.safe_decode, bool):
-            raise ConfigurationError(f"safe_decode must be True or False, got {self.safe_decode!r}")
+        for name in ("safe_decode", "delta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}")
         keys = self.filterable_metadata
         if isinstance(keys, str | bytes) or not isinstance(keys, tuple | list | frozenset | set):
             raise ConfigurationError(

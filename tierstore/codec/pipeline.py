@@ -5,6 +5,8 @@
     encode:  obj ──serde.dumps_typed──► (type, bytes) ──zstd──► Payload("msgpack+zstd", …)
     decode:  Payload("msgpack+zstd", …) ──strip "+zstd"──► ("msgpack", bytes)
              ──serde.loads_typed──► obj
+    link:    ChainLink ──serde──► ("msgpack+delta", bytes) ──zstd──► … (``codec.chain``);
+             decoding a ``+delta`` tag returns the ``ChainLink``, never a plain value
 
 A tag is the serde's type followed by one ``+stage`` per transformation, applied
 left to right. Decoding strips known stages from the right, so every tag ever
@@ -26,6 +28,7 @@ from typing import Any
 import zstandard
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from tierstore.codec.chain import DELTA, ChainLink
 from tierstore.codec.crypto import Keyring, is_encrypted
 from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.safe import SafeDecoder
@@ -87,10 +90,23 @@ class Codec:
         return decompressor
 
     def encode(self, value: Any) -> Payload:
+        return self._seal(*self._typed(value))
+
+    def encode_link(self, link: ChainLink) -> Payload:
+        """A delta link (``tierstore.codec.chain``): its tag gains the ``+delta`` stage
+        before compression and encryption, so it can never pass for a whole value."""
+        type_, data = self._typed(link.body())
+        return self._seal(type_ + "+" + DELTA, data)
+
+    def _typed(self, value: Any) -> tuple[str, bytes]:
         type_, data = self.serde.dumps_typed(value)
-        if type_ == EMPTY.tag or type_.endswith("+" + ZSTD) or is_encrypted(type_):
+        if (type_ == EMPTY.tag or type_.endswith(("+" + ZSTD, "+" + DELTA))
+                or is_encrypted(type_)):
             raise ConfigurationError(f"serde produced a reserved type tag {type_!r}")
-        payload = self.compress(Payload(type_, bytes(data)))
+        return type_, bytes(data)
+
+    def _seal(self, type_: str, data: bytes) -> Payload:
+        payload = self.compress(Payload(type_, data))
         if self.keyring is not None:
             return Payload(*self.keyring.encrypt(payload.tag, payload.data))
         return payload
@@ -109,6 +125,13 @@ class Codec:
         if payload.tag == EMPTY.tag:
             raise CorruptPayload(f"{where}: an empty-channel marker has no value", where=where)
         inner = self.decompress(payload, where=where, budget=budget)
+        if inner.tag.endswith("+" + DELTA):
+            body = self._loads(Payload(inner.tag[: -len(DELTA) - 1], inner.data),
+                               where=where, budget=budget)
+            return ChainLink.from_body(body, where=where)
+        return self._loads(inner, where=where, budget=budget)
+
+    def _loads(self, inner: Payload, *, where: str, budget: Budget | None) -> Any:
         if self.safe is not None:
             if inner.tag == "msgpack":  # what the objects would cost, before any is built
                 own = Budget(self.limits.max_payload_bytes, "payload")
