@@ -41,7 +41,7 @@ from tierstore.codec.pipeline import EMPTY
 from tierstore.delta import Chain, ChainWriter
 from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
 from tierstore.history import ChannelHistory
-from tierstore.jobs.plan import delta_depth
+from tierstore.jobs.plan import uses_delta_channels
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
 from tierstore.policy import (
@@ -817,25 +817,26 @@ class TieredSaver(
             severed = await self.delta_threads(ids)
             if severed:
                 raise PruneRefused(
-                    "keep_latest would leave only checkpoints that rebuild a DeltaChannel "
-                    f"from ancestors it deletes (the channel would read as empty): "
-                    f"{', '.join(map(repr, severed))}; nothing was pruned")
+                    "keep_latest can't prune threads that use a DeltaChannel (their latest "
+                    "checkpoint may need the ancestors it deletes, and the channel would read "
+                    f"as empty): {', '.join(map(repr, severed))}; nothing was pruned")
         await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
 
     async def delta_threads(self, thread_ids: Sequence[str]) -> list[str]:
-        """The threads whose latest checkpoint, in some namespace, rebuilds a
-        ``DeltaChannel`` from its ancestors (LangGraph's ``counters_since_delta_snapshot``
-        in its metadata): ``keep_latest`` must not prune them. Reads each thread's rows
-        in warm (archived stubs keep their metadata), decoding one per namespace."""
+        """The threads whose graph uses a ``DeltaChannel`` (LangGraph's delta counters in
+        their checkpoints' metadata): ``keep_latest`` must not prune them.
+
+        Every such thread is refused, not only one whose latest checkpoint needs its
+        ancestors right now: a turn committed between this check and the prune could
+        make a new head that needs them (LangGraph's PostgreSQL saver refuses the same
+        threads). LangGraph leaves the counters out of a checkpoint taken at a snapshot,
+        so every row is looked at (in warm: archived stubs keep their metadata) until
+        one has them."""
         found: list[str] = []
         for thread_id in thread_ids:
-            seen: set[str] = set()
             async for row in self.regions.for_thread(thread_id).warm.list(
                     ListQuery(thread_id=thread_id)):
-                if row.checkpoint_ns in seen:
-                    continue
-                seen.add(row.checkpoint_ns)
-                if delta_depth(self._decode_metadata(row)) > 0:
+                if uses_delta_channels(self._decode_metadata(row)):
                     found.append(thread_id)
                     break
         return found

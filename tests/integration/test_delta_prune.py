@@ -3,9 +3,9 @@
 A delta channel's value at the latest checkpoint is rebuilt from its ancestors'
 writes back to the last snapshot; keeping only the latest checkpoint would make it
 read as empty, with no error (LangGraph's ``prune`` docstring warns every saver).
-So a thread whose latest checkpoint still needs ancestors is refused whole, before
-anything is deleted, and retention with ``expire_strategy="keep_latest"`` leaves it
-as it is; a thread whose latest checkpoint is a snapshot point prunes as any other.
+So a thread whose graph uses a DeltaChannel is refused (the whole call, before
+anything is deleted), and retention with ``expire_strategy="keep_latest"`` leaves it
+as it is.
 """
 
 from __future__ import annotations
@@ -104,11 +104,15 @@ async def test_keep_latest_refuses_a_thread_whose_head_needs_ancestors(
     assert await count(saver, "sparse") == 0
 
 
-async def test_keep_latest_prunes_a_thread_whose_head_is_a_snapshot(saver: TieredSaver) -> None:
+async def test_keep_latest_refuses_a_delta_thread_even_at_a_snapshot(saver: TieredSaver) -> None:
+    """Its latest checkpoint needs no ancestor now, but a turn committed between the
+    check and the prune could make one that does: every DeltaChannel thread is refused."""
     dense = await run(saver, Dense, "dense")
     expected = (await dense.aget_state(cfg("dense"))).values
-    await saver.aprune(["dense"], strategy="keep_latest")
-    assert await count(saver, "dense") == 1
+    before = await count(saver, "dense")
+    with pytest.raises(PruneRefused):
+        await saver.aprune(["dense"], strategy="keep_latest")
+    assert await count(saver, "dense") == before
     assert (await dense.aget_state(cfg("dense"))).values == expected
 
 

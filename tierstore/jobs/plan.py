@@ -19,6 +19,7 @@ __all__ = [
     "backoff",
     "chunks",
     "delta_depth",
+    "uses_delta_channels",
     "is_expired",
     "is_idle",
     "next_demotion",
@@ -74,6 +75,13 @@ class TieringPolicy:
             raise ConfigurationError(
                 f"expire_strategy must be 'delete' or 'keep_latest': {self.expire_strategy!r}"
             )
+
+
+def uses_delta_channels(metadata: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint comes from a graph with a ``DeltaChannel`` (LangGraph
+    records its delta counters in the metadata of every such checkpoint)."""
+    return ("counters_since_delta_snapshot" in metadata
+            or "delta_writes_versioned" in metadata)
 
 
 def delta_depth(metadata: Mapping[str, Any]) -> int:
