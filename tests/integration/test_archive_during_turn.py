@@ -55,8 +55,10 @@ async def test_archiving_during_a_turn_keeps_every_channel(urls: Urls) -> None:
     cfg: Any = {"configurable": {"thread_id": "vip"}}
     async with urls.open() as saver:
         app = builder.compile(checkpointer=saver)
-        await app.ainvoke({"profile": "VIP customer #42", "log": []}, cfg)
-        await app.ainvoke({"log": ["hi again"]}, cfg)
+        # durability="sync": the input checkpoint is stored before the node runs (by
+        # default LangGraph stores it in the background, racing the worker's pass)
+        await app.ainvoke({"profile": "VIP customer #42", "log": []}, cfg, durability="sync")
+        await app.ainvoke({"log": ["hi again"]}, cfg, durability="sync")
         assert archived and archived[0] > 0  # the turn's own input checkpoint went too
         live = (await app.aget_state(cfg)).values
         history = [s.values async for s in app.aget_state_history(cfg)]
