@@ -1,9 +1,9 @@
 """Connections the PostgreSQL warm tier keeps between calls stay the pool's.
 
 A call that ends cleanly keeps its connection for the next call instead of a pool
-round (``pool._keep``). These tests hold the promises that come with it: at most
-half the pool is kept, the store closes promptly, and a kept connection the server
-dropped is never handed to a call.
+round (``pool._keep``). These tests hold the promises that come with it: one
+connection of the pool is never kept, the store closes promptly, and a kept
+connection the server dropped is never handed to a call.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ async def warm(postgres_url: str) -> AsyncIterator[PostgresWarm]:
         await store.aclose()
 
 
-async def test_at_most_half_the_pool_is_kept_and_the_rest_stays_free(
+async def test_one_connection_is_never_kept_and_the_store_closes_promptly(
     warm: PostgresWarm,
 ) -> None:
     t = f"t-{uuid.uuid4()}"
     await warm.put_checkpoint(record(t, 1), [], strict=False)
     await asyncio.gather(*(warm.head(t, "") for _ in range(12)))
-    assert 1 <= len(warm._kept) <= 2
+    assert 1 <= len(warm._kept) <= 3  # of max_size=4
     assert warm._pool is not None
     async with warm._pool.acquire(timeout=5) as conn:  # others still find connections
         assert await conn.fetchval("SELECT 1") == 1

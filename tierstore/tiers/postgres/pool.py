@@ -90,7 +90,7 @@ class PostgresPool:
         self._releasing: set[asyncio.Task[None]] = set()
         # Connections kept between calls (see ``_keep``), newest last.
         self._kept: list[Conn] = []
-        self._keep_at_most = max_size // 2
+        self._keep_at_most = max_size - 1
 
     def __repr__(self) -> str:
         return f"PostgresWarm({self.url!r}, state={self._life.state!r})"
@@ -288,8 +288,8 @@ class PostgresPool:
     #                                                  ▼
     #                                               pool.release (as before)
     #
-    # At most half the pool is kept, so other users of the pool (setup, maintenance
-    # run by hand) always find connections in it. A kept connection is still the
+    # One connection of the pool is never kept, so other users of the pool (setup,
+    # maintenance run by hand) always find one in it. A kept connection is still the
     # pool's: expiring the pool's connections, and closing the store, give every kept
     # one back first.
 
