@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -69,3 +70,39 @@ async def test_a_kept_connection_the_server_dropped_is_not_used(
     assert head is not None
     result = await warm.put_checkpoint(record(t, 2, parent=1), [], strict=False)
     assert result.head.checkpoint_id == record(t, 2).checkpoint_id
+
+
+async def test_a_call_waiting_for_the_pool_gets_the_next_connection_that_ends_a_call(
+    postgres_url: str,
+) -> None:
+    """Kept, the connection would go to whichever call comes next; the waiting one
+    could wait for as long as calls keep coming."""
+    url = with_query(postgres_url, schema=f"t_{uuid.uuid4().hex[:10]}", max_size="2")
+    warm = PostgresWarm.from_url(StoreUrl.parse(url))
+    await warm.setup()
+    try:
+        gates = [asyncio.Event(), asyncio.Event()]
+        holding = [asyncio.Event(), asyncio.Event()]
+
+        def holder(n: int) -> Callable[[Any], Awaitable[int]]:
+            async def body(conn: Any) -> int:
+                holding[n].set()
+                await gates[n].wait()
+                return int(await conn.fetchval("SELECT 1"))
+            return body
+
+        async def quick(conn: Any) -> int:
+            return int(await conn.fetchval("SELECT 2"))
+
+        held = [asyncio.create_task(warm._run("hold", holder(n))) for n in (0, 1)]
+        await asyncio.gather(*(h.wait() for h in holding))  # the whole pool is in use
+        waiting = asyncio.create_task(warm._run("wait", quick))
+        await asyncio.sleep(0.05)
+        assert warm._waiting == 1
+        gates[0].set()
+        assert await held[0] == 1
+        assert await asyncio.wait_for(waiting, timeout=5) == 2
+        gates[1].set()
+        assert await held[1] == 1
+    finally:
+        await warm.aclose()

@@ -91,6 +91,7 @@ class PostgresPool:
         # Connections kept between calls (see ``_keep``), newest last.
         self._kept: list[Conn] = []
         self._keep_at_most = max_size - 1
+        self._waiting = 0  # calls waiting for the pool: a connection that ends a call is theirs
 
     def __repr__(self) -> str:
         return f"PostgresWarm({self.url!r}, state={self._life.state!r})"
@@ -242,7 +243,11 @@ class PostgresPool:
             try:
                 conn = self._take_kept()
                 if conn is None:
-                    conn = await pool.acquire(timeout=self.command_timeout)
+                    self._waiting += 1
+                    try:
+                        conn = await pool.acquire(timeout=self.command_timeout)
+                    finally:
+                        self._waiting -= 1
                 acquired = True
                 try:
                     result = await body(conn)
@@ -283,11 +288,15 @@ class PostgresPool:
     #     _run ─► _take_kept() ── a kept, open connection? ─► use it
     #               │ none                                      │ call succeeded
     #               ▼                                           ▼
-    #             pool.acquire ─► use it ─► _keep(): room, open, idle? ── yes ─► kept
+    #             pool.acquire ─► use it ─► _keep(): nobody waiting, room, ── yes ─► kept
+    #                                            open, idle?
     #                                                  │ no (or the call failed)
     #                                                  ▼
     #                                               pool.release (as before)
     #
+    # While calls wait for the pool, every connection goes back to it: kept, it would
+    # serve the calls that come next and leave the waiting ones waiting (up to the
+    # whole pool's worth of calls behind them).
     # One connection of the pool is never kept, so other users of the pool (setup,
     # maintenance run by hand) always find one in it. A kept connection is still the
     # pool's: expiring the pool's connections, and closing the store, give every kept
@@ -307,7 +316,7 @@ class PostgresPool:
 
     def _keep(self, pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> bool:
         """Keep ``conn`` for the next call if it is as the pool would hand it out."""
-        if (len(self._kept) >= self._keep_at_most or self._pool is not pool
+        if (self._waiting or len(self._kept) >= self._keep_at_most or self._pool is not pool
                 or conn.is_closed() or conn.is_in_transaction()):
             return False
         self._kept.append(conn)
