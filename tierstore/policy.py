@@ -68,6 +68,8 @@ def validate_id(value: Any, *, what: str = "thread_id") -> str:
     PostgreSQL text cannot hold) and lone surrogates (which have no UTF-8 form).
     ``int`` and ``UUID`` ids are accepted as their string form, as LangGraph does.
     """
+    if type(value) is str and _plain(value) and (value or what != "thread_id"):
+        return value  # every id LangGraph makes: valid without encoding it
     if isinstance(value, bool) or value is None:
         raise InvalidInput(f"{what} must be a string, got {value!r}")
     if isinstance(value, int | uuid.UUID):
@@ -295,6 +297,12 @@ def checked_text(value: Any, what: str) -> str:
     return validate_id(value, what=what)
 
 
+def _plain(text: str) -> bool:
+    """ASCII text without NUL, within the id limit: valid under every rule of ``validate_id``
+    except a thread id's non-emptiness."""
+    return text.isascii() and "\x00" not in text and len(text) <= MAX_ID_BYTES
+
+
 def checked_checkpoint(checkpoint: Any) -> dict[str, Any]:
     """A checkpoint ``aput`` can store, as a fresh dict, or ``InvalidInput`` naming the part.
 
@@ -313,7 +321,8 @@ def checked_checkpoint(checkpoint: Any) -> dict[str, Any]:
         raise InvalidInput(
             f"checkpoint channel_versions must be a dict, got {type(versions).__name__}")
     for channel in values or {}:
-        checked_text(channel, "channel name")
+        if not (type(channel) is str and _plain(channel)):
+            checked_text(channel, "channel name")
     checked_versions(versions or {}, what="checkpoint channel_versions")
     return body
 
@@ -324,6 +333,9 @@ def checked_versions(versions: Any, *, what: str = "new_versions") -> dict[str, 
         raise InvalidInput(f"{what} must be a dict, got {type(versions).__name__}")
     out: dict[str, str] = {}
     for channel, version in versions.items():
+        if type(channel) is str and type(version) is str and _plain(channel) and _plain(version):
+            out[channel] = version  # what validate_id would return, without its messages
+            continue
         name = checked_text(channel, "channel name")
         if isinstance(version, bool) or not isinstance(version, str | int | float):
             raise InvalidInput(f"{what}: version of channel {name!r} must be a string or a "

@@ -88,6 +88,10 @@ class PostgresPool:
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
         self._releasing: set[asyncio.Task[None]] = set()
+        # Connections kept between calls (see ``_keep``), newest last.
+        self._kept: list[Conn] = []
+        self._keep_at_most = max_size - 1
+        self._waiting = 0  # calls waiting for the pool: a connection that ends a call is theirs
 
     def __repr__(self) -> str:
         return f"PostgresWarm({self.url!r}, state={self._life.state!r})"
@@ -164,6 +168,7 @@ class PostgresPool:
         self._life.close()
         if pool is None:
             return
+        await self._give_back(pool)
         try:
             await asyncio.wait_for(pool.close(), timeout=self.command_timeout)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -236,7 +241,13 @@ class PostgresPool:
         for attempt in range(2):
             acquired = False
             try:
-                conn = await pool.acquire(timeout=self.command_timeout)
+                conn = self._take_kept()
+                if conn is None:
+                    self._waiting += 1
+                    try:
+                        conn = await pool.acquire(timeout=self.command_timeout)
+                    finally:
+                        self._waiting -= 1
                 acquired = True
                 try:
                     result = await body(conn)
@@ -250,7 +261,8 @@ class PostgresPool:
                     else:
                         await pool.release(conn)
                     raise
-                await pool.release(conn)
+                if not self._keep(pool, conn):
+                    await pool.release(conn)
                 return result
             except TierstoreError:
                 raise
@@ -258,12 +270,64 @@ class PostgresPool:
                     OSError, UnicodeError) as exc:
                 if not _broken(exc):
                     raise self._translate(exc, action) from exc
+                await self._give_back(pool)  # opened before the failure, like the rest
                 await pool.expire_connections()
                 unsent = not acquired or _refused_before_sending(exc)
                 if attempt == 0 and not isinstance(exc, TimeoutError) and (read or unsent):
                     continue
                 raise self._translate(exc, action) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- connections kept between calls ------------------------------------------------
+    #
+    # A pool round (acquire, then release) costs more event-loop work than many a
+    # statement it wraps: a task for the shielded release, two timeouts, an
+    # inactivity timer armed and cancelled, a proxy and a future. A connection that
+    # ends a call cleanly is kept instead, for the next call to take at once:
+    #
+    #     _run ─► _take_kept() ── a kept, open connection? ─► use it
+    #               │ none                                      │ call succeeded
+    #               ▼                                           ▼
+    #             pool.acquire ─► use it ─► _keep(): nobody waiting, room, ── yes ─► kept
+    #                                            open, idle?
+    #                                                  │ no (or the call failed)
+    #                                                  ▼
+    #                                               pool.release (as before)
+    #
+    # While calls wait for the pool, every connection goes back to it: kept, it would
+    # serve the calls that come next and leave the waiting ones waiting (up to the
+    # whole pool's worth of calls behind them).
+    # One connection of the pool is never kept, so other users of the pool (setup,
+    # maintenance run by hand) always find one in it. A kept connection is still the
+    # pool's: expiring the pool's connections, and closing the store, give every kept
+    # one back first.
+
+    def _take_kept(self) -> Conn | None:
+        kept = self._kept
+        while kept:
+            conn = kept.pop()
+            try:
+                if not conn.is_closed():
+                    return conn
+                conn.terminate()  # finishes asyncpg's cleanup: the pool gets it back
+            except asyncpg.InterfaceError:
+                pass  # its loss gave it back to the pool already (the proxy is detached)
+        return None
+
+    def _keep(self, pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> bool:
+        """Keep ``conn`` for the next call if it is as the pool would hand it out."""
+        if (self._waiting or len(self._kept) >= self._keep_at_most or self._pool is not pool
+                or conn.is_closed() or conn.is_in_transaction()):
+            return False
+        self._kept.append(conn)
+        return True
+
+    async def _give_back(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+        """Return every kept connection to the pool (before it expires or closes them)."""
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
 
     def _release_later(self, pool: asyncpg.Pool[asyncpg.Record], conn: Conn) -> None:
         """Give ``conn`` back to the pool from a task of its own.
