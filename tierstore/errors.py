@@ -82,11 +82,11 @@ class LifecycleError(UsageError, RuntimeError):
 
 
 class PruneRefused(UsageError, NotImplementedError):
-    """``prune(keep_latest)`` of a thread whose latest checkpoint rebuilds a
-    ``DeltaChannel`` from its ancestors: keeping only that checkpoint would make the
-    channel read as empty. Nothing was pruned; delete the thread, or prune it once its
-    latest checkpoint is a snapshot. A ``NotImplementedError`` too, as LangGraph's
-    PostgreSQL saver raises for the same request."""
+    """``prune(keep_latest)`` of a thread that uses a ``DeltaChannel``: keeping only its
+    latest checkpoint could make the channel read as empty. Nothing was pruned; delete
+    the thread instead (``strategy="delete"``). A ``NotImplementedError`` too, as
+    LangGraph's PostgreSQL saver raises for the same request: a refusal by design, not
+    a missing feature."""
 
 
 class StorageError(TierstoreError):

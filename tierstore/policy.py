@@ -227,7 +227,7 @@ def is_scalar(value: Any) -> bool:
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
     """Whether ``value`` has a UTF-8 form without NUL (what every store's text holds)."""
     if "\x00" in value:
         return False
@@ -250,7 +250,7 @@ def is_storable_scalar(value: Any) -> bool:
         return INT64_MIN <= value <= INT64_MAX
     if isinstance(value, float):
         return math.isfinite(value)
-    return isinstance(value, str) and _is_text(value)
+    return isinstance(value, str) and is_text(value)
 
 
 def filter_doc(metadata: Mapping[str, Any]) -> dict[str, Scalar]:
@@ -260,7 +260,7 @@ def filter_doc(metadata: Mapping[str, Any]) -> dict[str, Scalar]:
     failing the write; a filter on such a value is refused by ``split_filter``.
     """
     return {k: v for k, v in metadata.items()
-            if isinstance(k, str) and _is_text(k) and is_scalar(v) and is_storable_scalar(v)}
+            if isinstance(k, str) and is_text(k) and is_scalar(v) and is_storable_scalar(v)}
 
 
 def split_filter(
@@ -275,7 +275,7 @@ def split_filter(
     pushdown: dict[str, Scalar] = {}
     residual: dict[str, Any] = {}
     for key, value in (flt or {}).items():
-        if not isinstance(key, str) or not _is_text(key):
+        if not isinstance(key, str) or not is_text(key):
             raise InvalidInput(f"filter keys must be text, got {key!r}")
         if is_scalar(value):
             if not is_storable_scalar(value):

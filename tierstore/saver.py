@@ -19,8 +19,9 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import replace
+from functools import partial
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -91,6 +92,8 @@ from tierstore.threads import Threads
 from tierstore.tiers import HotStore, ObjectStore, WarmStore
 
 __all__ = ["TieredSaver"]
+
+T = TypeVar("T")
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 RUN_KEY = "__pregel_runtime"
@@ -692,13 +695,9 @@ class TieredSaver(
                 if known is not None:
                     chains[ch] = known
             elif type(value) is list and fresh[ch] == version:
-                try:
-                    chains[ch] = self._chains.next(self.codec, key, value, version)
-                except TierstoreError:
-                    raise
-                except Exception as exc:
-                    raise InvalidInput(f"value of channel {ch!r} cannot be encoded: "
-                                       f"{type(exc).__name__}: {exc}"[:500]) from exc
+                chains[ch] = _refusing_unencodable(
+                    partial(self._chains.next, self.codec, key, value, version),
+                    f"value of channel {ch!r}")
         return chains
 
     def _encode_values(
@@ -852,8 +851,13 @@ def _encode(codec: Codec, value: Any, where: str) -> Payload:
     ``OverflowError`` or ``TypeError`` for an integer over 64 bits, ``ValueError`` for
     a lone surrogate); the caller learns which part of its input was at fault.
     """
+    return _refusing_unencodable(lambda: codec.encode(value), where)
+
+
+def _refusing_unencodable(encode: Callable[[], T], where: str) -> T:
+    """Run an encoding; whatever the serde raises becomes ``InvalidInput`` naming ``where``."""
     try:
-        return codec.encode(value)
+        return encode()
     except TierstoreError:
         raise
     except Exception as exc:

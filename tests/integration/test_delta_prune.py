@@ -11,7 +11,7 @@ as it is.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -19,24 +19,13 @@ import pytest
 from langgraph.channels.delta import DeltaChannel
 from langgraph.graph import END, START, StateGraph
 
+from tests.integration.test_delta_channel import Sparse, extend
 from tests.stacks import STACKS, Urls
 from tierstore import PruneRefused, TieredSaver
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import Retention
 
 FUTURE = 10 * 365 * 86400.0
-
-
-def extend(state: list[str], batches: Sequence[list[str]]) -> list[str]:
-    out = list(state)
-    for batch in batches:
-        out.extend(batch)
-    return out
-
-
-class Sparse(TypedDict):
-    items: Annotated[list[str], DeltaChannel(extend, snapshot_frequency=1000)]
-    n: int
 
 
 class Dense(TypedDict):

@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from tierstore.errors import LeaseLost, MissingBlobs, VersionConflict
+from tierstore.policy import is_text
 from tierstore.records import (
     BlobRecord,
     ChainLink,
@@ -455,12 +456,7 @@ def _storable(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, str):
-        if "\x00" in value:
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
+        return is_text(value)
     return True
 
 
