@@ -213,21 +213,28 @@ class HotCache:
         not known exactly (writes may have come before it), so the next reader fills
         the hot tier from warm, version and all.
 
-        With write-behind the hot entry is dropped like it is updated: by the queue,
-        within ``delay``. LangGraph stores a turn's first pending writes before its
-        input checkpoint, so this runs once a turn, and the turn's next checkpoint,
-        queued within the delay, replaces the entry anyway (a newer version always
-        wins): the invalidation is sent only if nothing newer is queued by then. A
-        checked reader never serves the old entry (warm's head moved on); one that
-        trusts hot hits sees it for at most ``delay``, as it sees any put that late.
+        When every hit is checked against warm (``verify``) and updates are written
+        behind, the hot entry is dropped like it is updated: by the queue, at most
+        ``delay`` after the first drop. LangGraph stores a turn's first pending writes
+        before its input checkpoint, so this runs once a turn, and the turn's next
+        checkpoint, queued within the delay, replaces the entry anyway (a newer version
+        always wins): the invalidation is sent only if nothing newer is queued by then.
+        No checked reader serves the old entry meanwhile (warm's head moved on); another
+        process that trusts hot hits sees it for at most ``delay``, as it sees a put
+        that late. A process that trusts its hits would read the old entry itself, so
+        it invalidates at once.
         """
         key = (thread_id, checkpoint_ns)
-        self._discard(key)
+        self._pending.pop(key, None)
+        self._inflight.pop(key, None)
         self._near.pop(key, None)
-        if self.delay > 0:
+        if self.verify and self.delay > 0:
             self._dropped.add(key)
-            self._arm(key)
+            self._arm(key)  # an armed timer stays: the bound runs from the first drop
             return
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
         await self._guard(self.hot, "invalidate", self.hot.invalidate(*key), None)
 
     async def add_writes(

@@ -398,8 +398,8 @@ async def _writes_before_their_checkpoint(saver: TieredSaver, thread: str) -> tu
     config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
     parent = await saver.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
     cache = saver.regions.for_thread(thread).cache
-    assert cache is not None
-    await cache.drain()  # the parent is the hot entry
+    if cache is not None:
+        await cache.drain()  # the parent is the hot entry
     child = _checkpoint()
     child["id"] = str(uuid6(clock_seq=1))
     early = {"configurable": {**parent["configurable"], "checkpoint_id": child["id"]}}
@@ -445,3 +445,38 @@ async def test_an_inexact_head_followed_by_a_put_costs_no_hot_invalidation(
         got = await two.aget_tuple(cfg(thread))
         assert got is not None
         assert got.checkpoint["id"] == last["configurable"]["checkpoint_id"]
+
+
+async def test_a_trusting_process_reads_its_own_inexact_head(urls: Urls) -> None:
+    """A process that trusts hot hits drops the old entry before its put returns: it
+    reads the head it just stored, writes included, never the one before."""
+    async with urls.open(hot_check="trusted", hot_write_delay=0.2) as saver:
+        thread = "inexact-head-trusted"
+        _, child = await _writes_before_their_checkpoint(saver, thread)
+        got = await saver.aget_tuple(cfg(thread))
+        assert got is not None and got.checkpoint["id"] == child["id"]
+        assert [w[1:] for w in got.pending_writes or ()] == [("answer", "early")]
+
+
+async def test_inexact_heads_in_a_row_reach_the_hot_tier_within_the_delay(
+    redis_postgres_urls: Urls,
+) -> None:
+    """Heads this process cannot cache, one after another: the hot entry is dropped at
+    most ``hot_write_delay`` after the first, not postponed by each new one."""
+    from langgraph.checkpoint.base.id import uuid6
+
+    urls = redis_postgres_urls
+    async with urls.open(hot_write_delay=1.0) as one, \
+            urls.open(hot_check="trusted", hot_write_delay=0) as two:
+        thread = "inexact-heads-in-a-row"
+        stored, child = await _writes_before_their_checkpoint(one, thread)
+        started = time.monotonic()
+        await asyncio.sleep(0.6)
+        grandchild = _checkpoint()
+        grandchild["id"] = str(uuid6(clock_seq=2))
+        early = {"configurable": {**stored["configurable"], "checkpoint_id": grandchild["id"]}}
+        await one.aput_writes(early, [("answer", "again")], "task-2")
+        await one.aput(stored, grandchild, {"source": "loop", "step": 2}, {})
+        await asyncio.sleep(max(0.0, 1.3 - (time.monotonic() - started)))
+        got = await two.aget_tuple(cfg(thread))  # a hot hit is taken unchecked
+        assert got is not None and got.checkpoint["id"] == grandchild["id"]
