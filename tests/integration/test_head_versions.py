@@ -469,7 +469,7 @@ async def test_inexact_heads_in_a_row_reach_the_hot_tier_within_the_delay(
     async with urls.open(hot_write_delay=1.0) as one, \
             urls.open(hot_check="trusted", hot_write_delay=0) as two:
         thread = "inexact-heads-in-a-row"
-        stored, child = await _writes_before_their_checkpoint(one, thread)
+        stored, _ = await _writes_before_their_checkpoint(one, thread)
         started = time.monotonic()
         await asyncio.sleep(0.6)
         grandchild = _checkpoint()
