@@ -12,7 +12,9 @@ identity. Items that compare equal may still differ (``1`` and ``1.0``, ``0.0`` 
 ``-0.0``, dict order, an enum and its value), and an item the graph changed in place
 is the same object with other contents: only its bytes tell. The digests of a chain
 are taken when it is written, or, for a chain learned from a read, from its stored
-payloads decoded again (never from the objects handed to the graph).
+payloads decoded again (never from the objects handed to the graph), unless the read
+returned exactly the payloads this writer stored (LangGraph reads the head before
+every turn): the same bytes have the same digests.
 
 Every checkpoint names all the links of its chain and the put carries all their
 payloads, so a link the warm store no longer holds (an archive move, a prune or a run
@@ -147,6 +149,10 @@ class ChainWriter:
         for channel, links in chains.items():
             stored = tuple((name, link_version(link.version, link.base_version), payloads[name])
                            for name, link in links)
-            value = values[channel]
-            self.remember((thread_id, ns, channel),
-                          Chain(links[-1][1].version, tuple(value), stored))
+            key = (thread_id, ns, channel)
+            version = links[-1][1].version
+            known = self._chains.get(key)
+            # the chain this writer stored, read back byte for byte: its digests hold
+            digests = (known.digests if known is not None and known.version == version
+                       and known.links == stored else None)
+            self.remember(key, Chain(version, tuple(values[channel]), stored, digests))

@@ -119,6 +119,7 @@ class HotCache:
         self._pending: dict[Key, StoredCheckpoint] = {}
         self._inflight: dict[Key, StoredCheckpoint] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._dropped: set[Key] = set()  # hot entries to invalidate unless replaced first
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -210,10 +211,30 @@ class HotCache:
     async def drop(self, thread_id: str, checkpoint_ns: str) -> None:
         """Forget one (thread, ns) here and in the hot tier: the new head's content is
         not known exactly (writes may have come before it), so the next reader fills
-        the hot tier from warm, version and all."""
+        the hot tier from warm, version and all.
+
+        When every hit is checked against warm (``verify``) and updates are written
+        behind, the hot entry is dropped like it is updated: by the queue, at most
+        ``delay`` after the first drop. LangGraph stores a turn's first pending writes
+        before its input checkpoint, so this runs once a turn, and the turn's next
+        checkpoint, queued within the delay, replaces the entry anyway (a newer version
+        always wins): the invalidation is sent only if nothing newer is queued by then.
+        No checked reader serves the old entry meanwhile (warm's head moved on); another
+        process that trusts hot hits sees it for at most ``delay``, as it sees a put
+        that late. A process that trusts its hits would read the old entry itself, so
+        it invalidates at once.
+        """
         key = (thread_id, checkpoint_ns)
-        self._discard(key)
+        self._pending.pop(key, None)
+        self._inflight.pop(key, None)
         self._near.pop(key, None)
+        if self.verify and self.delay > 0:
+            self._dropped.add(key)
+            self._arm(key)  # an armed timer stays: the bound runs from the first drop
+            return
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
         await self._guard(self.hot, "invalidate", self.hot.invalidate(*key), None)
 
     async def add_writes(
@@ -278,6 +299,7 @@ class HotCache:
                 del self._inflight[key]
             for key in [k for k in self._near if k[0] == thread_id]:
                 del self._near[key]
+            self._dropped.difference_update([k for k in self._dropped if k[0] == thread_id])
 
     def _spawn(self, work: Awaitable[None]) -> None:
         """Run ``work`` in a task of its own that nobody waits for (kept referenced)."""
@@ -323,7 +345,11 @@ class HotCache:
 
     async def _flush(self, key: Key) -> None:
         record = self._pending.pop(key, None)
+        dropped = key in self._dropped
+        self._dropped.discard(key)
         if record is None:
+            if dropped:
+                await self._guard(self.hot, "invalidate", self.hot.invalidate(*key), None)
             return
         self._inflight[key] = record
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-import random
+import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -202,9 +202,16 @@ def write_index(channel: str, idx: int) -> int:
 def next_channel_version(current: str | int | float | None) -> str:
     """A monotonically increasing, lexicographically sortable channel version.
 
-    The integer part orders versions; the random fraction makes two writers that
-    raced from the same parent produce distinct versions, so neither blob shadows
-    the other (the same scheme LangGraph's own savers use).
+    The integer part orders versions (32 digits, as LangGraph's own savers pad it, so
+    ``int(version.split(".")[0])`` reads it anywhere); the random part makes two writers
+    that raced from the same parent produce distinct versions, so neither blob shadows
+    the other. It is 48 bits from the system's random source in 10 base-36 characters,
+    where LangGraph writes ``random.random()`` in 18 decimal digits: every checkpoint
+    names about ten versions in its body and its stored channel versions, and every
+    blob row and index entry one, so the shorter form is some 100 bytes less per
+    checkpoint. 48 bits leave two racing writers a chance in 10^14 of colliding; and
+    the source is not the ``random`` module, so replicas of an app that seeds it alike
+    still draw distinct versions.
     """
     try:
         if current is None:
@@ -217,7 +224,18 @@ def next_channel_version(current: str | int | float | None) -> str:
             raise TypeError(type(current).__name__)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidInput(f"not a channel version: {current!r}"[:200]) from exc
-    return f"{current_v + 1:032}.{random.random():016}"
+    return f"{current_v + 1:032}.{_base36(secrets.randbits(48), 10)}"
+
+
+def _base36(n: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        n, d = divmod(n, 36)
+        digits.append(_BASE36[d])
+    return "".join(reversed(digits))
+
+
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def is_scalar(value: Any) -> bool:

@@ -387,3 +387,96 @@ async def test_a_queued_hot_copy_never_brings_deleted_state_back(
         assert expected is None or "secret" not in expected.checkpoint["channel_values"]
         assert (trusted and trusted.checkpoint["id"]) == (expected and expected.checkpoint["id"])
         assert trusted is None or "secret" not in trusted.checkpoint["channel_values"]
+
+
+async def _writes_before_their_checkpoint(saver: TieredSaver, thread: str) -> tuple[Any, Any]:
+    """A parent, then a child whose pending write is stored before the child itself
+    (what LangGraph does with a turn's input checkpoint): the child's put cannot know
+    the head's content exactly, so this process drops its copies."""
+    from langgraph.checkpoint.base.id import uuid6
+
+    config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    parent = await saver.aput(config, _checkpoint(), {"source": "loop", "step": 0}, {})
+    cache = saver.regions.for_thread(thread).cache
+    if cache is not None:
+        await cache.drain()  # the parent is the hot entry
+    child = _checkpoint()
+    child["id"] = str(uuid6(clock_seq=1))
+    early = {"configurable": {**parent["configurable"], "checkpoint_id": child["id"]}}
+    await saver.aput_writes(early, [("answer", "early")], "task-1")
+    stored = await saver.aput(parent, child, {"source": "loop", "step": 1}, {})
+    return stored, child
+
+
+async def test_an_inexact_head_leaves_the_hot_tier_within_the_write_delay(
+    redis_postgres_urls: Urls,
+) -> None:
+    """The hot entry of a head this process cannot cache is invalidated by the
+    write-behind queue: a reader that trusts hot hits sees the old head for at most
+    ``hot_write_delay``, never until the entry's TTL."""
+    urls = redis_postgres_urls
+    async with urls.open(hot_write_delay=0.2) as one, \
+            urls.open(hot_check="trusted", hot_write_delay=0) as two:
+        thread = "inexact-head"
+        _, child = await _writes_before_their_checkpoint(one, thread)
+        cache = one.regions.for_thread(thread).cache
+        assert cache is not None
+        await cache.drain()
+        got = await two.aget_tuple(cfg(thread))
+        assert got is not None and got.checkpoint["id"] == child["id"]
+        assert [w[1:] for w in got.pending_writes or ()] == [("answer", "early")]
+
+
+async def test_an_inexact_head_followed_by_a_put_costs_no_hot_invalidation(
+    redis_postgres_urls: Urls,
+) -> None:
+    """A turn's next checkpoint, queued within the delay, replaces the hot entry the
+    inexact head left behind: no invalidation round trip is spent on it."""
+    urls = redis_postgres_urls
+    async with urls.open(hot_write_delay=0.2) as one, \
+            urls.open(hot_check="trusted", hot_write_delay=0) as two:
+        thread = "inexact-head-then-put"
+        stored, _ = await _writes_before_their_checkpoint(one, thread)
+        last = await one.aput(stored, _checkpoint(), {"source": "loop", "step": 2}, {})
+        cache = one.regions.for_thread(thread).cache
+        assert cache is not None
+        await cache.drain()
+        assert one.metrics.calls(tier="hot", op="invalidate") == 0
+        got = await two.aget_tuple(cfg(thread))
+        assert got is not None
+        assert got.checkpoint["id"] == last["configurable"]["checkpoint_id"]
+
+
+async def test_a_trusting_process_reads_its_own_inexact_head(urls: Urls) -> None:
+    """A process that trusts hot hits drops the old entry before its put returns: it
+    reads the head it just stored, writes included, never the one before."""
+    async with urls.open(hot_check="trusted", hot_write_delay=0.2) as saver:
+        thread = "inexact-head-trusted"
+        _, child = await _writes_before_their_checkpoint(saver, thread)
+        got = await saver.aget_tuple(cfg(thread))
+        assert got is not None and got.checkpoint["id"] == child["id"]
+        assert [w[1:] for w in got.pending_writes or ()] == [("answer", "early")]
+
+
+async def test_inexact_heads_in_a_row_reach_the_hot_tier_within_the_delay(
+    redis_postgres_urls: Urls,
+) -> None:
+    """Heads this process cannot cache, one after another: the hot entry is dropped at
+    most ``hot_write_delay`` after the first, not postponed by each new one."""
+    from langgraph.checkpoint.base.id import uuid6
+
+    urls = redis_postgres_urls
+    async with urls.open(hot_write_delay=1.0) as one, \
+            urls.open(hot_check="trusted", hot_write_delay=0) as two:
+        thread = "inexact-heads-in-a-row"
+        stored, _ = await _writes_before_their_checkpoint(one, thread)
+        started = time.monotonic()
+        await asyncio.sleep(0.6)
+        grandchild = _checkpoint()
+        grandchild["id"] = str(uuid6(clock_seq=2))
+        early = {"configurable": {**stored["configurable"], "checkpoint_id": grandchild["id"]}}
+        await one.aput_writes(early, [("answer", "again")], "task-2")
+        await one.aput(stored, grandchild, {"source": "loop", "step": 2}, {})
+        await asyncio.sleep(max(0.0, 1.3 - (time.monotonic() - started)))
+        got = await two.aget_tuple(cfg(thread))  # a hot hit is taken unchecked
+        assert got is not None and got.checkpoint["id"] == grandchild["id"]

@@ -165,3 +165,34 @@ def test_a_chain_learned_from_a_read_is_checked_on_its_stored_bytes(codec: Codec
     assert len(writer.next(codec, key, [*value, "c"], V2).links) == 1
     unchanged = [BIG, {"k": "orig"}, "c"]
     assert [n for n, _, _ in writer.next(codec, key, unchanged, V2).links] == ["~0~c", "~1~c"]
+
+
+def test_a_chain_read_back_as_written_keeps_its_digests(codec: Codec) -> None:
+    """Reading back the chain this writer stored (LangGraph reads the head before every
+    turn) needs no second decode: the same names and versions are the same bytes."""
+    writer = ChainWriter(max_deltas=8)
+    key = ("t", "", "c")
+    stored = writer.next(codec, key, [BIG, {"k": "orig"}], V1)
+    writer.remember(key, stored)
+    links = tuple((name, codec.decode(payload)) for name, _, payload in stored.links)
+    value = [BIG, links[0][1].items[1]]
+    writer.remember_read("t", "", {"c": links}, {"c": value},
+                         {name: payload for name, _, payload in stored.links})
+    known = writer.current(key, V1)
+    assert known is not None and known.digests == stored.digests
+    value[1]["k"] = "mutated"  # still checked: the digests are of the stored bytes
+    assert len(writer.next(codec, key, [*value, "c"], V2).links) == 1
+    other = writer.next(codec, ("t", "", "c"), [BIG, {"k": "orig"}, "c"], V2)
+    assert [n for n, _, _ in other.links] == ["~0~c", "~1~c"]
+
+
+def test_a_chain_read_with_other_links_is_learned_again(codec: Codec) -> None:
+    writer = ChainWriter(max_deltas=8)
+    key = ("t", "", "c")
+    writer.remember(key, writer.next(codec, key, [BIG, "a"], V1))
+    other = ChainWriter(max_deltas=8).next(codec, key, [BIG, "b"], V1)  # another process
+    links = tuple((name, codec.decode(payload)) for name, _, payload in other.links)
+    writer.remember_read("t", "", {"c": links}, {"c": [BIG, "b"]},
+                         {name: payload for name, _, payload in other.links})
+    known = writer.current(key, V1)
+    assert known is not None and known.digests is None and known.items == (BIG, "b")

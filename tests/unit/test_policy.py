@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from dataclasses import replace
@@ -65,6 +66,14 @@ def test_channel_versions_increase_and_sort_as_text() -> None:
     assert v1 < v2 < v3
     assert int(v2.split(".")[0]) == 2 and int(v3.split(".")[0]) == 8
     assert next_channel_version(v1) != next_channel_version(v1)  # racing writers differ
+    random.seed(7)
+    one = next_channel_version(v1)
+    random.seed(7)  # replicas of an app that seeds the random module alike
+    assert next_channel_version(v1) != one
+    # LangGraph's savers read the counter as int(version.split(".")[0])
+    assert re.fullmatch(r"0{31}1\.[0-9a-z]{10}", v1)
+    old = "00000000000000000000000000000007.0.8348112871893528"  # LangGraph's own form
+    assert next_channel_version(old).startswith(f"{8:032}.") and next_channel_version(old) > old
 
 
 def test_special_writes_take_fixed_negative_indices() -> None:
