@@ -77,21 +77,31 @@ def unpacked(raw: bytes, *, depth: int = 4) -> bytes:
     """``raw`` followed by the output of every zstd frame found in it, recursively.
 
     Stored payloads and segments are compressed (nested: a segment holds compressed
-    payloads), so a plain scan would miss a canary that is still there. Anything that
-    merely looks like a frame and does not decompress is skipped.
+    payloads), so a plain scan would miss a canary that is still there. A frame is tried
+    without a dictionary and with every dictionary tierstore ships (a small payload's
+    frame needs its ``zstd.<id>`` dictionary). Anything that merely looks like a frame
+    and does not decompress is skipped.
     """
     import zstandard
+
+    from tierstore.codec.dictionaries import SHA256, load
 
     out = [raw]
     if depth <= 0:
         return raw
+    decompressors = [zstandard.ZstdDecompressor()] + [
+        zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(
+            load(dict_id), dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+        for dict_id in sorted(SHA256)]
     start = raw.find(ZSTD_MAGIC)
     while start != -1:
-        try:
-            inner = zstandard.ZstdDecompressor().decompressobj().decompress(raw[start:])
-        except zstandard.ZstdError:
-            inner = b""
-        if inner:
-            out.append(unpacked(inner, depth=depth - 1))
+        for dctx in decompressors:
+            try:
+                inner = dctx.decompressobj().decompress(raw[start:])
+            except zstandard.ZstdError:
+                continue
+            if inner:
+                out.append(unpacked(inner, depth=depth - 1))
+                break
         start = raw.find(ZSTD_MAGIC, start + 1)
     return b"".join(out)

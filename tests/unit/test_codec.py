@@ -56,10 +56,13 @@ def test_tag_records_the_pipeline(codec: Codec) -> None:
     small = codec.encode({"a": 1})
     assert small.tag == "msgpack"
     big = codec.encode("text " * 1000)
-    assert big.tag == "msgpack+zstd"
+    assert big.tag == "msgpack+zstd.d1"  # small enough for the dictionary
     assert big.size < 1000
+    huge = codec.encode("text " * 10_000)
+    assert huge.tag == "msgpack+zstd"  # past the dictionary's range
+    assert huge.size < 1000
     assert codec.encode(None).tag == "null"
-    assert codec.encode(b"\x00" * 1000).tag == "bytes+zstd"
+    assert codec.encode(b"\x00" * 1000).tag == "bytes+zstd.d1"
 
 
 def test_incompressible_data_is_left_plain(codec: Codec) -> None:
@@ -126,7 +129,7 @@ async def test_custom_serde_is_honoured_end_to_end(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "w.db")
     tags = {row[0] for row in conn.execute("SELECT tag FROM blobs")}
     conn.close()
-    assert tags == {"upperjson+zstd"}
+    assert tags == {"upperjson+zstd.d1"}
 
 
 def test_frames_round_trip_and_refuse_damage() -> None:
