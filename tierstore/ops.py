@@ -553,7 +553,8 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
         raise InvalidInput(f"cannot read {path}: {exc}") from exc
     codec = saver.untrusted_codec
     if limits is not None or allowed_msgpack_modules:
-        codec = Codec(codec.serde, limits=limits or codec.limits, keyring=codec.keyring).untrusted(
+        codec = Codec(codec.serde, limits=limits or codec.limits, keyring=codec.keyring,
+                      dictionary=codec.dictionary).untrusted(
             [*saver.options.allowed_msgpack_modules, *allowed_msgpack_modules])
     limit = codec.limits.max_bundle_bytes
     source, records = read_export(data, where=str(path), max_bytes=limit)

@@ -400,6 +400,7 @@ class TieredSaver(
             opts = self.options
             codec = Codec(self.serde, level=opts.compression_level,
                           compress_min=opts.compress_min, keyring=opts.encryption,
+                          dictionary=opts.compression_dictionary,
                           limits=DecodeLimits(max_payload_bytes=opts.max_payload_bytes,
                                               max_record_bytes=opts.max_record_bytes,
                                               max_bundle_bytes=opts.max_bundle_bytes))

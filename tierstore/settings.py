@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from tierstore.codec import dictionaries
 from tierstore.errors import ConfigurationError
 from tierstore.policy import resolve_region
 
@@ -208,6 +209,10 @@ class SaverOptions:
     delta: store a new version of a list channel that extends one this saver wrote or
         read (``add_messages``, ``operator.add``) as the items appended, in bounded
         chains (``tierstore.codec.chain``), instead of the whole list again.
+    compression_dictionary: the pinned zstd dictionary payloads under 32 KiB are
+        compressed with (``tierstore.codec.dictionaries``), or None for plain zstd. Every
+        dictionary is always read; None is for fleets where releases that predate the
+        dictionary still read the same stores (a rolling upgrade, a rollback).
     """
 
     concurrency: Concurrency = "permissive"
@@ -229,9 +234,15 @@ class SaverOptions:
     allowed_msgpack_modules: tuple[tuple[str, ...], ...] = ()
     checkpoint_id_skew: float = 60.0
     delta: bool = True
+    compression_dictionary: str | None = dictionaries.CURRENT
 
     def __post_init__(self) -> None:
         self._check_types()
+        if (self.compression_dictionary is not None
+                and self.compression_dictionary not in dictionaries.SHA256):
+            raise ConfigurationError(
+                f"compression_dictionary must be None or one of "
+                f"{', '.join(sorted(dictionaries.SHA256))}, got {self.compression_dictionary!r}")
         if not 0 <= self.offload_grace <= 86400:
             raise ConfigurationError(
                 f"offload_grace must be within 0..86400 seconds, got {self.offload_grace!r}")
@@ -338,6 +349,7 @@ _ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "TIERSTORE_MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
     "TIERSTORE_MAX_RECORD_BYTES": ("max_record_bytes", int),
     "TIERSTORE_MAX_BUNDLE_BYTES": ("max_bundle_bytes", int),
+    "TIERSTORE_COMPRESSION_DICTIONARY": ("compression_dictionary", str),
 }
 
 
@@ -384,6 +396,8 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         try:
             if name == "hot_ttl":
                 out[name] = parse_duration(raw)
+            elif name == "compression_dictionary" and raw.strip().lower() in ("", "none"):
+                out[name] = None
             else:
                 out[name] = kind(raw)
         except ValueError as exc:

@@ -210,3 +210,50 @@ def test_each_rule_is_refused_by_name(table: Path, build: Build, fragment: str) 
         build(table)
     assert type(info.value) is ConfigurationError
     assert fragment in str(info.value)
+
+
+def test_the_compression_dictionary_can_be_turned_off_and_only_a_shipped_one_on() -> None:
+    assert SaverOptions().compression_dictionary == "d1"
+    for off in ("none", "None", ""):
+        spec = resolve_spec(environ={"TIERSTORE_COMPRESSION_DICTIONARY": off})
+        assert spec.options.compression_dictionary is None
+    assert resolve_options({"compression_dictionary": None}).compression_dictionary is None
+    for bad in ("d2", "zstd", 1):
+        with pytest.raises(ConfigurationError, match="compression_dictionary"):
+            SaverOptions(compression_dictionary=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="compression_dictionary"):
+        resolve_spec(environ={"TIERSTORE_COMPRESSION_DICTIONARY": "d9"})
+
+
+async def test_a_saver_without_the_dictionary_writes_plain_zstd_and_reads_both(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    warm = f"sqlite:///{tmp_path}/w.db"
+    text = "a reply long enough to be compressed, " * 20
+
+    async def put(saver: TieredSaver, thread: str) -> None:
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = {"messages": [AIMessage(text, id="m1")]}
+        checkpoint["channel_versions"] = {"messages": f"{1:032}.0"}
+        await saver.aput({"configurable": {"thread_id": thread, "checkpoint_ns": ""}},
+                         checkpoint, {"source": "loop", "step": 0},
+                         {"messages": f"{1:032}.0"})
+
+    async with TieredSaver.from_urls(hot=None, warm=warm, cold=None) as saver:
+        await put(saver, "with")
+    async with TieredSaver.from_urls(hot=None, warm=warm, cold=None,
+                                     compression_dictionary=None) as saver:
+        await put(saver, "without")
+        for thread in ("with", "without"):  # both read back, whichever wrote them
+            got = await saver.aget_tuple({"configurable": {"thread_id": thread}})
+            assert got is not None
+            assert got.checkpoint["channel_values"]["messages"][0].content == text
+    with sqlite3.connect(tmp_path / "w.db") as db:
+        tags = dict(db.execute(
+            "SELECT thread_id, group_concat(tag) FROM blobs GROUP BY thread_id"))
+    assert "zstd.d1" in tags["with"] and "zstd.d1" not in tags["without"]
+    assert "zstd" in tags["without"]
