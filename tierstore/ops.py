@@ -275,24 +275,38 @@ def whole_values(codec: Codec, record: StoredCheckpoint) -> StoredCheckpoint:
     """The record with its delta chains replayed into whole values, encoded by ``codec``.
 
     An export carries whole values: any release of tierstore imports it, and an import
-    never has to trust a chain it did not write.
+    never has to trust a chain it did not write. For the same reason its payloads are
+    compressed without a dictionary (``Codec.portable``).
     """
     if not any(is_link_name(name) for name in record.blobs):
-        return record
+        return _portable(codec, record)
     where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
     body = codec.decode(record.checkpoint, where=where)
     versions = body.get("channel_versions") if isinstance(body, dict) else None
     versions = versions if isinstance(versions, dict) else {}
     links = [name for name in record.blobs if name not in versions and is_link_name(name)]
     if not links:
-        return record
+        return _portable(codec, record)
     decoded = {name: codec.decode(record.blobs[name], where=f"{where} {name!r}")
                for name in links}
     resolved = resolve_values(versions, decoded, where=where)
     blobs = {name: p for name, p in record.blobs.items() if name not in decoded}
     for channel, value in resolved.values.items():
         blobs.setdefault(channel, codec.encode(value))
-    return replace(record, blobs=blobs)
+    return _portable(codec, replace(record, blobs=blobs))
+
+
+def _portable(codec: Codec, record: StoredCheckpoint) -> StoredCheckpoint:
+    where = f"thread {record.thread_id!r} checkpoint {record.checkpoint_id!r}"
+    return replace(
+        record,
+        checkpoint=codec.portable(record.checkpoint, where=where),
+        metadata=codec.portable(record.metadata, where=f"{where} metadata"),
+        blobs={name: codec.portable(p, where=f"{where} {name!r}")
+               for name, p in record.blobs.items()},
+        writes=tuple(replace(w, payload=codec.portable(w.payload, where=f"{where} write"))
+                     for w in record.writes),
+    )
 
 
 # -- export / import ----------------------------------------------------------------------

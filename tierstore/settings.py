@@ -396,8 +396,8 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         try:
             if name == "hot_ttl":
                 out[name] = parse_duration(raw)
-            elif name == "compression_dictionary" and raw.strip().lower() in ("", "none"):
-                out[name] = None
+            elif name == "compression_dictionary":
+                out[name] = None if raw.strip().lower() in ("", "none") else raw.strip()
             else:
                 out[name] = kind(raw)
         except ValueError as exc:

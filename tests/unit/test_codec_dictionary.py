@@ -288,3 +288,39 @@ def test_raw_byte_scans_see_inside_d1_frames(codec: Codec) -> None:
     assert canary in unpacked(b"prefix" + payload.data + b"suffix")
     with pytest.raises(zstandard.ZstdError):
         zstandard.ZstdDecompressor().decompress(payload.data)
+
+
+@pytest.mark.parametrize("stages", [["zstd", "zstd"], ["zstd.d1", "zstd.d1"],
+                                    ["zstd.d1", "zstd"], ["zstd", "zstd.d1"]])
+def test_a_payload_compressed_twice_is_refused(stages: list[str]) -> None:
+    """Each stage is bounded on its own, so stacked stages would let a tiny payload cost
+    unbounded work; the writer compresses once, so a second stage is never genuine."""
+    codec = Codec(JsonPlusSerializer())
+    tag, data = codec.serde.dumps_typed({"k": "v" * 400})
+    d1 = zstandard.ZstdCompressionDict(load("d1"), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    for stage in stages:
+        compressor = (zstandard.ZstdCompressor(dict_data=d1) if stage == "zstd.d1"
+                      else zstandard.ZstdCompressor())
+        tag, data = f"{tag}+{stage}", compressor.compress(data)
+    with pytest.raises(CorruptPayload, match="more than one zstd stage"):
+        codec.decode(Payload(tag, data))
+
+
+def test_a_dictionary_id_is_never_a_path() -> None:
+    for dict_id in ("../__init__", "d1/../d1", "d2"):
+        with pytest.raises(KeyError):
+            load(dict_id)
+
+
+def test_a_missing_dictionary_fails_when_the_codec_is_made(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tierstore.codec import dictionaries
+
+    monkeypatch.setattr(dictionaries, "files", lambda _name: tmp_path)  # an install without it
+    load.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match=r"missing.*reinstall"):
+            Codec(JsonPlusSerializer())
+        Codec(JsonPlusSerializer(), dictionary=None)  # plain zstd needs no file
+    finally:
+        load.cache_clear()

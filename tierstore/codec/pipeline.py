@@ -81,6 +81,8 @@ class Codec:
     ) -> None:
         if dictionary is not None and dictionary not in dictionaries.SHA256:
             raise ConfigurationError(f"no zstd dictionary {dictionary!r} ships with tierstore")
+        if dictionary is not None:
+            dictionaries.load(dictionary)  # a damaged or missing file fails here, not mid-write
         self.serde = serde
         self.level = level
         self.compress_min = compress_min
@@ -176,6 +178,26 @@ class Codec:
             return payload
         return Payload(f"{payload.tag}+{stage}", packed)
 
+    def portable(self, payload: Payload, *, where: str = "payload") -> Payload:
+        """``payload`` as every release reads it: a dictionary stage becomes plain zstd
+        (decompressed and compressed again, never decoded), for files that leave the
+        stores (exports). Other payloads are returned as they are."""
+        tag = payload.tag
+        if is_encrypted(tag):
+            if self.keyring is None:
+                return payload  # opaque here; a keyring-less export cannot use it anyway
+            tag = self.keyring.decrypt(payload.tag, payload.data, where=where)[0]
+        stage = _zstd_stage(tag)
+        if stage is None or stage == ZSTD:
+            return payload
+        inner = self.decompress(payload, where=where)
+        packed = self._compressor().compress(inner.data)
+        plain = (Payload(f"{inner.tag}+{ZSTD}", packed) if len(packed) < len(inner.data)
+                 else inner)
+        if self.keyring is not None:
+            return Payload(*self.keyring.encrypt(plain.tag, plain.data))
+        return plain
+
     def decode(self, payload: Payload, *, where: str = "payload",
                budget: Budget | None = None) -> Any:
         if payload.tag == EMPTY.tag:
@@ -214,10 +236,16 @@ class Codec:
                     f"{where}: the payload is encrypted ({tag!r}) and no keyring is configured"
                 )
             tag, data = self.keyring.decrypt(tag, data, where=where)
-        while (stage := _zstd_stage(tag)) is not None:
+        stage = _zstd_stage(tag)
+        if stage is not None:
             data = bounded_decompress(data, limit=self.limits.max_payload_bytes, where=where,
                                       dctx=self._decompressor(stage, where=where))
             tag = tag[: -len(stage) - 1]
+            if _zstd_stage(tag) is not None:
+                # the writer compresses once; each stage would be bounded on its own, so a
+                # tag stacking stages could make a tiny payload cost unbounded work
+                raise CorruptPayload(f"{where}: payload tag {payload.tag!r} has more than "
+                                     "one zstd stage", where=where)
         if not tag:
             raise CorruptPayload(f"{where}: payload has no type tag", where=where)
         if budget is not None:

@@ -34,7 +34,15 @@ CURRENT = "d1"
 @functools.cache
 def load(dict_id: str) -> bytes:
     """The bytes of dictionary ``dict_id`` (``KeyError`` if no version ever shipped it)."""
-    return verified(dict_id, files(__name__).joinpath(f"{dict_id}.bin").read_bytes())
+    if dict_id not in SHA256:  # before any file is opened: an id is never a path
+        raise KeyError(dict_id)
+    try:
+        data = files(__name__).joinpath(f"{dict_id}.bin").read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"the zstd dictionary {dict_id!r} is missing from this installation of tierstore "
+            f"({type(exc).__name__}: {exc}); reinstall tierstore") from exc
+    return verified(dict_id, data)
 
 
 def verified(dict_id: str, data: bytes) -> bytes:
