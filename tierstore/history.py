@@ -20,7 +20,9 @@ target's own writes and value do not count; a link's writes count for a channel
 until, and including, the first link that stores a value for it, whose value is
 the seed; the walk ends at the root or at a parent that is not stored, leaving
 unseeded channels without a seed. Stubs are read without being rehydrated, as
-``list`` reads history.
+``list`` reads history. A chain that comes back to a checkpoint it passed (one
+stored again under its own descendant) ends there, as in LangGraph's SQLite saver:
+LangGraph's default walk would go round it forever.
 """
 
 from __future__ import annotations
@@ -66,10 +68,16 @@ async def channel_history(
     seeds: dict[str, Payload] = {}
     warm = region.warm
     cursor = checkpoint_id
-    while remaining:
+    walked = {checkpoint_id}
+    looped = False
+    while remaining and not looped:
         links = await metrics.timed("warm", warm, "ancestors", warm.ancestors(
             thread_id, checkpoint_ns, cursor, remaining, limit=PAGE))
         for stored in links:
+            if stored.checkpoint_id in walked:
+                looped = True
+                break
+            walked.add(stored.checkpoint_id)
             link = stored
             if stored.location == "archived":
                 link = await _from_segment(region, thread_id, checkpoint_ns, stored, remaining)
