@@ -629,6 +629,8 @@ class TieredSaver(
             if ch in fresh:
                 name, version, payload = chain.links[-1]
                 new_blobs.append(BlobRecord(name, version, payload))
+        self._add_unchanged_values(thread_id, ns, encoded, versions,
+                                   skip={*values, *fresh, *chains})
         md = get_serializable_checkpoint_metadata(config, metadata)
         record = CheckpointRecord.new(
             thread_id=thread_id,
@@ -732,6 +734,22 @@ class TieredSaver(
                 cache.move_to_end(key)
             encoded[ch] = payload
         return encoded
+
+    def _add_unchanged_values(self, thread_id: str, ns: str, encoded: dict[str, Payload],
+                              versions: Mapping[str, str], *, skip: Collection[str]) -> None:
+        """The payloads of channels a checkpoint names, unchanged, without a value of its own.
+
+        A ``DeltaChannel`` stores its value only at a snapshot; the checkpoints after it
+        name the same version and carry no value, but a warm read hands that version's
+        blob back with them. The hot copy carries it too when this saver encoded it (the
+        payload cache), or loading the thread from hot walks the ancestors for it.
+        """
+        cache = self._payload_cache
+        for ch, version in versions.items():
+            if ch not in skip:
+                payload = cache.get((thread_id, ns, ch, version))
+                if payload is not None:
+                    encoded[ch] = payload
 
     async def aput_writes(
         self,

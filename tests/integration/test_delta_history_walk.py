@@ -10,13 +10,15 @@ forever, and there the walk ends at the first checkpoint it comes back to.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import pytest
+from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
+from langgraph.graph import END, START, StateGraph
 
 from tests.stacks import STACKS, Urls
 from tierstore import TieredSaver
@@ -126,3 +128,57 @@ async def test_a_chain_that_loops_ends_where_it_comes_back(saver: TieredSaver) -
     assert fast["items"] == {"writes": [("task", "items", f"w-{a}"),
                                         ("task", "items", f"w-{b}")]}
 
+
+# -- loading a thread ---------------------------------------------------------------------
+
+
+class Snapshots(TypedDict):
+    items: Annotated[list[str], DeltaChannel(extend, snapshot_frequency=1)]
+    n: int
+
+
+def extend(state: list[str], batches: Sequence[list[str]]) -> list[str]:
+    return [*state, *(item for batch in batches for item in batch)]
+
+
+def write_then_count() -> Any:
+    """``write`` updates the delta channel (a snapshot at every update), ``count`` does not:
+    the head names the channel at the snapshot's version and stores no value of its own."""
+    g = StateGraph(Snapshots)
+    g.add_node("write", lambda s: {"items": [f"i{s['n']}"]})
+    g.add_node("count", lambda s: {"n": s["n"] + 1})
+    g.add_edge(START, "write")
+    g.add_edge("write", "count")
+    g.add_edge("count", END)
+    return g
+
+
+async def test_a_head_after_a_snapshot_loads_without_a_walk(saver: TieredSaver) -> None:
+    """Read from warm, a head whose channel is unchanged since a snapshot carries the
+    snapshot (its blob is named at that version); read from the hot tier it must too,
+    or LangGraph walks the ancestors for what the read could have handed over."""
+    app = write_then_count().compile(checkpointer=saver)
+    await app.ainvoke({"items": ["a"], "n": 0}, cfg("snap"))
+    warm = saver.regions.by_name["default"].warm
+    counts = count_calls(warm, ["get", "ancestors"])
+    out = await app.ainvoke({"items": ["b"], "n": 5}, cfg("snap"))
+    assert out["items"] == ["a", "i0", "b", "i5"]
+    assert counts["ancestors"] == 0
+    latest = await saver.aget_tuple(cfg("snap"))
+    assert latest is not None
+    assert latest.checkpoint["channel_values"]["items"].value == ["a", "i0", "b", "i5"]
+
+
+def count_calls(store: Any, names: Sequence[str]) -> dict[str, int]:
+    """Wrap the store's methods on the instance and count each call."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(store, name)
+
+        def counted(*args: Any, _name: str = name,
+                    _original: Callable[..., Awaitable[Any]] = original, **kwargs: Any) -> Any:
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(store, name, counted)
+    return counts
