@@ -81,15 +81,16 @@ async def channel_history(
             link = stored
             if stored.location == "archived":
                 link = await _from_segment(region, thread_id, checkpoint_ns, stored, remaining)
-            else:
+            elif stored.missing:
                 _check_complete(thread_id, checkpoint_ns, stored, remaining)
             for ch in remaining:
                 per_link[ch].append(tuple(w for w in link.writes if w.channel == ch))
-            for ch in [c for c in remaining if c in link.values]:
-                seeds[ch] = link.values[ch]
-                remaining.remove(ch)
-            if not remaining:
-                break
+            if link.values:
+                for ch in [c for c in remaining if c in link.values]:
+                    seeds[ch] = link.values[ch]
+                    remaining.remove(ch)
+                if not remaining:
+                    break
         if len(links) < PAGE:  # the root, or a parent no longer stored
             break
         cursor = links[-1].checkpoint_id

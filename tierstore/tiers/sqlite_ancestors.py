@@ -113,7 +113,8 @@ def walk_ancestors(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str,
                 seed = conn.execute(_SEED, (thread_id, checkpoint_ns, cid, ch)).fetchone()
                 values[ch] = Payload(seed[0], bytes(seed[1]))
         mine = writes.get(cid, [])
-        mine.sort(key=lambda w: (w.task_path, w.task_id, w.idx))
+        if len(mine) > 1:
+            mine.sort(key=lambda w: (w.task_path, w.task_id, w.idx))
         links.append(ChainLink(checkpoint_id=cid, parent_id=parent_id, values=values,
                                writes=tuple(mine), location=location,
                                archive_key=archive_key, missing=tuple(missing)))

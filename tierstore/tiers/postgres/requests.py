@@ -367,34 +367,38 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
 
 
 def _links(rows: Iterable[asyncpg.Record]) -> list[ChainLink]:
-    """``tierstore_ancestors`` rows as links, nearest first (a link comes once per channel
-    still open at it); writes in ``writes_sort_key`` order."""
-    heads: dict[int, tuple[str, str | None, str | None]] = {}
-    values: dict[int, dict[str, Payload]] = {}
-    writes: dict[int, list[WriteRecord]] = {}
-    for depth, checkpoint_id, parent_id, archive_key, channel, tag, data, task_id, idx, \
-            task_path in rows:
-        if channel is None:
-            heads[depth] = (checkpoint_id, parent_id, archive_key)
-        elif task_id is None:
-            values.setdefault(depth, {})[channel] = Payload(tag, data)
+    """``tierstore_ancestors`` rows as links, nearest first; writes in ``writes_sort_key``
+    order. A link comes once per channel still open at it.
+
+    Indexing the records and building each link once keeps this a small part of a walk:
+    it runs for every link of every history read.
+    """
+    at: dict[int, tuple[str, str | None, str | None, dict[str, Payload], list[WriteRecord]]] = {}
+    rest = []
+    for row in rows:
+        if row[4] is None:
+            if row[0] not in at:
+                at[row[0]] = (row[1], row[2], row[3], {}, [])
         else:
-            writes.setdefault(depth, []).append(
-                WriteRecord(task_id, idx, channel, Payload(tag, data), task_path))
-    out: list[ChainLink] = []
-    for depth in sorted(heads):
-        checkpoint_id, parent_id, archive_key = heads[depth]
-        mine = writes.get(depth, [])
-        mine.sort(key=lambda w: (w.task_path, w.task_id, w.idx))
-        out.append(ChainLink(
-            checkpoint_id=checkpoint_id,
-            parent_id=parent_id,
-            values=values.get(depth, {}),
-            writes=tuple(mine),
-            location="warm" if archive_key is None else "archived",
-            archive_key=archive_key,
-        ))
-    return out
+            rest.append(row)
+    for row in rest:
+        if row[7] is None:
+            at[row[0]][3][row[4]] = Payload(row[5], row[6])
+        else:
+            at[row[0]][4].append(
+                WriteRecord(row[7], row[8], row[4], Payload(row[5], row[6]), row[9]))
+    links: list[ChainLink] = []
+    for depth in sorted(at):
+        checkpoint_id, parent_id, archive_key, values, writes = at[depth]
+        if len(writes) > 1:
+            writes.sort(key=_write_order)
+        links.append(ChainLink(checkpoint_id, parent_id, values, tuple(writes),
+                               "warm" if archive_key is None else "archived", archive_key))
+    return links
+
+
+def _write_order(w: WriteRecord) -> tuple[str, str, int]:
+    return (w.task_path, w.task_id, w.idx)
 
 
 def _version_key(version: str) -> str:
