@@ -6,9 +6,12 @@
 --
 --     chain: the start's parent, then each link's parent, while the channel is open
 --       seed   the version this link stores a value at (a blob probe; a stub has none
---              here, its values are in cold), which ends that channel's walk
+--              here, its values are in cold), or '' where the link names the channel's
+--              delta chain (~0~channel, ~1~channel, ...: a list the saver stored in
+--              links), which ends that channel's walk
 --       stops  at the root, at a parent that is not stored, or after p_limit links
---     rows:  each link (once per channel), each seed value, each write to the channel
+--     rows:  each link (once per channel), each seed value (a chain's: every link, by
+--            its stored name), each write to the channel
 --
 -- The walk follows parent_id, not the order of the ids: ids are time-ordered only
 -- within one writer (a child can sort below its parent), and a range of ids holds
@@ -35,11 +38,12 @@ BEGIN
     RETURN QUERY
     WITH RECURSIVE chain AS (
         SELECT c.sid, a.channel, c.checkpoint_id, c.parent_id, c.archive_key, 1 AS depth,
-               CASE WHEN c.archive_key IS NULL THEN (
-                   SELECT b.version FROM tierstore_blobs AS b
-                    WHERE b.sid = c.sid AND b.channel = a.channel
-                      AND b.version = c.channel_versions ->> a.channel
-                      AND b.tag <> 'empty') END AS seed
+               CASE WHEN c.archive_key IS NOT NULL THEN NULL
+                    WHEN x.version IS NOT NULL THEN (
+                        SELECT b.version FROM tierstore_blobs AS b
+                         WHERE b.sid = c.sid AND b.channel = a.channel
+                           AND b.version = x.version AND b.tag <> 'empty')
+                    WHEN c.channel_versions ? ('~0~' || a.channel) THEN '' END AS seed
           FROM (SELECT t.sid, t.parent_id FROM tierstore_checkpoints AS t
                  WHERE t.sid = (SELECT s.sid FROM tierstore_heads AS s
                                  WHERE tierstore_key(s.thread_id) = sha224(convert_to(p_thread, 'UTF8'))
@@ -51,31 +55,42 @@ BEGIN
                  FROM tierstore_checkpoints AS c
                 WHERE c.sid = t.sid AND c.checkpoint_id = t.parent_id OFFSET 0) AS c
          CROSS JOIN unnest(p_channels) AS a(channel)
+         CROSS JOIN LATERAL (SELECT c.channel_versions ->> a.channel AS version) AS x
         UNION ALL
         SELECT p.sid, chain.channel, p.checkpoint_id, p.parent_id, p.archive_key,
                chain.depth + 1,
-               CASE WHEN p.archive_key IS NULL THEN (
-                   SELECT b.version FROM tierstore_blobs AS b
-                    WHERE b.sid = p.sid AND b.channel = chain.channel
-                      AND b.version = p.channel_versions ->> chain.channel
-                      AND b.tag <> 'empty') END
+               CASE WHEN p.archive_key IS NOT NULL THEN NULL
+                    WHEN x.version IS NOT NULL THEN (
+                        SELECT b.version FROM tierstore_blobs AS b
+                         WHERE b.sid = p.sid AND b.channel = chain.channel
+                           AND b.version = x.version AND b.tag <> 'empty')
+                    WHEN p.channel_versions ? ('~0~' || chain.channel) THEN '' END
           FROM chain
          CROSS JOIN LATERAL (
                SELECT p.sid, p.checkpoint_id, p.parent_id, p.archive_key, p.channel_versions
                  FROM tierstore_checkpoints AS p
                 WHERE p.sid = chain.sid AND p.checkpoint_id = chain.parent_id OFFSET 0) AS p
+         CROSS JOIN LATERAL (SELECT p.channel_versions ->> chain.channel AS version) AS x
          WHERE chain.depth < p_limit AND chain.seed IS NULL
     )
     SELECT chain.depth, chain.checkpoint_id, chain.parent_id, chain.archive_key,
            NULL::text, NULL::text, NULL::bytea, NULL::text, NULL::integer, NULL::text
       FROM chain
     UNION ALL
-    SELECT chain.depth, chain.checkpoint_id, NULL, NULL, chain.channel, b.tag, b.data,
+    SELECT chain.depth, chain.checkpoint_id, NULL, NULL, v.name, b.tag, b.data,
            NULL, NULL, NULL
       FROM chain
      CROSS JOIN LATERAL (
+           SELECT chain.channel AS name, chain.seed AS version WHERE chain.seed <> ''
+           UNION ALL
+           SELECT l.name, l.version
+             FROM tierstore_checkpoints AS c, jsonb_each_text(c.channel_versions) AS l(name, version)
+            WHERE chain.seed = '' AND c.sid = chain.sid AND c.checkpoint_id = chain.checkpoint_id
+              AND substring(l.name FROM '^~(?:0|[1-9][0-9]{0,3})~(.*)$') = chain.channel
+           OFFSET 0) AS v
+     CROSS JOIN LATERAL (
            SELECT b.tag, b.data FROM tierstore_blobs AS b
-            WHERE b.sid = chain.sid AND b.channel = chain.channel AND b.version = chain.seed
+            WHERE b.sid = chain.sid AND b.channel = v.name AND b.version = v.version
            OFFSET 0) AS b
      WHERE chain.seed IS NOT NULL
     UNION ALL

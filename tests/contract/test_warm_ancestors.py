@@ -235,3 +235,20 @@ async def test_a_channel_seeded_first_stops_counting_its_writes(warm: Any) -> No
     rest = await warm.ancestors(t, "", cid(3), ["d"], limit=2)
     assert ids(rest) == [cid(2), cid(1)]
     assert dict(rest[-1].values) == {"d": value(1)}
+
+
+async def test_a_list_stored_as_a_delta_chain_is_a_seed(warm: Any) -> None:
+    """The saver stores a list channel as links (``~0~d`` the snapshot, ``~1~d`` …) and the
+    checkpoint names the links instead of the channel: a value all the same, handed over
+    by the links' names."""
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 2, snapshots=set())
+    links = {"~0~d": ("0001", value(10)), "~1~d": ("0002@ab", value(11))}
+    await warm.put_checkpoint(
+        record(t, 2, parent=1, versions={name: v for name, (v, _) in links.items()}),
+        [BlobRecord(name, v, p) for name, (v, p) in links.items()], strict=False)
+    await put_link(warm, t, 3, parent=2)
+    await put_link(warm, t, 4, parent=3)
+    walked = await warm.ancestors(t, "", cid(4), ["d"], limit=100)
+    assert ids(walked) == [cid(3), cid(2)]
+    assert dict(walked[-1].values) == {"~0~d": value(10), "~1~d": value(11)}

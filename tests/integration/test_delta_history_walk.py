@@ -10,6 +10,8 @@ forever, and there the walk ends at the first checkpoint it comes back to.
 from __future__ import annotations
 
 import asyncio
+import operator
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -20,8 +22,10 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.graph import END, START, StateGraph
 
-from tests.stacks import STACKS, Urls
+from tests.stacks import ARCHIVING_STACKS, STACKS, Urls
 from tierstore import TieredSaver
+from tierstore.jobs.plan import TieringPolicy
+from tierstore.jobs.tiering import HistoryDemotion
 
 
 @pytest.fixture(params=sorted(STACKS))
@@ -182,3 +186,72 @@ def count_calls(store: Any, names: Sequence[str]) -> dict[str, int]:
 
         setattr(store, name, counted)
     return counts
+
+
+class Plain(TypedDict):
+    items: Annotated[list[str], operator.add]
+    n: int
+
+
+def appender(schema: Any) -> Any:
+    g = StateGraph(schema)
+    g.add_node("step", lambda s: {"items": [f"s{s['n']}"], "n": s["n"] + 1})
+    g.add_edge(START, "step")
+    g.add_edge("step", END)
+    return g
+
+
+MIGRATED = ["in0", "s0", "in1", "s10", "in2", "s20", "in3", "s30", "in4", "s40"]
+
+
+async def migrate_a_thread(saver: TieredSaver) -> Any:
+    """Turns while ``items`` was a plain list channel (this saver stores it as a delta
+    chain of its own), then turns with ``items`` a DeltaChannel."""
+    before = appender(Plain).compile(checkpointer=saver)
+    for turn in range(3):
+        await before.ainvoke({"items": [f"in{turn}"], "n": turn * 10}, cfg("migrated"))
+    after = appender(Sparse).compile(checkpointer=saver)
+    for turn in range(3, 5):
+        await after.ainvoke({"items": [f"in{turn}"], "n": turn * 10}, cfg("migrated"))
+    return after
+
+
+async def assert_every_history_as_base(saver: TieredSaver, thread: str) -> None:
+    configs = [t.config async for t in saver.alist(cfg(thread))]
+    fast = [await saver.aget_delta_channel_history(config=c, channels=["items"])
+            for c in configs]
+    base = [await BaseCheckpointSaver.aget_delta_channel_history(saver, config=c,
+                                                                 channels=["items"])
+            for c in configs]
+    assert fast == base
+    assert any("seed" in h["items"] for h in fast)
+
+
+async def test_a_list_stored_before_the_channel_became_a_delta_channel_seeds_it(
+        saver: TieredSaver) -> None:
+    """The last plain value is the seed, as LangGraph's walk finds it, and the writes
+    before it do not count."""
+    after = await migrate_a_thread(saver)
+    await assert_every_history_as_base(saver, "migrated")
+    assert (await after.aget_state(cfg("migrated"))).values["items"] == MIGRATED
+
+
+@pytest.fixture(params=sorted(ARCHIVING_STACKS))
+def archiving_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Urls:
+    return ARCHIVING_STACKS[request.param](request, tmp_path)
+
+
+async def test_an_archived_list_seeds_it_from_its_segment(archiving_urls: Urls) -> None:
+    async with archiving_urls.open() as saver:
+        after = await migrate_a_thread(saver)
+        report = await HistoryDemotion(saver, TieringPolicy(
+            archive_after=0, archive_idle_after=0, segment_size=4)).run_once(
+                now=time.time() + 10 * 365 * 86400.0)
+        assert report.errors == [] and report.checkpoints > 0
+        await assert_every_history_as_base(saver, "migrated")
+        assert (await after.aget_state(cfg("migrated"))).values["items"] == MIGRATED
+
+
+class Sparse(TypedDict):
+    items: Annotated[list[str], DeltaChannel(extend, snapshot_frequency=1000)]
+    n: int

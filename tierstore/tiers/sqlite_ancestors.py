@@ -6,11 +6,13 @@
       │  primary key; per asked channel i, carried from link to link:
       │    o_i  still open: no live link nearer the start stores a value for it
       │    t_i  while open, the tag of the value this link names: NULL when it names
-      │         none, '' when it names one whose row is gone, 'empty' for no value
+      │         none, '' when it names one whose row is gone, 'empty' for no value,
+      │         '~' when it names the channel's delta chain
       │  the recursion stops once no channel is open, at the root, at a parent that
       │  is not stored, or after ``limit`` links
     writes: one statement for every link's writes to the asked channels
-    seeds:  one statement per value found (a link that stores one ends its channel)
+    seeds:  one statement per value found (a link that stores one ends its channel; a
+            list the saver stored as a delta chain, ``codec.chain``, is one: its links)
 
 It runs on the store's thread inside one read transaction, so the three statements
 see one snapshot. A channel's version is read from the link's ``channel_versions``
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from tierstore.codec.chain import channel_of, link_name
 from tierstore.codec.pipeline import EMPTY
 from tierstore.records import ChainLink, Payload, WriteRecord
 
@@ -34,16 +37,22 @@ __all__ = ["walk_ancestors"]
 
 _LOST = ""
 """``t_i`` of a live link that names a version warm holds no row for."""
+_CHAIN = "~"
+"""``t_i`` of a live link that names the channel's delta chain (``codec.chain``): a list
+the saver stored in links, a value all the same."""
 
 
 @lru_cache(maxsize=32)
 def _walk_sql(channels: int) -> str:
     def tag(alias: str, i: int) -> str:
-        return (f"(SELECT coalesce(b.tag, '') FROM json_each({alias}.channel_versions) AS v "
-                "LEFT JOIN blobs AS b ON b.thread_id = :t AND b.checkpoint_ns = :ns "
-                f"AND b.channel = v.key AND b.version = v.value WHERE v.key = :c{i})")
+        return ("coalesce("
+                f"(SELECT coalesce(b.tag, '{_LOST}') FROM json_each({alias}.channel_versions) "
+                "AS v LEFT JOIN blobs AS b ON b.thread_id = :t AND b.checkpoint_ns = :ns "
+                f"AND b.channel = v.key AND b.version = v.value WHERE v.key = :c{i}), "
+                f"(SELECT '{_CHAIN}' FROM json_each({alias}.channel_versions) AS v "
+                f"WHERE v.key = :l{i}))")
 
-    still = [f"chain.o{i} AND (chain.t{i} IS NULL OR chain.t{i} IN ('', '{EMPTY.tag}'))"
+    still = [f"chain.o{i} AND (chain.t{i} IS NULL OR chain.t{i} IN ('{_LOST}', '{EMPTY.tag}'))"
              for i in range(channels)]
     cols = ", ".join([f"o{i}" for i in range(channels)] + [f"t{i}" for i in range(channels)])
     first = ", ".join(["1"] * channels + [f"CASE WHEN c.location = 'warm' THEN {tag('c', i)} END"
@@ -67,12 +76,14 @@ SELECT checkpoint_id, parent_id, location, archive_key, {cols} FROM chain
 """
 
 
-_SEED = (
-    "SELECT b.tag, b.data FROM checkpoints AS c, json_each(c.channel_versions) AS v "
+_VALUES = (
+    "SELECT v.key, b.tag, b.data FROM checkpoints AS c, json_each(c.channel_versions) AS v "
     "CROSS JOIN blobs AS b ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns "
     "AND b.channel = v.key AND b.version = v.value "
-    "WHERE c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ? AND v.key = ?"
+    "WHERE c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ? AND {names}"
 )
+_SEED = _VALUES.format(names="v.key = ?")
+_CHAIN_LINKS = _VALUES.format(names="v.key GLOB '~*'")
 
 
 def walk_ancestors(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str,
@@ -82,6 +93,7 @@ def walk_ancestors(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str,
     params: dict[str, Any] = {"t": thread_id, "ns": checkpoint_ns, "id": checkpoint_id,
                               "limit": limit}
     params.update({f"c{i}": ch for i, ch in enumerate(asked)})
+    params.update({f"l{i}": link_name(0, ch) for i, ch in enumerate(asked)})
     rows = conn.execute(_walk_sql(k), params).fetchall()
     if not rows:
         return []
@@ -109,9 +121,15 @@ def walk_ancestors(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str,
         for ch, tag in zip(asked, tags, strict=True):
             if tag == _LOST:
                 missing.append(ch)
+            elif tag == _CHAIN:
+                for name, link_tag, data in conn.execute(
+                        _CHAIN_LINKS, (thread_id, checkpoint_ns, cid)):
+                    if channel_of(name) == ch:
+                        values[name] = Payload(link_tag, bytes(data))
             elif tag is not None and tag != EMPTY.tag:
-                seed = conn.execute(_SEED, (thread_id, checkpoint_ns, cid, ch)).fetchone()
-                values[ch] = Payload(seed[0], bytes(seed[1]))
+                _, seed_tag, data = conn.execute(_SEED, (thread_id, checkpoint_ns, cid, ch)
+                                                 ).fetchone()
+                values[ch] = Payload(seed_tag, bytes(data))
         mine = writes.get(cid, [])
         if len(mine) > 1:
             mine.sort(key=lambda w: (w.task_path, w.task_id, w.idx))
