@@ -18,9 +18,13 @@ a page of links per call::
 The rules are LangGraph's (``BaseCheckpointSaver.get_delta_channel_history``): the
 target's own writes and value do not count; a link's writes count for a channel
 until, and including, the first link that stores a value for it, whose value is
-the seed; the walk ends at the root or at a parent that is not stored, leaving
+the seed (a list this saver stored as a delta chain of its own, ``codec.chain``, is
+such a value: a channel that was a plain list before it became a ``DeltaChannel``);
+the walk ends at the root or at a parent that is not stored, leaving
 unseeded channels without a seed. Stubs are read without being rehydrated, as
-``list`` reads history.
+``list`` reads history. A chain that comes back to a checkpoint it passed (one
+stored again under its own descendant) ends there, as in LangGraph's SQLite saver:
+LangGraph's default walk would go round it forever.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tierstore.codec.chain import channel_of
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import CorruptPayload
 from tierstore.metrics import Metrics
@@ -44,10 +49,14 @@ call usually reaches the seed."""
 
 @dataclass(frozen=True, slots=True)
 class ChannelHistory:
-    """One channel's history, still encoded: writes oldest first, and the seed if any."""
+    """One channel's history, still encoded: writes oldest first, and the seed if any.
+
+    ``seed`` holds the stored values that make the seed, by stored name: the channel's
+    own value, or every link of the delta chain it was stored as (``codec.chain``).
+    """
 
     writes: tuple[WriteRecord, ...]
-    seed: Payload | None = None
+    seed: Mapping[str, Payload] | None = None
 
 
 async def channel_history(
@@ -63,25 +72,32 @@ async def channel_history(
     asked = list(dict.fromkeys(channels))
     remaining = list(asked)
     per_link: dict[str, list[tuple[WriteRecord, ...]]] = {ch: [] for ch in asked}
-    seeds: dict[str, Payload] = {}
+    seeds: dict[str, dict[str, Payload]] = {}
     warm = region.warm
     cursor = checkpoint_id
-    while remaining:
+    walked = {checkpoint_id}
+    looped = False
+    while remaining and not looped:
         links = await metrics.timed("warm", warm, "ancestors", warm.ancestors(
             thread_id, checkpoint_ns, cursor, remaining, limit=PAGE))
         for stored in links:
+            if stored.checkpoint_id in walked:
+                looped = True
+                break
+            walked.add(stored.checkpoint_id)
             link = stored
             if stored.location == "archived":
                 link = await _from_segment(region, thread_id, checkpoint_ns, stored, remaining)
-            else:
+            elif stored.missing:
                 _check_complete(thread_id, checkpoint_ns, stored, remaining)
             for ch in remaining:
                 per_link[ch].append(tuple(w for w in link.writes if w.channel == ch))
-            for ch in [c for c in remaining if c in link.values]:
-                seeds[ch] = link.values[ch]
-                remaining.remove(ch)
-            if not remaining:
-                break
+            if link.values:
+                for ch, stored_values in _seeds(link.values, remaining).items():
+                    seeds[ch] = stored_values
+                    remaining.remove(ch)
+                if not remaining:
+                    break
         if len(links) < PAGE:  # the root, or a parent no longer stored
             break
         cursor = links[-1].checkpoint_id
@@ -92,6 +108,19 @@ async def channel_history(
         )
         for ch in asked
     })
+
+
+def _seeds(values: Mapping[str, Payload], channels: Sequence[str]
+           ) -> dict[str, dict[str, Payload]]:
+    """The stored values of a link that seed each of ``channels`` it holds one for: the
+    channel's own value, else the links of its delta chain (a whole value wins, as
+    ``codec.chain.resolve_values`` has it)."""
+    found: dict[str, dict[str, Payload]] = {}
+    for name, payload in values.items():
+        ch = name if name in channels else channel_of(name)
+        if ch in channels:
+            found.setdefault(ch, {})[name] = payload
+    return {ch: {ch: stored[ch]} if ch in stored else stored for ch, stored in found.items()}
 
 
 async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link: ChainLink,
@@ -109,7 +138,8 @@ async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link
     return ChainLink(
         checkpoint_id=link.checkpoint_id,
         parent_id=link.parent_id,
-        values={ch: p for ch, p in record.blobs.items() if ch in wanted and p.tag != EMPTY.tag},
+        values={name: p for name, p in record.blobs.items()
+                if (name in wanted or channel_of(name) in wanted) and p.tag != EMPTY.tag},
         writes=tuple(writes),
         location="archived",
         archive_key=link.archive_key,
@@ -141,8 +171,12 @@ async def _expanded(region: Region, thread_id: str,
     async def one(history: ChannelHistory) -> ChannelHistory:
         payloads = await asyncio.gather(*(offloader.expand(w.payload, thread_id)
                                           for w in history.writes))
-        seed = None if history.seed is None else await offloader.expand(history.seed,
-                                                                       thread_id)
+        seed = None
+        if history.seed is not None:
+            names = list(history.seed)
+            seed = dict(zip(names, await asyncio.gather(*(
+                offloader.expand(history.seed[name], thread_id) for name in names)),
+                strict=True))
         return ChannelHistory(
             writes=tuple(WriteRecord(w.task_id, w.idx, w.channel, p, w.task_path)
                          for w, p in zip(history.writes, payloads, strict=True)),

@@ -226,7 +226,9 @@ class ChainLink:
     A ``DeltaChannel`` stores its value only now and then (a snapshot); in between, the
     value is the last snapshot plus the pending writes of every ancestor since. A link
     is what one ancestor contributes: ``values``, the asked channels it stores a value
-    for (an empty channel's marker left out, so a channel here is a seed), and
+    for (an empty channel's marker left out, so a channel here is a seed; a list the
+    saver stored as a delta chain, ``codec.chain``, comes as its links, by their stored
+    names), and
     ``writes``, its pending writes to the asked channels in ``writes_sort_key`` order
     (task_path, task_id, idx). A stub (``location="archived"``) has no values in warm
     (its segment has them) and carries only the writes warm still holds for it.

@@ -36,7 +36,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
-from tierstore.codec.chain import is_link_name, resolve_values
+from tierstore.codec.chain import ChainLink, is_link_name, parse_link_name, resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.delta import Chain, ChainWriter
@@ -630,6 +630,8 @@ class TieredSaver(
             if ch in fresh:
                 name, version, payload = chain.links[-1]
                 new_blobs.append(BlobRecord(name, version, payload))
+        self._add_unchanged_values(thread_id, ns, encoded, versions,
+                                   skip={*values, *fresh, *chains})
         md = get_serializable_checkpoint_metadata(config, metadata)
         record = CheckpointRecord.new(
             thread_id=thread_id,
@@ -734,6 +736,22 @@ class TieredSaver(
             encoded[ch] = payload
         return encoded
 
+    def _add_unchanged_values(self, thread_id: str, ns: str, encoded: dict[str, Payload],
+                              versions: Mapping[str, str], *, skip: Collection[str]) -> None:
+        """The payloads of channels a checkpoint names, unchanged, without a value of its own.
+
+        A ``DeltaChannel`` stores its value only at a snapshot; the checkpoints after it
+        name the same version and carry no value, but a warm read hands that version's
+        blob back with them. The hot copy carries it too when this saver encoded it (the
+        payload cache), or loading the thread from hot walks the ancestors for it.
+        """
+        cache = self._payload_cache
+        for ch, version in versions.items():
+            if ch not in skip:
+                payload = cache.get((thread_id, ns, ch, version))
+                if payload is not None:
+                    encoded[ch] = payload
+
     async def aput_writes(
         self,
         config: RunnableConfig,
@@ -782,8 +800,22 @@ class TieredSaver(
             for w in history.writes
         ]}
         if history.seed is not None:
-            entry["seed"] = codec.decode(history.seed, where=f"{where} seed")
+            entry["seed"] = self._decode_seed(channel, history.seed, where=f"{where} seed")
         return entry
+
+    def _decode_seed(self, channel: str, stored: Mapping[str, Payload], *, where: str) -> Any:
+        """A seed from its stored values: the channel's own, or the links of the delta
+        chain it was stored as, replayed and checked as a read of that checkpoint does
+        (the chain ends at the version of its deepest link)."""
+        codec = self.codec
+        if channel in stored:
+            return codec.decode(stored[channel], where=where)
+        decoded = {name: codec.decode(payload, where=where) for name, payload in stored.items()}
+        deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
+        last = decoded[deepest]
+        version = last.version if isinstance(last, ChainLink) else None
+        return resolve_values({channel: version} if version is not None else {}, decoded,
+                              where=where).values.get(channel)
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()

@@ -16,25 +16,36 @@ def value(n: int) -> Payload:
     return Payload("msgpack", f"snap-{n}".encode())
 
 
+async def put_link(warm: Any, thread: str, i: int, *, parent: int | None,
+                   snapshot: bool = False, ns: str = "") -> None:
+    """Checkpoint ``i``: channel ``d`` stores a value only if ``snapshot`` (else the empty
+    marker), channel ``p`` always; writes to both, and to a third channel, stored out of
+    order."""
+    d = value(i) if snapshot else EMPTY
+    await warm.put_checkpoint(
+        record(thread, i, parent=parent, ns=ns, versions={"d": f"{i:04d}", "p": f"{i:04d}"}),
+        [BlobRecord("d", f"{i:04d}", d), BlobRecord("p", f"{i:04d}", value(i))],
+        strict=False,
+    )
+    await warm.put_writes(thread, ns, cid(i), [
+        write("task-b", 0, f"d{i}b", channel="d", path="~b"),
+        write("task-a", 1, f"p{i}", channel="p", path="~a"),
+        write("task-a", 0, f"d{i}a", channel="d", path="~a"),
+        write("task-c", 0, f"x{i}", channel="x", path=""),
+    ])
+
+
 async def delta_chain(warm: Any, thread: str, n: int, *, snapshots: set[int],
                       ns: str = "") -> None:
-    """Checkpoints 0..n-1; channel ``d`` stores a value only at ``snapshots`` (else the
-    empty marker), channel ``p`` at every checkpoint; each checkpoint has writes to
-    both, and to a third channel, stored out of order."""
+    """Checkpoints 0..n-1, each the parent of the next (see ``put_link``)."""
     for i in range(n):
-        d = value(i) if i in snapshots else EMPTY
-        await warm.put_checkpoint(
-            record(thread, i, parent=i - 1 if i else None, ns=ns,
-                   versions={"d": f"{i:04d}", "p": f"{i:04d}"}),
-            [BlobRecord("d", f"{i:04d}", d), BlobRecord("p", f"{i:04d}", value(i))],
-            strict=False,
-        )
-        await warm.put_writes(thread, ns, cid(i), [
-            write("task-b", 0, f"d{i}b", channel="d", path="~b"),
-            write("task-a", 1, f"p{i}", channel="p", path="~a"),
-            write("task-a", 0, f"d{i}a", channel="d", path="~a"),
-            write("task-c", 0, f"x{i}", channel="x", path=""),
-        ])
+        await put_link(warm, thread, i, parent=i - 1 if i else None, snapshot=i in snapshots,
+                       ns=ns)
+
+
+def written(links: Any) -> list[bytes]:
+    """The payloads of the links' writes, newest link first."""
+    return [w.payload.data for link in links for w in link.writes]
 
 
 def ids(links: Any) -> list[str]:
@@ -139,3 +150,105 @@ async def test_stubs_carry_no_values_and_the_walk_goes_through_them(warm: Any) -
     # writes the segment does not hold stay on the stub, and come with it
     assert [w.payload.data for w in links[1].writes] == [b"d2a", b"d2b"]
     assert dict(links[-1].values) == {"d": value(0)}
+
+
+# -- the walk follows parent ids whatever the order of the ids around it ---------------
+
+
+async def test_a_branch_written_in_between_neither_seeds_nor_joins_the_walk(warm: Any) -> None:
+    """A fork that ran meanwhile leaves checkpoints whose ids sort between the start and
+    its ancestors, one of them a snapshot: a walk in id order would take them in, and
+    stop at that snapshot."""
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 3, snapshots=set())
+    await put_link(warm, t, 5, parent=2)
+    await put_link(warm, t, 6, parent=5, snapshot=True)
+    await put_link(warm, t, 9, parent=2)
+    links = await warm.ancestors(t, "", cid(9), ["d"], limit=100)
+    assert ids(links) == [cid(2), cid(1), cid(0)]
+    assert all(dict(link.values) == {} for link in links)
+    assert written(links) == [b"d2a", b"d2b", b"d1a", b"d1b", b"d0a", b"d0b"]
+    # and a start on that branch walks it, seeded by its snapshot
+    links = await warm.ancestors(t, "", cid(9 - 2), ["d"], limit=100)
+    assert ids(links) == []  # 7 is not stored
+    await put_link(warm, t, 7, parent=6)
+    links = await warm.ancestors(t, "", cid(7), ["d"], limit=100)
+    assert ids(links) == [cid(6)]
+    assert dict(links[0].values) == {"d": value(6)}
+
+
+async def test_a_parent_whose_id_sorts_above_its_child_is_followed(warm: Any) -> None:
+    """Ids are time-ordered only within one writer: a process whose clock runs behind
+    writes a child whose id sorts below its parent's."""
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 2, snapshots={0})
+    await put_link(warm, t, 3, parent=1, snapshot=True)  # a sibling below the parent
+    await put_link(warm, t, 8, parent=1)
+    await put_link(warm, t, 5, parent=8)
+    links = await warm.ancestors(t, "", cid(5), ["d"], limit=100)
+    assert ids(links) == [cid(8), cid(1), cid(0)]
+    assert dict(links[-1].values) == {"d": value(0)}
+    assert written(links) == [b"d8a", b"d8b", b"d1a", b"d1b", b"d0a", b"d0b"]
+
+
+async def test_a_parent_not_stored_ends_the_walk_though_older_ones_are(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 3, snapshots={0})
+    await put_link(warm, t, 4, parent=3)  # 3 was never stored (or was pruned)
+    await put_link(warm, t, 5, parent=4)
+    links = await warm.ancestors(t, "", cid(5), ["d"], limit=100)
+    assert ids(links) == [cid(4)]
+    assert written(links) == [b"d4a", b"d4b"]
+
+
+async def test_pages_cut_at_the_limit_and_go_on_across_a_branch(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 4, snapshots={1})
+    await put_link(warm, t, 6, parent=3, snapshot=True)
+    await put_link(warm, t, 7, parent=6)
+    await put_link(warm, t, 9, parent=3)
+    walked: list[str] = []
+    cursor = cid(9)
+    while page := await warm.ancestors(t, "", cursor, ["d"], limit=1):
+        assert len(page) == 1
+        walked += ids(page)
+        cursor = page[-1].checkpoint_id
+        if page[-1].values:
+            break
+    assert walked == [cid(3), cid(2), cid(1)]
+    # a page that ends on the seed holds it; the next starts below it
+    first = await warm.ancestors(t, "", cid(9), ["d"], limit=3)
+    assert ids(first) == [cid(3), cid(2), cid(1)]
+    assert dict(first[-1].values) == {"d": value(1)}
+    assert ids(await warm.ancestors(t, "", cid(1), ["d"], limit=3)) == [cid(0)]
+
+
+async def test_a_channel_seeded_first_stops_counting_its_writes(warm: Any) -> None:
+    """Two channels, seeded at different depths, across a page boundary."""
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 6, snapshots={1})
+    first = await warm.ancestors(t, "", cid(5), ["p", "d"], limit=2)
+    assert ids(first) == [cid(4), cid(3)]
+    assert dict(first[0].values) == {"p": value(4)}
+    assert {w.channel for w in first[0].writes} == {"d", "p"}
+    assert {w.channel for w in first[1].writes} == {"d"}
+    rest = await warm.ancestors(t, "", cid(3), ["d"], limit=2)
+    assert ids(rest) == [cid(2), cid(1)]
+    assert dict(rest[-1].values) == {"d": value(1)}
+
+
+async def test_a_list_stored_as_a_delta_chain_is_a_seed(warm: Any) -> None:
+    """The saver stores a list channel as links (``~0~d`` the snapshot, ``~1~d`` …) and the
+    checkpoint names the links instead of the channel: a value all the same, handed over
+    by the links' names."""
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 2, snapshots=set())
+    links = {"~0~d": ("0001", value(10)), "~1~d": ("0002@ab", value(11))}
+    await warm.put_checkpoint(
+        record(t, 2, parent=1, versions={name: v for name, (v, _) in links.items()}),
+        [BlobRecord(name, v, p) for name, (v, p) in links.items()], strict=False)
+    await put_link(warm, t, 3, parent=2)
+    await put_link(warm, t, 4, parent=3)
+    walked = await warm.ancestors(t, "", cid(4), ["d"], limit=100)
+    assert ids(walked) == [cid(3), cid(2)]
+    assert dict(walked[-1].values) == {"~0~d": value(10), "~1~d": value(11)}

@@ -211,13 +211,15 @@ class WarmRequests(Protocol):
 
         Without it, rebuilding such a channel costs one ``get`` per ancestor back to the
         last snapshot; this is a bounded number of round trips for up to ``limit`` links
-        (SQLite: one call on the store's thread; PostgreSQL: one recursive statement;
+        (SQLite: one call on the store's thread; PostgreSQL: one function call;
         MongoDB: a few queries per page of the namespace). The walk stops after
         ``limit`` links, at the root, at a parent that is not stored, and after the
         first link where every asked channel has had a value at some live link (older
-        links cannot change the rebuild). A stub's values are in cold: the walk goes
-        on through it and the caller reads its segment. Empty when ``checkpoint_id`` is
-        not stored or has no parent; the caller pages on from the last link's id.
+        links cannot change the rebuild); a channel named by the links of its delta
+        chain (``~0~channel``…, ``codec.chain``) has one, handed over as those links.
+        A stub's values are in cold: the walk goes on through it and the caller reads
+        its segment. Empty when ``checkpoint_id`` is not stored or has no parent; the
+        caller pages on from the last link's id.
         """
         ...
 

@@ -1,10 +1,11 @@
 """``sqlite:///path.db`` — the embedded warm tier, and the reference ``WarmStore``.
 
-Three modules, by concern::
+Four modules, by concern::
 
-    tiers/sqlite_base.py     one connection on one thread, schema, lifecycle, row upkeep
-    tiers/sqlite_tiering.py  WarmTiering: claims, expiry, archive stubs (the jobs)
-    tiers/sqlite.py          SqliteWarm: URL options, the request path, admin, usage
+    tiers/sqlite_base.py       one connection on one thread, schema, lifecycle, row upkeep
+    tiers/sqlite_tiering.py    WarmTiering: claims, expiry, archive stubs (the jobs)
+    tiers/sqlite.py            SqliteWarm: URL options, the request path, admin, usage
+    tiers/sqlite_ancestors.py  ``ancestors``: the parent chain a DeltaChannel rebuild reads
 
 Every operation is one function run on the store's single worker thread inside one
 transaction (see ``sqlite_base``): that is what makes the head compare-and-set and
@@ -31,7 +32,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import (
     ConfigurationError,
     InvalidInput,
@@ -54,6 +54,7 @@ from tierstore.records import (
 )
 from tierstore.settings import StoreUrl
 from tierstore.tiers.base import WarmStore
+from tierstore.tiers.sqlite_ancestors import walk_ancestors
 from tierstore.tiers.sqlite_tiering import SqliteTiering
 
 __all__ = ["SqliteWarm"]
@@ -278,65 +279,13 @@ class SqliteWarm(SqliteTiering, WarmStore):
         *,
         limit: int,
     ) -> builtins.list[ChainLink]:
-        """One call on the store's thread, in one read transaction: a primary-key probe
-        per link, per asked channel and for its writes (no network between them)."""
+        """One call on the store's thread, in one read transaction: a statement for the
+        walk and one for the writes (``tiers/sqlite_ancestors.py``)."""
         asked = list(dict.fromkeys(channels))
         if not asked or limit <= 0:
             return []
-
-        def walk(conn: sqlite3.Connection) -> builtins.list[ChainLink]:
-            links: builtins.list[ChainLink] = []
-            unseeded = set(asked)
-            row = conn.execute(
-                "SELECT parent_id FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
-                "AND checkpoint_id = ?", (thread_id, checkpoint_ns, checkpoint_id)).fetchone()
-            parent = row[0] if row else None
-            while parent is not None and unseeded and len(links) < limit:
-                row = conn.execute(
-                    "SELECT parent_id, channel_versions, location, archive_key FROM "
-                    "checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND "
-                    "checkpoint_id = ?", (thread_id, checkpoint_ns, parent)).fetchone()
-                if row is None:
-                    break
-                link = self._link(conn, thread_id, checkpoint_ns, parent, row,
-                                  asked=[c for c in asked if c in unseeded])
-                links.append(link)
-                unseeded.difference_update(link.values)
-                parent = link.parent_id
-            return links
-
-        return await self._run(lambda conn: self._read_tx(conn, walk))
-
-    @staticmethod
-    def _link(conn: sqlite3.Connection, thread_id: str, ns: str, cid: str,
-              row: Sequence[Any], *, asked: Sequence[str]) -> ChainLink:
-        parent_id, versions, location, archive_key = row
-        named: dict[str, str] = json.loads(versions or "{}") if location == "warm" else {}
-        values: dict[str, Payload] = {}
-        missing: builtins.list[str] = []
-        for channel in asked:
-            if channel not in named:
-                continue
-            blob = conn.execute(
-                "SELECT tag, data FROM blobs WHERE thread_id = ? AND checkpoint_ns = ? AND "
-                "channel = ? AND version = ?", (thread_id, ns, channel, named[channel]),
-            ).fetchone()
-            if blob is None:
-                missing.append(channel)
-            elif blob[0] != EMPTY.tag:
-                values[channel] = Payload(blob[0], bytes(blob[1]))
-        marks = ", ".join("?" for _ in asked)
-        writes = tuple(
-            WriteRecord(task_id, idx, channel, Payload(tag, bytes(data)), task_path)
-            for task_id, idx, channel, tag, data, task_path in conn.execute(
-                "SELECT task_id, idx, channel, tag, data, task_path FROM writes "
-                "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ? "
-                f"AND channel IN ({marks}) ORDER BY task_path, task_id, idx",
-                (thread_id, ns, cid, *asked),
-            )
-        )
-        return ChainLink(checkpoint_id=cid, parent_id=parent_id, values=values, writes=writes,
-                         location=location, archive_key=archive_key, missing=tuple(missing))
+        return await self._run(lambda conn: self._read_tx(conn, lambda c: walk_ancestors(
+            c, thread_id, checkpoint_ns, checkpoint_id, asked, limit=limit)))
 
     # -- writes -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
 
+from tierstore.codec.chain import channel_of
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import TierUnavailable
 from tierstore.records import ChainLink, Head, ListQuery, Payload, StoredCheckpoint, WriteRecord
@@ -251,7 +252,8 @@ class MongoReads(MongoSteps):
                 return []
             tags = await self._value_tags(flt, chain, asked)
             torn = [doc for doc in chain if doc.get("location") != "archived" and any(
-                (ch, v) not in tags for ch, v in versions_of(doc) if ch in asked)]
+                (ch, v) not in tags for ch, v in versions_of(doc)
+                if _owner(ch, asked) is not None)]
             if torn:  # an archive move may have turned them into stubs under this read
                 again = {d["checkpoint_id"]: d for d in await self._c("checkpoints").find(
                     {**flt, "checkpoint_id": {"$in": [d["checkpoint_id"] for d in torn]}},
@@ -282,7 +284,7 @@ class MongoReads(MongoSteps):
                           ) -> dict[tuple[str, str], str]:
         """(channel, version) -> payload tag of the asked values the live links name."""
         pairs = sorted({(ch, v) for doc in chain if doc.get("location") != "archived"
-                        for ch, v in versions_of(doc) if ch in asked})
+                        for ch, v in versions_of(doc) if _owner(ch, asked) is not None})
         results = await asyncio.gather(*(
             self._c("blobs").find(
                 {**flt, "$or": [{"channel": c, "version": v}
@@ -302,19 +304,26 @@ class MongoReads(MongoSteps):
             if not unseeded:
                 break
             wanted = [ch for ch in asked if ch in unseeded]
-            seeds: dict[str, str] = {}
+            seeds: dict[str, str] = {}  # stored name -> version, of the values that seed
+            chained: dict[str, dict[str, str]] = {}  # channel -> its delta chain's links
             missing: builtins.list[str] = []
             if doc.get("location") != "archived":
-                for ch, v in versions_of(doc):
-                    if ch not in unseeded:
+                for name, v in versions_of(doc):
+                    ch = _owner(name, asked)
+                    if ch is None or ch not in unseeded:
                         continue
-                    tag = tags.get((ch, v))
+                    tag = tags.get((name, v))
                     if tag is None:
                         missing.append(ch)
+                    elif name != ch:
+                        chained.setdefault(ch, {})[name] = v
                     elif tag != EMPTY.tag:
                         seeds[ch] = v
-            kept.append((doc, wanted, seeds, sorted(missing)))
-            unseeded.difference_update(seeds)
+            for ch, links in chained.items():
+                if ch not in seeds and ch not in missing:  # a whole value wins
+                    seeds.update(links)
+            kept.append((doc, wanted, seeds, sorted(set(missing))))
+            unseeded.difference_update(_owner(name, asked) for name in seeds)
         values_wanted = sorted({(ch, v) for _, _, seeds, _ in kept for ch, v in seeds.items()})
         ids = [doc["checkpoint_id"] for doc, _, _, _ in kept]
         blob_docs, write_docs = await asyncio.gather(
@@ -371,6 +380,15 @@ class MongoReads(MongoSteps):
             )
             for doc, seeded, pending, missing in staged
         ]
+
+
+def _owner(name: str, asked: Sequence[str]) -> str | None:
+    """The asked channel a stored name holds a value of: itself, or the channel whose
+    delta chain (``codec.chain``) it is a link of."""
+    if name in asked:
+        return name
+    ch = channel_of(name)
+    return ch if ch != name and ch in asked else None
 
 
 _CHAIN_FIELDS: Final[Mapping[str, int]] = {

@@ -14,6 +14,8 @@
                   ├─ put_writes      1 statement  tierstore_put_writes(): insert, count new rows
                   │   (with a lease token: the *_fenced variants, the fence row FOR SHARE first)
                   ├─ next_fence      1 statement  tierstore_next_fence(): bump the thread's fence
+                  ├─ ancestors       1 per page   tierstore_ancestors(): the parent chain by
+                  │                                primary key, seeds and writes of its links
                   ├─ delete / copy / prune        one transaction: lock heads, change, recompute
                   └─ claim           1 statement  FOR NO KEY UPDATE SKIP LOCKED; mark_archived
                                                   and rehydrate: one transaction under the lease
@@ -24,7 +26,7 @@ Modules, lowest first::
     sql         the schema, SQL fragments and maintenance statements several modules share
     migrations  the shipped migrations, applied once per database however many start
     pool        options, pool, lifecycle, driver errors translated, ``_run``
-    requests    head, get, list, put_checkpoint, put_writes, next_fence
+    requests    head, get, list, ancestors, put_checkpoint, put_writes, next_fence
     admin       delete, delete_for_runs, copy, publish, prune, usage
     tiering     claim, release, expire, index, mark_archived, rehydrate, archive refs
 """

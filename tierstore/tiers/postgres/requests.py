@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -90,55 +90,9 @@ _GET_LATEST = (
     + ") AS a"
 )
 
-# The ancestors of $3 in the stream ($1, $2), up to $5 links, for the channels $4.
-# Each link carries ``asked``: the channels no live link nearer the start stores a
-# value for; the recursion stops once a link leaves none (or at the root, or at a
-# parent that is not stored). Every step is a primary-key probe (checkpoint, blob),
-# and the values and writes of the links come back with them: one statement a page.
-_ANCESTORS = f"""
-WITH RECURSIVE chain AS (
-    SELECT c.sid, c.checkpoint_id, c.parent_id, c.archive_key, c.channel_versions,
-           1 AS depth, $4::text[] AS asked
-      FROM tierstore_checkpoints AS t
-      JOIN tierstore_checkpoints AS c ON c.sid = t.sid AND c.checkpoint_id = t.parent_id
-     WHERE t.sid = {SID} AND t.checkpoint_id = $3
-    UNION ALL
-    SELECT p.sid, p.checkpoint_id, p.parent_id, p.archive_key, p.channel_versions,
-           chain.depth + 1, n.asked
-      FROM chain
-     CROSS JOIN LATERAL (
-           SELECT ARRAY(
-                  SELECT a FROM unnest(chain.asked) AS a
-                   WHERE chain.archive_key IS NOT NULL OR NOT EXISTS (
-                         SELECT 1 FROM tierstore_blobs AS b
-                          WHERE b.sid = chain.sid AND b.channel = a
-                            AND b.version = chain.channel_versions ->> a
-                            AND b.tag <> 'empty')) AS asked) AS n
-      JOIN tierstore_checkpoints AS p
-        ON p.sid = chain.sid AND p.checkpoint_id = chain.parent_id
-     WHERE chain.depth < $5 AND cardinality(n.asked) > 0
-)
-SELECT chain.checkpoint_id, chain.parent_id, chain.archive_key, chain.depth,
-       v.channels AS value_channels, v.tags AS value_tags, v.data AS value_data,
-       w.task_ids, w.idxs, w.channels AS write_channels, w.tags AS write_tags,
-       w.data AS write_data, w.paths AS write_paths
-  FROM chain
- CROSS JOIN LATERAL (
-       SELECT array_agg(b.channel) AS channels, array_agg(b.tag) AS tags,
-              array_agg(b.data) AS data
-         FROM unnest(chain.asked) AS a
-         JOIN tierstore_blobs AS b
-           ON b.sid = chain.sid AND b.channel = a AND b.version = chain.channel_versions ->> a
-        WHERE chain.archive_key IS NULL AND b.tag <> 'empty') AS v
- CROSS JOIN LATERAL (
-       SELECT array_agg(w.task_id) AS task_ids, array_agg(w.idx) AS idxs,
-              array_agg(w.channel) AS channels, array_agg(w.tag) AS tags,
-              array_agg(w.data) AS data, array_agg(w.task_path) AS paths
-         FROM tierstore_writes AS w
-        WHERE w.sid = chain.sid AND w.checkpoint_id = chain.checkpoint_id
-          AND w.channel = ANY(chain.asked)) AS w
- ORDER BY chain.depth
-"""
+# The parent chain of $3 in the stream ($1, $2), up to $4 links, for the channels $5:
+# one row per link (per channel), per seed value and per write (0008).
+_ANCESTORS = "SELECT * FROM tierstore_ancestors($1, $2, $3, $4, $5)"
 
 _PUT_CHECKPOINT = (
     "SELECT o_ok, o_head, o_version, o_n_writes, o_conflict FROM tierstore_put_checkpoint("
@@ -281,9 +235,9 @@ class PostgresRequests(PostgresPool, WarmRequests, WarmFencing):
 
         async def body(conn: Conn) -> builtins.list[asyncpg.Record]:
             return await conn.fetch(_ANCESTORS, thread_id, checkpoint_ns, checkpoint_id,
-                                    asked, limit)
+                                    limit, asked)
 
-        return [_link(row) for row in await self._run("ancestors", body, read=True)]
+        return _links(await self._run("ancestors", body, read=True))
 
     # -- writes -------------------------------------------------------------------------
 
@@ -412,29 +366,39 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
     )
 
 
-def _link(row: asyncpg.Record) -> ChainLink:
-    values = {
-        channel: Payload(tag, data)
-        for channel, tag, data in zip(row["value_channels"] or (), row["value_tags"] or (),
-                                      row["value_data"] or (), strict=True)
-    }
-    writes = sorted(
-        (WriteRecord(task_id, idx, channel, Payload(tag, data), path)
-         for task_id, idx, channel, tag, data, path in zip(
-             row["task_ids"] or (), row["idxs"] or (), row["write_channels"] or (),
-             row["write_tags"] or (), row["write_data"] or (), row["write_paths"] or (),
-             strict=True)),
-        key=lambda w: (w.task_path, w.task_id, w.idx),
-    )
-    archive_key = row["archive_key"]
-    return ChainLink(
-        checkpoint_id=row["checkpoint_id"],
-        parent_id=row["parent_id"],
-        values=values,
-        writes=tuple(writes),
-        location="warm" if archive_key is None else "archived",
-        archive_key=archive_key,
-    )
+def _links(rows: Iterable[asyncpg.Record]) -> list[ChainLink]:
+    """``tierstore_ancestors`` rows as links, nearest first; writes in ``writes_sort_key``
+    order. A link comes once per channel still open at it.
+
+    Indexing the records and building each link once keeps this a small part of a walk:
+    it runs for every link of every history read.
+    """
+    at: dict[int, tuple[str, str | None, str | None, dict[str, Payload], list[WriteRecord]]] = {}
+    rest = []
+    for row in rows:
+        if row[4] is None:
+            if row[0] not in at:
+                at[row[0]] = (row[1], row[2], row[3], {}, [])
+        else:
+            rest.append(row)
+    for row in rest:
+        if row[7] is None:
+            at[row[0]][3][row[4]] = Payload(row[5], row[6])
+        else:
+            at[row[0]][4].append(
+                WriteRecord(row[7], row[8], row[4], Payload(row[5], row[6]), row[9]))
+    links: list[ChainLink] = []
+    for depth in sorted(at):
+        checkpoint_id, parent_id, archive_key, values, writes = at[depth]
+        if len(writes) > 1:
+            writes.sort(key=_write_order)
+        links.append(ChainLink(checkpoint_id, parent_id, values, tuple(writes),
+                               "warm" if archive_key is None else "archived", archive_key))
+    return links
+
+
+def _write_order(w: WriteRecord) -> tuple[str, str, int]:
+    return (w.task_path, w.task_id, w.idx)
 
 
 def _version_key(version: str) -> str:
