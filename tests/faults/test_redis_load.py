@@ -36,6 +36,7 @@ from tests.faults.conversations import Conversations, until, untranslated
 from tests.servers.proxy import TcpProxy
 from tests.servers.redis import RedisServer, unique_prefix, with_query
 from tierstore import TieredSaver
+from tierstore.settings import SaverOptions
 
 CONVERSATIONS = 16
 MESSAGE_BYTES = 300
@@ -76,6 +77,7 @@ async def kill_and_restart(stack: Stack, load: Conversations) -> None:
     stack.server.kill()
     before = dict(load.ended)
     await until(lambda: load.all_ended_since(before), "every thread turning without Redis")
+    await asyncio.sleep(WRITE_BEHIND_SECONDS)  # the hot updates of those turns are sent now
     stack.server.start()  # same port, empty, scripts forgotten
 
 
@@ -87,6 +89,7 @@ async def cut_connections(stack: Stack, load: Conversations) -> None:
         await until(lambda: sum(load.ended.values()) > done,  # noqa: B023 (awaited here)
                     "a turn after the cut")
     stack.proxy.refuse()  # and a window where Redis cannot be reached at all
+    await asyncio.sleep(WRITE_BEHIND_SECONDS)
     before = dict(load.ended)
     stack.proxy.cut()
     await until(lambda: load.all_ended_since(before), "every thread turning while refused")
@@ -97,6 +100,11 @@ async def stall_past_timeout(stack: Stack, load: Conversations) -> None:
     stack.proxy.stall()
     await asyncio.sleep(STALL_SECONDS)
     stack.proxy.resume()
+
+
+WRITE_BEHIND_SECONDS = 3 * SaverOptions().hot_write_delay
+"""Long enough for the write-behind queue to send (and fail) the hot updates of a turn:
+with ``hot_check="verify"`` a turn makes no other hot call."""
 
 
 def leases(saver: TieredSaver) -> Callable[[str], Any]:
