@@ -97,7 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload,
                    help="chat: messages in add_messages' channel; delta: in a DeltaChannel")
     p.add_argument("--pool-size", type=int, default=d.pool_size,
-                   help="postgres-nolock's pool and semaphore (default: --concurrency)")
+                   help="postgres-nolock's pool and semaphore (default: --concurrency), "
+                        "and tierstore's PostgreSQL pool (default: its own, 10)")
     p.add_argument("--savers", default=",".join(d.savers),
                    help=f"comma-separated, run in the order given; any of "
                         f"{', '.join(ALL_SAVERS)}")

@@ -85,7 +85,8 @@ class Settings:
     seed: int = 7
     repeat: int = 1
     workload: str = "chat"
-    pool_size: int = 0  # postgres-nolock's pool and semaphore; 0: as many as --concurrency
+    pool_size: int = 0  # postgres-nolock's pool and semaphore, and tierstore's pool
+    # (max_size); 0: postgres-nolock as many as --concurrency, tierstore its default (10)
 
     @property
     def pool(self) -> int:
@@ -325,8 +326,10 @@ async def open_saver(name: str, servers: Servers, admin: Admin,
         options = REDIS_PG_VARIANTS.get(name, {})
         hot = None if name == "tierstore-pg" else servers.redis_url(prefix)
         try:
-            saver = TieredSaver.from_urls(hot=hot, warm=servers.pg_url(database), cold=None,
-                                          **options)
+            warm = servers.pg_url(database)
+            if settings.pool_size:  # the same pool size as postgres-nolock's
+                warm += f"?max_size={settings.pool_size}"
+            saver = TieredSaver.from_urls(hot=hot, warm=warm, cold=None, **options)
             async with saver:
                 yield Opened(
                     saver,
