@@ -195,7 +195,10 @@ async def test_strict_refuses_an_input_that_would_discard_a_turn_in_progress(
         builder.add_edge(START, "slow")
         builder.add_edge("slow", END)
         app = builder.compile(checkpointer=saver)
-        first = asyncio.create_task(app.ainvoke(ask("first"), cfg("busy")))
+        # durability="sync": the turn's input is stored before its node runs (LangGraph's
+        # default stores it in the background, and a second input racing it on a new
+        # thread, with no head to name, is a plain VersionConflict)
+        first = asyncio.create_task(app.ainvoke(ask("first"), cfg("busy"), durability="sync"))
         await started.wait()
         with pytest.raises(TurnInProgress) as refused:
             await app.ainvoke(ask("second"), cfg("busy"))
