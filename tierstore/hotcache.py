@@ -225,16 +225,13 @@ class HotCache:
         it invalidates at once.
         """
         key = (thread_id, checkpoint_ns)
-        self._pending.pop(key, None)
-        self._inflight.pop(key, None)
         self._near.pop(key, None)
         if self.verify and self.delay > 0:
+            self._discard(key, keep_timer=True)  # the bound runs from the first drop
             self._dropped.add(key)
-            self._arm(key)  # an armed timer stays: the bound runs from the first drop
+            self._arm(key)
             return
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
+        self._discard(key)
         await self._guard(self.hot, "invalidate", self.hot.invalidate(*key), None)
 
     async def add_writes(
@@ -321,12 +318,14 @@ class HotCache:
             self._pending[key] = record
         self._arm(key)
 
-    def _discard(self, key: Key) -> None:
+    def _discard(self, key: Key, *, keep_timer: bool = False) -> None:
         """Drop the queued update of one (thread, ns): it is older than warm now and no
         exact copy replaces it. An update already in flight is refused by the hot
         store if a newer entry got there first, and fails the freshness check if not."""
         self._pending.pop(key, None)
         self._inflight.pop(key, None)
+        if keep_timer:
+            return
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()

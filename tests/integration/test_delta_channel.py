@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -16,6 +16,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
+from tests.calls import count_calls
 from tests.stacks import ARCHIVING_STACKS, STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.history import PAGE
@@ -240,21 +241,6 @@ async def test_offloaded_writes_and_seeds_are_read_back(archiving_urls: Urls) ->
 
 
 # -- round trips --------------------------------------------------------------------------
-
-
-def count_calls(store: Any, names: Sequence[str]) -> dict[str, int]:
-    """Wrap the store's methods on the instance and count each call."""
-    counts = dict.fromkeys(names, 0)
-    for name in names:
-        original = getattr(store, name)
-
-        def counted(*args: Any, _name: str = name,
-                    _original: Callable[..., Awaitable[Any]] = original, **kwargs: Any) -> Any:
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        setattr(store, name, counted)
-    return counts
 
 
 async def test_history_of_a_long_chain_costs_a_bounded_number_of_warm_calls(

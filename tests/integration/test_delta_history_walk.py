@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import operator
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -22,6 +22,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.graph import END, START, StateGraph
 
+from tests.calls import count_calls
 from tests.stacks import ARCHIVING_STACKS, STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.jobs.plan import TieringPolicy
@@ -171,21 +172,6 @@ async def test_a_head_after_a_snapshot_loads_without_a_walk(saver: TieredSaver) 
     latest = await saver.aget_tuple(cfg("snap"))
     assert latest is not None
     assert latest.checkpoint["channel_values"]["items"].value == ["a", "i0", "b", "i5"]
-
-
-def count_calls(store: Any, names: Sequence[str]) -> dict[str, int]:
-    """Wrap the store's methods on the instance and count each call."""
-    counts = dict.fromkeys(names, 0)
-    for name in names:
-        original = getattr(store, name)
-
-        def counted(*args: Any, _name: str = name,
-                    _original: Callable[..., Awaitable[Any]] = original, **kwargs: Any) -> Any:
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        setattr(store, name, counted)
-    return counts
 
 
 class Plain(TypedDict):
