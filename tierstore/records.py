@@ -177,6 +177,8 @@ class CheckpointMeta:
     location: Location
     archive_key: str | None
     size: int
+    metadata: Payload | None = None
+    """Only for the checkpoint an ``index`` call asked it of (``metadata_of``)."""
 
 
 @dataclass(frozen=True, slots=True)
