@@ -1,4 +1,5 @@
-"""PostgreSQL reads and marks a segment by key probes, however large the tables are.
+"""PostgreSQL claims heads, reads and marks a segment by key probes, however large the
+tables are.
 
 An archive move reads the segment's checkpoints, the channel values they name and their
 writes in one statement (``get_live``), then marks them (``mark_archived``). Joined
@@ -10,8 +11,11 @@ the statement's own parameters and as the generic plan a prepared statement keep
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,7 +25,12 @@ from tests.servers.postgres import with_query
 from tierstore.records import BlobRecord, Payload
 from tierstore.settings import StoreUrl
 from tierstore.tiers.postgres import PostgresWarm
-from tierstore.tiers.postgres.tiering import GET_LIVE, MARK_ALL_WRITES, MARK_PACKED_WRITES
+from tierstore.tiers.postgres.tiering import (
+    GET_LIVE,
+    MARK_ALL_WRITES,
+    MARK_PACKED_WRITES,
+    claim_statement,
+)
 
 CHECKPOINTS, CHANNELS, COPIES = 64, 9, 600
 
@@ -91,3 +100,41 @@ async def test_a_segment_is_read_and_marked_by_key_probes(postgres_url: str, sch
         assert "Hash Join" not in read, read
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("job", ["history", "idle"])
+async def test_a_claim_probes_the_checkpoints_of_the_heads_it_takes_only(
+    postgres_url: str, schema: str, job: str
+) -> None:
+    """Every head is sorted by age first; only then are heads probed for work, in that
+    order, until the batch is full: a claim of 5 on 601 eligible heads probes about 5,
+    where filtering before the sort probed every head of the store for every batch."""
+    conn = await asyncpg.connect(postgres_url, server_settings={"search_path": schema})
+    try:
+        await conn.execute("VACUUM ANALYZE tierstore_checkpoints, tierstore_heads")
+        now = time.time() + 3600
+        sql, params = claim_statement(
+            owner="me", now=now, lease_seconds=60, limit=5,
+            warm_before=now if job == "history" else None,
+            idle_before=now if job == "idle" else None, require_live=True, thread_id=None)
+        claiming = conn.transaction()
+        await claiming.start()
+        try:
+            rows = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *params)
+        finally:
+            await claiming.rollback()  # nothing of the claim is kept
+        probes = [n for n in _nodes(json.loads(rows[0][0])[0]["Plan"])
+                  if n.get("Relation Name") == "tierstore_checkpoints"]
+        assert probes, rows[0][0]
+        assert sum(n["Actual Loops"] for n in probes) <= 10, rows[0][0]
+        assert await conn.fetchval("SELECT count(*) FROM tierstore_heads "
+                                   "WHERE lease_owner IS NOT NULL") == 0
+    finally:
+        await conn.close()
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found.extend(_nodes(child))
+    return found

@@ -46,11 +46,19 @@ from tierstore.tiers.postgres.sql import (
     stream,
 )
 
+# The heads a claim considers are read and sorted first, on their own columns only
+# ({heads}); the probes of their checkpoints ({probes}) then run in that order and
+# stop once {limit} heads are locked. Filtered before the sort, every head of the store
+# would be probed on every claim (O(store) per batch). {heads} is checked again on the
+# locked row, which a concurrent release or claim may have changed.
 _CLAIM = """
 WITH picked AS (
-    SELECT h.sid FROM tierstore_heads AS h
-     WHERE {conditions}
-     ORDER BY h.updated_at
+    SELECT h.sid
+      FROM (SELECT h.sid, h.updated_at FROM tierstore_heads AS h
+             WHERE {heads} ORDER BY h.updated_at OFFSET 0) AS o
+      JOIN tierstore_heads AS h ON h.sid = o.sid
+     WHERE {heads}{probes}
+     ORDER BY o.updated_at
      LIMIT {limit}
        FOR NO KEY UPDATE OF h SKIP LOCKED)
 UPDATE tierstore_heads AS h SET lease_owner = {owner}, lease_until = {until}
@@ -166,6 +174,49 @@ UPDATE tierstore_heads AS h
 """
 
 
+def claim_statement(
+    *,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    warm_before: float | None,
+    idle_before: float | None,
+    require_live: bool,
+    thread_id: str | None,
+) -> tuple[str, list[Any]]:
+    """The statement (and its arguments) that leases heads for ``claim``."""
+    params: list[Any] = []
+
+    def arg(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    conds = ["h.head_id IS NOT NULL",
+             f"(h.lease_until IS NULL OR h.lease_until < {arg(now)})"]
+    probes = []
+    if thread_id is not None:
+        t = arg(thread_id)
+        conds.append(f"tierstore_key(h.thread_id) = {digest(t)} AND h.thread_id = {t}")
+    if warm_before is not None:
+        before = arg(warm_before)
+        conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
+                     f"h.settled_until < {before})")
+        probes.append(
+            "EXISTS (SELECT 1 FROM tierstore_checkpoints AS c WHERE c.sid = h.sid "
+            f"AND c.archive_key IS NULL AND c.created_at < to_timestamp({before}) "
+            "AND c.checkpoint_id <> h.head_id)"
+        )
+    if idle_before is not None:
+        conds.append(f"h.updated_at < to_timestamp({arg(idle_before)})")
+        if require_live:
+            probes.append("EXISTS (SELECT 1 FROM tierstore_checkpoints AS c "
+                          "WHERE c.sid = h.sid AND c.archive_key IS NULL)")
+    sql = _CLAIM.format(heads=" AND ".join(conds), probes="".join(f" AND {p}" for p in probes),
+                        limit=arg(limit), owner=arg(owner), until=arg(now + lease_seconds))
+    return sql, params
+
+
 class _NothingMarked(Exception):
     """Rolls back a ``mark_archived`` transaction that could not move every packed id."""
 
@@ -187,32 +238,10 @@ class PostgresTiering(PostgresPool, WarmTiering):
     ) -> Sequence[Claim]:
         """Lease heads with ``FOR NO KEY UPDATE SKIP LOCKED``: concurrent workers skip
         each other's rows (and heads a put holds) instead of queueing behind them."""
-        params: list[Any] = []
-
-        def arg(value: Any) -> str:
-            params.append(value)
-            return f"${len(params)}"
-
-        conds = ["h.head_id IS NOT NULL",
-                 f"(h.lease_until IS NULL OR h.lease_until < {arg(now)})"]
-        if thread_id is not None:
-            t = arg(thread_id)
-            conds.append(f"tierstore_key(h.thread_id) = {digest(t)} AND h.thread_id = {t}")
-        if warm_before is not None:
-            conds.append(
-                "EXISTS (SELECT 1 FROM tierstore_checkpoints AS c WHERE c.sid = h.sid "
-                f"AND c.archive_key IS NULL AND c.created_at < to_timestamp({arg(warm_before)}) "
-                "AND c.checkpoint_id <> h.head_id)"
-            )
-            conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
-                         f"h.settled_until < {arg(warm_before)})")
-        if idle_before is not None:
-            conds.append(f"h.updated_at < to_timestamp({arg(idle_before)})")
-            if require_live:
-                conds.append("EXISTS (SELECT 1 FROM tierstore_checkpoints AS c "
-                             "WHERE c.sid = h.sid AND c.archive_key IS NULL)")
-        sql = _CLAIM.format(conditions=" AND ".join(conds), limit=arg(limit), owner=arg(owner),
-                            until=arg(now + lease_seconds))
+        sql, params = claim_statement(
+            owner=owner, now=now, lease_seconds=lease_seconds, limit=limit,
+            warm_before=warm_before, idle_before=idle_before, require_live=require_live,
+            thread_id=thread_id)
 
         async def body(conn: Conn) -> list[asyncpg.Record]:
             return await conn.fetch(sql, *params)
