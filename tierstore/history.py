@@ -14,6 +14,7 @@ a page of links per call::
           (``Archive.materialize``: a segment is fetched once for many links) │
     per channel: the writes of each link until the one that stores a value ◄┘
           ─► offloaded payloads read back ─► ``ChannelHistory`` per channel
+          ─► ``decode_history``: what LangGraph receives, delta chains replayed
 
 The rules are LangGraph's (``BaseCheckpointSaver.get_delta_channel_history``): the
 target's own writes and value do not count; a link's writes count for a channel
@@ -32,15 +33,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from tierstore.codec.chain import channel_of
+from langgraph.checkpoint.base import DeltaChannelHistory
+
+from tierstore.codec import Codec
+from tierstore.codec.chain import ChainLink as DeltaLink
+from tierstore.codec.chain import channel_of, parse_link_name, resolve_values
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import CorruptPayload
 from tierstore.metrics import Metrics
 from tierstore.records import ChainLink, Payload, StoredCheckpoint, WriteRecord
 from tierstore.region import Region
 
-__all__ = ["PAGE", "ChannelHistory", "channel_history"]
+__all__ = ["PAGE", "ChannelHistory", "channel_history", "decode_history"]
 
 PAGE = 200
 """Links per warm call: a DeltaChannel snapshots every 100 updates by default, so one
@@ -186,3 +192,31 @@ async def _expanded(region: Region, thread_id: str,
     names = list(histories)
     done = await asyncio.gather(*(one(histories[ch]) for ch in names))
     return dict(zip(names, done, strict=True))
+
+
+def decode_history(codec: Codec, thread_id: str, channel: str,
+                   history: ChannelHistory) -> DeltaChannelHistory:
+    """One channel's history as LangGraph's ``get_delta_channel_history`` returns it."""
+    where = f"thread {thread_id!r} history of channel {channel!r}"
+    entry: DeltaChannelHistory = {"writes": [
+        (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
+        for w in history.writes
+    ]}
+    if history.seed is not None:
+        entry["seed"] = _decode_seed(codec, channel, history.seed, where=f"{where} seed")
+    return entry
+
+
+def _decode_seed(codec: Codec, channel: str, stored: Mapping[str, Payload], *,
+                 where: str) -> Any:
+    """A seed from its stored values: the channel's own, or the links of the delta
+    chain it was stored as, replayed and checked as a read of that checkpoint does
+    (the chain ends at the version of its deepest link)."""
+    if channel in stored:
+        return codec.decode(stored[channel], where=where)
+    decoded = {name: codec.decode(payload, where=where) for name, payload in stored.items()}
+    deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
+    last = decoded[deepest]
+    version = last.version if isinstance(last, DeltaLink) else None
+    return resolve_values({channel: version} if version is not None else {}, decoded,
+                          where=where).values.get(channel)
