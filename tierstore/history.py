@@ -59,10 +59,16 @@ class ChannelHistory:
 
     ``seed`` holds the stored values that make the seed, by stored name: the channel's
     own value, or every link of the delta chain it was stored as (``codec.chain``).
+    A warm store hands over a chain only whole (a link it lost makes the channel
+    missing at that link, and the walk refuses it); a segment keeps no list of the
+    names a checkpoint stored, so for a chain read from one ``seed_checkpoint`` is
+    that checkpoint, encoded: its ``channel_versions`` names the version the chain
+    must end at.
     """
 
     writes: tuple[WriteRecord, ...]
     seed: Mapping[str, Payload] | None = None
+    seed_checkpoint: Payload | None = None
 
 
 async def channel_history(
@@ -79,6 +85,7 @@ async def channel_history(
     remaining = list(asked)
     per_link: dict[str, list[tuple[WriteRecord, ...]]] = {ch: [] for ch in asked}
     seeds: dict[str, dict[str, Payload]] = {}
+    archived_seeds: dict[str, Payload] = {}
     warm = region.warm
     cursor = checkpoint_id
     walked = {checkpoint_id}
@@ -91,9 +98,10 @@ async def channel_history(
                 looped = True
                 break
             walked.add(stored.checkpoint_id)
-            link = stored
+            link, checkpoint = stored, None
             if stored.location == "archived":
-                link = await _from_segment(region, thread_id, checkpoint_ns, stored, remaining)
+                link, checkpoint = await _from_segment(region, thread_id, checkpoint_ns,
+                                                       stored, remaining)
             elif stored.missing:
                 _check_complete(thread_id, checkpoint_ns, stored, remaining)
             for ch in remaining:
@@ -101,6 +109,8 @@ async def channel_history(
             if link.values:
                 for ch, stored_values in _seeds(link.values, remaining).items():
                     seeds[ch] = stored_values
+                    if checkpoint is not None and ch not in stored_values:  # a chain
+                        archived_seeds[ch] = checkpoint
                     remaining.remove(ch)
                 if not remaining:
                     break
@@ -111,6 +121,7 @@ async def channel_history(
         ch: ChannelHistory(
             writes=tuple(w for writes in reversed(per_link[ch]) for w in writes),
             seed=seeds.get(ch),
+            seed_checkpoint=archived_seeds.get(ch),
         )
         for ch in asked
     })
@@ -130,9 +141,10 @@ def _seeds(values: Mapping[str, Payload], channels: Sequence[str]
 
 
 async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link: ChainLink,
-                        channels: Sequence[str]) -> ChainLink:
+                        channels: Sequence[str]) -> tuple[ChainLink, Payload]:
     """An archived link with its values and writes read from its segment (merged with
-    the writes stored on the stub after the move, as every read of a stub merges them)."""
+    the writes stored on the stub after the move, as every read of a stub merges them),
+    and its encoded checkpoint."""
     stub = StoredCheckpoint(
         thread_id=thread_id, checkpoint_ns=checkpoint_ns, checkpoint_id=link.checkpoint_id,
         parent_id=link.parent_id, checkpoint=EMPTY, metadata=EMPTY, blobs={},
@@ -149,7 +161,7 @@ async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link
         writes=tuple(writes),
         location="archived",
         archive_key=link.archive_key,
-    )
+    ), record.checkpoint
 
 
 def _check_complete(thread_id: str, checkpoint_ns: str, link: ChainLink,
@@ -183,10 +195,14 @@ async def _expanded(region: Region, thread_id: str,
             seed = dict(zip(names, await asyncio.gather(*(
                 offloader.expand(history.seed[name], thread_id) for name in names)),
                 strict=True))
+        checkpoint = history.seed_checkpoint
+        if checkpoint is not None:
+            checkpoint = await offloader.expand(checkpoint, thread_id)
         return ChannelHistory(
             writes=tuple(WriteRecord(w.task_id, w.idx, w.channel, p, w.task_path)
                          for w, p in zip(history.writes, payloads, strict=True)),
             seed=seed,
+            seed_checkpoint=checkpoint,
         )
 
     names = list(histories)
@@ -203,20 +219,32 @@ def decode_history(codec: Codec, thread_id: str, channel: str,
         for w in history.writes
     ]}
     if history.seed is not None:
-        entry["seed"] = _decode_seed(codec, channel, history.seed, where=f"{where} seed")
+        entry["seed"] = _decode_seed(codec, channel, history.seed, where=f"{where} seed",
+                                     checkpoint=history.seed_checkpoint)
     return entry
 
 
 def _decode_seed(codec: Codec, channel: str, stored: Mapping[str, Payload], *,
-                 where: str) -> Any:
+                 where: str, checkpoint: Payload | None = None) -> Any:
     """A seed from its stored values: the channel's own, or the links of the delta
-    chain it was stored as, replayed and checked as a read of that checkpoint does
-    (the chain ends at the version of its deepest link)."""
+    chain it was stored as, replayed and checked as a read of that checkpoint does.
+
+    The chain must end at the checkpoint's version of the channel. A warm store hands
+    over every link the checkpoint names or reports the channel missing, so there the
+    chain ends at its deepest link; a chain read from a segment ends at the version its
+    encoded ``checkpoint`` names, so that a link the segment lacks, the deepest too, is
+    ``CorruptPayload``, never a list missing its last items.
+    """
     if channel in stored:
         return codec.decode(stored[channel], where=where)
     decoded = {name: codec.decode(payload, where=where) for name, payload in stored.items()}
-    deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
-    last = decoded[deepest]
-    version = last.version if isinstance(last, DeltaLink) else None
+    if checkpoint is not None:
+        body = codec.decode(checkpoint, where=f"{where} checkpoint")
+        named = body.get("channel_versions") if isinstance(body, dict) else None
+        version = named.get(channel) if isinstance(named, dict) else None
+    else:
+        deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
+        last = decoded[deepest]
+        version = last.version if isinstance(last, DeltaLink) else None
     return resolve_values({channel: version} if version is not None else {}, decoded,
                           where=where).values.get(channel)
