@@ -232,7 +232,8 @@ class ChainLink:
     ``writes``, its pending writes to the asked channels in ``writes_sort_key`` order
     (task_path, task_id, idx). A stub (``location="archived"``) has no values in warm
     (its segment has them) and carries only the writes warm still holds for it.
-    ``missing``: asked channels the live checkpoint names whose value warm lost.
+    ``missing``: asked channels the live checkpoint names whose value warm lost (a
+    delta chain's: any of its links, the deepest too), none of it in ``values``.
     """
 
     checkpoint_id: str

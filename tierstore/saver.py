@@ -36,12 +36,12 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
-from tierstore.codec.chain import ChainLink, is_link_name, parse_link_name, resolve_values
+from tierstore.codec.chain import is_link_name, resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.delta import Chain, ChainWriter
 from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
-from tierstore.history import ChannelHistory
+from tierstore.history import decode_history
 from tierstore.jobs.plan import uses_delta_channels
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
@@ -788,34 +788,9 @@ class TieredSaver(
         thread_id, ns, checkpoint_id = checkpoint_ids(config)
         histories = await self._router.delta_history(thread_id, ns, checkpoint_id,
                                                      list(channels))
-        return {ch: self._decode_history(thread_id, ch, history)
+        codec = self.codec
+        return {ch: decode_history(codec, thread_id, ch, history)
                 for ch, history in histories.items()}
-
-    def _decode_history(self, thread_id: str, channel: str,
-                        history: ChannelHistory) -> DeltaChannelHistory:
-        codec = self.codec
-        where = f"thread {thread_id!r} history of channel {channel!r}"
-        entry: DeltaChannelHistory = {"writes": [
-            (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
-            for w in history.writes
-        ]}
-        if history.seed is not None:
-            entry["seed"] = self._decode_seed(channel, history.seed, where=f"{where} seed")
-        return entry
-
-    def _decode_seed(self, channel: str, stored: Mapping[str, Payload], *, where: str) -> Any:
-        """A seed from its stored values: the channel's own, or the links of the delta
-        chain it was stored as, replayed and checked as a read of that checkpoint does
-        (the chain ends at the version of its deepest link)."""
-        codec = self.codec
-        if channel in stored:
-            return codec.decode(stored[channel], where=where)
-        decoded = {name: codec.decode(payload, where=where) for name, payload in stored.items()}
-        deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
-        last = decoded[deepest]
-        version = last.version if isinstance(last, ChainLink) else None
-        return resolve_values({channel: version} if version is not None else {}, decoded,
-                              where=where).values.get(channel)
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()

@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
+from tierstore.codec.chain import channel_of
 from tierstore.errors import LeaseLost, MissingBlobs, VersionConflict
 from tierstore.policy import is_text
 from tierstore.records import (
@@ -91,7 +92,8 @@ _GET_LATEST = (
 )
 
 # The parent chain of $3 in the stream ($1, $2), up to $4 links, for the channels $5:
-# one row per link (per channel), per seed value and per write (0008).
+# one row per link (per channel), per seed value and per write (0008; a lost
+# link of a delta chain as a value with no tag, 0009).
 _ANCESTORS = "SELECT * FROM tierstore_ancestors($1, $2, $3, $4, $5)"
 
 _PUT_CHECKPOINT = (
@@ -368,12 +370,15 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
 
 def _links(rows: Iterable[asyncpg.Record]) -> list[ChainLink]:
     """``tierstore_ancestors`` rows as links, nearest first; writes in ``writes_sort_key``
-    order. A link comes once per channel still open at it.
+    order. A link comes once per channel still open at it. A delta chain's link the
+    checkpoint names but warm lost comes as a value with no tag (0009): its channel is
+    missing there, and none of its chain is handed over (a chain is a value only whole).
 
     Indexing the records and building each link once keeps this a small part of a walk:
     it runs for every link of every history read.
     """
     at: dict[int, tuple[str, str | None, str | None, dict[str, Payload], list[WriteRecord]]] = {}
+    lost: dict[int, set[str]] = {}
     rest = []
     for row in rows:
         if row[4] is None:
@@ -382,18 +387,24 @@ def _links(rows: Iterable[asyncpg.Record]) -> list[ChainLink]:
         else:
             rest.append(row)
     for row in rest:
-        if row[7] is None:
-            at[row[0]][3][row[4]] = Payload(row[5], row[6])
-        else:
+        if row[7] is not None:
             at[row[0]][4].append(
                 WriteRecord(row[7], row[8], row[4], Payload(row[5], row[6]), row[9]))
+        elif row[5] is None:
+            lost.setdefault(row[0], set()).add(channel_of(row[4]))
+        else:
+            at[row[0]][3][row[4]] = Payload(row[5], row[6])
     links: list[ChainLink] = []
     for depth in sorted(at):
         checkpoint_id, parent_id, archive_key, values, writes = at[depth]
         if len(writes) > 1:
             writes.sort(key=_write_order)
+        missing = lost.get(depth)
+        if missing:
+            values = {name: p for name, p in values.items() if channel_of(name) not in missing}
         links.append(ChainLink(checkpoint_id, parent_id, values, tuple(writes),
-                               "warm" if archive_key is None else "archived", archive_key))
+                               "warm" if archive_key is None else "archived", archive_key,
+                               tuple(sorted(missing)) if missing else ()))
     return links
 
 
