@@ -201,10 +201,10 @@ def migrate(hot: Hot = None, warm: Warm = None, cold: Cold = None,
 
 PricesFile = Annotated[Path | None, _option(
     "--prices",
-    help=f"price file (TOML) over the shipped list prices [env {PRICES_FILE_VARIABLE}]")]
+    help=f"price file (TOML) over the shipped list prices (env {PRICES_FILE_VARIABLE})")]
 PriceFlags = Annotated[list[str] | None, _option(
     "--price", help="KEY=VALUE, one price (e.g. warm.postgres.storage_gb_month=0.23); "
-                    f"repeatable [env {PRICES_VARIABLE}, comma-separated]")]
+                    f"repeatable (env {PRICES_VARIABLE}, comma-separated)")]
 
 
 def _prices(file: Path | None, pairs: list[str] | None) -> Any:
@@ -327,28 +327,28 @@ def plan(
     checkpoints: Annotated[str, _option(help="checkpoints stored today")] = "500M",
     checkpoints_per_month: Annotated[str, _option(help="checkpoints written a month")] = "100M",
     threads_per_month: Annotated[str | None, _option(
-        help="threads written a month, each then left [default: as many as keep today's "
-             "checkpoints per thread]")] = None,
+        help="threads written a month, each then left (default: as many as keep today's "
+             "checkpoints per thread)")] = None,
     reads_per_month: Annotated[str | None, _option(
-        help="state reads a month [default: one per checkpoint written]")] = None,
+        help="state reads a month (default: one per checkpoint written)")] = None,
     latest_read_share: Annotated[float, _option(
         help="share of reads on a thread's latest state")] = 0.95,
     cold_read_share: Annotated[float | None, _option(
-        help="share of the other reads that reach cold [default: cold's share of "
-             "checkpoints]")] = None,
+        help="share of the other reads that reach cold (default: cold's share of "
+             "checkpoints)")] = None,
     bytes_per_checkpoint: Annotated[str | None, _option(
-        help="warm bytes per checkpoint [default: tierstore's, measured: 2876]")] = None,
+        help="warm bytes per checkpoint (default: tierstore's, measured: 2876)")] = None,
     baseline_bytes: Annotated[str | None, _option(
-        help="bytes per checkpoint of the saver to compare with, or none [default: "
-             "AsyncPostgresSaver's, measured: 6701]")] = None,
+        help="bytes per checkpoint of the saver to compare with, or none (default: "
+             "AsyncPostgresSaver's, measured: 6701)")] = None,
     stub_bytes: Annotated[str | None, _option(
-        help="warm bytes an archived checkpoint leaves [default: measured, 935]")] = None,
+        help="warm bytes an archived checkpoint leaves (default: measured, 935)")] = None,
     head_bytes: Annotated[str | None, _option(
-        help="warm bytes of an idle thread's head [default: measured, 12404]")] = None,
+        help="warm bytes of an idle thread's head (default: measured, 12404)")] = None,
     hot_bytes: Annotated[str | None, _option(
-        help="Redis bytes of a cached thread [default: measured, 11064]")] = None,
+        help="Redis bytes of a cached thread (default: measured, 11064)")] = None,
     cold_bytes: Annotated[str | None, _option(
-        help="segment bytes per archived checkpoint [default: measured, 1123]")] = None,
+        help="segment bytes per archived checkpoint (default: measured, 1123)")] = None,
     hot_ttl: Annotated[str, _option(help="hot TTL, or none for no hot tier")] = "1h",
     archive_after: Annotated[str, _option(
         help="history older than this moves to cold (none: never)")] = "30d",
