@@ -260,9 +260,10 @@ class Template:
 class Layout:
     """How one backend's tables name a thread and a time.
 
-    ``keys``: per table, the columns that name the thread (``sid``, a per-(thread, ns)
-    key, or ``thread_id``). ``stamp`` turns epoch seconds into a stored time;
-    ``accessed`` is set to the creation time too when not None (SQLite: NOT NULL).
+    ``tables``: the stored name of each table. ``keys``: per table, the columns that
+    name the thread (``sid``, a per-(thread, ns) key, or ``thread_id``). ``stamp`` turns
+    epoch seconds into a stored time; with ``accessed``, ``accessed_at`` is set to the
+    creation time too (SQLite: NOT NULL; PostgreSQL leaves it NULL until a read).
     """
 
     tables: Mapping[str, str]
@@ -530,7 +531,7 @@ class Postgres:
                 tables = {"heads": heads}
                 for table in TABLES[1:]:
                     tables[table] = await conn.fetch(
-                        f"SELECT * FROM tierstore_{table} WHERE sid = $1", sid)
+                        f"SELECT * FROM {self.layout.tables[table]} WHERE sid = $1", sid)
                 out[thread_id] = {t: _rows(r, self.columns.setdefault(t, _names(r)))
                                   for t, r in tables.items()}
         return out
@@ -554,7 +555,7 @@ class Postgres:
                     async with conn.transaction():
                         for table in TABLES:
                             await conn.copy_records_to_table(
-                                f"tierstore_{table}", records=rows[table],
+                                self.layout.tables[table], records=rows[table],
                                 columns=list(self.columns[table]))
                     copied += sum(len(r) for r in rows.values())
 
@@ -578,7 +579,7 @@ class Postgres:
         start = time.perf_counter()
         async with self.connect() as conn:
             for table in TABLES:
-                await conn.execute(f"VACUUM ANALYZE tierstore_{table}")
+                await conn.execute(f"VACUUM ANALYZE {self.layout.tables[table]}")
         return time.perf_counter() - start
 
     async def size(self) -> StoreSize:
@@ -649,7 +650,8 @@ class Sqlite:
                 for thread_id in thread_ids:
                     tables: dict[str, Rows] = {}
                     for table in TABLES:
-                        cur = conn.execute(f"SELECT * FROM {table} WHERE thread_id = ?",
+                        cur = conn.execute(f"SELECT * FROM {self.layout.tables[table]} "
+                                           "WHERE thread_id = ?",
                                            (thread_id,))
                         names = tuple(d[0] for d in cur.description)
                         self.columns.setdefault(table, names)
@@ -675,7 +677,7 @@ class Sqlite:
                     for table in TABLES:
                         cols = self.columns[table]
                         conn.executemany(
-                            f"INSERT INTO {table} ({', '.join(cols)}) "
+                            f"INSERT INTO {self.layout.tables[table]} ({', '.join(cols)}) "
                             f"VALUES ({', '.join('?' * len(cols))})", rows[table])
                         copied += len(rows[table])
                     conn.execute("COMMIT")
