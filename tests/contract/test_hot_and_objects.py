@@ -180,11 +180,15 @@ async def test_objects_overwrite_is_atomic_replace(objects: Any) -> None:
 
 async def test_objects_iter_keys_by_prefix(objects: Any) -> None:
     base = f"p-{uuid.uuid4()}"
-    keys = [f"{base}/a/1", f"{base}/a/2", f"{base}/b/1"]
+    keys = [f"{base}/a/1", f"{base}/a/2", f"{base}/ab/1", f"{base}/b/1"]
     for key in keys:
         await objects.put(key, b"x")
     assert sorted([k async for k in objects.iter_keys(f"{base}/a/")]) == keys[:2]
+    assert sorted([k async for k in objects.iter_keys(f"{base}/a")]) == keys[:3]
     assert sorted([k async for k in objects.iter_keys(f"{base}/")]) == keys
+    assert sorted([k async for k in objects.iter_keys(f"{base}/a/1")]) == keys[:1]
+    assert [k async for k in objects.iter_keys(f"{base}/c/")] == []
+    assert [k async for k in objects.iter_keys(f"{base}//")] == []
 
 
 @pytest.mark.parametrize("segment", ["..", ".", "a b", "%2e%2e", "线程", "'; DROP", "*"])
@@ -193,3 +197,4 @@ async def test_objects_keys_cannot_escape(objects: Any, segment: str) -> None:
     await objects.put(key, b"payload")
     assert await objects.get(key) == b"payload"
     assert key in [k async for k in objects.iter_keys(key.split("/", maxsplit=1)[0] + "/")]
+    assert [k async for k in objects.iter_keys(key.rsplit("/", maxsplit=1)[0] + "/")] == [key]
