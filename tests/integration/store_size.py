@@ -23,16 +23,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 
+import tierstore
 from tierstore import TieredSaver
 from tierstore.codec.segment import thread_prefix
 from tierstore.jobs.plan import TieringPolicy
@@ -369,6 +371,36 @@ class DirectoryListings:
             self.armed = False
 
 
+class PythonLines:
+    """Lines of tierstore's own Python run on the calling thread while counting (a line
+    run again by a loop counts again): the work done in Python, such as walking a
+    cache's entries, which no store counts."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._root = str(Path(tierstore.__file__).parent)
+
+    def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename.startswith(self._root):
+            return self._line
+        return None
+
+    def _line(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.count += 1
+        return self._line
+
+    @contextmanager
+    def counting(self) -> Iterator[PythonLines]:
+        self.count = 0
+        previous = sys.gettrace()
+        sys.settrace(self._call)
+        try:
+            yield self
+        finally:
+            sys.settrace(previous)
+
+
 def fill_object_dirs(root: Path, thread_ids: list[str]) -> None:
     """Give each thread a segment and an offloaded object on disk (contents unread)."""
     from tierstore.tiers.file import FileStore
@@ -381,14 +413,79 @@ def fill_object_dirs(root: Path, thread_ids: list[str]) -> None:
             path.write_bytes(b"x")
 
 
-# -- comparing ----------------------------------------------------------------------------
+# -- measuring and comparing --------------------------------------------------------------
+
+StoreMeter = Callable[[Callable[[], Awaitable[Any]]], Awaitable[tuple[Any, int]]]
+"""Runs a call and returns its result and what it cost the warm store (buffers, VM
+steps, documents examined: each suite counts its own)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one operation cost: the warm store's own count, directories the file cold
+    tier listed, lines of tierstore's Python run."""
+
+    store: int
+    listings: int
+    lines: int | None
+
+
+Figures = dict[str, dict[str, Cost]]
+"""Operation -> phase ("few", then the larger stores) -> its cost."""
+
+
+async def measure_operation(saver: TieredSaver, name: str, t: Thread,
+                            meter: StoreMeter, *, python: bool = True) -> Cost:
+    """Run one operation on ``t`` (``run_operation``), counting only the call itself;
+    ``python``: count the lines of tierstore's Python too (tracing slows every Python
+    call of the process, an emulated store's included)."""
+    seen: list[Cost] = []
+
+    async def counted(call: Callable[[], Awaitable[Any]]) -> Any:
+        lines = PythonLines()
+        with DirectoryListings.get().counting() as listings, \
+                lines.counting() if python else nullcontext(lines):
+            result, n = await meter(call)
+        seen.append(Cost(n, listings.count, lines.count if python else None))
+        return result
+
+    await run_operation(saver, name, t, counted)
+    return seen[0]
+
 
 SLACK = 1.3
 """A cost may grow by this factor in the large store (a btree one level deeper adds a
 page per probe; caches and statistics shift a little). An O(store) step grows with
 the hundredfold number of threads."""
+FLOORS = {"store": 20, "listings": 2, "lines": 50}
+"""Absolute growth allowed on top of ``SLACK``, for costs too small for a ratio."""
 
 
 def bounded(few: int, many: int, *, floor: int) -> bool:
     """Whether ``many`` stays within ``SLACK`` of ``few`` (plus ``floor`` for small costs)."""
     return many <= few * SLACK + floor
+
+
+def report(figures: Figures, unit: str) -> None:
+    """Print the figures (``pytest -s``): operation, then each phase's costs."""
+    for name, phases in figures.items():
+        print(f"{name:28} " + "  ".join(
+            f"{phase}: {c.store} {unit}, {c.listings} listings"
+            + (f", {c.lines} lines" if c.lines is not None else "")
+            for phase, c in phases.items()))
+
+
+def assert_flat(figures: Figures, name: str, *, unit: str, sizes: Mapping[str, int]) -> None:
+    """Every phase of ``name`` costs what the small store's did, counter by counter."""
+    few = figures[name]["few"]
+    assert few.store > 0
+    for phase, cost in figures[name].items():
+        for counter, floor in FLOORS.items():
+            small, large = getattr(few, counter), getattr(cost, counter)
+            if small is None or large is None:
+                continue  # not counted by this suite
+            what = unit if counter == "store" else \
+                "directory listings" if counter == "listings" else "lines of tierstore Python"
+            assert bounded(small, large, floor=floor), (
+                f"{name}: {small} {what} with {sizes['few']} other threads, {large} with "
+                f"{sizes[phase]} ({phase})")

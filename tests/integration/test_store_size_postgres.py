@@ -7,7 +7,8 @@ on a private server started with the extension preloaded and autovacuum off, so
 nothing else runs and statistics change only when the test runs ``ANALYZE``. One
 connection serves the saver (``max_size=1``): every statement is prepared and every
 function compiled in the warm-up, not in the measured call. The cold tier is a
-directory, whose listings are counted as well.
+directory, whose listings are counted as well, and so are the lines of tierstore's
+Python each operation runs.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from tests.integration.store_size import (
     MANY,
     OPERATIONS,
     OPTIONS,
-    DirectoryListings,
-    bounded,
+    Figures,
+    assert_flat,
     build_thread,
     fill_object_dirs,
+    measure_operation,
+    report,
     run_operation,
 )
 from tests.servers.postgres import PrivateCluster
@@ -41,9 +44,6 @@ WARM_UP = 6
 """Runs of each operation before any is counted: every statement prepared, every
 function compiled, and past the five executions after which PostgreSQL may keep one
 generic plan for a prepared statement (made while the tables are small)."""
-
-Figures = dict[str, dict[str, tuple[int, int]]]
-"""Operation -> phase -> (buffers, directory listings)."""
 
 _COPY_HEADS = """
 INSERT INTO tierstore_heads (version, conflicts, updated_at, n_writes, thread_id,
@@ -100,17 +100,14 @@ class Buffers:
     def __init__(self, conn: asyncpg.Connection[Any]) -> None:
         self.conn = conn
 
-    async def measure(self, call: Callable[[], Awaitable[Any]]) -> tuple[Any, int, int]:
-        """``call``'s result, its buffers and its directory listings."""
-        listings = DirectoryListings.get()
+    async def __call__(self, call: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
         await self.conn.execute("SELECT pg_stat_statements_reset()")
-        with listings.counting():
-            result = await call()
+        result = await call()
         rows = await self.conn.fetch(
             "SELECT query, shared_blks_hit + shared_blks_read FROM pg_stat_statements "
             "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND query NOT LIKE '%pg_stat_statements%'")
-        return result, sum(int(r[1]) for r in rows), listings.count
+        return result, sum(int(r[1]) for r in rows)
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +147,7 @@ async def figures(cluster: PrivateCluster, tmp_path_factory: pytest.TempPathFact
             await admin.execute("ANALYZE")
             await _warm_up(saver, "many")
             await _measure(saver, meter, "many", out)
-        for name, phases in out.items():
-            print(f"{name:28} " + "  ".join(f"{phase} {b:>4} {n:>3}"
-                                              for phase, (b, n) in phases.items()))
+        report(out, "buffers")
         yield out
     finally:
         await admin.close()
@@ -168,30 +163,9 @@ async def _warm_up(saver: TieredSaver, phase: str) -> None:
 async def _measure(saver: TieredSaver, meter: Buffers, phase: str, out: Figures) -> None:
     for name in OPERATIONS:
         t = await build_thread(saver, f"{phase}-{name}-{uuid.uuid4().hex[:6]}")
-        out[name][phase] = await _counted(saver, meter, name, t)
-
-
-async def _counted(saver: TieredSaver, meter: Buffers, name: str, t: Any) -> tuple[int, int]:
-    seen: list[tuple[int, int]] = []
-
-    async def counted(call: Callable[[], Awaitable[Any]]) -> Any:
-        result, buffers, listings = await meter.measure(call)
-        seen.append((buffers, listings))
-        return result
-
-    await run_operation(saver, name, t, counted)
-    return seen[0]
+        out[name][phase] = await measure_operation(saver, name, t, meter)
 
 
 @pytest.mark.parametrize("name", list(OPERATIONS))
 def test_cost_follows_the_thread_not_the_store(figures: Figures, name: str) -> None:
-    few_buffers, few_listings = figures[name]["few"]
-    assert few_buffers > 0
-    for phase in ("grown", "many"):
-        buffers, listings = figures[name][phase]
-        assert bounded(few_buffers, buffers, floor=20), (
-            f"{name}: {few_buffers} buffers with {FEW} other threads, {buffers} with "
-            f"{MANY} ({phase})")
-        assert bounded(few_listings, listings, floor=2), (
-            f"{name}: {few_listings} directory listings with {FEW} other threads, "
-            f"{listings} with {MANY} ({phase})")
+    assert_flat(figures, name, unit="buffers", sizes={"few": FEW, "grown": MANY, "many": MANY})
