@@ -13,8 +13,9 @@ rows through an index; but a plan made while a table holds a page or two reads i
 whole instead, and a prepared statement may keep that plan as the table grows until
 the next ``ANALYZE``: each read would then cost the whole store. With sequential
 scans off, a statement an index serves probes it whatever the statistics say (as
-``tierstore_ancestors`` does, 0008); one no index serves (``usage``, a claim's pass
-over the heads) scans as before. Behind PgBouncer, list ``jit`` and
+``tierstore_ancestors`` does, 0008). A statement that reads a whole table still does:
+``usage`` scans it as before; a claim's pass over the heads walks their primary key
+instead (about twice the pages of that pass). Behind PgBouncer, list ``jit`` and
 ``enable_seqscan`` in ``ignore_startup_parameters``: both settings are then lost;
 ``statement_cache_size=0`` still plans each statement sent for its own call, but the
 statements inside the store's functions keep their plans until the next ``ANALYZE``.
