@@ -7,6 +7,18 @@ is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30
 live in this schema, created if missing), ``statement_cache_size=100`` (0 behind a
 transaction-pooling PgBouncer; run ``setup()`` once against the server itself, as
 migrations hold a session-level advisory lock).
+
+Connections plan with sequential scans off. Every statement of a request finds its
+rows through an index; but a plan made while a table holds a page or two reads it
+whole instead, and a prepared statement may keep that plan as the table grows until
+the next ``ANALYZE``: each read would then cost the whole store. With sequential
+scans off, a statement an index serves probes it whatever the statistics say (as
+``tierstore_ancestors`` does, 0008). A statement that reads a whole table still does:
+``usage`` scans it as before; a claim's pass over the heads walks their primary key
+instead (about twice the pages of that pass). Behind PgBouncer, list ``jit`` and
+``enable_seqscan`` in ``ignore_startup_parameters``: both settings are then lost;
+``statement_cache_size=0`` still plans each statement sent for its own call, but the
+statements inside the store's functions keep their plans until the next ``ANALYZE``.
 """
 
 from __future__ import annotations
@@ -128,7 +140,11 @@ class PostgresPool:
         """Open the pool and bring the schema up to date. Idempotent while open."""
         if not self._life.begin():
             return
-        settings = {"jit": "off"}  # planning JIT costs more than these short statements
+        settings = {
+            "jit": "off",  # planning JIT costs more than these short statements
+            # Plans that stay key probes whatever the tables' statistics say (see above).
+            "enable_seqscan": "off",
+        }
         if "application_name=" not in self._dsn:
             settings["application_name"] = "tierstore"
         if self.schema is not None:
