@@ -187,15 +187,38 @@ def demo(directory: Annotated[Path | None, _option(
     return EXIT_OK
 
 
-def migrate(hot: Hot = None, warm: Warm = None, cold: Cold = None,
-            regions: RegionsFile = None, region: RegionName = None) -> int:
-    """Create or upgrade schema, indexes, directories and buckets (idempotent)."""
+def migrate(
+    hot: Hot = None, warm: Warm = None, cold: Cold = None,
+    regions: RegionsFile = None, region: RegionName = None,
+    partitions: Annotated[int | None, _option(
+        help="hash-partition the PostgreSQL checkpoint tables by thread into N: a new "
+             "store is created so, one in use is converted online (resumable)")] = None,
+    batch_rows: Annotated[int, _option(
+        help="rows copied per transaction by a conversion")] = 2000,
+    abandon_partitioning: Annotated[bool, _option(
+        "--abandon-partitioning",
+        help="remove what an unfinished conversion made; the tables stay plain")] = False,
+    as_json: Json = False,
+) -> int:
+    """Create or upgrade schema, indexes, directories and buckets (idempotent); with
+    --partitions, lay out or convert the PostgreSQL tables."""
+    where = _Where(hot, warm, cold, regions, region)
+    layouts: dict[str, Any] = {}
+    if partitions is not None and abandon_partitioning:
+        raise InvalidInput("give --partitions or --abandon-partitioning, not both")
+    if partitions is not None or abandon_partitioning:
+        layouts = _partition(where, partitions, batch_rows=batch_rows, as_json=as_json)
 
     async def body(saver: TieredSaver) -> None:
         return None
 
-    _run(_Where(hot, warm, cold, regions, region), body)
-    print("schema and stores are up to date")
+    _run(where, body)
+    if as_json:
+        _emit({"ok": True, "partitioning": layouts}, True, lambda d: None)
+    else:
+        for name, report in layouts.items():
+            print(f"region {name}: {_layout_line(report)}")
+        print("schema and stores are up to date")
     return EXIT_OK
 
 
@@ -222,6 +245,49 @@ def _render_bill(title: str, bills: Mapping[str, Any]) -> None:
     rows = [(name, line["tier"], line["item"], _money(line["monthly"]), line["driver"])
             for name, bill in bills.items() for line in bill["lines"]]
     _table(title, rows, ("", "tier", "item", "a month", "what drives it"))
+
+
+def _partition(where: _Where, partitions: int | None, *, batch_rows: int,
+               as_json: bool) -> dict[str, Any]:
+    """Convert (or, with None, abandon converting) the PostgreSQL warm store of every region
+    the flags name, before any store is opened: one whose URL asks for ``partitions``
+    refuses to open until it is converted."""
+    from tierstore.tiers import open_store
+
+    spec = resolve_spec(hot=where.hot, warm=where.warm, cold=where.cold,
+                        regions_file=where.regions, region=where.region)
+    stores = {name: open_store("warm", urls.warm) for name, urls in spec.regions.items()}
+    for name, store in stores.items():
+        if store.backend != "postgres":
+            raise InvalidInput(f"--partitions and --abandon-partitioning apply to a PostgreSQL "
+                               f"warm tier; region {name!r} has {store.backend}")
+    from tierstore.tiers.postgres import PostgresWarm
+    from tierstore.tiers.postgres.partitions import Tuning
+
+    tuning = Tuning(batch_rows=batch_rows)
+    out: dict[str, Any] = {}
+    for name, store in stores.items():
+        assert isinstance(store, PostgresWarm)
+        if partitions is None:
+            out[name] = {"abandoned": asyncio.run(store.abandon_partitioning())}
+            continue
+        with _progress(f"partitioning {name}", not as_json) as progress:
+            report = asyncio.run(store.partition(partitions, tuning=tuning, progress=progress))
+        out[name] = report.as_dict()
+    return out
+
+
+def _layout_line(report: dict[str, Any]) -> str:
+    if "abandoned" in report:
+        return ("the unfinished conversion was removed" if report["abandoned"]
+                else "no conversion was underway")
+    n = report["partitions"]
+    if not report["converted"]:
+        return f"already hash-partitioned into {n}"
+    return (f"hash-partitioned into {n}: {report['rows_copied']} rows copied"
+            + (" (resumed)" if report["resumed"] else "")
+            + f", {report['threads_caught_up']} thread namespaces caught up, tables locked "
+            f"for {report['lock_seconds'] * 1000:.0f} ms")
 
 
 def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,

@@ -6,7 +6,11 @@ is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30
 ``connect_timeout=10``, ``setup_timeout=300`` (migrations), ``schema=NAME`` (tables
 live in this schema, created if missing), ``statement_cache_size=100`` (0 behind a
 transaction-pooling PgBouncer; run ``setup()`` once against the server itself, as
-migrations hold a session-level advisory lock).
+migrations hold a session-level advisory lock), ``partitions=N`` (2..1024: the
+checkpoint, blob and write tables are hash-partitioned by thread into N when the
+schema is created; a store already holding data in plain tables is refused and
+converted with ``tierstore migrate --partitions N``, one partitioned into another
+count is refused; see ``partitions.py``).
 
 Connections plan with sequential scans off. Every statement of a request finds its
 rows through an index; but a plan made while a table holds a page or two reads it
@@ -44,13 +48,14 @@ from tierstore.errors import (
 from tierstore.lifecycle import Lifecycle
 from tierstore.settings import StoreUrl, mask
 from tierstore.tiers.postgres.migrations import migrate
+from tierstore.tiers.postgres.partitions import check_count
 from tierstore.tiers.postgres.sql import Conn, quote_ident
 
 T = TypeVar("T")
 
 _OPTIONS: Final = frozenset({
     "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
-    "statement_cache_size",
+    "statement_cache_size", "partitions",
 })
 
 
@@ -71,6 +76,7 @@ class PostgresPool:
         setup_timeout: float = 300.0,
         schema: str | None = None,
         statement_cache_size: int = 100,
+        partitions: int | None = None,
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError(
@@ -87,6 +93,8 @@ class PostgresPool:
             raise ConfigurationError("postgres statement_cache_size cannot be negative")
         if schema is not None and not 0 < len(schema.encode("utf-8")) <= 63:
             raise ConfigurationError(f"postgres schema name must be 1..63 bytes, got {schema!r}")
+        if partitions is not None:
+            check_count(partitions)
         self._dsn = dsn
         self._secret = urlsplit(dsn).password
         self.url = masked if masked is not None else mask(dsn)
@@ -97,6 +105,7 @@ class PostgresPool:
         self.setup_timeout = setup_timeout
         self.schema = schema
         self.statement_cache_size = statement_cache_size
+        self.partitions = partitions
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
         self._releasing: set[asyncio.Task[None]] = set()
@@ -118,8 +127,8 @@ class PostgresPool:
         options.update(kw)
         parsed: dict[str, Any] = {}
         try:
-            for name in ("min_size", "max_size", "statement_cache_size"):
-                if name in options:
+            for name in ("min_size", "max_size", "statement_cache_size", "partitions"):
+                if name in options and options[name] is not None:
                     parsed[name] = int(options[name])
             for name in ("command_timeout", "connect_timeout", "setup_timeout"):
                 if name in options:
@@ -162,7 +171,7 @@ class PostgresPool:
             )
             async with self._pool.acquire(timeout=self.connect_timeout) as conn:
                 await migrate(conn, url=self.url, schema=self.schema,
-                              setup_timeout=self.setup_timeout)
+                              setup_timeout=self.setup_timeout, partitions=self.partitions)
         except BaseException as exc:
             pool, self._pool = self._pool, None
             if pool is not None:
