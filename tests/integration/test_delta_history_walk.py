@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import operator
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -27,6 +28,7 @@ from tests.calls import count_calls
 from tests.stacks import ARCHIVING_STACKS, STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.chain import parse_link_name
+from tierstore.codec.segment import pack_segment, segment_key
 from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion
@@ -334,23 +336,46 @@ async def test_a_seed_missing_a_link_of_its_chain_is_refused(saver: TieredSaver,
         await saver.aget_tuple(cfg(thread, seed))
 
 
+async def archive_as_read(saver: TieredSaver, thread: str, checkpoint_ids: list[str]) -> None:
+    """Archive checkpoints in one segment exactly as they read from warm, a lost value
+    left out: what a demotion did before it left such checkpoints warm (and still does
+    where a full read cannot tell a lost link: PostgreSQL's warm store). Segments written
+    that way are in cold stores now, and their reads must still refuse the loss."""
+    region = saver.regions.for_thread(thread)
+    assert region.cold is not None
+    records = [await region.warm.get(thread, "", c) for c in checkpoint_ids]
+    assert all(r is not None and r.location == "warm" for r in records)
+    data = pack_segment([r for r in records if r is not None], created_at=time.time())
+    key = segment_key(thread, "", data, nonce=uuid.uuid4().hex)
+    await region.cold.put(key, data)
+    now = time.time()
+    owner = f"archiver-{uuid.uuid4().hex[:8]}"
+    assert await region.warm.claim(owner=owner, now=now, lease_seconds=60, limit=1,
+                                   idle_before=now + 1, thread_id=thread)
+    try:
+        assert await region.warm.mark_archived(
+            thread, "", checkpoint_ids, archive_key=key, owner=owner,
+            now=now) == len(checkpoint_ids)
+    finally:
+        await region.warm.release(thread, "", owner=owner)
+
+
 @pytest.mark.parametrize("which", ["deepest", "middle"])
 async def test_an_archived_seed_missing_a_link_of_its_chain_is_refused(
         archiving_urls: Urls, which: str) -> None:
     """The link was lost in warm before its checkpoint was archived, so the segment
-    lacks it too. The head keeps its own seed live (it needs it); the seed's parent,
-    the seed of the seed's history, is archived."""
+    lacks it too: a segment keeps no list of the names a checkpoint stored, so the seed
+    read from it must end at the version that checkpoint names. Everything before the
+    seed is archived, its parent (the seed of the seed's history) included; a demotion
+    would keep that parent live, as the head's DeltaChannel counters reach back to it."""
     thread = f"lost-archived-{which}"
     async with archiving_urls.open() as saver:
         seed = await migrate_a_long_list(saver, thread)
-        seed_tuple = await saver.aget_tuple(cfg(thread, seed))
-        assert seed_tuple is not None and seed_tuple.parent_config is not None
-        older = seed_tuple.parent_config["configurable"]["checkpoint_id"]
+        ids = [t.config["configurable"]["checkpoint_id"] async for t in saver.alist(
+            cfg(thread), before=cfg(thread, seed))]
+        older = ids[0]  # the seed's parent
         await lose_link(saver, thread, older, which)
-        report = await HistoryDemotion(saver, TieringPolicy(
-            archive_after=0, archive_idle_after=0, segment_size=4)).run_once(
-                now=time.time() + 10 * 365 * 86400.0)
-        assert report.errors == [] and report.checkpoints > 0
+        await archive_as_read(saver, thread, ids)
         stub = await saver.regions.for_thread(thread).warm.get(thread, "", older)
         assert stub is not None and stub.location == "archived"
         await assert_history_refused(saver, thread, seed)
