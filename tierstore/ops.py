@@ -50,6 +50,7 @@ from tierstore.offload import OFFLOAD_PREFIX
 from tierstore.policy import (
     CHECKPOINT_ID_SKEW,
     MAX_ID_BYTES,
+    checked_channel_name,
     validate_checkpoint_id,
     validate_id,
 )
@@ -562,7 +563,8 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
                 or not isinstance(body.get("channel_versions", {}), dict)
                 or body.get("id", checkpoint_id) != checkpoint_id):
             raise CorruptPayload(f"{where}: not a checkpoint", where=where)
-        versions = {validate_id(str(k), what=f"{where}: channel name"):
+        versions = {checked_channel_name(validate_id(str(k), what=f"{where}: channel name"),
+                                         what=f"{where}: channel name"):
                     validate_id(str(v), what=f"{where}: channel version")
                     for k, v in body.get("channel_versions", {}).items()}
         blobs: list[BlobRecord] = []

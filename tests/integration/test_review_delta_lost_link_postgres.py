@@ -11,10 +11,16 @@ refused: archiving is what hides the loss.
 
 The channel starts as a plain ``list`` (no reducer: each node writes the whole list),
 then becomes a ``DeltaChannel``; the last checkpoint before the switch is the seed.
+
+The stores tell a link from a channel by its name alone, so a channel named like a
+link (``~1~items``) is refused when a checkpoint first names it: kept, it would read as
+part of ``items`` in a history walk (MongoDB, and every segment), and when empty (a
+``DeltaChannel`` between snapshots) as a lost link on PostgreSQL.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -26,7 +32,7 @@ from langgraph.graph import END, START, StateGraph
 
 from tests.stacks import ARCHIVING_STACKS, Urls
 from tierstore import TieredSaver
-from tierstore.errors import CorruptPayload
+from tierstore.errors import CorruptPayload, InvalidInput
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion, IdleArchival
 
@@ -153,3 +159,27 @@ async def test_a_seed_that_lost_its_only_link_is_refused_after_archiving(urls: U
         else:  # whole or refused (PostgreSQL rebuilt ['u0', 'u0', 'a1', 'u1', 'a3'])
             pytest.fail(f"rebuilt {state.values} from a seed that lost its link")
         assert "'items'" in refused
+
+
+@pytest.mark.parametrize(("name", "delta"), [("~1~items", False), ("~0~items", True)])
+async def test_a_channel_named_like_a_link_is_refused_before_it_is_stored(
+        urls: Urls, name: str, delta: bool) -> None:
+    """Beside a ``DeltaChannel`` ``items``: a plain list ``~1~items`` (a history walk
+    would take it for a link of ``items``) or a ``DeltaChannel`` ``~0~items`` (no value
+    between snapshots: on PostgreSQL no row, a lost link by its name)."""
+    reducer: Any = concat
+    items = Annotated[list[str], DeltaChannel(reducer, snapshot_frequency=3)]
+    other: Any = Annotated[list[str], DeltaChannel(reducer, snapshot_frequency=3)] \
+        if delta else list[str]
+    typed_dict: Any = TypedDict  # a channel name that is no identifier
+    state = typed_dict("state", {"items": items, name: other})
+    g: StateGraph[Any] = StateGraph(state)
+    g.add_node("a", lambda s: {"items": ["a"], name: ["o"] if delta else [*s[name], "o"]})
+    g.add_edge(START, "a")
+    g.add_edge("a", END)
+    async with urls.open() as saver:
+        app = g.compile(checkpointer=saver)
+        with pytest.raises(InvalidInput, match=re.escape(repr(name)) + ".*rename"):
+            await app.ainvoke({"items": ["u"], name: []}, cfg("named-like-a-link"))
+        stored = [t async for t in saver.alist(cfg("named-like-a-link"))]
+        assert all(name not in t.checkpoint["channel_versions"] for t in stored)
