@@ -120,6 +120,7 @@ class HotCache:
         self._inflight: dict[Key, StoredCheckpoint] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._dropped: set[Key] = set()  # hot entries to invalidate unless replaced first
+        self._invalidating: dict[str, int] = {}  # thread -> invalidations still on their way
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -134,6 +135,9 @@ class HotCache:
         hot = self.hot
         local = self.queued(thread_id, checkpoint_ns)
         if not self.verify:
+            if thread_id in self._invalidating:  # the hot entry may predate an unanswered write
+                self._count_hit(False)
+                return None
             if local is None:
                 local = await self._guard(hot, "get", hot.get(thread_id, checkpoint_ns), None)
             self._count_hit(local is not None)
@@ -274,10 +278,22 @@ class HotCache:
 
     def invalidate_soon(self, thread_id: str, *, floor: int) -> None:
         """``invalidate`` for a caller that cannot wait (it was cancelled): this
-        process's copies go at once, the hot entry in a task of its own."""
+        process's copies go at once, the hot entry in a task of its own. Until that
+        task ends, this process reads the thread from warm even with ``trusted``
+        (``verify`` compares every hot copy with warm's head anyway)."""
         self.forget([thread_id])
-        self._spawn(self._guard(self.hot, "invalidate",
-                                self.hot.invalidate(thread_id, floor=floor), None))
+        self._invalidating[thread_id] = self._invalidating.get(thread_id, 0) + 1
+
+        async def invalidate() -> None:
+            try:
+                await self._guard(self.hot, "invalidate",
+                                  self.hot.invalidate(thread_id, floor=floor), None)
+            finally:  # landed or given up: copies read from warm from now on are newer
+                left = self._invalidating.pop(thread_id) - 1
+                if left:
+                    self._invalidating[thread_id] = left
+
+        self._spawn(invalidate())
 
     def forget(self, thread_ids: Sequence[str]) -> None:
         """Drop this process's copies of the threads: queued hot updates and near entries."""
