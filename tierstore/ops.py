@@ -50,6 +50,7 @@ from tierstore.offload import OFFLOAD_PREFIX
 from tierstore.policy import (
     CHECKPOINT_ID_SKEW,
     MAX_ID_BYTES,
+    checked_channel_name,
     validate_checkpoint_id,
     validate_id,
 )
@@ -231,7 +232,8 @@ async def inspect_thread(saver: TieredSaver, thread_id: str) -> dict[str, Any]:
 
 EMPTY_WITHOUT_ROWS = frozenset({"postgres"})
 """Warm backends that store no blob for an empty channel (a version with no value):
-there, a version without a blob is missing only if a segment shows it had a value."""
+there, a version without a blob is missing only if a segment shows it had a value, or
+if the store reports a link of its delta chain lost (a link is never empty)."""
 
 
 async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, Any]:
@@ -339,11 +341,15 @@ async def _check_record(
     raw = body.get("channel_versions") if isinstance(body, dict) else None
     versions = {str(ch): str(v) for ch, v in (raw or {}).items()}
     chained = _check_chains(saver.codec, full, versions, where, bad)
+    # a link the store found no value for (never empty, unlike a channel: lost on
+    # every backend, PostgreSQL included)
+    lost_links = {channel_of(name) for name in row.missing if name not in versions}
     for channel, version in sorted(versions.items()):
         if channel in full.blobs or channel in chained:
             continue
         key = (row.thread_id, row.checkpoint_ns, channel, version)
-        if keeps_empty or (archived is not None and archived.get(key, False)):
+        if (keeps_empty or channel in lost_links
+                or (archived is not None and archived.get(key, False))):
             bad(row, f"channel {channel!r} version {version} resolves nowhere "
                      "(no warm blob, no offloaded object, no segment copy)")
     return versions
@@ -562,7 +568,8 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
                 or not isinstance(body.get("channel_versions", {}), dict)
                 or body.get("id", checkpoint_id) != checkpoint_id):
             raise CorruptPayload(f"{where}: not a checkpoint", where=where)
-        versions = {validate_id(str(k), what=f"{where}: channel name"):
+        versions = {checked_channel_name(validate_id(str(k), what=f"{where}: channel name"),
+                                         what=f"{where}: channel name"):
                     validate_id(str(v), what=f"{where}: channel version")
                     for k, v in body.get("channel_versions", {}).items()}
         blobs: list[BlobRecord] = []

@@ -112,8 +112,10 @@ class StoredCheckpoint:
     """
     missing: tuple[str, ...] = ()
     """Channels the live checkpoint names with no stored value (filled by the warm
-    stores that keep a blob for every version, an empty channel's included). The
-    router refuses such a record with ``CorruptPayload``; ``verify`` reports it."""
+    stores that keep a blob for every version, an empty channel's included, and for
+    the links of delta chains, never empty, by PostgreSQL too). The router refuses
+    such a record with ``CorruptPayload``, the archive jobs leave it warm and report
+    it; ``verify`` reports it."""
 
 
 @dataclass(frozen=True, slots=True)

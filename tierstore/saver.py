@@ -36,7 +36,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
-from tierstore.codec.chain import is_link_name, resolve_values
+from tierstore.codec.chain import resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.delta import Chain, ChainWriter
@@ -690,10 +690,10 @@ class TieredSaver(
         value per version hands back. Otherwise an unchanged channel is named as a
         whole value, which the put stores again if warm holds it only as links (as
         empty when the checkpoint carries no value: LangGraph then rebuilds a
-        ``DeltaChannel`` from its history). With a channel named like a link, nothing
-        is chained.
+        ``DeltaChannel`` from its history). No channel is named like a link:
+        ``checked_versions`` refused the put.
         """
-        if not self.options.delta or any(is_link_name(ch) for ch in versions):
+        if not self.options.delta:
             return {}
         chains: dict[str, Chain] = {}
         for ch, version in versions.items():

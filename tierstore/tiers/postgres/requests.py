@@ -55,21 +55,33 @@ _HEAD = (
 # planner would hash every blob version of the namespace to find a handful. The
 # page comes back in any order and is sorted in Python: sorting here would copy
 # every row with its payloads, and a large page would spill to disk.
+#
+# No row is stored for an empty channel, so a name without one is no value, except
+# for a link of a delta chain (``~<depth>~<channel>``, ``codec.chain``): a link is
+# never empty, so a live checkpoint naming one that has no row lost it. The same
+# probes (joined LEFT) return those names as ``lost_links``; the saver refuses the
+# record and the archive jobs leave it warm, as on the stores that keep a row for
+# every version. ``aput`` refuses a channel named like a link, so such a name is one.
 _ASSEMBLE = """
 SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_id, c.checkpoint_tag,
        c.checkpoint, c.metadata_tag, c.metadata, c.archive_key,
        b.channels AS blob_channels, b.tags AS blob_tags, b.data AS blob_data,
+       b.lost_links,
        w.task_ids, w.idxs, w.channels AS write_channels, w.tags AS write_tags,
        w.data AS write_data, w.paths AS write_paths
   FROM ({page}) AS c
  CROSS JOIN LATERAL (
-       SELECT array_agg(b.channel) AS channels, array_agg(b.tag) AS tags,
-              array_agg(b.data) AS data
+       SELECT array_agg(b.channel) FILTER (WHERE b.channel IS NOT NULL) AS channels,
+              array_agg(b.tag) FILTER (WHERE b.channel IS NOT NULL) AS tags,
+              array_agg(b.data) FILTER (WHERE b.channel IS NOT NULL) AS data,
+              array_agg(v.channel) FILTER (
+                  WHERE b.channel IS NULL AND c.archive_key IS NULL
+                    AND v.channel ~ '^~(0|[1-9][0-9]{{0,3}})~') AS lost_links
          FROM jsonb_each_text(c.channel_versions) AS v(channel, version)
-        CROSS JOIN LATERAL (
+         LEFT JOIN LATERAL (
               SELECT b.channel, b.tag, b.data FROM tierstore_blobs AS b
                WHERE b.sid = c.sid AND b.channel = v.channel AND b.version = v.version
-               LIMIT 1) AS b) AS b
+               LIMIT 1) AS b ON true) AS b
  CROSS JOIN LATERAL (
        SELECT array_agg(w.task_id) AS task_ids, array_agg(w.idx) AS idxs,
               array_agg(w.channel) AS channels, array_agg(w.tag) AS tags,
@@ -354,6 +366,7 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
         )
     )
     archive_key = row["archive_key"]
+    lost = row["lost_links"]
     return StoredCheckpoint(
         thread_id=row["thread_id"],
         checkpoint_ns=row["checkpoint_ns"],
@@ -365,6 +378,7 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
         writes=writes,
         location="warm" if archive_key is None else "archived",
         archive_key=archive_key,
+        missing=tuple(sorted(lost)) if lost else (),
     )
 
 
