@@ -427,9 +427,9 @@ def plan(
     threads_per_segment: Annotated[float, _option(
         help="what if a segment held several threads (tierstore writes one)")] = 1.0,
     segment_size: Annotated[int, _option(help="checkpoints per segment at most")] = 200,
-    worker_interval: Annotated[str, _option(
+    gc_interval: Annotated[str, _option(
         help="how often the worker runs cold-gc, which lists the bucket (none: never)")
-    ] = "5m",
+    ] = "1d",
     warm_backend: Annotated[str, _option(help="postgres, mongodb or sqlite")] = "postgres",
     months: Annotated[int, _option(help="months to project")] = 12,
     prices: PricesFile = None, price: PriceFlags = None, as_json: Json = False,
@@ -470,7 +470,7 @@ def plan(
                                      parse_duration),
         storage_class=storage_class.strip().upper(), segment_size=segment_size,
         segments_per_thread=segments_per_thread, threads_per_segment=threads_per_segment,
-        worker_interval=_optional(worker_interval, "--worker-interval", parse_duration),
+        gc_interval=_optional(gc_interval, "--gc-interval", parse_duration),
     )
     table = _prices(prices, price)
     data = {**cost.plan(workload, policy, table, months=months).as_dict(),
@@ -640,7 +640,9 @@ def verify(hot: Hot = None, warm: Warm = None, cold: Cold = None,
 def worker(
     hot: Hot = None, warm: Warm = None, cold: Cold = None,
     regions: RegionsFile = None, region: RegionName = None,
-    interval: Annotated[str, _option(help="time between runs of each job")] = "5m",
+    interval: Annotated[str, _option(help="time between runs of each job but cold-gc")] = "5m",
+    gc_interval: Annotated[str, _option(
+        help="time between runs of cold-gc, which lists the whole cold store")] = "1d",
     archive_after: Annotated[str, _option()] = "30d",
     archive_idle_after: Annotated[str, _option()] = "90d",
     expire_after: Annotated[str | None, _option()] = None,
@@ -665,12 +667,14 @@ def worker(
         expire_after=parse_duration(expire_after) if expire_after else None,
     )
     every = parse_duration(interval)
+    gc_every = parse_duration(gc_interval)
 
     async def body(saver: TieredSaver) -> dict[str, Any]:
         jobs = [HotExpiry(saver, policy), HistoryDemotion(saver, policy),
                 IdleArchival(saver, policy), Retention(saver, policy),
                 Rehydrate(saver, policy), ColdGC(saver, policy)]
-        scheduler = Scheduler([(job, every) for job in jobs])
+        scheduler = Scheduler([(job, gc_every if isinstance(job, ColdGC) else every)
+                               for job in jobs])
 
         def write_health() -> None:
             if health_file is not None:
@@ -685,7 +689,8 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         scheduler.on_report = lambda report: write_health()
-        print(f"tierstore worker: {len(jobs)} jobs every {interval}", file=sys.stderr)
+        print(f"tierstore worker: {len(jobs) - 1} jobs every {interval}, cold-gc every "
+              f"{gc_interval}", file=sys.stderr)
         await scheduler.run(stop)
         write_health()
         return scheduler.health()

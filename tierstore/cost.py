@@ -569,14 +569,14 @@ class Policy:
     threads_per_segment: float = 1.0
     """Threads whose checkpoints share one segment. tierstore writes one (thread,
     namespace) per segment: above 1 is a what-if for packing several into one object."""
-    worker_interval: float | None = 300.0
+    gc_interval: float | None = 86400.0
     """How often the worker's cold-gc lists the bucket; None: never."""
 
     def __post_init__(self) -> None:
-        for name in ("hot_ttl", "archive_after", "archive_idle_after", "worker_interval"):
+        for name in ("hot_ttl", "archive_after", "archive_idle_after", "gc_interval"):
             _check_amount(getattr(self, name), name)
-        if self.worker_interval is not None and self.worker_interval <= 0:
-            raise InvalidInput("worker_interval must be above 0 seconds")
+        if self.gc_interval is not None and self.gc_interval <= 0:
+            raise InvalidInput("gc_interval must be above 0 seconds")
         if not isinstance(self.segment_size, int) or self.segment_size < 1:
             raise InvalidInput(f"segment_size must be a positive integer, got "
                                f"{self.segment_size!r}")
@@ -728,15 +728,15 @@ def _tiered(workload: Workload, policy: Policy, prices: Prices, at: Layout) -> B
             lines.append(_segment_reads(
                 prices, policy.storage_class, reads, mean,
                 f"{_n(history_reads)} history reads a month, {share:.0%} of them in cold"))
-        if policy.worker_interval is not None and at.segments:
-            runs = SECONDS_PER_MONTH / policy.worker_interval
+        if policy.gc_interval is not None and at.segments:
+            runs = SECONDS_PER_MONTH / policy.gc_interval
             listed = runs * math.ceil(at.segments / 1000)
             standard = prices.cold["STANDARD"]
             lines.append(Line(
                 tier="cold", item="cold-gc listings", quantity=listed, unit="requests",
                 monthly=listed / 1000 * standard.list_per_1000,
-                driver=f"{_n(runs)} worker runs a month (every "
-                       f"{policy.worker_interval / 60:g} min), each listing "
+                driver=f"{_n(runs)} cold-gc runs a month (every "
+                       f"{policy.gc_interval / 60:g} min), each listing "
                        f"{_n(at.segments)} objects, 1,000 per LIST at "
                        f"${standard.list_per_1000:g}/1,000"))
         price: ColdPrice = prices.cold[policy.storage_class]

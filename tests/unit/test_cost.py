@@ -157,7 +157,7 @@ WORKLOAD = cost.Workload(threads=1000, checkpoints=10_000, checkpoints_per_month
                          cold_bytes=512 * KiB)
 POLICY = cost.Policy(hot_ttl=0.01 * MONTH, archive_after=0.5 * MONTH,
                      archive_idle_after=1.0 * MONTH, storage_class="STANDARD",
-                     worker_interval=DAY)
+                     gc_interval=DAY)
 
 
 def lines(bill: cost.Bill) -> dict[str, cost.Line]:
@@ -291,7 +291,7 @@ def test_a_bad_workload_is_refused_naming_the_field(change: dict[str, Any], name
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"archive_after": -1.0}, "archive_after"),
-    ({"worker_interval": 0.0}, "worker_interval"),
+    ({"gc_interval": 0.0}, "gc_interval"),
     ({"segment_size": 0}, "segment_size"),
     ({"threads_per_segment": 0.5}, "threads_per_segment"),
 ])
