@@ -57,7 +57,12 @@ def mongo_warm(request: pytest.FixtureRequest) -> AbstractAsyncContextManager[An
     return _opened(request.getfixturevalue("mongo_db").store())
 
 
-def postgres_warm(request: pytest.FixtureRequest) -> AbstractAsyncContextManager[Any]:
+PARTITIONS = 16
+"""The partitioned PostgreSQL variants hash-partition the tables into this many."""
+
+
+def postgres_warm(request: pytest.FixtureRequest, partitions: int | None = None
+                  ) -> AbstractAsyncContextManager[Any]:
     """A schema of its own in the session database, dropped afterwards.
 
     Claims scan every head of a store, so a store shared with other tests would see
@@ -73,7 +78,8 @@ def postgres_warm(request: pytest.FixtureRequest) -> AbstractAsyncContextManager
 
         schema = f"contract_{uuid.uuid4().hex[:12]}"
         try:
-            async with _opened(PostgresWarm.from_url(StoreUrl.parse(url), schema=schema)) as s:
+            async with _opened(PostgresWarm.from_url(StoreUrl.parse(url), schema=schema,
+                                                     partitions=partitions)) as s:
                 yield s
         finally:
             conn = await asyncpg.connect(url)
@@ -83,6 +89,12 @@ def postgres_warm(request: pytest.FixtureRequest) -> AbstractAsyncContextManager
                 await conn.close()
 
     return opened(request.getfixturevalue("postgres_url"))
+
+
+def postgres_partitioned_warm(request: pytest.FixtureRequest
+                              ) -> AbstractAsyncContextManager[Any]:
+    """PostgreSQL with the checkpoint tables hash-partitioned by thread."""
+    return postgres_warm(request, PARTITIONS)
 
 
 def memory_hot(request: pytest.FixtureRequest) -> AbstractAsyncContextManager[Any]:
@@ -135,6 +147,7 @@ def redis_hot(fixture: str) -> Factory:
 
 
 WARM: dict[str, Factory] = {"mongo": mongo_warm, "postgres": postgres_warm,
+                           "postgres-partitioned": postgres_partitioned_warm,
                            "sqlite": sqlite_warm}
 HOT: dict[str, Factory] = {"memory": memory_hot,
                           "redis": redis_hot("redis_url"),
@@ -203,11 +216,12 @@ def s3_cold(request: pytest.FixtureRequest, storage_class: str = "STANDARD_IA") 
     return s3_url(request.getfixturevalue("moto_endpoint"), storage_class=storage_class)
 
 
-def postgres_warm_url(request: pytest.FixtureRequest) -> str:
+def postgres_warm_url(request: pytest.FixtureRequest, partitions: int | None = None) -> str:
     """The session's test database, with a schema of this test's own."""
     base: str = request.getfixturevalue("postgres_url")
     sep = "&" if "?" in base else "?"
-    return f"{base}{sep}schema=t_{uuid.uuid4().hex[:16]}&max_size=5"
+    layout = "" if partitions is None else f"&partitions={partitions}"
+    return f"{base}{sep}schema=t_{uuid.uuid4().hex[:16]}&max_size=5{layout}"
 
 
 def postgres_only(request: pytest.FixtureRequest, tmp: Path) -> Stack:
@@ -229,6 +243,10 @@ def redis_mongo_s3(request: pytest.FixtureRequest, tmp: Path) -> Stack:
                  shared_across_processes=target.real)
 
 
+def postgres_partitioned(request: pytest.FixtureRequest, tmp: Path) -> Stack:
+    return Stack("postgres-partitioned", None, postgres_warm_url(request, PARTITIONS), None)
+
+
 def postgres_file(request: pytest.FixtureRequest, tmp: Path) -> Stack:
     return Stack("postgres+file", None, postgres_warm_url(request), f"file://{tmp}/cold")
 
@@ -240,6 +258,12 @@ STACKS: dict[str, StackBuilder] = {
     "redis+postgres+s3": redis_postgres_s3,
     "redis+mongo+s3": redis_mongo_s3,
 }
+CONFORMANCE_ONLY_STACKS: dict[str, StackBuilder] = {
+    "postgres-partitioned": postgres_partitioned,
+}
+"""Variants LangGraph's conformance suite also runs on, kept out of the other integration
+suites: a layout of a backend whose behaviour the contract suite checks store by store
+(``WARM``) needs the saver's end-to-end check once, not every integration suite again."""
 TIERED_STACKS = {"embedded", "redis+postgres+s3", "redis+mongo+s3"}
 """Stacks with a cold tier, where the tiering jobs run."""
 MULTIPROCESS_STACKS = {"embedded", "redis+postgres+s3"} | (

@@ -21,6 +21,7 @@ URL, unknown thread), 3 a store refused or could not be reached.
 
 import asyncio
 import json
+import math
 import signal
 import sys
 import time
@@ -32,7 +33,15 @@ from typing import Annotated, Any, TypeVar
 
 from tierstore.errors import InvalidInput, StorageError, TierstoreError
 from tierstore.saver import TieredSaver
-from tierstore.settings import REGIONS_FILE_VARIABLE, URL_VARIABLES, parse_duration, resolve_spec
+from tierstore.settings import (
+    PRICES_FILE_VARIABLE,
+    PRICES_VARIABLE,
+    REGIONS_FILE_VARIABLE,
+    URL_VARIABLES,
+    parse_duration,
+    prices_from_env,
+    resolve_spec,
+)
 
 try:
     import typer
@@ -52,6 +61,7 @@ __all__ = [
     "inspect",
     "main",
     "migrate",
+    "plan",
     "restore",
     "status",
     "verify",
@@ -155,7 +165,8 @@ def _table(title: str, rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]
 
 
 def _kv(data: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in data.items() if k not in ("backend", "claims"))
+    return ", ".join(f"{k}={v}" for k, v in data.items()
+                     if k not in ("backend", "claims", "by_class"))
 
 
 def _when(epoch: float | None) -> str:
@@ -176,25 +187,149 @@ def demo(directory: Annotated[Path | None, _option(
     return EXIT_OK
 
 
-def migrate(hot: Hot = None, warm: Warm = None, cold: Cold = None,
-            regions: RegionsFile = None, region: RegionName = None) -> int:
-    """Create or upgrade schema, indexes, directories and buckets (idempotent)."""
+def migrate(
+    hot: Hot = None, warm: Warm = None, cold: Cold = None,
+    regions: RegionsFile = None, region: RegionName = None,
+    partitions: Annotated[int | None, _option(
+        help="hash-partition the PostgreSQL checkpoint tables by thread into N: a new "
+             "store is created so, one in use is converted online (resumable)")] = None,
+    batch_rows: Annotated[int, _option(
+        help="rows copied per transaction by a conversion")] = 2000,
+    abandon_partitioning: Annotated[bool, _option(
+        "--abandon-partitioning",
+        help="remove what an unfinished conversion made; the tables stay plain")] = False,
+    as_json: Json = False,
+) -> int:
+    """Create or upgrade schema, indexes, directories and buckets (idempotent); with
+    --partitions, lay out or convert the PostgreSQL tables."""
+    where = _Where(hot, warm, cold, regions, region)
+    layouts: dict[str, Any] = {}
+    if partitions is not None and abandon_partitioning:
+        raise InvalidInput("give --partitions or --abandon-partitioning, not both")
+    if partitions is not None or abandon_partitioning:
+        layouts = _partition(where, partitions, batch_rows=batch_rows, as_json=as_json)
 
     async def body(saver: TieredSaver) -> None:
         return None
 
-    _run(_Where(hot, warm, cold, regions, region), body)
-    print("schema and stores are up to date")
+    _run(where, body)
+    if as_json:
+        _emit({"ok": True, "partitioning": layouts}, True, lambda d: None)
+    else:
+        for name, report in layouts.items():
+            print(f"region {name}: {_layout_line(report)}")
+        print("schema and stores are up to date")
     return EXIT_OK
+
+
+PricesFile = Annotated[Path | None, _option(
+    "--prices",
+    help=f"price file (TOML) over the shipped list prices (env {PRICES_FILE_VARIABLE})")]
+PriceFlags = Annotated[list[str] | None, _option(
+    "--price", help="KEY=VALUE, one price (e.g. warm.postgres.storage_gb_month=0.23); "
+                    f"repeatable (env {PRICES_VARIABLE}, comma-separated)")]
+
+
+def _prices(file: Path | None, pairs: list[str] | None) -> Any:
+    from tierstore.ops import load_prices
+
+    env_file, env_pairs = prices_from_env()
+    return load_prices(file, env_file=env_file, env_pairs=env_pairs, flag_pairs=pairs or ())
+
+
+def _money(value: float) -> str:
+    return f"${value:,.2f}" if value >= 1 or not value else f"${value:.4f}"
+
+
+def _render_bill(title: str, bills: Mapping[str, Any]) -> None:
+    rows = [(name, line["tier"], line["item"], _money(line["monthly"]), line["driver"])
+            for name, bill in bills.items() for line in bill["lines"]]
+    _table(title, rows, ("", "tier", "item", "a month", "what drives it"))
+
+
+def _partition(where: _Where, partitions: int | None, *, batch_rows: int,
+               as_json: bool) -> dict[str, Any]:
+    """Convert (or, with None, abandon converting) the PostgreSQL warm store of every region
+    the flags name, before any store is opened: one whose URL asks for ``partitions``
+    refuses to open until it is converted."""
+    from tierstore.tiers import open_store
+
+    spec = resolve_spec(hot=where.hot, warm=where.warm, cold=where.cold,
+                        regions_file=where.regions, region=where.region)
+    stores = {name: open_store("warm", urls.warm) for name, urls in spec.regions.items()}
+    for name, store in stores.items():
+        if store.backend != "postgres":
+            raise InvalidInput(f"--partitions and --abandon-partitioning apply to a PostgreSQL "
+                               f"warm tier; region {name!r} has {store.backend}")
+    from tierstore.tiers.postgres import PostgresWarm
+    from tierstore.tiers.postgres.partitions import Tuning
+
+    tuning = Tuning(batch_rows=batch_rows)
+    out: dict[str, Any] = {}
+    for name, store in stores.items():
+        assert isinstance(store, PostgresWarm)
+        if partitions is None:
+            out[name] = {"abandoned": asyncio.run(store.abandon_partitioning())}
+            continue
+        with _progress(f"partitioning {name}", not as_json) as progress:
+            report = asyncio.run(store.partition(partitions, tuning=tuning, progress=progress))
+        out[name] = report.as_dict()
+    return out
+
+
+def _layout_line(report: dict[str, Any]) -> str:
+    if "abandoned" in report:
+        return ("the unfinished conversion was removed" if report["abandoned"]
+                else "no conversion was underway")
+    n = report["partitions"]
+    if not report["converted"]:
+        return f"already hash-partitioned into {n}"
+    return (f"hash-partitioned into {n}: {report['rows_copied']} rows copied"
+            + (" (resumed)" if report["resumed"] else "")
+            + f", {report['threads_caught_up']} thread namespaces caught up, tables locked "
+            f"for {report['lock_seconds'] * 1000:.0f} ms")
 
 
 def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
            regions: RegionsFile = None, region: RegionName = None,
-           as_json: Json = False) -> int:
-    """Threads, checkpoints and bytes per tier (and per region); claims workers hold."""
+           as_json: Json = False,
+           cost: Annotated[bool, _option(
+               "--cost", help="also what the stores cost a month at their present size "
+                              "(lists every cold object: mind the requests on a big bucket)")
+           ] = False,
+           prices: PricesFile = None, price: PriceFlags = None,
+           metrics: Annotated[Path | None, _option(
+               help="with --cost: the saver's metrics text (saver.metrics_text()), to price "
+                    "cold reads")] = None,
+           metrics_period: Annotated[str | None, _option(
+               help="how long the --metrics counters ran (e.g. 7d)")] = None) -> int:
+    """Threads, checkpoints and bytes per tier (and per region); claims workers hold;
+    with --cost, what each tier costs a month."""
     from tierstore.ops import status as run_status
+    from tierstore.ops import status_cost
 
-    data = _run(_Where(hot, warm, cold, regions, region), run_status)
+    if not cost and (prices or price or metrics or metrics_period):
+        raise InvalidInput("--prices, --price, --metrics and --metrics-period go with --cost")
+    if (metrics is None) != (metrics_period is None):
+        raise InvalidInput("--metrics and --metrics-period go together")
+    body: Callable[[TieredSaver], Awaitable[dict[str, Any]]] = run_status
+    if cost:
+        from tierstore.cost import calls_from_metrics, cold_reads
+
+        table = _prices(prices, price)
+        reads: float | None = None
+        if metrics is not None and metrics_period is not None:
+            try:
+                text = metrics.read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidInput(f"cannot read --metrics {metrics}: {exc}") from exc
+            reads = cold_reads(calls_from_metrics(text),
+                               period_seconds=parse_duration(metrics_period))
+
+        def body(s: TieredSaver, reads: float | None = reads) -> Awaitable[dict[str, Any]]:
+            return status_cost(s, table, cold_reads_per_month=reads)
+
+    data = _run(_Where(hot, warm, cold, regions, region), body)
 
     def render(d: dict[str, Any]) -> None:
         rows: list[tuple[str, ...]] = []
@@ -212,6 +347,152 @@ def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
                       f"workers, the first until {_when(claims['earliest_until'])}, "
                       f"the last until {_when(claims['latest_until'])} (a worker that "
                       "died keeps its claims until then)")
+        if "cost" in d:
+            bills = d["cost"]["regions"]
+            _render_bill("tierstore status --cost (a month)", bills)
+            for name, bill in bills.items():
+                for note in bill["notes"]:
+                    print(f"region {name}: {note}")
+            print(f"total: {_money(d['cost']['total'])} a month ({d['cost']['requests']}); "
+                  + _source(d["cost"]["prices"]))
+
+    _emit(data, as_json, render)
+    return EXIT_OK
+
+
+def _source(source: Mapping[str, str]) -> str:
+    return (f"prices: {source.get('region', '?')} {source.get('currency', '')}, taken "
+            f"{source.get('taken', '?')}: {source.get('check', '')}")
+
+
+def _amount(text: str, option: str) -> float:
+    """``50M``, ``1.5B``, ``2500``, ``12k`` → a number; refused naming the option."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text.strip()[-1:].lower(), 1.0)
+    number = text.strip()[:-1] if scale != 1.0 else text.strip()
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise InvalidInput(f"{option}: not a number: {text!r} (e.g. 500M, 2.5k)") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"{option}: must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _optional(text: str | None, option: str, parse: Callable[[str], float]) -> float | None:
+    """``parse(text)``, or None for ``none``; an error names the option."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    try:
+        return parse(text)
+    except TierstoreError as exc:
+        raise InvalidInput(f"{option}: {exc}") from exc
+
+
+def plan(
+    threads: Annotated[str, _option(help="threads stored today")] = "50M",
+    checkpoints: Annotated[str, _option(help="checkpoints stored today")] = "500M",
+    checkpoints_per_month: Annotated[str, _option(help="checkpoints written a month")] = "100M",
+    threads_per_month: Annotated[str | None, _option(
+        help="threads written a month, each then left (default: as many as keep today's "
+             "checkpoints per thread)")] = None,
+    reads_per_month: Annotated[str | None, _option(
+        help="state reads a month (default: one per checkpoint written)")] = None,
+    latest_read_share: Annotated[float, _option(
+        help="share of reads on a thread's latest state")] = 0.95,
+    cold_read_share: Annotated[float | None, _option(
+        help="share of the other reads that reach cold (default: cold's share of "
+             "checkpoints)")] = None,
+    bytes_per_checkpoint: Annotated[str | None, _option(
+        help="warm bytes per checkpoint (default: tierstore's, measured: 2876)")] = None,
+    baseline_bytes: Annotated[str | None, _option(
+        help="bytes per checkpoint of the saver to compare with, or none (default: "
+             "AsyncPostgresSaver's, measured: 6701)")] = None,
+    stub_bytes: Annotated[str | None, _option(
+        help="warm bytes an archived checkpoint leaves (default: measured, 935)")] = None,
+    head_bytes: Annotated[str | None, _option(
+        help="warm bytes of an idle thread's head (default: measured, 12404)")] = None,
+    hot_bytes: Annotated[str | None, _option(
+        help="Redis bytes of a cached thread (default: measured, 11064)")] = None,
+    cold_bytes: Annotated[str | None, _option(
+        help="segment bytes per archived checkpoint (default: measured, 1123)")] = None,
+    hot_ttl: Annotated[str, _option(help="hot TTL, or none for no hot tier")] = "1h",
+    archive_after: Annotated[str, _option(
+        help="history older than this moves to cold (none: never)")] = "30d",
+    archive_idle_after: Annotated[str, _option(
+        help="threads idle this long move to cold whole (none: never)")] = "90d",
+    storage_class: Annotated[str, _option(help="cold storage class")] = "STANDARD_IA",
+    segments_per_thread: Annotated[float, _option(
+        help="history segments per thread (more when a thread's turns span worker runs)")
+    ] = 1.0,
+    threads_per_segment: Annotated[float, _option(
+        help="what if a segment held several threads (tierstore writes one)")] = 1.0,
+    segment_size: Annotated[int, _option(help="checkpoints per segment at most")] = 200,
+    gc_interval: Annotated[str, _option(
+        help="how often the worker runs cold-gc, which lists the bucket (none: never)")
+    ] = "1d",
+    warm_backend: Annotated[str, _option(help="postgres, mongodb or sqlite")] = "postgres",
+    months: Annotated[int, _option(help="months to project")] = 12,
+    prices: PricesFile = None, price: PriceFlags = None, as_json: Json = False,
+) -> int:
+    """Project what a workload costs a month: tiered, all in warm, all in hot."""
+    from tierstore import cost
+
+    def amount(text: str | None, option: str, default: float) -> float:
+        return default if text is None else _amount(text, option)
+
+    def count(option: str) -> Callable[[str], float]:
+        return lambda text: _amount(text, option)
+
+    workload = cost.Workload(
+        threads=_amount(threads, "--threads"), checkpoints=_amount(checkpoints, "--checkpoints"),
+        checkpoints_per_month=_amount(checkpoints_per_month, "--checkpoints-per-month"),
+        threads_per_month=_optional(threads_per_month, "--threads-per-month",
+                                    count("--threads-per-month")),
+        reads_per_month=_optional(reads_per_month, "--reads-per-month",
+                                  count("--reads-per-month")),
+        latest_read_share=latest_read_share, cold_read_share=cold_read_share,
+        bytes_per_checkpoint=amount(bytes_per_checkpoint, "--bytes-per-checkpoint",
+                                    cost.BYTES_PER_CHECKPOINT),
+        baseline_bytes_per_checkpoint=(
+            cost.ASYNC_POSTGRES_BYTES_PER_CHECKPOINT if baseline_bytes is None else
+            _optional(baseline_bytes, "--baseline-bytes", count("--baseline-bytes"))),
+        stub_bytes=amount(stub_bytes, "--stub-bytes", cost.STUB_BYTES_PER_CHECKPOINT),
+        head_bytes=amount(head_bytes, "--head-bytes", cost.HEAD_BYTES_PER_THREAD),
+        hot_bytes=amount(hot_bytes, "--hot-bytes", cost.HOT_BYTES_PER_THREAD),
+        cold_bytes=amount(cold_bytes, "--cold-bytes", cost.COLD_BYTES_PER_CHECKPOINT),
+    )
+    ttl = _optional(hot_ttl, "--hot-ttl", parse_duration)
+    policy = cost.Policy(
+        hot=None if ttl is None else "redis", warm=warm_backend,
+        hot_ttl=0.0 if ttl is None else ttl,
+        archive_after=_optional(archive_after, "--archive-after", parse_duration),
+        archive_idle_after=_optional(archive_idle_after, "--archive-idle-after",
+                                     parse_duration),
+        storage_class=storage_class.strip().upper(), segment_size=segment_size,
+        segments_per_thread=segments_per_thread, threads_per_segment=threads_per_segment,
+        gc_interval=_optional(gc_interval, "--gc-interval", parse_duration),
+    )
+    table = _prices(prices, price)
+    data = {**cost.plan(workload, policy, table, months=months).as_dict(),
+            "prices": dict(table.source)}
+
+    def render(d: dict[str, Any]) -> None:
+        last = d["months"][-1]
+        _render_bill(f"month {last['month']}: {last['checkpoints']:,.0f} checkpoints of "
+                     f"{last['threads']:,.0f} threads, a month", d["final"])
+        names = list(d["final"])
+        _table("a month, by month", [
+            (str(m["month"]), f"{m['checkpoints']:,.0f}",
+             *(_money(m["totals"][n]) for n in names)) for m in d["months"]],
+            ("month", "checkpoints", *names))
+        for name, ratio in d["ratios"].items():
+            print(f"tiered / {name}: {ratio:.3f}x")
+        for line in d["one_off"]:
+            print(f"once: {_money(line['monthly'])} for {line['driver']}")
+        for note in d["final"]["tiered"]["notes"]:
+            print(f"note: {note}")
+        print(_source(d["prices"]) + "; storage and requests only (database and "
+              "application compute are left out)")
 
     _emit(data, as_json, render)
     return EXIT_OK
@@ -359,7 +640,9 @@ def verify(hot: Hot = None, warm: Warm = None, cold: Cold = None,
 def worker(
     hot: Hot = None, warm: Warm = None, cold: Cold = None,
     regions: RegionsFile = None, region: RegionName = None,
-    interval: Annotated[str, _option(help="time between runs of each job")] = "5m",
+    interval: Annotated[str, _option(help="time between runs of each job but cold-gc")] = "5m",
+    gc_interval: Annotated[str, _option(
+        help="time between runs of cold-gc, which lists the whole cold store")] = "1d",
     archive_after: Annotated[str, _option()] = "30d",
     archive_idle_after: Annotated[str, _option()] = "90d",
     expire_after: Annotated[str | None, _option()] = None,
@@ -384,12 +667,14 @@ def worker(
         expire_after=parse_duration(expire_after) if expire_after else None,
     )
     every = parse_duration(interval)
+    gc_every = parse_duration(gc_interval)
 
     async def body(saver: TieredSaver) -> dict[str, Any]:
         jobs = [HotExpiry(saver, policy), HistoryDemotion(saver, policy),
                 IdleArchival(saver, policy), Retention(saver, policy),
                 Rehydrate(saver, policy), ColdGC(saver, policy)]
-        scheduler = Scheduler([(job, every) for job in jobs])
+        scheduler = Scheduler([(job, gc_every if isinstance(job, ColdGC) else every)
+                               for job in jobs])
 
         def write_health() -> None:
             if health_file is not None:
@@ -404,7 +689,8 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         scheduler.on_report = lambda report: write_health()
-        print(f"tierstore worker: {len(jobs)} jobs every {interval}", file=sys.stderr)
+        print(f"tierstore worker: {len(jobs) - 1} jobs every {interval}, cold-gc every "
+              f"{gc_interval}", file=sys.stderr)
         await scheduler.run(stop)
         write_health()
         return scheduler.health()
@@ -488,7 +774,8 @@ def import_(
 
 
 COMMANDS: tuple[tuple[str, Callable[..., int]], ...] = (
-    ("demo", demo), ("migrate", migrate), ("status", status), ("archive", archive),
+    ("demo", demo), ("migrate", migrate), ("status", status), ("plan", plan),
+    ("archive", archive),
     ("restore", restore), ("inspect", inspect), ("verify", verify), ("worker", worker),
     ("export", export_), ("import", import_),
 )

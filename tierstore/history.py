@@ -14,6 +14,7 @@ a page of links per call::
           (``Archive.materialize``: a segment is fetched once for many links) │
     per channel: the writes of each link until the one that stores a value ◄┘
           ─► offloaded payloads read back ─► ``ChannelHistory`` per channel
+          ─► ``decode_history``: what LangGraph receives, delta chains replayed
 
 The rules are LangGraph's (``BaseCheckpointSaver.get_delta_channel_history``): the
 target's own writes and value do not count; a link's writes count for a channel
@@ -32,15 +33,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from tierstore.codec.chain import channel_of
+from langgraph.checkpoint.base import DeltaChannelHistory
+
+from tierstore.codec import Codec
+from tierstore.codec.chain import ChainLink as DeltaLink
+from tierstore.codec.chain import channel_of, parse_link_name, resolve_values
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import CorruptPayload
 from tierstore.metrics import Metrics
 from tierstore.records import ChainLink, Payload, StoredCheckpoint, WriteRecord
 from tierstore.region import Region
 
-__all__ = ["PAGE", "ChannelHistory", "channel_history"]
+__all__ = ["PAGE", "ChannelHistory", "channel_history", "decode_history"]
 
 PAGE = 200
 """Links per warm call: a DeltaChannel snapshots every 100 updates by default, so one
@@ -53,10 +59,16 @@ class ChannelHistory:
 
     ``seed`` holds the stored values that make the seed, by stored name: the channel's
     own value, or every link of the delta chain it was stored as (``codec.chain``).
+    A warm store hands over a chain only whole (a link it lost makes the channel
+    missing at that link, and the walk refuses it); a segment keeps no list of the
+    names a checkpoint stored, so for a chain read from one ``seed_checkpoint`` is
+    that checkpoint, encoded: its ``channel_versions`` names the version the chain
+    must end at.
     """
 
     writes: tuple[WriteRecord, ...]
     seed: Mapping[str, Payload] | None = None
+    seed_checkpoint: Payload | None = None
 
 
 async def channel_history(
@@ -73,6 +85,7 @@ async def channel_history(
     remaining = list(asked)
     per_link: dict[str, list[tuple[WriteRecord, ...]]] = {ch: [] for ch in asked}
     seeds: dict[str, dict[str, Payload]] = {}
+    archived_seeds: dict[str, Payload] = {}
     warm = region.warm
     cursor = checkpoint_id
     walked = {checkpoint_id}
@@ -85,9 +98,10 @@ async def channel_history(
                 looped = True
                 break
             walked.add(stored.checkpoint_id)
-            link = stored
+            link, checkpoint = stored, None
             if stored.location == "archived":
-                link = await _from_segment(region, thread_id, checkpoint_ns, stored, remaining)
+                link, checkpoint = await _from_segment(region, thread_id, checkpoint_ns,
+                                                       stored, remaining)
             elif stored.missing:
                 _check_complete(thread_id, checkpoint_ns, stored, remaining)
             for ch in remaining:
@@ -95,6 +109,8 @@ async def channel_history(
             if link.values:
                 for ch, stored_values in _seeds(link.values, remaining).items():
                     seeds[ch] = stored_values
+                    if checkpoint is not None and ch not in stored_values:  # a chain
+                        archived_seeds[ch] = checkpoint
                     remaining.remove(ch)
                 if not remaining:
                     break
@@ -105,6 +121,7 @@ async def channel_history(
         ch: ChannelHistory(
             writes=tuple(w for writes in reversed(per_link[ch]) for w in writes),
             seed=seeds.get(ch),
+            seed_checkpoint=archived_seeds.get(ch),
         )
         for ch in asked
     })
@@ -124,9 +141,10 @@ def _seeds(values: Mapping[str, Payload], channels: Sequence[str]
 
 
 async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link: ChainLink,
-                        channels: Sequence[str]) -> ChainLink:
+                        channels: Sequence[str]) -> tuple[ChainLink, Payload]:
     """An archived link with its values and writes read from its segment (merged with
-    the writes stored on the stub after the move, as every read of a stub merges them)."""
+    the writes stored on the stub after the move, as every read of a stub merges them),
+    and its encoded checkpoint."""
     stub = StoredCheckpoint(
         thread_id=thread_id, checkpoint_ns=checkpoint_ns, checkpoint_id=link.checkpoint_id,
         parent_id=link.parent_id, checkpoint=EMPTY, metadata=EMPTY, blobs={},
@@ -143,7 +161,7 @@ async def _from_segment(region: Region, thread_id: str, checkpoint_ns: str, link
         writes=tuple(writes),
         location="archived",
         archive_key=link.archive_key,
-    )
+    ), record.checkpoint
 
 
 def _check_complete(thread_id: str, checkpoint_ns: str, link: ChainLink,
@@ -177,12 +195,56 @@ async def _expanded(region: Region, thread_id: str,
             seed = dict(zip(names, await asyncio.gather(*(
                 offloader.expand(history.seed[name], thread_id) for name in names)),
                 strict=True))
+        checkpoint = history.seed_checkpoint
+        if checkpoint is not None:
+            checkpoint = await offloader.expand(checkpoint, thread_id)
         return ChannelHistory(
             writes=tuple(WriteRecord(w.task_id, w.idx, w.channel, p, w.task_path)
                          for w, p in zip(history.writes, payloads, strict=True)),
             seed=seed,
+            seed_checkpoint=checkpoint,
         )
 
     names = list(histories)
     done = await asyncio.gather(*(one(histories[ch]) for ch in names))
     return dict(zip(names, done, strict=True))
+
+
+def decode_history(codec: Codec, thread_id: str, channel: str,
+                   history: ChannelHistory) -> DeltaChannelHistory:
+    """One channel's history as LangGraph's ``get_delta_channel_history`` returns it."""
+    where = f"thread {thread_id!r} history of channel {channel!r}"
+    entry: DeltaChannelHistory = {"writes": [
+        (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
+        for w in history.writes
+    ]}
+    if history.seed is not None:
+        entry["seed"] = _decode_seed(codec, channel, history.seed, where=f"{where} seed",
+                                     checkpoint=history.seed_checkpoint)
+    return entry
+
+
+def _decode_seed(codec: Codec, channel: str, stored: Mapping[str, Payload], *,
+                 where: str, checkpoint: Payload | None = None) -> Any:
+    """A seed from its stored values: the channel's own, or the links of the delta
+    chain it was stored as, replayed and checked as a read of that checkpoint does.
+
+    The chain must end at the checkpoint's version of the channel. A warm store hands
+    over every link the checkpoint names or reports the channel missing, so there the
+    chain ends at its deepest link; a chain read from a segment ends at the version its
+    encoded ``checkpoint`` names, so that a link the segment lacks, the deepest too, is
+    ``CorruptPayload``, never a list missing its last items.
+    """
+    if channel in stored:
+        return codec.decode(stored[channel], where=where)
+    decoded = {name: codec.decode(payload, where=where) for name, payload in stored.items()}
+    if checkpoint is not None:
+        body = codec.decode(checkpoint, where=f"{where} checkpoint")
+        named = body.get("channel_versions") if isinstance(body, dict) else None
+        version = named.get(channel) if isinstance(named, dict) else None
+    else:
+        deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
+        last = decoded[deepest]
+        version = last.version if isinstance(last, DeltaLink) else None
+    return resolve_values({channel: version} if version is not None else {}, decoded,
+                          where=where).values.get(channel)

@@ -115,11 +115,12 @@ class HotCache:
         self._guard = guard
         self._stats = guard.stats
         self._metrics = guard.metrics
-        self._near: OrderedDict[Key, StoredCheckpoint] = OrderedDict()
+        self._near = _NearCopies(local_entries)
         self._pending: dict[Key, StoredCheckpoint] = {}
         self._inflight: dict[Key, StoredCheckpoint] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._dropped: set[Key] = set()  # hot entries to invalidate unless replaced first
+        self._invalidating: dict[str, int] = {}  # thread -> invalidations still on their way
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -134,6 +135,9 @@ class HotCache:
         hot = self.hot
         local = self.queued(thread_id, checkpoint_ns)
         if not self.verify:
+            if thread_id in self._invalidating:  # the hot entry may predate an unanswered write
+                self._count_hit(False)
+                return None
             if local is None:
                 local = await self._guard(hot, "get", hot.get(thread_id, checkpoint_ns), None)
             self._count_hit(local is not None)
@@ -145,10 +149,9 @@ class HotCache:
             head = await self._head(thread_id, checkpoint_ns)
             if is_hot_fresh(local, head):
                 self._count_hit(True)
-                if near_key in self._near:
-                    self._near.move_to_end(near_key)
+                self._near.touch(near_key)
                 return local
-            self._near.pop(near_key, None)
+            self._near.pop(near_key)
             hit = await self._guard(hot, "get", hot.get(thread_id, checkpoint_ns), None)
         else:
             hit, head = await asyncio.gather(
@@ -189,11 +192,7 @@ class HotCache:
         """Keep a process-local copy of a latest checkpoint (used with ``verify`` only)."""
         if not self.verify or self.local_entries <= 0:
             return
-        key = (record.thread_id, record.checkpoint_ns)
-        self._near[key] = record
-        self._near.move_to_end(key)
-        while len(self._near) > self.local_entries:
-            self._near.popitem(last=False)
+        self._near.put((record.thread_id, record.checkpoint_ns), record)
 
     def _count_hit(self, hit: bool) -> None:
         if hit:
@@ -225,7 +224,7 @@ class HotCache:
         it invalidates at once.
         """
         key = (thread_id, checkpoint_ns)
-        self._near.pop(key, None)
+        self._near.pop(key)
         if self.verify and self.delay > 0:
             self._discard(key, keep_timer=True)  # the bound runs from the first drop
             self._dropped.add(key)
@@ -264,7 +263,7 @@ class HotCache:
         if near is not None:
             self._remember(near)
         else:  # it missed a change (or never was this checkpoint): it can only miss now
-            self._near.pop(key, None)
+            self._near.pop(key)
 
     # -- invalidation -------------------------------------------------------------------
 
@@ -279,10 +278,22 @@ class HotCache:
 
     def invalidate_soon(self, thread_id: str, *, floor: int) -> None:
         """``invalidate`` for a caller that cannot wait (it was cancelled): this
-        process's copies go at once, the hot entry in a task of its own."""
+        process's copies go at once, the hot entry in a task of its own. Until that
+        task ends, this process reads the thread from warm even with ``trusted``
+        (``verify`` compares every hot copy with warm's head anyway)."""
         self.forget([thread_id])
-        self._spawn(self._guard(self.hot, "invalidate",
-                                self.hot.invalidate(thread_id, floor=floor), None))
+        self._invalidating[thread_id] = self._invalidating.get(thread_id, 0) + 1
+
+        async def invalidate() -> None:
+            try:
+                await self._guard(self.hot, "invalidate",
+                                  self.hot.invalidate(thread_id, floor=floor), None)
+            finally:  # landed or given up: copies read from warm from now on are newer
+                left = self._invalidating.pop(thread_id) - 1
+                if left:
+                    self._invalidating[thread_id] = left
+
+        self._spawn(invalidate())
 
     def forget(self, thread_ids: Sequence[str]) -> None:
         """Drop this process's copies of the threads: queued hot updates and near entries."""
@@ -294,8 +305,7 @@ class HotCache:
                     timer.cancel()
             for key in [k for k in self._inflight if k[0] == thread_id]:
                 del self._inflight[key]
-            for key in [k for k in self._near if k[0] == thread_id]:
-                del self._near[key]
+            self._near.pop_thread(thread_id)
             self._dropped.difference_update([k for k in self._dropped if k[0] == thread_id])
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -367,3 +377,43 @@ class HotCache:
         await asyncio.gather(*(self._flush(k) for k in keys), *list(self._tasks))
         if self._background:
             await asyncio.wait(list(self._background))
+
+
+class _NearCopies:
+    """The process-local LRU of latest checkpoints, each thread's namespaces indexed:
+    forgetting a thread (a delete, a copy onto it) costs its own entries, not a walk
+    over every thread the LRU holds."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._copies: OrderedDict[Key, StoredCheckpoint] = OrderedDict()
+        self._namespaces: dict[str, set[str]] = {}
+
+    def get(self, key: Key) -> StoredCheckpoint | None:
+        return self._copies.get(key)
+
+    def touch(self, key: Key) -> None:
+        if key in self._copies:
+            self._copies.move_to_end(key)
+
+    def put(self, key: Key, record: StoredCheckpoint) -> None:
+        self._copies[key] = record
+        self._copies.move_to_end(key)
+        self._namespaces.setdefault(key[0], set()).add(key[1])
+        while len(self._copies) > self.size:
+            self.pop(next(iter(self._copies)))
+
+    def pop(self, key: Key) -> None:
+        if self._copies.pop(key, None) is None:
+            return
+        namespaces = self._namespaces[key[0]]
+        namespaces.discard(key[1])
+        if not namespaces:
+            del self._namespaces[key[0]]
+
+    def pop_thread(self, thread_id: str) -> None:
+        for ns in list(self._namespaces.get(thread_id, ())):
+            self.pop((thread_id, ns))
+
+    def __len__(self) -> int:
+        return len(self._copies)

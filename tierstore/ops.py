@@ -17,8 +17,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from dataclasses import replace as replace_record
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 import zstandard
@@ -29,6 +30,15 @@ from tierstore.codec.frames import pack_stored, unpack_stored
 from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.pipeline import EMPTY
 from tierstore.codec.segment import SEGMENT_PREFIX
+from tierstore.cost import (
+    ColdUsage,
+    Prices,
+    StoreSizes,
+    merge_prices,
+    parse_assignments,
+    parse_price_file,
+)
+from tierstore.cost import status_cost as cost_of_store
 from tierstore.errors import (
     CheckpointArchived,
     ConfigurationError,
@@ -40,6 +50,7 @@ from tierstore.offload import OFFLOAD_PREFIX
 from tierstore.policy import (
     CHECKPOINT_ID_SKEW,
     MAX_ID_BYTES,
+    checked_channel_name,
     validate_checkpoint_id,
     validate_id,
 )
@@ -49,10 +60,12 @@ from tierstore.records import (
     ListQuery,
     Payload,
     StoredCheckpoint,
+    TierUsage,
     WriteRecord,
 )
 from tierstore.region import Region
 from tierstore.saver import TieredSaver
+from tierstore.settings import PRICES_FILE_VARIABLE, PRICES_VARIABLE
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -61,7 +74,9 @@ __all__ = [
     "import_file",
     "import_langgraph_postgres",
     "inspect_thread",
+    "load_prices",
     "status",
+    "status_cost",
     "verify",
 ]
 
@@ -74,9 +89,15 @@ def _noop(done: int, total: int | None) -> None:
     return None
 
 
-async def status(saver: TieredSaver) -> dict[str, Any]:
+async def status(saver: TieredSaver, *, floors: Mapping[str, int] | None = None
+                 ) -> dict[str, Any]:
     """Threads, checkpoints and bytes per tier (per region when there are several), and
-    the heads tiering workers hold claimed (a worker killed mid-run leaves its claims)."""
+    the heads tiering workers hold claimed (a worker killed mid-run leaves its claims).
+
+    Cold objects are also counted per storage class (``by_class``), where
+    ``floored_bytes`` raises each object to its class's minimum billed size in
+    ``floors`` (bytes by class name).
+    """
     out: dict[str, Any] = {"regions": {}}
     for name, region in saver.regions.by_name.items():
         warm = await region.warm.usage()
@@ -90,20 +111,94 @@ async def status(saver: TieredSaver) -> dict[str, Any]:
         if region.cold is not None:
             counts: dict[str, list[int]] = {"segments": [0, 0], "offload": [0, 0],
                                              "restores": [0, 0]}
+            by_class: dict[str, dict[str, int]] = {}
             async for key in region.cold.iter_keys(""):
                 kind = ("segments" if key.startswith(SEGMENT_PREFIX) else
                         "offload" if key.startswith(OFFLOAD_PREFIX) else "restores")
                 info = await region.cold.info(key)
+                size = info.size if info is not None else 0
                 counts[kind][0] += 1
-                counts[kind][1] += info.size if info is not None else 0
+                counts[kind][1] += size
+                if info is not None:
+                    held = by_class.setdefault(info.storage_class,
+                                               {"objects": 0, "bytes": 0, "floored_bytes": 0})
+                    held["objects"] += 1
+                    held["bytes"] += size
+                    held["floored_bytes"] += max(size, (floors or {}).get(info.storage_class, 0))
             row["cold"] = {
                 "backend": region.cold.backend,
                 "archived_checkpoints": warm.archived,
                 **{f"{kind}_objects": n for kind, (n, _) in counts.items()},
                 **{f"{kind}_bytes": b for kind, (_, b) in counts.items()},
+                "by_class": by_class,
             }
         out["regions"][name] = row
     return out
+
+
+async def status_cost(saver: TieredSaver, prices: Prices, *,
+                      cold_reads_per_month: float | None = None) -> dict[str, Any]:
+    """``status`` and what each region's stores cost a month at their present size
+    (``tierstore.cost.status_cost``). A Redis hot tier is scanned for the memory of its
+    keys; a cold tier is listed object by object, as ``status`` does."""
+    floors = {name: int(price.min_object_kb * 1024) for name, price in prices.cold.items()}
+    out = await status(saver, floors=floors)
+    bills: dict[str, Any] = {}
+    total = 0.0
+    for name, region in saver.regions.by_name.items():
+        row = out["regions"][name]
+        hot_bytes: int | None = None
+        if isinstance(region.hot, _ReportsUsage):
+            hot_bytes = (await region.hot.usage()).bytes
+            row["hot"]["bytes"] = hot_bytes
+        cold = row["cold"]
+        sizes = StoreSizes(
+            hot_backend=region.hot.backend if region.hot is not None else None,
+            hot_bytes=hot_bytes, warm_backend=region.warm.backend,
+            warm_bytes=row["warm"]["bytes"], warm_checkpoints=row["warm"]["checkpoints"],
+            warm_archived=row["warm"]["archived"],
+            cold_backend=cold["backend"] if cold else None,
+            cold=tuple(ColdUsage(storage_class=klass, **held)
+                       for klass, held in sorted((cold or {}).get("by_class", {}).items())),
+        )
+        bill = cost_of_store(sizes, prices, region=name,
+                             cold_reads_per_month=cold_reads_per_month)
+        bills[name] = bill.as_dict()
+        total += bill.total
+    out["cost"] = {"regions": bills, "total": total, "prices": dict(prices.source),
+                   "requests": "storage only" if cold_reads_per_month is None else
+                   "storage and cold reads"}
+    return out
+
+
+def load_prices(file: str | Path | None = None, *, env_file: str | None = None,
+                env_pairs: Sequence[str] = (), flag_pairs: Sequence[str] = ()) -> Prices:
+    """The shipped prices (tierstore/prices.toml), then a price file (``file``, else
+    ``env_file``), then ``TIERSTORE_PRICES`` pairs, then ``--price`` pairs: each key
+    of a later one over an earlier (``tierstore.cost.merge_prices`` checks them all)."""
+    shipped = resources.files("tierstore").joinpath("prices.toml").read_text("utf-8")
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        ("tierstore/prices.toml", parse_price_file(shipped, "tierstore/prices.toml"))]
+    chosen = file if file is not None else env_file
+    if chosen is not None:
+        where = str(chosen) if file is not None else f"{chosen} ({PRICES_FILE_VARIABLE})"
+        try:
+            text = _file_path(chosen).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"cannot read the price file {where}: {exc}") from exc
+        layers.append((where, parse_price_file(text, where)))
+    if env_pairs:
+        layers.append((PRICES_VARIABLE, parse_assignments(env_pairs, PRICES_VARIABLE)))
+    if flag_pairs:
+        layers.append(("--price", parse_assignments(flag_pairs, "--price")))
+    return merge_prices(layers)
+
+
+@runtime_checkable
+class _ReportsUsage(Protocol):
+    """A hot tier that can tell how much memory its keys hold (Redis)."""
+
+    async def usage(self) -> TierUsage: ...
 
 
 async def inspect_thread(saver: TieredSaver, thread_id: str) -> dict[str, Any]:
@@ -137,7 +232,8 @@ async def inspect_thread(saver: TieredSaver, thread_id: str) -> dict[str, Any]:
 
 EMPTY_WITHOUT_ROWS = frozenset({"postgres"})
 """Warm backends that store no blob for an empty channel (a version with no value):
-there, a version without a blob is missing only if a segment shows it had a value."""
+there, a version without a blob is missing only if a segment shows it had a value, or
+if the store reports a link of its delta chain lost (a link is never empty)."""
 
 
 async def verify(saver: TieredSaver, progress: Progress = _noop) -> dict[str, Any]:
@@ -245,11 +341,15 @@ async def _check_record(
     raw = body.get("channel_versions") if isinstance(body, dict) else None
     versions = {str(ch): str(v) for ch, v in (raw or {}).items()}
     chained = _check_chains(saver.codec, full, versions, where, bad)
+    # a link the store found no value for (never empty, unlike a channel: lost on
+    # every backend, PostgreSQL included)
+    lost_links = {channel_of(name) for name in row.missing if name not in versions}
     for channel, version in sorted(versions.items()):
         if channel in full.blobs or channel in chained:
             continue
         key = (row.thread_id, row.checkpoint_ns, channel, version)
-        if keeps_empty or (archived is not None and archived.get(key, False)):
+        if (keeps_empty or channel in lost_links
+                or (archived is not None and archived.get(key, False))):
             bad(row, f"channel {channel!r} version {version} resolves nowhere "
                      "(no warm blob, no offloaded object, no segment copy)")
     return versions
@@ -468,7 +568,8 @@ def check_bundle(codec: Codec, source: str, thread_id: str, records: Sequence[St
                 or not isinstance(body.get("channel_versions", {}), dict)
                 or body.get("id", checkpoint_id) != checkpoint_id):
             raise CorruptPayload(f"{where}: not a checkpoint", where=where)
-        versions = {validate_id(str(k), what=f"{where}: channel name"):
+        versions = {checked_channel_name(validate_id(str(k), what=f"{where}: channel name"),
+                                         what=f"{where}: channel name"):
                     validate_id(str(v), what=f"{where}: channel version")
                     for k, v in body.get("channel_versions", {}).items()}
         blobs: list[BlobRecord] = []

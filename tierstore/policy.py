@@ -17,6 +17,7 @@ from typing import Any
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
 
+from tierstore.codec.chain import is_link_name
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import InvalidInput
 from tierstore.records import BlobRecord, Head, Payload, Scalar, StoredCheckpoint, WriteRecord
@@ -30,6 +31,7 @@ __all__ = [
     "chain_writes",
     "checked_ids",
     "checkpoint_ids",
+    "checked_channel_name",
     "checked_checkpoint",
     "checked_metadata",
     "checked_text",
@@ -341,20 +343,42 @@ def checked_checkpoint(checkpoint: Any) -> dict[str, Any]:
     for channel in values or {}:
         if not (type(channel) is str and _plain(channel)):
             checked_text(channel, "channel name")
+        checked_channel_name(channel)
     checked_versions(versions or {}, what="checkpoint channel_versions")
     return body
 
 
+def checked_channel_name(name: str, *, what: str = "channel name") -> str:
+    """A channel name a checkpoint may store: not of the form of a delta-chain link
+    (``~<depth>~<channel>``, ``codec.chain``), or ``InvalidInput``.
+
+    A checkpoint's stored channel versions name the links of its chains beside its
+    channels, and the stores tell them apart by that form alone (the checkpoint that
+    would tell is encoded, maybe encrypted): a link with no stored value was lost,
+    while a channel with none may just be empty (PostgreSQL stores no row for it), and
+    a history walk takes a link for part of its channel's value. A channel of that
+    form would read as damaged or as part of another channel, so it is refused before
+    anything is written.
+    """
+    if name.startswith("~") and is_link_name(name):
+        raise InvalidInput(
+            f"{what} {name[:80]!r} has the form tierstore reserves for the links of "
+            "a list stored as a delta chain (~<depth>~<channel>, depth 0-9999); rename "
+            "the channel")
+    return name
+
+
 def checked_versions(versions: Any, *, what: str = "new_versions") -> dict[str, str]:
-    """Channel versions as ``{channel: str(version)}``; versions are str, int or float."""
+    """Channel versions as ``{channel: str(version)}``; versions are str, int or float.
+    A channel named like a delta-chain link is refused (``checked_channel_name``)."""
     if not isinstance(versions, Mapping):
         raise InvalidInput(f"{what} must be a dict, got {type(versions).__name__}")
     out: dict[str, str] = {}
     for channel, version in versions.items():
         if type(channel) is str and type(version) is str and _plain(channel) and _plain(version):
-            out[channel] = version  # what validate_id would return, without its messages
+            out[checked_channel_name(channel)] = version  # what validate_id would return
             continue
-        name = checked_text(channel, "channel name")
+        name = checked_channel_name(checked_text(channel, "channel name"))
         if isinstance(version, bool) or not isinstance(version, str | int | float):
             raise InvalidInput(f"{what}: version of channel {name!r} must be a string or a "
                                f"number, got {type(version).__name__}")

@@ -112,8 +112,10 @@ class StoredCheckpoint:
     """
     missing: tuple[str, ...] = ()
     """Channels the live checkpoint names with no stored value (filled by the warm
-    stores that keep a blob for every version, an empty channel's included). The
-    router refuses such a record with ``CorruptPayload``; ``verify`` reports it."""
+    stores that keep a blob for every version, an empty channel's included, and for
+    the links of delta chains, never empty, by PostgreSQL too). The router refuses
+    such a record with ``CorruptPayload``, the archive jobs leave it warm and report
+    it; ``verify`` reports it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +239,8 @@ class ChainLink:
     ``writes``, its pending writes to the asked channels in ``writes_sort_key`` order
     (task_path, task_id, idx). A stub (``location="archived"``) has no values in warm
     (its segment has them) and carries only the writes warm still holds for it.
-    ``missing``: asked channels the live checkpoint names whose value warm lost.
+    ``missing``: asked channels the live checkpoint names whose value warm lost (a
+    delta chain's: any of its links, the deepest too), none of it in ``values``.
     """
 
     checkpoint_id: str

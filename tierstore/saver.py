@@ -36,15 +36,16 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
-from tierstore.codec.chain import ChainLink, is_link_name, parse_link_name, resolve_values
+from tierstore.codec.chain import resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
 from tierstore.delta import Chain, ChainWriter
 from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
-from tierstore.history import ChannelHistory
+from tierstore.history import decode_history
 from tierstore.jobs.plan import uses_delta_channels
 from tierstore.lease import ThreadLease
 from tierstore.metrics import Metrics
+from tierstore.payloads import PayloadCache
 from tierstore.policy import (
     TURN_KEY,
     before_checkpoint_id,
@@ -97,9 +98,8 @@ T = TypeVar("T")
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 RUN_KEY = "__pregel_runtime"
-MAX_FORK_GRANTS = 1024
-PAYLOAD_CACHE_ENTRIES = 4096
 """The per-run object LangGraph puts in ``configurable`` of every call of one run."""
+MAX_FORK_GRANTS = 1024
 TURN_STATE_ENTRIES = 1024
 
 TurnState = tuple[Mapping[str, Mapping[str, Any]], tuple[str, ...]]
@@ -138,7 +138,7 @@ class TieredSaver(
         self._fork_grants: OrderedDict[int, tuple[Any, set[tuple[str, str, str]]]] = (
             OrderedDict()
         )
-        self._payload_cache: OrderedDict[tuple[str, str, str, str], Payload] = OrderedDict()
+        self._payloads = PayloadCache()
         # Delta chains of list channels written or read lately (``tierstore.delta``).
         self._chains = ChainWriter()
         # Strict mode: the turn state of checkpoints read lately. LangGraph reads the head
@@ -457,12 +457,14 @@ class TieredSaver(
             for channel, payload in record.blobs.items()
             if payload.tag != EMPTY.tag
         }
-        resolved = resolve_values(checkpoint.get("channel_versions") or {}, decoded,
-                                  where=where)
+        versions = checkpoint.get("channel_versions") or {}
+        resolved = resolve_values(versions, decoded, where=where)
         checkpoint["channel_values"] = resolved.values
-        if follow and resolved.chains:
-            self._chains.remember_read(record.thread_id, record.checkpoint_ns, resolved.chains,
-                                       resolved.values, record.blobs)
+        if follow:
+            if resolved.chains:
+                self._chains.remember_read(record.thread_id, record.checkpoint_ns,
+                                           resolved.chains, resolved.values, record.blobs)
+            self._payloads.remember_read(record, versions, skip=resolved.chains)
         metadata: CheckpointMetadata = codec.decode(record.metadata, where=f"{where} metadata",
                                                     budget=budget)
         writes = sorted(record.writes, key=lambda w: (w.task_path, w.task_id, w.idx))
@@ -680,24 +682,29 @@ class TieredSaver(
     ) -> dict[str, Chain]:
         """The list channels stored as delta chains (``tierstore.delta``), with their chains.
 
-        A new version of a list is a chain (one more link, or a new snapshot); an
-        unchanged channel is one only when this saver knows its chain at that version,
-        otherwise it is named as a whole value, which the put stores again if warm
-        holds it only as links. With a channel named like a link, nothing is chained.
+        A new version of a list is a chain (one more link, or a new snapshot). An
+        unchanged channel is one when this saver knows its chain at that version,
+        whether or not the checkpoint carries its value: a ``DeltaChannel`` carries
+        none, and the first checkpoints of a graph where the list became one name it
+        at the version the plain list was stored at, whose value a saver that stores a
+        value per version hands back. Otherwise an unchanged channel is named as a
+        whole value, which the put stores again if warm holds it only as links (as
+        empty when the checkpoint carries no value: LangGraph then rebuilds a
+        ``DeltaChannel`` from its history). No channel is named like a link:
+        ``checked_versions`` refused the put.
         """
-        if not self.options.delta or any(is_link_name(ch) for ch in versions):
+        if not self.options.delta:
             return {}
         chains: dict[str, Chain] = {}
-        for ch, value in values.items():
-            version = versions.get(ch)
-            if version is None:
-                continue
+        for ch, version in versions.items():
             key = (thread_id, ns, ch)
             if ch not in fresh:
                 known = self._chains.current(key, version)
                 if known is not None:
                     chains[ch] = known
-            elif type(value) is list and fresh[ch] == version:
+                continue
+            value = values.get(ch)
+            if type(value) is list and fresh[ch] == version:
                 chains[ch] = _refusing_unencodable(
                     partial(self._chains.next, self.codec, key, value, version),
                     f"value of channel {ch!r}")
@@ -711,28 +718,19 @@ class TieredSaver(
         versions: Mapping[str, str],
         new_versions: ChannelVersions,
     ) -> dict[str, Payload]:
-        """Encoded channel values; unchanged channels reuse the payload encoded earlier.
-
-        A channel's value at a version never changes, so the payload of a channel that
-        ``new_versions`` does not name is the one this saver encoded when that version
-        was new (a small LRU); only a miss pays for serde and compression again.
-        """
+        """Encoded channel values; an unchanged channel's is the payload stored for its
+        version when the payload cache knows it (``tierstore.payloads``)."""
         codec = self.codec
-        cache = self._payload_cache
         encoded: dict[str, Payload] = {}
         for ch, value in values.items():
             version = versions.get(ch)
             if version is None:
                 continue
             key = (thread_id, ns, ch, version)
-            payload = None if ch in new_versions else cache.get(key)
+            payload = None if ch in new_versions else self._payloads.get(key)
             if payload is None:
-                payload = _encode(codec, value, f"value of channel {ch!r}")
-                cache[key] = payload
-                if len(cache) > PAYLOAD_CACHE_ENTRIES:
-                    cache.popitem(last=False)
-            else:
-                cache.move_to_end(key)
+                payload = self._payloads.put(
+                    key, _encode(codec, value, f"value of channel {ch!r}"))
             encoded[ch] = payload
         return encoded
 
@@ -742,13 +740,13 @@ class TieredSaver(
 
         A ``DeltaChannel`` stores its value only at a snapshot; the checkpoints after it
         name the same version and carry no value, but a warm read hands that version's
-        blob back with them. The hot copy carries it too when this saver encoded it (the
-        payload cache), or loading the thread from hot walks the ancestors for it.
+        blob back with them. The hot copy carries it too when the payload cache knows it
+        (this saver stored that version, or read a checkpoint naming it: LangGraph reads
+        the head before a turn), or loading the thread from hot walks the ancestors for it.
         """
-        cache = self._payload_cache
         for ch, version in versions.items():
             if ch not in skip:
-                payload = cache.get((thread_id, ns, ch, version))
+                payload = self._payloads.get((thread_id, ns, ch, version))
                 if payload is not None:
                     encoded[ch] = payload
 
@@ -788,34 +786,9 @@ class TieredSaver(
         thread_id, ns, checkpoint_id = checkpoint_ids(config)
         histories = await self._router.delta_history(thread_id, ns, checkpoint_id,
                                                      list(channels))
-        return {ch: self._decode_history(thread_id, ch, history)
+        codec = self.codec
+        return {ch: decode_history(codec, thread_id, ch, history)
                 for ch, history in histories.items()}
-
-    def _decode_history(self, thread_id: str, channel: str,
-                        history: ChannelHistory) -> DeltaChannelHistory:
-        codec = self.codec
-        where = f"thread {thread_id!r} history of channel {channel!r}"
-        entry: DeltaChannelHistory = {"writes": [
-            (w.task_id, w.channel, codec.decode(w.payload, where=f"{where} write"))
-            for w in history.writes
-        ]}
-        if history.seed is not None:
-            entry["seed"] = self._decode_seed(channel, history.seed, where=f"{where} seed")
-        return entry
-
-    def _decode_seed(self, channel: str, stored: Mapping[str, Payload], *, where: str) -> Any:
-        """A seed from its stored values: the channel's own, or the links of the delta
-        chain it was stored as, replayed and checked as a read of that checkpoint does
-        (the chain ends at the version of its deepest link)."""
-        codec = self.codec
-        if channel in stored:
-            return codec.decode(stored[channel], where=where)
-        decoded = {name: codec.decode(payload, where=where) for name, payload in stored.items()}
-        deepest = max(decoded, key=lambda name: (parse_link_name(name) or (-1, ""))[0])
-        last = decoded[deepest]
-        version = last.version if isinstance(last, ChainLink) else None
-        return resolve_values({channel: version} if version is not None else {}, decoded,
-                              where=where).values.get(channel)
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()

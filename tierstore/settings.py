@@ -36,6 +36,8 @@ __all__ = [
     "DEFAULT_HOT_URL",
     "DEFAULT_REGION",
     "DEFAULT_WARM_URL",
+    "PRICES_FILE_VARIABLE",
+    "PRICES_VARIABLE",
     "REGIONS_FILE_VARIABLE",
     "URL_VARIABLES",
     "RegionTable",
@@ -43,6 +45,7 @@ __all__ = [
     "StackSpec",
     "StoreUrl",
     "TierUrls",
+    "prices_from_env",
     "resolve_options",
     "resolve_spec",
 ]
@@ -56,6 +59,8 @@ DEFAULT_REGION = "default"
 TIERS = ("hot", "warm", "cold")
 URL_VARIABLES = {tier: f"TIERSTORE_{tier.upper()}_URL" for tier in TIERS}
 REGIONS_FILE_VARIABLE = "TIERSTORE_REGIONS_FILE"
+PRICES_FILE_VARIABLE = "TIERSTORE_PRICES_FILE"
+PRICES_VARIABLE = "TIERSTORE_PRICES"
 
 RegionResolver = Callable[[str], str | None]
 """Thread id → region name, or None when the thread has no region."""
@@ -410,6 +415,17 @@ def regions_file_from_env(environ: Mapping[str, str] | None = None) -> str | Non
     env = os.environ if environ is None else environ
     value = env.get(REGIONS_FILE_VARIABLE, "").strip()
     return value or None
+
+
+def prices_from_env(environ: Mapping[str, str] | None = None
+                    ) -> tuple[str | None, list[str]]:
+    """The price file (``TIERSTORE_PRICES_FILE``) and the single prices set in
+    ``TIERSTORE_PRICES`` (``KEY=VALUE`` pairs, comma-separated) that ``tierstore status
+    --cost`` and ``tierstore plan`` lay over the shipped prices (``tierstore.cost``)."""
+    env = os.environ if environ is None else environ
+    path = env.get(PRICES_FILE_VARIABLE, "").strip() or None
+    pairs = [item.strip() for item in env.get(PRICES_VARIABLE, "").split(",") if item.strip()]
+    return path, pairs
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.builders import cached_write as w
 from tests.builders import entry
+from tierstore.tiers.memory import MemoryHot
 
 from .test_warm import HOSTILE_IDS
 
@@ -155,6 +156,31 @@ async def test_hot_hostile_ids_are_data(hot: Any, thread: str) -> None:
     assert await hot.get(f"{thread}-neighbour", "") is not None
 
 
+async def test_memory_hot_drops_a_thread_by_its_own_entries() -> None:
+    """The in-memory tier finds a thread's entries through an index of its namespaces
+    (not a walk over every entry): entries the LRU evicted or that expired leave the
+    index too, and dropping a thread leaves every other thread's entries."""
+    now = [0.0]
+    hot = MemoryHot(max_entries=3, ttl=10, clock=lambda: now[0])
+    await hot.setup()
+    for ns in ("a", "b", "c"):
+        assert await hot.put(entry("t", "0001", ns=ns))
+    assert await hot.put(entry("u", "0001"))  # evicts t/a, the oldest
+    assert await hot.get("t", "a") is None
+    await hot.invalidate("t")
+    assert len(hot) == 1 and await hot.get("u", "") is not None
+    assert await hot.put(entry("t", "0002", ns="a"))
+    now[0] = 20.0
+    assert await hot.get("u", "") is None  # expired on read
+    assert hot.purge_expired() == 1
+    assert await hot.put(entry("t", "0003", ns="b"))
+    await hot.invalidate("t", "b")
+    assert await hot.put(entry("t", "0004", ns="c"))
+    await hot.invalidate("t", floor=100)
+    assert len(hot) == 0
+    assert await hot.put(entry("t", "0005", ns="c", version=50)) is False  # the tombstone
+
+
 # -- objects ----------------------------------------------------------------------------
 
 
@@ -196,11 +222,15 @@ async def test_objects_overwrite_is_atomic_replace(objects: Any) -> None:
 
 async def test_objects_iter_keys_by_prefix(objects: Any) -> None:
     base = f"p-{uuid.uuid4()}"
-    keys = [f"{base}/a/1", f"{base}/a/2", f"{base}/b/1"]
+    keys = [f"{base}/a/1", f"{base}/a/2", f"{base}/ab/1", f"{base}/b/1"]
     for key in keys:
         await objects.put(key, b"x")
     assert sorted([k async for k in objects.iter_keys(f"{base}/a/")]) == keys[:2]
+    assert sorted([k async for k in objects.iter_keys(f"{base}/a")]) == keys[:3]
     assert sorted([k async for k in objects.iter_keys(f"{base}/")]) == keys
+    assert sorted([k async for k in objects.iter_keys(f"{base}/a/1")]) == keys[:1]
+    assert [k async for k in objects.iter_keys(f"{base}/c/")] == []
+    assert [k async for k in objects.iter_keys(f"{base}//")] == []
 
 
 @pytest.mark.parametrize("segment", ["..", ".", "a b", "%2e%2e", "线程", "'; DROP", "*"])
@@ -209,3 +239,4 @@ async def test_objects_keys_cannot_escape(objects: Any, segment: str) -> None:
     await objects.put(key, b"payload")
     assert await objects.get(key) == b"payload"
     assert key in [k async for k in objects.iter_keys(key.split("/", maxsplit=1)[0] + "/")]
+    assert [k async for k in objects.iter_keys(key.rsplit("/", maxsplit=1)[0] + "/")] == [key]

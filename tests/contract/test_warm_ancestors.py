@@ -7,7 +7,10 @@ import time
 import uuid
 from typing import Any
 
+import pytest
+
 from tests.builders import cid, record, write
+from tierstore.codec.chain import channel_of
 from tierstore.codec.pipeline import EMPTY
 from tierstore.records import BlobRecord, Payload
 
@@ -252,3 +255,36 @@ async def test_a_list_stored_as_a_delta_chain_is_a_seed(warm: Any) -> None:
     walked = await warm.ancestors(t, "", cid(4), ["d"], limit=100)
     assert ids(walked) == [cid(3), cid(2)]
     assert dict(walked[-1].values) == {"~0~d": value(10), "~1~d": value(11)}
+
+
+async def drop_blob_rows(warm: Any, thread: str, channel: str) -> None:
+    """Lose the stored values of one stored channel name behind the store's back."""
+    if warm.backend == "sqlite":
+        await warm._run(lambda conn: conn.execute(
+            "DELETE FROM blobs WHERE thread_id = ? AND channel = ?", (thread, channel)))
+    elif warm.backend == "mongodb":
+        await warm._c("blobs").delete_many({"thread_id": thread, "channel": channel})
+    else:
+        await warm._run("test", lambda conn: conn.execute(
+            "DELETE FROM tierstore_blobs WHERE channel = $1 AND sid IN "
+            "(SELECT sid FROM tierstore_heads WHERE thread_id = $2)", channel, thread))
+
+
+@pytest.mark.parametrize("lost", ["~2~d", "~1~d", "~0~d"])
+async def test_a_lost_link_of_a_delta_chain_is_reported_missing(warm: Any, lost: str) -> None:
+    """A chain is a value only whole: a link the checkpoint names but warm no longer
+    holds (the deepest one too, which nothing else would notice) makes the channel
+    missing at that link, with none of its links handed over."""
+    t = f"t-{uuid.uuid4()}"
+    await delta_chain(warm, t, 2, snapshots=set())
+    links = {"~0~d": ("0001", value(10)), "~1~d": ("0002@ab", value(11)),
+             "~2~d": ("0003@cd", value(12))}
+    await warm.put_checkpoint(
+        record(t, 2, parent=1, versions={name: v for name, (v, _) in links.items()}),
+        [BlobRecord(name, v, p) for name, (v, p) in links.items()], strict=False)
+    await put_link(warm, t, 3, parent=2)
+    await drop_blob_rows(warm, t, lost)
+    walked = await warm.ancestors(t, "", cid(3), ["d"], limit=100)
+    assert walked[0].checkpoint_id == cid(2)
+    assert walked[0].missing == ("d",)
+    assert not [name for name in walked[0].values if channel_of(name) == "d"]

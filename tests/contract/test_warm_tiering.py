@@ -14,6 +14,7 @@ from tierstore.errors import InvalidInput, MissingBlobs
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
 from .test_warm import chain
+from .test_warm_missing_blob import drop_any_blob
 
 
 async def test_claim_leases_each_head_to_one_owner(warm: Any) -> None:
@@ -304,3 +305,21 @@ async def test_index_brings_the_metadata_of_the_checkpoint_asked_for(warm: Any) 
     assert [(m.checkpoint_id, m.metadata) for m in index] == [
         (cid(2), Payload("msgpack", b"md-2")), (cid(1), None), (cid(0), None)]
     assert [m.metadata for m in await warm.index(t, "", metadata_of=cid(7))] == [None] * 3
+
+
+async def test_get_live_names_a_lost_value_as_get_does(warm: Any) -> None:
+    """A segment must never be packed from a checkpoint that lost a value (it would read
+    back from cold without it, and no error): ``get_live`` flags it as ``get`` does, on
+    every backend for a delta chain's link, which is never empty."""
+    t = f"t-{uuid.uuid4()}"
+    versions = {"log": "1", "~0~items": "4"}
+    await warm.put_checkpoint(record(t, 1, versions=versions), [
+        BlobRecord("log", "1", Payload("msgpack", b"hi")),
+        BlobRecord("~0~items", "4", Payload("msgpack+delta", b"snapshot"))], strict=False)
+    await warm.put_checkpoint(record(t, 2, parent=1, versions=versions), [], strict=False)
+    await drop_any_blob(warm, t, "~0~items")
+    got = await warm.get_live(t, "", [cid(1), cid(2)])
+    assert [(r.checkpoint_id, r.missing) for r in got] == [
+        (cid(1), ("~0~items",)), (cid(2), ("~0~items",))]
+    read = [await warm.get(t, "", c) for c in (cid(1), cid(2))]
+    assert [r.missing for r in got] == [r.missing for r in read if r is not None]

@@ -118,6 +118,48 @@ async def test_a_write_that_landed_without_an_answer_is_what_the_next_read_retur
         assert latest.config["configurable"]["checkpoint_id"] == stored.checkpoint_id
 
 
+class SlowInvalidation:
+    """A hot store whose invalidations take a while to arrive (a busy Redis, a slow
+    network): the caller that gave up on a write reads again before its invalidation
+    of the thread's hot entry has landed."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await self._inner.invalidate(*args, **kwargs)
+
+
+async def test_a_trusted_read_while_the_invalidation_is_on_its_way_reads_warm(
+    stores: tuple[str, str],
+) -> None:
+    """A process that gave up on a write invalidates the thread's hot entry in a task of
+    its own; until that lands, its reads of the thread must not trust the hot copy."""
+    hot_url, warm_url = stores
+    warm = LosesAnswers(open_store("warm", warm_url), "silent")
+    hot = SlowInvalidation(open_store("hot", hot_url, ttl=3600))
+    saver = TieredSaver.from_stores(warm=warm, hot=hot, hot_check="trusted")
+    config = {"configurable": {"thread_id": f"t-{uuid.uuid4()}"}}
+    async with saver:
+        app = build_agent().compile(checkpointer=saver)
+        await app.ainvoke({"messages": [HumanMessage("remember apples")]}, config)
+        before = await saver.aget_tuple(config)
+        assert before is not None
+        warm.armed = True
+        child = copy_checkpoint(before.checkpoint)
+        child["id"] = str(uuid6(clock_seq=7))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(saver.aput(before.config, child, {"step": 9}, {}), 0.2)
+        warm.armed = False
+        latest = await saver.aget_tuple(config)
+        assert latest is not None
+        assert latest.config["configurable"]["checkpoint_id"] == child["id"]
+
+
 class LosesClaimAnswers:
     """A warm store whose ``claim``, when armed, leases the heads and then reports a
     dropped connection, as if the answer was lost after the commit."""

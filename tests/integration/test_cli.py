@@ -131,6 +131,15 @@ def test_worker_once_runs_every_job_and_writes_health(env: dict[str, str],
                                  "retention", "rehydrate", "cold-gc"}
     assert data["jobs"]["history-demotion"]["last_report"]["checkpoints"] > 0
     assert json.loads(result.stdout)["healthy"] is True
+    # cold-gc lists the whole cold store: once a day unless told otherwise
+    assert {name: job["interval"] for name, job in data["jobs"].items()} == {
+        "hot-expiry": 300.0, "history-demotion": 300.0, "idle-archival": 300.0,
+        "retention": 300.0, "rehydrate": 300.0, "cold-gc": 86400.0}
+    cli("worker", "--once", "--interval", "1m", "--gc-interval", "2h",
+        "--health-file", str(health), env=env)
+    intervals = {name: job["interval"]
+                 for name, job in json.loads(health.read_text())["jobs"].items()}
+    assert intervals.pop("cold-gc") == 7200.0 and set(intervals.values()) == {60.0}
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""LangGraph's own conformance suite (langgraph-checkpoint-conformance), on every stack.
+"""LangGraph's own conformance suite (langgraph-checkpoint-conformance), on every stack
+(and on PostgreSQL with its tables hash-partitioned by thread).
 
 Each stack must detect all 8 capabilities and pass every test (81 in the pinned
 version); the per-stack tally is printed at the end of the pytest run. Stacks with
@@ -22,6 +23,7 @@ from langgraph.checkpoint.conformance.capabilities import ALL_CAPABILITIES
 from tests.integration.archiver import Archiver, archive_everything, start_archiver
 from tests.stacks import (
     ARCHIVING_STACKS,
+    CONFORMANCE_ONLY_STACKS,
     MULTIPROCESS_ARCHIVING_STACKS,
     STACKS,
     Urls,
@@ -96,9 +98,12 @@ async def run_conformance(stack: str, urls: Urls, saver_class: type[TieredSaver]
     assert (passed, failed) == (CONFORMANCE_TESTS, 0)
 
 
-@pytest.mark.parametrize("stack", sorted(STACKS))
+CONFORMANCE_STACKS = {**STACKS, **CONFORMANCE_ONLY_STACKS}
+
+
+@pytest.mark.parametrize("stack", sorted(CONFORMANCE_STACKS))
 async def test_conformance(stack: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    await run_conformance(stack, STACKS[stack](request, tmp_path), TieredSaver)
+    await run_conformance(stack, CONFORMANCE_STACKS[stack](request, tmp_path), TieredSaver)
 
 
 @pytest.mark.parametrize("stack", sorted(ARCHIVING_STACKS))

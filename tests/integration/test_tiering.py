@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import time
 from collections.abc import AsyncIterator
@@ -11,11 +12,13 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import empty_checkpoint
 
 from tests.stacks import MULTIPROCESS_STACKS, STACKS, TIERED_STACKS, Urls
 from tierstore import TieredSaver
 from tierstore.codec.segment import SEGMENT_PREFIX, unpack_segment
 from tierstore.demo import build_agent
+from tierstore.errors import CorruptPayload
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import ColdGC, HistoryDemotion, IdleArchival, Retention
 
@@ -160,6 +163,62 @@ async def test_retention_deletes_expired_threads(saver: TieredSaver) -> None:
     report = await Retention(saver, TieringPolicy(expire_after=60)).run_once(now=now())
     assert report.deleted >= 1
     assert await snapshot(app, "old") == []
+
+
+async def test_a_checkpoint_whose_value_warm_lost_stays_warm_and_is_reported(
+        urls: Urls, caplog: pytest.LogCaptureFixture) -> None:
+    """A live read of it is refused; archived as read, it would read back without the
+    channel and no error. So the demotion leaves it warm, archives the rest of the
+    history around it, and reports it (thread, checkpoint, channel) on every run."""
+    thread = "damaged"
+    config: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    ids = []
+    async with open_saver(urls, hot_write_delay=0) as saver:
+        for i in range(1, 4):
+            checkpoint = empty_checkpoint()
+            checkpoint["channel_values"] = {"profile": f"v{i}", "log": ["hi"]}
+            checkpoint["channel_versions"] = {"profile": str(i), "log": "1"}
+            config = await saver.aput(config, checkpoint, {"source": "loop", "step": i},
+                                      {"profile": str(i), "log": "1"} if i == 1
+                                      else {"profile": str(i)})
+            ids.append(config["configurable"]["checkpoint_id"])
+        region = saver.regions.for_thread(thread)
+        warm: Any = region.warm
+        if warm.backend == "sqlite":
+            await warm._run(lambda conn: conn.execute(
+                "DELETE FROM blobs WHERE thread_id = ? AND channel = 'profile' "
+                "AND version = '1'", (thread,)))
+        elif warm.backend == "mongodb":
+            await warm._c("blobs").delete_many(
+                {"thread_id": thread, "channel": "profile", "version": "1"})
+        else:
+            pytest.skip("PostgreSQL stores no row for an empty channel: a missing row is "
+                        "not evidence of loss (tierstore verify tells them apart)")
+        lost = await warm.get(thread, "", ids[0])
+        assert lost is not None and lost.missing == ("profile",)
+        policy = TieringPolicy(archive_after=60, archive_idle_after=None, segment_size=1)
+        with caplog.at_level(logging.WARNING, logger="tierstore.jobs"):
+            report = await HistoryDemotion(saver, policy).run_once(now=now())
+        assert report.checkpoints == 1 and report.segments == 1  # the other old one
+        assert report.failed == 1 and report.error_types == {"CorruptPayload": 1}
+        [line] = report.errors
+        assert repr(thread) in line and ids[0] in line and "'profile'" in line
+        assert any(ids[0] in r.getMessage() for r in caplog.records
+                   if r.levelno == logging.WARNING)
+        left = await warm.get(thread, "", ids[0])
+        moved = await warm.get(thread, "", ids[1])
+        assert left is not None and left.location == "warm"
+        assert moved is not None and moved.location == "archived"
+        again = await HistoryDemotion(saver, policy).run_once(now=now())
+        assert again.checkpoints == 0 and again.failed == 1  # not settled: said again
+    async with open_saver(urls) as fresh:  # nothing cached
+        with pytest.raises(CorruptPayload, match="'profile'"):
+            await fresh.aget_tuple({"configurable": {**config["configurable"],
+                                                     "checkpoint_id": ids[0]}})
+        got = await fresh.aget_tuple({"configurable": {**config["configurable"],
+                                                       "checkpoint_id": ids[1]}})
+        assert got is not None
+        assert got.checkpoint["channel_values"] == {"profile": "v2", "log": ["hi"]}
 
 
 def _worker(urls: Urls, seed: int, results: Any) -> None:

@@ -180,6 +180,16 @@ async def test_import_refuses_thread_ids_the_api_cannot_reach(tmp_path: Path,
         assert [t async for t in saver.alist(None)] == []
 
 
+async def test_import_refuses_a_channel_named_like_a_delta_link(tmp_path: Path) -> None:
+    """The stores would take it for a link of the list ``notes`` (``codec.chain``)."""
+    async with embedded(tmp_path) as saver:
+        values = {"notes": saver.codec.encode(["a"]), "~1~notes": saver.codec.encode(["b"])}
+        path = write(tmp_path, bundle("t", [record(saver.codec, "t", values=values)]))
+        with pytest.raises(InvalidInput, match=r"'~1~notes'.*reserves"):
+            await import_file(saver, path)
+        assert await history(saver, "t") == []
+
+
 @pytest.mark.parametrize("stack", sorted(STACKS))
 async def test_a_bad_fourth_checkpoint_writes_nothing(request: pytest.FixtureRequest,
                                                       tmp_path: Path, stack: str) -> None:

@@ -70,6 +70,26 @@ async def test_verify_names_checkpoints_whose_channel_value_is_gone(urls: Urls) 
     assert all("resolves nowhere" in b["problem"] for b in report["broken"])
 
 
+async def test_verify_names_a_checkpoint_whose_delta_chain_lost_its_only_link(
+        urls: Urls) -> None:
+    """A chain's link is never empty: its row gone is a loss on PostgreSQL too."""
+    from tests.integration.test_review_delta_lost_link_postgres import (
+        cfg,
+        lose_link,
+        whole_graph,
+    )
+
+    async with urls.open() as saver:
+        app = whole_graph().compile(checkpointer=saver)
+        await app.ainvoke({"items": ["u0"]}, cfg("lost-link"))
+        latest = (await ids(saver, "lost-link"))[0]
+        await lose_link(saver, "lost-link", latest)
+        report = await verify(saver)
+    assert not report["ok"]
+    assert [(b["checkpoint_id"], "'items'" in b["problem"]) for b in report["broken"]] == [
+        (latest, True)]
+
+
 async def test_verify_names_a_stub_whose_segment_lacks_it(urls: Urls) -> None:
     async with urls.open() as saver:
         await two_turns_with_history_archived(saver, "wrong-segment")

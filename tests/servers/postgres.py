@@ -92,6 +92,7 @@ class PrivateCluster:
         self.log = self.root / "server.log"
         self.port = free_port()
         self._as_postgres = os.geteuid() == 0
+        self.settings: dict[str, str] = {}
         if self._as_postgres:
             entry = pwd.getpwnam("postgres")
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -108,9 +109,13 @@ class PrivateCluster:
             command = ["runuser", "-u", "postgres", "--", *command]
         return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
 
-    def start(self) -> None:
+    def start(self, **settings: str) -> None:
+        """Start the server; ``settings`` are extra server settings (``-c name=value``),
+        kept for later restarts."""
+        self.settings.update(settings)
+        extra = "".join(f" -c {name}={value}" for name, value in self.settings.items())
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
-                   "-c fsync=off -c max_connections=60")
+                   f"-c fsync=off -c max_connections=60{extra}")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "-t", "60", "start")
 

@@ -15,6 +15,7 @@ from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
     chain_writes,
+    checked_channel_name,
     checked_checkpoint,
     checked_metadata,
     checked_versions,
@@ -229,6 +230,26 @@ def test_malformed_checkpoints_and_writes_name_the_bad_part() -> None:
     for fn, value, fragment in cases:
         with pytest.raises(InvalidInput, match=re.escape(fragment)):
             fn(value)
+
+
+@pytest.mark.parametrize("name", ["~0~items", "~1~items", "~9999~x", "~0~", "~3~~0~a",
+                                  "~0~line\nbreak"])
+def test_a_channel_named_like_a_delta_link_is_refused(name: str) -> None:
+    """The stores tell a chain's links from channels by the name alone (``codec.chain``):
+    a channel of that form would read as a lost link, or as part of another channel."""
+    for call in (lambda: checked_versions({"a": "1", name: "2"}),
+                 lambda: checked_checkpoint({"channel_values": {name: [1]},
+                                             "channel_versions": {"a": "1"}}),
+                 lambda: checked_checkpoint({"channel_versions": {name: 1}})):
+        with pytest.raises(InvalidInput, match=re.escape(repr(name)) + ".*reserves"):
+            call()
+
+
+@pytest.mark.parametrize("name", ["items", "~items", "~~items", "~01~items", "~10000~items",
+                                  "~a~items", "~1items", "x~0~items", " ~0~items", "~-1~x"])
+def test_names_that_only_resemble_a_link_are_channels(name: str) -> None:
+    assert checked_channel_name(name) == name
+    assert checked_versions({name: "1"}) == {name: "1"}
 
 
 def test_supply_blobs_stores_missing_versions_from_the_checkpoints_values() -> None:

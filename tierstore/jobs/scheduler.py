@@ -110,6 +110,7 @@ class Scheduler:
             "healthy": all(e.failures == 0 for e in self.entries),
             "jobs": {
                 e.job.name: {
+                    "interval": e.interval,
                     "runs": e.runs,
                     "failures": e.failures,
                     "last_ok": e.last_ok,

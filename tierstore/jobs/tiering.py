@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from tierstore.codec.chain import channel_of
 from tierstore.codec.segment import SEGMENT_PREFIX, pack_segment, segment_key
 from tierstore.errors import CheckpointArchived, CorruptPayload, TierstoreError, TierUnavailable
 from tierstore.jobs.plan import (
@@ -56,7 +57,7 @@ from tierstore.offload import (
     read_marker,
     thread_space,
 )
-from tierstore.records import Claim, ListQuery
+from tierstore.records import Claim, ListQuery, StoredCheckpoint
 from tierstore.region import Region
 
 if TYPE_CHECKING:
@@ -327,16 +328,19 @@ class _Archiver(_Job):
                 report.checkpoints += len(ids)
                 report.segments += len(chunks(ids, self.policy.segment_size))
                 return None
-            moved = 0
+            moved, failed = 0, report.failed
             for group in chunks(ids, self.policy.segment_size):
                 done = await self._move(region, claim, group, now, report)
+                if done is None:
+                    continue  # every checkpoint of the group is damaged: it stays warm
                 if done == 0:
                     return None  # lease lost: another worker owns this head now
                 moved += done
             if moved:
                 report.threads += 1
                 report.checkpoints += moved
-            return choice.settled
+            # a damaged checkpoint left warm is a failure: the next run reports it again
+            return choice.settled if report.failed == failed else None
         except TierstoreError as exc:
             report.fail(f"{claim.thread_id!r}/{claim.checkpoint_ns!r}", exc)
             log.warning("%s: %r ns %r failed: %s", self.name, claim.thread_id,
@@ -345,11 +349,16 @@ class _Archiver(_Job):
 
     async def _move(
         self, region: Region, claim: Claim, ids: list[str], now: float, report: JobReport
-    ) -> int:
+    ) -> int | None:
+        """Move ``ids`` to one segment; returns how many moved (0: the lease was lost),
+        None when every one that is still live is damaged (see ``_intact``)."""
         assert region.cold is not None
         records = await region.warm.get_live(claim.thread_id, claim.checkpoint_ns, ids)
         if not records:
             return 0
+        records = self._intact(records, report)
+        if not records:
+            return None
         data = pack_segment(records, created_at=now, level=SEGMENT_LEVEL)
         # a key of its own for every pack: never an object another move, a reader's
         # cache or ColdGC already knows under that key (see codec.segment)
@@ -375,6 +384,29 @@ class _Archiver(_Job):
         if any(r.checkpoint_id == claim.head_id for r in records):
             await region.invalidate_hot([claim.thread_id])
         return changed
+
+    def _intact(self, records: Sequence[StoredCheckpoint], report: JobReport
+                ) -> list[StoredCheckpoint]:
+        """The records warm holds every value of. A live read of a checkpoint that names
+        a value warm lost is refused (``CorruptPayload``); packed as read, it would read
+        back from its segment without that channel and no error. So such a checkpoint
+        stays warm, where the loss stays visible, and each run reports it as a failure
+        (`tierstore verify` lists them too)."""
+        intact = []
+        for record in records:
+            if not record.missing:
+                intact.append(record)
+                continue
+            channels = list(dict.fromkeys(channel_of(name) for name in record.missing))
+            where = (f"thread {record.thread_id!r} ns {record.checkpoint_ns!r} checkpoint "
+                     f"{record.checkpoint_id!r}")
+            names = ", ".join(repr(ch) for ch in channels)
+            report.fail(f"{record.thread_id!r}/{record.checkpoint_ns!r}", CorruptPayload(
+                f"{where}: warm lost the value of {names}; left warm, not archived",
+                where=where, detail=channels))
+            log.warning("%s: %s not archived: warm lost the value of %s",
+                        self.name, where, names)
+        return intact
 
 
 async def verify_object(region: Region, key: str, data: bytes) -> None:

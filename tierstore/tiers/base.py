@@ -216,7 +216,9 @@ class WarmRequests(Protocol):
         ``limit`` links, at the root, at a parent that is not stored, and after the
         first link where every asked channel has had a value at some live link (older
         links cannot change the rebuild); a channel named by the links of its delta
-        chain (``~0~channel``…, ``codec.chain``) has one, handed over as those links.
+        chain (``~0~channel``…, ``codec.chain``) has one, handed over as those links,
+        every one the checkpoint names: one warm lost (the deepest too) makes the
+        channel ``missing`` there instead.
         A stub's values are in cold: the walk goes on through it and the caller reads
         its segment. Empty when ``checkpoint_id`` is not stored or has no parent; the
         caller pages on from the last link's id.

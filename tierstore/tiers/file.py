@@ -136,14 +136,27 @@ class FileStore(ObjectStore):
 
         await asyncio.to_thread(_unlink_all)
 
+    def _prefix_dir(self, prefix: str) -> Path | None:
+        """The directory that holds every key starting with ``prefix``: the one its whole
+        segments name (a thread's objects are one directory, so listing them never
+        walks the other threads'). None when no key can start with ``prefix``."""
+        *dirs, _partial = prefix.split("/")
+        if any(not d for d in dirs):
+            return None  # keys have no empty segments
+        encoded = [_encode_segment(d) for d in dirs]
+        if any(e.startswith(_HASHED) for e in encoded):
+            return None  # an over-long segment is hashed: its keys are not listed
+        return self.root.joinpath(*encoded)
+
     async def iter_keys(self, prefix: str) -> AsyncIterator[str]:
         self._check()
 
         def _walk() -> list[str]:
-            if not self.root.exists():
+            top = self._prefix_dir(prefix)
+            if top is None or not top.is_dir():
                 return []
             found = []
-            for dirpath, _dirs, files in os.walk(self.root):
+            for dirpath, _dirs, files in os.walk(top):
                 for name in files:
                     key = self._key(Path(dirpath) / name)
                     if key is not None and key.startswith(prefix):

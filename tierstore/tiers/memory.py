@@ -49,6 +49,8 @@ class MemoryHot(HotStore, LeaseStore):
         self._entries: OrderedDict[tuple[str, str], tuple[float, StoredCheckpoint]] = (
             OrderedDict()
         )
+        # thread -> its namespaces with an entry: a thread is dropped without a scan
+        self._namespaces: dict[str, set[str]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         # thread -> (expires, version floor) a delete left: no copy at or below is stored
         self._tombstones: OrderedDict[str, tuple[float, int]] = OrderedDict()
@@ -77,6 +79,7 @@ class MemoryHot(HotStore, LeaseStore):
     async def aclose(self) -> None:
         if self._life.close():
             self._entries.clear()
+            self._namespaces.clear()
             self._tombstones.clear()
 
     def _check(self) -> None:
@@ -90,15 +93,26 @@ class MemoryHot(HotStore, LeaseStore):
             return None
         expires, record = item
         if expires <= self._clock():
-            del self._entries[key]
+            self._drop(key)
             return None
         return record
 
     def _store(self, key: tuple[str, str], record: StoredCheckpoint) -> None:
         self._entries[key] = (self._clock() + self.ttl, record)
         self._entries.move_to_end(key)
+        self._namespaces.setdefault(key[0], set()).add(key[1])
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[str, str]) -> StoredCheckpoint | None:
+        item = self._entries.pop(key, None)
+        if item is None:
+            return None
+        namespaces = self._namespaces[key[0]]
+        namespaces.discard(key[1])
+        if not namespaces:
+            del self._namespaces[key[0]]
+        return item[1]
 
     async def get(self, thread_id: str, checkpoint_ns: str) -> StoredCheckpoint | None:
         self._check()
@@ -149,11 +163,11 @@ class MemoryHot(HotStore, LeaseStore):
     ) -> None:
         self._check()
         if checkpoint_ns is not None:
-            self._entries.pop((thread_id, checkpoint_ns), None)
+            self._drop((thread_id, checkpoint_ns))
             return
-        for key in [k for k in self._entries if k[0] == thread_id]:
-            dropped = self._entries.pop(key)[1]
-            if floor > 0:
+        for ns in list(self._namespaces.get(thread_id, ())):
+            dropped = self._drop((thread_id, ns))
+            if floor > 0 and dropped is not None:
                 floor = max(floor, dropped.version)
         if floor > 0:
             self._tombstones[thread_id] = (self._clock() + self.ttl,
@@ -196,7 +210,7 @@ class MemoryHot(HotStore, LeaseStore):
         now = self._clock()
         doomed = [key for key, (expires, _) in self._entries.items() if expires <= now]
         for key in doomed:
-            del self._entries[key]
+            self._drop(key)
         for thread_id in [t for t, (until, _) in self._tombstones.items() if until <= now]:
             del self._tombstones[thread_id]
         for thread_id in [t for t, (_, until) in self._leases.items() if until <= now]:

@@ -85,6 +85,7 @@ URL options (defaults): ``prefix`` (``ts:``), ``ttl`` (saver's ``hot_ttl``, seco
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import ssl
@@ -127,7 +128,7 @@ from tierstore.errors import (
 )
 from tierstore.lifecycle import Lifecycle
 from tierstore.policy import backoff, merge_writes
-from tierstore.records import StoredCheckpoint, WriteRecord
+from tierstore.records import StoredCheckpoint, TierUsage, WriteRecord
 from tierstore.settings import StoreUrl
 from tierstore.tiers.base import HotStore, LeaseStore
 
@@ -806,6 +807,45 @@ class RedisHot(HotStore, LeaseStore):
 
     async def release_lease(self, thread_id: str, owner: str) -> bool:
         return await self._lease_script("release_lease", thread_id, [owner])
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def usage(self) -> TierUsage:
+        """The keys under the prefix and the memory Redis reports for them (MEMORY
+        USAGE), for ``tierstore status --cost``: ``checkpoints`` counts cached entries,
+        ``objects`` keys, ``bytes`` their memory. Each call to the server is one SCAN
+        page and its MEMORY USAGE calls, on every primary of a cluster; never on a
+        turn's path."""
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.settings.prefix) + "*"
+        budget = self.settings.timeout * SETUP_BUDGET
+
+        async def primaries(client: Client) -> list[Any]:
+            return list(client.get_primaries()) if isinstance(client, RedisCluster) else [None]
+
+        async def page(client: Client, node: Any, cursor: int) -> tuple[int, list[Any]]:
+            target = {} if node is None else {"target_nodes": node}
+            after, keys = await client.scan(cursor, match=pattern, count=500, **target)
+            if isinstance(after, dict):  # a cluster answers per node
+                after = next(iter(after.values()), 0)
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.memory_usage(key)
+            sizes = await pipe.execute() if keys else []
+            return int(after), list(zip(keys, sizes, strict=True))
+
+        entries = objects = size = 0
+        for node in await self._run("usage", primaries, budget=budget):
+            cursor, first = 0, True
+            while first or cursor:
+                scan = functools.partial(page, node=node, cursor=cursor)
+                cursor, found = await self._run("usage", scan, budget=budget)
+                first = False
+                for key, used in found:
+                    objects += 1
+                    size += int(used or 0)
+                    entries += ENTRY.encode() in (key if isinstance(key, bytes) else
+                                                  str(key).encode())
+        return TierUsage(checkpoints=entries, objects=objects, bytes=size)
 
 
 def _decode_entry(

@@ -12,7 +12,9 @@
       │  is not stored, or after ``limit`` links
     writes: one statement for every link's writes to the asked channels
     seeds:  one statement per value found (a link that stores one ends its channel; a
-            list the saver stored as a delta chain, ``codec.chain``, is one: its links)
+            list the saver stored as a delta chain, ``codec.chain``, is one: its links,
+            every one the link names, so that a lost one, the deepest included, makes
+            the channel missing there instead of a chain that ends early)
 
 It runs on the store's thread inside one read transaction, so the three statements
 see one snapshot. A channel's version is read from the link's ``channel_versions``
@@ -78,12 +80,14 @@ SELECT checkpoint_id, parent_id, location, archive_key, {cols} FROM chain
 
 _VALUES = (
     "SELECT v.key, b.tag, b.data FROM checkpoints AS c, json_each(c.channel_versions) AS v "
-    "CROSS JOIN blobs AS b ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns "
+    "{join} blobs AS b ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns "
     "AND b.channel = v.key AND b.version = v.value "
     "WHERE c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ? AND {names}"
 )
-_SEED = _VALUES.format(names="v.key = ?")
-_CHAIN_LINKS = _VALUES.format(names="v.key GLOB '~*'")
+_SEED = _VALUES.format(join="CROSS JOIN", names="v.key = ?")
+# every link the checkpoint names, a lost one with a NULL tag (a LEFT JOIN keeps the
+# loop order too: each name probes blobs by primary key)
+_CHAIN_LINKS = _VALUES.format(join="LEFT JOIN", names="v.key GLOB '~*'")
 
 
 def walk_ancestors(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str,
@@ -122,10 +126,13 @@ def walk_ancestors(conn: sqlite3.Connection, thread_id: str, checkpoint_ns: str,
             if tag == _LOST:
                 missing.append(ch)
             elif tag == _CHAIN:
-                for name, link_tag, data in conn.execute(
-                        _CHAIN_LINKS, (thread_id, checkpoint_ns, cid)):
-                    if channel_of(name) == ch:
-                        values[name] = Payload(link_tag, bytes(data))
+                chain = [(name, link_tag, data) for name, link_tag, data in conn.execute(
+                    _CHAIN_LINKS, (thread_id, checkpoint_ns, cid)) if channel_of(name) == ch]
+                if any(link_tag is None for _, link_tag, _ in chain):
+                    missing.append(ch)  # a chain is a value only whole
+                else:
+                    values.update((name, Payload(link_tag, bytes(data)))
+                                  for name, link_tag, data in chain)
             elif tag is not None and tag != EMPTY.tag:
                 _, seed_tag, data = conn.execute(_SEED, (thread_id, checkpoint_ns, cid, ch)
                                                  ).fetchone()

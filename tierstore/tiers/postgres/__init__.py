@@ -24,10 +24,11 @@
 Modules, lowest first::
 
     sql         the schema, SQL fragments and maintenance statements several modules share
+    partitions  the tables hash-partitioned by thread: layout, creation, online conversion
     migrations  the shipped migrations, applied once per database however many start
     pool        options, pool, lifecycle, driver errors translated, ``_run``
     requests    head, get, list, ancestors, put_checkpoint, put_writes, next_fence
-    admin       delete, delete_for_runs, copy, publish, prune, usage
+    admin       delete, delete_for_runs, copy, publish, prune, usage; partition (convert)
     tiering     claim, release, expire, index, mark_archived, rehydrate, archive refs
 """
 

@@ -1,4 +1,5 @@
-"""Thread administration: delete, delete by run, copy, publish, prune; usage.
+"""Thread administration: delete, delete by run, copy, publish, prune; usage; the
+conversion of the tables to hash partitions.
 
 Each change is one transaction that takes the head rows it changes first (a put in
 flight commits before it goes on, a later put waits for it; several heads are
@@ -8,13 +9,16 @@ recomputes the heads (``sql.refresh``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import asyncpg
 
-from tierstore.errors import InvalidInput
+from tierstore.errors import InvalidInput, TierstoreError
 from tierstore.records import TierUsage
 from tierstore.tiers.base import WarmAdmin
+from tierstore.tiers.postgres.migrations import abandon_conversion, convert_layout
+from tierstore.tiers.postgres.partitions import Conversion, Progress, Tuning
 from tierstore.tiers.postgres.pool import PostgresPool
 from tierstore.tiers.postgres.sql import (
     DELETE_STREAMS,
@@ -22,8 +26,11 @@ from tierstore.tiers.postgres.sql import (
     DELETE_WRITES_OF,
     THREADS,
     Conn,
+    quote_ident,
     refresh,
 )
+
+T = TypeVar("T")
 
 _LOCK_STREAMS = (
     "SELECT sid FROM tierstore_heads WHERE sid = ANY($1::bigint[]) ORDER BY sid "
@@ -230,3 +237,53 @@ class PostgresAdmin(PostgresPool, WarmAdmin):
 
         threads, live, archived, size = await self._run("usage", body, read=True)
         return TierUsage(threads=threads, checkpoints=live, archived=archived, bytes=int(size))
+
+    # -- the layout -------------------------------------------------------------------------
+
+    async def partition(self, partitions: int, *, tuning: Tuning | None = None,
+                        progress: Progress | None = None) -> Conversion:
+        """Hash-partition the tables into ``partitions`` by thread while the store stays in
+        use: copy in batches, catch up what changed meanwhile, swap under a brief lock
+        (``partitions.py``). Resumes a conversion that stopped; a store already laid out
+        so is left alone, one partitioned into another count refused.
+
+        Runs on a connection of its own, so the store need not be open: a store whose URL
+        asks for ``partitions`` refuses to open until its data is converted.
+        """
+
+        async def body(conn: Conn) -> Conversion:
+            return await convert_layout(conn, url=self.url, schema=self.schema,
+                                        setup_timeout=self.setup_timeout,
+                                        partitions=partitions, tuning=tuning,
+                                        progress=progress)
+
+        return await self._on_own_connection("partition", body)
+
+    async def abandon_partitioning(self) -> bool:
+        """Remove what an unfinished conversion made (its triggers note every change until
+        then); the tables stay plain. Returns whether there was one."""
+
+        async def body(conn: Conn) -> bool:
+            return await abandon_conversion(conn, url=self.url, schema=self.schema,
+                                            setup_timeout=self.setup_timeout)
+
+        return await self._on_own_connection("abandon_partitioning", body)
+
+    async def _on_own_connection(self, action: str, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """``body`` on a one-connection pool of its own, with no statement timeout (index
+        builds take what they take; the conversion bounds its waits for locks)."""
+        settings = {"jit": "off", "application_name": f"tierstore {action}"}
+        if self.schema is not None:
+            settings["search_path"] = quote_ident(self.schema)
+        try:
+            async with asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=1, command_timeout=None,
+                timeout=self.connect_timeout, statement_cache_size=0,
+                server_settings=settings,
+            ) as pool, pool.acquire(timeout=self.connect_timeout) as conn:
+                return await body(conn)
+        except TierstoreError:
+            raise
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError, TimeoutError) as exc:
+            raise self._translate(exc, action) from exc

@@ -1,16 +1,36 @@
-"""Bringing a database's schema up to date with the files of ``migrations/postgres``.
+"""Bringing a database's schema up to date with the files of ``migrations/postgres``,
+and its tables to the layout asked for (``partitions``).
 
 ``setup()`` runs ``migrate`` on one pooled connection before the store opens;
-processes starting together agree on one migrator through an advisory lock.
+processes starting together agree on one migrator through an advisory lock. The
+conversion of a store's tables to hash partitions (``convert_layout``) holds the
+same lock from start to end, so no migration runs halfway through it.
+
+Every migration applies to both layouts: plain tables and tables hash-partitioned by
+``sid`` (``partitions``). What that asks of a new migration file:
+
+- no storage parameters on the three partitioned tables (``ALTER TABLE … SET
+  (fillfactor …)`` is refused for a partitioned table): set them on its partitions;
+- a unique index or constraint on them includes ``sid``;
+- no system column (``xmax``, ``ctid``) read from them: PostgreSQL refuses
+  ``RETURNING xmax`` from an insert into a partitioned table;
+- ``CREATE INDEX CONCURRENTLY`` (in a no-transaction migration) works: on a
+  partitioned table the runner builds it partition by partition and attaches each.
+
+``tests/contract/test_postgres_partitions.py`` applies every shipped migration to a
+partitioned store and runs the warm contract on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Awaitable, Callable
 from typing import Final
 
-from tierstore.errors import TierUnavailable
+from tierstore.errors import ConfigurationError, TierUnavailable
 from tierstore.migrate import Migration, apply_pending, migrations_for, sql_statements
+from tierstore.tiers.postgres import partitions as layouts
 from tierstore.tiers.postgres.sql import Conn, quote_ident
 
 _NO_TRANSACTION: Final = "-- tierstore:no-transaction"
@@ -18,21 +38,95 @@ _NO_TRANSACTION: Final = "-- tierstore:no-transaction"
 outside a transaction (``CREATE INDEX CONCURRENTLY`` needs that); it must be
 written so that running it again after a crash is harmless."""
 
+_CONCURRENT_INDEX: Final = re.compile(
+    r"\s*CREATE\s+(?P<unique>UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"(?P<name>\w+)\s+ON\s+(?P<table>\w+)\s+(?P<rest>.*?)\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
 
-async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: float) -> None:
-    """Apply pending migrations, once, however many processes start together.
+
+async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: float,
+                  partitions: int | None = None) -> None:
+    """Apply pending migrations, once, however many processes start together; with
+    ``partitions``, create the tables partitioned or check that they are.
 
     An advisory lock (one per schema) elects one migrator. The others poll for
     it rather than block on it: a process blocked inside a statement holds a
     snapshot, which a ``CREATE INDEX CONCURRENTLY`` run by the migrator would
     wait for, forever. Each migration commits together with its version row,
     so a crash leaves the version table telling the truth.
+
+    ``partitions`` applies when the schema is created, or to a store whose tables are
+    still empty; a store holding rows in plain tables is refused (it is converted with
+    ``convert_layout``, online), and so is one partitioned into another count.
     """
-    latest = migrations_for("postgres")[-1].version
-    timeout = setup_timeout
-    if await _applied(conn, timeout) >= latest:
+
+    async def up_to_date() -> bool:
+        if await _applied(conn, setup_timeout) < migrations_for("postgres")[-1].version:
+            return False
+        return partitions is None or await layouts.layout(conn) == partitions
+
+    if await up_to_date():
         return
+    if not await _lock(conn, url=url, schema=schema, setup_timeout=setup_timeout, done=up_to_date):
+        return
+    try:
+        await _apply_all(conn, schema=schema, setup_timeout=setup_timeout)
+        if partitions is not None:
+            await _ensure_layout(conn, partitions, url=url)
+    finally:
+        await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
+
+
+async def convert_layout(
+    conn: Conn, *, url: str, schema: str | None, setup_timeout: float, partitions: int,
+    tuning: layouts.Tuning | None = None, progress: layouts.Progress | None = None,
+) -> layouts.Conversion:
+    """Bring the schema up to date, then hash-partition the tables online
+    (``partitions.convert``), all under the migration lock."""
+    layouts.check_count(partitions)
+    await _lock(conn, url=url, schema=schema, setup_timeout=setup_timeout, done=None)
+    try:
+        await _apply_all(conn, schema=schema, setup_timeout=setup_timeout)
+        return await layouts.convert(conn, partitions, tuning=tuning, progress=progress)
+    finally:
+        await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
+
+
+async def abandon_conversion(conn: Conn, *, url: str, schema: str | None,
+                             setup_timeout: float) -> bool:
+    """Remove what an unfinished conversion made, under the migration lock."""
+    await _lock(conn, url=url, schema=schema, setup_timeout=setup_timeout, done=None)
+    try:
+        return await layouts.abandon(conn)
+    finally:
+        await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
+
+
+async def _ensure_layout(conn: Conn, partitions: int, *, url: str) -> None:
+    current = await layouts.layout(conn)
+    if current == partitions:
+        return
+    if current is not None:
+        raise ConfigurationError(
+            f"postgres warm tier {url}: its tables are hash-partitioned into {current} "
+            f"partitions, not partitions={partitions}; a store keeps the count it was "
+            f"created or converted with (set partitions={current} or leave it out)")
+    if await layouts.conversion_underway(conn) is not None or await layouts.holds_rows(conn):
+        raise ConfigurationError(
+            f"postgres warm tier {url}: partitions={partitions} lays out a new store, and "
+            "this one already holds data in plain tables; convert it online with "
+            f"`tierstore migrate --partitions {partitions}` (README: Partitioning), or "
+            "leave partitions out of the URL")
+    await layouts.create(conn, partitions)
+
+
+async def _lock(conn: Conn, *, url: str, schema: str | None, setup_timeout: float,
+                done: Callable[[], Awaitable[bool]] | None) -> bool:
+    """Take the migration lock, polling; False (and no lock) once ``done()`` says
+    another process did the work meanwhile."""
     key = f"tierstore.migrate:{schema or ''}"
+    timeout = setup_timeout
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
@@ -44,31 +138,38 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
                 tier="warm", backend="postgres",
             )
         await asyncio.sleep(0.1)
-        if await _applied(conn, timeout) >= latest:
-            return
+        if done is not None and await done():
+            return False
+    return True
+
+
+async def _unlock(conn: Conn, *, schema: str | None, setup_timeout: float) -> None:
+    key = f"tierstore.migrate:{schema or ''}"
     try:
-        if schema is not None:
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}",
-                               timeout=timeout)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS tierstore_migrations (version integer PRIMARY KEY, "
-            "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-            timeout=timeout,
-        )
-        done = {r[0] for r in await conn.fetch("SELECT version FROM tierstore_migrations",
-                                                timeout=timeout)}
+        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key,
+                           timeout=setup_timeout)
+    except BaseException:
+        conn.terminate()  # a session still holding the lock must not be reused
+        raise
 
-        async def apply(migration: Migration) -> None:
-            await apply_migration(conn, migration, setup_timeout=timeout)
 
-        await apply_pending("postgres", applied=done, apply=apply)
-    finally:
-        try:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key,
-                               timeout=timeout)
-        except BaseException:
-            conn.terminate()  # a session still holding the lock must not be reused
-            raise
+async def _apply_all(conn: Conn, *, schema: str | None, setup_timeout: float) -> None:
+    timeout = setup_timeout
+    if schema is not None:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}",
+                           timeout=timeout)
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS tierstore_migrations (version integer PRIMARY KEY, "
+        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        timeout=timeout,
+    )
+    done = {r[0] for r in await conn.fetch("SELECT version FROM tierstore_migrations",
+                                            timeout=timeout)}
+
+    async def apply(migration: Migration) -> None:
+        await apply_migration(conn, migration, setup_timeout=timeout)
+
+    await apply_pending("postgres", applied=done, apply=apply)
 
 
 async def _applied(conn: Conn, setup_timeout: float) -> int:
@@ -88,9 +189,43 @@ async def apply_migration(conn: Conn, migration: Migration, *, setup_timeout: fl
     head = migration.text.lstrip().splitlines()[:3]
     if any(line.strip() == _NO_TRANSACTION for line in head):
         for statement in sql_statements(migration.text):
-            await conn.execute(statement, timeout=timeout)
+            index = _CONCURRENT_INDEX.match(statement)
+            if index is not None and await conn.fetchval(
+                    "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)",
+                    index["table"], timeout=timeout):
+                await _index_partitions(conn, index, setup_timeout=timeout)
+            else:
+                await conn.execute(statement, timeout=timeout)
         await conn.execute(record, migration.version, migration.name, timeout=timeout)
         return
     async with conn.transaction():
         await conn.execute(migration.text, timeout=timeout)
         await conn.execute(record, migration.version, migration.name, timeout=timeout)
+
+
+async def _index_partitions(conn: Conn, index: re.Match[str], *, setup_timeout: float
+                            ) -> None:
+    """``CREATE INDEX CONCURRENTLY`` on a partitioned table, which PostgreSQL refuses: the
+    index on the parent alone (not valid yet), then each partition's built concurrently
+    and attached; the parent's is valid once all are. Running it again finishes the job:
+    a partition's index left invalid by a crash is dropped and built again."""
+    timeout = setup_timeout
+    unique = "UNIQUE " if index["unique"] else ""
+    name, table, rest = index["name"], index["table"], index["rest"]
+    await conn.execute(f"CREATE {unique}INDEX IF NOT EXISTS {quote_ident(name)} "
+                       f"ON ONLY {quote_ident(table)} {rest}", timeout=timeout)
+    parts = [r[0] for r in await conn.fetch(
+        "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = to_regclass($1) ORDER BY c.relname", table, timeout=timeout)]
+    for part in parts:
+        suffix = part[len(table) + 1:] if part.startswith(table + "_") else part
+        child = f"{name}_{suffix}"[:63]
+        if await conn.fetchval("SELECT NOT indisvalid FROM pg_index "
+                               "WHERE indexrelid = to_regclass($1)", child, timeout=timeout):
+            await conn.execute(f"DROP INDEX CONCURRENTLY {quote_ident(child)}",
+                               timeout=timeout)
+        await conn.execute(f"CREATE {unique}INDEX CONCURRENTLY IF NOT EXISTS "
+                           f"{quote_ident(child)} ON {quote_ident(part)} {rest}",
+                           timeout=timeout)
+        await conn.execute(f"ALTER INDEX {quote_ident(name)} ATTACH PARTITION "
+                           f"{quote_ident(child)}", timeout=timeout)

@@ -6,7 +6,23 @@ is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30
 ``connect_timeout=10``, ``setup_timeout=300`` (migrations), ``schema=NAME`` (tables
 live in this schema, created if missing), ``statement_cache_size=100`` (0 behind a
 transaction-pooling PgBouncer; run ``setup()`` once against the server itself, as
-migrations hold a session-level advisory lock).
+migrations hold a session-level advisory lock), ``partitions=N`` (2..1024: the
+checkpoint, blob and write tables are hash-partitioned by thread into N when the
+schema is created; a store already holding data in plain tables is refused and
+converted with ``tierstore migrate --partitions N``, one partitioned into another
+count is refused; see ``partitions.py``).
+
+Connections plan with sequential scans off. Every statement of a request finds its
+rows through an index; but a plan made while a table holds a page or two reads it
+whole instead, and a prepared statement may keep that plan as the table grows until
+the next ``ANALYZE``: each read would then cost the whole store. With sequential
+scans off, a statement an index serves probes it whatever the statistics say (as
+``tierstore_ancestors`` does, 0008). A statement that reads a whole table still does:
+``usage`` scans it as before; a claim's pass over the heads walks their primary key
+instead (about twice the pages of that pass). Behind PgBouncer, list ``jit`` and
+``enable_seqscan`` in ``ignore_startup_parameters``: both settings are then lost;
+``statement_cache_size=0`` still plans each statement sent for its own call, but the
+statements inside the store's functions keep their plans until the next ``ANALYZE``.
 """
 
 from __future__ import annotations
@@ -32,13 +48,14 @@ from tierstore.errors import (
 from tierstore.lifecycle import Lifecycle
 from tierstore.settings import StoreUrl, mask
 from tierstore.tiers.postgres.migrations import migrate
+from tierstore.tiers.postgres.partitions import check_count
 from tierstore.tiers.postgres.sql import Conn, quote_ident
 
 T = TypeVar("T")
 
 _OPTIONS: Final = frozenset({
     "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
-    "statement_cache_size",
+    "statement_cache_size", "partitions",
 })
 
 
@@ -59,6 +76,7 @@ class PostgresPool:
         setup_timeout: float = 300.0,
         schema: str | None = None,
         statement_cache_size: int = 100,
+        partitions: int | None = None,
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError(
@@ -75,6 +93,8 @@ class PostgresPool:
             raise ConfigurationError("postgres statement_cache_size cannot be negative")
         if schema is not None and not 0 < len(schema.encode("utf-8")) <= 63:
             raise ConfigurationError(f"postgres schema name must be 1..63 bytes, got {schema!r}")
+        if partitions is not None:
+            check_count(partitions)
         self._dsn = dsn
         self._secret = urlsplit(dsn).password
         self.url = masked if masked is not None else mask(dsn)
@@ -85,6 +105,7 @@ class PostgresPool:
         self.setup_timeout = setup_timeout
         self.schema = schema
         self.statement_cache_size = statement_cache_size
+        self.partitions = partitions
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
         self._releasing: set[asyncio.Task[None]] = set()
@@ -106,8 +127,8 @@ class PostgresPool:
         options.update(kw)
         parsed: dict[str, Any] = {}
         try:
-            for name in ("min_size", "max_size", "statement_cache_size"):
-                if name in options:
+            for name in ("min_size", "max_size", "statement_cache_size", "partitions"):
+                if name in options and options[name] is not None:
                     parsed[name] = int(options[name])
             for name in ("command_timeout", "connect_timeout", "setup_timeout"):
                 if name in options:
@@ -128,7 +149,11 @@ class PostgresPool:
         """Open the pool and bring the schema up to date. Idempotent while open."""
         if not self._life.begin():
             return
-        settings = {"jit": "off"}  # planning JIT costs more than these short statements
+        settings = {
+            "jit": "off",  # planning JIT costs more than these short statements
+            # Plans that stay key probes whatever the tables' statistics say (see above).
+            "enable_seqscan": "off",
+        }
         if "application_name=" not in self._dsn:
             settings["application_name"] = "tierstore"
         if self.schema is not None:
@@ -146,7 +171,7 @@ class PostgresPool:
             )
             async with self._pool.acquire(timeout=self.connect_timeout) as conn:
                 await migrate(conn, url=self.url, schema=self.schema,
-                              setup_timeout=self.setup_timeout)
+                              setup_timeout=self.setup_timeout, partitions=self.partitions)
         except BaseException as exc:
             pool, self._pool = self._pool, None
             if pool is not None:

@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
+from tierstore.codec.chain import channel_of
 from tierstore.errors import LeaseLost, MissingBlobs, VersionConflict
 from tierstore.policy import is_text
 from tierstore.records import (
@@ -54,21 +55,33 @@ _HEAD = (
 # planner would hash every blob version of the namespace to find a handful. The
 # page comes back in any order and is sorted in Python: sorting here would copy
 # every row with its payloads, and a large page would spill to disk.
+#
+# No row is stored for an empty channel, so a name without one is no value, except
+# for a link of a delta chain (``~<depth>~<channel>``, ``codec.chain``): a link is
+# never empty, so a live checkpoint naming one that has no row lost it. The same
+# probes (joined LEFT) return those names as ``lost_links``; the saver refuses the
+# record and the archive jobs leave it warm, as on the stores that keep a row for
+# every version. ``aput`` refuses a channel named like a link, so such a name is one.
 _ASSEMBLE = """
 SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_id, c.checkpoint_tag,
        c.checkpoint, c.metadata_tag, c.metadata, c.archive_key,
        b.channels AS blob_channels, b.tags AS blob_tags, b.data AS blob_data,
+       b.lost_links,
        w.task_ids, w.idxs, w.channels AS write_channels, w.tags AS write_tags,
        w.data AS write_data, w.paths AS write_paths
   FROM ({page}) AS c
  CROSS JOIN LATERAL (
-       SELECT array_agg(b.channel) AS channels, array_agg(b.tag) AS tags,
-              array_agg(b.data) AS data
+       SELECT array_agg(b.channel) FILTER (WHERE b.channel IS NOT NULL) AS channels,
+              array_agg(b.tag) FILTER (WHERE b.channel IS NOT NULL) AS tags,
+              array_agg(b.data) FILTER (WHERE b.channel IS NOT NULL) AS data,
+              array_agg(v.channel) FILTER (
+                  WHERE b.channel IS NULL AND c.archive_key IS NULL
+                    AND v.channel ~ '^~(0|[1-9][0-9]{{0,3}})~') AS lost_links
          FROM jsonb_each_text(c.channel_versions) AS v(channel, version)
-        CROSS JOIN LATERAL (
+         LEFT JOIN LATERAL (
               SELECT b.channel, b.tag, b.data FROM tierstore_blobs AS b
                WHERE b.sid = c.sid AND b.channel = v.channel AND b.version = v.version
-               LIMIT 1) AS b) AS b
+               LIMIT 1) AS b ON true) AS b
  CROSS JOIN LATERAL (
        SELECT array_agg(w.task_id) AS task_ids, array_agg(w.idx) AS idxs,
               array_agg(w.channel) AS channels, array_agg(w.tag) AS tags,
@@ -91,7 +104,8 @@ _GET_LATEST = (
 )
 
 # The parent chain of $3 in the stream ($1, $2), up to $4 links, for the channels $5:
-# one row per link (per channel), per seed value and per write (0008).
+# one row per link (per channel), per seed value and per write (0008; a lost
+# link of a delta chain as a value with no tag, 0009).
 _ANCESTORS = "SELECT * FROM tierstore_ancestors($1, $2, $3, $4, $5)"
 
 _PUT_CHECKPOINT = (
@@ -352,6 +366,7 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
         )
     )
     archive_key = row["archive_key"]
+    lost = row["lost_links"]
     return StoredCheckpoint(
         thread_id=row["thread_id"],
         checkpoint_ns=row["checkpoint_ns"],
@@ -363,17 +378,21 @@ def _assemble(row: asyncpg.Record) -> StoredCheckpoint:
         writes=writes,
         location="warm" if archive_key is None else "archived",
         archive_key=archive_key,
+        missing=tuple(sorted(lost)) if lost else (),
     )
 
 
 def _links(rows: Iterable[asyncpg.Record]) -> list[ChainLink]:
     """``tierstore_ancestors`` rows as links, nearest first; writes in ``writes_sort_key``
-    order. A link comes once per channel still open at it.
+    order. A link comes once per channel still open at it. A delta chain's link the
+    checkpoint names but warm lost comes as a value with no tag (0009): its channel is
+    missing there, and none of its chain is handed over (a chain is a value only whole).
 
     Indexing the records and building each link once keeps this a small part of a walk:
     it runs for every link of every history read.
     """
     at: dict[int, tuple[str, str | None, str | None, dict[str, Payload], list[WriteRecord]]] = {}
+    lost: dict[int, set[str]] = {}
     rest = []
     for row in rows:
         if row[4] is None:
@@ -382,18 +401,24 @@ def _links(rows: Iterable[asyncpg.Record]) -> list[ChainLink]:
         else:
             rest.append(row)
     for row in rest:
-        if row[7] is None:
-            at[row[0]][3][row[4]] = Payload(row[5], row[6])
-        else:
+        if row[7] is not None:
             at[row[0]][4].append(
                 WriteRecord(row[7], row[8], row[4], Payload(row[5], row[6]), row[9]))
+        elif row[5] is None:
+            lost.setdefault(row[0], set()).add(channel_of(row[4]))
+        else:
+            at[row[0]][3][row[4]] = Payload(row[5], row[6])
     links: list[ChainLink] = []
     for depth in sorted(at):
         checkpoint_id, parent_id, archive_key, values, writes = at[depth]
         if len(writes) > 1:
             writes.sort(key=_write_order)
+        missing = lost.get(depth)
+        if missing:
+            values = {name: p for name, p in values.items() if channel_of(name) not in missing}
         links.append(ChainLink(checkpoint_id, parent_id, values, tuple(writes),
-                               "warm" if archive_key is None else "archived", archive_key))
+                               "warm" if archive_key is None else "archived", archive_key,
+                               tuple(sorted(missing)) if missing else ()))
     return links
 
 

@@ -10,6 +10,10 @@ Tables (``migrations/postgres``)::
     tierstore_writes       (sid, checkpoint_id, task_id, idx) ─ pending writes
     tierstore_fences       (thread_key) ─ newest lease token per thread, by SHA-224 digest
 
+With ``partitions=N`` the checkpoint, blob and write tables are hash-partitioned by
+``sid`` (``partitions.py``): the statements are the same, and each statement about one
+namespace runs on one partition.
+
 Bytes on disk per checkpoint are part of the design: the surrogate ``sid`` keeps
 thread ids (any text up to 64 KiB) out of every other row and index entry;
 channel versions are stored with their run of leading zeros as a count

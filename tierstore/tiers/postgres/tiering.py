@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from tierstore.codec.chain import is_link_name
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import InvalidInput
 from tierstore.records import (
@@ -372,6 +373,10 @@ class PostgresTiering(PostgresPool, WarmTiering):
                 checkpoint=Payload(tag or "", data or b""), metadata=Payload(md_tag, md),
                 blobs={ch: values[ch, v] for ch, v in named.items() if (ch, v) in values},
                 writes=tuple(writes.get(checkpoint_id, ())),
+                # as ``get``: an empty channel has no row, but a delta chain's link is
+                # never empty, so a link named with no row was lost
+                missing=tuple(sorted(ch for ch, v in named.items()
+                                     if (ch, v) not in values and is_link_name(ch))),
             ))
         return sorted(out, key=lambda r: r.checkpoint_id)
 
