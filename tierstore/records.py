@@ -165,6 +165,9 @@ class ObjectInfo:
     readable: bool
     restore_state: str  # "not-needed" | "not-started" | "in-progress" | "ready"
     modified: float = 0.0  # epoch seconds of the last write; 0.0 when the store cannot tell
+    sha256: str | None = None
+    """Hex SHA-256 of the object's bytes as the store computed it on receipt (and
+    checked against the digest sent with them); None when the store keeps none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,8 @@ class CheckpointMeta:
     location: Location
     archive_key: str | None
     size: int
+    metadata: Payload | None = None
+    """Only for the checkpoint an ``index`` call asked it of (``metadata_of``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -205,6 +207,41 @@ async def test_an_object_at_the_threshold_is_one_put(open_store: Any, s3_client:
     await store.put("edge+1", data + b"!")
     assert (await head(s3_client, store, "edge+1"))["ETag"].strip('"').endswith("-2")
     assert await store.get("edge+1") == data + b"!"
+
+
+async def test_a_one_request_put_is_checked_by_s3_and_its_digest_reported(
+    open_store: Any, s3_client: Any
+) -> None:
+    """S3 checks the SHA-256 sent with a put against the bytes it received and keeps it:
+    ``info`` reports it, so a segment is verified without reading it back. A multipart
+    upload's checksum covers its parts' checksums, not the bytes: none is reported."""
+    store = await open_store()
+    data = os.urandom(100_000)
+    await store.put("one", data)
+    answer = await s3_client.head_object(Bucket=store.bucket, Key=store.prefix + "one",
+                                         ChecksumMode="ENABLED")
+    assert base64.b64decode(answer["ChecksumSHA256"]) == hashlib.sha256(data).digest()
+    info = await store.info("one")
+    assert info is not None and info.sha256 == hashlib.sha256(data).hexdigest()
+    big = await open_store(multipart_threshold="5MiB", part_size="5MiB")
+    await big.put("parts", data * 60)
+    info = await big.info("parts")
+    assert info is not None and info.size == len(data) * 60 and info.sha256 is None
+
+
+@pytest.mark.parametrize("answer", [
+    {"ChecksumSHA256": "YWJj"},  # not 32 bytes
+    {"ChecksumSHA256": "not base64!"},
+    {"ChecksumSHA256": base64.b64encode(bytes(32)).decode() + "-3"},
+    {"ChecksumSHA256": base64.b64encode(bytes(32)).decode(), "ChecksumType": "COMPOSITE"},
+    {"ChecksumCRC32": "AAAAAA=="},
+    {},
+])
+def test_only_a_whole_object_sha256_is_taken_from_a_head_answer(answer: dict[str, str]) -> None:
+    assert s3_module._whole_object_sha256(answer) is None
+    whole = {"ChecksumSHA256": base64.b64encode(bytes(range(32))).decode(),
+             "ChecksumType": "FULL_OBJECT"}
+    assert s3_module._whole_object_sha256(whole) == bytes(range(32)).hex()
 
 
 async def test_listing_pages_and_deletion_batches(open_store: Any,

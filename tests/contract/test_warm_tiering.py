@@ -14,6 +14,7 @@ from tierstore.errors import InvalidInput, MissingBlobs
 from tierstore.records import BlobRecord, ListQuery, Payload, WriteRecord
 
 from .test_warm import chain
+from .test_warm_missing_blob import drop_any_blob
 
 
 async def test_claim_leases_each_head_to_one_owner(warm: Any) -> None:
@@ -252,3 +253,73 @@ async def test_mark_archived_is_all_or_nothing_when_a_packed_checkpoint_was_dele
     kept = await warm.get(t, "", cid(1))
     assert kept is not None and kept.location == "warm"
     assert await warm.get(t, "", cid(0)) is None
+
+
+async def test_get_live_reads_a_segment_as_get_reads_each_of_its_checkpoints(warm: Any) -> None:
+    """What an archive move packs: every live checkpoint asked for, with the channel
+    values it names (one value named by several checkpoints, an empty channel) and its
+    pending writes, exactly as ``get`` returns it; stubs and unknown ids left out."""
+    t = f"t-{uuid.uuid4()}"
+    values = {"shared": BlobRecord("shared", "1", Payload("msgpack", b"named by all")),
+              "empty": BlobRecord("empty", "1", Payload("empty", b""))}
+    for i in range(5):
+        own = BlobRecord("own", str(i), Payload("msgpack", f"own-{i}".encode()))
+        await warm.put_checkpoint(
+            record(t, i, parent=i - 1 if i else None,
+                   versions={"shared": "1", "empty": "1", "own": str(i)}),
+            [own, *values.values()] if i == 0 else [own], strict=False)
+        await warm.put_writes(t, "", cid(i), [
+            WriteRecord("task", 0, "ch", Payload("m", f"w{i}".encode())),
+            WriteRecord("task", 1, "ch", Payload("m", f"x{i}".encode()), "path")])
+    await warm.put_checkpoint(record(f"other-{t}", 1, versions={"own": "1"}), [
+        BlobRecord("own", "1", Payload("msgpack", b"not this thread's"))], strict=False)
+    now = time.time()
+    await warm.claim(owner="me", now=now, lease_seconds=60, limit=1000, idle_before=now + 1,
+                     thread_id=t)
+    assert await warm.mark_archived(t, "", [cid(1)], archive_key="seg", owner="me",
+                                    now=now) == 1
+
+    def plain(r: Any) -> Any:
+        return (r.checkpoint_id, r.parent_id, r.checkpoint, r.metadata, dict(r.blobs),
+                sorted(r.writes, key=lambda w: (w.task_id, w.idx)), r.location, r.missing)
+
+    asked = [cid(4), cid(0), cid(1), cid(3), cid(9)]
+    got = await warm.get_live(t, "", asked)
+    expected = [await warm.get(t, "", c) for c in (cid(0), cid(3), cid(4))]
+    assert [plain(r) for r in got] == [plain(r) for r in expected]
+    assert {r.blobs["shared"].data for r in got} == {b"named by all"}
+    assert [r.blobs["own"].data for r in got] == [b"own-0", b"own-3", b"own-4"]
+    assert [len(r.writes) for r in got] == [2, 2, 2]
+    assert all(r.thread_id == t and r.checkpoint_ns == "" for r in got)
+    assert await warm.get_live(t, "", []) == []
+    assert await warm.get_live(t, "", [cid(1)]) == []
+    assert await warm.get_live(f"nobody-{t}", "", [cid(0)]) == []
+
+
+async def test_index_brings_the_metadata_of_the_checkpoint_asked_for(warm: Any) -> None:
+    t = f"t-{uuid.uuid4()}"
+    await chain(warm, t, 3)
+    plain = await warm.index(t, "")
+    assert [m.metadata for m in plain] == [None, None, None]
+    index = await warm.index(t, "", metadata_of=cid(2))
+    assert [(m.checkpoint_id, m.metadata) for m in index] == [
+        (cid(2), Payload("msgpack", b"md-2")), (cid(1), None), (cid(0), None)]
+    assert [m.metadata for m in await warm.index(t, "", metadata_of=cid(7))] == [None] * 3
+
+
+async def test_get_live_names_a_lost_value_as_get_does(warm: Any) -> None:
+    """A segment must never be packed from a checkpoint that lost a value (it would read
+    back from cold without it, and no error): ``get_live`` flags it as ``get`` does, on
+    every backend for a delta chain's link, which is never empty."""
+    t = f"t-{uuid.uuid4()}"
+    versions = {"log": "1", "~0~items": "4"}
+    await warm.put_checkpoint(record(t, 1, versions=versions), [
+        BlobRecord("log", "1", Payload("msgpack", b"hi")),
+        BlobRecord("~0~items", "4", Payload("msgpack+delta", b"snapshot"))], strict=False)
+    await warm.put_checkpoint(record(t, 2, parent=1, versions=versions), [], strict=False)
+    await drop_any_blob(warm, t, "~0~items")
+    got = await warm.get_live(t, "", [cid(1), cid(2)])
+    assert [(r.checkpoint_id, r.missing) for r in got] == [
+        (cid(1), ("~0~items",)), (cid(2), ("~0~items",))]
+    read = [await warm.get(t, "", c) for c in (cid(1), cid(2))]
+    assert [r.missing for r in got] == [r.missing for r in read if r is not None]

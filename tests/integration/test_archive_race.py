@@ -71,12 +71,12 @@ async def live_turns(saver: TieredSaver, worker: Archiver | None = None) -> None
     await asyncio.gather(*(run(f"race-{k}") for k in range(THREADS)))
 
 
-async def everything(saver: TieredSaver) -> dict[str, list[Any]]:
+async def everything(saver: TieredSaver, threads: int = THREADS) -> dict[str, list[Any]]:
     """Every checkpoint of every thread, newest first, as LangGraph reads it back:
     through ``list`` and through ``get_tuple`` of each id (ids themselves differ
     between runs; their order, parents' positions, values and writes may not)."""
     seen: dict[str, list[Any]] = {}
-    for k in range(THREADS):
+    for k in range(threads):
         thread = f"race-{k}"
         listed = [t async for t in saver.alist(thread_cfg(thread))]
         ids = [t.config["configurable"]["checkpoint_id"] for t in listed]

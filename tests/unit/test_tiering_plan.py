@@ -95,6 +95,7 @@ def test_backoff_grows_and_caps() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"keep_latest": 0}, {"archive_after": -1},
                                     {"storage_class": "COLD"}, {"segment_size": 0},
+                                    {"parallel_moves": 0},
                                     {"expire_strategy": "shred"}])
 def test_policy_refuses_nonsense(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):

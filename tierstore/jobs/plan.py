@@ -44,6 +44,8 @@ class TieringPolicy:
     storage_class: cold storage class of archive segments (None: the cold URL's).
     segment_size: checkpoints per archive segment.
     lease_seconds / batch: how long a worker holds a claimed thread, how many per run.
+    parallel_moves: how many claimed heads one worker moves at once (each move waits
+        on the stores most of its time).
     """
 
     hot_ttl: float = 3600.0
@@ -56,6 +58,7 @@ class TieringPolicy:
     segment_size: int = 200
     lease_seconds: float = 300.0
     batch: int = 100
+    parallel_moves: int = 4
 
     def __post_init__(self) -> None:
         for name in ("archive_after", "archive_idle_after", "expire_after"):
@@ -64,8 +67,10 @@ class TieringPolicy:
                 raise ConfigurationError(f"{name} cannot be negative: {value!r}")
         if self.keep_latest < 1:
             raise ConfigurationError("keep_latest must be at least 1: the head always stays")
-        if self.segment_size < 1 or self.batch < 1 or self.lease_seconds <= 0:
-            raise ConfigurationError("segment_size, batch and lease_seconds must be positive")
+        if (self.segment_size < 1 or self.batch < 1 or self.lease_seconds <= 0
+                or self.parallel_moves < 1):
+            raise ConfigurationError(
+                "segment_size, batch, lease_seconds and parallel_moves must be positive")
         if self.storage_class is not None and self.storage_class not in STORAGE_CLASSES:
             raise ConfigurationError(
                 f"unknown storage class {self.storage_class!r}; use one of "

@@ -356,8 +356,28 @@ class WarmTiering(Protocol):
         """Heads leased to a worker (other than ``exclude_owner``) past ``now``."""
         ...
 
-    async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
-        """Every checkpoint of a (thread, ns), newest first, without payloads."""
+    async def index(
+        self, thread_id: str, checkpoint_ns: str, *, metadata_of: str | None = None
+    ) -> Sequence[CheckpointMeta]:
+        """Every checkpoint of a (thread, ns), newest first, without payloads.
+
+        ``metadata_of``: that checkpoint comes with its metadata (history demotion
+        reads the head's ``DeltaChannel`` depth from it), in the same call.
+        """
+        ...
+
+    async def get_live(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str]
+    ) -> Sequence[StoredCheckpoint]:
+        """The live (not archived) checkpoints among ``checkpoint_ids``, oldest first,
+        each as ``get`` returns it (blobs and pending writes joined); ids that are
+        stubs or not stored are left out.
+
+        What an archive move packs into one segment: one snapshot and a bounded number
+        of round trips whatever the number of ids (PostgreSQL: one statement, each
+        channel value sent once however many of the checkpoints name it), not one
+        ``get`` each.
+        """
         ...
 
     async def mark_archived(

@@ -3,9 +3,13 @@
 ::
 
     put(key, data, storage_class=None)          class: the argument, else the URL's
-      ├─ len(data) <= multipart_threshold ──► PutObject
+      ├─ len(data) <= multipart_threshold ──► PutObject with the SHA-256 of data
+      │                                       (S3 refuses other bytes, keeps the digest)
       └─ larger ──► CreateMultipartUpload ──► UploadPart (n times) ──► CompleteMultipartUpload
                          └── any failure or cancellation ──► AbortMultipartUpload, then raise
+
+    info(key) ──► HeadObject ──► size, class, restore state, age, and the SHA-256 S3
+                                 kept for a one-request put (the archive's verification)
 
     get(key) ──► GetObject ──► bytes
       ├─ NoSuchKey ──► None
@@ -64,6 +68,8 @@ error codes) and leaves as a tierstore error chained to the original.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import math
@@ -168,6 +174,23 @@ def request_deadline(*, connect_timeout: float, read_timeout: float, max_attempt
     return attempts * (connect_timeout + read_timeout) + backoff + _DEADLINE_MARGIN
 
 
+def _whole_object_sha256(answer: Mapping[str, Any]) -> str | None:
+    """The hex SHA-256 of a whole object from a HEAD answer, if S3 keeps one.
+
+    A multipart upload's checksum is a checksum of its parts' checksums
+    (``ChecksumType`` COMPOSITE, the value ending in ``-<parts>``): not the digest of
+    the bytes, so it is not reported.
+    """
+    value = answer.get("ChecksumSHA256")
+    if not isinstance(value, str) or "-" in value or answer.get("ChecksumType") == "COMPOSITE":
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 32 else None
+
+
 def _normalise_prefix(path: str) -> str:
     """``/a//b/`` → ``a/b/``; empty stays empty. ``.`` and ``..`` are refused."""
     segments = [s for s in unquote(path).split("/") if s]
@@ -241,6 +264,7 @@ class _Head:
     storage_class: str
     restore_state: str
     modified: float = 0.0  # Last-Modified (whole seconds); garbage collection needs an age
+    sha256: str | None = None  # hex; only a whole-object digest S3 checked on receipt
 
 
 # -- the one place where driver errors become tierstore errors ----------------------------
@@ -606,9 +630,12 @@ class S3Store(ObjectStore):
         full = self._full_key(key)
         klass = self._put_class(storage_class)
         if len(data) <= self.multipart_threshold:
+            # S3 computes the SHA-256 of the bytes it receives, refuses the put when it
+            # differs from the one sent along, and keeps it: ``info`` reports it, so
+            # the archive verifies a segment without reading it back.
             async with self._driver("PutObject", key):
                 await client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data),
-                                        StorageClass=klass)
+                                        StorageClass=klass, ChecksumAlgorithm="SHA256")
             return
         await self._put_multipart(client, key, full, data, klass)
 
@@ -698,7 +725,8 @@ class S3Store(ObjectStore):
     async def _head(self, client: Any, key: str, full: str) -> _Head | None:
         try:
             async with self._driver("HeadObject", key):
-                answer = await client.head_object(Bucket=self.bucket, Key=full)
+                answer = await client.head_object(Bucket=self.bucket, Key=full,
+                                                  ChecksumMode="ENABLED")
         except _Missing:
             return None
         klass = str(answer.get("StorageClass") or "STANDARD")
@@ -708,6 +736,7 @@ class S3Store(ObjectStore):
             storage_class=klass,
             restore_state=restore_state(klass, answer.get("Restore"), answer.get("ArchiveStatus")),
             modified=modified.timestamp() if isinstance(modified, datetime) else 0.0,
+            sha256=_whole_object_sha256(answer),
         )
 
     async def info(self, key: str) -> ObjectInfo | None:
@@ -718,7 +747,7 @@ class S3Store(ObjectStore):
         return ObjectInfo(
             key=key, size=head.size, storage_class=head.storage_class,
             readable=head.restore_state in ("not-needed", "ready"),
-            restore_state=head.restore_state, modified=head.modified,
+            restore_state=head.restore_state, modified=head.modified, sha256=head.sha256,
         )
 
     async def delete(self, keys: Sequence[str]) -> None:

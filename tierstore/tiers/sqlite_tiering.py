@@ -15,7 +15,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tierstore.errors import InvalidInput
-from tierstore.records import CheckpointMeta, Claim, ClaimsHeld, StoredCheckpoint, WriteRecord
+from tierstore.records import (
+    CheckpointMeta,
+    Claim,
+    ClaimsHeld,
+    Payload,
+    StoredCheckpoint,
+    WriteRecord,
+)
 from tierstore.tiers.base import WarmTiering
 from tierstore.tiers.sqlite_base import SqliteBase
 
@@ -157,19 +164,84 @@ class SqliteTiering(SqliteBase, WarmTiering):
 
         return await self._run(fn)
 
-    async def index(self, thread_id: str, checkpoint_ns: str) -> builtins.list[CheckpointMeta]:
+    async def index(
+        self, thread_id: str, checkpoint_ns: str, *, metadata_of: str | None = None
+    ) -> builtins.list[CheckpointMeta]:
         def fn(conn: sqlite3.Connection) -> builtins.list[CheckpointMeta]:
             return [
                 CheckpointMeta(thread_id, checkpoint_ns, cid, parent, created, location, key,
-                               size)
-                for cid, parent, created, location, key, size in conn.execute(
+                               size, None if md is None else Payload(md_tag, bytes(md)))
+                for cid, parent, created, location, key, size, md_tag, md in conn.execute(
                     "SELECT checkpoint_id, parent_id, created_at, location, archive_key, "
-                    "size_bytes FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
+                    "size_bytes, metadata_tag, CASE WHEN checkpoint_id = ? THEN metadata END "
+                    "FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? "
                     "ORDER BY checkpoint_id DESC",
-                    (thread_id, checkpoint_ns),
+                    (metadata_of, thread_id, checkpoint_ns),
                 )
             ]
 
+        return await self._run(fn)
+
+    async def get_live(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str]
+    ) -> builtins.list[StoredCheckpoint]:
+        ids = json.dumps(sorted(set(checkpoint_ids)))
+        key = (thread_id, checkpoint_ns)
+
+        def read(conn: sqlite3.Connection) -> builtins.list[StoredCheckpoint]:
+            rows = conn.execute(
+                "SELECT checkpoint_id, parent_id, checkpoint_tag, checkpoint, metadata_tag, "
+                "metadata, channel_versions FROM checkpoints WHERE thread_id = ? AND "
+                "checkpoint_ns = ? AND location = 'warm' AND checkpoint_id IN "
+                "(SELECT value FROM json_each(?)) ORDER BY checkpoint_id",
+                (*key, ids),
+            ).fetchall()
+            named = [json.loads(r[6] or "{}") for r in rows]
+            pairs = sorted({(ch, v) for versions in named for ch, v in versions.items()})
+            # each (channel, version) once, however many of the checkpoints name it: a
+            # primary-key lookup each (CROSS JOIN keeps json_each outside)
+            values = {
+                (ch, v): Payload(tag, bytes(data))
+                for ch, v, tag, data in conn.execute(
+                    "SELECT b.channel, b.version, b.tag, b.data FROM json_each(?) AS k "
+                    "CROSS JOIN blobs AS b ON b.thread_id = ? AND b.checkpoint_ns = ? "
+                    "AND b.channel = json_extract(k.value, '$[0]') "
+                    "AND b.version = json_extract(k.value, '$[1]')",
+                    (json.dumps(pairs), *key),
+                )
+            }
+            writes: dict[str, builtins.list[WriteRecord]] = {}
+            for cid, task_id, idx, channel, tag, data, path in conn.execute(
+                "SELECT checkpoint_id, task_id, idx, channel, tag, data, task_path FROM writes "
+                "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN "
+                "(SELECT value FROM json_each(?)) ORDER BY checkpoint_id, task_path, task_id, idx",
+                (*key, ids),
+            ):
+                writes.setdefault(cid, []).append(
+                    WriteRecord(task_id, idx, channel, Payload(tag, bytes(data)), path))
+            out = []
+            for (cid, parent_id, cp_tag, cp, md_tag, md, _), versions in zip(rows, named,
+                                                                             strict=True):
+                blobs = {ch: values[ch, v] for ch, v in versions.items() if (ch, v) in values}
+                out.append(StoredCheckpoint(
+                    thread_id=thread_id, checkpoint_ns=checkpoint_ns, checkpoint_id=cid,
+                    parent_id=parent_id, checkpoint=Payload(cp_tag or "", bytes(cp or b"")),
+                    metadata=Payload(md_tag, bytes(md)), blobs=blobs,
+                    writes=tuple(writes.get(cid, ())),
+                    # as ``get``: a live checkpoint has a blob for every version it names
+                    missing=tuple(sorted(ch for ch in versions if ch not in blobs)),
+                ))
+            return out
+
+        def fn(conn: sqlite3.Connection) -> builtins.list[StoredCheckpoint]:
+            conn.execute("BEGIN")  # one snapshot of the file
+            try:
+                return read(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        if not checkpoint_ids:
+            return []
         return await self._run(fn)
 
     async def mark_archived(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tierstore.errors import InvalidInput
 from tierstore.records import (
@@ -20,11 +21,23 @@ from tierstore.records import (
     CheckpointMeta,
     Claim,
     ClaimsHeld,
+    Payload,
     StoredCheckpoint,
     WriteRecord,
 )
 from tierstore.tiers.mongo.admin import MongoAdmin
-from tierstore.tiers.mongo.documents import PAGE, Doc, gridfs_ids, keyset_after, plain, versions_of
+from tierstore.tiers.mongo.documents import (
+    OR_CHUNK,
+    PAGE,
+    READ_FIELDS,
+    Doc,
+    GridFSRef,
+    gridfs_ids,
+    keyset_after,
+    plain,
+    read_payload,
+    versions_of,
+)
 
 
 def _settled(head: Doc, warm_before: float) -> bool:
@@ -185,21 +198,61 @@ class MongoTiering(MongoAdmin):
         until = [float(d["lease_until"]) for d in docs]
         return ClaimsHeld(len(until), min(until, default=None), max(until, default=None))
 
-    async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
+    async def index(
+        self, thread_id: str, checkpoint_ns: str, *, metadata_of: str | None = None
+    ) -> Sequence[CheckpointMeta]:
         t, ns = plain(thread_id, "thread_id"), plain(checkpoint_ns, "checkpoint_ns")
+        metadata: Payload | None = None
         with self._errors("index"):
             docs = await self._c("checkpoints").find(
                 {"thread_id": t, "checkpoint_ns": ns},
                 {"_id": 0, "checkpoint_id": 1, "parent_id": 1, "created_at": 1, "location": 1,
                  "archive_key": 1, "size_bytes": 1},
             ).sort([("checkpoint_id", -1)]).to_list(None)
+            if metadata_of is not None:
+                where = f"thread {t!r} checkpoint {metadata_of!r} metadata"
+                doc = await self._c("checkpoints").find_one(
+                    {"thread_id": t, "checkpoint_ns": ns,
+                     "checkpoint_id": plain(metadata_of, "checkpoint_id")},
+                    {"_id": 0, "metadata": 1})
+                if doc is not None:
+                    found = read_payload(doc.get("metadata"), where)
+                    metadata = (await self._download(found, where)
+                                if isinstance(found, GridFSRef) else found)
         return [
             CheckpointMeta(t, ns, d["checkpoint_id"], d.get("parent_id"),
                            float(d.get("created_at") or 0.0),
                            "archived" if d.get("location") == "archived" else "warm",
-                           d.get("archive_key"), int(d.get("size_bytes") or 0))
+                           d.get("archive_key"), int(d.get("size_bytes") or 0),
+                           metadata if d["checkpoint_id"] == metadata_of else None)
             for d in docs
         ]
+
+    async def get_live(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str]
+    ) -> Sequence[StoredCheckpoint]:
+        """One query for the checkpoints, then ``get``'s assembly (blobs and writes of
+        them all in a few queries); a checkpoint turned into a stub meanwhile is left out."""
+        ids = sorted({plain(c, "checkpoint_id") for c in checkpoint_ids})
+        if not ids:
+            return []
+        flt: Doc = {"thread_id": plain(thread_id, "thread_id"),
+                    "checkpoint_ns": plain(checkpoint_ns, "checkpoint_ns"),
+                    "location": {"$ne": "archived"}}
+        docs: list[Doc] = []
+        with self._errors("get_live"):
+            for start in range(0, len(ids), OR_CHUNK):
+                docs.extend(await self._c("checkpoints").find(
+                    {**flt, "checkpoint_id": {"$in": ids[start:start + OR_CHUNK]}},
+                    dict(READ_FIELDS)).to_list(None))
+            records = await self._assemble(docs)
+        return sorted((r for r in records if r.location == "warm"),
+                      key=lambda r: r.checkpoint_id)
+
+    if TYPE_CHECKING:
+        async def _assemble(self, docs: Sequence[Doc], *,
+                            reread: bool = True) -> Sequence[StoredCheckpoint]:
+            """``MongoReads._assemble``: ``MongoWarm`` is built of both."""
 
     async def mark_archived(
         self,

@@ -3,22 +3,33 @@
 Never on the request path. A worker claims heads with ``FOR NO KEY UPDATE SKIP
 LOCKED`` (workers skip each other's rows and heads a put holds), then changes
 them in one transaction that checks its lease under the head row's lock.
+
+An archive move costs a fixed number of round trips per segment, whatever the number
+of checkpoints in it::
+
+    get_live       1 statement   the segment's checkpoints, each channel value once,
+                                 their writes
+    mark_archived  BEGIN ─► lock the head, check the lease ─► one statement: stubs,
+                   packed writes out, orphaned values out, head version + 1 ─► COMMIT
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
+from tierstore.codec.chain import is_link_name
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import InvalidInput
 from tierstore.records import (
     CheckpointMeta,
     Claim,
     ClaimsHeld,
+    Payload,
     StoredCheckpoint,
     WriteRecord,
 )
@@ -28,7 +39,6 @@ from tierstore.tiers.postgres.sql import (
     DELETE_STREAMS,
     DELETE_THREADS,
     DELETE_WRITES_OF,
-    DROP_ORPHAN_BLOBS,
     SID,
     THREADS,
     Conn,
@@ -37,11 +47,19 @@ from tierstore.tiers.postgres.sql import (
     stream,
 )
 
+# The heads a claim considers are read and sorted first, on their own columns only
+# ({heads}); the probes of their checkpoints ({probes}) then run in that order and
+# stop once {limit} heads are locked. Filtered before the sort, every head of the store
+# would be probed on every claim (O(store) per batch). {heads} is checked again on the
+# locked row, which a concurrent release or claim may have changed.
 _CLAIM = """
 WITH picked AS (
-    SELECT h.sid FROM tierstore_heads AS h
-     WHERE {conditions}
-     ORDER BY h.updated_at
+    SELECT h.sid
+      FROM (SELECT h.sid, h.updated_at FROM tierstore_heads AS h
+             WHERE {heads} ORDER BY h.updated_at OFFSET 0) AS o
+      JOIN tierstore_heads AS h ON h.sid = o.sid
+     WHERE {heads}{probes}
+     ORDER BY o.updated_at
      LIMIT {limit}
        FOR NO KEY UPDATE OF h SKIP LOCKED)
 UPDATE tierstore_heads AS h SET lease_owner = {owner}, lease_until = {until}
@@ -68,7 +86,8 @@ _HELD_CLAIMS = (
 )
 _INDEX = (
     "SELECT c.checkpoint_id, c.parent_id, extract(epoch FROM c.created_at)::float8, "
-    "c.archive_key, c.size_bytes FROM tierstore_checkpoints AS c "
+    "c.archive_key, c.size_bytes, c.metadata_tag, "
+    "CASE WHEN c.checkpoint_id = $3 THEN c.metadata END FROM tierstore_checkpoints AS c "
     f"WHERE c.sid = {SID} ORDER BY c.checkpoint_id DESC"
 )
 _LEASED = (
@@ -85,6 +104,68 @@ SELECT h.sid, h.thread_id, h.checkpoint_ns
  ORDER BY h.sid
    FOR NO KEY UPDATE OF h
 """
+# The live checkpoints of a segment ($3) of one stream, in one statement and one
+# snapshot: kind 0 rows are checkpoints, kind 1 the channel values they name (each
+# (channel, version) once, however many checkpoints name it), kind 2 their pending
+# writes. LIMIT 1 keeps each value a primary-key probe: joined freely, the planner
+# (which cannot tell how many pairs the checkpoints name) hashes the whole blob table.
+GET_LIVE = f"""
+WITH c AS MATERIALIZED (
+    SELECT c.sid, c.checkpoint_id, c.parent_id, c.checkpoint_tag, c.checkpoint,
+           c.metadata_tag, c.metadata, c.channel_versions
+      FROM tierstore_checkpoints AS c
+     WHERE c.sid = {SID} AND c.checkpoint_id = ANY($3::text[]) AND c.archive_key IS NULL)
+SELECT 0, c.checkpoint_id, c.parent_id, c.checkpoint_tag, c.checkpoint, c.metadata_tag,
+       c.metadata, c.channel_versions::text, NULL::integer
+  FROM c
+UNION ALL
+SELECT 1, v.channel, v.version, b.tag, b.data, NULL, NULL, NULL, NULL
+  FROM (SELECT DISTINCT c.sid, v.channel, v.version
+          FROM c, jsonb_each_text(c.channel_versions) AS v(channel, version)) AS v
+ CROSS JOIN LATERAL (
+       SELECT b.tag, b.data FROM tierstore_blobs AS b
+        WHERE b.sid = v.sid AND b.channel = v.channel AND b.version = v.version
+        LIMIT 1) AS b
+UNION ALL
+SELECT 2, w.checkpoint_id, w.task_id, w.tag, w.data, w.channel, NULL, w.task_path, w.idx
+  FROM c JOIN tierstore_writes AS w ON w.sid = c.sid AND w.checkpoint_id = c.checkpoint_id
+"""
+# The stubs of one move ($1: sid, $2: ids, $3: key), run under the head row's lock in
+# a statement of its own, so its snapshot holds every put that committed before the
+# lock. Its parts cannot see each other's changes: the values kept are those the
+# checkpoints staying live name ($2 left out), and the caller rolls back unless every
+# id of $2 became a stub. {writes} deletes the pending writes the segment holds.
+_MARK = """
+WITH changed AS (
+    UPDATE tierstore_checkpoints SET archive_key = $3, checkpoint = NULL, checkpoint_tag = NULL
+     WHERE sid = $1 AND checkpoint_id = ANY($2::text[]) AND archive_key IS NULL
+    RETURNING checkpoint_id),
+gone AS ({writes}),
+live AS (
+    SELECT DISTINCT v.channel, v.version
+      FROM tierstore_checkpoints AS c,
+           jsonb_each_text(c.channel_versions) AS v(channel, version)
+     WHERE c.sid = $1 AND c.archive_key IS NULL AND c.checkpoint_id <> ALL($2::text[])),
+orphans AS (
+    DELETE FROM tierstore_blobs AS b
+     WHERE b.sid = $1
+       AND NOT EXISTS (SELECT 1 FROM live AS l
+                        WHERE l.channel = b.channel AND l.version = b.version)),
+bumped AS (
+    UPDATE tierstore_heads SET version = version + 1
+     WHERE sid = $1 AND EXISTS (SELECT 1 FROM changed))
+SELECT count(*) FROM changed
+"""
+MARK_ALL_WRITES = _MARK.format(writes=(
+    "DELETE FROM tierstore_writes WHERE sid = $1 AND checkpoint_id = ANY($2::text[])"))
+# Only what the segment holds, matched by task, index, tag and the SHA-256 of the bytes
+# (32 bytes a write on the wire, not the write again): a write stored after the
+# segment was packed stays on the stub, where reads merge it.
+MARK_PACKED_WRITES = _MARK.format(writes=(
+    "DELETE FROM tierstore_writes AS w USING unnest($4::text[], $5::text[], $6::int[], "
+    "$7::text[], $8::bytea[]) AS p(checkpoint_id, task_id, idx, tag, digest) "
+    "WHERE w.sid = $1 AND w.checkpoint_id = p.checkpoint_id AND w.task_id = p.task_id "
+    "AND w.idx = p.idx AND w.tag = p.tag AND sha256(w.data) = p.digest"))
 _COUNT_HEAD_WRITES = """
 UPDATE tierstore_heads AS h
    SET n_writes = (SELECT count(*) FROM tierstore_writes AS w
@@ -92,7 +173,49 @@ UPDATE tierstore_heads AS h
        version = h.version + 1
  WHERE h.sid = ANY($1::bigint[])
 """
-_BUMP_VERSION = "UPDATE tierstore_heads SET version = version + 1 WHERE sid = $1"
+
+
+def claim_statement(
+    *,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    warm_before: float | None,
+    idle_before: float | None,
+    require_live: bool,
+    thread_id: str | None,
+) -> tuple[str, list[Any]]:
+    """The statement (and its arguments) that leases heads for ``claim``."""
+    params: list[Any] = []
+
+    def arg(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    conds = ["h.head_id IS NOT NULL",
+             f"(h.lease_until IS NULL OR h.lease_until < {arg(now)})"]
+    probes = []
+    if thread_id is not None:
+        t = arg(thread_id)
+        conds.append(f"tierstore_key(h.thread_id) = {digest(t)} AND h.thread_id = {t}")
+    if warm_before is not None:
+        before = arg(warm_before)
+        conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
+                     f"h.settled_until < {before})")
+        probes.append(
+            "EXISTS (SELECT 1 FROM tierstore_checkpoints AS c WHERE c.sid = h.sid "
+            f"AND c.archive_key IS NULL AND c.created_at < to_timestamp({before}) "
+            "AND c.checkpoint_id <> h.head_id)"
+        )
+    if idle_before is not None:
+        conds.append(f"h.updated_at < to_timestamp({arg(idle_before)})")
+        if require_live:
+            probes.append("EXISTS (SELECT 1 FROM tierstore_checkpoints AS c "
+                          "WHERE c.sid = h.sid AND c.archive_key IS NULL)")
+    sql = _CLAIM.format(heads=" AND ".join(conds), probes="".join(f" AND {p}" for p in probes),
+                        limit=arg(limit), owner=arg(owner), until=arg(now + lease_seconds))
+    return sql, params
 
 
 class _NothingMarked(Exception):
@@ -116,32 +239,10 @@ class PostgresTiering(PostgresPool, WarmTiering):
     ) -> Sequence[Claim]:
         """Lease heads with ``FOR NO KEY UPDATE SKIP LOCKED``: concurrent workers skip
         each other's rows (and heads a put holds) instead of queueing behind them."""
-        params: list[Any] = []
-
-        def arg(value: Any) -> str:
-            params.append(value)
-            return f"${len(params)}"
-
-        conds = ["h.head_id IS NOT NULL",
-                 f"(h.lease_until IS NULL OR h.lease_until < {arg(now)})"]
-        if thread_id is not None:
-            t = arg(thread_id)
-            conds.append(f"tierstore_key(h.thread_id) = {digest(t)} AND h.thread_id = {t}")
-        if warm_before is not None:
-            conds.append(
-                "EXISTS (SELECT 1 FROM tierstore_checkpoints AS c WHERE c.sid = h.sid "
-                f"AND c.archive_key IS NULL AND c.created_at < to_timestamp({arg(warm_before)}) "
-                "AND c.checkpoint_id <> h.head_id)"
-            )
-            conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
-                         f"h.settled_until < {arg(warm_before)})")
-        if idle_before is not None:
-            conds.append(f"h.updated_at < to_timestamp({arg(idle_before)})")
-            if require_live:
-                conds.append("EXISTS (SELECT 1 FROM tierstore_checkpoints AS c "
-                             "WHERE c.sid = h.sid AND c.archive_key IS NULL)")
-        sql = _CLAIM.format(conditions=" AND ".join(conds), limit=arg(limit), owner=arg(owner),
-                            until=arg(now + lease_seconds))
+        sql, params = claim_statement(
+            owner=owner, now=now, lease_seconds=lease_seconds, limit=limit,
+            warm_before=warm_before, idle_before=idle_before, require_live=require_live,
+            thread_id=thread_id)
 
         async def body(conn: Conn) -> list[asyncpg.Record]:
             return await conn.fetch(sql, *params)
@@ -228,15 +329,56 @@ class PostgresTiering(PostgresPool, WarmTiering):
         count, first, last = await self._run("held_claims", body, read=True)
         return ClaimsHeld(count, first, last)
 
-    async def index(self, thread_id: str, checkpoint_ns: str) -> Sequence[CheckpointMeta]:
+    async def index(
+        self, thread_id: str, checkpoint_ns: str, *, metadata_of: str | None = None
+    ) -> Sequence[CheckpointMeta]:
         async def body(conn: Conn) -> list[asyncpg.Record]:
-            return await conn.fetch(_INDEX, thread_id, checkpoint_ns)
+            return await conn.fetch(_INDEX, thread_id, checkpoint_ns, metadata_of)
 
         return [
             CheckpointMeta(thread_id, checkpoint_ns, cid, parent, created,
-                           "warm" if key is None else "archived", key, size)
-            for cid, parent, created, key, size in await self._run("index", body, read=True)
+                           "warm" if key is None else "archived", key, size,
+                           None if md is None else Payload(md_tag, md))
+            for cid, parent, created, key, size, md_tag, md
+            in await self._run("index", body, read=True)
         ]
+
+    async def get_live(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_ids: Sequence[str]
+    ) -> list[StoredCheckpoint]:
+        if not checkpoint_ids:
+            return []
+
+        async def body(conn: Conn) -> list[asyncpg.Record]:
+            return await conn.fetch(GET_LIVE, thread_id, checkpoint_ns,
+                                    sorted(set(checkpoint_ids)))
+
+        rows = await self._run("get_live", body, read=True)
+        values: dict[tuple[str, str], Payload] = {}
+        writes: dict[str, list[WriteRecord]] = {}
+        checkpoints = []
+        for kind, a, b, tag, data, c, d, e, idx in rows:
+            if kind == 0:
+                checkpoints.append((a, b, tag, data, c, d, e))
+            elif kind == 1:
+                values[a, b] = Payload(tag, data)
+            else:
+                writes.setdefault(a, []).append(WriteRecord(b, idx, c, Payload(tag, data), e))
+        out = []
+        for checkpoint_id, parent_id, tag, data, md_tag, md, versions in checkpoints:
+            named = json.loads(versions)
+            out.append(StoredCheckpoint(
+                thread_id=thread_id, checkpoint_ns=checkpoint_ns,
+                checkpoint_id=checkpoint_id, parent_id=parent_id,
+                checkpoint=Payload(tag or "", data or b""), metadata=Payload(md_tag, md),
+                blobs={ch: values[ch, v] for ch, v in named.items() if (ch, v) in values},
+                writes=tuple(writes.get(checkpoint_id, ())),
+                # as ``get``: an empty channel has no row, but a delta chain's link is
+                # never empty, so a link named with no row was lost
+                missing=tuple(sorted(ch for ch, v in named.items()
+                                     if (ch, v) not in values and is_link_name(ch))),
+            ))
+        return sorted(out, key=lambda r: r.checkpoint_id)
 
     async def mark_archived(
         self,
@@ -249,46 +391,31 @@ class PostgresTiering(PostgresPool, WarmTiering):
         now: float,
         writes: Mapping[str, Sequence[WriteRecord]] | None = None,
     ) -> int:
-        ids = list(checkpoint_ids)
-        packed = [(cid, w) for cid in ids for w in (writes or {}).get(cid, ())]
+        ids = sorted(set(checkpoint_ids))
+        extra: tuple[list[Any], ...]
+        if writes is None:
+            sql, extra = MARK_ALL_WRITES, ()
+        else:
+            packed = [(cid, w) for cid in ids for w in writes.get(cid, ())]
+            sql = MARK_PACKED_WRITES
+            extra = ([c for c, _ in packed], [w.task_id for _, w in packed],
+                     [w.idx for _, w in packed], [w.payload.tag for _, w in packed],
+                     [hashlib.sha256(w.payload.data).digest() for _, w in packed])
 
         async def body(conn: Conn) -> int:
             async with conn.transaction():
                 # The lease is checked under the head row's lock: a worker whose lease
-                # ran out cannot turn checkpoints into stubs another worker now owns.
+                # ran out cannot turn checkpoints into stubs another worker now owns,
+                # and puts, deletes and rehydrations of the stream wait for the commit.
                 sid = await conn.fetchval(_LEASED, thread_id, checkpoint_ns, owner, now)
                 if sid is None:
                     return 0
-                changed = await conn.fetch(
-                    "UPDATE tierstore_checkpoints SET archive_key = $3, checkpoint = NULL, "
-                    "checkpoint_tag = NULL WHERE sid = $1 AND checkpoint_id = ANY($2::text[]) "
-                    "AND archive_key IS NULL RETURNING checkpoint_id",
-                    sid, ids, archive_key,
-                )
-                if len(changed) != len(set(ids)):
+                changed = int(await conn.fetchval(sql, sid, ids, archive_key, *extra))
+                if changed != len(ids):
                     # some were deleted (or moved) since they were packed: all or nothing,
                     # so a segment never holds a checkpoint a concurrent delete removed
                     raise _NothingMarked
-                if writes is None:
-                    await conn.execute(
-                        "DELETE FROM tierstore_writes WHERE sid = $1 "
-                        "AND checkpoint_id = ANY($2::text[])", sid, ids,
-                    )
-                elif packed:  # only what the segment holds: a later write stays on the stub
-                    await conn.execute(
-                        "DELETE FROM tierstore_writes AS w USING unnest($2::text[], $3::text[], "
-                        "$4::int[], $5::text[], $6::bytea[]) AS p(checkpoint_id, task_id, idx, "
-                        "tag, data) WHERE w.sid = $1 AND w.checkpoint_id = p.checkpoint_id "
-                        "AND w.task_id = p.task_id AND w.idx = p.idx AND w.tag = p.tag "
-                        "AND w.data = p.data",
-                        sid, [c for c, _ in packed], [w.task_id for _, w in packed],
-                        [w.idx for _, w in packed], [w.payload.tag for _, w in packed],
-                        [w.payload.data for _, w in packed],
-                    )
-                await conn.execute(DROP_ORPHAN_BLOBS, [sid])
-                if changed:  # every cached copy of the head must fail the freshness check
-                    await conn.execute(_BUMP_VERSION, sid)
-                return len(changed)
+                return changed
 
         try:
             return await self._run("mark_archived", body)
