@@ -73,7 +73,7 @@ async def test_verify_names_checkpoints_whose_channel_value_is_gone(urls: Urls) 
 async def test_verify_names_a_checkpoint_whose_delta_chain_lost_its_only_link(
         urls: Urls) -> None:
     """A chain's link is never empty: its row gone is a loss on PostgreSQL too."""
-    from tests.integration.test_review_delta_lost_link_postgres import (
+    from tests.integration.test_delta_lost_link import (
         cfg,
         lose_link,
         whole_graph,
