@@ -3,19 +3,16 @@ the embedded stack, round prices from a file of the test's own, figures checked 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.test_cli import ROOT, cli, js
 from tierstore.cost import STUB_BYTES_PER_CHECKPOINT, WARM_DISK_PER_PAYLOAD
 from tierstore.demo import run_demo
 
-ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
 MONTH = 730 * 3600
 
@@ -31,19 +28,6 @@ storage_gb_month = 1.0
 storage_gb_month = 2.0
 get_per_1000 = 0.5
 """
-
-
-def cli(*args: str, env: dict[str, str], check: int | None = 0
-        ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "tierstore", *args], capture_output=True,
-                            text=True, timeout=120, env=env, check=False, cwd=ROOT)
-    if check is not None:
-        assert result.returncode == check, result.stdout + result.stderr
-    return result
-
-
-def js(*args: str, env: dict[str, str]) -> Any:
-    return json.loads(cli(*args, "--json", env=env).stdout)
 
 
 @pytest.fixture
