@@ -19,7 +19,9 @@ Read of the latest checkpoint (``hot_check="verify"``)::
 Every copy carries the warm head version it was made from. Warm advances that
 version with every change to the head, so a copy that missed any change (another
 replica's write, an archive move, a delete) is a miss, never a stale hit. With
-``hot_check="trusted"`` a queued copy or the hot entry is served without asking warm.
+``hot_check="trusted"`` a queued copy or the hot entry is served without asking warm,
+unless a hot update of it failed since the last one that landed: such a doubtful entry
+is read from warm and invalidated once the hot tier answers again (``_send``).
 
 Write-behind: one hot update per (thread, ns) per burst, not one per call. A
 LangGraph turn stores several checkpoints and pending writes in quick succession,
@@ -46,11 +48,13 @@ saver), counted and turned into a miss. It never fails a read or a write.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from tierstore.metrics import Metrics
 from tierstore.policy import chain_writes, is_hot_fresh, should_replace_hot
@@ -66,6 +70,9 @@ T = TypeVar("T")
 HOT_WARNING_INTERVAL = 10.0
 
 Key = tuple[str, str]  # (thread id, checkpoint ns)
+DOUBT_RETRIES = 3  # tries of the repair on close, ``DOUBT_RETRY_WAIT`` apart
+DOUBT_RETRY_WAIT = 0.5
+_FAILED: Any = object()
 
 
 class HotGuard:
@@ -120,7 +127,11 @@ class HotCache:
         self._inflight: dict[Key, StoredCheckpoint] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._dropped: set[Key] = set()  # hot entries to invalidate unless replaced first
-        self._invalidating: dict[str, int] = {}  # thread -> invalidations still on their way
+        # hot entries that may be behind warm (``trusted`` only): thread -> ns (None:
+        # every ns) -> what failed. See ``_send``.
+        self._doubts: dict[str, dict[str | None, _Doubt]] = {}
+        self._ticks = itertools.count(1)
+        self._repairing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -135,10 +146,10 @@ class HotCache:
         hot = self.hot
         local = self.queued(thread_id, checkpoint_ns)
         if not self.verify:
-            if thread_id in self._invalidating:  # the hot entry may predate an unanswered write
-                self._count_hit(False)
-                return None
             if local is None:
+                if self.doubtful(thread_id, checkpoint_ns):  # the entry may be behind warm
+                    self._count_hit(False)
+                    return None
                 local = await self._guard(hot, "get", hot.get(thread_id, checkpoint_ns), None)
             self._count_hit(local is not None)
             return local
@@ -169,8 +180,11 @@ class HotCache:
         return hit
 
     async def fill(self, record: StoredCheckpoint) -> None:
-        """A latest checkpoint just read from warm (carrying its head version)."""
-        await self._guard(self.hot, "fill", self.hot.put(record), False)
+        """A latest checkpoint just read from warm (carrying its head version). Neither
+        raises nor lifts a doubt: warm may have moved on since the read."""
+        await self._send("fill", self.hot.put(record),
+                         (record.thread_id, record.checkpoint_ns), doubt_on_failure=False,
+                         settles=False)
         self._remember(record)
 
     async def peek(self, thread_id: str, checkpoint_ns: str) -> str | None:
@@ -231,7 +245,7 @@ class HotCache:
             self._arm(key)
             return
         self._discard(key)
-        await self._guard(self.hot, "invalidate", self.hot.invalidate(*key), None)
+        await self._send("invalidate", self.hot.invalidate(*key), key)
 
     async def add_writes(
         self,
@@ -253,12 +267,16 @@ class HotCache:
                 self._arm(key)
                 queued = True
         if not queued:
-            await self._guard(
-                self.hot, "add_writes",
+            merged_hot = await self._send(
+                "add_writes",
                 self.hot.add_writes(thread_id, checkpoint_ns, checkpoint_id, writes,
                                     version=version),
-                False,
+                key, version=version, settles=False,
             )
+            if merged_hot is False and not self.verify:
+                # the entry is not the version right before these writes (another
+                # process's writes came in another order, or it is gone): behind warm
+                await self._send("invalidate", self.hot.invalidate(*key), key)
         near = chain_writes(self._near.get(key), checkpoint_id, writes, version)
         if near is not None:
             self._remember(near)
@@ -273,27 +291,117 @@ class HotCache:
         another process's queued copy from before cannot come back."""
         self.forget(thread_ids)
         for thread_id in thread_ids:
-            await self._guard(self.hot, "invalidate",
-                              self.hot.invalidate(thread_id, floor=floor), None)
+            await self._send("invalidate", self.hot.invalidate(thread_id, floor=floor),
+                             (thread_id, None), floor=floor)
 
     def invalidate_soon(self, thread_id: str, *, floor: int) -> None:
         """``invalidate`` for a caller that cannot wait (it was cancelled): this
         process's copies go at once, the hot entry in a task of its own. Until that
-        task ends, this process reads the thread from warm even with ``trusted``
-        (``verify`` compares every hot copy with warm's head anyway)."""
+        task lands, this process reads the thread from warm even with ``trusted``
+        (``verify`` compares every hot copy with warm's head anyway); if it fails,
+        the repair sends it again."""
         self.forget([thread_id])
-        self._invalidating[thread_id] = self._invalidating.get(thread_id, 0) + 1
+        self._doubt((thread_id, None), floor=floor)
+        self._spawn(self._send("invalidate", self.hot.invalidate(thread_id, floor=floor),
+                               (thread_id, None), floor=floor))
 
-        async def invalidate() -> None:
-            try:
-                await self._guard(self.hot, "invalidate",
-                                  self.hot.invalidate(thread_id, floor=floor), None)
-            finally:  # landed or given up: copies read from warm from now on are newer
-                left = self._invalidating.pop(thread_id) - 1
-                if left:
-                    self._invalidating[thread_id] = left
+    # -- hot entries that may be behind warm (``trusted``) ------------------------------
 
-        self._spawn(invalidate())
+    def doubtful(self, thread_id: str, checkpoint_ns: str) -> bool:
+        """Whether the hot entry of a (thread, ns) may be behind warm: a hot write or
+        invalidation of it failed (or is on its way) since the last one that landed."""
+        doubts = self._doubts.get(thread_id)
+        return doubts is not None and (checkpoint_ns in doubts or None in doubts)
+
+    async def _send(
+        self,
+        op: str,
+        call: Awaitable[T],
+        key: tuple[str, str | None],
+        *,
+        version: int | None = None,
+        floor: int = 0,
+        doubt_on_failure: bool = True,
+        settles: bool = True,
+    ) -> T | None:
+        """One hot update of ``key`` (``(thread, None)``: every ns of the thread): a
+        put or add_writes of the head at ``version``, or an invalidation (``version``
+        None). ``None`` when it failed.
+
+        With ``trusted``, a hot entry is served without asking warm, so an update that
+        failed leaves an entry that may be behind warm, and nothing else would replace
+        it before a newer write reached the hot tier (LangGraph would resume this
+        process's next turn from it and fork the thread's history). Such an entry is
+        *doubtful*: this process reads it from warm and, as soon as the hot tier
+        answers again, invalidates it (``_repair``), so that other processes stop
+        serving it too. A doubt is lifted by a put that landed at a version at least
+        the failed one's, or by an invalidation that started after the failure; an
+        update that started earlier proves nothing.
+        """
+        started = next(self._ticks)
+        result = await self._guard(self.hot, op, call, _FAILED)
+        if result is _FAILED:
+            if doubt_on_failure:
+                self._doubt(key, floor=floor, version=version)
+            return None
+        if settles:
+            self._settle(key, started=started, version=version)
+        if self._doubts and not self._repairing:
+            self._spawn(self._repair())
+        return cast("T", result)
+
+    def _doubt(self, key: tuple[str, str | None], *, floor: int = 0,
+               version: int | None = None) -> None:
+        if self.verify:
+            return
+        thread_id, checkpoint_ns = key
+        doubts = self._doubts.setdefault(thread_id, {})
+        old = doubts.get(checkpoint_ns)
+        if old is not None:
+            floor = max(floor, old.floor)
+            # an invalidation's doubt (no version) is lifted by invalidations only
+            version = None if version is None or old.version is None else max(version,
+                                                                              old.version)
+        doubts[checkpoint_ns] = _Doubt(next(self._ticks), floor, version)
+
+    def _settle(self, key: tuple[str, str | None], *, started: int,
+                version: int | None) -> None:
+        thread_id, checkpoint_ns = key
+        doubts = self._doubts.get(thread_id)
+        if doubts is None:
+            return
+        for ns in [checkpoint_ns] if checkpoint_ns is not None else list(doubts):
+            doubt = doubts.get(ns)
+            if doubt is None:
+                continue
+            if version is None:
+                lifted = doubt.tick < started
+            else:  # a put: lifts a failed put or add_writes of this (thread, ns) only
+                lifted = doubt.version is not None and version >= doubt.version
+            if lifted:
+                del doubts[ns]
+        if not doubts:
+            del self._doubts[thread_id]
+
+    async def _repair(self) -> None:
+        """Invalidate every doubtful hot entry (with its tombstone floor); stop at the
+        first failure (the hot tier is away again; the next answer restarts this)."""
+        if self._repairing:
+            return
+        self._repairing = True
+        try:
+            for thread_id, doubts in list(self._doubts.items()):
+                for checkpoint_ns, doubt in list(doubts.items()):
+                    if checkpoint_ns is None:
+                        call = self.hot.invalidate(thread_id, floor=doubt.floor)
+                    else:
+                        call = self.hot.invalidate(thread_id, checkpoint_ns)
+                    started = next(self._ticks)
+                    if await self._guard(self.hot, "repair", call, _FAILED) is _FAILED:
+                        return
+                    self._settle((thread_id, checkpoint_ns), started=started, version=None)
+        finally:
+            self._repairing = False
 
     def forget(self, thread_ids: Sequence[str]) -> None:
         """Drop this process's copies of the threads: queued hot updates and near entries."""
@@ -321,7 +429,8 @@ class HotCache:
 
     async def _queue(self, record: StoredCheckpoint) -> None:
         if self.delay <= 0:
-            await self._guard(self.hot, "put", self.hot.put(record), False)
+            await self._send("put", self.hot.put(record),
+                             (record.thread_id, record.checkpoint_ns), version=record.version)
             return
         key = (record.thread_id, record.checkpoint_ns)
         if should_replace_hot(self._pending.get(key), record):
@@ -358,25 +467,48 @@ class HotCache:
         self._dropped.discard(key)
         if record is None:
             if dropped:
-                await self._guard(self.hot, "invalidate", self.hot.invalidate(*key), None)
+                await self._send("invalidate", self.hot.invalidate(*key), key)
             return
         self._inflight[key] = record
         try:
-            await self._guard(self.hot, "put", self.hot.put(record), False)
+            await self._send("put", self.hot.put(record), key, version=record.version)
         finally:
             if self._inflight.get(key) is record:
                 del self._inflight[key]
 
     async def drain(self) -> None:
         """Send everything queued now (on close), wait for sends in flight and for
-        invalidations of writes whose callers gave up on them."""
+        invalidations of writes whose callers gave up on them, and invalidate the hot
+        entries left doubtful, trying a few times: once this process is gone, nothing
+        else knows they may be behind warm."""
         for timer in self._timers.values():
             timer.cancel()
         keys = list(self._timers)
         self._timers.clear()
         await asyncio.gather(*(self._flush(k) for k in keys), *list(self._tasks))
-        if self._background:
-            await asyncio.wait(list(self._background))
+        for attempt in range(DOUBT_RETRIES):
+            if self._background:
+                await asyncio.wait(list(self._background))
+            if not self._doubts:
+                return
+            if attempt:
+                await asyncio.sleep(DOUBT_RETRY_WAIT)
+            await self._repair()
+        if self._doubts:
+            log.warning("hot tier unreachable on close: %d threads' hot entries may be behind "
+                        "warm until hot_ttl (hot_check=\"trusted\" serves them as they are)",
+                        len(self._doubts))
+
+
+@dataclass(frozen=True, slots=True)
+class _Doubt:
+    """A failed hot update: when (a tick of ``HotCache._ticks``), the tombstone floor an
+    invalidation was to leave, and the head version a put or add_writes was to store
+    (None for an invalidation)."""
+
+    tick: int
+    floor: int
+    version: int | None
 
 
 class _NearCopies:

@@ -5,8 +5,10 @@
 2. One saver reaches Redis through a TCP proxy that is cut and healed while a second
    saver talks to Redis directly, both on one warm SQLite file: with the default
    ``hot_check="verify"`` neither ever returns a latest state other than warm's;
-   with ``hot_check="trusted"`` the stale entry left behind by a failed hot write is
-   served until its TTL runs out, which is the documented staleness bound.
+   with ``hot_check="trusted"`` the writer reads a thread whose hot write failed from
+   warm and repairs Redis once it answers; only if the writer ends while Redis is
+   unreachable is the stale entry served to others, until its TTL runs out (the
+   documented staleness bound).
 
 Waits poll a condition under a generous deadline; nothing asserts on durations.
 """
@@ -210,33 +212,92 @@ async def test_a_partitioned_saver_never_serves_stale_latest_state(
         assert await fresh(b)
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+async def test_a_trusted_writer_never_resumes_from_an_entry_its_failed_hot_write_left(
+    proxied_redis: tuple[RedisServer, TcpProxy], tmp_path: Path, delay: float,
+) -> None:
+    """``trusted`` serves hot entries unchecked; a hot write that failed leaves one behind
+    warm. The process that wrote must not resume its next turn from it (LangGraph would
+    fork the thread and drop the turn), and once Redis answers it must repair the entry
+    for the other processes that trust it."""
+    server, proxy = proxied_redis
+    prefix = unique_prefix()
+    warm = f"sqlite:///{tmp_path}/shared.db"
+    via_proxy = with_query(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, **FAST_BACKOFF)
+    direct = with_query(server.url, prefix=prefix, **FAST_BACKOFF)
+    thread, other, expected = f"conv-{uuid.uuid4()}", f"other-{uuid.uuid4()}", list[str]()
+    async with (
+        TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None, hot_check="trusted",
+                              hot_write_delay=delay) as writer,
+        TieredSaver.from_urls(hot=direct, warm=warm, cold=None, hot_check="trusted",
+                              hot_write_delay=0) as elsewhere,
+        TieredSaver.from_urls(hot=None, warm=warm, cold=None) as truth,
+    ):
+        app = graph(writer)
+
+        async def fresh(saver: TieredSaver, t: str = thread) -> bool:
+            return bool(await latest(saver, t) == await latest(truth, t))
+
+        await turn(app, thread, 0, expected)
+        await turn(app, other, 0, [])
+        await until(lambda: fresh(elsewhere), "the first turn reaching Redis")
+
+        partition(proxy)
+        await turn(app, thread, 1, expected)  # warm moves on, the hot write fails
+        await asyncio.sleep(3 * delay)  # the write-behind sends (and fails) it
+        heal(proxy)
+        await past_backoff()
+        assert await fresh(writer)  # from warm, not Redis's older entry
+        await turn(app, other, 1, ["in-0", "out-1"])  # an answered hot call starts the repair
+        await until(lambda: fresh(elsewhere), "the writer repairing Redis for other processes")
+        await turn(app, thread, 2, expected)  # resumed from warm's head: nothing forked
+
+        # a pending write that reaches warm but not Redis
+        head = await writer.aget_tuple(config(thread))
+        assert head is not None
+        partition(proxy)
+        await writer.aput_writes(head.config, [("items", ["pending"])], task_id="task-1")
+        await asyncio.sleep(3 * delay)
+        heal(proxy)
+        await past_backoff()
+        assert (await latest(writer, thread))[2] == [repr(("task-1", "items", ["pending"]))]
+        assert await fresh(writer)
+        await turn(app, other, 2, ["in-0", "out-1", "in-1", "out-3"])
+        await until(lambda: fresh(elsewhere), "the pending write repaired in Redis")
+        assert writer.stats.conflicts == 0
+
+
 async def test_trusted_reads_are_stale_at_most_until_the_ttl(
     proxied_redis: tuple[RedisServer, TcpProxy], tmp_path: Path,
 ) -> None:
+    """The bound when nothing can repair the entry: the writer ends while Redis is
+    unreachable (it retries on close, then warns), and another process trusts Redis."""
     server, proxy = proxied_redis
     prefix = unique_prefix()
     warm = f"sqlite:///{tmp_path}/shared.db"
     # a short TTL, so that the test can watch it run out
     via_proxy = with_query(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, ttl="2",
                            **FAST_BACKOFF)
+    direct = with_query(server.url, prefix=prefix, ttl="2", **FAST_BACKOFF)
     thread, expected = f"conv-{uuid.uuid4()}", list[str]()
     async with (
-        TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None,
-                              hot_check="trusted", hot_write_delay=0) as trusting,
+        TieredSaver.from_urls(hot=direct, warm=warm, cold=None,
+                              hot_check="trusted", hot_write_delay=0) as elsewhere,
         TieredSaver.from_urls(hot=None, warm=warm, cold=None) as truth,
     ):
-        app = graph(trusting)
-        await turn(app, thread, 0, expected)
-        cached = await latest(trusting, thread)
-
-        partition(proxy)
-        await turn(app, thread, 1, expected)  # warm moves on, the hot write fails
+        async with TieredSaver.from_urls(hot=via_proxy, warm=warm, cold=None,
+                                         hot_check="trusted", hot_write_delay=0) as writer:
+            app = graph(writer)
+            await turn(app, thread, 0, expected)
+            cached = await latest(elsewhere, thread)
+            assert cached == await latest(truth, thread)
+            partition(proxy)
+            await turn(app, thread, 1, expected)  # warm moves on, the hot write fails
         heal(proxy)
-        await past_backoff()
-        hits = trusting.stats.hot_hits
+        hits = elsewhere.stats.hot_hits
         # the bound, observed: the stale entry is served, and it dies with its TTL
-        assert await latest(trusting, thread) == cached != await latest(truth, thread)
-        assert trusting.stats.hot_hits == hits + 1
+        assert await latest(elsewhere, thread) == cached != await latest(truth, thread)
+        assert elsewhere.stats.hot_hits == hits + 1
         redis = Redis(port=server.port)
         try:
             key = entry_key(prefix, thread, "")
@@ -248,4 +309,4 @@ async def test_trusted_reads_are_stale_at_most_until_the_ttl(
             await until(expired, "the stale entry's TTL running out")
         finally:
             await redis.aclose()
-        assert await latest(trusting, thread) == await latest(truth, thread)
+        assert await latest(elsewhere, thread) == await latest(truth, thread)
