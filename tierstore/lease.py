@@ -72,6 +72,10 @@ def _finite_seconds(value: object) -> bool:
             and math.isfinite(value))
 
 
+RENEWER_STOP_POLL = 0.5
+"""Seconds between cancels of a lease's renewer that has not stopped yet."""
+
+
 class ThreadLease:
     """A lease on one thread; enter it with ``async with`` (or ``with``) once."""
 
@@ -115,6 +119,7 @@ class ThreadLease:
         self._bridge: LoopBridge = bridge
         self._clock: Callable[[], float] = clock
         self._renewer: asyncio.Task[None] | None = None
+        self._stopping: bool = False
         self._reset: Token[Mapping[_Key, int]] | None = None
         self._state: Literal["new", "held", "done"] = "new"
 
@@ -159,11 +164,13 @@ class ThreadLease:
 
     async def _renew(self) -> None:
         every = lease_renew_every(self.ttl)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(every)
             try:
                 held = await self._locks.renew_lease(self.thread_id, self.owner, self.ttl)
             except TierUnavailable as exc:
+                if self._stopping:  # the cancel that stopped it may have become this error
+                    return
                 log.warning("cannot renew the lease on thread %r (%s); retrying",
                             self.thread_id, exc)
                 continue
@@ -181,9 +188,15 @@ class ThreadLease:
     async def _release(self) -> None:
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
-            renewer.cancel()
-            # wait() never raises the task's outcome, yet lets our own cancellation through
-            await asyncio.wait({renewer})
+            # A cancel can be lost: on Python 3.11, ``asyncio.wait_for`` (which drivers use
+            # around socket writes) drops one that arrives as its operation completes. The
+            # renewer also stops at its next check of ``_stopping``, and it is cancelled
+            # again until it ends. wait() never raises the task's outcome, yet lets our
+            # own cancellation through.
+            self._stopping = True
+            while not renewer.done():
+                renewer.cancel()
+                await asyncio.wait({renewer}, timeout=RENEWER_STOP_POLL)
         try:
             await self._locks.release_lease(self.thread_id, self.owner)
         except (TierUnavailable, LifecycleError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tests.stacks import MULTIPROCESS_STACKS, STACKS, Urls
 from tierstore import ConfigurationError, LeaseBusy, LeaseLost, LifecycleError, TieredSaver
 from tierstore.demo import build_agent
 from tierstore.lease import ThreadLease, current_fence
+from tierstore.tiers import open_store
 
 LEASE_STACKS = sorted(name for name in STACKS if name != "postgres")  # those with a hot tier
 
@@ -225,3 +227,37 @@ async def test_a_token_fences_only_its_own_store(tmp_path: Path) -> None:
             assert lease.token == 1
             await app_b.ainvoke(ask("remember copied"), cfg("same"))  # b is not fenced by it
         assert await notes_of(app_b, "same") == ["copied"]
+
+
+class LosesCancels:
+    """A lease store whose renewals lose the cancel that arrives while they are on the
+    wire, as ``asyncio.wait_for`` does on Python 3.11 when its operation completes as
+    the cancel arrives (redis-py wraps socket writes in it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.renewing = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.renewing.set()
+        with suppress(asyncio.CancelledError):  # lost
+            await asyncio.sleep(0.2)
+        return await self._inner.renew_lease(*args, **kwargs)
+
+
+async def test_leaving_a_lease_ends_even_when_its_renewal_loses_the_cancel(
+    tmp_path: Path,
+) -> None:
+    hot = LosesCancels(open_store("hot", "memory://", ttl=3600))
+    saver = TieredSaver.from_stores(warm=open_store("warm", f"sqlite:///{tmp_path}/w.db"),
+                                    hot=hot)
+    async with saver:
+        lease = saver.lease("renewing", ttl=3)  # renewed every second
+        await lease.__aenter__()
+        await asyncio.wait_for(hot.renewing.wait(), 5)
+        await asyncio.wait_for(lease.__aexit__(None, None, None), 5)  # hung forever before
+        async with saver.lease("renewing", wait=0):
+            pass
