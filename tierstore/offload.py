@@ -31,7 +31,9 @@ from dataclasses import replace
 
 import msgpack
 
+from tierstore import offthread
 from tierstore.errors import CorruptPayload
+from tierstore.offthread import check as check_size
 from tierstore.records import Payload, StoredCheckpoint
 from tierstore.tiers.base import ObjectStore
 
@@ -73,10 +75,16 @@ def thread_space(thread_id: str) -> str:
 
 
 def make_ref(payload: Payload, thread_id: str) -> tuple[str, Payload]:
+    check_size(len(payload.data))
     digest = hashlib.sha256(payload.data).hexdigest()
     key = f"{thread_space(thread_id)}{digest}"
     body = msgpack.packb([key, digest, len(payload.data)], use_bin_type=True)
     return key, Payload(f"{payload.tag}+{REF}", body)
+
+
+def _sha256(data: bytes) -> str:
+    check_size(len(data))
+    return hashlib.sha256(data).hexdigest()
 
 
 def _resolve(key: str, digest: str, thread_id: str) -> str:
@@ -198,9 +206,12 @@ class Offloader:
         """
         out: dict[int, Payload] = {}
         uploads: dict[str, bytes] = {}
+        big = {ident: payload for ident, payload in payloads.items()
+               if payload.size > self.threshold and not is_ref(payload)}
+        refs = await offthread.run(lambda: {i: make_ref(p, thread_id) for i, p in big.items()})
         for ident, payload in payloads.items():
-            if payload.size > self.threshold and not is_ref(payload):
-                key, ref = make_ref(payload, thread_id)
+            if ident in refs:
+                key, ref = refs[ident]
                 uploads[key] = payload.data
                 out[ident] = ref
             else:
@@ -223,7 +234,7 @@ class Offloader:
             data = await self.store.get(key)
         if data is None:
             raise CorruptPayload(f"offloaded object {key!r} is missing", where="offload")
-        if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        if len(data) != size or await offthread.run(lambda: _sha256(data)) != digest:
             raise CorruptPayload(f"offloaded object {key!r} fails its checksum", where="offload")
         return Payload(payload.tag[: -len(REF) - 1], data)
 

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from dataclasses import replace as replace_record
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -24,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgpack
 import zstandard
 
+from tierstore import offthread
 from tierstore.codec import Codec
 from tierstore.codec.chain import ChainLink, channel_of, is_link_name, resolve_values
 from tierstore.codec.frames import pack_stored, unpack_stored
@@ -47,6 +49,7 @@ from tierstore.errors import (
     TierstoreError,
 )
 from tierstore.offload import OFFLOAD_PREFIX
+from tierstore.offthread import check as check_size
 from tierstore.policy import (
     CHECKPOINT_ID_SKEW,
     MAX_ID_BYTES,
@@ -418,20 +421,35 @@ async def export_thread(saver: TieredSaver, thread_id: str, path: str | Path,
     thread_id = validate_id(thread_id)
     frames: list[bytes] = []
     query = ListQuery(thread_id=thread_id)
+    codec = saver.codec
     async for record in saver.alist_records(query):
-        frames.append(pack_stored(whole_values(saver.codec, record)))
+        frames.append(await offthread.run(partial(_export_frame, codec, record)))
         progress(len(frames), None)
     if not frames:
         raise InvalidInput(f"thread {thread_id!r} has no checkpoints to export")
     frames.reverse()  # oldest first
-    body = zstandard.ZstdCompressor(level=9).compress(msgpack.packb({
-        "format": EXPORT_FORMAT, "thread_id": thread_id, "exported_at": time.time(),
-        "checkpoints": frames,
-    }, use_bin_type=True))
-    data = EXPORT_MAGIC + bytes([EXPORT_FORMAT]) + hashlib.sha256(body).digest() + body
-    await asyncio.to_thread(_write_atomically, _file_path(path), data)
+    target = _file_path(path)
+    data = await asyncio.to_thread(_export_bytes, thread_id, frames, time.time())
+    await asyncio.to_thread(_write_atomically, target, data)
     return {"thread_id": thread_id, "checkpoints": len(frames), "bytes": len(data),
             "path": str(path)}
+
+
+def _export_frame(codec: Codec, record: StoredCheckpoint) -> bytes:
+    """One checkpoint of an export (decoded and packed: in a thread when large)."""
+    frame = whole_values(codec, record)
+    check_size(sum(len(p.data) for p in (frame.checkpoint, *frame.blobs.values(),
+                                          *(w.payload for w in frame.writes))))
+    return pack_stored(frame)
+
+
+def _export_bytes(thread_id: str, frames: list[bytes], now: float) -> bytes:
+    """The export file's bytes: compressed whole, behind a checksum (run in a thread)."""
+    body = zstandard.ZstdCompressor(level=9).compress(msgpack.packb({
+        "format": EXPORT_FORMAT, "thread_id": thread_id, "exported_at": now,
+        "checkpoints": frames,
+    }, use_bin_type=True))
+    return EXPORT_MAGIC + bytes([EXPORT_FORMAT]) + hashlib.sha256(body).digest() + body
 
 
 def _file_path(path: Any) -> Path:
@@ -672,12 +690,15 @@ async def import_file(saver: TieredSaver, path: str | Path, *, as_thread: str | 
                       dictionary=codec.dictionary).untrusted(
             [*saver.options.allowed_msgpack_modules, *allowed_msgpack_modules])
     limit = codec.limits.max_bundle_bytes
-    source, records = read_export(data, where=str(path), max_bytes=limit)
+    source, records = await asyncio.to_thread(read_export, data, where=str(path),
+                                              max_bytes=limit)
     del data
     thread_id = validate_id(as_thread) if as_thread is not None else source
-    prepared = check_bundle(codec, source, thread_id, records, now=time.time(),
-                            filter_doc=saver.filter_doc, max_bytes=limit,
-                            skew=saver.options.checkpoint_id_skew, store_codec=saver.codec)
+    store_codec = saver.codec
+    prepared = await asyncio.to_thread(
+        partial(check_bundle, codec, source, thread_id, records, now=time.time(),
+                filter_doc=saver.filter_doc, max_bytes=limit,
+                skew=saver.options.checkpoint_id_skew, store_codec=store_codec))
     if not prepared:
         raise InvalidInput(f"{path}: the file holds no checkpoints")
     region = saver.regions.for_thread(thread_id)

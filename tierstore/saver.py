@@ -7,6 +7,7 @@ the router's business (one read or write) and ``Threads``' (whole threads).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from tierstore import offthread
 from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.chain import resolve_values
@@ -327,6 +329,8 @@ class TieredSaver(
             return self
         self._bridge.state = "opening"
         try:
+            # the codec reads its zstd dictionary file once (cached); not on the loop
+            await asyncio.to_thread(lambda: self.codec)
             await self._router.regions.setup()
         except BaseException:
             self._bridge.state = "closed"
@@ -502,7 +506,7 @@ class TieredSaver(
         record = await self._router.get(thread_id, ns, checkpoint_id)
         if record is None:
             return None
-        result = self._to_tuple(record, follow=self.options.delta)
+        result = await offthread.run(lambda: self._to_tuple(record, follow=self.options.delta))
         if self.options.concurrency == "strict":
             # a copy: LangGraph goes on to change the checkpoint it was handed in place
             seen = result.checkpoint.get("versions_seen") or {}
@@ -596,7 +600,7 @@ class TieredSaver(
             limit=max(limit, 0) if limit is not None else None,
         )
         async for record in self._router.list(query, residual, self._decode_metadata):
-            yield self._to_tuple(record)
+            yield await offthread.run(partial(self._to_tuple, record))
 
     async def aput(
         self,
@@ -612,9 +616,39 @@ class TieredSaver(
         fresh = checked_versions(new_versions)
         checkpoint_id = validate_checkpoint_id(body.get("id"), time.time(),
                                                skew=self.options.checkpoint_id_skew)
-        codec = self.codec
         values: dict[str, Any] = body.pop("channel_values", None) or {}
         versions = checked_versions(body.get("channel_versions") or {})
+        md = get_serializable_checkpoint_metadata(config, metadata)
+        record, new_blobs, encoded, chains = await offthread.run(partial(
+            self._encode_put, thread_id, ns, parent_id=parent_id, checkpoint_id=checkpoint_id,
+            body=body, md=md, values=values, versions=versions, fresh=fresh,
+            new_versions=new_versions))
+        strict = (
+            self.options.concurrency == "strict"
+            and not is_explicit_fork(md)
+            and not (parent_id and self._is_granted_fork(config, (thread_id, ns, parent_id)))
+        )
+        if strict and parent_id and md.get("source") == "input":
+            await self._refuse_turn_in_progress(thread_id, ns, parent_id, checkpoint)
+        await self._router.put(record, new_blobs, encoded, strict=strict)
+        for ch, chain in chains.items():
+            self._chains.remember((thread_id, ns, ch), chain)
+        return {
+            "configurable": {
+                "thread_id": thread_id,
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint_id,
+            }
+        }
+
+    def _encode_put(
+        self, thread_id: str, ns: str, *, parent_id: str | None, checkpoint_id: str,
+        body: dict[str, Any], md: CheckpointMetadata, values: Mapping[str, Any],
+        versions: Mapping[str, str], fresh: Mapping[str, str], new_versions: ChannelVersions,
+    ) -> tuple[CheckpointRecord, list[BlobRecord], dict[str, Payload], dict[str, Chain]]:
+        """Everything ``aput`` stores, encoded: run again in a thread when large
+        (``offthread``), so it changes nothing but caches it may fill twice."""
+        codec = self.codec
         chains = self._chained(thread_id, ns, values, versions, fresh)
         encoded = self._encode_values(thread_id, ns,
                                       {ch: v for ch, v in values.items() if ch not in chains},
@@ -634,7 +668,6 @@ class TieredSaver(
                 new_blobs.append(BlobRecord(name, version, payload))
         self._add_unchanged_values(thread_id, ns, encoded, versions,
                                    skip={*values, *fresh, *chains})
-        md = get_serializable_checkpoint_metadata(config, metadata)
         record = CheckpointRecord.new(
             thread_id=thread_id,
             checkpoint_ns=ns,
@@ -646,23 +679,7 @@ class TieredSaver(
             filter_doc=self.filter_doc(md),
             run_id=md.get("run_id"),
         )
-        strict = (
-            self.options.concurrency == "strict"
-            and not is_explicit_fork(md)
-            and not (parent_id and self._is_granted_fork(config, (thread_id, ns, parent_id)))
-        )
-        if strict and parent_id and md.get("source") == "input":
-            await self._refuse_turn_in_progress(thread_id, ns, parent_id, checkpoint)
-        await self._router.put(record, new_blobs, encoded, strict=strict)
-        for ch, chain in chains.items():
-            self._chains.remember((thread_id, ns, ch), chain)
-        return {
-            "configurable": {
-                "thread_id": thread_id,
-                "checkpoint_ns": ns,
-                "checkpoint_id": checkpoint_id,
-            }
-        }
+        return record, new_blobs, encoded, chains
 
     def filter_doc(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
         """Metadata a store may filter on; with encryption only the keys marked filterable."""
@@ -765,11 +782,11 @@ class TieredSaver(
         pairs = checked_writes(writes)
         task_path = checked_text(task_path or "", "task_path")
         codec = self.codec
-        records = [
+        records = await offthread.run(lambda: [
             WriteRecord(task_id, write_index(channel, idx), channel,
                         _encode(codec, value, f"write {idx} to channel {channel!r}"), task_path)
             for idx, (channel, value) in enumerate(pairs)
-        ]
+        ])
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
     async def aget_delta_channel_history(
@@ -787,8 +804,8 @@ class TieredSaver(
         histories = await self._router.delta_history(thread_id, ns, checkpoint_id,
                                                      list(channels))
         codec = self.codec
-        return {ch: decode_history(codec, thread_id, ch, history)
-                for ch, history in histories.items()}
+        return await offthread.run(lambda: {ch: decode_history(codec, thread_id, ch, history)
+                                            for ch, history in histories.items()})
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()

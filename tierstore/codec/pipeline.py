@@ -46,6 +46,7 @@ from tierstore.codec.crypto import Keyring, is_encrypted
 from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.safe import SafeDecoder
 from tierstore.errors import ConfigurationError, CorruptPayload
+from tierstore.offthread import check as check_size
 from tierstore.records import Payload
 
 __all__ = ["EMPTY", "Codec"]
@@ -157,6 +158,7 @@ class Codec:
         return type_, bytes(data)
 
     def _seal(self, type_: str, data: bytes) -> Payload:
+        check_size(len(data))
         payload = self.compress(Payload(type_, data))
         if self.keyring is not None:
             return Payload(*self.keyring.encrypt(payload.tag, payload.data))
@@ -168,6 +170,7 @@ class Codec:
         size = len(payload.data)
         if size < self.compress_min:
             return payload
+        check_size(size)
         if self.dictionary is not None and size < DICTIONARY_BELOW:
             stage = f"{ZSTD}.{self.dictionary}"
             packed = self._dict_compressor(self.dictionary).compress(payload.data)
@@ -183,6 +186,7 @@ class Codec:
         (decompressed and compressed again, never decoded), for files that leave the
         stores (exports). Other payloads are returned as they are."""
         tag = payload.tag
+        check_size(len(payload.data))
         if is_encrypted(tag):
             if self.keyring is None:
                 return payload  # opaque here; a keyring-less export cannot use it anyway
@@ -230,6 +234,7 @@ class Codec:
     def decompress(self, payload: Payload, *, where: str = "payload",
                    budget: Budget | None = None) -> Payload:
         tag, data = payload.tag, payload.data
+        check_size(len(data))
         if is_encrypted(tag):
             if self.keyring is None:
                 raise ConfigurationError(

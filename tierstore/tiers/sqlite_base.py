@@ -115,7 +115,8 @@ class SqliteBase:
             return
         if self.path != ":memory:":
             try:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True,
+                                        exist_ok=True)
             except OSError as exc:
                 self._life.failed()
                 raise ConfigurationError(f"cannot create directory for {self.path}: {exc}") from exc
@@ -175,7 +176,7 @@ class SqliteBase:
             return
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
+        await asyncio.to_thread(executor.shutdown, wait=True)  # joins its thread
 
     # -- row upkeep shared by the request path and tiering -------------------------------
 
