@@ -174,9 +174,17 @@ def list_scope(config: Any) -> tuple[str | None, str | None, str | None]:
 
 
 def before_checkpoint_id(before: Any) -> str | None:
-    """The ``checkpoint_id`` of a ``before`` config (``None``: no bound)."""
+    """The ``checkpoint_id`` of a ``before`` config (``None``: no bound).
+
+    The Agent Server passes the checkpoint its API was given (``{"thread_id": …,
+    "checkpoint_ns": …, "checkpoint_id": …}``, no ``configurable``) for
+    ``POST /threads/{id}/history``'s ``before``; its ``checkpoint_id`` is the bound.
+    """
     if before is None:
         return None
+    if (isinstance(before, Mapping) and "configurable" not in before
+            and isinstance(before.get("checkpoint_id"), str)):
+        return validate_id(before["checkpoint_id"], what="before checkpoint_id")
     configurable = before.get("configurable") if isinstance(before, Mapping) else None
     if not isinstance(configurable, Mapping):
         raise InvalidInput("before must be a config like "

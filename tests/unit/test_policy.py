@@ -14,6 +14,7 @@ from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import ConfigurationError, InvalidInput
 from tierstore.policy import (
     MAX_ID_BYTES,
+    before_checkpoint_id,
     chain_writes,
     checked_channel_name,
     checked_checkpoint,
@@ -287,3 +288,14 @@ def test_head_versions_start_at_the_clock_and_tombstones_cover_what_was_deleted(
     floor = tombstone_version(100.0, deleted=first_version(99.0) + 7)
     assert floor == first_version(100.0) < first_version(100.5)
     assert tombstone_version(100.0, deleted=first_version(101.0)) == first_version(101.0)
+
+
+def test_before_takes_a_config_or_the_agent_servers_checkpoint() -> None:
+    assert before_checkpoint_id({"configurable": {"checkpoint_id": "c1"}}) == "c1"
+    # POST /threads/{id}/history hands the API's checkpoint object through as it came
+    assert before_checkpoint_id(
+        {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": "c1"}) == "c1"
+    assert before_checkpoint_id(None) is None
+    for bad in ({}, "c1", {"checkpoint_id": 1}, {"configurable": "c1"}):
+        with pytest.raises(InvalidInput, match="before"):
+            before_checkpoint_id(bad)
