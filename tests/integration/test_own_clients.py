@@ -69,9 +69,28 @@ async def pool(postgres_url: str, schema: str) -> AsyncIterator[asyncpg.Pool[asy
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    """The application's client, named so that its connections can be counted."""
+    client = aioredis.Redis.from_url(redis_url, client_name=f"app-{uuid.uuid4().hex[:8]}")
     yield client
     await client.aclose()
+
+
+async def connections_of(client: aioredis.Redis, redis_url: str) -> int:
+    """How many connections ``client`` holds open, counted by another client: a closed
+    redis-py client reconnects at its next command, so only the server can tell."""
+    name = client.connection_pool.connection_kwargs["client_name"]
+    watcher = aioredis.Redis.from_url(redis_url)
+    try:
+        return sum(c.get("name") == name for c in await watcher.client_list())
+    finally:
+        await watcher.aclose()
+
+
+def open_http_sessions(s3: Any) -> list[Any]:
+    """The open HTTP sessions of an aioboto3 client. A closed client opens new ones at its
+    next call, so whether anybody closed it shows only here (aiobotocore's own state)."""
+    sessions = s3._endpoint.http_session._sessions.values()
+    return [session for session in sessions if not session.closed]
 
 
 @pytest.fixture
@@ -99,8 +118,8 @@ def bucket() -> str:
 
 
 async def test_a_turn_on_the_applications_pool_redis_and_s3_client_leaves_them_open(
-    pool: asyncpg.Pool[asyncpg.Record], redis_client: aioredis.Redis, prefix: str,
-    s3: Any, schema: str,
+    *, pool: asyncpg.Pool[asyncpg.Record], redis_client: aioredis.Redis, redis_url: str,
+    prefix: str, s3: Any, schema: str,
 ) -> None:
     name = bucket()
     saver = TieredSaver.from_clients(
@@ -126,8 +145,13 @@ async def test_a_turn_on_the_applications_pool_redis_and_s3_client_leaves_them_o
         assert listed.get("KeyCount", 0) >= 1
         # the store took one connection per call and kept none between calls
         assert pool.get_idle_size() == pool.get_size()
+        redis_links = await connections_of(redis_client, redis_url)
+        http = open_http_sessions(s3)
+        assert redis_links >= 1 and http
     assert saver.state == "closed"
-    # the saver closed, the clients did not
+    # the saver closed, the clients did not: their connections are still the same ones
+    assert await connections_of(redis_client, redis_url) == redis_links
+    assert open_http_sessions(s3) == http
     assert await pool.fetchval("SELECT 41 + 1") == 42
     assert await redis_client.ping()
     assert (await s3.list_objects_v2(Bucket=name))["KeyCount"] >= 1
