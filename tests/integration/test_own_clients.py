@@ -8,6 +8,7 @@ the client again: tierstore never closes what it did not open, and closes what i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -385,3 +386,38 @@ async def test_partitioning_a_store_on_a_pool_asks_for_the_url(
     store = PostgresWarm.from_pool(pool, schema=schema)
     with pytest.raises(ConfigurationError, match="needs the database URL"):
         await store.partition(4)
+
+
+def test_a_pool_of_another_event_loop_is_refused_by_a_sync_saver(postgres_url: str,
+                                                                 schema: str) -> None:
+    """A sync app's saver runs on a loop of its own, where an asyncpg pool made on the
+    app's loop cannot run; a Redis client, which connects on first use, can."""
+    async def make() -> asyncpg.Pool[asyncpg.Record]:
+        return await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
+
+    loop = asyncio.new_event_loop()
+    made = loop.run_until_complete(make())
+    try:
+        with pytest.raises(ConfigurationError, match="another event loop"), \
+                TieredSaver.from_clients(warm=made, warm_options={"schema": schema}):
+            pass
+        assert loop.run_until_complete(made.fetchval("SELECT 1")) == 1
+    finally:
+        loop.run_until_complete(made.close())
+        loop.close()
+
+
+def test_a_redis_client_and_an_s3_session_serve_a_sync_saver(
+    redis_url: str, prefix: str, moto_endpoint: str, tmp_path: Any,
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    with TieredSaver.from_clients(
+        warm=f"sqlite:///{tmp_path}/warm.db", hot=client, hot_options={"prefix": prefix},
+        cold=aioboto3.Session(), cold_options={"bucket": bucket(), "endpoint_url": moto_endpoint,
+                                               "region": "us-east-1"},
+        hot_write_delay=0,
+    ) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        app.invoke({"messages": [HumanMessage("what is 2 + 3")]}, cfg("t-sync-redis"))
+        assert saver.stats.hot_errors == 0
+        assert saver.get_tuple(cfg("t-sync-redis")) is not None

@@ -217,6 +217,12 @@ class PostgresPool:
             settings["application_name"] = "tierstore"
         try:
             if self._given is not None:
+                made_on = getattr(self._given, "_loop", None)  # asyncpg binds a pool to one loop
+                if made_on is not None and made_on is not asyncio.get_running_loop():
+                    raise ConfigurationError(
+                        f"postgres warm tier {self.url}: the pool was made on another event "
+                        "loop; enter the saver with `async with` on the pool's loop"
+                    )
                 self._pool = self._given
             else:
                 self._pool = await asyncpg.create_pool(
