@@ -168,7 +168,7 @@ def open_client_store(kind: Kind, client: object, **options: object
     """Build (not yet set up) the store of ``kind`` on a client the caller holds.
 
     The store uses the client and never closes it; ``options`` are the backend's
-    (``prefix``, ``schema``, ``bucket``, …; each ``from_client`` lists its own). A client
+    (``prefix``, ``schema``, ``bucket``, …; each factory of ``CLIENTS`` lists its own). A client
     of another tier, a blocking client and an unknown object raise ``ConfigurationError``
     saying what the tier takes.
     """
