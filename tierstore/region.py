@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import cast
 
 from tierstore.archive import Archive
 from tierstore.codec.limits import DecodeLimits
@@ -25,7 +26,7 @@ from tierstore.offload import OFFLOAD_GRACE_SECONDS, Offloader
 from tierstore.records import StoredCheckpoint
 from tierstore.settings import DEFAULT_REGION, SaverOptions, StackSpec
 from tierstore.stats import Stats
-from tierstore.tiers import open_store
+from tierstore.tiers import open_store, tier_store
 from tierstore.tiers.base import HotStore, ObjectStore, WarmStore
 
 __all__ = ["DEFAULT_REGION", "Region", "Regions", "Store"]
@@ -73,6 +74,24 @@ class Region:
         if cold is not None and not getattr(warm, "offloads_internally", False):
             offloader = Offloader(cold, threshold=options.offload_threshold)
         return cls(name=name, warm=warm, hot=hot, cold=cold, offloader=offloader)
+
+    @classmethod
+    def of_tiers(cls, *, warm: object, hot: object, cold: object, options: SaverOptions,
+                 tier_options: Mapping[str, Mapping[str, object] | None] | None = None
+                 ) -> Region:
+        """A region whose tiers are each a URL, a client of the caller's or a store
+        (``tiers.tier_store``); ``tier_options[tier]`` configure a client tier."""
+        given = dict(tier_options or {})
+        for kind, tier in (("hot", hot), ("cold", cold)):
+            if given.get(kind) and tier is None:
+                raise ConfigurationError(f"{kind}_options given without a {kind} tier")
+        return cls.of_stores(
+            warm=cast("WarmStore", tier_store("warm", warm, given.get("warm"))),
+            hot=None if hot is None else cast("HotStore", tier_store(
+                "hot", hot, given.get("hot"), ttl=options.hot_ttl)),
+            cold=None if cold is None else cast("ObjectStore", tier_store(
+                "cold", cold, given.get("cold"))),
+            options=options)
 
     def stores(self) -> list[Store]:
         return [s for s in (self.warm, self.hot, self.cold) if s is not None]

@@ -116,7 +116,8 @@ class TieredSaver(
 ):
     """A LangGraph checkpointer over a hot cache, a warm store and a cold archive.
 
-    Build it with ``from_urls`` / ``from_env``, then open it with ``async with``
+    Build it with ``from_conn_string`` / ``from_urls`` / ``from_clients`` / ``from_env``,
+    then open it with ``async with``
     (async apps) or ``with`` (sync apps). Setup of every store runs on enter and is
     idempotent.
     """
@@ -174,6 +175,34 @@ class TieredSaver(
                              serde=serde)
 
     @classmethod
+    def from_conn_string(cls, conn_string: str, *, hot: object = None, cold: object = None,
+                         serde: SerializerProtocol | None = None, **options: Any) -> TieredSaver:
+        """The warm URL ``conn_string`` alone unless ``hot``/``cold`` are given (with
+        ``*_options``: ``from_clients``). LangGraph's name: ``async with
+        TieredSaver.from_conn_string(url) as saver`` connects, sets up, and closes on exit."""
+        return cls.from_clients(warm=conn_string, hot=hot, cold=cold, serde=serde, **options)
+
+    @classmethod
+    def from_clients(cls, *, warm: object, hot: object = None, cold: object = None,
+                     warm_options: Mapping[str, Any] | None = None,
+                     hot_options: Mapping[str, Any] | None = None,
+                     cold_options: Mapping[str, Any] | None = None,
+                     serde: SerializerProtocol | None = None, **options: Any) -> TieredSaver:
+        """A saver over clients the application holds: each tier is a URL, a store or a
+        client (``asyncpg.Pool``, ``redis.asyncio.Redis``/``RedisCluster``,
+        ``AsyncMongoClient`` or its database, ``aioboto3.Session`` or S3 client).
+
+        ``*_options`` are a client tier's URL options (``schema``, ``prefix``, ``ttl``,
+        ``bucket``, ``database``, …). The saver never closes a client it was given and
+        closes what it opened; a client of the wrong kind raises ``ConfigurationError``.
+        """
+        opts = resolve_options(options)
+        region = Region.of_tiers(warm=warm, hot=hot, cold=cold, options=opts, tier_options={
+            "warm": warm_options, "hot": hot_options, "cold": cold_options})
+        return cls(Router.from_options(Regions({DEFAULT_REGION: region}), opts), options=opts,
+                   serde=serde)
+
+    @classmethod
     def from_regions(
         cls,
         regions: Mapping[str, Mapping[str, str | None]],
@@ -219,7 +248,7 @@ class TieredSaver(
         serde: SerializerProtocol | None = None,
         **options: Any,
     ) -> TieredSaver:
-        """A saver over store objects built by hand (say, around a client you already have).
+        """A saver over store objects built by hand (``from_clients`` takes clients).
 
         The saver sets the stores up on enter and closes them on exit; a store that was
         given a client it did not create leaves that client open.

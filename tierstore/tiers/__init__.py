@@ -1,20 +1,35 @@
-"""Backends by URL scheme. Routing is a table: a new backend is one row and one module.
+"""Backends by URL scheme, and by the class of a client the caller already holds.
+Routing is a table: a new backend is one row and one module.
 
 Modules are imported only when their scheme is used, so an embedded install needs
 no driver at all; a missing driver is a ``ConfigurationError`` naming the extra.
+
+A client is routed by the names of its classes (most derived first), so recognising
+one imports no driver either::
+
+    tier_store(kind, value, options)
+      ├─ str ──────────────► open_store(kind, url)             the store opens and closes
+      │                                                         its own connection
+      ├─ a known client ───► CLIENTS[class](client, …)         the store uses the client,
+      │  (CLIENTS)                                              never closes it
+      ├─ a store ──────────► as it is                           (``from_stores``)
+      └─ anything else ────► ConfigurationError naming what the tier takes
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import Literal, overload
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast, overload
 
 from tierstore.errors import ConfigurationError
 from tierstore.settings import StoreUrl
 from tierstore.tiers.base import HotStore, ObjectStore, WarmStore
 
-__all__ = ["HOT", "OBJECT", "WARM", "HotStore", "Kind", "ObjectStore", "WarmStore", "open_store"]
+__all__ = [
+    "CLIENTS", "HOT", "OBJECT", "REFUSED_CLIENTS", "WARM", "HotStore", "Kind", "ObjectStore",
+    "WarmStore", "open_client_store", "open_store", "tier_store",
+]
 
 Kind = Literal["hot", "warm", "cold", "blobs"]
 
@@ -41,24 +56,74 @@ OBJECT: dict[str, tuple[str, str | None]] = {
 _TABLES: dict[Kind, dict[str, tuple[str, str | None]]] = {
     "hot": HOT, "warm": WARM, "cold": OBJECT, "blobs": OBJECT,
 }
+# client class (module.qualname) -> (tier kinds it serves, "module:Class.factory", extra)
+CLIENTS: dict[str, tuple[frozenset[Kind], str, str]] = {
+    "redis.asyncio.client.Redis": (frozenset({"hot"}), "tierstore.tiers.clients:redis_hot",
+                                   "redis"),
+    "redis.asyncio.cluster.RedisCluster": (frozenset({"hot"}),
+                                           "tierstore.tiers.clients:redis_hot", "redis"),
+    "asyncpg.pool.Pool": (frozenset({"warm"}), "tierstore.tiers.postgres:PostgresWarm.from_pool",
+                          "postgres"),
+    **{name: (frozenset({"warm"}), "tierstore.tiers.mongo:MongoWarm.from_client", "mongo")
+       for name in ("pymongo.asynchronous.mongo_client.AsyncMongoClient",
+                    "pymongo.asynchronous.database.AsyncDatabase",
+                    "motor.core.AgnosticClient", "motor.core.AgnosticDatabase",
+                    "mongomock_motor.AsyncMongoMockClient",
+                    "mongomock_motor.AsyncMongoMockDatabase")},
+    **{name: (frozenset({"cold", "blobs"}), "tierstore.tiers.clients:s3_store", "s3")
+       for name in ("aioboto3.session.Session", "aiobotocore.client.AioBaseClient")},
+}
+# clients that look right but cannot serve: class -> what to pass instead
+REFUSED_CLIENTS: dict[str, str] = {
+    "redis.client.Redis": "a synchronous redis.Redis blocks the event loop; pass a "
+                          "redis.asyncio.Redis",
+    "redis.cluster.RedisCluster": "a synchronous redis.RedisCluster blocks the event loop; pass "
+                                  "a redis.asyncio.RedisCluster",
+    "asyncpg.connection.Connection": "one connection cannot serve concurrent calls; pass an "
+                                     "asyncpg.Pool (asyncpg.create_pool)",
+    "asyncpg.pool.PoolConnectionProxy": "one connection cannot serve concurrent calls; pass "
+                                        "its asyncpg.Pool",
+    "psycopg_pool.pool_async.AsyncConnectionPool": "the PostgreSQL tier runs on asyncpg; pass "
+                                                   "an asyncpg.Pool or a postgresql:// URL",
+    "psycopg.connection_async.AsyncConnection": "the PostgreSQL tier runs on asyncpg; pass an "
+                                                "asyncpg.Pool or a postgresql:// URL",
+    "pymongo.synchronous.mongo_client.MongoClient": "a synchronous MongoClient blocks the event "
+                                                    "loop; pass a pymongo.AsyncMongoClient",
+    "pymongo.synchronous.database.Database": "a synchronous Database blocks the event loop; "
+                                             "pass one of a pymongo.AsyncMongoClient",
+    "boto3.session.Session": "a boto3 session makes blocking clients; pass an aioboto3.Session",
+    "botocore.client.BaseClient": "a botocore client blocks the event loop; pass an "
+                                  "aioboto3.Session or an S3 client opened from one",
+}
+_TAKES: dict[Kind, str] = {
+    "hot": "a memory:// or redis:// URL, a redis.asyncio.Redis or RedisCluster, or a HotStore",
+    "warm": "a sqlite://, postgresql:// or mongodb:// URL, an asyncpg.Pool, a "
+            "pymongo.AsyncMongoClient or AsyncDatabase (or Motor's), or a WarmStore",
+    "cold": "a file:// or s3:// URL, an aioboto3.Session or S3 client, or an ObjectStore",
+    "blobs": "a file:// or s3:// URL, an aioboto3.Session or S3 client, or an ObjectStore",
+}
 _PROTOCOLS: dict[Kind, type[HotStore] | type[WarmStore] | type[ObjectStore]] = {
     "hot": HotStore, "warm": WarmStore, "cold": ObjectStore, "blobs": ObjectStore,
 }
 
 
-def _load(target: str, extra: str | None, url: StoreUrl) -> Callable[..., object]:
-    """The ``from_url`` of the backend class ``target`` names, importing its module now."""
-    module_name, _, class_name = target.partition(":")
+def _load(target: str, extra: str | None, what: str | StoreUrl) -> Callable[..., object]:
+    """The factory ``target`` names (``module:name`` or ``module:Class.method``), importing
+    its module now; ``what`` names the scheme or client that needs it in the error."""
+    module_name, _, path = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if extra is None or exc.name is None or exc.name.startswith("tierstore"):
             raise
+        needs = f"{what.scheme}://" if isinstance(what, StoreUrl) else what
         raise ConfigurationError(
-            f"{url.scheme}:// needs the {exc.name!r} driver: pip install 'tierstore[{extra}]'"
+            f"{needs} needs the {exc.name!r} driver: pip install 'tierstore[{extra}]'"
         ) from exc
-    factory: Callable[..., object] = getattr(module, class_name).from_url
-    return factory
+    factory: Any = module
+    for name in path.split("."):
+        factory = getattr(factory, name)
+    return cast("Callable[..., object]", factory)
 
 
 @overload
@@ -90,7 +155,78 @@ def open_store(
             f"unknown {kind} tier scheme {parsed.scheme!r} in {parsed.masked!r}; known: {known}"
         )
     target, extra = table[parsed.scheme]
-    store = _load(target, extra, parsed)(parsed, **options)
+    store = _load(f"{target}.from_url", extra, parsed)(parsed, **options)
+    return _checked(kind, store, target)
+
+
+def _class_names(obj: object) -> list[str]:
+    return [f"{k.__module__}.{k.__qualname__}" for k in type(obj).__mro__]
+
+
+def open_client_store(kind: Kind, client: object, **options: object
+                      ) -> HotStore | WarmStore | ObjectStore:
+    """Build (not yet set up) the store of ``kind`` on a client the caller holds.
+
+    The store uses the client and never closes it; ``options`` are the backend's
+    (``prefix``, ``schema``, ``bucket``, …; each factory of ``CLIENTS`` lists its own). A client
+    of another tier, a blocking client and an unknown object raise ``ConfigurationError``
+    saying what the tier takes.
+    """
+    for name in _class_names(client):
+        if name in REFUSED_CLIENTS:
+            raise ConfigurationError(f"{kind} tier: {REFUSED_CLIENTS[name]}")
+        if name not in CLIENTS:
+            continue
+        kinds, target, extra = CLIENTS[name]
+        if kind not in kinds:
+            serves = "/".join(sorted(kinds))
+            raise ConfigurationError(
+                f"{kind} tier: a {type(client).__qualname__} serves the {serves} tier; the "
+                f"{kind} tier takes {_TAKES[kind]}"
+            )
+        store = _load(target, extra, f"a {type(client).__qualname__}")(client, **options)
+        return _checked(kind, store, target)
+    raise ConfigurationError(
+        f"{kind} tier: cannot use a {type(client).__module__}.{type(client).__qualname__}; "
+        f"it takes {_TAKES[kind]}"
+    )
+
+
+def tier_store(kind: Kind, value: object, options: Mapping[str, object] | None = None, *,
+               ttl: float | None = None) -> HotStore | WarmStore | ObjectStore:
+    """The store of one tier from a URL, a client the caller holds, or a store.
+
+    ``options`` apply to a client only (a URL carries its own in its query, a store was
+    configured when it was built); ``ttl`` is the hot tier's default (the saver's
+    ``hot_ttl``), which a client's ``ttl`` option overrides.
+    """
+    options = dict(options or {})
+    if isinstance(value, str | StoreUrl):
+        if options:
+            raise ConfigurationError(
+                f"{kind} tier: options {', '.join(sorted(options))} go in the URL's query "
+                "when the tier is a URL"
+            )
+        if kind == "hot":
+            return open_store("hot", value, ttl=3600.0 if ttl is None else ttl)
+        if kind == "warm":
+            return open_store("warm", value)
+        return open_store(kind, value)
+    if any(n in CLIENTS or n in REFUSED_CLIENTS for n in _class_names(value)):
+        if kind == "hot" and ttl is not None:
+            options.setdefault("ttl", ttl)
+        return open_client_store(kind, value, **options)
+    if isinstance(value, _PROTOCOLS[kind]):
+        if options:
+            raise ConfigurationError(
+                f"{kind} tier: a store is configured when it is built; options "
+                f"{', '.join(sorted(options))} cannot apply to it"
+            )
+        return value
+    return open_client_store(kind, value, **options)
+
+
+def _checked(kind: Kind, store: object, target: str) -> HotStore | WarmStore | ObjectStore:
     protocol = _PROTOCOLS[kind]
     if not isinstance(store, protocol):
         missing = sorted(name for name in _members(protocol) if not hasattr(store, name))

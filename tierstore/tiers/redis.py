@@ -80,6 +80,9 @@ URL options (defaults): ``prefix`` (``ts:``), ``ttl`` (saver's ``hot_ttl``, seco
 ``client_name``, ``seeds`` (more cluster nodes), ``ssl_ca_certs``, ``ssl_certfile``,
 ``ssl_keyfile``, ``ssl_cert_reqs`` (``required``/``optional``/``none``),
 ``ssl_check_hostname``.
+
+A client of your own: ``tierstore.tiers.clients.redis_hot`` (the store uses it, never
+closes it).
 """
 
 from __future__ import annotations
@@ -556,10 +559,12 @@ class RedisHot(HotStore, LeaseStore):
     backend = "redis"
 
     def __init__(
-        self, settings: RedisHotSettings, *, clock: Callable[[], float] = time.monotonic
+        self, settings: RedisHotSettings, *, clock: Callable[[], float] = time.monotonic,
+        client: Client | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
+        self._given = client  # the caller's (``clients.redis_hot``): used, never closed
         self._client: Client | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._breaker = Breaker()
@@ -570,6 +575,11 @@ class RedisHot(HotStore, LeaseStore):
     @classmethod
     def from_url(cls, url: StoreUrl, *, ttl: float) -> RedisHot:
         return cls(RedisHotSettings.from_url(url, ttl=ttl))
+
+    @property
+    def owns_client(self) -> bool:
+        """Whether the store made its client (and so closes it)."""
+        return self._given is None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -612,7 +622,7 @@ class RedisHot(HotStore, LeaseStore):
         if not self._life.begin():
             return
         try:
-            client = self._connect()
+            client = self._connect() if self._given is None else self._given
             self._client = client
             self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
             # discovering a cluster and loading every script on every primary is a dozen
@@ -632,9 +642,9 @@ class RedisHot(HotStore, LeaseStore):
         if not self.settings.cluster:
             info = await client.info("cluster")
             if str(info.get("cluster_enabled", "0")) == "1":
+                fix = "use a redis+cluster:// URL" if self._given is None else "pass a RedisCluster"
                 raise ConfigurationError(
-                    f"{self.settings.masked_url!r}: the server runs in cluster mode; "
-                    "use a redis+cluster:// URL"
+                    f"{self.settings.masked_url!r}: the server runs in cluster mode; {fix}"
                 )
         for name, script in self._scripts.items():
             sha = await client.script_load(SCRIPTS[name])
@@ -647,11 +657,11 @@ class RedisHot(HotStore, LeaseStore):
     async def _release(self) -> None:
         client, self._client = self._client, None
         self._scripts = {}
-        if client is not None:
+        if client is not None and client is not self._given:
             await client.aclose()
 
     def __del__(self) -> None:
-        if getattr(self, "_client", None) is not None:
+        if getattr(self, "_client", None) is not None and getattr(self, "_given", None) is None:
             warnings.warn(
                 f"{self!r} was not closed; call aclose()", ResourceWarning, stacklevel=1
             )

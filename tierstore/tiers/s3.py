@@ -61,6 +61,9 @@ needs about 120 KB/s). A request that runs out of time raises
 like any other failed one (the abort is itself a request with the same deadline).
 The deadline is per request: a multipart put makes several.
 
+A session or client of your own: ``tierstore.tiers.clients.s3_store`` (a client the
+store opens from your session is closed with it; your own S3 client never is).
+
 Every driver error goes through ``_translate`` (the one place that knows botocore's
 error codes) and leaves as a tierstore error chained to the original.
 """
@@ -405,6 +408,9 @@ class S3Store(ObjectStore):
         read_timeout: float = 20.0,
         max_attempts: int = 3,
         addressing_style: str | None = None,
+        session: Any = None,
+        client: Any = None,
+        deadline: float | None = None,
     ) -> None:
         if not bucket:
             raise ConfigurationError("an s3:// URL must name a bucket: s3://bucket/prefix")
@@ -449,8 +455,10 @@ class S3Store(ObjectStore):
             s3={"addressing_style": style},
             max_pool_connections=16,
         )
-        self.deadline = request_deadline(connect_timeout=connect_timeout,
-                                         read_timeout=read_timeout, max_attempts=max_attempts)
+        self.deadline = deadline or request_deadline(
+            connect_timeout=connect_timeout, read_timeout=read_timeout, max_attempts=max_attempts)
+        self._session = session  # the caller's, to open the client from
+        self._given = client  # the caller's S3 client: used, never closed
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._life = Lifecycle(f"s3 object store s3://{bucket}/{self.prefix}",
@@ -497,6 +505,11 @@ class S3Store(ObjectStore):
         # and a bucket with upper-case letters is refused by S3 with a clear error.
         return cls(url.host or "", prefix=url.path, **kwargs)
 
+    @property
+    def owns_client(self) -> bool:
+        """Whether the store opened its client (and so closes it)."""
+        return self._given is None
+
     def __repr__(self) -> str:
         return (
             f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r}, "
@@ -523,17 +536,20 @@ class S3Store(ObjectStore):
                 return
             stack = contextlib.AsyncExitStack()
             try:
-                async with self._driver("CreateClient", ""):
-                    session = aioboto3.Session(
-                        aws_access_key_id=self._access_key,
-                        aws_secret_access_key=self._secret_key,
-                        region_name=self.region,
-                        profile_name=self._profile,
-                    )
-                    self._client = await stack.enter_async_context(session.client(
-                        "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                        config=self._config,
-                    ))
+                if self._given is not None:
+                    self._client = self._given
+                else:
+                    async with self._driver("CreateClient", ""):
+                        session = self._session or aioboto3.Session(
+                            aws_access_key_id=self._access_key,
+                            aws_secret_access_key=self._secret_key,
+                            region_name=self.region,
+                            profile_name=self._profile,
+                        )
+                        self._client = await stack.enter_async_context(session.client(
+                            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                            config=self._config,
+                        ))
                 await self._ensure_bucket()
             except BaseException:
                 self._client = None

@@ -107,6 +107,37 @@ def _async_bucket(database: Any, bucket_name: str) -> GridFSBucket:
     return AsyncGridFSBucket(database, bucket_name=bucket_name)
 
 
+def _motor_bucket(database: Any, bucket_name: str) -> GridFSBucket:
+    from motor.motor_asyncio import AsyncIOMotorGridFSBucket
+
+    bucket: GridFSBucket = AsyncIOMotorGridFSBucket(database, bucket_name=bucket_name)
+    return bucket
+
+
+CLIENT_OPTIONS: Final = ("database", "offload_threshold", "orphan_grace")
+"""The options of a store on the caller's client (``from_client``)."""
+
+# class (module.qualname, most derived first in the MRO) -> (driver flavour, client or database)
+_CLIENT_CLASSES: Final = {
+    "pymongo.asynchronous.mongo_client.AsyncMongoClient": ("pymongo", "client"),
+    "pymongo.asynchronous.database.AsyncDatabase": ("pymongo", "database"),
+    "motor.core.AgnosticClient": ("motor", "client"),
+    "motor.core.AgnosticDatabase": ("motor", "database"),
+    "mongomock_motor.AsyncMongoMockClient": ("motor", "client"),
+    "mongomock_motor.AsyncMongoMockDatabase": ("motor", "database"),
+}
+
+
+def client_kind(obj: object) -> tuple[str, str] | None:
+    """``(flavour, "client" | "database")`` of a MongoDB client or database object, by
+    class name, so that checking needs neither Motor nor mongomock installed."""
+    for klass in type(obj).__mro__:
+        found = _CLIENT_CLASSES.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found is not None:
+            return found
+    return None
+
+
 # -- errors: the one place driver exceptions become tierstore errors ----------------------
 
 
@@ -267,6 +298,45 @@ class MongoConnection:
         except ValueError as exc:
             raise ConfigurationError(f"{url.masked!r}: bad option value ({exc})") from exc
         return cls(url, offload_threshold=threshold, orphan_grace=grace)
+
+    @classmethod
+    def from_client(cls, client: object, **options: Any) -> Self:
+        """A store on the caller's client or database (PyMongo async, Motor, mongomock-motor).
+
+        ``options``: ``database`` (needed with a client), ``offload_threshold``,
+        ``orphan_grace``. The client stays the caller's: the store never closes it.
+        """
+        unknown = sorted(set(options) - set(CLIENT_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) for a MongoDB client: {', '.join(unknown)}; known: "
+                f"{', '.join(CLIENT_OPTIONS)}"
+            )
+        kind = client_kind(client)
+        if kind is None:
+            raise ConfigurationError(
+                "the MongoDB warm tier takes a pymongo.AsyncMongoClient or AsyncDatabase (or "
+                f"Motor's), got {type(client).__module__}.{type(client).__qualname__}"
+            )
+        flavour, what = kind
+        try:
+            numbers: dict[str, Any] = {}
+            if "offload_threshold" in options:
+                numbers["offload_threshold"] = int(options["offload_threshold"])
+            if "orphan_grace" in options:
+                numbers["orphan_grace"] = float(options["orphan_grace"])
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"bad option for a MongoDB client: {exc}") from exc
+        gridfs = _motor_bucket if flavour == "motor" else None
+        name = options.get("database")
+        if what == "database":
+            if name is not None:
+                raise ConfigurationError("a MongoDB database object names its database; "
+                                         "drop database=")
+            return cls(database=client, gridfs=gridfs, **numbers)
+        if not name:
+            raise ConfigurationError("a MongoDB client needs database='name' among its options")
+        return cls(client=client, database_name=str(name), gridfs=gridfs, **numbers)
 
     def __repr__(self) -> str:
         target = self._url.masked if self._url is not None else f"database {self.database_name}"

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 from tierstore.tiers.base import WarmStore
 from tierstore.tiers.postgres.admin import PostgresAdmin
+from tierstore.tiers.postgres.pool import POOL_OPTIONS, server_settings
 from tierstore.tiers.postgres.requests import PostgresRequests
 from tierstore.tiers.postgres.tiering import PostgresTiering
 
-__all__ = ["PostgresWarm"]
+__all__ = ["POOL_OPTIONS", "PostgresWarm", "server_settings"]
 
 
 class PostgresWarm(PostgresRequests, PostgresAdmin, PostgresTiering, WarmStore):
-    """Warm tier on PostgreSQL. Build with ``from_url``; ``setup()`` opens the pool."""
+    """Warm tier on PostgreSQL. Build with ``from_url`` (its own pool, closed with the store)
+    or ``from_pool`` (the caller's pool, left open); ``setup()`` opens it and migrates."""

@@ -23,6 +23,16 @@ instead (about twice the pages of that pass). Behind PgBouncer, list ``jit`` and
 ``enable_seqscan`` in ``ignore_startup_parameters``: both settings are then lost;
 ``statement_cache_size=0`` still plans each statement sent for its own call, but the
 statements inside the store's functions keep their plans until the next ``ANALYZE``.
+
+A pool of your own: ``PostgresWarm.from_pool(pool, schema=…, partitions=…,
+setup_timeout=…, command_timeout=…)``. The store runs on it as it is and never closes
+it. Its sessions keep the settings they were made with, so make the pool with
+``server_settings=server_settings(schema)`` for the plans and the schema above
+(setup refuses a pool whose ``search_path`` does not start with ``schema``, and one whose
+connections encode ``jsonb`` with a codec of their own); the store takes a connection
+per call and keeps none between calls, so the rest of your application shares the pool.
+``command_timeout`` then bounds the wait for a pooled connection only; statements run
+under the pool's own.
 """
 
 from __future__ import annotations
@@ -57,6 +67,21 @@ _OPTIONS: Final = frozenset({
     "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
     "statement_cache_size", "partitions",
 })
+POOL_OPTIONS: Final = ("schema", "partitions", "setup_timeout", "command_timeout")
+"""The options that still apply to a pool the caller made (``from_pool``)."""
+
+
+def server_settings(schema: str | None = None) -> dict[str, str]:
+    """The session settings the store's own pool runs with, for ``asyncpg.create_pool(…,
+    server_settings=server_settings(schema))`` of a pool you hand to ``from_pool``."""
+    settings = {
+        "jit": "off",  # planning JIT costs more than these short statements
+        # Plans that stay key probes whatever the tables' statistics say (see above).
+        "enable_seqscan": "off",
+    }
+    if schema is not None:
+        settings["search_path"] = quote_ident(schema)
+    return settings
 
 
 class PostgresPool:
@@ -77,6 +102,7 @@ class PostgresPool:
         schema: str | None = None,
         statement_cache_size: int = 100,
         partitions: int | None = None,
+        pool: asyncpg.Pool[asyncpg.Record] | None = None,
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError(
@@ -107,11 +133,14 @@ class PostgresPool:
         self.statement_cache_size = statement_cache_size
         self.partitions = partitions
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._given = pool
+        """The caller's pool (``from_pool``): used, never closed."""
         self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
         self._releasing: set[asyncio.Task[None]] = set()
-        # Connections kept between calls (see ``_keep``), newest last.
+        # Connections kept between calls (see ``_keep``), newest last. None of a pool the
+        # application shares: the store would hold connections the application waits for.
         self._kept: list[Conn] = []
-        self._keep_at_most = max_size - 1
+        self._keep_at_most = max_size - 1 if pool is None else 0
         self._waiting = 0  # calls waiting for the pool: a connection that ends a call is theirs
 
     def __repr__(self) -> str:
@@ -143,38 +172,77 @@ class PostgresPool:
         dsn = urlunsplit(parts._replace(query=urlencode(kept)))
         return cls(dsn, masked=url.masked, **parsed)
 
+    @classmethod
+    def from_pool(cls, pool: object, **options: Any) -> Self:
+        """A store on the caller's ``asyncpg.Pool`` (options: ``POOL_OPTIONS``)."""
+        if not isinstance(pool, asyncpg.Pool):
+            raise ConfigurationError(
+                f"the PostgreSQL warm tier takes an asyncpg.Pool, got "
+                f"{type(pool).__module__}.{type(pool).__qualname__}"
+            )
+        unknown = sorted(set(options) - set(POOL_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) for an asyncpg pool: {', '.join(unknown)}; known: "
+                f"{', '.join(POOL_OPTIONS)} (sizes and timeouts belong to the pool)"
+            )
+        parsed: dict[str, Any] = {}
+        try:
+            if options.get("partitions") is not None:
+                parsed["partitions"] = int(options["partitions"])
+            for name in ("setup_timeout", "command_timeout"):
+                if name in options:
+                    parsed[name] = float(options[name])
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"bad option for an asyncpg pool: {exc}") from exc
+        if options.get("schema"):
+            parsed["schema"] = str(options["schema"])
+        size = pool.get_max_size()
+        return cls("", masked="asyncpg pool (caller's)", min_size=0, max_size=max(1, size),
+                   pool=pool, **parsed)
+
+    @property
+    def owns_pool(self) -> bool:
+        """Whether the store made its pool (and so closes it)."""
+        return self._given is None
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def setup(self) -> None:
         """Open the pool and bring the schema up to date. Idempotent while open."""
         if not self._life.begin():
             return
-        settings = {
-            "jit": "off",  # planning JIT costs more than these short statements
-            # Plans that stay key probes whatever the tables' statistics say (see above).
-            "enable_seqscan": "off",
-        }
+        settings = server_settings(self.schema)
         if "application_name=" not in self._dsn:
             settings["application_name"] = "tierstore"
-        if self.schema is not None:
-            settings["search_path"] = quote_ident(self.schema)
         try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=self.min_size,
-                max_size=self.max_size,
-                command_timeout=self.command_timeout,
-                timeout=self.connect_timeout,
-                statement_cache_size=self.statement_cache_size,
-                server_settings=settings,
-                reset=_keep_session,
-            )
+            if self._given is not None:
+                made_on = getattr(self._given, "_loop", None)  # asyncpg binds a pool to one loop
+                if made_on is not None and made_on is not asyncio.get_running_loop():
+                    raise ConfigurationError(
+                        f"postgres warm tier {self.url}: the pool was made on another event "
+                        "loop; enter the saver with `async with` on the pool's loop"
+                    )
+                self._pool = self._given
+            else:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    command_timeout=self.command_timeout,
+                    timeout=self.connect_timeout,
+                    statement_cache_size=self.statement_cache_size,
+                    server_settings=settings,
+                    reset=_keep_session,
+                )
             async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+                if self._given is not None:
+                    await self._check_session(conn)
                 await migrate(conn, url=self.url, schema=self.schema,
                               setup_timeout=self.setup_timeout, partitions=self.partitions)
         except BaseException as exc:
             pool, self._pool = self._pool, None
-            if pool is not None:
+            if pool is not None and pool is not self._given:
                 pool.terminate()
             self._life.failed()
             if isinstance(exc, Exception) and not isinstance(exc, TierstoreError):
@@ -183,24 +251,55 @@ class PostgresPool:
         self._life.opened()
         if self._life.is_closed:  # aclose() ran before the pool existed: close it here
             pool, self._pool = self._pool, None
-            if pool is not None:
+            if pool is not None and pool is not self._given:
                 pool.terminate()
             self._life.require("setup")
 
+    async def _check_session(self, conn: Conn) -> None:
+        """Refuse a caller's pool whose sessions would put the tables elsewhere or mangle
+        the store's ``jsonb`` (a codec set by the pool's ``init``)."""
+        if self.schema is not None:
+            path = await conn.fetchval("SELECT current_setting('search_path')")
+            first = str(path).split(",")[0].strip().strip('"')
+            if first != self.schema:
+                raise ConfigurationError(
+                    f"postgres warm tier {self.url}: the pool's search_path is {path!r}, "
+                    f"not schema {self.schema!r} first; make the pool with server_settings="
+                    f"tierstore.tiers.postgres.server_settings({self.schema!r})"
+                )
+        sample = '{"a": 1}'
+        try:
+            back = await conn.fetchval("SELECT $1::jsonb::text", sample)
+        except (asyncpg.DataError, TypeError, ValueError) as exc:
+            back = exc
+        if back != sample:
+            raise ConfigurationError(
+                f"postgres warm tier {self.url}: the pool's connections encode jsonb with a "
+                "codec of their own (set_type_codec in the pool's init); the store sends "
+                "jsonb as text: give it a pool without that codec"
+            )
+
     async def aclose(self) -> None:
-        """Close the pool: wait for calls in flight (bounded), then cut what is left."""
+        """Close the pool: wait for calls in flight (bounded), then cut what is left.
+
+        A caller's pool is left open: only the releases this store started are awaited.
+        """
         pool, self._pool = self._pool, None
         self._life.close()
         if pool is None:
             return
         await self._give_back(pool)
+        if pool is self._given:
+            if self._releasing:
+                await asyncio.wait(set(self._releasing), timeout=self.command_timeout)
+            return
         try:
             await asyncio.wait_for(pool.close(), timeout=self.command_timeout)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             pool.terminate()
 
     def __del__(self) -> None:
-        if getattr(self, "_pool", None) is not None:
+        if getattr(self, "_pool", None) is not None and getattr(self, "_given", None) is None:
             warnings.warn(f"{self!r} was never closed; call aclose()", ResourceWarning,
                           stacklevel=1)
 
