@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from tierstore.errors import InvalidInput, TierstoreError
+from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError
 from tierstore.records import TierUsage
 from tierstore.tiers.base import WarmAdmin
 from tierstore.tiers.postgres.migrations import abandon_conversion, convert_layout
@@ -272,6 +272,12 @@ class PostgresAdmin(PostgresPool, WarmAdmin):
     async def _on_own_connection(self, action: str, body: Callable[[Conn], Awaitable[T]]) -> T:
         """``body`` on a one-connection pool of its own, with no statement timeout (index
         builds take what they take; the conversion bounds its waits for locks)."""
+        if self.pooler is not None:
+            raise ConfigurationError(
+                f"postgres warm tier {self.url}: {action} holds the migration lock across "
+                f"transactions, which a pooler in transaction mode (pooler={self.pooler}) "
+                "cannot keep on one server connection; run `tierstore migrate` with the "
+                "server's own URL (without pooler) instead")
         settings = {"jit": "off", "application_name": f"tierstore {action}"}
         if self.schema is not None:
             settings["search_path"] = quote_ident(self.schema)
