@@ -259,6 +259,58 @@ async def test_what_must_hold_the_lock_across_transactions_is_refused(
     await store.aclose()
 
 
+# -- the settings as the server's defaults (pooler_settings=server) ------------------------
+
+
+async def test_settings_the_server_applies_are_checked_and_then_cost_nothing(
+    postgres_server: str, pgbouncer: Bouncer
+) -> None:
+    database = f"tierstore_{uuid.uuid4().hex[:12]}"
+    run_sql(postgres_server, f'CREATE DATABASE "{database}"')
+    try:
+        url = with_query(pgbouncer.through(with_database(postgres_server, database)),
+                         pooler="transaction", pooler_settings="server", schema="agents")
+        store = PostgresWarm.from_url(StoreUrl.parse(url))
+        with pytest.raises(ConfigurationError, match="ALTER ROLE") as info:
+            await store.setup()
+        await store.aclose()
+        assert "SET enable_seqscan = off" in str(info.value)
+        run_sql(with_database(postgres_server, database),
+                *(f'ALTER ROLE CURRENT_USER IN DATABASE "{database}" SET {item}'
+                  for item in ("search_path = agents", "enable_seqscan = off", "jit = off")))
+        # the pooler's server connections opened before keep the old settings
+        await _close_server_connections(with_database(postgres_server, database))
+        async with opened(url) as store:
+            await store.put_checkpoint(record("t", 1), [], strict=True)
+            assert (await store.head("t", "")) is not None
+
+            async def probe(conn: Any) -> tuple[Any, ...]:
+                row = await conn.fetchrow(
+                    "SELECT current_schema(), current_setting('enable_seqscan'), "
+                    "current_setting('jit'), current_setting('jit_above_cost')")
+                return tuple(row)
+
+            # the server's settings, and none set by the store (jit_above_cost as it was)
+            assert await store._run("probe", probe, read=True) == ("agents", "off", "off",
+                                                                   "100000")
+        other = with_query(url.replace("schema=agents", "schema=other"))
+        store = PostgresWarm.from_url(StoreUrl.parse(other))
+        with pytest.raises(ConfigurationError, match='SET search_path = "other"'):
+            await store.setup()
+        await store.aclose()
+    finally:
+        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+async def _close_server_connections(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await conn.close()
+
+
 # -- the misconfigurations a team meets first ----------------------------------------------
 
 
@@ -307,6 +359,8 @@ async def test_named_statements_through_a_pooler_are_told_to_add_the_option(
     [
         ("pooler=session", "pooler must be one of transaction"),
         ("pooler=transaction&statement_cache_size=100", "leave statement_cache_size out"),
+        ("pooler_settings=server", "give pooler=transaction too"),
+        ("pooler=transaction&pooler_settings=role", "pooler_settings must be one of"),
     ],
 )
 def test_bad_pooler_options_are_configuration_errors(query: str, message: str) -> None:

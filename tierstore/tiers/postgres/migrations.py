@@ -6,7 +6,7 @@ processes starting together agree on one migrator through an advisory lock. The
 conversion of a store's tables to hash partitions (``convert_layout``) holds the
 same lock from start to end, so no migration runs halfway through it.
 
-Behind a pooler in transaction mode (``local_settings`` given) a session-level lock
+Behind a pooler in transaction mode (``pooled``) a session-level lock
 would stay with whichever server connection took it, and the next statement may run
 on another: ``migrate`` then takes a transaction-level lock instead, and applies every
 pending migration in that one transaction. What cannot run so (a no-transaction
@@ -52,7 +52,8 @@ _CONCURRENT_INDEX: Final = re.compile(
 
 
 async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: float,
-                  partitions: int | None = None, local_settings: str | None = None) -> None:
+                  partitions: int | None = None, pooled: bool = False,
+                  local_settings: str | None = None) -> None:
     """Apply pending migrations, once, however many processes start together; with
     ``partitions``, create the tables partitioned or check that they are.
 
@@ -72,7 +73,7 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
             return False
         return partitions is None or await layouts.layout(conn) == partitions
 
-    if local_settings is not None:
+    if pooled:
         await _migrate_in_transactions(conn, url=url, schema=schema,
                                        setup_timeout=setup_timeout, partitions=partitions,
                                        local_settings=local_settings, done=up_to_date)
@@ -91,7 +92,8 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
 
 async def _migrate_in_transactions(
     conn: Conn, *, url: str, schema: str | None, setup_timeout: float,
-    partitions: int | None, local_settings: str, done: Callable[[], Awaitable[bool]],
+    partitions: int | None, local_settings: str | None,
+    done: Callable[[], Awaitable[bool]],
 ) -> None:
     """``migrate`` through a transaction pooler: each attempt is one transaction that
     checks, takes the lock with ``pg_try_advisory_xact_lock`` and migrates; one that
@@ -100,7 +102,8 @@ async def _migrate_in_transactions(
     deadline = loop.time() + setup_timeout
     while True:
         async with conn.transaction():
-            await conn.execute(local_settings, timeout=setup_timeout)
+            if local_settings is not None:
+                await conn.execute(local_settings, timeout=setup_timeout)
             if await done():
                 return
             if await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",

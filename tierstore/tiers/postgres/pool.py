@@ -7,8 +7,8 @@ is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30
 live in this schema, created if missing), ``statement_cache_size=100`` (named
 prepared statements kept per connection), ``pooler=transaction`` (behind a pooler in
 transaction mode, such as PgBouncer's ``pool_mode = transaction``: see below),
-``partitions=N`` (2..1024: the
-checkpoint, blob and write tables are hash-partitioned by thread into N when the
+``pooler_settings=transaction`` (or ``server``: see below), ``partitions=N`` (2..1024:
+the checkpoint, blob and write tables are hash-partitioned by thread into N when the
 schema is created; a store already holding data in plain tables is refused and
 converted with ``tierstore migrate --partitions N``, one partitioned into another
 count is refused; see ``partitions.py``).
@@ -32,7 +32,11 @@ its server connections, so nothing may outlive a transaction. The store then
   runs in a transaction of its own that starts with ``SET LOCAL`` of
   ``enable_seqscan``, ``search_path`` and ``jit_above_cost = -1`` (JIT off): three
   round trips more than a one-statement call (``BEGIN``, the settings, ``COMMIT``; a
-  call that opened a transaction opens a savepoint instead);
+  call that opened a transaction opens a savepoint instead). With
+  ``pooler_settings=server`` the server applies them instead, as the defaults of the
+  store's role or database (``ALTER ROLE … IN DATABASE … SET``): calls run as they
+  do without a pooler, and ``setup()`` checks the settings, refusing with a
+  ``ConfigurationError`` that spells out the statements when they differ;
 - migrates under a transaction-level advisory lock, every pending migration in one
   transaction. A migration that must run outside a transaction
   (``-- tierstore:no-transaction``) and a conversion to partitions hold the lock across
@@ -74,11 +78,14 @@ T = TypeVar("T")
 
 _OPTIONS: Final = frozenset({
     "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
-    "statement_cache_size", "partitions", "pooler",
+    "statement_cache_size", "partitions", "pooler", "pooler_settings",
 })
 
 POOLERS: Final = ("transaction",)
 """The values of the ``pooler`` URL option."""
+POOLER_SETTINGS: Final = ("transaction", "server")
+"""Where the session settings come from behind a pooler: ``SET LOCAL`` in a transaction
+around every call, or the server (the role's or database's defaults, checked at setup)."""
 
 
 class PostgresPool:
@@ -100,6 +107,7 @@ class PostgresPool:
         statement_cache_size: int | None = None,
         partitions: int | None = None,
         pooler: str | None = None,
+        pooler_settings: str | None = None,
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError(
@@ -116,6 +124,13 @@ class PostgresPool:
             raise ConfigurationError(
                 f"postgres pooler must be one of {', '.join(POOLERS)} (the pooler's mode, "
                 f"e.g. PgBouncer's pool_mode = transaction), got {pooler!r}")
+        if pooler_settings is not None and pooler is None:
+            raise ConfigurationError("postgres pooler_settings applies behind a pooler: "
+                                     "give pooler=transaction too")
+        if pooler_settings is not None and pooler_settings not in POOLER_SETTINGS:
+            raise ConfigurationError(
+                f"postgres pooler_settings must be one of {', '.join(POOLER_SETTINGS)}, "
+                f"got {pooler_settings!r}")
         if statement_cache_size is None:
             statement_cache_size = 0 if pooler is not None else 100
         if statement_cache_size < 0:
@@ -141,6 +156,7 @@ class PostgresPool:
         self.statement_cache_size = statement_cache_size
         self.partitions = partitions
         self.pooler = pooler
+        self.pooler_settings = pooler_settings or ("transaction" if pooler else None)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._life = Lifecycle(f"postgres warm tier {self.url}", closed_hint="build a new store")
         self._releasing: set[asyncio.Task[None]] = set()
@@ -170,7 +186,7 @@ class PostgresPool:
                     parsed[name] = float(options[name])
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"{url.masked!r}: bad pool option: {exc}") from exc
-        for name in ("schema", "pooler"):
+        for name in ("schema", "pooler", "pooler_settings"):
             if options.get(name):
                 parsed[name] = str(options[name])
         parts = urlsplit(url.raw)
@@ -200,8 +216,11 @@ class PostgresPool:
                 reset=_keep_session,
             )
             async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+                if self.pooler_settings == "server":
+                    await self._check_server_settings(conn)
                 await migrate(conn, url=self.url, schema=self.schema,
                               setup_timeout=self.setup_timeout, partitions=self.partitions,
+                              pooled=self.pooler is not None,
                               local_settings=self._local_settings())
         except BaseException as exc:
             pool, self._pool = self._pool, None
@@ -231,7 +250,7 @@ class PostgresPool:
 
     def _local_settings(self) -> str | None:
         """With ``pooler``: the ``SET LOCAL`` statements each transaction starts with."""
-        if self.pooler is None:
+        if self.pooler_settings != "transaction":
             return None
         settings = self.session_settings()
         # JIT off through its threshold: asyncpg, when it looks a type up, turns ``jit``
@@ -240,6 +259,32 @@ class PostgresPool:
         del settings["jit"]
         settings["jit_above_cost"] = "-1"
         return "; ".join(f"SET LOCAL {name} = {value}" for name, value in settings.items())
+
+    async def _check_server_settings(self, conn: Conn) -> None:
+        """``pooler_settings=server``: refuse to open unless the server connection runs
+        with the store's settings, naming the statements that would make it so."""
+        row = await conn.fetchrow(
+            "SELECT current_setting('search_path'), current_setting('enable_seqscan'), "
+            "current_setting('jit'), current_setting('jit_above_cost')::float8, "
+            "current_user, current_database()", timeout=self.setup_timeout)
+        assert row is not None
+        search_path, seqscan, jit, jit_above_cost, user, database = row
+        wrong = []
+        if self.schema is not None and _first_schema(search_path) != self.schema:
+            wrong.append(f"search_path = {quote_ident(self.schema)}")
+        if seqscan != "off":
+            wrong.append("enable_seqscan = off")
+        if jit != "off" and jit_above_cost >= 0:
+            wrong.append("jit = off")
+        if wrong:
+            statements = "; ".join(f"ALTER ROLE {quote_ident(user)} IN DATABASE "
+                                   f"{quote_ident(database)} SET {item}" for item in wrong)
+            raise ConfigurationError(
+                f"postgres warm tier {self.url}: pooler_settings=server, but the server "
+                f"runs the store's sessions with search_path={search_path!r}, "
+                f"enable_seqscan={seqscan}, jit={jit}; run {statements}; then let the "
+                "pooler open new server connections (PgBouncer: RECONNECT), or drop "
+                "pooler_settings to have every call set them")
 
     async def aclose(self) -> None:
         """Close the pool: wait for calls in flight (bounded), then cut what is left."""
@@ -431,6 +476,14 @@ class PostgresPool:
 # a crash restart, a server still starting up.
 _SERVER_GONE = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
                 asyncpg.CannotConnectNowError)
+
+
+def _first_schema(search_path: str) -> str:
+    """The first schema a ``search_path`` setting names, unquoted."""
+    first = search_path.split(",", maxsplit=1)[0].strip() if search_path else ""
+    if first.startswith('"') and first.endswith('"') and len(first) > 1:
+        return first[1:-1].replace('""', '"')
+    return first
 
 
 def _pooler_answered(exc: BaseException) -> bool:
