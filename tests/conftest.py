@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.servers.redis",
     "tests.servers.s3",
     "tests.servers.mongo",
+    "tests.servers.pgbouncer",
 ]
 
 # Tests must never talk to a real AWS account by accident.

@@ -278,6 +278,12 @@ class PostgresAdmin(PostgresPool, WarmAdmin):
                 "needs the database URL; run it on a store built from the URL (or "
                 "`tierstore migrate`), not on one given a pool"
             )
+        if self.pooler is not None:
+            raise ConfigurationError(
+                f"postgres warm tier {self.url}: {action} holds the migration lock across "
+                f"transactions, which a pooler in transaction mode (pooler={self.pooler}) "
+                "cannot keep on one server connection; run `tierstore migrate` with the "
+                "server's own URL (without pooler) instead")
         settings = {"jit": "off", "application_name": f"tierstore {action}"}
         if self.schema is not None:
             settings["search_path"] = quote_ident(self.schema)

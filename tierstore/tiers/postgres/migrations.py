@@ -6,6 +6,12 @@ processes starting together agree on one migrator through an advisory lock. The
 conversion of a store's tables to hash partitions (``convert_layout``) holds the
 same lock from start to end, so no migration runs halfway through it.
 
+Behind a pooler in transaction mode (``pooled``) a session-level lock
+would stay with whichever server connection took it, and the next statement may run
+on another: ``migrate`` then takes a transaction-level lock instead, and applies every
+pending migration in that one transaction. What cannot run so (a no-transaction
+migration, a conversion) is refused there with a ``ConfigurationError``.
+
 Every migration applies to both layouts: plain tables and tables hash-partitioned by
 ``sid`` (``partitions``). What that asks of a new migration file:
 
@@ -46,7 +52,8 @@ _CONCURRENT_INDEX: Final = re.compile(
 
 
 async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: float,
-                  partitions: int | None = None) -> None:
+                  partitions: int | None = None, pooled: bool = False,
+                  local_settings: str | None = None) -> None:
     """Apply pending migrations, once, however many processes start together; with
     ``partitions``, create the tables partitioned or check that they are.
 
@@ -66,6 +73,11 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
             return False
         return partitions is None or await layouts.layout(conn) == partitions
 
+    if pooled:
+        await _migrate_in_transactions(conn, url=url, schema=schema,
+                                       setup_timeout=setup_timeout, partitions=partitions,
+                                       local_settings=local_settings, done=up_to_date)
+        return
     if await up_to_date():
         return
     if not await _lock(conn, url=url, schema=schema, setup_timeout=setup_timeout, done=up_to_date):
@@ -76,6 +88,42 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
             await _ensure_layout(conn, partitions, url=url)
     finally:
         await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
+
+
+async def _migrate_in_transactions(
+    conn: Conn, *, url: str, schema: str | None, setup_timeout: float,
+    partitions: int | None, local_settings: str | None,
+    done: Callable[[], Awaitable[bool]],
+) -> None:
+    """``migrate`` through a transaction pooler: each attempt is one transaction that
+    checks, takes the lock with ``pg_try_advisory_xact_lock`` and migrates; one that
+    finds the lock taken rolls back (holding no snapshot while it waits) and polls."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + setup_timeout
+    while True:
+        async with conn.transaction():
+            if local_settings is not None:
+                await conn.execute(local_settings, timeout=setup_timeout)
+            if await done():
+                return
+            if await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                                   _key(schema), timeout=setup_timeout):
+                await _apply_all(conn, schema=schema, setup_timeout=setup_timeout,
+                                 url=url, in_transaction=True)
+                if partitions is not None:
+                    await _ensure_layout(conn, partitions, url=url)
+                return
+        if loop.time() > deadline:
+            raise TierUnavailable(
+                f"postgres warm tier {url}: another process held the migration "
+                f"lock for more than setup_timeout={setup_timeout:g}s",
+                tier="warm", backend="postgres",
+            )
+        await asyncio.sleep(0.1)
+
+
+def _key(schema: str | None) -> str:
+    return f"tierstore.migrate:{schema or ''}"
 
 
 async def convert_layout(
@@ -125,7 +173,7 @@ async def _lock(conn: Conn, *, url: str, schema: str | None, setup_timeout: floa
                 done: Callable[[], Awaitable[bool]] | None) -> bool:
     """Take the migration lock, polling; False (and no lock) once ``done()`` says
     another process did the work meanwhile."""
-    key = f"tierstore.migrate:{schema or ''}"
+    key = _key(schema)
     timeout = setup_timeout
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -144,7 +192,7 @@ async def _lock(conn: Conn, *, url: str, schema: str | None, setup_timeout: floa
 
 
 async def _unlock(conn: Conn, *, schema: str | None, setup_timeout: float) -> None:
-    key = f"tierstore.migrate:{schema or ''}"
+    key = _key(schema)
     try:
         await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key,
                            timeout=setup_timeout)
@@ -153,7 +201,10 @@ async def _unlock(conn: Conn, *, schema: str | None, setup_timeout: float) -> No
         raise
 
 
-async def _apply_all(conn: Conn, *, schema: str | None, setup_timeout: float) -> None:
+async def _apply_all(conn: Conn, *, schema: str | None, setup_timeout: float,
+                     url: str = "", in_transaction: bool = False) -> None:
+    """Apply what the version table lacks; ``in_transaction``: inside the caller's
+    transaction, refusing a migration that must run outside one."""
     timeout = setup_timeout
     if schema is not None:
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}",
@@ -167,6 +218,12 @@ async def _apply_all(conn: Conn, *, schema: str | None, setup_timeout: float) ->
                                             timeout=timeout)}
 
     async def apply(migration: Migration) -> None:
+        if in_transaction and no_transaction(migration):
+            raise ConfigurationError(
+                f"postgres warm tier {url}: migration {migration.version:04d} "
+                f"({migration.name}) runs outside a transaction, which a pooler in "
+                "transaction mode cannot keep on one server connection; run `tierstore "
+                "migrate` with the server's own URL (without pooler=transaction) first")
         await apply_migration(conn, migration, setup_timeout=timeout)
 
     await apply_pending("postgres", applied=done, apply=apply)
@@ -186,8 +243,7 @@ async def _applied(conn: Conn, setup_timeout: float) -> int:
 async def apply_migration(conn: Conn, migration: Migration, *, setup_timeout: float) -> None:
     timeout = setup_timeout
     record = "INSERT INTO tierstore_migrations (version, name) VALUES ($1, $2)"
-    head = migration.text.lstrip().splitlines()[:3]
-    if any(line.strip() == _NO_TRANSACTION for line in head):
+    if no_transaction(migration):
         for statement in sql_statements(migration.text):
             index = _CONCURRENT_INDEX.match(statement)
             if index is not None and await conn.fetchval(
@@ -201,6 +257,12 @@ async def apply_migration(conn: Conn, migration: Migration, *, setup_timeout: fl
     async with conn.transaction():
         await conn.execute(migration.text, timeout=timeout)
         await conn.execute(record, migration.version, migration.name, timeout=timeout)
+
+
+def no_transaction(migration: Migration) -> bool:
+    """Whether ``migration`` carries the no-transaction marker in its first lines."""
+    head = migration.text.lstrip().splitlines()[:3]
+    return any(line.strip() == _NO_TRANSACTION for line in head)
 
 
 async def _index_partitions(conn: Conn, index: re.Match[str], *, setup_timeout: float

@@ -4,10 +4,11 @@ URL options (removed before the URL reaches asyncpg; the rest, e.g. ``sslmode``,
 is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30``
 (seconds a statement or a wait for a pooled connection may take),
 ``connect_timeout=10``, ``setup_timeout=300`` (migrations), ``schema=NAME`` (tables
-live in this schema, created if missing), ``statement_cache_size=100`` (0 behind a
-transaction-pooling PgBouncer; run ``setup()`` once against the server itself, as
-migrations hold a session-level advisory lock), ``partitions=N`` (2..1024: the
-checkpoint, blob and write tables are hash-partitioned by thread into N when the
+live in this schema, created if missing), ``statement_cache_size=100`` (named
+prepared statements kept per connection), ``pooler=transaction`` (behind a pooler in
+transaction mode, such as PgBouncer's ``pool_mode = transaction``: see below),
+``pooler_settings=transaction`` (or ``server``: see below), ``partitions=N`` (2..1024:
+the checkpoint, blob and write tables are hash-partitioned by thread into N when the
 schema is created; a store already holding data in plain tables is refused and
 converted with ``tierstore migrate --partitions N``, one partitioned into another
 count is refused; see ``partitions.py``).
@@ -19,10 +20,32 @@ the next ``ANALYZE``: each read would then cost the whole store. With sequential
 scans off, a statement an index serves probes it whatever the statistics say (as
 ``tierstore_ancestors`` does, 0008). A statement that reads a whole table still does:
 ``usage`` scans it as before; a claim's pass over the heads walks their primary key
-instead (about twice the pages of that pass). Behind PgBouncer, list ``jit`` and
-``enable_seqscan`` in ``ignore_startup_parameters``: both settings are then lost;
-``statement_cache_size=0`` still plans each statement sent for its own call, but the
-statements inside the store's functions keep their plans until the next ``ANALYZE``.
+instead (about twice the pages of that pass).
+
+``pooler=transaction``: a pooler in transaction mode hands each transaction to any of
+its server connections, so nothing may outlive a transaction. The store then
+
+- prepares no named statement (``statement_cache_size`` is 0, and any other value is
+  refused): each statement is parsed again with its parameters, in one round trip;
+- sends no startup parameter but ``application_name`` (PgBouncer refuses the others
+  unless listed in ``ignore_startup_parameters``, and would then drop them): every call
+  runs in a transaction of its own that starts with ``SET LOCAL`` of
+  ``enable_seqscan``, ``search_path`` and ``jit_above_cost = -1`` (JIT off): three
+  round trips more than a one-statement call (``BEGIN``, the settings, ``COMMIT``; a
+  call that opened a transaction opens a savepoint instead). With
+  ``pooler_settings=server`` the server applies them instead, as the defaults of the
+  store's role or database (``ALTER ROLE … IN DATABASE … SET``): calls run as they
+  do without a pooler, and ``setup()`` checks the settings, refusing with a
+  ``ConfigurationError`` that spells out the statements when they differ;
+- migrates under a transaction-level advisory lock, every pending migration in one
+  transaction. A migration that must run outside a transaction
+  (``-- tierstore:no-transaction``) and a conversion to partitions hold the lock across
+  transactions: both are refused through the pooler with a ``ConfigurationError``;
+  run ``tierstore migrate`` with the server's own URL (without ``pooler``) instead.
+
+Without the option, a server that answers like a transaction pooler (a named
+statement missing or already there, a startup parameter refused) fails with a
+``ConfigurationError`` that names ``pooler=transaction``.
 
 A pool of your own: ``PostgresWarm.from_pool(pool, schema=…, partitions=…,
 setup_timeout=…, command_timeout=…)``. The store runs on it as it is and never closes
@@ -65,7 +88,7 @@ T = TypeVar("T")
 
 _OPTIONS: Final = frozenset({
     "min_size", "max_size", "command_timeout", "connect_timeout", "setup_timeout", "schema",
-    "statement_cache_size", "partitions",
+    "statement_cache_size", "partitions", "pooler", "pooler_settings",
 })
 POOL_OPTIONS: Final = ("schema", "partitions", "setup_timeout", "command_timeout")
 """The options that still apply to a pool the caller made (``from_pool``)."""
@@ -82,6 +105,12 @@ def server_settings(schema: str | None = None) -> dict[str, str]:
     if schema is not None:
         settings["search_path"] = quote_ident(schema)
     return settings
+
+POOLERS: Final = ("transaction",)
+"""The values of the ``pooler`` URL option."""
+POOLER_SETTINGS: Final = ("transaction", "server")
+"""Where the session settings come from behind a pooler: ``SET LOCAL`` in a transaction
+around every call, or the server (the role's or database's defaults, checked at setup)."""
 
 
 class PostgresPool:
@@ -100,9 +129,11 @@ class PostgresPool:
         connect_timeout: float = 10.0,
         setup_timeout: float = 300.0,
         schema: str | None = None,
-        statement_cache_size: int = 100,
+        statement_cache_size: int | None = None,
         partitions: int | None = None,
         pool: asyncpg.Pool[asyncpg.Record] | None = None,
+        pooler: str | None = None,
+        pooler_settings: str | None = None,
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError(
@@ -115,8 +146,26 @@ class PostgresPool:
             if not value > 0 or math.isinf(value):
                 raise ConfigurationError(f"postgres {name} must be a positive number, "
                                          f"got {value!r}")
+        if pooler is not None and pooler not in POOLERS:
+            raise ConfigurationError(
+                f"postgres pooler must be one of {', '.join(POOLERS)} (the pooler's mode, "
+                f"e.g. PgBouncer's pool_mode = transaction), got {pooler!r}")
+        if pooler_settings is not None and pooler is None:
+            raise ConfigurationError("postgres pooler_settings applies behind a pooler: "
+                                     "give pooler=transaction too")
+        if pooler_settings is not None and pooler_settings not in POOLER_SETTINGS:
+            raise ConfigurationError(
+                f"postgres pooler_settings must be one of {', '.join(POOLER_SETTINGS)}, "
+                f"got {pooler_settings!r}")
+        if statement_cache_size is None:
+            statement_cache_size = 0 if pooler is not None else 100
         if statement_cache_size < 0:
             raise ConfigurationError("postgres statement_cache_size cannot be negative")
+        if pooler is not None and statement_cache_size:
+            raise ConfigurationError(
+                f"postgres pooler={pooler} prepares no named statement: a transaction "
+                "pooler may run the next transaction on a server connection that never "
+                f"saw it; leave statement_cache_size out (got {statement_cache_size})")
         if schema is not None and not 0 < len(schema.encode("utf-8")) <= 63:
             raise ConfigurationError(f"postgres schema name must be 1..63 bytes, got {schema!r}")
         if partitions is not None:
@@ -132,6 +181,8 @@ class PostgresPool:
         self.schema = schema
         self.statement_cache_size = statement_cache_size
         self.partitions = partitions
+        self.pooler = pooler
+        self.pooler_settings = pooler_settings or ("transaction" if pooler else None)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._given = pool
         """The caller's pool (``from_pool``): used, never closed."""
@@ -164,8 +215,9 @@ class PostgresPool:
                     parsed[name] = float(options[name])
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"{url.masked!r}: bad pool option: {exc}") from exc
-        if options.get("schema"):
-            parsed["schema"] = str(options["schema"])
+        for name in ("schema", "pooler", "pooler_settings"):
+            if options.get(name):
+                parsed[name] = str(options[name])
         parts = urlsplit(url.raw)
         kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
                 if k not in _OPTIONS]
@@ -212,7 +264,7 @@ class PostgresPool:
         """Open the pool and bring the schema up to date. Idempotent while open."""
         if not self._life.begin():
             return
-        settings = server_settings(self.schema)
+        settings = {} if self.pooler is not None else server_settings(self.schema)
         if "application_name=" not in self._dsn:
             settings["application_name"] = "tierstore"
         try:
@@ -238,8 +290,12 @@ class PostgresPool:
             async with self._pool.acquire(timeout=self.connect_timeout) as conn:
                 if self._given is not None:
                     await self._check_session(conn)
+                if self.pooler_settings == "server":
+                    await self._check_server_settings(conn)
                 await migrate(conn, url=self.url, schema=self.schema,
-                              setup_timeout=self.setup_timeout, partitions=self.partitions)
+                              setup_timeout=self.setup_timeout, partitions=self.partitions,
+                              pooled=self.pooler is not None,
+                              local_settings=self._local_settings())
         except BaseException as exc:
             pool, self._pool = self._pool, None
             if pool is not None and pool is not self._given:
@@ -279,6 +335,48 @@ class PostgresPool:
                 "jsonb as text: give it a pool without that codec"
             )
 
+    def session_settings(self) -> dict[str, str]:
+        """What every statement of the store runs with (see the module's docstring)."""
+        return server_settings(self.schema)
+
+    def _local_settings(self) -> str | None:
+        """With ``pooler``: the ``SET LOCAL`` statements each transaction starts with."""
+        if self.pooler_settings != "transaction":
+            return None
+        settings = self.session_settings()
+        # JIT off through its threshold: asyncpg, when it looks a type up, turns ``jit``
+        # off for the session and back on only if it found it on; a ``SET LOCAL jit``
+        # would make it leave the server connection's session with JIT off.
+        del settings["jit"]
+        settings["jit_above_cost"] = "-1"
+        return "; ".join(f"SET LOCAL {name} = {value}" for name, value in settings.items())
+
+    async def _check_server_settings(self, conn: Conn) -> None:
+        """``pooler_settings=server``: refuse to open unless the server connection runs
+        with the store's settings, naming the statements that would make it so."""
+        row = await conn.fetchrow(
+            "SELECT current_setting('search_path'), current_setting('enable_seqscan'), "
+            "current_setting('jit'), current_setting('jit_above_cost')::float8, "
+            "current_user, current_database()", timeout=self.setup_timeout)
+        assert row is not None
+        search_path, seqscan, jit, jit_above_cost, user, database = row
+        wrong = []
+        if self.schema is not None and _first_schema(search_path) != self.schema:
+            wrong.append(f"search_path = {quote_ident(self.schema)}")
+        if seqscan != "off":
+            wrong.append("enable_seqscan = off")
+        if jit != "off" and jit_above_cost >= 0:
+            wrong.append("jit = off")
+        if wrong:
+            statements = "; ".join(f"ALTER ROLE {quote_ident(user)} IN DATABASE "
+                                   f"{quote_ident(database)} SET {item}" for item in wrong)
+            raise ConfigurationError(
+                f"postgres warm tier {self.url}: pooler_settings=server, but the server "
+                f"runs the store's sessions with search_path={search_path!r}, "
+                f"enable_seqscan={seqscan}, jit={jit}; run {statements}; then let the "
+                "pooler open new server connections (PgBouncer: RECONNECT), or drop "
+                "pooler_settings to have every call set them")
+
     async def aclose(self) -> None:
         """Close the pool: wait for calls in flight (bounded), then cut what is left.
 
@@ -310,6 +408,10 @@ class PostgresPool:
         detail = _one_line(exc)
         if self._secret:
             detail = detail.replace(self._secret, "***")
+        if self.pooler is None and _pooler_answered(exc):
+            return ConfigurationError(
+                f"{where}: {action} failed as behind a pooler in transaction mode "
+                f"({detail}); add pooler=transaction to the URL (README: Behind PgBouncer)")
         if action == "setup" and isinstance(exc, (asyncpg.SyntaxOrAccessError,
                                                   asyncpg.DataError,
                                                   asyncpg.FeatureNotSupportedError)):
@@ -362,6 +464,9 @@ class PostgresPool:
         whether it landed is for the caller to read back.
         """
         pool = self._require_pool(action)
+        local = self._local_settings()
+        if local is not None:
+            body = _in_transaction(local, body)
         for attempt in range(2):
             acquired = False
             try:
@@ -469,6 +574,53 @@ class PostgresPool:
 # a crash restart, a server still starting up.
 _SERVER_GONE = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
                 asyncpg.CannotConnectNowError)
+
+
+def _first_schema(search_path: str) -> str:
+    """The first schema a ``search_path`` setting names, unquoted."""
+    first = search_path.split(",", maxsplit=1)[0].strip() if search_path else ""
+    if first.startswith('"') and first.endswith('"') and len(first) > 1:
+        return first[1:-1].replace('""', '"')
+    return first
+
+
+def _pooler_answered(exc: BaseException) -> bool:
+    """Whether ``exc`` is what a transaction pooler answers to a store that expects a
+    session of its own: a named prepared statement missing from, or already on, the
+    server connection this transaction got, or a startup parameter refused."""
+    if isinstance(exc, (asyncpg.InvalidSQLStatementNameError,
+                        asyncpg.DuplicatePreparedStatementError)):
+        return "__asyncpg_" in str(exc)
+    return (isinstance(exc, asyncpg.PostgresError)
+            and "unsupported startup parameter" in str(exc))
+
+
+def _in_transaction(local: str, body: Callable[[Conn], Awaitable[T]]
+                    ) -> Callable[[Conn], Awaitable[T]]:
+    """``body`` in a transaction that starts with the ``SET LOCAL`` statements ``local``.
+
+    A statement's own failure rolls it back here. A cancelled or timed-out call, or a
+    broken connection, leaves it to the connection's end: the connection is terminated
+    (the server rolls back; a pooler drops that server connection), so the caller does
+    not wait for the server to confirm a cancel before it may roll back.
+    """
+
+    async def run(conn: Conn) -> T:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await conn.execute(local)
+            result = await body(conn)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError | TimeoutError) or _broken(exc):
+                _discard(conn)
+            else:
+                await transaction.rollback()
+            raise
+        await transaction.commit()
+        return result
+
+    return run
 
 
 def _broken(exc: BaseException) -> bool:
