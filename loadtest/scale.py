@@ -35,6 +35,12 @@
                                                                 ── checkpoints/s moved
         after    read / list again; read of a demoted checkpoint and of an idle-archived
                  thread's latest (both from cold)
+      jobs       (--jobs-at SIZE, the largest size) the tiering jobs run to completion
+                 with the policy, a plain VACUUM after them (not FULL: what autovacuum
+                 runs), then as much history again (new threads, the same ages spread)
+                 and the jobs and VACUUM again; at each step warm bytes, the free space
+                 in them (PostgreSQL: pg_freespacemap; SQLite: the freelist), dead rows,
+                 live checkpoints and stubs         ── bytes before / after, space reused
       flatness   per operation: p50 at the largest size / p50 at the smallest (target
                  <= 1.2), and the same of p50 / the control's p50 (the machine's drift
                  divided out)
@@ -56,7 +62,7 @@ measured part adds one to two minutes per size. Every run prints the bytes per c
 measured and what each size needs at that rate.
 
 Run:  .venv/bin/python loadtest/scale.py [--sizes 1e4,1e5] [--backends postgres,sqlite]
-      [--workers 1] [--archive-seconds 20] [--json PATH] [--png PATH]
+      [--workers 1] [--archive-seconds 20] [--jobs-at SIZE] [--json PATH] [--png PATH]
 Only 127.0.0.1 is contacted; the databases (tierstore_scale_<run>_store, _ctl) and the
 temporary directory (tierstore-scale-*) are removed at the end, also when the run is
 stopped (Ctrl-C, SIGTERM, SIGHUP).
@@ -431,6 +437,9 @@ class Settings:
     control: bool = True
     postgres: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     seed: int = 7
+    jobs_at: int | None = None  # the size at which the jobs run to completion, twice
+    jobs_seconds: float = 3600.0  # at most, per job and round
+
 
     @property
     def idle_age(self) -> float:
@@ -478,6 +487,30 @@ class Backend(Protocol):
     async def size(self) -> StoreSize: ...
     async def archived(self) -> tuple[int, int]: ...
     async def archived_sample(self, n: int, *, heads: bool) -> list[tuple[str, str]]: ...
+    async def vacuum(self) -> float: ...
+    async def space(self) -> Space: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """What the warm store's files hold, for the jobs phase.
+
+    ``bytes``: tables + TOAST + indexes (SQLite: file + WAL); ``free``: of which space
+    free for new rows (PostgreSQL: the free space map, which VACUUM fills; SQLite: the
+    freelist); ``dead``: dead row versions (PostgreSQL's statistics; SQLite: 0);
+    ``live``: checkpoints whose body is in warm; ``stubs``: archived ones.
+    """
+
+    bytes: int
+    free: int
+    dead: int
+    live: int
+    stubs: int
+    threads: int
+
+    @property
+    def used(self) -> int:
+        return self.bytes - self.free
 
 
 class Postgres:
@@ -619,6 +652,43 @@ class Postgres:
                 "ORDER BY random() LIMIT $1", n, heads)
         return [(r[0], r[1]) for r in rows]
 
+    async def vacuum(self) -> float:
+        """A plain VACUUM of every table (not FULL: what autovacuum runs), then ANALYZE."""
+        start = time.perf_counter()
+        async with self.connect() as conn:
+            for table in TABLES:
+                await conn.execute(f"VACUUM (ANALYZE) {self.layout.tables[table]}")
+        return time.perf_counter() - start
+
+    async def space(self) -> Space:
+        async with self.connect() as conn:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_freespacemap")
+            # every relation of the four tables: the table, its TOAST table, their indexes
+            rels = (
+                "WITH t AS (SELECT c.oid, c.reltoastrelid FROM pg_class AS c "
+                "           WHERE c.oid = ANY($1::regclass[])), "
+                "heaps AS (SELECT oid FROM t UNION ALL "
+                "          SELECT reltoastrelid FROM t WHERE reltoastrelid <> 0), "
+                "rels AS (SELECT oid FROM heaps UNION ALL "
+                "         SELECT i.indexrelid FROM pg_index AS i JOIN heaps AS h "
+                "             ON i.indrelid = h.oid) ")
+            names = [self.layout.tables[t] for t in TABLES]
+            total = await conn.fetchval(
+                "SELECT sum(pg_total_relation_size(t)) FROM unnest($1::regclass[]) AS t",
+                names)
+            free = await conn.fetchval(
+                rels + "SELECT sum((SELECT coalesce(sum(f.avail), 0) "
+                "FROM pg_freespace(r.oid) AS f)) FROM rels AS r", names)
+            dead = await conn.fetchval(
+                rels + "SELECT coalesce(sum(s.n_dead_tup), 0) FROM pg_stat_all_tables AS s "
+                "JOIN rels AS r ON r.oid = s.relid", names)
+            row = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE archive_key IS NULL), "
+                "count(*) FILTER (WHERE archive_key IS NOT NULL) FROM tierstore_checkpoints")
+            threads = await conn.fetchval("SELECT count(*) FROM tierstore_heads")
+        assert row is not None
+        return Space(int(total), int(free), int(dead), int(row[0]), int(row[1]), int(threads))
+
 
 class Sqlite:
     """A database file in a temporary directory; rows go in with executemany."""
@@ -729,6 +799,25 @@ class Sqlite:
                     "AND (c.checkpoint_id = h.head_id) = ? ORDER BY random() LIMIT ?",
                     (heads, n)).fetchall()
             return [(r[0], r[1]) for r in rows]
+
+        return await asyncio.to_thread(body)
+
+    async def vacuum(self) -> float:
+        return 0.0  # freed pages go to the file's freelist as they are freed
+
+    async def space(self) -> Space:
+        def body() -> Space:
+            with contextlib.closing(self._connect()) as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                free = conn.execute("PRAGMA freelist_count").fetchone()[0] * page
+                live, stubs = conn.execute(
+                    "SELECT coalesce(sum(location = 'warm'), 0), "
+                    "coalesce(sum(location = 'archived'), 0) FROM checkpoints").fetchone()
+                threads = conn.execute("SELECT count(*) FROM heads").fetchone()[0]
+            total = sum(Path(f"{self.path}{suffix}").stat().st_size
+                        for suffix in ("", "-wal") if Path(f"{self.path}{suffix}").exists())
+            return Space(total, int(free), 0, int(live), int(stubs), int(threads))
 
         return await asyncio.to_thread(body)
 
@@ -1284,6 +1373,95 @@ async def _get(q: Any, within: float) -> Any:
                 raise RuntimeError("an archive worker did not answer in time") from None
 
 
+# -- the jobs to completion: warm bytes before and after, and space reused ----------------
+
+
+JOB_STEPS = ("before", "after the jobs", "after VACUUM", "after as much new history",
+             "after the jobs again", "after VACUUM again")
+
+
+def space_row(step: str, space: Space, seconds: float | None = None) -> dict[str, Any]:
+    return {"step": step, "bytes": space.bytes, "free": space.free, "used": space.used,
+            "dead_rows": space.dead, "live_checkpoints": space.live, "stubs": space.stubs,
+            "threads": space.threads, "seconds": seconds}
+
+
+def reuse_summary(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The figures the jobs phase is for, from its six steps (``JOB_STEPS``).
+
+    ``after_jobs`` / ``after_vacuum``: warm bytes over the bytes before the jobs.
+    ``new_history_growth``: how much the files grew while as much history again was
+    written, over what that history took in the files the first time (before) — 0 is
+    all of it in freed space, 1 none of it. ``second_round``: warm bytes after the
+    second round over after the first, beside ``threads_ratio`` (live threads) and
+    ``history_ratio`` (checkpoints written, live or archived).
+    """
+    by = {s["step"]: s for s in steps}
+    if not all(name in by for name in JOB_STEPS):
+        return {}
+    before, jobs, vac = by[JOB_STEPS[0]], by[JOB_STEPS[1]], by[JOB_STEPS[2]]
+    grown, last = by[JOB_STEPS[3]], by[JOB_STEPS[5]]
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    def history(s: Mapping[str, Any]) -> int:
+        return int(s["live_checkpoints"]) + int(s["stubs"])
+
+    return {
+        "after_jobs": ratio(jobs["bytes"], before["bytes"]),
+        "after_vacuum": ratio(vac["bytes"], before["bytes"]),
+        "used_after_vacuum": ratio(vac["used"], before["bytes"]),
+        "new_history_growth": ratio(grown["bytes"] - vac["bytes"], before["bytes"]),
+        "second_round": ratio(last["bytes"], vac["bytes"]),
+        "threads_ratio": ratio(last["threads"], vac["threads"]),
+        "history_ratio": ratio(history(last), history(vac)),
+        "live_ratio": ratio(last["live_checkpoints"], vac["live_checkpoints"]),
+    }
+
+
+async def jobs_phase(arena: Arena, settings: Settings, log: Callable[[str], None]
+                     ) -> dict[str, Any]:
+    """The tiering jobs run to completion with the policy, twice, and the warm store's
+    bytes around them: before (vacuumed), right after the jobs, after a plain VACUUM;
+    then as much new history as the store held is written (new threads, the same ages
+    spread), and the jobs and VACUUM again. Space the first round freed is what the
+    second round's rows fill, so the files grow with what stays live, not with history.
+    """
+    backend = arena.backend
+    steps: list[dict[str, Any]] = []
+    runs: list[dict[str, dict[str, Any]]] = []
+    until_done = dataclasses.replace(settings, archive_seconds=settings.jobs_seconds)
+
+    async def note(step: str, seconds: float | None = None) -> None:
+        found = await backend.space()
+        steps.append(space_row(step, found, seconds))
+        log(f"    jobs phase, {step}: {human_bytes(found.bytes)} warm "
+            f"({human_bytes(found.free)} free, {found.dead:,} dead rows; {found.live:,} "
+            f"live checkpoints, {found.stubs:,} stubs, {found.threads:,} threads)")
+
+    async def round_of_jobs(after_jobs: str, after_vacuum: str) -> None:
+        began = time.perf_counter()
+        done = await archive(backend, arena.cold, until_done, log)
+        runs.append(done)
+        if any(job.get("cut") for job in done.values()):
+            log(f"    jobs phase: a job ran out of its {settings.jobs_seconds:g} s")
+        await note(after_jobs, time.perf_counter() - began)
+        await note(after_vacuum, await backend.vacuum())
+
+    await note(JOB_STEPS[0], await backend.vacuum())
+    await round_of_jobs(JOB_STEPS[1], JOB_STEPS[2])
+    held = steps[0]["live_checkpoints"] + steps[0]["stubs"]
+    stats = await arena.grow(held, settings)
+    await note(JOB_STEPS[3], stats.seconds)
+    await round_of_jobs(JOB_STEPS[4], JOB_STEPS[5])
+    summary = reuse_summary(steps)
+    log("    jobs phase: " + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()
+                                      if v is not None))
+    return {"steps": steps, "jobs": runs, "summary": summary,
+            "loaded": dataclasses.asdict(stats)}
+
+
 # -- one backend, every size ---------------------------------------------------------------
 
 
@@ -1304,6 +1482,7 @@ class SizeResult:
     control_ops: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     control_after: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     loadavg: list[float] = field(default_factory=list)
+    jobs: dict[str, Any] = field(default_factory=dict)
 
 
 def backend_for(name: str, settings: Settings, tmp: Path, token: str, label: str) -> Backend:
@@ -1397,6 +1576,8 @@ async def run_backend(name: str, settings: Settings, tmp: Path, token: str, *,
         row = results[-1]
         log(f"    {human_bytes(row.warm_bytes)} warm, {row.bytes_per_checkpoint:.0f} B/ckpt "
             f"({sized.checkpoints:,} checkpoints after the operations)")
+        if size == settings.jobs_at:
+            row.jobs = await jobs_phase(main, settings, log)
     return results
 
 
@@ -1488,6 +1669,9 @@ def render(results: Mapping[str, Sequence[SizeResult]], info: Mapping[str, Any],
                           _fmt(v, 2) for v in _p50s(rows, "control_ops", op).values())
                           for op in OPERATIONS)]
         lines.append("")
+        for r in rows:
+            if r.jobs:
+                lines += render_jobs(r.size, r.jobs)
         per = rows[-1].bytes_per_checkpoint
         need = extrapolate(per, [10**4, 10**5, 10**6, 10**7])
         rate = statistics_mean([r.load["checkpoints_per_s"] for r in rows])
@@ -1497,6 +1681,35 @@ def render(results: Mapping[str, Sequence[SizeResult]], info: Mapping[str, Any],
                if rate else ""))
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def render_jobs(size: int, jobs: Mapping[str, Any]) -> list[str]:
+    """The jobs phase at ``size``: warm bytes at each step, then the ratios."""
+    lines = [f"tiering jobs to completion at {human_size(size)} (then as much history "
+             "again): warm bytes (tables + TOAST + indexes), free space in them",
+             "",
+             "| step | warm bytes | / before | free | used | dead rows | live checkpoints "
+             "| stubs | threads | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    steps = jobs.get("steps", [])
+    first = steps[0]["bytes"] if steps else 0
+    for s in steps:
+        lines.append(
+            f"| {s['step']} | {human_bytes(s['bytes'])} | "
+            f"{_fmt(s['bytes'] / first if first else None)}x | {human_bytes(s['free'])} | "
+            f"{human_bytes(s['used'])} | {s['dead_rows']:,} | {s['live_checkpoints']:,} | "
+            f"{s['stubs']:,} | {s['threads']:,} | {_fmt(s['seconds'], 1)} |")
+    for n, run in enumerate(jobs.get("jobs", []), 1):
+        lines.append("")
+        lines.append(f"round {n}: " + "; ".join(
+            f"{job} {r['moved']:,} checkpoints in {r['stopped_after']:.0f} s"
+            + (" (time up)" if r.get("cut") else "")
+            + (f", {r['failed']} failed" if r.get("failed") else "")
+            for job, r in run.items()))
+    summary = jobs.get("summary", {})
+    if summary:
+        lines += ["", "ratios: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items())]
+    return [*lines, ""]
 
 
 def statistics_mean(values: Sequence[float]) -> float:
@@ -1613,6 +1826,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     p.add_argument("--no-control", action="store_true",
                    help="no control store (one of the smallest size, measured alongside the "
                         "growing one to divide out what the machine does meanwhile)")
+    p.add_argument("--jobs-at", default=None, metavar="SIZE",
+                   help="at this size (the largest of --sizes) run the tiering jobs to "
+                        "completion, VACUUM, write as much history again and repeat, "
+                        "measuring warm bytes and free space at each step")
+    p.add_argument("--jobs-seconds", type=float, default=d.jobs_seconds,
+                   help="time each job gets per round of the jobs phase")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--png", default=None, metavar="PATH")
@@ -1621,6 +1840,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         sizes = parse_sizes(args.sizes)
     except ValueError as exc:
         p.error(str(exc))
+    jobs_at = None
+    if args.jobs_at is not None:
+        try:
+            (jobs_at,) = parse_sizes(args.jobs_at)
+        except ValueError as exc:
+            p.error(f"--jobs-at: {exc}")
+        if jobs_at != sizes[-1]:
+            p.error("--jobs-at must be the largest of --sizes (the jobs archive the store)")
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     if not backends or any(b not in ("postgres", "sqlite") for b in backends):
         p.error("--backends takes postgres and/or sqlite")
@@ -1637,7 +1864,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         archive_seconds=args.archive_seconds, max_age_days=args.max_age_days,
         archive_after_days=args.archive_after_days, idle_after_days=args.idle_after_days,
         chunk=args.chunk, load_connections=args.load_connections,
-        postgres=loopback(args.postgres), seed=args.seed, control=not args.no_control)
+        postgres=loopback(args.postgres), seed=args.seed, control=not args.no_control,
+        jobs_at=jobs_at, jobs_seconds=args.jobs_seconds)
     return settings, args
 
 

@@ -10,10 +10,10 @@ the statement touched is one of its scan nodes that ran (``Actual Loops`` > 0).
 
 Not per thread, so not here: ``delete_for_runs`` (a run's checkpoints are found through
 every partition's run_id index, one probe each, then only their threads are changed),
-claims (they scan the heads), and list without a thread. Not here either:
-``archive_refs(thread)``, which joins the thread's heads to the stubs and is planned from
-the stubs' side while a store has few (every partition's archive_key index is probed),
-as the unpartitioned table's index is read whole.
+claims (they scan the heads), and list without a thread. ``archive_refs(thread)`` is
+here: it reads the thread's heads first and probes each namespace's stubs by its sid, so
+it is pruned like the others (joined freely it was planned from the stubs' side, every
+partition's archive_key index probed).
 """
 
 from __future__ import annotations
@@ -169,6 +169,13 @@ async def _rehydrate(store: PostgresWarm, thread: str) -> None:
     assert await store.rehydrate([r for r in stored if r.checkpoint_id in (cid(0), cid(1))]) == 2
 
 
+async def _archive_refs(store: PostgresWarm, thread: str) -> None:
+    await _archive(store, thread)
+    assert await store.archive_refs(thread) == {f"seg-{thread}": 2}
+    assert await store.archive_refs(thread, keys=[f"seg-{thread}", "other"]) == {
+        f"seg-{thread}": 2}
+
+
 Op = Callable[[PostgresWarm, str], Awaitable[Any]]
 OPERATIONS: dict[str, Op] = {
     "get latest": lambda s, t: s.get(t, "", None),
@@ -190,6 +197,7 @@ OPERATIONS: dict[str, Op] = {
     "index": lambda s, t: s.index(t, ""),
     "mark archived": _archive,
     "rehydrate": _rehydrate,
+    "archive refs of a thread": _archive_refs,
     "expire keeping the latest": _expire,
 }
 

@@ -1,4 +1,5 @@
-"""The pure parts of loadtest/scale.py: sizes, percentiles, flatness, ages, ids, replicas."""
+"""The pure parts of loadtest/scale.py: sizes, percentiles, flatness, ages, ids, replicas,
+the jobs phase's ratios and its arguments."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import CheckpointTuple, empty_checkpoint
 
 from loadtest.scale import (
+    JOB_STEPS,
     POSTGRES_LAYOUT,
     SQLITE_LAYOUT,
     Layout,
@@ -21,9 +23,11 @@ from loadtest.scale import (
     compare,
     drift_corrected,
     flatness,
+    parse_args,
     parse_sizes,
     percentile,
     replica_rows,
+    reuse_summary,
     thread_age,
     threads_for,
 )
@@ -264,3 +268,39 @@ def test_compare_accepts_a_faithful_replica_and_names_each_difference() -> None:
                    {"r-template"}) == ["pending writes"]
     wrong_id = _tuple("b1", "b1", run="r-replica", value="hi", writes=[("task", "ch", 1)])
     assert "checkpoint id" in compare(want, wrong_id, ids, {"r-template"})
+
+
+def _step(name: str, used: int, free: int, *, live: int, stubs: int, threads: int
+          ) -> dict[str, Any]:
+    return {"step": name, "bytes": used + free, "free": free, "used": used, "dead_rows": 0,
+            "live_checkpoints": live, "stubs": stubs, "threads": threads, "seconds": 1.0}
+
+
+def test_reuse_summary_compares_each_step_with_the_bytes_before_the_jobs() -> None:
+    steps = [
+        _step(JOB_STEPS[0], 1000, 0, live=100, stubs=0, threads=10),
+        _step(JOB_STEPS[1], 1200, 0, live=30, stubs=70, threads=10),  # dead versions
+        _step(JOB_STEPS[2], 700, 500, live=30, stubs=70, threads=10),  # VACUUM: 500 free
+        _step(JOB_STEPS[3], 1600, 0, live=130, stubs=70, threads=20),  # 400 more bytes
+        _step(JOB_STEPS[4], 1800, 0, live=60, stubs=140, threads=20),
+        _step(JOB_STEPS[5], 1400, 400, live=60, stubs=140, threads=20),
+    ]
+    summary = reuse_summary(steps)
+    assert summary["after_jobs"] == pytest.approx(1.2)
+    assert summary["after_vacuum"] == pytest.approx(1.2)
+    assert summary["used_after_vacuum"] == pytest.approx(0.7)
+    assert summary["new_history_growth"] == pytest.approx(0.4)
+    assert summary["second_round"] == pytest.approx(1800 / 1200)
+    assert summary["threads_ratio"] == pytest.approx(2.0)
+    assert summary["history_ratio"] == pytest.approx(2.0)
+    assert summary["live_ratio"] == pytest.approx(2.0)
+    assert reuse_summary(steps[:5]) == {}  # an unfinished phase has no ratios
+
+
+def test_jobs_at_must_be_the_largest_size(capsys: pytest.CaptureFixture[str]) -> None:
+    settings, _ = parse_args(["--sizes", "1e4,1e5", "--jobs-at", "1e5"])
+    assert settings.jobs_at == 100_000
+    assert parse_args(["--sizes", "1e4"])[0].jobs_at is None
+    with pytest.raises(SystemExit):
+        parse_args(["--sizes", "1e4,1e5", "--jobs-at", "1e4"])
+    assert "largest" in capsys.readouterr().err

@@ -52,10 +52,14 @@ class SqliteTiering(SqliteBase, WarmTiering):
         if warm_before is not None:
             conds.append(
                 "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id AND "
-                "c.checkpoint_ns = h.checkpoint_ns AND c.location = 'warm' AND "
+                "c.checkpoint_ns = h.checkpoint_ns AND +c.location = 'warm' AND "
                 "c.checkpoint_id <> h.head_id AND c.created_at < ?)"
             )
             params.append(warm_before)
+            if thread_id is None and idle_before is None:
+                return await self._claim_unsettled(
+                    conds, params, owner=owner, until=now + lease_seconds, limit=limit,
+                    warm_before=warm_before)
             conds.append("(h.settled_head IS NULL OR h.settled_head <> h.head_id OR "
                          "h.settled_until < ?)")
             params.append(warm_before)
@@ -65,7 +69,7 @@ class SqliteTiering(SqliteBase, WarmTiering):
             if require_live:
                 conds.append(
                     "EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.thread_id = h.thread_id "
-                    "AND c.checkpoint_ns = h.checkpoint_ns AND c.location = 'warm')"
+                    "AND c.checkpoint_ns = h.checkpoint_ns AND +c.location = 'warm')"
                 )
 
         def body(conn: sqlite3.Connection) -> builtins.list[Claim]:
@@ -79,6 +83,42 @@ class SqliteTiering(SqliteBase, WarmTiering):
                 "UPDATE heads SET lease_owner = ?, lease_until = ? "
                 "WHERE thread_id = ? AND checkpoint_ns = ?",
                 [(owner, now + lease_seconds, t, ns) for t, ns, _, _, _ in rows],
+            )
+            return [Claim(t, ns, head, updated, version)
+                    for t, ns, head, updated, version in rows]
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    async def _claim_unsettled(
+        self, conds: Sequence[str], params: Sequence[Any], *, owner: str, until: float,
+        limit: int, warm_before: float,
+    ) -> builtins.list[Claim]:
+        """A history demotion claim across the store, from the two indexes of migration
+        0005: the heads not settled, oldest first, and the settled ones whose next
+        checkpoint is old enough now, soonest due first. Each index is read only as far
+        as the heads it yields (plus those leased or with nothing to move), never
+        through the heads settled before, so a claim costs what it takes, not the store;
+        of the two lists the ``limit`` oldest heads are taken."""
+        where = " AND ".join(conds)
+        unsettled = (
+            "SELECT h.thread_id, h.checkpoint_ns, h.head_id, h.updated_at, h.version "
+            "FROM heads AS h INDEXED BY heads_unsettled "
+            f"WHERE (h.settled_head IS NULL OR h.settled_head <> h.head_id) AND {where} "
+            "ORDER BY h.updated_at LIMIT ?")
+        due = (
+            "SELECT h.thread_id, h.checkpoint_ns, h.head_id, h.updated_at, h.version "
+            "FROM heads AS h INDEXED BY heads_settled_until "
+            f"WHERE h.settled_head = h.head_id AND h.settled_until < ? AND {where} "
+            "ORDER BY h.settled_until LIMIT ?")
+
+        def body(conn: sqlite3.Connection) -> builtins.list[Claim]:
+            rows = conn.execute(unsettled, [*params, limit]).fetchall()
+            rows += conn.execute(due, [warm_before, *params, limit]).fetchall()
+            rows = sorted(rows, key=lambda r: (r[3], r[0], r[1]))[:limit]
+            conn.executemany(
+                "UPDATE heads SET lease_owner = ?, lease_until = ? "
+                "WHERE thread_id = ? AND checkpoint_ns = ?",
+                [(owner, until, t, ns) for t, ns, _, _, _ in rows],
             )
             return [Claim(t, ns, head, updated, version)
                     for t, ns, head, updated, version in rows]

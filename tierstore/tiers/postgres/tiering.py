@@ -166,6 +166,21 @@ MARK_PACKED_WRITES = _MARK.format(writes=(
     "$7::text[], $8::bytea[]) AS p(checkpoint_id, task_id, idx, tag, digest) "
     "WHERE w.sid = $1 AND w.checkpoint_id = p.checkpoint_id AND w.task_id = p.task_id "
     "AND w.idx = p.idx AND w.tag = p.tag AND sha256(w.data) = p.digest"))
+# The stubs of one thread by segment: its heads first, then each namespace's checkpoints
+# by the sid just read (LATERAL, kept apart by OFFSET 0), so that on a partitioned store
+# each probe runs on that sid's partition only. Joined freely, the planner may start
+# from the stubs (the archive_key index of every partition) and hash-join the heads.
+_THREAD_REFS = f"""
+SELECT c.archive_key, count(*)
+  FROM tierstore_heads AS h
+ CROSS JOIN LATERAL (
+       SELECT c.archive_key FROM tierstore_checkpoints AS c
+        WHERE c.sid = h.sid AND c.archive_key IS NOT NULL
+          AND ($2::text[] IS NULL OR c.archive_key = ANY($2::text[]))
+       OFFSET 0) AS c
+ WHERE {THREADS}
+ GROUP BY c.archive_key
+"""
 _COUNT_HEAD_WRITES = """
 UPDATE tierstore_heads AS h
    SET n_writes = (SELECT count(*) FROM tierstore_writes AS w
@@ -494,14 +509,7 @@ class PostgresTiering(PostgresPool, WarmTiering):
                     "WHERE archive_key = ANY($1::text[]) GROUP BY archive_key",
                     wanted,
                 )
-            return await conn.fetch(
-                "SELECT c.archive_key, count(*) FROM tierstore_checkpoints AS c "
-                f"JOIN tierstore_heads AS h ON h.sid = c.sid WHERE {THREADS} "
-                "AND c.archive_key IS NOT NULL "
-                "AND ($2::text[] IS NULL OR c.archive_key = ANY($2::text[])) "
-                "GROUP BY c.archive_key",
-                [thread_id], wanted,
-            )
+            return await conn.fetch(_THREAD_REFS, [thread_id], wanted)
 
         return {key: int(n) for key, n in await self._run("archive_refs", body, read=True)}
 
