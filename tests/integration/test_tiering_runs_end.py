@@ -232,3 +232,26 @@ def test_claims_left_by_a_dead_worker_are_reported(tmp_path: Path) -> None:
     assert "skipped" in archived.stderr
     report = json.loads(cli("archive", "--older-than", "0s", "--json", env=env).stdout)[0]
     assert report["busy"] == 2 and report["threads"] == 0
+
+
+async def test_a_run_longer_than_the_lease_still_moves_its_later_batches(urls: Urls) -> None:
+    """A lease runs from when its batch is claimed, not from when the run began: a run of
+    a large store outlasts ``lease_seconds``, and its later moves must not be refused."""
+    policy = TieringPolicy(archive_after=60, archive_idle_after=None, batch=1,
+                           lease_seconds=60)
+    clock = [time.time() + FUTURE]
+
+    def slow_moves(step: str) -> None:
+        if step == "marked":
+            clock[0] += 1000  # each batch takes longer than the lease
+
+    async with urls.open() as saver:
+        names = [f"long-run-{i}" for i in range(3)]
+        for t in names:
+            await thread(saver, t, 3, protected=False)
+        report = await HistoryDemotion(saver, policy, clock=lambda: clock[0],
+                                       on_step=slow_moves).run_once()
+        assert report.failed == 0 and report.errors == [], report.errors
+        assert (report.threads, report.checkpoints) == (3, 6)
+        for t in names:
+            assert len(await live_ids(saver, t)) == 1

@@ -170,6 +170,7 @@ class _Job(abc.ABC):
         # regions where a claim or a release of this job went unanswered (an outage): all
         # its claims there are given back before its next run there claims anything
         self._lost: list[Region] = []
+        self._run_began = (0.0, 0.0)  # (the run's ``now``, the clock then)
 
     def _step(self, name: str) -> None:
         """A named point in a move; tests inject crashes here."""
@@ -184,6 +185,7 @@ class _Job(abc.ABC):
         started = time.perf_counter()
         report = JobReport(self.name)
         now = self.clock() if now is None else now
+        self._run_began = (now, self.clock())
         for region in self.regions:
             if any(s is region for s in self._lost):
                 await region.warm.release_owned(owner=self.owner)
@@ -191,6 +193,14 @@ class _Job(abc.ABC):
             await self._run_region(region, now, report)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _batch_now(self) -> float:
+        """The run's ``now`` moved on by the time the run has taken so far: a batch's
+        lease runs from when it is claimed. A run of a large store outlasts
+        ``lease_seconds``; leasing its later batches from the run's start would make
+        every move after that refused (moves check their lease on the clock)."""
+        now, clock = self._run_began
+        return now + max(0.0, self.clock() - clock)
 
     async def _claim(self, region: Region, **query: Any) -> Sequence[Claim]:
         """``warm.claim`` for this job's owner. A claim that got no answer may have
@@ -281,7 +291,7 @@ class _Archiver(_Job):
         kept: list[Claim] = []
         try:
             while True:
-                claims = await self._claims(region, now)
+                claims = await self._claims(region, self._batch_now())
                 fresh = [c for c in claims if (c.thread_id, c.checkpoint_ns) not in visited]
                 kept.extend(c for c in claims if (c.thread_id, c.checkpoint_ns) in visited)
                 report.claimed += len(fresh)
@@ -505,7 +515,7 @@ class Retention(_Job):
         try:
             while True:
                 claims = await self._claim(
-                    region, now=now, lease_seconds=self.policy.lease_seconds,
+                    region, now=self._batch_now(), lease_seconds=self.policy.lease_seconds,
                     limit=self.policy.batch, idle_before=now - self.policy.expire_after,
                     require_live=False,
                 )
@@ -519,7 +529,7 @@ class Retention(_Job):
                     for thread_id in threads:
                         while True:
                             rest = await self._claim(
-                                region, now=now,
+                                region, now=self._batch_now(),
                                 lease_seconds=self.policy.lease_seconds,
                                 limit=self.policy.batch,
                                 idle_before=now - self.policy.expire_after,
