@@ -9,10 +9,14 @@ What the runners share lives here: which migrations are pending (``pending``), t
 loop that applies them in order (``apply_pending``), and splitting a SQL script
 into statements (``sql_statements``). How one migration is applied — in which
 transaction, under which lock, how its version is recorded — stays in the backend.
+
+Reading the files is file system work: async callers use ``shipped`` and
+``apply_pending``, which read them in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -20,7 +24,8 @@ from pathlib import Path
 
 from tierstore.errors import ConfigurationError
 
-__all__ = ["Migration", "apply_pending", "migrations_for", "pending", "sql_statements"]
+__all__ = ["Migration", "apply_pending", "migrations_for", "pending", "shipped",
+           "sql_statements"]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sql|json)$")
 
@@ -59,6 +64,11 @@ def migrations_for(backend: str) -> list[Migration]:
     return found
 
 
+async def shipped(backend: str) -> list[Migration]:
+    """``migrations_for`` read in a worker thread: for code running on the event loop."""
+    return await asyncio.to_thread(migrations_for, backend)
+
+
 def pending(backend: str, applied: Collection[int]) -> list[Migration]:
     """The shipped migrations of ``backend`` whose version is not in ``applied``, in order.
 
@@ -80,7 +90,7 @@ async def apply_pending(
     allows, so a crash between two migrations leaves the version table telling the
     truth and the next start resumes after the last one recorded.
     """
-    todo = pending(backend, applied)
+    todo = await asyncio.to_thread(pending, backend, applied)
     for migration in todo:
         await apply(migration)
     return len(todo)

@@ -21,11 +21,12 @@ import os
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 import zstandard
 from blockbuster import BlockBuster, BlockBusterFunction, blockbuster
@@ -33,12 +34,17 @@ from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
 
+from tests.servers.postgres import PrivateCluster
 from tierstore import Keyring, TieredSaver
 from tierstore.demo import build_agent
+from tierstore.errors import TierstoreError
 from tierstore.jobs.plan import TieringPolicy
 from tierstore.jobs.tiering import HistoryDemotion, IdleArchival, Rehydrate, request_restore
 from tierstore.offthread import LARGE
 from tierstore.ops import export_thread, import_file
+from tierstore.settings import StoreUrl
+from tierstore.tiers.postgres import PostgresWarm
+from tierstore.tiers.postgres.connect import resolve
 
 LATER = 86400.0
 
@@ -221,31 +227,88 @@ async def test_setup_alone_never_blocks_the_loop(tmp_path: Path, detector: Seen)
             f"{len(detector.calls)} blocking call(s) on the event loop:\n{detector.report()}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "drivers block on the loop: asyncpg stats ~/.pgpass on every connect without a "
-    "password, and aiobotocore's client creation loads botocore's JSON models from disk"))
-async def test_server_stack_never_blocks_the_loop(tmp_path: Path, detector: Seen,
-                                                  postgres_url: str, redis_url: str,
-                                                  moto_endpoint: str) -> None:
-    """Redis + PostgreSQL + S3: drivers that talk over non-blocking sockets."""
+@pytest.fixture
+async def redis_hot(redis_url: str) -> AsyncIterator[str]:
+    """The hot tier's URL, with a key prefix of its own purged after the detector is off."""
     from tests.servers.redis import purge, unique_prefix, with_query
 
-    run = uuid.uuid4().hex[:10]
     prefix = unique_prefix()
+    yield with_query(redis_url, prefix=prefix)
+    await purge(redis_url, prefix)
+
+
+async def test_server_stack_never_blocks_the_loop(tmp_path: Path, redis_hot: str,
+                                                  detector: Seen, postgres_url: str,
+                                                  moto_endpoint: str) -> None:
+    """Redis + PostgreSQL + S3: connecting reads no password file, certificate or
+    botocore model on the loop, and nothing else does either."""
+    run = uuid.uuid4().hex[:10]
     sep = "&" if "?" in postgres_url else "?"
     keyring = Keyring(current="k1", keys={"k1": bytes(range(32))})
     try:
         async with TieredSaver.from_urls(
-            hot=with_query(redis_url, prefix=prefix),
+            hot=redis_hot,
             warm=f"{postgres_url}{sep}schema=loop_{run}",
             cold=f"s3://loop-{run}/cold?endpoint_url={moto_endpoint}&region=us-east-1",
             encryption=keyring, offload_threshold=64 * 1024, hot_write_delay=0,
         ) as saver:
-            await drive(saver, tmp_path / "server")
+            await drive(saver, tmp_path)
     finally:
+        assert not detector.calls, (
+            f"{len(detector.calls)} blocking call(s) on the event loop:\n{detector.report()}")
+
+
+@pytest.fixture
+def passfile_only(tmp_path: Path, postgres_cluster: PrivateCluster,
+                  monkeypatch: pytest.MonkeyPatch) -> str:
+    """A URL without the password its role needs; ``PGPASSFILE`` names a file holding it."""
+    good = postgres_cluster.require_password("loop_pw", "s3cret-Pa55")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres_cluster.port}:*:loop_pw:s3cret-Pa55\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    return good.replace(":s3cret-Pa55@", "@")
+
+
+async def test_postgres_password_from_the_passfile_read_off_the_loop(
+        passfile_only: str, detector: Seen) -> None:
+    """A password asyncpg finds in the password file, read in a thread once: every
+    connection the pool opens (two here) authenticates with it."""
+    warm = PostgresWarm.from_url(StoreUrl.parse(passfile_only),
+                                 min_size=2, schema=f"pw_{uuid.uuid4().hex[:8]}")
+    try:
+        await warm.setup()
         try:
-            assert not detector.calls, (
-                f"{len(detector.calls)} blocking call(s) on the event loop:\n"
-                f"{detector.report()}")
+            assert await warm.head("none", "") is None
         finally:
-            await purge(redis_url, prefix)
+            await warm.aclose()
+    finally:
+        assert not detector.calls, (
+            f"{len(detector.calls)} blocking call(s) on the event loop:\n{detector.report()}")
+
+
+@pytest.mark.parametrize(("query", "attempts"), [
+    ("", ["tls", "plain"]),  # prefer: asyncpg's default over TCP
+    ("?sslmode=prefer", ["tls", "plain"]),
+    ("?sslmode=allow", ["plain", "tls"]),
+    ("?sslmode=disable", ["plain"]),
+    ("?sslmode=require", ["tls"]),
+    ("?sslmode=verify-full&sslrootcert=" + certifi.where(), ["tls"]),
+])
+def test_sslmode_keeps_its_meaning(query: str, attempts: list[str]) -> None:
+    connector = resolve(f"postgresql://u:p@127.0.0.1:5432/db{query}", {})
+    assert connector is not None
+    assert ["tls" if a else "plain" for a in connector.attempts] == attempts
+
+
+async def test_sslmode_require_is_not_downgraded(postgres_url: str) -> None:
+    """The local server speaks no TLS: ``require`` refuses it, ``allow`` connects."""
+    sep = "&" if "?" in postgres_url else "?"
+    required = PostgresWarm.from_url(StoreUrl.parse(f"{postgres_url}{sep}sslmode=require"),
+                                     connect_timeout=5)
+    with pytest.raises(TierstoreError):
+        await required.setup()
+    allowed = PostgresWarm.from_url(StoreUrl.parse(f"{postgres_url}{sep}sslmode=allow"),
+                                    schema=f"allow_{uuid.uuid4().hex[:8]}")
+    await allowed.setup()
+    await allowed.aclose()

@@ -100,6 +100,7 @@ from string import Template
 from typing import Any, TypeVar, cast
 
 import msgpack
+import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -120,6 +121,11 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis < 7 names itself with lib_version
+    DriverInfo = None  # type: ignore[assignment,misc]
 
 from tierstore.codec.frames import pack_stored, pack_write, unpack_stored, unpack_write
 from tierstore.errors import (
@@ -553,6 +559,14 @@ def _translate(exc: BaseException, where: str, op: str) -> tuple[TierstoreError,
 Client = Redis | RedisCluster
 
 
+_IDENTITY: dict[str, Any] = (
+    {"driver_info": DriverInfo(lib_version=redis.__version__)} if DriverInfo is not None
+    else {"lib_version": redis.__version__})
+"""How the client names itself to the server (``CLIENT SETINFO``), given rather than left
+to redis-py, which otherwise looks its own version up in the installed package's
+metadata, a walk of ``sys.path`` on the event loop, whenever a client is built."""
+
+
 class RedisHot(HotStore, LeaseStore):
     """Hot tier on Redis, Valkey or Redis Cluster; the semantics of ``MemoryHot``, shared."""
 
@@ -594,6 +608,7 @@ class RedisHot(HotStore, LeaseStore):
     def _connect(self) -> Client:
         s = self.settings
         common: dict[str, Any] = {
+            **_IDENTITY,
             "username": s.username,
             "password": s.password,
             "socket_timeout": s.socket_timeout,

@@ -540,12 +540,7 @@ class S3Store(ObjectStore):
                     self._client = self._given
                 else:
                     async with self._driver("CreateClient", ""):
-                        session = self._session or aioboto3.Session(
-                            aws_access_key_id=self._access_key,
-                            aws_secret_access_key=self._secret_key,
-                            region_name=self.region,
-                            profile_name=self._profile,
-                        )
+                        session = await asyncio.to_thread(self._new_session)
                         self._client = await stack.enter_async_context(session.client(
                             "s3", endpoint_url=self.endpoint_url, region_name=self.region,
                             config=self._config,
@@ -558,6 +553,32 @@ class S3Store(ObjectStore):
                 raise
             self._stack = stack
             self._life.opened()
+
+    def _new_session(self) -> aioboto3.Session:
+        """A session whose files are read: run in a worker thread.
+
+        botocore reads its configuration (``~/.aws/config``, ``~/.aws/credentials``) and
+        its JSON models (the S3 API, its endpoint rules, partitions, defaults) from disk
+        the first time a session needs them, and keeps them. Creating the client on the
+        event loop would do that there; loading them here first leaves the client's
+        creation only cached data to read.
+        """
+        session = self._session or aioboto3.Session(
+            aws_access_key_id=self._access_key,
+            aws_secret_access_key=self._secret_key,
+            region_name=self.region,
+            profile_name=self._profile,
+        )
+        core = session._session  # the botocore session aioboto3 wraps
+        core.get_scoped_config()
+        core._get_internal_component("endpoint_resolver")
+        loader = core.get_component("data_loader")
+        # the arguments as the client passes them: the loader caches by them
+        loader.load_service_model("s3", "service-2", api_version=None)
+        loader.load_service_model("s3", "endpoint-rule-set-1", api_version=None)
+        loader.load_data("partitions")
+        loader.load_data("sdk-default-configuration")
+        return session
 
     async def _ensure_bucket(self) -> None:
         try:

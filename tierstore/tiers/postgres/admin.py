@@ -9,14 +9,16 @@ recomputes the heads (``sql.refresh``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
 from tierstore.errors import ConfigurationError, InvalidInput, TierstoreError
 from tierstore.records import TierUsage
 from tierstore.tiers.base import WarmAdmin
+from tierstore.tiers.postgres.connect import resolve
 from tierstore.tiers.postgres.migrations import abandon_conversion, convert_layout
 from tierstore.tiers.postgres.partitions import Conversion, Progress, Tuning
 from tierstore.tiers.postgres.pool import PostgresPool
@@ -288,8 +290,10 @@ class PostgresAdmin(PostgresPool, WarmAdmin):
         if self.schema is not None:
             settings["search_path"] = quote_ident(self.schema)
         try:
+            connector = await asyncio.to_thread(resolve, self._dsn, settings)
+            hook: dict[str, Any] = {} if connector is None else {"connect": connector}
             async with asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=1, command_timeout=None,
+                self._dsn, **hook, min_size=1, max_size=1, command_timeout=None,
                 timeout=self.connect_timeout, statement_cache_size=0,
                 server_settings=settings,
             ) as pool, pool.acquire(timeout=self.connect_timeout) as conn:

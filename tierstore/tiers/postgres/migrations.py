@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from tierstore.errors import ConfigurationError, TierUnavailable
-from tierstore.migrate import Migration, apply_pending, migrations_for, sql_statements
+from tierstore.migrate import Migration, apply_pending, shipped, sql_statements
 from tierstore.tiers.postgres import partitions as layouts
 from tierstore.tiers.postgres.sql import Conn, quote_ident
 
@@ -69,7 +69,7 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
     """
 
     async def up_to_date() -> bool:
-        if await _applied(conn, setup_timeout) < migrations_for("postgres")[-1].version:
+        if await _applied(conn, setup_timeout) < (await shipped("postgres"))[-1].version:
             return False
         return partitions is None or await layouts.layout(conn) == partitions
 

@@ -80,6 +80,7 @@ from tierstore.errors import (
 )
 from tierstore.lifecycle import Lifecycle
 from tierstore.settings import StoreUrl, mask
+from tierstore.tiers.postgres.connect import resolve
 from tierstore.tiers.postgres.migrations import migrate
 from tierstore.tiers.postgres.partitions import check_count
 from tierstore.tiers.postgres.sql import Conn, quote_ident
@@ -277,8 +278,12 @@ class PostgresPool:
                     )
                 self._pool = self._given
             else:
+                # asyncpg reads files to work out a connection's parameters: do it once, here
+                connector = await asyncio.to_thread(resolve, self._dsn, settings)
+                hook: dict[str, Any] = {} if connector is None else {"connect": connector}
                 self._pool = await asyncpg.create_pool(
                     self._dsn,
+                    **hook,
                     min_size=self.min_size,
                     max_size=self.max_size,
                     command_timeout=self.command_timeout,
