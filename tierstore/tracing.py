@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 try:
     from opentelemetry import trace as _otel
+    from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
     from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, StatusCode
 except ModuleNotFoundError:  # pragma: no cover - exercised in a subprocess without the extra
     _otel = None  # type: ignore[assignment]
@@ -53,6 +55,8 @@ S = TypeVar("S")
 
 SPAN_PREFIX = "tierstore"
 _SCOPE = "tierstore"
+# a provider named in the environment is loaded by the API's first get_tracer_provider()
+_NAMED_IN_ENV = _otel is not None and OTEL_PYTHON_TRACER_PROVIDER in os.environ
 
 _thread: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "tierstore_trace_thread", default=None)
@@ -72,11 +76,12 @@ def thread_hash(thread_id: str) -> str:
 class Tracing:
     """Where one saver's spans go: an explicit tracer provider, else the global one."""
 
-    __slots__ = ("_provider", "_tracer")
+    __slots__ = ("_global", "_provider", "_tracer")
 
     def __init__(self, provider: TracerProvider | None = None) -> None:
         self._provider = provider
         self._tracer: Tracer | None = None
+        self._global: tuple[object, Tracer] | None = None  # (provider, its tracer)
         if provider is not None:
             if _otel is None:  # pragma: no cover - a provider implies the API is there
                 raise ModuleNotFoundError("opentelemetry")
@@ -88,10 +93,22 @@ class Tracing:
             return self._tracer
         if _otel is None:
             return None
+        if _unset():
+            return None
         provider = _otel.get_tracer_provider()
         if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
             return None
-        return provider.get_tracer(_SCOPE)
+        seen = self._global
+        if seen is None or seen[0] is not provider:
+            seen = self._global = (provider, provider.get_tracer(_SCOPE))
+        return seen[1]
+
+
+def _unset() -> bool:
+    """No global provider yet: the API's module variable, read without the environment
+    lookup ``get_tracer_provider`` makes on every call while none is set. Should the
+    variable ever go, the public call decides (``False`` is not None)."""
+    return getattr(_otel, "_TRACER_PROVIDER", False) is None and not _NAMED_IN_ENV
 
 
 def _store_attributes(tier: str, backend: str, op: str) -> dict[str, str]:
