@@ -15,7 +15,7 @@ registers them on a typer app.
 
 Exit codes: 0 success, 1 a check failed (``verify`` found a mismatch, ``worker
 --once`` had failing jobs or failed moves, ``archive`` failed to move a thread,
-``restore --wait`` timed out), 2 misuse (bad flag, bad
+``restore --wait`` timed out, ``doctor`` found something to fix), 2 misuse (bad flag, bad
 URL, unknown thread), 3 a store refused or could not be reached.
 """
 
@@ -56,6 +56,7 @@ __all__ = [
     "archive",
     "build_app",
     "demo",
+    "doctor",
     "export_",
     "import_",
     "inspect",
@@ -358,6 +359,35 @@ def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
 
     _emit(data, as_json, render)
     return EXIT_OK
+
+
+def doctor(hot: Hot = None, warm: Warm = None, cold: Cold = None,
+           regions: RegionsFile = None, region: RegionName = None,
+           as_json: Json = False) -> int:
+    """Check the configuration end to end without changing anything: each tier answers,
+    the schema is current, Redis can evict, the bucket's lifecycle, clocks, writable
+    directories; exit 1 when something must be fixed."""
+    from tierstore.doctor import run_doctor
+
+    spec = resolve_spec(hot=hot, warm=warm, cold=cold, regions_file=regions, region=region)
+    findings = asyncio.run(run_doctor(spec))
+    failed = [f for f in findings if f.status == "fail"]
+    data = {"ok": not failed, "findings": [f.as_dict() for f in findings]}
+
+    def render(d: dict[str, Any]) -> None:
+        marks = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
+        _table("tierstore doctor", [
+            (f["region"], f["tier"], f["backend"], f["check"], marks[f["status"]], f["detail"])
+            for f in d["findings"]], ("region", "tier", "backend", "check", "", "found"))
+        fixes = [f for f in d["findings"] if f["fix"]]
+        for f in fixes:
+            print(f"{marks[f['status']]} {f['region']}/{f['tier']} {f['check']}: {f['fix']}")
+        print("nothing to fix" if not fixes else
+              f"{sum(f['status'] == 'fail' for f in fixes)} to fix, "
+              f"{sum(f['status'] == 'warn' for f in fixes)} to look at")
+
+    _emit(data, as_json, render)
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
 def _source(source: Mapping[str, str]) -> str:
@@ -774,7 +804,8 @@ def import_(
 
 
 COMMANDS: tuple[tuple[str, Callable[..., int]], ...] = (
-    ("demo", demo), ("migrate", migrate), ("status", status), ("plan", plan),
+    ("demo", demo), ("migrate", migrate), ("status", status), ("doctor", doctor),
+    ("plan", plan),
     ("archive", archive),
     ("restore", restore), ("inspect", inspect), ("verify", verify), ("worker", worker),
     ("export", export_), ("import", import_),

@@ -61,6 +61,7 @@ from tierstore.policy import chain_writes, is_hot_fresh, should_replace_hot
 from tierstore.records import Head, StoredCheckpoint, WriteRecord
 from tierstore.stats import Stats
 from tierstore.tiers.base import HotStore, WarmStore
+from tierstore.tracing import note_hot_error
 
 __all__ = ["HOT_WARNING_INTERVAL", "HotCache", "HotGuard"]
 
@@ -89,6 +90,7 @@ class HotGuard:
             return await self.metrics.timed("hot", store, op, call)
         except Exception as exc:
             self.stats.hot_errors += 1
+            note_hot_error(op, exc)
             now = time.monotonic()
             if now - self._last_warning >= HOT_WARNING_INTERVAL:
                 self._last_warning = now

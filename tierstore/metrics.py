@@ -7,10 +7,12 @@
                  └─ tierstore_store_seconds{tier,backend,op}               histogram, seconds
 
 The request path (reads, writes, cache fills, archive fetches, offload) is timed
-where the router calls a store. ``render`` writes the Prometheus text format
-(0.0.4) with no client library, together with the saver's event counters
-(``tierstore_events_total{event="hot_hits"}`` …); serve it from the app that owns
-the saver, e.g. ``return PlainTextResponse(saver.metrics_text())``.
+where the router calls a store; with a tracer provider set (``tierstore.tracing``)
+the same place opens a span ``tierstore.store.<tier>.<op>`` with these labels.
+``render`` writes the Prometheus text format (0.0.4) with no client library,
+together with the saver's event counters (``tierstore_events_total{event="hot_hits"}``
+…); serve it from the app that owns the saver, e.g.
+``return PlainTextResponse(saver.metrics_text())``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from tierstore.tracing import Tracing, finish, store_span
 
 __all__ = ["BUCKETS", "Metrics"]
 
@@ -42,7 +46,8 @@ class _Histogram:
 class Metrics:
     """Counters and histograms of one saver; cheap enough for every call (no lock: one loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracing: Tracing | None = None) -> None:
+        self.tracing = tracing if tracing is not None else Tracing()
         self._calls: dict[tuple[str, str, str, str], int] = {}
         self._latency: dict[_Series, _Histogram] = {}
 
@@ -62,6 +67,9 @@ class Metrics:
     async def timed(self, tier: str, store: Any, op: str, call: Awaitable[T]) -> T:
         """Await ``call`` (a call on ``store``) and record its latency and outcome."""
         backend = str(getattr(store, "backend", "unknown"))
+        tracer = self.tracing.tracer()
+        if tracer is not None:
+            return await self._traced(tracer, tier, backend, op, call)
         started = time.perf_counter()
         try:
             result = await call
@@ -70,6 +78,22 @@ class Metrics:
             raise
         self.observe(tier, backend, op, time.perf_counter() - started)
         return result
+
+    async def _traced(self, tracer: Any, tier: str, backend: str, op: str,
+                      call: Awaitable[T]) -> T:
+        """``timed`` inside a span ``tierstore.store.<tier>.<op>`` of the same labels."""
+        with store_span(tracer, tier, backend, op) as span:
+            started = time.perf_counter()
+            try:
+                result = await call
+            except BaseException as exc:
+                self.observe(tier, backend, op, time.perf_counter() - started,
+                             type(exc).__name__)
+                finish(span, exc)
+                raise
+            self.observe(tier, backend, op, time.perf_counter() - started)
+            finish(span, None)
+            return result
 
     def calls(self, tier: str | None = None, op: str | None = None,
               outcome: str | None = None) -> int:

@@ -57,6 +57,7 @@ from tierstore.records import (
 from tierstore.region import Region, Regions
 from tierstore.settings import SaverOptions
 from tierstore.stats import Stats
+from tierstore.tracing import finish, start_store_span
 
 __all__ = ["Router"]
 
@@ -180,6 +181,10 @@ class Router:
         self, region: Region, query: ListQuery, residual: Mapping[str, Any],
         decode_metadata: Callable[[StoredCheckpoint], Mapping[str, Any]],
     ) -> AsyncIterator[StoredCheckpoint]:
+        tracer = self.metrics.tracing.tracer()
+        span = None if tracer is None else start_store_span(tracer, "warm", region.warm.backend,
+                                                            "list")
+        error: BaseException | None = None
         started = time.perf_counter()
         try:
             async for row in region.warm.list(query):
@@ -188,9 +193,17 @@ class Router:
                 record = await region.archive.materialize(row) if row.location == "archived" \
                     else _complete(row)
                 yield await region.expand(record)
+        except GeneratorExit:  # the caller stopped reading: not a failure of the store
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
         finally:  # the whole listing of one region, however far the caller read
             self.metrics.observe("warm", region.warm.backend, "list",
                                  time.perf_counter() - started)
+            if span is not None:
+                finish(span, error)
+                span.end()
 
     # -- writes -----------------------------------------------------------------------
 

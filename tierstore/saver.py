@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -93,6 +93,10 @@ from tierstore.stats import Stats
 from tierstore.syncapi import BridgedSaver
 from tierstore.threads import Threads
 from tierstore.tiers import HotStore, ObjectStore, WarmStore
+from tierstore.tracing import Tracing, config_thread, first_thread, no_thread, traced, traced_iter
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["TieredSaver"]
 
@@ -293,6 +297,17 @@ class TieredSaver(
     def metrics(self) -> Metrics:
         """Store calls per tier, backend and operation: outcomes and latency."""
         return self._router.metrics
+
+    @property
+    def tracing(self) -> Tracing:
+        """Where this saver's spans go (``tierstore.tracing``): by default the global
+        tracer provider, recording nothing until one is set."""
+        return self._router.metrics.tracing
+
+    def trace_with(self, provider: TracerProvider) -> Self:
+        """Record this saver's spans with ``provider`` instead of the global one."""
+        self._router.metrics.tracing = Tracing(provider)
+        return self
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of ``metrics`` and the ``stats`` counters."""
@@ -527,6 +542,7 @@ class TieredSaver(
 
     # -- async API --------------------------------------------------------------------
 
+    @traced("aget_tuple", config_thread)
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         self._bridge.require_open()
         thread_id, ns, checkpoint_id = checkpoint_ids(config)
@@ -600,6 +616,7 @@ class TieredSaver(
         entry = self._fork_grants.get(id(run)) if run is not None else None
         return entry is not None and entry[0] is run and key in entry[1]
 
+    @traced_iter("alist", config_thread)
     async def alist(
         self,
         config: RunnableConfig | None,
@@ -631,6 +648,7 @@ class TieredSaver(
         async for record in self._router.list(query, residual, self._decode_metadata):
             yield await offthread.run(partial(self._to_tuple, record))
 
+    @traced("aput", config_thread)
     async def aput(
         self,
         config: RunnableConfig,
@@ -796,6 +814,7 @@ class TieredSaver(
                 if payload is not None:
                     encoded[ch] = payload
 
+    @traced("aput_writes", config_thread)
     async def aput_writes(
         self,
         config: RunnableConfig,
@@ -818,6 +837,7 @@ class TieredSaver(
         ])
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
 
+    @traced("aget_delta_channel_history", config_thread)
     async def aget_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
     ) -> Mapping[str, DeltaChannelHistory]:
@@ -836,16 +856,19 @@ class TieredSaver(
         return await offthread.run(lambda: {ch: decode_history(codec, thread_id, ch, history)
                                             for ch, history in histories.items()})
 
+    @traced("adelete_thread", first_thread)
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.require_open()
         await self.threads.delete_thread(validate_id(thread_id))
 
+    @traced("adelete_for_runs", no_thread)
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         self._bridge.require_open()
         ids = checked_ids(run_ids, what="run_id")
         if ids:
             await self.threads.delete_for_runs(ids)
 
+    @traced("acopy_thread", first_thread)
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._bridge.require_open()
         source = validate_id(source_thread_id)
@@ -854,6 +877,7 @@ class TieredSaver(
             raise InvalidInput("copy_thread needs two different thread ids")
         await self.threads.copy_thread(source, target)
 
+    @traced("aprune", no_thread)
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._bridge.require_open()
         if strategy not in PRUNE_STRATEGIES:
