@@ -41,8 +41,8 @@ from tierstore.codec import Codec
 from tierstore.codec.chain import resolve_values
 from tierstore.codec.limits import DecodeLimits
 from tierstore.codec.pipeline import EMPTY
-from tierstore.delta import Chain, ChainWriter
-from tierstore.errors import InvalidInput, PruneRefused, TierstoreError, TurnInProgress
+from tierstore.delta import ChainWriter
+from tierstore.errors import InvalidInput, PruneRefused, TurnInProgress
 from tierstore.history import decode_history
 from tierstore.jobs.plan import uses_delta_channels
 from tierstore.lease import ThreadLease
@@ -68,11 +68,11 @@ from tierstore.policy import (
     validate_id,
     write_index,
 )
+from tierstore.putencode import PutEncoding, encode_refusing
 from tierstore.records import (
     BlobRecord,
     CheckpointRecord,
     ListQuery,
-    Payload,
     StoredCheckpoint,
     WriteRecord,
 )
@@ -148,6 +148,8 @@ class TieredSaver(
         self._payloads = PayloadCache()
         # Delta chains of list channels written or read lately (``tierstore.delta``).
         self._chains = ChainWriter()
+        self._put_encoding = PutEncoding(self._payloads, self._chains,
+                                         delta=self.options.delta)
         # Strict mode: the turn state of checkpoints read lately. LangGraph reads the head
         # right before it stores a turn's input on it, so the check on that input costs
         # no extra read; a checkpoint's versions_seen never changes.
@@ -667,9 +669,9 @@ class TieredSaver(
         versions = checked_versions(body.get("channel_versions") or {})
         md = get_serializable_checkpoint_metadata(config, metadata)
         record, new_blobs, encoded, chains = await offthread.run(partial(
-            self._encode_put, thread_id, ns, parent_id=parent_id, checkpoint_id=checkpoint_id,
-            body=body, md=md, values=values, versions=versions, fresh=fresh,
-            new_versions=new_versions))
+            self._put_encoding.encode, self.codec, thread_id, ns, parent_id=parent_id,
+            checkpoint_id=checkpoint_id, body=body, md=md, values=values, versions=versions,
+            fresh=fresh, new_versions=new_versions, filter_doc=self.filter_doc(md)))
         strict = (
             self.options.concurrency == "strict"
             and not is_explicit_fork(md)
@@ -688,46 +690,6 @@ class TieredSaver(
             }
         }
 
-    def _encode_put(
-        self, thread_id: str, ns: str, *, parent_id: str | None, checkpoint_id: str,
-        body: dict[str, Any], md: CheckpointMetadata, values: Mapping[str, Any],
-        versions: Mapping[str, str], fresh: Mapping[str, str], new_versions: ChannelVersions,
-    ) -> tuple[CheckpointRecord, list[BlobRecord], dict[str, Payload], dict[str, Chain]]:
-        """Everything ``aput`` stores, encoded: run again in a thread when large
-        (``offthread``), so it changes nothing but caches it may fill twice."""
-        codec = self.codec
-        chains = self._chained(thread_id, ns, values, versions, fresh)
-        encoded = self._encode_values(thread_id, ns,
-                                      {ch: v for ch, v in values.items() if ch not in chains},
-                                      versions, new_versions)
-        new_blobs = [
-            BlobRecord(ch, version, encoded.get(ch, EMPTY)) for ch, version in fresh.items()
-            if ch not in chains
-        ]
-        stored_versions = dict(versions)
-        for ch, chain in chains.items():
-            # the checkpoint names every link of the chain instead of the channel
-            del stored_versions[ch]
-            stored_versions.update(chain.names)
-            encoded.update(chain.payloads)
-            if ch in fresh:
-                name, version, payload = chain.links[-1]
-                new_blobs.append(BlobRecord(name, version, payload))
-        self._add_unchanged_values(thread_id, ns, encoded, versions,
-                                   skip={*values, *fresh, *chains})
-        record = CheckpointRecord.new(
-            thread_id=thread_id,
-            checkpoint_ns=ns,
-            checkpoint_id=checkpoint_id,
-            parent_id=parent_id,
-            checkpoint=_encode(codec, body, "checkpoint"),
-            metadata=_encode(codec, md, "checkpoint metadata"),
-            channel_versions=stored_versions,
-            filter_doc=self.filter_doc(md),
-            run_id=md.get("run_id"),
-        )
-        return record, new_blobs, encoded, chains
-
     def filter_doc(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
         """Metadata a store may filter on; with encryption only the keys marked filterable."""
         doc = filter_doc(metadata)
@@ -735,84 +697,6 @@ class TieredSaver(
             return doc
         keep = {*self.options.filterable_metadata, TURN_KEY}  # a random id: no secret
         return {k: v for k, v in doc.items() if k in keep}
-
-    def _chained(
-        self,
-        thread_id: str,
-        ns: str,
-        values: Mapping[str, Any],
-        versions: Mapping[str, str],
-        fresh: Mapping[str, str],
-    ) -> dict[str, Chain]:
-        """The list channels stored as delta chains (``tierstore.delta``), with their chains.
-
-        A new version of a list is a chain (one more link, or a new snapshot). An
-        unchanged channel is one when this saver knows its chain at that version,
-        whether or not the checkpoint carries its value: a ``DeltaChannel`` carries
-        none, and the first checkpoints of a graph where the list became one name it
-        at the version the plain list was stored at, whose value a saver that stores a
-        value per version hands back. Otherwise an unchanged channel is named as a
-        whole value, which the put stores again if warm holds it only as links (as
-        empty when the checkpoint carries no value: LangGraph then rebuilds a
-        ``DeltaChannel`` from its history). No channel is named like a link:
-        ``checked_versions`` refused the put.
-        """
-        if not self.options.delta:
-            return {}
-        chains: dict[str, Chain] = {}
-        for ch, version in versions.items():
-            key = (thread_id, ns, ch)
-            if ch not in fresh:
-                known = self._chains.current(key, version)
-                if known is not None:
-                    chains[ch] = known
-                continue
-            value = values.get(ch)
-            if type(value) is list and fresh[ch] == version:
-                chains[ch] = _refusing_unencodable(
-                    partial(self._chains.next, self.codec, key, value, version),
-                    f"value of channel {ch!r}")
-        return chains
-
-    def _encode_values(
-        self,
-        thread_id: str,
-        ns: str,
-        values: Mapping[str, Any],
-        versions: Mapping[str, str],
-        new_versions: ChannelVersions,
-    ) -> dict[str, Payload]:
-        """Encoded channel values; an unchanged channel's is the payload stored for its
-        version when the payload cache knows it (``tierstore.payloads``)."""
-        codec = self.codec
-        encoded: dict[str, Payload] = {}
-        for ch, value in values.items():
-            version = versions.get(ch)
-            if version is None:
-                continue
-            key = (thread_id, ns, ch, version)
-            payload = None if ch in new_versions else self._payloads.get(key)
-            if payload is None:
-                payload = self._payloads.put(
-                    key, _encode(codec, value, f"value of channel {ch!r}"))
-            encoded[ch] = payload
-        return encoded
-
-    def _add_unchanged_values(self, thread_id: str, ns: str, encoded: dict[str, Payload],
-                              versions: Mapping[str, str], *, skip: Collection[str]) -> None:
-        """The payloads of channels a checkpoint names, unchanged, without a value of its own.
-
-        A ``DeltaChannel`` stores its value only at a snapshot; the checkpoints after it
-        name the same version and carry no value, but a warm read hands that version's
-        blob back with them. The hot copy carries it too when the payload cache knows it
-        (this saver stored that version, or read a checkpoint naming it: LangGraph reads
-        the head before a turn), or loading the thread from hot walks the ancestors for it.
-        """
-        for ch, version in versions.items():
-            if ch not in skip:
-                payload = self._payloads.get((thread_id, ns, ch, version))
-                if payload is not None:
-                    encoded[ch] = payload
 
     @traced("aput_writes", config_thread)
     async def aput_writes(
@@ -832,7 +716,8 @@ class TieredSaver(
         codec = self.codec
         records = await offthread.run(lambda: [
             WriteRecord(task_id, write_index(channel, idx), channel,
-                        _encode(codec, value, f"write {idx} to channel {channel!r}"), task_path)
+                        encode_refusing(codec, value, f"write {idx} to channel {channel!r}"),
+                        task_path)
             for idx, (channel, value) in enumerate(pairs)
         ])
         await self._router.put_writes(thread_id, ns, checkpoint_id, records)
@@ -918,24 +803,3 @@ class TieredSaver(
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
-
-
-def _encode(codec: Codec, value: Any, where: str) -> Payload:
-    """``codec.encode``, with a value the serde cannot encode refused as ``InvalidInput``.
-
-    Serdes raise whatever their encoder raises (``TypeError`` for an unknown type,
-    ``OverflowError`` or ``TypeError`` for an integer over 64 bits, ``ValueError`` for
-    a lone surrogate); the caller learns which part of its input was at fault.
-    """
-    return _refusing_unencodable(lambda: codec.encode(value), where)
-
-
-def _refusing_unencodable(encode: Callable[[], T], where: str) -> T:
-    """Run an encoding; whatever the serde raises becomes ``InvalidInput`` naming ``where``."""
-    try:
-        return encode()
-    except TierstoreError:
-        raise
-    except Exception as exc:
-        raise InvalidInput(
-            f"{where} cannot be encoded: {type(exc).__name__}: {exc}"[:500]) from exc

@@ -559,12 +559,11 @@ def _translate(exc: BaseException, where: str, op: str) -> tuple[TierstoreError,
 Client = Redis | RedisCluster
 
 
+# How the client names itself (CLIENT SETINFO): given, or redis-py looks its version up
+# in the installed package's metadata, a walk of sys.path on the event loop, per client.
 _IDENTITY: dict[str, Any] = (
     {"driver_info": DriverInfo(lib_version=redis.__version__)} if DriverInfo is not None
     else {"lib_version": redis.__version__})
-"""How the client names itself to the server (``CLIENT SETINFO``), given rather than left
-to redis-py, which otherwise looks its own version up in the installed package's
-metadata, a walk of ``sys.path`` on the event loop, whenever a client is built."""
 
 
 class RedisHot(HotStore, LeaseStore):
@@ -589,11 +588,6 @@ class RedisHot(HotStore, LeaseStore):
     @classmethod
     def from_url(cls, url: StoreUrl, *, ttl: float) -> RedisHot:
         return cls(RedisHotSettings.from_url(url, ttl=ttl))
-
-    @property
-    def owns_client(self) -> bool:
-        """Whether the store made its client (and so closes it)."""
-        return self._given is None
 
     def __repr__(self) -> str:
         s = self.settings
