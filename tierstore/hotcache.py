@@ -41,6 +41,16 @@ lost by waiting: warm already holds every write, and a reader that finds the hot
 entry behind warm (another process, or before the timer fires) sees the mismatch
 with the warm head and reads warm. ``delay=0`` writes through on every call.
 
+Deletes win across savers. One process may run several savers over the same stores
+(LangGraph's Agent Server opens one per event loop): each has its own queue and near
+copies, and with ``memory://`` its own hot tier. A delete, prune, run delete or copy
+onto a thread leaves a version floor (``policy.tombstone_version``) in ``HotPeers``,
+shared by every cache of the process over the same hot entries (one Redis database
+and prefix; for in-process hot tiers, one warm store): no copy at or below it is
+served, queued, flushed or filled by any of them, on any event loop, and each peer
+drops its copies (and its own ``memory://`` entries) at once on its loop. Redis keeps
+the same floor as a tombstone for other processes.
+
 The hot tier is an accelerator: any error from it is logged (at most every 10 s per
 saver), counted and turned into a miss. It never fails a read or a write.
 """
@@ -48,11 +58,14 @@ saver), counted and turned into a miss. It never fails a read or a write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -63,7 +76,7 @@ from tierstore.stats import Stats
 from tierstore.tiers.base import HotStore, WarmStore
 from tierstore.tracing import note_hot_error
 
-__all__ = ["HOT_WARNING_INTERVAL", "HotCache", "HotGuard"]
+__all__ = ["HOT_WARNING_INTERVAL", "HotCache", "HotGuard", "HotPeers"]
 
 log = logging.getLogger("tierstore")
 T = TypeVar("T")
@@ -74,6 +87,81 @@ Key = tuple[str, str]  # (thread id, checkpoint ns)
 DOUBT_RETRIES = 3  # tries of the repair on close, ``DOUBT_RETRY_WAIT`` apart
 DOUBT_RETRY_WAIT = 0.5
 _FAILED: Any = object()
+FLOOR_ENTRIES = 100_000  # threads whose floor ``HotPeers`` keeps at most (oldest go first)
+DEFAULT_FLOOR_TTL = 3600.0  # a floor's life when the hot store names no ttl
+
+
+class HotPeers:
+    """The hot caches of this process that front the same hot entries, and the version
+    floors deletes left for them: no copy of a thread at or below its floor is used.
+
+    Thread-safe: savers on several event loops share it. A floor lives as long as the
+    hot tier keeps an entry (its ttl), the longest any copy from before it can last.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._caches: weakref.WeakSet[HotCache] = weakref.WeakSet()
+        self._floors: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def join(self, cache: HotCache) -> None:
+        with self._lock:
+            self._caches.add(cache)
+
+    def leave(self, cache: HotCache) -> None:
+        with self._lock:
+            self._caches.discard(cache)
+
+    def floor(self, thread_id: str) -> int:
+        if not self._floors:  # the common case: no delete lately, no lock
+            return 0
+        with self._lock:
+            return self._floor(thread_id)
+
+    def _floor(self, thread_id: str) -> int:
+        item = self._floors.get(thread_id)
+        if item is None:
+            return 0
+        if item[0] <= time.monotonic():
+            del self._floors[thread_id]
+            return 0
+        return item[1]
+
+    def raise_floor(self, thread_ids: Sequence[str], floor: int, *, ttl: float
+                    ) -> list[HotCache]:
+        """Record the floor of each thread (kept if higher already); the caches to tell."""
+        until = time.monotonic() + ttl
+        with self._lock:
+            for thread_id in thread_ids:
+                self._floors[thread_id] = (until, max(floor, self._floor(thread_id)))
+                self._floors.move_to_end(thread_id)
+            while len(self._floors) > FLOOR_ENTRIES:
+                self._floors.popitem(last=False)
+            return list(self._caches)
+
+
+_PEERS: weakref.WeakValueDictionary[Hashable, HotPeers] = weakref.WeakValueDictionary()
+_PEERS_LOCK = threading.Lock()
+
+
+def peers_of(hot: HotStore, warm: WarmStore) -> HotPeers:
+    """The ``HotPeers`` of a hot store in this process.
+
+    A hot store that names a shared place (``identity``: Redis host, database and key
+    prefix) is grouped with every store naming the same; an in-process one (``memory://``)
+    with those in front of the same warm store (its ``identity``, else the object).
+    """
+    shared = getattr(hot, "identity", None)
+    if shared is not None:
+        key: Hashable = ("hot", shared)
+    else:
+        place = getattr(warm, "identity", None)
+        key = ("warm", place) if place is not None else ("object", warm)
+    with _PEERS_LOCK:
+        peers = _PEERS.get(key)
+        if peers is None:
+            peers = _PEERS[key] = HotPeers()
+        return peers
 
 
 class HotGuard:
@@ -136,6 +224,66 @@ class HotCache:
         self._repairing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # deletes through any saver of this process over the same hot entries
+        self._peers = peers_of(hot, warm)
+        self._shared_hot = getattr(hot, "identity", None) is not None
+        self._floor_ttl = float(getattr(hot, "ttl", DEFAULT_FLOOR_TTL))
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- peers --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Serve from the running event loop: peers tell this cache of deletes there."""
+        self._loop = asyncio.get_running_loop()
+        self._peers.join(self)
+
+    def close(self) -> None:
+        self._peers.leave(self)
+        self._loop = None
+
+    def _usable(self, record: StoredCheckpoint) -> bool:
+        """Whether a copy is above the floor a delete of its thread left (``HotPeers``)."""
+        return record.version > self._peers.floor(record.thread_id)
+
+    def _floor_raised(self, thread_ids: Sequence[str], floor: int) -> list[Awaitable[Any]]:
+        """Record a delete's floor, and drop every peer's copies below it: at once for the
+        peers on this loop (their in-process hot entries by the awaitables returned), on
+        their own loop for the others (meanwhile the floor keeps them from being used)."""
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        sends: list[Awaitable[Any]] = []
+        for peer in self._peers.raise_floor(thread_ids, floor, ttl=self._floor_ttl):
+            loop = peer._loop
+            if peer is self or loop is None:
+                continue
+            if loop is here:
+                sends.extend(peer._below_floor(thread_ids, floor))
+                continue
+            with contextlib.suppress(RuntimeError):  # a closed loop serves nothing any more
+                loop.call_soon_threadsafe(peer._below_floor_soon, thread_ids, floor)
+        return sends
+
+    def _below_floor(self, thread_ids: Sequence[str], floor: int) -> list[Awaitable[Any]]:
+        """Drop this cache's copies of the threads at or below ``floor`` (another saver
+        deleted them); the invalidations of this cache's own in-process hot entries."""
+        for thread_id in thread_ids:
+            for key in [k for k, r in self._pending.items()
+                        if k[0] == thread_id and r.version <= floor]:
+                self._discard(key)
+            for key in [k for k, r in self._inflight.items()
+                        if k[0] == thread_id and r.version <= floor]:
+                del self._inflight[key]
+            self._near.pop_thread(thread_id)
+        if self._shared_hot:  # the deleting saver invalidated the shared entries
+            return []
+        return [self._send("invalidate", self.hot.invalidate(t, floor=floor), (t, None),
+                           floor=floor) for t in thread_ids]
+
+    def _below_floor_soon(self, thread_ids: Sequence[str], floor: int) -> None:
+        for send in self._below_floor(thread_ids, floor):
+            self._spawn(send)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -153,11 +301,17 @@ class HotCache:
                     self._count_hit(False)
                     return None
                 local = await self._guard(hot, "get", hot.get(thread_id, checkpoint_ns), None)
+                if local is not None and not self._usable(local):  # a deleted thread's
+                    self._stats.hot_stale += 1
+                    local = None
             self._count_hit(local is not None)
             return local
         near_key = (thread_id, checkpoint_ns)
         if local is None:
             local = self._near.get(near_key)
+            if local is not None and not self._usable(local):
+                self._near.pop(near_key)
+                local = None
         if local is not None:
             head = await self._head(thread_id, checkpoint_ns)
             if is_hot_fresh(local, head):
@@ -174,7 +328,7 @@ class HotCache:
         if hit is None:
             self._count_hit(False)
             return None
-        if not is_hot_fresh(hit, head):
+        if not is_hot_fresh(hit, head) or not self._usable(hit):
             self._stats.hot_stale += 1
             return None
         self._count_hit(True)
@@ -184,6 +338,8 @@ class HotCache:
     async def fill(self, record: StoredCheckpoint) -> None:
         """A latest checkpoint just read from warm (carrying its head version). Neither
         raises nor lifts a doubt: warm may have moved on since the read."""
+        if not self._usable(record):  # read before a delete that has happened since
+            return
         await self._send("fill", self.hot.put(record),
                          (record.thread_id, record.checkpoint_ns), doubt_on_failure=False,
                          settles=False)
@@ -198,7 +354,11 @@ class HotCache:
         """The newest state this process has queued or is sending for a (thread, ns)."""
         key = (thread_id, checkpoint_ns)
         pending = self._pending.get(key)
-        return pending if pending is not None else self._inflight.get(key)
+        queued = pending if pending is not None else self._inflight.get(key)
+        if queued is not None and not self._usable(queued):  # another saver deleted it
+            self._discard(key)
+            return None
+        return queued
 
     async def _head(self, thread_id: str, checkpoint_ns: str) -> Head | None:
         return await self._metrics.timed("warm", self.warm, "head",
@@ -220,6 +380,8 @@ class HotCache:
 
     async def put(self, record: StoredCheckpoint) -> None:
         """A new head exactly as warm holds it at ``record.version`` (no writes yet)."""
+        if not self._usable(record):  # a delete since: the thread is gone or newer
+            return
         await self._queue(record)
         self._remember(record)
 
@@ -262,7 +424,7 @@ class HotCache:
         key = (thread_id, checkpoint_ns)
         queued = False
         if self.delay > 0:
-            base = self._pending.get(key) or self._inflight.get(key)
+            base = self.queued(thread_id, checkpoint_ns)
             merged = chain_writes(base, checkpoint_id, writes, version)
             if merged is not None:
                 self._pending[key] = merged
@@ -290,7 +452,12 @@ class HotCache:
     async def invalidate(self, thread_ids: Sequence[str], *, floor: int = 0) -> None:
         """Drop the threads' copies here and in the hot tier. A ``floor`` (taken before
         the warm change, ``policy.tombstone_version``) also leaves a tombstone there, so
-        another process's queued copy from before cannot come back."""
+        another process's queued copy from before cannot come back, and makes every
+        saver of this process over the same hot entries drop its copies from before."""
+        if floor > 0:
+            peers = self._floor_raised(thread_ids, floor)
+            if peers:
+                await asyncio.gather(*peers)
         self.forget(thread_ids)
         for thread_id in thread_ids:
             await self._send("invalidate", self.hot.invalidate(thread_id, floor=floor),
@@ -302,6 +469,8 @@ class HotCache:
         task lands, this process reads the thread from warm even with ``trusted``
         (``verify`` compares every hot copy with warm's head anyway); if it fails,
         the repair sends it again."""
+        for send in self._floor_raised([thread_id], floor):
+            self._spawn(send)
         self.forget([thread_id])
         self._doubt((thread_id, None), floor=floor)
         self._spawn(self._send("invalidate", self.hot.invalidate(thread_id, floor=floor),
@@ -418,7 +587,7 @@ class HotCache:
             self._near.pop_thread(thread_id)
             self._dropped.difference_update([k for k in self._dropped if k[0] == thread_id])
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[Any]) -> None:
         """Run ``work`` in a task of its own that nobody waits for (kept referenced)."""
         async def run() -> None:
             await work
@@ -470,6 +639,8 @@ class HotCache:
         if record is None:
             if dropped:
                 await self._send("invalidate", self.hot.invalidate(*key), key)
+            return
+        if not self._usable(record):  # the thread was deleted since it was queued
             return
         self._inflight[key] = record
         try:

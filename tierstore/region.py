@@ -226,12 +226,16 @@ class Regions:
         except BaseException:
             await _close(done)
             raise
+        for region in self.distinct():
+            if region._cache is not None:
+                region._cache.open()
 
     async def aclose(self) -> None:
         for region in self.distinct():
             cache = region._cache
             if cache is not None:
                 await cache.drain()
+                cache.close()
         await _close(self._stores())
 
 

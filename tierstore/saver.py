@@ -102,7 +102,10 @@ __all__ = ["TieredSaver"]
 
 T = TypeVar("T")
 
-PRUNE_STRATEGIES = ("keep_latest", "delete")
+PRUNE_STRATEGIES = ("keep_latest", "delete", "delete_all")
+"""``delete`` (LangGraph's PostgreSQL saver) and ``delete_all`` (LangGraph's Agent Server,
+whose own fallback for a saver without ``aprune`` deletes each thread) are one strategy:
+every checkpoint, write and value of each thread, in every namespace and tier."""
 RUN_KEY = "__pregel_runtime"
 """The per-run object LangGraph puts in ``configurable`` of every call of one run."""
 MAX_FORK_GRANTS = 1024
@@ -780,7 +783,7 @@ class TieredSaver(
                     "keep_latest can't prune threads that use a DeltaChannel (their latest "
                     "checkpoint may need the ancestors it deletes, and the channel would read "
                     f"as empty): {', '.join(map(repr, severed))}; nothing was pruned")
-        await self.threads.prune(ids, keep_latest=strategy == "keep_latest")
+        await self.threads.prune(ids, keep_latest=strategy == "keep_latest")  # else delete
 
     async def delta_threads(self, thread_ids: Sequence[str]) -> list[str]:
         """The threads whose graph uses a ``DeltaChannel`` (LangGraph's delta counters in

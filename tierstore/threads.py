@@ -154,6 +154,7 @@ class Threads:
         archived = await archive.thread_segments(target) if replace else []
         started = time.time()
         marker = await archive.mark(COPYING, target)
+        floor = tombstone_version(time.time())
         if dst.offloader is not None and source != target:
             await copy_space(dst.offloader.store, source, target)
         try:
@@ -165,7 +166,7 @@ class Threads:
             await archive.unmark(marker)
             raise
         finally:
-            await dst.invalidate_hot([target])
+            await dst.invalidate_hot([target], floor=floor)
         if replace:
             await archive.drop_unreferenced_segments(archived)
             _, spared = await archive.drop_unnamed_objects([target], started=started)

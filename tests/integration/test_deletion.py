@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.conformance.test_utils import (
     generate_checkpoint,
     generate_config,
@@ -568,3 +569,62 @@ async def test_a_run_deleted_while_a_worker_archives_it_leaves_no_bytes(
         assert secret not in str(values) and kept in str(values)
     for tier, raw in (await deployment.scan()).items():
         assert secret.encode() not in unpacked(raw), f"deleted run found in {tier}"
+
+
+async def _planted(saver: Any, docs: dict[str, str]) -> None:
+    """Two threads, each with a root and a subgraph namespace and pending writes."""
+    for thread, doc in docs.items():
+        note = doc.split(" ", 1)[0]
+        for ns in ("", "child:1"):
+            config: dict[str, Any] = {"configurable": {"thread_id": thread, "checkpoint_ns": ns}}
+            for step in (1, 2):
+                values = {"note": f"{note}-{ns}-{step}", "doc": doc}
+                cp = generate_checkpoint(channel_values=values,
+                                         channel_versions={ch: step for ch in values})
+                config = dict(await saver.aput(config, cp, generate_metadata(step=step),
+                                               {ch: step for ch in values}))
+            await saver.aput_writes(config, [("note", f"{note}-pending")], task_id="task-1")
+
+
+async def _everything(saver: Any, thread: str) -> list[tuple[Any, ...]]:
+    """Every checkpoint of a thread, all namespaces, with its values and pending writes."""
+    return sorted([
+        (t.config["configurable"]["checkpoint_ns"], t.metadata["step"],
+         sorted(t.checkpoint["channel_values"].items()), sorted(t.pending_writes or []))
+        async for t in saver.alist({"configurable": {"thread_id": thread}})])
+
+
+async def test_prune_delete_all_deletes_what_langgraph_deletes(deployment: Deployment) -> None:
+    """``delete_all`` (what LangGraph's Agent Server prunes with) deletes every
+    namespace of the threads named, archived and offloaded data and hot entries
+    included, and leaves the others: what InMemorySaver holds after the Agent Server's
+    own ``delete_all`` (a delete of each thread)."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    secret = canary()
+    docs = {"doomed": large(secret), "bystander": large("harmless")}
+    reference = InMemorySaver()
+    await _planted(reference, docs)
+    await reference.adelete_thread("doomed")
+    async with deployment.open() as saver:
+        await _planted(saver, docs)
+        await archive_everything(saver)
+        await _planted(saver, docs)  # live checkpoints on top of the archived ones
+        assert await saver.aget_tuple(generate_config("doomed")) is not None  # hot entry
+        assert "cold" in found_in(await deployment.scan(), secret)
+
+        await saver.aprune(["doomed"], strategy="delete_all")
+
+        assert await _everything(saver, "doomed") == await _everything(reference, "doomed")
+        assert await _everything(saver, "doomed") == []
+        for ns in ("", "child:1"):
+            config: RunnableConfig = {"configurable": {"thread_id": "doomed",
+                                                       "checkpoint_ns": ns}}
+            assert await saver.aget_tuple(config) is None
+        # the other thread is whole: written twice here (once archived), once there
+        bystander = await _everything(saver, "bystander")
+        assert len(bystander) == 8
+        assert set(map(repr, bystander)) == set(map(repr,
+                                                    await _everything(reference, "bystander")))
+        assert found_in(await deployment.scan(), secret) == [], (
+            f"{deployment.name}: canary survives")

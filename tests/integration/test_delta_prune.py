@@ -91,6 +91,9 @@ async def test_keep_latest_refuses_a_thread_whose_head_needs_ancestors(
     assert (await plain.aget_state(cfg("plain"))).values["items"] == [f"s{i}" for i in range(6)]
     await saver.aprune(["sparse"], strategy="delete")  # deleting all of it is always fine
     assert await count(saver, "sparse") == 0
+    await run(saver, Sparse, "sparse-2")
+    await saver.aprune(["sparse-2"], strategy="delete_all")  # the Agent Server's name for it
+    assert await count(saver, "sparse-2") == 0
 
 
 async def test_keep_latest_refuses_a_delta_thread_even_at_a_snapshot(saver: TieredSaver) -> None:

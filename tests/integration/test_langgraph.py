@@ -11,6 +11,8 @@ from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import CheckpointMetadata
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
@@ -265,3 +267,46 @@ async def test_two_savers_on_one_thread_never_read_stale_state(urls: Urls) -> No
         expected = [f"{who}-{i}" for i in range(3) for who in ("one", "two")]
         for app in (app_one, app_two):
             assert (await app.aget_state(cfg("shared"))).values["notes"] == expected
+
+
+def thread(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id}}
+
+
+# What LangGraph's Agent Server puts in ``configurable`` for one request (its
+# ``_TRANSIENT_CONFIGURABLE_KEYS``), beside the keys every run carries.
+REQUEST_KEYS = {
+    "langgraph_request_id": "req-1",
+    "langgraph_auth_user_id": "user-1",
+    "langgraph_auth_permissions": ["threads:write"],
+    "langgraph_auth_user": object(),
+}
+
+
+async def test_metadata_is_what_langgraph_savers_store(saver: TieredSaver) -> None:
+    """Checkpoint metadata as LangGraph's own savers store it (``get_checkpoint_metadata``:
+    InMemorySaver, AsyncPostgresSaver), request-scoped keys of the Agent Server included:
+    a run's config, and a put whose metadata the server's adapter stripped of them."""
+    reference = InMemorySaver()
+    config: RunnableConfig = {
+        "configurable": {"thread_id": "md", "graph_id": "agent", **REQUEST_KEYS},
+        "metadata": {"assistant_id": "a-1", "langgraph_request_id": "req-1"}}
+    runs: list[list[dict[str, Any]]] = []
+    for checkpointer in (saver, reference):
+        app: Any = build_agent().compile(checkpointer=checkpointer)
+        await app.ainvoke({"messages": [HumanMessage("remember md")]}, config)
+        runs.append([dict(t.metadata) async for t in checkpointer.alist(thread("md"))])
+    assert runs[0] == runs[1]
+    assert runs[0][0]["langgraph_request_id"] == "req-1"  # as LangGraph's savers keep it
+    stripped: CheckpointMetadata = {"source": "update", "step": 5, "parents": {}}
+    latest = await reference.aget_tuple(thread("md"))
+    assert latest is not None
+    put_config: RunnableConfig = {"configurable": {"thread_id": "md-put", "checkpoint_ns": "",
+                                                   **REQUEST_KEYS}}
+    stored = []
+    for checkpointer in (saver, reference):  # the adapter's aput: metadata stripped
+        await checkpointer.aput(put_config, latest.checkpoint, stripped, {})
+        got = await checkpointer.aget_tuple(thread("md-put"))
+        assert got is not None
+        stored.append(got.metadata)
+    assert stored[0] == stored[1]

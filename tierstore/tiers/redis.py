@@ -594,6 +594,16 @@ class RedisHot(HotStore, LeaseStore):
         return f"RedisHot({s.masked_url!r}, prefix={s.prefix!r}, ttl={s.ttl})"
 
     @property
+    def identity(self) -> tuple[Any, ...]:
+        """Where the entries live: stores with the same identity share them."""
+        s = self.settings
+        return ("redis", s.cluster, s.host, s.port, s.seeds, s.db, s.prefix)
+
+    @property
+    def ttl(self) -> float:
+        return self.settings.ttl
+
+    @property
     def breaker(self) -> Breaker:
         return self._breaker
 

@@ -17,6 +17,7 @@ and tiering (``tiers/sqlite_tiering.py``) run inside their transactions.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -66,6 +67,13 @@ class SqliteBase:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._life = Lifecycle(f"sqlite warm tier {path}")
+
+    @property
+    def identity(self) -> tuple[str, str] | None:
+        """The database file (None in memory: each connection has its own)."""
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return None
+        return ("sqlite", os.path.realpath(self.path))
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -343,6 +343,13 @@ class MongoConnection:
         return f"MongoWarm({target!r}, {self._life.state})"
 
     @property
+    def identity(self) -> tuple[str, str, str] | None:
+        """The server and database (None for a database or client given as an object)."""
+        if self._url is None:
+            return None
+        return ("mongodb", self._url.masked, self.database_name)
+
+    @property
     def _where(self) -> str:
         return self._url.masked if self._url is not None else self.database_name
 

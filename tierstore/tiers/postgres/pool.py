@@ -198,6 +198,11 @@ class PostgresPool:
     def __repr__(self) -> str:
         return f"PostgresWarm({self.url!r}, state={self._life.state!r})"
 
+    @property
+    def identity(self) -> tuple[str, str, str | None]:
+        """The database and schema (stores with the same identity hold the same rows)."""
+        return ("postgres", self.url, self.schema)
+
     @classmethod
     def from_url(cls, url: StoreUrl, **kw: Any) -> Self:
         """Options come from the URL query; keyword arguments override them."""
