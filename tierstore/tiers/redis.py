@@ -136,10 +136,17 @@ from tierstore.errors import (
     TierUnavailable,
 )
 from tierstore.lifecycle import Lifecycle
-from tierstore.policy import backoff, merge_writes
+from tierstore.policy import merge_writes
 from tierstore.records import StoredCheckpoint, TierUsage, WriteRecord
 from tierstore.settings import StoreUrl
 from tierstore.tiers.base import HotStore, LeaseStore
+from tierstore.tiers.breaker import (
+    Breaker,
+    backoff_delay,
+    breaker_admit,
+    breaker_failure,
+    breaker_success,
+)
 
 __all__ = [
     "Breaker",
@@ -324,56 +331,6 @@ SCRIPTS: Mapping[str, str] = {
     "renew_lease": _RENEW_LEASE,
     "release_lease": _RELEASE_LEASE,
 }
-
-
-# -- the circuit breaker: pure decisions, the caller passes ``now`` ---------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Breaker:
-    """Consecutive failures, the time before which calls fail fast, and whether a probe is out.
-
-    ``failures == 0`` is closed. ``now < open_until`` is open. Otherwise half-open:
-    the next call is admitted as the probe and holds the others off while it runs.
-    """
-
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-
-
-def backoff_delay(failures: int, *, base: float, cap: float) -> float:
-    """Seconds to wait after ``failures`` consecutive failures: base, 2·base, 4·base… ≤ cap.
-
-    No jitter: the breaker is per process, so there is no crowd to spread out.
-    """
-    return backoff(failures - 1, base=base, cap=cap)
-
-
-def breaker_admit(
-    state: Breaker, now: float, *, base: float, cap: float
-) -> tuple[bool, Breaker]:
-    """May a call go to the server now? Admitting a half-open call makes it the probe."""
-    if state.failures == 0:
-        return True, state
-    if now < state.open_until:
-        return False, state
-    wait = backoff_delay(state.failures, base=base, cap=cap)
-    return True, Breaker(state.failures, now + wait, probing=True)
-
-
-def breaker_failure(state: Breaker, now: float, *, base: float, cap: float) -> Breaker:
-    """A call could not reach the server. A failed call that started before the breaker
-    opened (not the probe) does not push the next probe further out."""
-    if state.failures and not state.probing:
-        return state
-    failures = state.failures + 1
-    return Breaker(failures, now + backoff_delay(failures, base=base, cap=cap), probing=False)
-
-
-def breaker_success(state: Breaker) -> Breaker:
-    """Any answer from the server proves it is back."""
-    return state if state.failures == 0 else Breaker()
 
 
 # -- settings -------------------------------------------------------------------------------
