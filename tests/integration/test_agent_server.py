@@ -191,7 +191,6 @@ def redis_postgres(request: pytest.FixtureRequest, tmp: Path) -> dict[str, str |
 
 STACKS = {"embedded": embedded, "redis+postgres": redis_postgres}
 MODES = {"shared-loop": False, "isolated-loops": True}
-RESTARTED = {"embedded-shared-loop", "redis+postgres-isolated-loops"}
 
 
 @pytest.fixture(scope="module", params=[(s, m) for s in STACKS for m in MODES],
@@ -400,8 +399,6 @@ async def test_values_are_encoded_by_the_servers_serializer(
 
 async def test_state_survives_a_server_restart(
         server: Server, client: LangGraphClient, saver: TieredSaver) -> None:
-    if server.name not in RESTARTED:
-        pytest.skip("restarted on one loop mode per stack: a restart costs a server start")
     thread_id = await new_thread(client)
     await run(client, thread_id)
     await run(client, thread_id)
