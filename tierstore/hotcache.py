@@ -103,6 +103,33 @@ class HotPeers:
         self._lock = threading.Lock()
         self._caches: weakref.WeakSet[HotCache] = weakref.WeakSet()
         self._floors: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        # the newest head version a cache of this process saw warm commit, per (thread,
+        # ns): a trusted copy below it is behind a peer's write that has not reached the
+        # hot tier yet (its write-behind, or a hot write that failed)
+        self._heads: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+
+    def seen(self, thread_id: str, checkpoint_ns: str, version: int, *, ttl: float) -> None:
+        """Warm holds this (thread, ns) at ``version`` or later."""
+        key = (thread_id, checkpoint_ns)
+        until = time.monotonic() + ttl
+        with self._lock:
+            item = self._heads.get(key)
+            if item is None or item[1] <= version:
+                self._heads[key] = (until, version)
+                self._heads.move_to_end(key)
+                while len(self._heads) > FLOOR_ENTRIES:
+                    self._heads.popitem(last=False)
+
+    def newest(self, thread_id: str, checkpoint_ns: str) -> int:
+        """The newest head version seen committed for a (thread, ns); 0 if none lately."""
+        with self._lock:
+            item = self._heads.get((thread_id, checkpoint_ns))
+            if item is None:
+                return 0
+            if item[0] <= time.monotonic():
+                del self._heads[(thread_id, checkpoint_ns)]
+                return 0
+            return item[1]
 
     def join(self, cache: HotCache) -> None:
         with self._lock:
@@ -241,6 +268,12 @@ class HotCache:
         self._peers.leave(self)
         self._loop = None
 
+    def _seen(self, thread_id: str, checkpoint_ns: str, version: int) -> None:
+        """A write of this process moved warm's head to ``version`` (``HotPeers.seen``):
+        kept as long as the hot tier keeps an entry, the longest a copy can lag."""
+        if version > 0:
+            self._peers.seen(thread_id, checkpoint_ns, version, ttl=self._floor_ttl)
+
     def _usable(self, record: StoredCheckpoint) -> bool:
         """Whether a copy is above the floor a delete of its thread left (``HotPeers``)."""
         return record.version > self._peers.floor(record.thread_id)
@@ -304,6 +337,10 @@ class HotCache:
                 if local is not None and not self._usable(local):  # a deleted thread's
                     self._stats.hot_stale += 1
                     local = None
+            if local is not None and local.version < self._peers.newest(thread_id,
+                                                                        checkpoint_ns):
+                self._stats.hot_stale += 1  # behind a write of this process (a peer's)
+                local = None
             self._count_hit(local is not None)
             return local
         near_key = (thread_id, checkpoint_ns)
@@ -382,10 +419,11 @@ class HotCache:
         """A new head exactly as warm holds it at ``record.version`` (no writes yet)."""
         if not self._usable(record):  # a delete since: the thread is gone or newer
             return
+        self._seen(record.thread_id, record.checkpoint_ns, record.version)
         await self._queue(record)
         self._remember(record)
 
-    async def drop(self, thread_id: str, checkpoint_ns: str) -> None:
+    async def drop(self, thread_id: str, checkpoint_ns: str, *, version: int = 0) -> None:
         """Forget one (thread, ns) here and in the hot tier: the new head's content is
         not known exactly (writes may have come before it), so the next reader fills
         the hot tier from warm, version and all.
@@ -401,6 +439,7 @@ class HotCache:
         that late. A process that trusts its hits would read the old entry itself, so
         it invalidates at once.
         """
+        self._seen(thread_id, checkpoint_ns, version)
         key = (thread_id, checkpoint_ns)
         self._near.pop(key)
         if self.verify and self.delay > 0:
@@ -421,6 +460,7 @@ class HotCache:
         version: int,
     ) -> None:
         """Writes stored in warm, which moved the head to ``version``."""
+        self._seen(thread_id, checkpoint_ns, version)
         key = (thread_id, checkpoint_ns)
         queued = False
         if self.delay > 0:

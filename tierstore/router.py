@@ -250,7 +250,8 @@ class Router:
             # LangGraph may store a step's writes before its checkpoint; this process
             # cannot tell whether it saw all of them, so it caches nothing and drops
             # the older entry. The next reader fills hot from warm, version and all.
-            await cache.drop(record.thread_id, record.checkpoint_ns)
+            await cache.drop(record.thread_id, record.checkpoint_ns,
+                             version=result.head.version)
         else:
             # exactly warm at result.head.version: the new head, with no writes yet
             await cache.put(StoredCheckpoint(

@@ -146,3 +146,36 @@ async def test_a_delete_through_one_saver_wins_over_another_savers_copies(
             a_saver.__exit__(None, None, None)
         else:
             await a_saver.aclose()
+
+
+@pytest.mark.parametrize("loops", ["one-loop", "two-loops"])
+async def test_a_trusted_saver_reads_another_savers_write_not_the_older_hot_entry(
+        hot_url: str, loops: str, tmp_path: Path) -> None:
+    """The Agent Server with isolated loops: a run writes through one loop's saver (its hot
+    update queued behind), the API reads through another's. With ``trusted`` the reader
+    must not serve the older hot entry: LangGraph's next write (``update_state``) would
+    fork the thread and drop the run's output."""
+    options: dict[str, Any] = dict(hot=hot_url, warm=f"sqlite:///{tmp_path}/warm.db", cold=None,
+                                   hot_check="trusted", hot_write_delay=60)
+    threaded = loops == "two-loops"
+    a_saver = TieredSaver.from_urls(**options)
+    if threaded:
+        a_saver.__enter__()
+    else:
+        await a_saver.open()
+    a = Side(a_saver, threaded)
+    try:
+        async with TieredSaver.from_urls(**options) as b:
+            first = await a.run(write(a.saver, "t", "first", "run-1"))
+            await a.run(a.cache.drain())  # the hot entries hold "first"
+            assert await note_of(b) == "first"  # and B has read it
+            await a.run(write(a.saver, "t", "second", "run-2", parent=first, step=2))
+            assert a.cache.queued("t", "") is not None  # sent in 60 s
+            assert await note_of(b) == "second"
+            await a.run(a.cache.drain())
+            assert await note_of(b) == "second"
+    finally:
+        if threaded:
+            a_saver.__exit__(None, None, None)
+        else:
+            await a_saver.aclose()
