@@ -47,17 +47,21 @@ class OffLoop(BaseException):
 @contextmanager
 def inline() -> Iterator[None]:
     """Mark this thread as the event loop for ``check`` while the block runs."""
-    before = getattr(_local, "inline", False)
-    _local.inline = True
+    before = getattr(_local, "inline", False), getattr(_local, "seen", 0)
+    _local.inline, _local.seen = True, 0
     try:
         yield
     finally:
-        _local.inline = before
+        _local.inline, _local.seen = before
 
 
 def check(size: int) -> None:
-    """Called before byte work of ``size`` bytes: refuses it inside ``inline()`` if large."""
-    if size >= LARGE and getattr(_local, "inline", False):
+    """Called before byte work of ``size`` bytes: refuses it inside ``inline()`` once the
+    call's byte work so far reaches ``LARGE`` (one large payload, or many that are not)."""
+    if not getattr(_local, "inline", False):
+        return
+    _local.seen = seen = getattr(_local, "seen", 0) + size
+    if seen >= LARGE:
         raise OffLoop
 
 

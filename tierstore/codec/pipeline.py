@@ -33,6 +33,7 @@ outside origin never import a type outside the msgpack allowlist.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -214,6 +215,7 @@ class Codec:
         return self._loads(inner, where=where, budget=budget)
 
     def _loads(self, inner: Payload, *, where: str, budget: Budget | None) -> Any:
+        check_size(len(inner.data))
         if self.safe is not None:
             if inner.tag == "msgpack":  # what the objects would cost, before any is built
                 own = Budget(self.limits.max_payload_bytes, "payload")
@@ -243,6 +245,10 @@ class Codec:
             tag, data = self.keyring.decrypt(tag, data, where=where)
         stage = _zstd_stage(tag)
         if stage is not None:
+            # what it decompresses to, when the frame says (the writer's always does); not
+            # a frame: bounded_decompress names it
+            with contextlib.suppress(zstandard.ZstdError):
+                check_size(max(0, zstandard.frame_content_size(data)))
             data = bounded_decompress(data, limit=self.limits.max_payload_bytes, where=where,
                                       dctx=self._decompressor(stage, where=where))
             tag = tag[: -len(stage) - 1]

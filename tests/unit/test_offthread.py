@@ -1,0 +1,61 @@
+"""Large byte work of a saver call runs off the event loop, however the bytes come:
+one payload that is small only while compressed, or many payloads each below the
+threshold (``tierstore.offthread``): at most ``LARGE`` bytes of it per call run on the
+loop. Checked by where the serde decodes the values."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from tierstore import TieredSaver
+from tierstore.offthread import LARGE
+
+
+class WhereDecoded(JsonPlusSerializer):
+    """LangGraph's serde, noting the thread each channel value is decoded on (the
+    checkpoint's own small metadata is decoded where the call runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoded: list[tuple[str, int]] = []
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        if len(data[1]) >= 1024:
+            self.decoded.append((threading.current_thread().name, len(data[1])))
+        return super().loads_typed(data)
+
+
+async def read_back(tmp_path: Path, values: dict[str, str]) -> int:
+    """Store ``values`` as one checkpoint; the bytes a fresh saver decodes on the loop."""
+    warm = f"sqlite:///{tmp_path}/warm.db"
+    async with TieredSaver.from_urls(hot=None, warm=warm, cold=None) as saver:
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = values
+        checkpoint["channel_versions"] = dict.fromkeys(values, "1")
+        await saver.aput({"configurable": {"thread_id": "t", "checkpoint_ns": ""}},
+                         checkpoint, {}, dict.fromkeys(values, "1"))
+    serde = WhereDecoded()
+    async with TieredSaver.from_urls(hot=None, warm=warm, cold=None, serde=serde) as reader:
+        got = await reader.aget_tuple({"configurable": {"thread_id": "t"}})
+        assert got is not None and got.checkpoint["channel_values"] == values
+    loop = threading.current_thread().name
+    assert serde.decoded, "no channel value decoded"
+    return sum(size for name, size in serde.decoded if name == loop)
+
+
+async def test_a_value_large_only_once_decompressed_is_decoded_off_the_loop(
+        tmp_path: Path) -> None:
+    assert await read_back(tmp_path, {"notes": "x" * (50 * LARGE)}) == 0
+
+
+async def test_many_values_below_the_threshold_are_decoded_off_the_loop(
+        tmp_path: Path) -> None:
+    each = LARGE // 3  # each below it, together above it
+    values = {f"ch{i}": str(i) * each for i in range(6)}
+    # what was decoded before the call's bytes reached the threshold is all the loop did
+    assert await read_back(tmp_path, values) < LARGE
