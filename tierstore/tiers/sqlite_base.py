@@ -70,10 +70,12 @@ class SqliteBase:
 
     @property
     def identity(self) -> tuple[str, str] | None:
-        """The database file (None in memory: each connection has its own)."""
+        """The database file (None in memory: each connection has its own), as named: no
+        file system call (this runs on the event loop), so two names of one file through
+        a link are two identities (their savers then share less, never more)."""
         if self.path == ":memory:" or self.path.startswith("file:"):
             return None
-        return ("sqlite", os.path.realpath(self.path))
+        return ("sqlite", os.path.normpath(self.path))
 
     # -- plumbing ---------------------------------------------------------------------
 
