@@ -6,7 +6,7 @@ is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30
 ``connect_timeout=10``, ``setup_timeout=300`` (migrations), ``schema=NAME`` (tables
 live in this schema, created if missing), ``statement_cache_size=100`` (0 behind a
 transaction-pooling PgBouncer; run ``setup()`` once against the server itself, as
-migrations hold a session-level advisory lock), ``partitions=N`` (2..1024: the
+migrations hold a session-level advisory lock), ``partitions=N`` (2..64: the
 checkpoint, blob and write tables are hash-partitioned by thread into N when the
 schema is created; a store already holding data in plain tables is refused and
 converted with ``tierstore migrate --partitions N``, one partitioned into another
