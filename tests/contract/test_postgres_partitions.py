@@ -25,6 +25,7 @@ import asyncpg
 import pytest
 
 from tests.builders import blob, cid, record, write
+from tests.integration.test_cli import tty_cli
 from tests.servers.postgres import PrivateCluster, run_sql, with_query
 from tierstore.errors import ConfigurationError, MissingBlobs, VersionConflict
 from tierstore.migrate import Migration, migrations_for
@@ -717,3 +718,23 @@ def test_the_command_line_converts_and_reports(new_url: Callable[[], str]) -> No
     other = cli("migrate", "--partitions", "8")
     assert other.returncode == 2 and "already hash-partitioned into 16" in other.stderr
 
+
+def test_the_command_line_labels_each_phase_on_a_terminal(new_url: Callable[[], str]) -> None:
+    url = new_url()
+
+    async def fill() -> None:
+        store = PostgresWarm.from_url(StoreUrl.parse(url))
+        await store.setup()
+        try:
+            await seed(store, 3)
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as thread:  # the test's loop may be running
+        thread.submit(asyncio.run, fill()).result(timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIERSTORE_HOT_URL": "none",
+           "TIERSTORE_COLD_URL": "none", "TIERSTORE_WARM_URL": url}
+    shown = tty_cli("migrate", "--partitions", str(N), "--batch-rows", "10", env=env)
+    for phase in ("prepare", "copy", "index", "analyse", "catch up", "swap"):
+        assert f"partitioning default: {phase}" in shown, shown
+    assert f"hash-partitioned into {N}" in shown
