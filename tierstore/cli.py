@@ -39,6 +39,7 @@ from tierstore.settings import (
     REGIONS_FILE_VARIABLE,
     URL_VARIABLES,
     parse_duration,
+    parse_interval,
     prices_from_env,
     resolve_spec,
 )
@@ -129,28 +130,54 @@ def _run(where: _Where, body: Callable[[TieredSaver], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
+def _json(data: Any, **options: Any) -> str:
+    """JSON as RFC 8259 has it: a NaN or infinite number is an error here, not output
+    other parsers refuse."""
+    return json.dumps(data, allow_nan=False, default=str, **options)
+
+
 def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
     if as_json:
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        print(_json(data, indent=2, sort_keys=True))
     else:
         render(data)
 
 
+class _Bar:
+    """What ``_progress`` yields: call it with (done, total); ``phase`` relabels it for the
+    next stage of the work (its count starts over)."""
+
+    def __init__(self, label: str, update: Callable[[str, int, int | None], None]) -> None:
+        self._base = self._label = label
+        self._update = update
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self._update(self._label, done, total)
+
+    def phase(self, name: str) -> None:
+        self._label = f"{self._base}: {name}"
+        self._update(self._label, 0, None)
+
+
 @contextmanager
-def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int | None], None]]:
+def _progress(label: str, enabled: bool) -> Iterator[_Bar]:
     """A rich progress bar on a terminal; silent when piped or with --json."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda done, total: None
+        yield _Bar(label, lambda text, done, total: None)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), transient=True) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  transient=True) as bar:
         task = bar.add_task(label, total=None)
 
-        def update(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(text: str, done: int, total: int | None) -> None:
+            relabelled = text != bar.tasks[0].description
+            bar.update(task, description=text, completed=done, total=total)
+            if relabelled:  # a phase shows as it starts, however short it is
+                bar.refresh()
 
-        yield update
+        yield _Bar(label, update)
 
 
 def _table(title: str, rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]) -> None:
@@ -273,7 +300,8 @@ def _partition(where: _Where, partitions: int | None, *, batch_rows: int,
             out[name] = {"abandoned": asyncio.run(store.abandon_partitioning())}
             continue
         with _progress(f"partitioning {name}", not as_json) as progress:
-            report = asyncio.run(store.partition(partitions, tuning=tuning, progress=progress))
+            report = asyncio.run(store.partition(partitions, tuning=tuning, progress=progress,
+                                                 phase=progress.phase))
         out[name] = report.as_dict()
     return out
 
@@ -314,23 +342,26 @@ def status(hot: Hot = None, warm: Warm = None, cold: Cold = None,
     if (metrics is None) != (metrics_period is None):
         raise InvalidInput("--metrics and --metrics-period go together")
     body: Callable[[TieredSaver], Awaitable[dict[str, Any]]] = run_status
+    reads: float | None = None
     if cost:
         from tierstore.cost import calls_from_metrics, cold_reads
 
         table = _prices(prices, price)
-        reads: float | None = None
         if metrics is not None and metrics_period is not None:
             try:
                 text = metrics.read_text("utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise InvalidInput(f"cannot read --metrics {metrics}: {exc}") from exc
-            reads = cold_reads(calls_from_metrics(text),
-                               period_seconds=parse_duration(metrics_period))
+            period = _parsed(metrics_period, "--metrics-period", parse_interval)
+            reads = cold_reads(calls_from_metrics(text, where=f"--metrics {metrics}"),
+                               period_seconds=period)
 
-        def body(s: TieredSaver, reads: float | None = reads) -> Awaitable[dict[str, Any]]:
-            return status_cost(s, table, cold_reads_per_month=reads)
+    with _progress("looking at cold objects", cost and not as_json) as progress:
+        if cost:
+            def body(s: TieredSaver) -> Awaitable[dict[str, Any]]:
+                return status_cost(s, table, cold_reads_per_month=reads, progress=progress)
 
-    data = _run(_Where(hot, warm, cold, regions, region), body)
+        data = _run(_Where(hot, warm, cold, regions, region), body)
 
     def render(d: dict[str, Any]) -> None:
         rows: list[tuple[str, ...]] = []
@@ -412,6 +443,11 @@ def _optional(text: str | None, option: str, parse: Callable[[str], float]) -> f
     """``parse(text)``, or None for ``none``; an error names the option."""
     if text is None or text.strip().lower() == "none":
         return None
+    return _parsed(text, option, parse)
+
+
+def _parsed(text: str, option: str, parse: Callable[[str], float]) -> float:
+    """``parse(text)``; an error names the option."""
     try:
         return parse(text)
     except TierstoreError as exc:
@@ -500,7 +536,7 @@ def plan(
                                      parse_duration),
         storage_class=storage_class.strip().upper(), segment_size=segment_size,
         segments_per_thread=segments_per_thread, threads_per_segment=threads_per_segment,
-        gc_interval=_optional(gc_interval, "--gc-interval", parse_duration),
+        gc_interval=_optional(gc_interval, "--gc-interval", parse_interval),
     )
     table = _prices(prices, price)
     data = {**cost.plan(workload, policy, table, months=months).as_dict(),
@@ -550,13 +586,20 @@ def archive(
     )
 
     async def body(saver: TieredSaver) -> list[dict[str, Any]]:
-        jobs: list[Any] = [HistoryDemotion(saver, policy, thread_id=thread, dry_run=dry_run)]
+        jobs: list[Any] = [HistoryDemotion(saver, policy, thread_id=thread, dry_run=dry_run,
+                                           progress=progress)]
         if idle_after:
-            jobs.append(IdleArchival(saver, policy, thread_id=thread, dry_run=dry_run))
+            jobs.append(IdleArchival(saver, policy, thread_id=thread, dry_run=dry_run,
+                                     progress=progress))
         # one run visits every eligible head once and ends (see tierstore.jobs.tiering)
-        return [(await job.run_once()).as_dict() for job in jobs]
+        out = []
+        for job in jobs:
+            progress.phase(f"{job.name}, threads")
+            out.append((await job.run_once()).as_dict())
+        return out
 
-    reports = _run(_Where(hot, warm, cold, regions, region), body)
+    with _progress("archiving", not as_json) as progress:
+        reports = _run(_Where(hot, warm, cold, regions, region), body)
 
     def render(rs: list[dict[str, Any]]) -> None:
         verb = "would move" if dry_run else "moved"
@@ -696,8 +739,8 @@ def worker(
         archive_idle_after=parse_duration(archive_idle_after),
         expire_after=parse_duration(expire_after) if expire_after else None,
     )
-    every = parse_duration(interval)
-    gc_every = parse_duration(gc_interval)
+    every = _parsed(interval, "--interval", parse_interval)
+    gc_every = _parsed(gc_interval, "--gc-interval", parse_interval)
 
     async def body(saver: TieredSaver) -> dict[str, Any]:
         jobs = [HotExpiry(saver, policy), HistoryDemotion(saver, policy),
@@ -708,7 +751,7 @@ def worker(
 
         def write_health() -> None:
             if health_file is not None:
-                health_file.write_text(json.dumps(scheduler.health(), default=str))
+                health_file.write_text(_json(scheduler.health()))
 
         if once:
             await scheduler.tick()
@@ -727,7 +770,7 @@ def worker(
 
     health = _run(_Where(hot, warm, cold, regions, region), body)
     if once:
-        print(json.dumps(health, indent=2, default=str))
+        print(_json(health, indent=2))
     return EXIT_OK if health["healthy"] else EXIT_CHECK_FAILED
 
 

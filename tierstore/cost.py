@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tierstore.errors import ConfigurationError, InvalidInput
+from tierstore.finite import check_finite, numbers, overflowed
 
 __all__ = [
     "ASYNC_POSTGRES_BYTES_PER_CHECKPOINT",
@@ -436,11 +437,18 @@ def cold_reads(calls: Mapping[tuple[str, str, str], float], *, period_seconds: f
                ) -> float:
     """Cold segment reads a month, from the saver's call counters over ``period_seconds``
     (``(tier, op, outcome) -> count``, as ``Metrics.snapshot`` or its text give them)."""
-    if not period_seconds > 0:
-        raise InvalidInput("the period the metrics cover must be above 0 seconds")
+    if not (math.isfinite(period_seconds) and period_seconds > 0):
+        raise InvalidInput("the period the metrics cover must be a finite number of "
+                           f"seconds above 0, got {period_seconds!r}")
     done = sum(n for (tier, op, outcome), n in calls.items()
                if tier == "cold" and op == "get_segment" and outcome == "ok")
-    return done * SECONDS_PER_MONTH / period_seconds
+    if not (math.isfinite(done) and done >= 0):
+        raise InvalidInput(f"the cold reads counted must be a finite number >= 0, got {done!r}")
+    monthly = done * SECONDS_PER_MONTH / period_seconds
+    if not math.isfinite(monthly):
+        raise InvalidInput(f"{done:g} cold reads in {period_seconds:g}s make more reads a "
+                           "month than a number holds")
+    return monthly
 
 
 def status_cost(sizes: StoreSizes, prices: Prices, *, region: str = "default",
@@ -498,7 +506,11 @@ def status_cost(sizes: StoreSizes, prices: Prices, *, region: str = "default",
     notes.append("cold-tier writes (one PUT per segment, by the tiering jobs) and the "
                  "worker's cold-gc listings are not in the saver's metrics: see "
                  "`tierstore plan`")
-    return Bill(name=f"region {region}", lines=tuple(lines), notes=tuple(notes))
+    bill = Bill(name=f"region {region}", lines=tuple(lines), notes=tuple(notes))
+    check_finite(bill.as_dict(), f"the bill of region {region}",
+                  {**numbers("prices", prices.as_dict()),
+                   "cold reads a month": cold_reads_per_month})
+    return bill
 
 
 # -- plan -------------------------------------------------------------------------------------
@@ -790,7 +802,23 @@ class Plan:
 
 def plan(workload: Workload, policy: Policy, prices: Prices, *, months: int = 12) -> Plan:
     """Monthly cost for ``months`` months: tiered, all in warm (at tierstore's bytes and at
-    the baseline's), all in hot. Each month's bill is priced at its end-of-month sizes."""
+    the baseline's), all in hot. Each month's bill is priced at its end-of-month sizes.
+
+    Inputs so large that a figure overflows (infinite, or not a number) are
+    ``InvalidInput`` naming the largest of them."""
+    inputs = {**numbers("", asdict(workload)), **numbers("", asdict(policy)),
+              **numbers("prices", prices.as_dict())}
+    try:
+        done = _plan(workload, policy, prices, months=months)
+        check_finite(done.as_dict(), "the projection", inputs)
+    except (OverflowError, ValueError) as exc:  # int() of an infinite or NaN figure
+        if isinstance(exc, InvalidInput):
+            raise
+        raise overflowed(f"the projection ({exc})", inputs) from exc
+    return done
+
+
+def _plan(workload: Workload, policy: Policy, prices: Prices, *, months: int) -> Plan:
     if not isinstance(months, int) or isinstance(months, bool) or not 1 <= months <= 600:
         raise InvalidInput(f"months must be a whole number from 1 to 600, got {months!r}")
     if policy.storage_class not in prices.cold:
@@ -830,19 +858,27 @@ _METRIC = re.compile(r'^tierstore_store_calls_total\{(?P<labels>[^}]*)\}\s+(?P<n
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def calls_from_metrics(text: str) -> dict[tuple[str, str, str], float]:
+def calls_from_metrics(text: str, *, where: str = "metrics"
+                       ) -> dict[tuple[str, str, str], float]:
     """``(tier, op, outcome) -> count`` from the Prometheus text ``saver.metrics_text()``
-    writes (several processes' texts may be concatenated: their counts add up)."""
+    writes (several processes' texts may be concatenated: their counts add up). A count
+    that is not a finite number >= 0, or a sum that overflows, is ``InvalidInput`` naming
+    ``where`` and the line."""
     out: dict[tuple[str, str, str], float] = {}
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), start=1):
         found = _METRIC.match(raw.strip())
         if found is None:
             continue
+        line = f"{where} line {number}: {raw.strip()[:200]!r}"
         labels = dict(_LABEL.findall(found["labels"]))
         try:
             count = float(found["n"])
         except ValueError:
-            raise InvalidInput(f"metrics: not a count in {raw.strip()[:200]!r}") from None
+            raise InvalidInput(f"{line}: not a count") from None
+        if not (math.isfinite(count) and count >= 0):
+            raise InvalidInput(f"{line}: a counter must be a finite number >= 0")
         key = (labels.get("tier", ""), labels.get("op", ""), labels.get("outcome", ""))
         out[key] = out.get(key, 0.0) + count
+        if not math.isfinite(out[key]):
+            raise InvalidInput(f"{line}: the counts add up past what a number holds")
     return out

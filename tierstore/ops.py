@@ -92,16 +92,19 @@ def _noop(done: int, total: int | None) -> None:
     return None
 
 
-async def status(saver: TieredSaver, *, floors: Mapping[str, int] | None = None
+async def status(saver: TieredSaver, *, floors: Mapping[str, int] | None = None,
+                 progress: Callable[[int, int | None], None] | None = None
                  ) -> dict[str, Any]:
     """Threads, checkpoints and bytes per tier (per region when there are several), and
     the heads tiering workers hold claimed (a worker killed mid-run leaves its claims).
 
     Cold objects are also counted per storage class (``by_class``), where
     ``floored_bytes`` raises each object to its class's minimum billed size in
-    ``floors`` (bytes by class name).
+    ``floors`` (bytes by class name). ``progress`` is told how many cold objects have
+    been looked at (one request each), with no total (the listing streams).
     """
     out: dict[str, Any] = {"regions": {}}
+    looked = 0
     for name, region in saver.regions.by_name.items():
         warm = await region.warm.usage()
         # claims past now: live workers' or those of a worker that died mid-run
@@ -119,6 +122,9 @@ async def status(saver: TieredSaver, *, floors: Mapping[str, int] | None = None
                 kind = ("segments" if key.startswith(SEGMENT_PREFIX) else
                         "offload" if key.startswith(OFFLOAD_PREFIX) else "restores")
                 info = await region.cold.info(key)
+                looked += 1
+                if progress is not None:
+                    progress(looked, None)
                 size = info.size if info is not None else 0
                 counts[kind][0] += 1
                 counts[kind][1] += size
@@ -140,12 +146,14 @@ async def status(saver: TieredSaver, *, floors: Mapping[str, int] | None = None
 
 
 async def status_cost(saver: TieredSaver, prices: Prices, *,
-                      cold_reads_per_month: float | None = None) -> dict[str, Any]:
+                      cold_reads_per_month: float | None = None,
+                      progress: Callable[[int, int | None], None] | None = None
+                      ) -> dict[str, Any]:
     """``status`` and what each region's stores cost a month at their present size
     (``tierstore.cost.status_cost``). A Redis hot tier is scanned for the memory of its
     keys; a cold tier is listed object by object, as ``status`` does."""
     floors = {name: int(price.min_object_kb * 1024) for name, price in prices.cold.items()}
-    out = await status(saver, floors=floors)
+    out = await status(saver, floors=floors, progress=progress)
     bills: dict[str, Any] = {}
     total = 0.0
     for name, region in saver.regions.by_name.items():

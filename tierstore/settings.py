@@ -168,8 +168,19 @@ def parse_duration(text: str) -> float:
         value = float(number) * (scale or 1.0)
     except ValueError as exc:
         raise ConfigurationError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 30d)") from exc
+    if not math.isfinite(value):
+        raise ConfigurationError(f"a duration must be a finite number: {text!r}")
     if value < 0:
         raise ConfigurationError(f"a duration cannot be negative: {text!r}")
+    return value
+
+
+def parse_interval(text: str) -> float:
+    """``parse_duration`` of a time between runs or a period counters ran: above 0
+    seconds (0 would be a loop that never waits, or a division by nothing)."""
+    value = parse_duration(text)
+    if not value > 0:
+        raise ConfigurationError(f"must be above 0 seconds, got {text.strip()!r}")
     return value
 
 

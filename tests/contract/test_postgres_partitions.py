@@ -25,7 +25,8 @@ import asyncpg
 import pytest
 
 from tests.builders import blob, cid, record, write
-from tests.servers.postgres import run_sql, with_query
+from tests.integration.test_cli import tty_cli
+from tests.servers.postgres import PrivateCluster, run_sql, with_query
 from tierstore.errors import ConfigurationError, MissingBlobs, VersionConflict
 from tierstore.migrate import Migration, migrations_for
 from tierstore.records import Head, ListQuery, StoredCheckpoint
@@ -220,10 +221,75 @@ async def test_a_new_store_is_created_partitioned_with_the_plain_schema(
         await stores(url, partitions=8)
 
 
-@pytest.mark.parametrize("value", ["1", "0", "-4", "1025", "x", "2.5"])
+@pytest.mark.parametrize("value", ["1", "0", "-4", "65", "256", "1024", "x", "2.5"])
 def test_a_partition_count_out_of_range_is_refused(postgres_url: str, value: str) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError, match="partitions"):
         PostgresWarm.from_url(StoreUrl.parse(with_query(postgres_url, partitions=value)))
+
+
+async def test_the_largest_count_lays_out_on_a_default_server(
+        new_url: Callable[[], str], stores: Callable[..., Awaitable[PostgresWarm]]) -> None:
+    """64 partitions of the three tables and their indexes, in one transaction, fit the
+    lock table of a server with PostgreSQL's default max_locks_per_transaction."""
+    store = await stores(new_url(), partitions=layouts.MAX_PARTITIONS)
+    assert (await sql(store, "SHOW max_locks_per_transaction"))[0][0] == "64"
+    assert await layout_of(store) == layouts.MAX_PARTITIONS
+
+
+async def test_laying_out_waits_up_to_setup_timeout_not_command_timeout(
+        new_url: Callable[[], str], stores: Callable[..., Awaitable[PostgresWarm]],
+        postgres_url: str) -> None:
+    """The partitions are created under the setup timeout: a store whose statements may
+    take 0.5 s still lays out its tables when their lock is held for longer than that."""
+    url = new_url()
+    await stores(url)  # plain and empty
+    schema = url.rsplit("schema=", 1)[1]
+    holder, watcher = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
+    try:
+        blocker = holder.transaction()
+        await blocker.start()
+        await holder.execute(f"LOCK TABLE {schema}.tierstore_checkpoints IN ACCESS SHARE MODE")
+        opening = asyncio.ensure_future(stores(with_query(url, partitions=str(N),
+                                                          command_timeout="0.5")))
+        # release once the lay-out has waited for the lock past command_timeout (or failed)
+        while not opening.done() and not await watcher.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'LOCK TABLE tierstore_checkpoints%' "
+                "AND clock_timestamp() - query_start > interval '1.5 seconds')"):
+            await asyncio.wait({opening}, timeout=0.1)
+        await blocker.rollback()
+        store = await opening
+    finally:
+        await holder.close()
+        await watcher.close()
+    assert await layout_of(store) == N
+
+
+async def test_a_lock_table_too_small_for_the_partitions_is_a_configuration_error(
+        postgres_cluster: PrivateCluster) -> None:
+    """A server whose lock table cannot hold the partitions' locks for one transaction:
+    the error names max_locks_per_transaction, and the store stays plain."""
+    postgres_cluster.stop()
+    postgres_cluster.start(max_locks_per_transaction="10", max_connections="20")
+    try:
+        url = with_query(postgres_cluster.url, schema="small_lock_table")
+        store = PostgresWarm.from_url(StoreUrl.parse(with_query(url, partitions="64")))
+        with pytest.raises(ConfigurationError,
+                           match=r"ran out of lock slots laying out 64 partitions.*"
+                                 r"raise max_locks_per_transaction"):
+            await store.setup()
+        await store.aclose()
+        plain = PostgresWarm.from_url(StoreUrl.parse(url))
+        await plain.setup()
+        try:
+            assert await layout_of(plain) is None
+        finally:
+            await plain.aclose()
+    finally:
+        postgres_cluster.stop()
+        del postgres_cluster.settings["max_locks_per_transaction"]
+        del postgres_cluster.settings["max_connections"]
+        postgres_cluster.start()
 
 
 async def test_setup_lays_out_an_empty_store_and_refuses_one_holding_data(
@@ -429,6 +495,20 @@ async def test_a_conversion_that_stopped_resumes_and_misses_no_change(
     assert await conversion_objects(store) == set()
     again = await converter.partition(N)
     assert not again.converted
+
+
+async def test_a_conversion_names_each_phase_as_it_starts(
+        new_url: Callable[[], str], stores: Callable[..., Awaitable[PostgresWarm]]) -> None:
+    url = new_url()
+    await seed(await stores(url), 3)
+    phases: list[str] = []
+    copied: list[int] = []
+    report = await PostgresWarm.from_url(StoreUrl.parse(url)).partition(
+        N, tuning=layouts.Tuning(batch_rows=5), phase=phases.append,
+        progress=lambda done, total: copied.append(done))
+    assert report.converted
+    assert phases == ["prepare", "copy", "index", "analyse", "index", "catch up", "swap"]
+    assert copied and copied[-1] == report.rows_copied
 
 
 async def test_writers_keep_writing_while_the_store_is_converted(
@@ -637,3 +717,24 @@ def test_the_command_line_converts_and_reports(new_url: Callable[[], str]) -> No
     assert again.returncode == 0 and f"already hash-partitioned into {N}" in again.stdout
     other = cli("migrate", "--partitions", "8")
     assert other.returncode == 2 and "already hash-partitioned into 16" in other.stderr
+
+
+def test_the_command_line_labels_each_phase_on_a_terminal(new_url: Callable[[], str]) -> None:
+    url = new_url()
+
+    async def fill() -> None:
+        store = PostgresWarm.from_url(StoreUrl.parse(url))
+        await store.setup()
+        try:
+            await seed(store, 3)
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as thread:  # the test's loop may be running
+        thread.submit(asyncio.run, fill()).result(timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIERSTORE_HOT_URL": "none",
+           "TIERSTORE_COLD_URL": "none", "TIERSTORE_WARM_URL": url}
+    shown = tty_cli("migrate", "--partitions", str(N), "--batch-rows", "10", env=env)
+    for phase in ("prepare", "copy", "index", "analyse", "catch up", "swap"):
+        assert f"partitioning default: {phase}" in shown, shown
+    assert f"hash-partitioned into {N}" in shown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -140,6 +141,52 @@ def test_worker_once_runs_every_job_and_writes_health(env: dict[str, str],
     intervals = {name: job["interval"]
                  for name, job in json.loads(health.read_text())["jobs"].items()}
     assert intervals.pop("cold-gc") == 7200.0 and set(intervals.values()) == {60.0}
+
+
+@pytest.mark.parametrize("args", [
+    ("--interval", "0s"), ("--interval", "nan"), ("--interval", "inf"),
+    ("--gc-interval", "0"), ("--gc-interval", "NaN"), ("--gc-interval", "-inf"),
+])
+def test_the_worker_refuses_an_interval_that_is_not_finite_and_above_0(
+        env: dict[str, str], tmp_path: Path, args: tuple[str, str]) -> None:
+    health = tmp_path / "health.json"
+    result = cli("worker", "--once", *args, "--health-file", str(health), env=env, check=2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and args[0] in lines[0], result.stderr
+    assert not health.exists()
+
+
+def tty_cli(*args: str, env: dict[str, str]) -> str:
+    """What a command writes to a terminal (stdout and stderr both on one pty)."""
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tierstore", *args], stdin=subprocess.DEVNULL,
+            stdout=follower, stderr=follower, cwd=ROOT,
+            env={**env, "TERM": "xterm", "COLUMNS": "200"})
+        os.close(follower)
+        out = bytearray()
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the pty closed: every writer is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert process.wait(timeout=120) == 0, out.decode(errors="replace")
+    finally:
+        os.close(leader)
+    return out.decode(errors="replace")
+
+
+def test_archive_and_status_cost_show_progress_on_a_terminal(env: dict[str, str]) -> None:
+    shown = tty_cli("archive", "--older-than", "0s", "--idle-after", "3650d", env=env)
+    assert "archiving: history-demotion, threads" in shown
+    assert "archiving: idle-archival, threads" in shown
+    assert "looking at cold objects" in tty_cli("status", "--cost", env=env)
+    # piped, or with --json, nothing but the report
+    assert cli("status", "--cost", "--json", env=env).stderr == ""
 
 
 @pytest.mark.parametrize(

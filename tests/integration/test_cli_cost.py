@@ -3,6 +3,7 @@ the embedded stack, round prices from a file of the test's own, figures checked 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,54 @@ def test_plan_refuses_bad_input_in_one_line(env: dict[str, str], args: tuple[str
     result = cli("plan", *args, env=env, check=2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+READ = 'tierstore_store_calls_total{tier="cold",backend="file",op="get_segment",outcome="ok"}'
+
+
+@pytest.mark.parametrize(("metrics", "period", "named"), [
+    (f"# a comment\n{READ} -5\n", "1d", "line 2"),
+    (f"{READ} NaN\n", "1d", "line 1"),
+    (f"{READ} +Inf\n", "1d", "line 1"),
+    (f"{READ} 1e308\n{READ} 1e308\n", "1d", "line 2"),  # the sum overflows
+    (f"{READ} 12\n", "nan", "--metrics-period"),
+    (f"{READ} 12\n", "inf", "--metrics-period"),
+    (f"{READ} 12\n", "0s", "--metrics-period"),
+    (f"{READ} 1e307\n", "1s", "more reads a month than a number holds"),
+])
+def test_status_cost_refuses_counters_that_make_no_bill(
+        env: dict[str, str], prices: Path, metrics: str, period: str, named: str) -> None:
+    file = prices.parent / "metrics.txt"
+    file.write_text(metrics)
+    result = cli("status", "--cost", "--prices", str(prices), "--metrics", str(file),
+                 "--metrics-period", period, "--json", env=env, check=2)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def strict_json(text: str) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity are not numbers there."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (("--threads", "1e308", "--checkpoints", "1e308"), "threads=1e+308"),
+    (("--checkpoints-per-month", "1e308"), "checkpoints_per_month=1e+308"),
+    (("--bytes-per-checkpoint", "1e308"), "bytes_per_checkpoint=1e+308"),
+    (("--price", "cold.STANDARD_IA.storage_gb_month=1e308"),
+     "prices.cold.STANDARD_IA.storage_gb_month=1e+308"),
+])
+def test_plan_refuses_inputs_too_large_to_price(env: dict[str, str], args: tuple[str, ...],
+                                                named: str) -> None:
+    result = cli("plan", *args, "--json", env=env, check=2)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "too large to price" in lines[0] and named in lines[0], \
+        result.stderr
+    # large inputs that do fit still print JSON any parser reads
+    strict_json(cli("plan", "--threads", "1e15", "--checkpoints", "1e16", "--json",
+                    env=env).stdout)

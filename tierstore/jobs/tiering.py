@@ -159,6 +159,7 @@ class _Job(abc.ABC):
         on_step: Callable[[str], None] | None = None,
         thread_id: str | None = None,
         dry_run: bool = False,
+        progress: Callable[[int, int | None], None] | None = None,
     ) -> None:
         self.saver = saver
         self.policy = policy or TieringPolicy()
@@ -167,6 +168,8 @@ class _Job(abc.ABC):
         self.on_step = on_step
         self.thread_id = thread_id
         self.dry_run = dry_run
+        self.progress = progress  # (heads visited, heads claimed so far) as a run goes
+        self._visited = 0
         # regions where a claim or a release of this job went unanswered (an outage): all
         # its claims there are given back before its next run there claims anything
         self._lost: list[Region] = []
@@ -184,6 +187,7 @@ class _Job(abc.ABC):
     async def run_once(self, now: float | None = None) -> JobReport:
         started = time.perf_counter()
         report = JobReport(self.name)
+        self._visited = 0
         now = self.clock() if now is None else now
         self._run_began = (now, self.clock())
         for region in self.regions:
@@ -315,6 +319,9 @@ class _Archiver(_Job):
         """Visit a claimed head; release it (it leaves ``kept``) when the job says how
         it is settled, else it stays claimed until the run ends."""
         settled = await self._visit(region, claim, now, report)
+        self._visited += 1
+        if self.progress is not None:
+            self.progress(self._visited, report.claimed)
         if settled is None:
             return
         try:

@@ -20,7 +20,7 @@ from tierstore.records import TierUsage
 from tierstore.tiers.base import WarmAdmin
 from tierstore.tiers.postgres.connect import resolve
 from tierstore.tiers.postgres.migrations import abandon_conversion, convert_layout
-from tierstore.tiers.postgres.partitions import Conversion, Progress, Tuning
+from tierstore.tiers.postgres.partitions import Conversion, Phase, Progress, Tuning
 from tierstore.tiers.postgres.pool import PostgresPool
 from tierstore.tiers.postgres.sql import (
     DELETE_STREAMS,
@@ -243,7 +243,8 @@ class PostgresAdmin(PostgresPool, WarmAdmin):
     # -- the layout -------------------------------------------------------------------------
 
     async def partition(self, partitions: int, *, tuning: Tuning | None = None,
-                        progress: Progress | None = None) -> Conversion:
+                        progress: Progress | None = None,
+                        phase: Phase | None = None) -> Conversion:
         """Hash-partition the tables into ``partitions`` by thread while the store stays in
         use: copy in batches, catch up what changed meanwhile, swap under a brief lock
         (``partitions.py``). Resumes a conversion that stopped; a store already laid out
@@ -257,7 +258,7 @@ class PostgresAdmin(PostgresPool, WarmAdmin):
             return await convert_layout(conn, url=self.url, schema=self.schema,
                                         setup_timeout=self.setup_timeout,
                                         partitions=partitions, tuning=tuning,
-                                        progress=progress)
+                                        progress=progress, phase=phase)
 
         return await self._on_own_connection("partition", body)
 

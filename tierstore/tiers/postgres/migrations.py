@@ -85,7 +85,7 @@ async def migrate(conn: Conn, *, url: str, schema: str | None, setup_timeout: fl
     try:
         await _apply_all(conn, schema=schema, setup_timeout=setup_timeout)
         if partitions is not None:
-            await _ensure_layout(conn, partitions, url=url)
+            await _ensure_layout(conn, partitions, url=url, setup_timeout=setup_timeout)
     finally:
         await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
 
@@ -129,6 +129,7 @@ def _key(schema: str | None) -> str:
 async def convert_layout(
     conn: Conn, *, url: str, schema: str | None, setup_timeout: float, partitions: int,
     tuning: layouts.Tuning | None = None, progress: layouts.Progress | None = None,
+    phase: layouts.Phase | None = None,
 ) -> layouts.Conversion:
     """Bring the schema up to date, then hash-partition the tables online
     (``partitions.convert``), all under the migration lock."""
@@ -136,7 +137,8 @@ async def convert_layout(
     await _lock(conn, url=url, schema=schema, setup_timeout=setup_timeout, done=None)
     try:
         await _apply_all(conn, schema=schema, setup_timeout=setup_timeout)
-        return await layouts.convert(conn, partitions, tuning=tuning, progress=progress)
+        return await layouts.convert(conn, partitions, tuning=tuning, progress=progress,
+                                     phase=phase, ddl_timeout=setup_timeout)
     finally:
         await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
 
@@ -151,7 +153,8 @@ async def abandon_conversion(conn: Conn, *, url: str, schema: str | None,
         await _unlock(conn, schema=schema, setup_timeout=setup_timeout)
 
 
-async def _ensure_layout(conn: Conn, partitions: int, *, url: str) -> None:
+async def _ensure_layout(conn: Conn, partitions: int, *, url: str,
+                         setup_timeout: float) -> None:
     current = await layouts.layout(conn)
     if current == partitions:
         return
@@ -166,7 +169,7 @@ async def _ensure_layout(conn: Conn, partitions: int, *, url: str) -> None:
             "this one already holds data in plain tables; convert it online with "
             f"`tierstore migrate --partitions {partitions}` (README: Partitioning), or "
             "leave partitions out of the URL")
-    await layouts.create(conn, partitions)
+    await layouts.create(conn, partitions, ddl_timeout=setup_timeout)
 
 
 async def _lock(conn: Conn, *, url: str, schema: str | None, setup_timeout: float,

@@ -48,8 +48,11 @@ from tierstore.tiers.postgres.sql import Conn, quote_ident
 
 TABLES: Final = ("tierstore_checkpoints", "tierstore_blobs", "tierstore_writes")
 """The tables partitioned by sid, in the order they are copied."""
-MAX_PARTITIONS: Final = 1024
-"""More would cost more planning than a per-thread statement saves."""
+MAX_PARTITIONS: Final = 64
+"""A per-thread read sets up and locks a scan of every partition before it prunes them
+(README: Partitioning, cost by count), and creating or swapping in the partitions takes
+locks on all of them in one transaction: more would outgrow a default PostgreSQL's lock
+table (``max_locks_per_transaction`` = 64) and cost every read more than it saves."""
 
 _STATE: Final = "tierstore_partitioning"
 _LOG: Final = "tierstore_partitioning_log"
@@ -57,8 +60,10 @@ _NOTE: Final = "tierstore_partitioning_note"
 _COPY_SUFFIX: Final = "_partitioned"
 _INDEX_SUFFIX: Final = "_new"
 _LOCK_REFUSED: Final = ("55P03", "40P01")  # lock_not_available, deadlock_detected
+_OUT_OF_LOCKS: Final = "53200"  # out_of_memory: "out of shared memory", the lock table full
 
 Progress = Callable[[int, int | None], None]
+Phase = Callable[[str], None]
 
 
 def check_count(partitions: int) -> int:
@@ -67,8 +72,21 @@ def check_count(partitions: int) -> int:
             or not 2 <= partitions <= MAX_PARTITIONS:
         raise ConfigurationError(
             f"postgres partitions must be a whole number from 2 to {MAX_PARTITIONS}, "
-            f"got {partitions!r}")
+            f"got {partitions!r} (every per-thread read sets up a scan of each partition, "
+            "and laying them out locks them all in one transaction: README, Partitioning)")
     return partitions
+
+
+def _out_of_locks(exc: asyncpg.PostgresError, partitions: int) -> ConfigurationError | None:
+    """The ``ConfigurationError`` a full lock table (SQLSTATE 53200) means here, else None."""
+    if exc.sqlstate != _OUT_OF_LOCKS:
+        return None
+    return ConfigurationError(
+        f"PostgreSQL ran out of lock slots laying out {partitions} partitions "
+        f"({getattr(exc, 'message', exc)}): "
+        "one transaction locks every partition of the three tables and their indexes; "
+        "raise max_locks_per_transaction on the server (a restart applies it), or use "
+        "fewer partitions")
 
 
 def partition_name(table: str, remainder: int, partitions: int) -> str:
@@ -272,10 +290,12 @@ def _put_in_place_ddl(tables: Sequence[_Table]) -> list[str]:
     return ddl
 
 
-async def _run_ddl(conn: Conn, ddl: Sequence[str]) -> None:
-    """Statements in one round trip (they carry no parameters)."""
+async def _run_ddl(conn: Conn, ddl: Sequence[str], *,
+                   ddl_timeout: float | None = None) -> None:
+    """Statements in one round trip (they carry no parameters), bounded by
+    ``ddl_timeout`` seconds (None: the connection's command timeout)."""
     if ddl:
-        await conn.execute(";\n".join(ddl))
+        await conn.execute(";\n".join(ddl), timeout=ddl_timeout)
 
 
 async def _build_indexes(conn: Conn, tables: Sequence[_Table]) -> None:
@@ -287,15 +307,28 @@ async def _build_indexes(conn: Conn, tables: Sequence[_Table]) -> None:
     await _run_ddl(conn, [s for t in tables for s in _index_ddl(t, existing=existing)])
 
 
-async def create(conn: Conn, partitions: int) -> None:
-    """Partition the tables of a store that holds no rows yet, in one transaction.
+async def create(conn: Conn, partitions: int, *, ddl_timeout: float | None = None) -> None:
+    """Partition the tables of a store that holds no rows yet, in one transaction whose
+    DDL is bounded by ``ddl_timeout`` seconds (the store's ``setup_timeout``).
 
     The caller holds the migration lock. Under the tables' locks the store is checked
-    again: a process that wrote meanwhile makes this a ``ConfigurationError``.
+    again: a process that wrote meanwhile makes this a ``ConfigurationError``. A lock
+    table too small for the partitions' locks is a ``ConfigurationError`` too.
     """
     check_count(partitions)
+    try:
+        await _create(conn, partitions, ddl_timeout=ddl_timeout)
+    except asyncpg.PostgresError as exc:
+        error = _out_of_locks(exc, partitions)
+        if error is None:
+            raise
+        raise error from exc
+
+
+async def _create(conn: Conn, partitions: int, *, ddl_timeout: float | None) -> None:
     async with conn.transaction():
-        await conn.execute("LOCK TABLE " + ", ".join(TABLES) + " IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("LOCK TABLE " + ", ".join(TABLES) + " IN ACCESS EXCLUSIVE MODE",
+                           timeout=ddl_timeout)
         if await holds_rows(conn):
             raise ConfigurationError("the store received rows while its tables were being "
                                      "partitioned; convert it with tierstore migrate "
@@ -309,7 +342,7 @@ async def create(conn: Conn, partitions: int) -> None:
             *(s for t in tables for s in _copy_ddl(t, partitions, owner=owner)),
             *(s for t in tables for s in _index_ddl(t)),
             *_put_in_place_ddl(tables),
-        ])
+        ], ddl_timeout=ddl_timeout)
 
 
 def _blocked(blockers: Sequence[str]) -> str:
@@ -359,14 +392,30 @@ class Tuning:
 
 
 async def convert(conn: Conn, partitions: int, *, tuning: Tuning | None = None,
-                  progress: Progress | None = None) -> Conversion:
+                  progress: Progress | None = None, phase: Phase | None = None,
+                  ddl_timeout: float | None = None) -> Conversion:
     """Convert the store to ``partitions`` hash partitions while it stays in use.
 
     The caller holds the migration lock and has brought the schema up to date. A store
     already partitioned into ``partitions`` is left alone; into another count, refused.
+    ``ddl_timeout`` bounds each statement that creates or swaps in the partitions (the
+    store's ``setup_timeout``); a lock table too small for them is a
+    ``ConfigurationError``. ``phase`` is told each phase's name as it starts (``copy``,
+    ``index``, ``catch up``, ``swap``); ``progress`` the copy's rows.
     """
     check_count(partitions)
-    tuning = tuning or Tuning()
+    try:
+        return await _convert(conn, partitions, tuning=tuning or Tuning(), progress=progress,
+                              phase=phase or (lambda name: None), ddl_timeout=ddl_timeout)
+    except asyncpg.PostgresError as exc:
+        error = _out_of_locks(exc, partitions)
+        if error is None:
+            raise
+        raise error from exc
+
+
+async def _convert(conn: Conn, partitions: int, *, tuning: Tuning, progress: Progress | None,
+                   phase: Phase, ddl_timeout: float | None) -> Conversion:
     report = Conversion(partitions)
     current = await layout(conn)
     if current == partitions:
@@ -385,15 +434,20 @@ async def convert(conn: Conn, partitions: int, *, tuning: Tuning | None = None,
         underway = None
     tables = [await _read_table(conn, name) for name in TABLES]
     if underway is None:
-        await _locked(conn, tuning, lambda: _prepare(conn, tables, partitions))
+        phase("prepare")
+        await _locked(conn, tuning, lambda: _prepare(conn, tables, partitions, ddl_timeout))
     else:
         report.resumed = True
     if not await conn.fetchval(f"SELECT copied FROM {_STATE}"):
-        await _copy(conn, tables, tuning, report, progress)
+        phase("copy")
+        await _copy(conn, tables, tuning, report, progress, phase=phase)
+    phase("index")
     await _build_indexes(conn, tables)  # a release between two runs may have added one
     report.converted = True
+    phase("catch up")
     await _catch_up(conn, tables, tuning, report)
-    await _swap(conn, tables, tuning, report)
+    phase("swap")
+    await _swap(conn, tables, tuning, report, ddl_timeout)
     return report
 
 
@@ -434,7 +488,8 @@ async def _copies_match(conn: Conn) -> bool:
     return True
 
 
-async def _prepare(conn: Conn, tables: Sequence[_Table], partitions: int) -> None:
+async def _prepare(conn: Conn, tables: Sequence[_Table], partitions: int,
+                   ddl_timeout: float | None) -> None:
     await conn.execute(f"CREATE TABLE {_STATE} (partitions integer NOT NULL, "
                        "copied boolean NOT NULL DEFAULT false)")
     await conn.execute(f"INSERT INTO {_STATE} (partitions) VALUES ($1)", partitions)
@@ -463,11 +518,12 @@ async def _prepare(conn: Conn, tables: Sequence[_Table], partitions: int) -> Non
                 f"{quote_ident(table.name)} REFERENCING {tables_seen} "
                 f"FOR EACH STATEMENT EXECUTE FUNCTION {_NOTE}()")
     owner = await conn.fetchval("SELECT current_user")
-    await _run_ddl(conn, [s for t in tables for s in _copy_ddl(t, partitions, owner=owner)])
+    await _run_ddl(conn, [s for t in tables for s in _copy_ddl(t, partitions, owner=owner)],
+                   ddl_timeout=ddl_timeout)
 
 
 async def _copy(conn: Conn, tables: Sequence[_Table], tuning: Tuning, report: Conversion,
-                progress: Progress | None) -> None:
+                progress: Progress | None, *, phase: Phase) -> None:
     total = int(await conn.fetchval(
         "SELECT sum(greatest(reltuples, 0))::bigint FROM pg_class "
         "WHERE oid = ANY(ARRAY(SELECT to_regclass(quote_ident(n)) FROM unnest($1::text[]) n))",
@@ -503,9 +559,11 @@ async def _copy(conn: Conn, tables: Sequence[_Table], tuning: Tuning, report: Co
                 progress(report.rows_copied, max(total or 0, report.rows_copied) or None)
             if int(row[0]) < tuning.batch_rows:
                 break
+    phase("index")
     async with conn.transaction():
         await _build_indexes(conn, tables)
         await conn.execute(f"UPDATE {_STATE} SET copied = true")
+    phase("analyse")
     for table in tables:  # autovacuum analyses partitions, never a partitioned table
         await conn.execute(f"ANALYZE {quote_ident(table.copy)}", timeout=None)
 
@@ -547,14 +605,15 @@ async def _catch_up(conn: Conn, tables: Sequence[_Table], tuning: Tuning,
 
 
 async def _swap(conn: Conn, tables: Sequence[_Table], tuning: Tuning,
-                report: Conversion) -> None:
+                report: Conversion, ddl_timeout: float | None) -> None:
     async def swap() -> None:
         await conn.execute("LOCK TABLE tierstore_heads IN EXCLUSIVE MODE")
         await conn.execute("LOCK TABLE " + ", ".join(TABLES) + " IN ACCESS EXCLUSIVE MODE")
         locked = time.monotonic()
         while n := await _catch_up_chunk(conn, tables, None):
             report.threads_caught_up += n
-        await _run_ddl(conn, _put_in_place_ddl(tables))  # the triggers go with the tables
+        # the triggers go with the tables
+        await _run_ddl(conn, _put_in_place_ddl(tables), ddl_timeout=ddl_timeout)
         await conn.execute(f"DROP FUNCTION {_NOTE}()")
         await conn.execute(f"DROP TABLE {_LOG}, {_STATE}")
         report.lock_seconds = time.monotonic() - locked

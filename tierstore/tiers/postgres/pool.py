@@ -7,7 +7,7 @@ is asyncpg's): ``min_size=1``, ``max_size=10`` (pool size), ``command_timeout=30
 live in this schema, created if missing), ``statement_cache_size=100`` (named
 prepared statements kept per connection), ``pooler=transaction`` (behind a pooler in
 transaction mode, such as PgBouncer's ``pool_mode = transaction``: see below),
-``pooler_settings=transaction`` (or ``server``: see below), ``partitions=N`` (2..1024:
+``pooler_settings=transaction`` (or ``server``: see below), ``partitions=N`` (2..64:
 the checkpoint, blob and write tables are hash-partitioned by thread into N when the
 schema is created; a store already holding data in plain tables is refused and
 converted with ``tierstore migrate --partitions N``, one partitioned into another
