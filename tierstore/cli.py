@@ -131,8 +131,7 @@ def _run(where: _Where, body: Callable[[TieredSaver], Awaitable[T]]) -> T:
 
 
 def _json(data: Any, **options: Any) -> str:
-    """JSON as RFC 8259 has it: a NaN or infinite number is an error here, not output
-    other parsers refuse."""
+    """JSON as RFC 8259 has it: a NaN or infinite number is an error, not output."""
     return json.dumps(data, allow_nan=False, default=str, **options)
 
 
@@ -144,8 +143,7 @@ def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
 
 
 class _Bar:
-    """What ``_progress`` yields: call it with (done, total); ``phase`` relabels it for the
-    next stage of the work (its count starts over)."""
+    """``_progress``'s: called with (done, total); ``phase`` relabels it (count from 0)."""
 
     def __init__(self, label: str, update: Callable[[str, int, int | None], None]) -> None:
         self._base = self._label = label

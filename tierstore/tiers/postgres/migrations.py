@@ -111,7 +111,7 @@ async def _migrate_in_transactions(
                 await _apply_all(conn, schema=schema, setup_timeout=setup_timeout,
                                  url=url, in_transaction=True)
                 if partitions is not None:
-                    await _ensure_layout(conn, partitions, url=url)
+                    await _ensure_layout(conn, partitions, url=url, setup_timeout=setup_timeout)
                 return
         if loop.time() > deadline:
             raise TierUnavailable(
