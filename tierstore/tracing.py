@@ -27,6 +27,7 @@ one (``TieredSaver.trace_with``).
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -179,10 +180,9 @@ def traced(
                 finish(span, None)
                 return result
 
-        run.__name__ = method.__name__
-        run.__qualname__ = method.__qualname__
-        run.__doc__ = method.__doc__
-        return run
+        # the method's signature too (``__wrapped__``): LangGraph reads it, e.g. to pass
+        # ``task_path`` to ``aput_writes`` only to a saver that takes it
+        return functools.wraps(method)(run)
 
     return wrap
 
@@ -236,10 +236,9 @@ def traced_iter(
                 await _aclose(inner)
                 span.end()
 
-        run.__name__ = method.__name__
-        run.__qualname__ = method.__qualname__
-        run.__doc__ = method.__doc__
-        return run
+        # the method's signature too (``__wrapped__``): LangGraph reads it, e.g. to pass
+        # ``task_path`` to ``aput_writes`` only to a saver that takes it
+        return functools.wraps(method)(run)
 
     return wrap
 
