@@ -240,7 +240,6 @@ async def test_what_must_hold_the_lock_across_transactions_is_refused(
             await store.abandon_partitioning()
 
     import tierstore.migrate
-    import tierstore.tiers.postgres.migrations as runner
 
     shipped = tierstore.migrate.migrations_for("postgres")
     concurrently = Migration(len(shipped) + 1, "by_channel",
@@ -252,7 +251,6 @@ async def test_what_must_hold_the_lock_across_transactions_is_refused(
         return [*shipped, concurrently]
 
     monkeypatch.setattr(tierstore.migrate, "migrations_for", with_one_more)
-    monkeypatch.setattr(runner, "migrations_for", with_one_more)
     store = PostgresWarm.from_url(StoreUrl.parse(warm_url))
     with pytest.raises(ConfigurationError, match="without pooler=transaction"):
         await store.setup()
