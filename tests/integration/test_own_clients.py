@@ -135,10 +135,9 @@ async def test_a_turn_on_the_applications_pool_redis_and_s3_client_leaves_them_o
         # prefix with its TTL, the offloaded message in the bucket under the prefix
         async with pool.acquire() as conn:
             rows = await conn.fetchval("SELECT count(*) FROM tierstore_checkpoints")
-            table_schema = await conn.fetchval(
-                "SELECT table_schema FROM information_schema.tables "
-                "WHERE table_name = 'tierstore_checkpoints'")
-        assert rows >= 2 and table_schema == schema
+            in_schema = await conn.fetchval(
+                f'SELECT count(*) FROM "{schema}".tierstore_checkpoints')
+        assert rows >= 2 and in_schema == rows  # the pool's search_path put them there
         keys = [k async for k in redis_client.scan_iter(match=f"{prefix}*")]
         ttls = {k: await redis_client.ttl(k) for k in keys}
         # every key under the prefix carries the TTL given (-2: gone since the scan)
