@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +71,24 @@ class Side:
         return hot
 
 
+@asynccontextmanager
+async def side_a(options: dict[str, Any], loops: str) -> AsyncIterator[Side]:
+    """Saver A: on the test's loop, or a sync saver on an event loop of its own."""
+    threaded = loops == "two-loops"
+    saver = TieredSaver.from_urls(**options)
+    if threaded:
+        saver.__enter__()  # a sync saver: its own event loop, on a thread of its own
+    else:
+        await saver.open()
+    try:
+        yield Side(saver, threaded)
+    finally:
+        if threaded:
+            saver.__exit__(None, None, None)
+        else:
+            await saver.aclose()
+
+
 async def write(saver: TieredSaver, thread: str, note: str, run_id: str, *,
                 parent: RunnableConfig | None = None, step: int = 1) -> RunnableConfig:
     values = {"note": note}
@@ -103,49 +122,36 @@ async def test_a_delete_through_one_saver_wins_over_another_savers_copies(
     options: dict[str, Any] = dict(hot=hot_url, warm=f"sqlite:///{tmp_path}/warm.db", cold=None,
                                    hot_check=hot_check, hot_write_delay=60)
     secret = f"SECRET-{uuid.uuid4().hex}"
-    threaded = loops == "two-loops"
-    a_saver = TieredSaver.from_urls(**options)
-    if threaded:
-        a_saver.__enter__()  # a sync saver: its own event loop, on a thread of its own
-    else:
-        await a_saver.open()
-    a = Side(a_saver, threaded)
-    try:
-        async with TieredSaver.from_urls(**options) as b:
-            kept = await a.run(write(a.saver, "t", "kept", "kept-run"))
-            await a.run(a.cache.drain())  # A's hot store holds "kept"
-            doomed = await a.run(write(a.saver, "t", secret, "doomed-run", parent=kept,
-                                       step=2))
-            gone = {kept["configurable"]["checkpoint_id"], doomed["configurable"]["checkpoint_id"]}
-            if expected == "kept":
-                gone.remove(kept["configurable"]["checkpoint_id"])
-            assert a.cache.queued("t", "") is not None  # sent in 60 s
-            assert await a.run(note_of(a.saver)) == secret
-            # newer than A's checkpoints: copied onto "t", it is the head there
-            await write(b, "source", "source-state", "other-run", step=3)
+    async with side_a(options, loops) as a, TieredSaver.from_urls(**options) as b:
+        kept = await a.run(write(a.saver, "t", "kept", "kept-run"))
+        await a.run(a.cache.drain())  # A's hot store holds "kept"
+        doomed = await a.run(write(a.saver, "t", secret, "doomed-run", parent=kept,
+                                   step=2))
+        gone = {kept["configurable"]["checkpoint_id"], doomed["configurable"]["checkpoint_id"]}
+        if expected == "kept":
+            gone.remove(kept["configurable"]["checkpoint_id"])
+        assert a.cache.queued("t", "") is not None  # sent in 60 s
+        assert await a.run(note_of(a.saver)) == secret
+        # newer than A's checkpoints: copied onto "t", it is the head there
+        await write(b, "source", "source-state", "other-run", step=3)
 
-            await action(b)
+        await action(b)
 
-            for when in ("queued", "sent"):
-                assert await a.run(note_of(a.saver)) == expected, f"A, update {when}"
-                assert await note_of(b) == expected, f"B, update {when}"
-                # the hot stores read directly (A's on its own loop)
-                b_hot = b.regions.by_name["default"].hot
-                assert b_hot is not None
-                for side, entry in (("A", await a.run(a.hot.get("t", ""))),
-                                    ("B", await b_hot.get("t", ""))):
-                    assert entry is None or entry.checkpoint_id not in gone, (
-                        f"{side}'s hot store, update {when}")
-                await a.run(a.cache.drain())  # A's queued update goes out now
-            if not hot_url.startswith("memory"):
-                prefix = hot_url.split("prefix=", 1)[1].split("&", 1)[0]
-                raw = await redis_bytes(hot_url, prefix, delete=False)
-                assert secret.encode() not in unpacked(raw)
-    finally:
-        if threaded:
-            a_saver.__exit__(None, None, None)
-        else:
-            await a_saver.aclose()
+        for when in ("queued", "sent"):
+            assert await a.run(note_of(a.saver)) == expected, f"A, update {when}"
+            assert await note_of(b) == expected, f"B, update {when}"
+            # the hot stores read directly (A's on its own loop)
+            b_hot = b.regions.by_name["default"].hot
+            assert b_hot is not None
+            for side, entry in (("A", await a.run(a.hot.get("t", ""))),
+                                ("B", await b_hot.get("t", ""))):
+                assert entry is None or entry.checkpoint_id not in gone, (
+                    f"{side}'s hot store, update {when}")
+            await a.run(a.cache.drain())  # A's queued update goes out now
+        if not hot_url.startswith("memory"):
+            prefix = hot_url.split("prefix=", 1)[1].split("&", 1)[0]
+            raw = await redis_bytes(hot_url, prefix, delete=False)
+            assert secret.encode() not in unpacked(raw)
 
 
 @pytest.mark.parametrize("loops", ["one-loop", "two-loops"])
@@ -157,25 +163,12 @@ async def test_a_trusted_saver_reads_another_savers_write_not_the_older_hot_entr
     fork the thread and drop the run's output."""
     options: dict[str, Any] = dict(hot=hot_url, warm=f"sqlite:///{tmp_path}/warm.db", cold=None,
                                    hot_check="trusted", hot_write_delay=60)
-    threaded = loops == "two-loops"
-    a_saver = TieredSaver.from_urls(**options)
-    if threaded:
-        a_saver.__enter__()
-    else:
-        await a_saver.open()
-    a = Side(a_saver, threaded)
-    try:
-        async with TieredSaver.from_urls(**options) as b:
-            first = await a.run(write(a.saver, "t", "first", "run-1"))
-            await a.run(a.cache.drain())  # the hot entries hold "first"
-            assert await note_of(b) == "first"  # and B has read it
-            await a.run(write(a.saver, "t", "second", "run-2", parent=first, step=2))
-            assert a.cache.queued("t", "") is not None  # sent in 60 s
-            assert await note_of(b) == "second"
-            await a.run(a.cache.drain())
-            assert await note_of(b) == "second"
-    finally:
-        if threaded:
-            a_saver.__exit__(None, None, None)
-        else:
-            await a_saver.aclose()
+    async with side_a(options, loops) as a, TieredSaver.from_urls(**options) as b:
+        first = await a.run(write(a.saver, "t", "first", "run-1"))
+        await a.run(a.cache.drain())  # the hot entries hold "first"
+        assert await note_of(b) == "first"  # and B has read it
+        await a.run(write(a.saver, "t", "second", "run-2", parent=first, step=2))
+        assert a.cache.queued("t", "") is not None  # sent in 60 s
+        assert await note_of(b) == "second"
+        await a.run(a.cache.drain())
+        assert await note_of(b) == "second"
