@@ -539,8 +539,13 @@ async def test_writers_keep_writing_while_the_store_is_converted(
 
     turns = [turn(k) for k in range(120)]
     converter = PostgresWarm.from_url(StoreUrl.parse(url))
-    conversion = asyncio.ensure_future(
-        converter.partition(N, tuning=layouts.Tuning(batch_rows=5, swap_below=3)))
+    copying = asyncio.Event()  # the writes start once the triggers note them
+    conversion = asyncio.ensure_future(converter.partition(
+        N, tuning=layouts.Tuning(batch_rows=5, swap_below=3),
+        phase=lambda name: copying.set() if name == "copy" else None))
+    await asyncio.wait([conversion, asyncio.ensure_future(copying.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    assert copying.is_set(), conversion.exception()
     during = 0
     for run in turns:
         await run(store)

@@ -258,9 +258,9 @@ async def test_archiving_restores_and_offloads_ride_through_s3_faults(
             faulted = load.failures()
             before = chats.snapshot()
             await until(lambda: chats.all_turned_since(before, 2), "every thread turning again")
-            end = {t: await history_length(saver, t) for t in threads}
         finally:
             await load.finish()
+        end = {t: await history_length(saver, t) for t in threads}  # the load has stopped
         escaped = [(where, f"{type(e).__module__}.{type(e).__name__}: {e}")
                    for where, e in load.all_errors() if not isinstance(e, TierUnavailable)]
         assert escaped == [], "errors other than TierUnavailable"
