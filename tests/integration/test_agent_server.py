@@ -337,7 +337,7 @@ async def test_double_texting_interrupts_or_rolls_back_the_first_run(
         strategy: Literal["interrupt", "rollback"]) -> None:
     thread_id = await new_thread(client)
     await run(client, thread_id)
-    busy: dict[str, Any] = {"items": [], "delay": 10.0}  # busy until the second run comes
+    busy: dict[str, Any] = {"items": [], "delay": 4.0}  # busy until the second run comes
     first = await client.runs.create(thread_id, "agent", input=busy)
     await wait_started(saver, thread_id, first["run_id"])
     second = await client.runs.create(thread_id, "agent", input={"items": []},

@@ -210,7 +210,7 @@ async def test_a_bad_fourth_checkpoint_writes_nothing(request: pytest.FixtureReq
 
 
 @pytest.mark.parametrize("bad_id", ["not-a-uuid", "ffffffff-ffff-6fff-8fff-ffffffffffff",
-                                    str(uuid.uuid4())])
+                                    str(uuid.uuid4())], ids=["not-a-uuid", "max-v6", "uuid4"])
 async def test_import_refuses_ids_langgraph_does_not_generate(tmp_path: Path,
                                                               bad_id: str) -> None:
     async with embedded(tmp_path) as saver:
@@ -303,7 +303,8 @@ async def test_export_import_round_trip_keeps_everything(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("bad_id", ["not-a-uuid", "", "ffffffff-ffff-6fff-8fff-ffffffffffff",
-                                    str(uuid.uuid4())])
+                                    str(uuid.uuid4())], ids=["not-a-uuid", "empty", "max-v6",
+                                                             "uuid4"])
 async def test_aput_refuses_ids_that_would_stay_latest(tmp_path: Path, bad_id: str) -> None:
     async with embedded(tmp_path) as saver:
         good = generate_checkpoint()

@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pytest
 
+from tests.servers.apt import apt_install
 from tests.servers.postgres import free_port
 
 POOL_SIZE = 3
@@ -41,18 +42,11 @@ def _binary() -> str:
     if os.geteuid() != 0:
         pytest.skip("pgbouncer is not installed and installing it needs root "
                     "(apt-get install pgbouncer)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", "pgbouncer"], check=True, env=env,
-                       capture_output=True, timeout=600)
-    except (OSError, subprocess.SubprocessError):
-        try:
-            subprocess.run(["apt-get", "update", "-q"], check=True, env=env,
-                           capture_output=True, timeout=600)
-            subprocess.run(["apt-get", "install", "-y", "-q", "pgbouncer"], check=True,
-                           env=env, capture_output=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            pytest.skip(f"pgbouncer could not be installed with apt-get: {exc}")
+        apt_install("pgbouncer", installed=lambda: bool(
+            shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")))
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"pgbouncer could not be installed with apt-get: {exc}")
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if not found:
         pytest.skip("apt-get install pgbouncer left no pgbouncer executable behind")

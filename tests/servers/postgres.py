@@ -32,6 +32,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.servers.apt import apt_install
+
 ENV_URL = "TIERSTORE_TEST_POSTGRES_URL"
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -72,10 +74,7 @@ def _install_postgres() -> Path:
     if os.geteuid() != 0:
         pytest.fail("no PostgreSQL server reachable and none installed; install postgresql "
                     f"or set {ENV_URL}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], check=True, env=env,
-                   capture_output=True)
+    apt_install("postgresql", installed=lambda: _bin_dir() is not None)
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.fail("apt-get install postgresql left no initdb behind")

@@ -29,6 +29,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
+from tests.servers.apt import apt_install
+
 START_TIMEOUT = 20.0
 HOST = "127.0.0.1"
 
@@ -102,14 +104,9 @@ def free_port(*, with_bus: bool = False) -> int:
 def binary(name: str) -> str:
     path = shutil.which(name)
     if path is None and hasattr(os, "geteuid") and os.geteuid() == 0:
-        for args in (["apt-get", "install", "-y", "-q", "redis-server"],
-                     ["apt-get", "update", "-q"],
-                     ["apt-get", "install", "-y", "-q", "redis-server"]):
-            subprocess.run(args, check=False, capture_output=True, timeout=300,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-            path = shutil.which(name)
-            if path is not None:
-                break
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            apt_install("redis-server", installed=lambda: shutil.which(name) is not None)
+        path = shutil.which(name)
     if path is None:
         pytest.fail(f"{name} is not installed and could not be installed "
                     "(apt-get install redis-server, or set TIERSTORE_TEST_REDIS_URL)")

@@ -291,7 +291,8 @@ def test_langgraph_ids_are_accepted() -> None:
     "not-a-uuid", "", "ffffffff-ffff-6fff-8fff-ffffffffffff", str(uuid.uuid4()),
     str(uuid.uuid1()), v6_at(NOW).upper(), v6_at(NOW + 3600), "\x00", 7,
     "{" + v6_at(NOW) + "}",
-])
+], ids=["not-a-uuid", "empty", "max-v6", "uuid4", "uuid1", "upper-case", "an-hour-ahead",
+        "nul", "int", "braces"])
 def test_other_ids_are_invalid_input(bad: object) -> None:
     with pytest.raises(InvalidInput):
         validate_checkpoint_id(bad, NOW)
