@@ -8,6 +8,7 @@ private one from installed binaries (installing them when running as root).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -36,13 +37,33 @@ def embedded_urls(tmp_path: os.PathLike[str]) -> dict[str, str]:
     }
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.integration.test_conformance import REPORTS
+CONFORMANCE: dict[str, tuple[int, int]] = {}
+"""Conformance counts per stack, as reported (from test workers too)."""
 
-    if not REPORTS:
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    if call.when == "call":
+        from tests.integration.test_conformance import REPORTS
+
+        report = outcome.get_result()
+        while REPORTS:  # carried on the report, so the controlling process sees it
+            stack, counts = REPORTS.popitem()
+            report.user_properties.append(("conformance", (stack, *counts)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "conformance" and isinstance(value, (tuple, list)):
+            CONFORMANCE[str(value[0])] = (int(value[1]), int(value[2]))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not CONFORMANCE:
         return
     terminalreporter.section("LangGraph checkpoint conformance")
-    for stack, (passed, failed) in sorted(REPORTS.items()):
+    for stack, (passed, failed) in sorted(CONFORMANCE.items()):
         terminalreporter.write_line(
             f"conformance[{stack}]: {passed} passed, {failed} failed (8/8 capabilities)"
             if failed == 0 else f"conformance[{stack}]: {passed} passed, {failed} FAILED"

@@ -62,7 +62,8 @@ async def test_a_kept_connection_the_server_dropped_is_not_used(
     admin = await asyncpg.connect(postgres_url)
     try:
         await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE application_name = $1 AND pid <> $2", name, mine)
+                            "WHERE application_name = $1 AND pid <> $2 "
+                            "AND datname = current_database()", name, mine)
     finally:
         await admin.close()
     await asyncio.sleep(0.2)

@@ -254,6 +254,7 @@ async def test_laying_out_waits_up_to_setup_timeout_not_command_timeout(
         # release once the lay-out has waited for the lock past command_timeout (or failed)
         while not opening.done() and not await watcher.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database() "
                 "AND query LIKE 'LOCK TABLE tierstore_checkpoints%' "
                 "AND clock_timestamp() - query_start > interval '1.5 seconds')"):
             await asyncio.wait({opening}, timeout=0.1)
