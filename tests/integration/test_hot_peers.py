@@ -27,12 +27,14 @@ from langgraph.checkpoint.conformance.test_utils import (
     generate_config,
     generate_metadata,
 )
+from redis.asyncio import Redis
 
 from tests.integration.rawbytes import redis_bytes, unpacked
 from tests.servers.redis import purge, with_query
 from tierstore import TieredSaver
 from tierstore.hotcache import HotCache
 from tierstore.tiers.base import HotStore
+from tierstore.tiers.clients import redis_hot
 
 T = TypeVar("T")
 
@@ -172,3 +174,33 @@ async def test_a_trusted_saver_reads_another_savers_write_not_the_older_hot_entr
         assert await note_of(b) == "second"
         await a.run(a.cache.drain())
         assert await note_of(b) == "second"
+
+
+@pytest.mark.parametrize("injected", ["reader", "writer"])
+async def test_a_saver_on_the_applications_redis_client_is_a_peer_of_its_url_twin(
+        redis_url: str, tmp_path: Path, injected: str) -> None:
+    """One saver on a Redis client the application made, one from the same server's URL:
+    they share the same entries, so a trusted one must see the other's newer write."""
+    prefix = f"peers-{uuid.uuid4().hex[:10]}:"
+    options: dict[str, Any] = dict(warm=f"sqlite:///{tmp_path}/warm.db", cold=None,
+                                   hot_check="trusted", hot_write_delay=60)
+    client = Redis.from_url(redis_url.split("?", 1)[0])
+    on_client = TieredSaver.from_clients(hot=client, hot_options={"prefix": prefix}, **options)
+    on_url = TieredSaver.from_urls(hot=with_query(redis_url, prefix=prefix), **options)
+    a, b = (on_url, on_client) if injected == "reader" else (on_client, on_url)
+    try:
+        async with a, b:
+            first = await write(a, "t", "first", "run-1")
+            await a.regions.by_name["default"].cache.drain()  # type: ignore[union-attr]
+            assert await note_of(b) == "first"
+            await write(a, "t", "second", "run-2", parent=first, step=2)  # queued for 60 s
+            assert await note_of(b) == "second"
+    finally:
+        await client.aclose()
+        await purge(redis_url, prefix)
+
+
+def test_clients_of_two_servers_are_not_peers() -> None:
+    one, two = Redis(host="10.0.0.1", port=6379), Redis(host="10.0.0.2", port=6380)
+    assert redis_hot(one).identity != redis_hot(two).identity
+    assert redis_hot(one).identity == redis_hot(Redis(host="10.0.0.1", port=6379)).identity

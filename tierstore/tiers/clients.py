@@ -105,7 +105,12 @@ def redis_hot(client: object, *, ttl: float = 3600.0, **options: Any) -> RedisHo
                 values[name] = float(values[name])
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"{where!r}: bad option value ({exc})") from exc
-    settings = RedisHotSettings(masked_url=where, cluster=cluster, db=db, **values)
+    # where the entries live, as a URL-made store names it: savers on the same server and
+    # prefix share a process's delete floors and head versions (hotcache.peers_of)
+    host = str(kwargs.get("host") or kwargs.get("path") or "localhost")
+    port = int(kwargs.get("port") or (0 if kwargs.get("path") else 6379))
+    settings = RedisHotSettings(masked_url=where, cluster=cluster, db=db, host=host, port=port,
+                                **values)
     return RedisHot(settings, client=client)
 
 
