@@ -104,5 +104,7 @@ class LoopBridge:
                 "this would deadlock. Use the async method (aget_tuple, aput, ainvoke, …) "
                 "or call the sync one from another thread."
             )
+        # The task starts in a copy of this thread's context (call_soon_threadsafe copies
+        # it): a lease's fencing token and the caller's current span reach the call.
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
         return future.result()

@@ -84,6 +84,35 @@ async def test_an_expired_holder_is_fenced_out(urls: Urls) -> None:
         assert await single_chain(saver, "fenced")
 
 
+def test_an_expired_sync_holder_is_fenced_out(urls: Urls) -> None:
+    """The same through the sync API: the block's token reaches the saver's own loop."""
+    with urls.open() as saver:
+        app = build_agent().compile(checkpointer=saver)
+        stack = saver.regions.for_thread("sync-fenced")
+        assert stack.hot is not None
+        with saver.lease("sync-fenced", ttl=5) as first:
+            app.invoke(ask("remember alpha"), cfg("sync-fenced"))
+            # the lock vanishes (it expired, or a failover lost it); another holder comes
+            saver._bridge.run(stack.hot.release_lease(  # type: ignore[attr-defined]
+                "sync-fenced", first.owner))
+            took: list[int | None] = []
+
+            def second_holder() -> None:
+                with saver.lease("sync-fenced", wait=5) as second:
+                    took.append(second.token)
+                    app.invoke(ask("remember beta"), cfg("sync-fenced"))
+
+            other = threading.Thread(target=second_holder)
+            other.start()
+            other.join()
+            assert took and took[0] is not None and first.token is not None
+            assert took[0] > first.token
+            with pytest.raises(LeaseLost) as info:
+                app.invoke(ask("remember stale"), cfg("sync-fenced"))
+            assert info.value.token == first.token
+        assert app.get_state(cfg("sync-fenced")).values["notes"] == ["alpha", "beta"]
+
+
 async def test_a_held_lease_makes_others_wait_then_give_up(urls: Urls) -> None:
     async with urls.open() as saver:
         async with saver.lease("busy", ttl=5):

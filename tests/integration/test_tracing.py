@@ -230,3 +230,20 @@ async def main():
 print(json.dumps({{"names": asyncio.run(main())}}))
 """)
     assert out == {"names": ["tierstore.saver.aget_tuple", "tierstore.store.warm.get"]}
+
+
+def test_a_sync_call_joins_the_callers_trace(tmp_path: Path, provider: TracerProvider,
+                                             exporter: InMemorySpanExporter) -> None:
+    """``invoke`` runs the saver on its own loop; its spans still belong to the caller's."""
+    with embedded(tmp_path).trace_with(provider) as saver:
+        app = build_agent().compile(checkpointer=saver)
+        with provider.get_tracer("app").start_as_current_span("request") as request:
+            app.invoke({"messages": [HumanMessage("remember sync")]},
+                       {"configurable": {"thread_id": THREAD}})
+    spans = exporter.get_finished_spans()
+    saver_spans = [s for s in spans if s.name.startswith("tierstore.saver.")]
+    assert {s.name for s in saver_spans} >= {"tierstore.saver.aput", "tierstore.saver.aget_tuple"}
+    for span in saver_spans:
+        assert span.parent is not None and span.parent.span_id == request.get_span_context().span_id
+        assert span.context is not None
+        assert span.context.trace_id == request.get_span_context().trace_id
