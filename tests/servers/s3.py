@@ -3,7 +3,9 @@
 moto's in-process ``mock_aws`` does not intercept aiobotocore's aiohttp transport,
 so the tests talk HTTP to ``ThreadedMotoServer`` on a free 127.0.0.1 port. Set
 ``TIERSTORE_TEST_S3_ENDPOINT`` to use a moto server that is already running (the
-restore fixture needs moto's state-manager API, so it must be moto).
+restore fixture needs moto's state-manager API, so it must be moto); such a server is
+shared by every test worker, and ``manual_restores`` changes it server-wide, so run
+with ``-n 0`` then. Started here, each worker has a moto server of its own.
 
 Restores finish at once on moto by default; ``manual_restores`` makes them pass
 through "in-progress" for a few requests, so tests can see that state.
