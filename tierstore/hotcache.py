@@ -174,20 +174,23 @@ _PEERS_LOCK = threading.Lock()
 def peers_of(hot: HotStore, warm: WarmStore) -> HotPeers:
     """The ``HotPeers`` of a hot store in this process.
 
-    A hot store that names a shared place (``identity``: Redis host, database and key
-    prefix) is grouped with every store naming the same; an in-process one (``memory://``)
-    with those in front of the same warm store (its ``identity``, else the object).
+    A hot store that names a shared place (``identity``: the Redis server, database and
+    key prefix; ``aliases``: other names of it) is grouped with every store naming the
+    same; an in-process one (``memory://``) with those in front of the same warm store
+    (its ``identity``, else the object).
     """
     shared = getattr(hot, "identity", None)
     if shared is not None:
-        key: Hashable = ("hot", shared)
+        keys: list[Hashable] = [("hot", name) for name in (shared, *getattr(hot, "aliases", ()))]
     else:
         place = getattr(warm, "identity", None)
-        key = ("warm", place) if place is not None else ("object", warm)
+        keys = [("warm", place) if place is not None else ("object", warm)]
     with _PEERS_LOCK:
-        peers = _PEERS.get(key)
-        if peers is None:
-            peers = _PEERS[key] = HotPeers()
+        # the group of the first name already known (a store whose server never answered
+        # is known by its spelling only); every name of this store joins that group
+        peers = next((p for p in map(_PEERS.get, keys) if p is not None), None) or HotPeers()
+        for key in keys:
+            _PEERS.setdefault(key, peers)
         return peers
 
 
@@ -260,8 +263,10 @@ class HotCache:
     # -- peers --------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Serve from the running event loop: peers tell this cache of deletes there."""
+        """Serve from the running event loop: peers tell this cache of deletes there.
+        Called once the stores are set up, when the hot store knows its server's name."""
         self._loop = asyncio.get_running_loop()
+        self._peers = peers_of(self.hot, self.warm)
         self._peers.join(self)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from redis.asyncio import Redis
@@ -477,3 +478,37 @@ async def test_an_entry_of_an_older_release_is_never_fresh_and_any_put_replaces_
     assert await hot.put(entry(t, "1", writes=(w("a", -3, b"new"),), version=1))
     got = await hot.get(t, "")
     assert got is not None and got.version == 1 and got.writes[0].payload.data == b"new"
+
+
+async def test_once_set_up_a_store_is_named_by_its_server_not_by_its_spelling(
+        redis_url: str, redis_servers: Callable[[], RedisServer]) -> None:
+    """Savers of one process share floors by this name (``hotcache.peers_of``): any
+    spelling of one server is one place, two servers are two."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    other = redis_servers()
+    prefix = unique_prefix()
+    stores = [make(f"redis://127.0.0.1:{port}/0", prefix=prefix),
+              make(f"redis://localhost:{port}/0", prefix=prefix),
+              make(f"redis://localhost:{port}/1", prefix=prefix),
+              make(f"redis://127.0.0.1:{port}/0", prefix=unique_prefix()),
+              make(f"redis://127.0.0.1:{other.port}/0", prefix=prefix)]
+    assert stores[0].identity != stores[1].identity  # before the server answers: as spelled
+    async with contextlib.AsyncExitStack() as stack:
+        for store in stores:
+            await stack.enter_async_context(opened(store))
+        same, other_db, other_prefix, other_server = (s.identity for s in stores[1:])
+        assert same == stores[0].identity
+        assert len({stores[0].identity, other_db, other_prefix, other_server}) == 4
+        assert stores[1].aliases == (stores[1].spelled,)
+
+
+async def test_a_cluster_is_named_by_its_nodes_whichever_seeds_found_it(
+        redis_cluster_url: str) -> None:
+    first = redis_cluster_url.split("?", 1)[0]
+    another = parse_qs(urlsplit(redis_cluster_url).query)["seeds"][0].split(",")[0]
+    prefix = unique_prefix()
+    a = make(first, prefix=prefix)
+    b = make(f"redis+cluster://{another}", prefix=prefix)
+    async with opened(a), opened(b):
+        assert a.identity == b.identity
+        assert a.identity != a.spelled

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from tests.servers.proxy import TcpProxy
 from tests.servers.redis import RedisServer, unique_prefix, with_query
-from tierstore import TieredSaver
+from tierstore import TieredSaver, hotcache
 from tierstore.tiers.redis import entry_key
 
 DEADLINE = 20.0
@@ -269,9 +269,12 @@ async def test_a_trusted_writer_never_resumes_from_an_entry_its_failed_hot_write
 
 async def test_trusted_reads_are_stale_at_most_until_the_ttl(
     proxied_redis: tuple[RedisServer, TcpProxy], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The bound when nothing can repair the entry: the writer ends while Redis is
     unreachable (it retries on close, then warns), and another process trusts Redis."""
+    # each saver as if in a process of its own: no shared floors or head versions
+    monkeypatch.setattr(hotcache, "peers_of", lambda hot, warm: hotcache.HotPeers())
     server, proxy = proxied_redis
     prefix = unique_prefix()
     warm = f"sqlite:///{tmp_path}/shared.db"

@@ -536,6 +536,7 @@ class RedisHot(HotStore, LeaseStore):
         self._clock = clock
         self._given = client  # the caller's (``clients.redis_hot``): used, never closed
         self._client: Client | None = None
+        self._server: tuple[Any, ...] | None = None  # the server as it names itself (setup)
         self._scripts: dict[str, AsyncScript] = {}
         self._breaker = Breaker()
         self._life = Lifecycle(f"redis hot tier {settings.masked_url}")
@@ -552,9 +553,25 @@ class RedisHot(HotStore, LeaseStore):
 
     @property
     def identity(self) -> tuple[Any, ...]:
-        """Where the entries live: stores with the same identity share them."""
+        """Where the entries live: stores with the same identity share them. Once the
+        server has answered ``setup``, it is the server as it names itself (its run id,
+        or a cluster's node addresses), so any spelling of it (``localhost`` or
+        ``127.0.0.1``, a socket path, other seeds, the caller's client) is the same place."""
+        s = self.settings
+        if self._server is not None:
+            return (*self._server, s.db, s.prefix)
+        return self.spelled
+
+    @property
+    def spelled(self) -> tuple[Any, ...]:
+        """Where the entries live, as the settings spell it (before the server answers)."""
         s = self.settings
         return ("redis", s.cluster, s.host, s.port, s.seeds, s.db, s.prefix)
+
+    @property
+    def aliases(self) -> tuple[tuple[Any, ...], ...]:
+        """Other names of ``identity``: stores that share any of them share entries."""
+        return (self.spelled,) if self._server is not None else ()
 
     @property
     def ttl(self) -> float:
@@ -616,15 +633,22 @@ class RedisHot(HotStore, LeaseStore):
 
     async def _load_scripts(self, client: Client) -> None:
         if not self.settings.cluster:
-            info = await client.info("cluster")
+            info = await client.info()
             if str(info.get("cluster_enabled", "0")) == "1":
                 fix = "use a redis+cluster:// URL" if self._given is None else "pass a RedisCluster"
                 raise ConfigurationError(
                     f"{self.settings.masked_url!r}: the server runs in cluster mode; {fix}"
                 )
+            if info.get("run_id"):
+                self._server = ("redis", "run_id", str(info["run_id"]))
         for name, script in self._scripts.items():
             sha = await client.script_load(SCRIPTS[name])
             script.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+        if self.settings.cluster and isinstance(client, RedisCluster):
+            # the nodes as the cluster announces them, whichever seeds found it
+            nodes = sorted({(n.host, int(n.port)) for n in client.get_nodes()})
+            if nodes:
+                self._server = ("redis", "cluster", tuple(nodes))
 
     async def aclose(self) -> None:
         if self._life.close():
