@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import multiprocessing
 import threading
 from contextlib import suppress
@@ -110,6 +111,20 @@ def test_an_expired_sync_holder_is_fenced_out(urls: Urls) -> None:
             with pytest.raises(LeaseLost) as info:
                 app.invoke(ask("remember stale"), cfg("sync-fenced"))
             assert info.value.token == first.token
+            # work handed to a thread of the holder's own, in a copy of its context
+            refused: list[BaseException] = []
+
+            def stale_worker() -> None:
+                try:
+                    app.invoke(ask("remember stale from a worker"), cfg("sync-fenced"))
+                except LeaseLost as exc:
+                    refused.append(exc)
+
+            worker = threading.Thread(target=contextvars.copy_context().run,
+                                      args=(stale_worker,))
+            worker.start()
+            worker.join()
+            assert len(refused) == 1 and getattr(refused[0], "token", None) == first.token
         assert app.get_state(cfg("sync-fenced")).values["notes"] == ["alpha", "beta"]
 
 
