@@ -64,6 +64,13 @@ async def main():
     async with TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{directory}/warm.db",
                                      cold=f"file://{directory}/cold") as saver:
         out["tierstore"] = await turns(saver)
+    # the same store, reopened with the type allowed: what was refused reads back
+    async with TieredSaver.from_urls(hot="memory://", warm=f"sqlite:///{directory}/warm.db",
+                                     cold=f"file://{directory}/cold",
+                                     allowed_msgpack_modules=[("__main__", "Ticket")]) as saver:
+        app = builder.compile(checkpointer=saver)
+        state = (await app.aget_state({"configurable": {"thread_id": "t"}})).values
+        out["allowed"] = {"ticket": type(state["ticket"]).__name__, "state": repr(state)}
     print(json.dumps(out))
 
 asyncio.run(main())
@@ -106,3 +113,7 @@ def test_a_type_the_state_does_not_declare_is_refused_not_turned_into_a_dict(
     tier = out["tierstore"]
     assert tier.get("error") == "UnsafePayload", tier
     assert "Ticket" in tier["message"] and "allowed_msgpack_modules" in tier["message"]
+    # nothing was lost: allowed, the type reads back (the first turn's ticket: the second
+    # turn was refused when it read the thread, before it wrote anything)
+    assert out["allowed"]["ticket"] == "Ticket"
+    assert "Ticket(n=1)" in out["allowed"]["state"]
