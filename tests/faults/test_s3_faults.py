@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -417,3 +418,22 @@ async def test_other_requests_over_a_stalled_link_time_out(moto_endpoint: str) -
             assert [key async for key in store.iter_keys("")] in (["k"], [])
         finally:
             await store.aclose()
+
+
+async def test_reading_the_drivers_files_slowly_is_not_a_timed_out_request(
+        stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setup first reads botocore's model files (local work, seconds on a loaded host);
+    only the requests are held to the request deadline."""
+    store = store_at(stub.url)
+    loaded = S3Store._new_session
+
+    def slowly(self: S3Store) -> Any:
+        time.sleep(store.deadline + 0.5)  # a host busy with other work
+        return loaded(self)
+
+    monkeypatch.setattr(S3Store, "_new_session", slowly)
+    await asyncio.wait_for(store.setup(), HANG_GUARD)
+    try:
+        assert store.state == "opened"
+    finally:
+        await store.aclose()

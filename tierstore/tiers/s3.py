@@ -539,8 +539,11 @@ class S3Store(ObjectStore):
                 if self._given is not None:
                     self._client = self._given
                 else:
-                    async with self._driver("CreateClient", ""):
+                    # reading botocore's files is local work, not a request: it is not held
+                    # to the request deadline (a loaded host can take seconds over it)
+                    async with self._driver("CreateClient", "", timed=False):
                         session = await asyncio.to_thread(self._new_session)
+                    async with self._driver("CreateClient", ""):
                         self._client = await stack.enter_async_context(session.client(
                             "s3", endpoint_url=self.endpoint_url, region_name=self.region,
                             config=self._config,
@@ -611,13 +614,14 @@ class S3Store(ObjectStore):
         return self._client
 
     @contextlib.asynccontextmanager
-    async def _driver(self, op: str, key: str | None) -> AsyncIterator[None]:
-        """Run one driver call within ``self.deadline`` seconds.
+    async def _driver(self, op: str, key: str | None, *,
+                      timed: bool = True) -> AsyncIterator[None]:
+        """Run one driver call within ``self.deadline`` seconds (``timed``).
 
         Its errors leave as tierstore errors (see ``_translate``); running out of time
         leaves as ``TierUnavailable`` saying the request timed out.
         """
-        deadline = asyncio.timeout(self.deadline)
+        deadline = asyncio.timeout(self.deadline if timed else None)
         try:
             async with deadline:
                 yield
