@@ -11,7 +11,9 @@ work runs inline while its input is small and in a thread from ``LARGE`` bytes o
 
 The codec raises ``OffLoop`` (only inside ``inline()``, only on the thread that
 entered it) before it touches a large payload, so the call is retried whole in a
-thread; what ran before it is pure and is simply done again.
+thread; what ran before it is pure and is simply done again. A caller that knows the
+size up front (a stored record's payload headers) passes it, and a large call goes to
+the thread at once. A payload's bytes count once: its decompressed size.
 """
 
 from __future__ import annotations
@@ -65,11 +67,15 @@ def check(size: int) -> None:
         raise OffLoop
 
 
-async def run(fn: Callable[[], T]) -> T:
-    """``fn()`` on the loop if it only meets small payloads, else in a worker thread."""
-    try:
-        with inline():
-            return fn()
-    except OffLoop:
-        pass
+async def run(fn: Callable[[], T], *, size: int = 0) -> T:
+    """``fn()`` on the loop if it only meets small payloads, else in a worker thread.
+
+    ``size``: the bytes the caller knows ``fn`` will work on; from ``LARGE`` on, ``fn``
+    goes to the thread at once instead of starting on the loop and being redone there."""
+    if size < LARGE:
+        try:
+            with inline():
+                return fn()
+        except OffLoop:
+            pass
     return await asyncio.to_thread(fn)

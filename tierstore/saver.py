@@ -40,7 +40,7 @@ from tierstore.bridge import LoopBridge
 from tierstore.codec import Codec
 from tierstore.codec.chain import resolve_values
 from tierstore.codec.limits import DecodeLimits
-from tierstore.codec.pipeline import EMPTY
+from tierstore.codec.pipeline import EMPTY, payload_work
 from tierstore.delta import ChainWriter
 from tierstore.errors import InvalidInput, PruneRefused, TurnInProgress
 from tierstore.history import decode_history
@@ -556,7 +556,8 @@ class TieredSaver(
         record = await self._router.get(thread_id, ns, checkpoint_id)
         if record is None:
             return None
-        result = await offthread.run(lambda: self._to_tuple(record, follow=self.options.delta))
+        result = await offthread.run(lambda: self._to_tuple(record, follow=self.options.delta),
+                                     size=_record_work(record))
         if self.options.concurrency == "strict":
             # a copy: LangGraph goes on to change the checkpoint it was handed in place
             seen = result.checkpoint.get("versions_seen") or {}
@@ -651,7 +652,7 @@ class TieredSaver(
             limit=max(limit, 0) if limit is not None else None,
         )
         async for record in self._router.list(query, residual, self._decode_metadata):
-            yield await offthread.run(partial(self._to_tuple, record))
+            yield await offthread.run(partial(self._to_tuple, record), size=_record_work(record))
 
     @traced("aput", config_thread)
     async def aput(
@@ -806,3 +807,10 @@ class TieredSaver(
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         return next_channel_version(current)
+
+
+def _record_work(record: StoredCheckpoint) -> int:
+    """The bytes decoding ``record`` works on (``offthread.run``'s ``size``)."""
+    return (payload_work(record.checkpoint) + payload_work(record.metadata)
+            + sum(payload_work(p) for p in record.blobs.values())
+            + sum(payload_work(w.payload) for w in record.writes))

@@ -57,5 +57,16 @@ async def test_many_values_below_the_threshold_are_decoded_off_the_loop(
         tmp_path: Path) -> None:
     each = LARGE // 3  # each below it, together above it
     values = {f"ch{i}": str(i) * each for i in range(6)}
-    # what was decoded before the call's bytes reached the threshold is all the loop did
-    assert await read_back(tmp_path, values) < LARGE
+    # the record's size is known from its headers: none of it starts on the loop only to
+    # be decoded again in the thread
+    assert await read_back(tmp_path, values) == 0
+
+
+async def test_a_record_below_the_threshold_is_decoded_on_the_loop_whole(
+        tmp_path: Path) -> None:
+    """A hop to a thread costs more than the work below ``LARGE``: each payload's bytes
+    count once (decompressing and decoding them), not once per step."""
+    each = LARGE // 8
+    values = {f"ch{i}": str(i) * each for i in range(4)}  # LARGE / 2 in all
+    assert await read_back(tmp_path, values) == sum(
+        len(v) + 3 for v in values.values())  # every value, as msgpack, on the loop

@@ -215,7 +215,7 @@ class Codec:
         return self._loads(inner, where=where, budget=budget)
 
     def _loads(self, inner: Payload, *, where: str, budget: Budget | None) -> Any:
-        check_size(len(inner.data))
+        # its bytes were counted by ``decompress``, which every ``decode`` runs first
         if self.safe is not None:
             if inner.tag == "msgpack":  # what the objects would cost, before any is built
                 own = Budget(self.limits.max_payload_bytes, "payload")
@@ -245,10 +245,11 @@ class Codec:
             tag, data = self.keyring.decrypt(tag, data, where=where)
         stage = _zstd_stage(tag)
         if stage is not None:
-            # what it decompresses to, when the frame says (the writer's always does); not
-            # a frame: bounded_decompress names it
+            # what it decompresses to beyond what was counted, when the frame says (the
+            # writer's always does); not a frame: bounded_decompress names it. A payload's
+            # bytes count once: its decompressed size (what decoding it then works on)
             with contextlib.suppress(zstandard.ZstdError):
-                check_size(max(0, zstandard.frame_content_size(data)))
+                check_size(max(0, zstandard.frame_content_size(data) - len(data)))
             data = bounded_decompress(data, limit=self.limits.max_payload_bytes, where=where,
                                       dctx=self._decompressor(stage, where=where))
             tag = tag[: -len(stage) - 1]
@@ -262,6 +263,16 @@ class Codec:
         if budget is not None:
             budget.spend(len(data), where=where)
         return Payload(tag, data)
+
+
+def payload_work(payload: Payload) -> int:
+    """The bytes ``decode`` will work on for ``payload`` (its decompressed size when the
+    zstd frame says so), read from headers only: what ``offthread.check`` will count."""
+    data = payload.data
+    if _zstd_stage(payload.tag) is not None and not is_encrypted(payload.tag):
+        with contextlib.suppress(zstandard.ZstdError):
+            return max(len(data), zstandard.frame_content_size(data))
+    return len(data)
 
 
 def _zstd_stage(tag: str) -> str | None:
