@@ -171,7 +171,7 @@ class Codec:
         size = len(payload.data)
         if size < self.compress_min:
             return payload
-        check_size(size)
+        # its bytes were counted by ``_seal``, its one caller
         if self.dictionary is not None and size < DICTIONARY_BELOW:
             stage = f"{ZSTD}.{self.dictionary}"
             packed = self._dict_compressor(self.dictionary).compress(payload.data)
