@@ -9,11 +9,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+import zstandard
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from tierstore import TieredSaver
-from tierstore.offthread import LARGE
+from tierstore.codec import Codec
+from tierstore.offthread import LARGE, OffLoop, inline
+from tierstore.records import Payload
 
 
 class WhereDecoded(JsonPlusSerializer):
@@ -70,3 +74,15 @@ async def test_a_record_below_the_threshold_is_decoded_on_the_loop_whole(
     values = {f"ch{i}": str(i) * each for i in range(4)}  # LARGE / 2 in all
     assert await read_back(tmp_path, values) == sum(
         len(v) + 3 for v in values.values())  # every value, as msgpack, on the loop
+
+
+def test_a_frame_that_hides_its_size_is_counted_before_it_is_decoded() -> None:
+    """tierstore's frames say their size; a crafted one that does not is still counted
+    (once decompressed) before the serde decodes it on the loop."""
+    serde = WhereDecoded()
+    tag, data = serde.dumps_typed("x" * (4 * LARGE))
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    assert zstandard.frame_content_size(frame) == -1 and len(frame) < LARGE
+    with pytest.raises(OffLoop), inline():
+        Codec(serde).decode(Payload(f"{tag}+zstd", frame))
+    assert serde.decoded == []

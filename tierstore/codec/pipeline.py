@@ -248,10 +248,14 @@ class Codec:
             # what it decompresses to beyond what was counted, when the frame says (the
             # writer's always does); not a frame: bounded_decompress names it. A payload's
             # bytes count once: its decompressed size (what decoding it then works on)
+            counted = len(data)
             with contextlib.suppress(zstandard.ZstdError):
-                check_size(max(0, zstandard.frame_content_size(data) - len(data)))
+                check_size(max(0, zstandard.frame_content_size(data) - counted))
+                counted = max(counted, zstandard.frame_content_size(data))
             data = bounded_decompress(data, limit=self.limits.max_payload_bytes, where=where,
                                       dctx=self._decompressor(stage, where=where))
+            # a frame that did not say its size (never the writer's) counts before decoding
+            check_size(max(0, len(data) - counted))
             tag = tag[: -len(stage) - 1]
             if _zstd_stage(tag) is not None:
                 # the writer compresses once; each stage would be bounded on its own, so a
