@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["LARGE", "OffLoop", "check", "inline", "run"]
+__all__ = ["LARGE", "OffLoop", "check", "inline", "room", "run"]
 
 T = TypeVar("T")
 
@@ -65,6 +65,13 @@ def check(size: int) -> None:
     _local.seen = seen = getattr(_local, "seen", 0) + size
     if seen >= LARGE:
         raise OffLoop
+
+
+def room() -> int | None:
+    """Bytes of work left before ``LARGE`` inside ``inline()``; None outside it."""
+    if not getattr(_local, "inline", False):
+        return None
+    return max(0, LARGE - getattr(_local, "seen", 0))
 
 
 async def run(fn: Callable[[], T], *, size: int = 0) -> T:

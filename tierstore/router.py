@@ -33,10 +33,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
+from tierstore import offthread
 from tierstore.codec.chain import channel_of
 from tierstore.codec.limits import DecodeLimits
+from tierstore.codec.pipeline import payload_work
 from tierstore.errors import CorruptPayload, MissingBlobs, TierUnavailable
 from tierstore.history import ChannelHistory, channel_history
 from tierstore.hotcache import HotGuard
@@ -188,7 +191,9 @@ class Router:
         started = time.perf_counter()
         try:
             async for row in region.warm.list(query):
-                if residual and not matches_filter(decode_metadata(row), residual):
+                if residual and not matches_filter(await offthread.run(
+                        partial(decode_metadata, row), size=payload_work(row.metadata)),
+                        residual):
                     continue
                 record = await region.archive.materialize(row) if row.location == "archived" \
                     else _complete(row)

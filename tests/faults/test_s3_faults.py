@@ -437,3 +437,15 @@ async def test_reading_the_drivers_files_slowly_is_not_a_timed_out_request(
         assert store.state == "opened"
     finally:
         await store.aclose()
+
+
+async def test_an_unparsable_aws_config_is_a_configuration_error(
+        stub: Stub, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken config file is the operator's to fix, not an outage to retry."""
+    config = tmp_path / "config"
+    config.write_text("[default\nregion = us-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    store = store_at(stub.url)
+    error = await refused(store.setup(), ConfigurationError)
+    assert "not usable" in str(error)
+    await store.aclose()

@@ -15,7 +15,7 @@ from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from tierstore import TieredSaver
-from tierstore.codec import Codec
+from tierstore.codec import Codec, pipeline
 from tierstore.offthread import LARGE, OffLoop, inline
 from tierstore.records import Payload
 
@@ -86,3 +86,44 @@ def test_a_frame_that_hides_its_size_is_counted_before_it_is_decoded() -> None:
     with pytest.raises(OffLoop), inline():
         Codec(serde).decode(Payload(f"{tag}+zstd", frame))
     assert serde.decoded == []
+
+
+def test_frames_after_a_small_first_frame_are_not_decompressed_on_the_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crafted payload whose first frame says 8 bytes and whose next holds the rest:
+    the loop stops at what the call may still do there."""
+    serde = WhereDecoded()
+    tag, data = serde.dumps_typed("x" * (50 * LARGE))
+    compressor = zstandard.ZstdCompressor()
+    frames = compressor.compress(data[:8]) + compressor.compress(data[8:])
+    assert zstandard.frame_content_size(frames) == 8
+    produced: list[int] = []  # output each decompression handed back
+    real = pipeline.bounded_decompress
+
+    def spy(data: bytes, **options: Any) -> bytes:
+        out = real(data, **options)
+        produced.append(len(out))
+        return out
+
+    monkeypatch.setattr(pipeline, "bounded_decompress", spy)
+    with pytest.raises(OffLoop), inline():
+        Codec(serde).decode(Payload(f"{tag}+zstd", frames))
+    assert serde.decoded == [] and produced == []
+    assert Codec(serde).decode(Payload(f"{tag}+zstd", frames)) == "x" * (50 * LARGE)
+
+
+async def test_metadata_a_filter_reads_is_decoded_off_the_loop_when_large(
+        tmp_path: Path) -> None:
+    """A filter the store cannot evaluate is checked on decoded metadata (the router)."""
+    warm = f"sqlite:///{tmp_path}/warm.db"
+    serde = WhereDecoded()
+    async with TieredSaver.from_urls(hot=None, warm=warm, cold=None, serde=serde) as saver:
+        checkpoint = empty_checkpoint()
+        await saver.aput({"configurable": {"thread_id": "t", "checkpoint_ns": ""}},
+                         checkpoint, {"tags": ["x"], "notes": "y" * (4 * LARGE)}, {})  # type: ignore[typeddict-unknown-key]
+        serde.decoded.clear()
+        found = [t async for t in saver.alist({"configurable": {"thread_id": "t"}},
+                                              filter={"tags": ["x"]})]
+    assert len(found) == 1
+    loop = threading.current_thread().name
+    assert serde.decoded and not [size for name, size in serde.decoded if name == loop]

@@ -46,8 +46,10 @@ from tierstore.codec.chain import DELTA, ChainLink
 from tierstore.codec.crypto import Keyring, is_encrypted
 from tierstore.codec.limits import Budget, DecodeLimits, bounded_decompress, charge_msgpack
 from tierstore.codec.safe import SafeDecoder
-from tierstore.errors import ConfigurationError, CorruptPayload
+from tierstore.errors import ConfigurationError, CorruptPayload, DecompressionLimit
+from tierstore.offthread import OffLoop
 from tierstore.offthread import check as check_size
+from tierstore.offthread import room as offthread_room
 from tierstore.records import Payload
 
 __all__ = ["EMPTY", "Codec"]
@@ -252,9 +254,20 @@ class Codec:
             with contextlib.suppress(zstandard.ZstdError):
                 check_size(max(0, zstandard.frame_content_size(data) - counted))
                 counted = max(counted, zstandard.frame_content_size(data))
-            data = bounded_decompress(data, limit=self.limits.max_payload_bytes, where=where,
-                                      dctx=self._decompressor(stage, where=where))
-            # a frame that did not say its size (never the writer's) counts before decoding
+            limit = self.limits.max_payload_bytes
+            left = offthread_room()
+            if left is not None and counted + left < limit:
+                # on the loop, output beyond what the call may still do there (a frame that
+                # does not say its size, or more frames after the first: never the writer's)
+                # stops the work at once and sends the call to a thread
+                try:
+                    data = bounded_decompress(data, limit=counted + left, where=where,
+                                              dctx=self._decompressor(stage, where=where))
+                except DecompressionLimit:
+                    raise OffLoop from None
+            else:
+                data = bounded_decompress(data, limit=limit, where=where,
+                                          dctx=self._decompressor(stage, where=where))
             check_size(max(0, len(data) - counted))
             tag = tag[: -len(stage) - 1]
             if _zstd_stage(tag) is not None:

@@ -91,6 +91,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ChecksumError,
     ClientError,
+    ConfigParseError,
     CredentialRetrievalError,
     FlexibleChecksumError,
     NoCredentialsError,
@@ -300,7 +301,7 @@ _BENIGN: Final = frozenset({
 })
 _CONFIG_DRIVER_ERRORS: Final = (
     NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound,
-    NoRegionError,
+    NoRegionError, ConfigParseError,
 )
 DRIVER_ERRORS: Final = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutError)
 
