@@ -687,8 +687,9 @@ async def test_owner_grants_and_storage_parameters_carry_over(
     assert [o[0] for o in options] == [["fillfactor=90"]]
 
 
-def test_the_command_line_converts_and_reports(new_url: Callable[[], str]) -> None:
-    url = new_url()
+def seeded_for_the_cli(url: str) -> dict[str, str]:
+    """Seed 3 threads at ``url`` (from a thread: the test's loop may be running); the
+    environment that points the command line at that store alone."""
 
     async def fill() -> None:
         store = PostgresWarm.from_url(StoreUrl.parse(url))
@@ -698,10 +699,15 @@ def test_the_command_line_converts_and_reports(new_url: Callable[[], str]) -> No
         finally:
             await store.aclose()
 
-    with ThreadPoolExecutor(max_workers=1) as thread:  # the test's loop may be running
+    with ThreadPoolExecutor(max_workers=1) as thread:
         thread.submit(asyncio.run, fill()).result(timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIERSTORE_HOT_URL": "none",
-           "TIERSTORE_COLD_URL": "none", "TIERSTORE_WARM_URL": url}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TIERSTORE_HOT_URL": "none",
+            "TIERSTORE_COLD_URL": "none", "TIERSTORE_WARM_URL": url}
+
+
+def test_the_command_line_converts_and_reports(new_url: Callable[[], str]) -> None:
+    url = new_url()
+    env = seeded_for_the_cli(url)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "tierstore", *args], capture_output=True,
@@ -727,19 +733,7 @@ def test_the_command_line_converts_and_reports(new_url: Callable[[], str]) -> No
 
 def test_the_command_line_labels_each_phase_on_a_terminal(new_url: Callable[[], str]) -> None:
     url = new_url()
-
-    async def fill() -> None:
-        store = PostgresWarm.from_url(StoreUrl.parse(url))
-        await store.setup()
-        try:
-            await seed(store, 3)
-        finally:
-            await store.aclose()
-
-    with ThreadPoolExecutor(max_workers=1) as thread:  # the test's loop may be running
-        thread.submit(asyncio.run, fill()).result(timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIERSTORE_HOT_URL": "none",
-           "TIERSTORE_COLD_URL": "none", "TIERSTORE_WARM_URL": url}
+    env = seeded_for_the_cli(url)
     shown = tty_cli("migrate", "--partitions", str(N), "--batch-rows", "10", env=env)
     for phase in ("prepare", "copy", "index", "analyse", "catch up", "swap"):
         assert f"partitioning default: {phase}" in shown, shown

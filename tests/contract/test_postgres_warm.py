@@ -19,7 +19,7 @@ import pytest
 from langgraph.graph import END, START, StateGraph
 
 from tests.builders import cid, record, write
-from tests.servers.postgres import with_database, with_query
+from tests.servers.postgres import with_query
 from tierstore import TieredSaver
 from tierstore.codec.pipeline import EMPTY
 from tierstore.errors import (
@@ -380,14 +380,10 @@ def test_the_sync_api_and_strict_concurrency(schema_url: str) -> None:
 
 @pytest.fixture
 def other_database(postgres_server: str) -> Iterator[str]:
-    from tests.servers.postgres import run_sql
+    from tests.servers.postgres import scratch_database
 
-    name = f"tierstore_x_{uuid.uuid4().hex[:8]}"
-    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(postgres_server, "tierstore_x") as url:
+        yield url
 
 
 async def test_default_schema_and_postgres_scheme(other_database: str) -> None:

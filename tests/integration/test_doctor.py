@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import asyncpg
 import pytest
 
 from tests.integration.test_cli import cli, js
-from tests.servers.postgres import run_sql, with_database
+from tests.servers.postgres import run_sql, scratch_database
 from tests.servers.redis import RedisServer, free_port, plain_client
 from tests.servers.s3 import s3_url
 
@@ -31,12 +30,8 @@ def base_env() -> dict[str, str]:
 @pytest.fixture
 def database(postgres_server: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database (never migrated)."""
-    name = f"tierstore_doctor_{uuid.uuid4().hex[:10]}"
-    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(postgres_server, "tierstore_doctor") as url:
+        yield url
 
 
 def redis_config(url: str, **settings: str) -> None:

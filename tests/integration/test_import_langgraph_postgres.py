@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
-from tests.servers.postgres import run_sql, with_database
+from tests.servers.postgres import scratch_database
 from tierstore import TieredSaver
 from tierstore.demo import build_agent
 from tierstore.ops import import_langgraph_postgres
@@ -26,12 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def langgraph_db(postgres_server: str) -> Iterator[str]:
-    name = f"lgsource_{uuid.uuid4().hex[:10]}"
-    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(postgres_server, "lgsource") as url:
+        yield url
 
 
 def cfg(thread: str) -> dict[str, Any]:

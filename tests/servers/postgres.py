@@ -206,15 +206,22 @@ def postgres_server() -> Iterator[str]:
         cluster.destroy()
 
 
+@contextlib.contextmanager
+def scratch_database(server: str, prefix: str = "tierstore") -> Iterator[str]:
+    """The URL of a new, empty database on ``server``, dropped on the way out."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    run_sql(server, f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(server, name)
+    finally:
+        run_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server: str) -> Iterator[str]:
     """A database of its own for this test session, dropped at the end."""
-    name = f"tierstore_{uuid.uuid4().hex[:12]}"
-    run_sql(postgres_server, f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        run_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

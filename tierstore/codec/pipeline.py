@@ -252,8 +252,9 @@ class Codec:
             # bytes count once: its decompressed size (what decoding it then works on)
             counted = len(data)
             with contextlib.suppress(zstandard.ZstdError):
-                check_size(max(0, zstandard.frame_content_size(data) - counted))
-                counted = max(counted, zstandard.frame_content_size(data))
+                declared = zstandard.frame_content_size(data)
+                check_size(max(0, declared - counted))
+                counted = max(counted, declared)
             limit = self.limits.max_payload_bytes
             left = offthread_room()
             if left is not None and counted + left < limit:
